@@ -1,0 +1,337 @@
+//! The chunk cache a mount reads through: memory LRU → disk cache → store.
+//!
+//! A miss becomes one fetch no matter how many readers want the chunk (single-flight); the
+//! fetch runs as its own task so an interrupted reader does not cancel it for the others. Bytes
+//! from the store are decoded and BLAKE3-verified before anyone sees them; a chunk that fails
+//! verification is fetched once more and then reported, never served.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use lru::LruCache;
+
+use crate::disk_cache::{DiskCache, DiskRead};
+use crate::{blob, chunk_key, Digest, Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Where chunk files live; `None` keeps chunks in memory only.
+    pub disk_dir: Option<PathBuf>,
+    pub disk_capacity: u64,
+    pub memory_capacity: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {digest}: {source}")]
+    Store {
+        digest: Digest,
+        #[source]
+        source: Arc<StoreError>,
+    },
+    #[error("chunk {digest} from {store} is corrupt: {reason}")]
+    Corrupt {
+        digest: Digest,
+        store: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub requests: u64,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub store_gets: u64,
+    pub store_bytes: u64,
+    pub corrupt_chunks: u64,
+    pub errors: u64,
+    pub disk_used: u64,
+    pub disk_capacity: u64,
+    pub disk_evictions: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    memory_hits: AtomicU64,
+    disk_hits: AtomicU64,
+    store_gets: AtomicU64,
+    store_bytes: AtomicU64,
+    corrupt_chunks: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct MemoryLru {
+    lru: LruCache<Digest, Bytes>,
+    used: u64,
+    capacity: u64,
+}
+
+impl MemoryLru {
+    fn get(&mut self, digest: &Digest) -> Option<Bytes> {
+        self.lru.get(digest).cloned()
+    }
+
+    fn insert(&mut self, digest: Digest, data: Bytes) {
+        let size = data.len() as u64;
+        if size > self.capacity || self.lru.contains(&digest) {
+            return;
+        }
+        while self.used + size > self.capacity {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.used -= old.len() as u64,
+                None => break,
+            }
+        }
+        self.used += size;
+        self.lru.put(digest, data);
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Bytes, ChunkError>>>;
+
+pub struct ChunkCache {
+    store: Arc<dyn Store>,
+    disk: Option<DiskCache>,
+    memory: Mutex<MemoryLru>,
+    inflight: Mutex<HashMap<Digest, Fetch>>,
+    counters: Counters,
+}
+
+impl ChunkCache {
+    pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> std::io::Result<Arc<ChunkCache>> {
+        let disk = match &config.disk_dir {
+            Some(dir) => Some(DiskCache::open(dir, config.disk_capacity)?),
+            None => None,
+        };
+        Ok(Arc::new(ChunkCache {
+            store,
+            disk,
+            memory: Mutex::new(MemoryLru {
+                lru: LruCache::unbounded(),
+                used: 0,
+                capacity: config.memory_capacity,
+            }),
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The plain bytes of chunk `digest`, which must be `len` bytes long.
+    pub async fn get(self: &Arc<Self>, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(data) = self.memory.lock().unwrap().get(&digest) {
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(data);
+        }
+        let fetch = {
+            let mut inflight = self.inflight.lock().unwrap();
+            // Re-check memory under the in-flight lock: a fetch that just finished inserted
+            // its chunk before leaving the in-flight table.
+            if let Some(data) = self.memory.lock().unwrap().get(&digest) {
+                self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(data);
+            }
+            inflight
+                .entry(digest)
+                .or_insert_with(|| {
+                    let this = Arc::clone(self);
+                    let task = tokio::spawn(async move {
+                        let result = this.load(digest, len).await;
+                        if let Ok(data) = &result {
+                            this.memory.lock().unwrap().insert(digest, data.clone());
+                        }
+                        this.inflight.lock().unwrap().remove(&digest);
+                        result
+                    });
+                    async move {
+                        task.await
+                            .unwrap_or_else(|e| panic!("chunk fetch task failed: {e}"))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = fetch.await;
+        if result.is_err() {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Starts fetching a chunk in the background (readahead); errors are left for the reader
+    /// that eventually asks for it.
+    pub fn prefetch(self: &Arc<Self>, digest: Digest, len: u32) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let _ = this.get(digest, len).await;
+        });
+    }
+
+    async fn load(self: &Arc<Self>, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
+        if self.disk.is_some() {
+            let this = Arc::clone(self);
+            let read = tokio::task::spawn_blocking(move || {
+                this.disk.as_ref().map(|d| d.read(&digest))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("disk cache read task failed: {e}"));
+            match read {
+                Some(DiskRead::Hit(data)) if data.len() == len as usize => {
+                    self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Bytes::from(data));
+                }
+                Some(DiskRead::Corrupt) => {
+                    self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        let data = self.fetch_verified(digest, len).await?;
+        if self.disk.is_some() {
+            let this = Arc::clone(self);
+            let copy = data.clone();
+            // Caching is best effort; the reader has its bytes either way.
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(disk) = &this.disk {
+                    disk.insert(&digest, &copy);
+                }
+            })
+            .await;
+        }
+        Ok(data)
+    }
+
+    /// GETs the chunk and verifies it, trying once more if the bytes are wrong (a corrupt
+    /// object in the store stays corrupt, but a damaged transfer does not).
+    async fn fetch_verified(&self, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
+        let key = chunk_key(&digest);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.counters.store_gets.fetch_add(1, Ordering::Relaxed);
+            let object = self.store.get(&key).await.map_err(|e| ChunkError::Store {
+                digest,
+                source: Arc::new(e),
+            })?;
+            self.counters
+                .store_bytes
+                .fetch_add(object.len() as u64, Ordering::Relaxed);
+            let verified = tokio::task::spawn_blocking(move || {
+                blob::decode_verified(&object, &digest, len as usize)
+                    .map_err(|e| e.to_string())
+                    .and_then(|plain| {
+                        if plain.len() == len as usize {
+                            Ok(plain)
+                        } else {
+                            Err(format!("expected {len} bytes, got {}", plain.len()))
+                        }
+                    })
+            })
+            .await
+            .unwrap_or_else(|e| panic!("chunk verification task failed: {e}"));
+            match verified {
+                Ok(plain) => return Ok(Bytes::from(plain)),
+                Err(reason) => {
+                    self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(chunk = %digest, store = %self.store.url(), attempt,
+                        "chunk from store failed verification: {reason}");
+                    if attempt >= 2 {
+                        return Err(ChunkError::Corrupt {
+                            digest,
+                            store: self.store.url().to_string(),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        CacheStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            memory_hits: c.memory_hits.load(Ordering::Relaxed),
+            disk_hits: c.disk_hits.load(Ordering::Relaxed),
+            store_gets: c.store_gets.load(Ordering::Relaxed),
+            store_bytes: c.store_bytes.load(Ordering::Relaxed),
+            corrupt_chunks: c.corrupt_chunks.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            disk_used: self.disk.as_ref().map_or(0, |d| d.used()),
+            disk_capacity: self.disk.as_ref().map_or(0, |d| d.capacity()),
+            disk_evictions: self.disk.as_ref().map_or(0, |d| d.evictions()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+
+    async fn setup(chunks: &[Vec<u8>]) -> (tempfile::TempDir, Arc<ChunkCache>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let store = LocalStore::open("test", root.to_str().unwrap()).unwrap();
+        for c in chunks {
+            store
+                .put(&chunk_key(&Digest::of(c)), Bytes::from(blob::encode(c)))
+                .await
+                .unwrap();
+        }
+        let cache = ChunkCache::new(
+            Arc::new(store),
+            &CacheConfig {
+                disk_dir: Some(tmp.path().join("cache")),
+                disk_capacity: 1 << 20,
+                memory_capacity: 1 << 20,
+            },
+        )
+        .unwrap();
+        (tmp, cache)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_readers_cause_one_fetch() {
+        let chunk: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (_tmp, cache) = setup(std::slice::from_ref(&chunk)).await;
+        let d = Digest::of(&chunk);
+        let readers: Vec<_> = (0..16)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(d, 100_000).await.unwrap() })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.await.unwrap(), chunk);
+        }
+        assert_eq!(cache.stats().store_gets, 1);
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunk_in_store_is_an_error_not_wrong_bytes() {
+        let good = vec![5u8; 1000];
+        let (tmp, cache) = setup(std::slice::from_ref(&good)).await;
+        let d = Digest::of(&good);
+        let path = tmp.path().join("store").join(chunk_key(&d));
+        std::fs::write(&path, blob::encode(&[6u8; 1000])).unwrap();
+        let err = cache.get(d, 1000).await.unwrap_err();
+        assert!(matches!(err, ChunkError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(&d.to_string()));
+        // Missing entirely: a store error naming the chunk.
+        std::fs::remove_file(&path).unwrap();
+        let err = cache.get(d, 1000).await.unwrap_err();
+        assert!(err.to_string().contains("chunks/"), "{err}");
+    }
+}

@@ -1,0 +1,278 @@
+//! The on-disk chunk cache: one file per chunk (plain bytes) under `<dir>/chunks/xx/<hex>`,
+//! with a hard byte budget.
+//!
+//! Space is reserved under the lock *before* a file is written and the least recently used
+//! chunks are evicted to make room, so concurrent inserts cannot overshoot the budget. Files are
+//! written to `<dir>/tmp` and renamed into place, so a crash never leaves a half-written chunk
+//! under its name; `tmp` is emptied at start. The files on disk are the truth: the index is
+//! rebuilt from them at start, and a chunk found there is verified against its name the first
+//! time it is read.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use lru::LruCache;
+
+use crate::Digest;
+
+struct Entry {
+    size: u64,
+    /// Checked against its digest since this process started.
+    verified: bool,
+}
+
+struct State {
+    lru: LruCache<Digest, Entry>,
+    used: u64,
+    evictions: u64,
+}
+
+pub(crate) struct DiskCache {
+    dir: PathBuf,
+    capacity: u64,
+    state: Mutex<State>,
+    temp_counter: AtomicU64,
+}
+
+pub(crate) enum DiskRead {
+    Hit(Vec<u8>),
+    Miss,
+    /// The file did not match its name; it has been removed.
+    Corrupt,
+}
+
+impl DiskCache {
+    pub(crate) fn open(dir: &Path, capacity: u64) -> io::Result<DiskCache> {
+        let tmp = dir.join("tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        fs::create_dir_all(dir.join("chunks"))?;
+        let mut found = Vec::new();
+        for shard in fs::read_dir(dir.join("chunks"))? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(shard.path())? {
+                let file = file?;
+                let name = file.file_name();
+                let digest = name.to_str().and_then(|n| Digest::parse(n).ok());
+                let meta = file.metadata()?;
+                match digest {
+                    Some(d) if meta.is_file() => {
+                        let used = meta.accessed().or_else(|_| meta.modified()).ok();
+                        found.push((used, d, meta.len()));
+                    }
+                    _ => {
+                        let _ = fs::remove_file(file.path());
+                    }
+                }
+            }
+        }
+        // Oldest first, so the most recently used end up at the front of the LRU.
+        found.sort_by_key(|(used, _, _)| *used);
+        let mut state = State {
+            lru: LruCache::unbounded(),
+            used: 0,
+            evictions: 0,
+        };
+        for (_, digest, size) in found {
+            state.used += size;
+            state.lru.put(digest, Entry { size, verified: false });
+        }
+        let cache = DiskCache {
+            dir: dir.to_path_buf(),
+            capacity,
+            state: Mutex::new(state),
+            temp_counter: AtomicU64::new(0),
+        };
+        {
+            let mut state = cache.state.lock().unwrap();
+            cache.evict_until(&mut state, 0);
+        }
+        Ok(cache)
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.dir.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Evicts least recently used chunks until `incoming` more bytes fit.
+    fn evict_until(&self, state: &mut State, incoming: u64) {
+        while state.used + incoming > self.capacity {
+            let Some((digest, entry)) = state.lru.pop_lru() else { break };
+            state.used -= entry.size;
+            state.evictions += 1;
+            if let Err(e) = fs::remove_file(self.path(&digest)) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(chunk = %digest, "evicting chunk file: {e}");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn read(&self, digest: &Digest) -> DiskRead {
+        let verified = {
+            let mut state = self.state.lock().unwrap();
+            match state.lru.get(digest) {
+                Some(e) => e.verified,
+                None => return DiskRead::Miss,
+            }
+        };
+        let data = match fs::read(self.path(digest)) {
+            Ok(d) => d,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(chunk = %digest, "reading cached chunk: {e}");
+                }
+                self.forget(digest);
+                return DiskRead::Miss;
+            }
+        };
+        if !verified {
+            if Digest::of(&data) != *digest {
+                tracing::error!(chunk = %digest, path = %self.path(digest).display(),
+                    "cached chunk file is corrupt (hash mismatch); dropping it and fetching again");
+                self.remove(digest);
+                return DiskRead::Corrupt;
+            }
+            if let Some(e) = self.state.lock().unwrap().lru.peek_mut(digest) {
+                e.verified = true;
+            }
+        }
+        DiskRead::Hit(data)
+    }
+
+    fn forget(&self, digest: &Digest) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(e) = state.lru.pop(digest) {
+            state.used -= e.size;
+        }
+    }
+
+    fn remove(&self, digest: &Digest) {
+        self.forget(digest);
+        let _ = fs::remove_file(self.path(digest));
+    }
+
+    /// Stores a verified chunk. Chunks larger than the whole budget are not cached.
+    pub(crate) fn insert(&self, digest: &Digest, data: &[u8]) {
+        let size = data.len() as u64;
+        {
+            let mut state = self.state.lock().unwrap();
+            if size > self.capacity || state.lru.contains(digest) {
+                return;
+            }
+            self.evict_until(&mut state, size);
+            // Reserve now; the entry is visible only once the file is in place (below).
+            state.used += size;
+        }
+        match self.write_file(digest, data) {
+            Ok(()) => {
+                let mut state = self.state.lock().unwrap();
+                state.lru.put(digest.to_owned(), Entry { size, verified: true });
+            }
+            Err(e) => {
+                tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
+                self.state.lock().unwrap().used -= size;
+            }
+        }
+    }
+
+    fn write_file(&self, digest: &Digest, data: &[u8]) -> io::Result<()> {
+        let dest = self.path(digest);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join("tmp").join(format!("{}.{n}", digest.to_hex()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            fs::rename(&tmp, &dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    pub(crate) fn used(&self) -> u64 {
+        self.state.lock().unwrap().used
+    }
+
+    pub(crate) fn evictions(&self) -> u64 {
+        self.state.lock().unwrap().evictions
+    }
+
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn du(dir: &Path) -> u64 {
+        let mut total = 0;
+        for shard in fs::read_dir(dir.join("chunks")).unwrap() {
+            for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+                total += f.unwrap().metadata().unwrap().len();
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn never_exceeds_budget_and_evicts_least_recently_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 3000).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
+        let digests: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
+        for i in 0..3 {
+            cache.insert(&digests[i], &chunks[i]);
+        }
+        // Touch chunk 0 so chunk 1 is the least recently used.
+        assert!(matches!(cache.read(&digests[0]), DiskRead::Hit(_)));
+        cache.insert(&digests[3], &chunks[3]);
+        assert!(du(tmp.path()) <= 3000);
+        assert!(matches!(cache.read(&digests[1]), DiskRead::Miss));
+        assert!(matches!(cache.read(&digests[0]), DiskRead::Hit(_)));
+        // Too big for the budget: not cached at all.
+        let big = vec![9u8; 4000];
+        cache.insert(&Digest::of(&big), &big);
+        assert!(du(tmp.path()) <= 3000);
+        assert_eq!(cache.used(), du(tmp.path()));
+    }
+
+    #[test]
+    fn survives_reopen_and_detects_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = vec![1u8; 100];
+        let b = vec![2u8; 100];
+        {
+            let cache = DiskCache::open(tmp.path(), 10_000).unwrap();
+            cache.insert(&Digest::of(&a), &a);
+            cache.insert(&Digest::of(&b), &b);
+        }
+        // Corrupt b while "stopped", and leave a half-written temp file behind.
+        fs::write(tmp.path().join("tmp").join("junk"), b"partial").unwrap();
+        let hex = Digest::of(&b).to_hex();
+        fs::write(tmp.path().join("chunks").join(&hex[..2]).join(&hex), vec![3u8; 100]).unwrap();
+        let cache = DiskCache::open(tmp.path(), 10_000).unwrap();
+        assert!(!tmp.path().join("tmp").join("junk").exists());
+        match cache.read(&Digest::of(&a)) {
+            DiskRead::Hit(d) => assert_eq!(d, a),
+            _ => panic!("expected a hit for the intact chunk"),
+        }
+        assert!(matches!(cache.read(&Digest::of(&b)), DiskRead::Corrupt));
+        assert!(matches!(cache.read(&Digest::of(&b)), DiskRead::Miss));
+    }
+}

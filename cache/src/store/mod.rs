@@ -1,0 +1,172 @@
+//! The network object store behind strata: a flat namespace of keys holding immutable objects
+//! (chunks, layer manifests) and a few small mutable ones (refs) that move only by
+//! compare-and-swap.
+//!
+//! Backends: [`local::LocalStore`] (`file:///path`, the embedded default) and
+//! [`s3::S3Store`] (`s3://bucket/prefix`). Both pass the same conformance suite
+//! (`tests/tests/store_conformance.rs`).
+
+pub mod local;
+pub mod s3;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// An opaque version of a mutable object, used for compare-and-swap (an ETag on S3, a content
+/// hash on the local store).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version(pub String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The key does not exist.
+    NotFound,
+    /// A conditional write lost: the object changed (or appeared) since it was read.
+    Conflict,
+    /// The store cannot do this safely (e.g. it ignores conditional writes).
+    Unsupported,
+    /// Bad input from the caller (an invalid key or URL).
+    Invalid,
+    /// Network, server or disk trouble.
+    Io,
+}
+
+/// A store error always says which store, which key and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{store}: {op} {key:?}: {message}")]
+pub struct StoreError {
+    pub store: String,
+    pub op: &'static str,
+    pub key: String,
+    pub kind: StoreErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn new(
+        store: &str,
+        op: &'static str,
+        key: &str,
+        kind: StoreErrorKind,
+        message: impl fmt::Display,
+    ) -> StoreError {
+        StoreError {
+            store: store.to_string(),
+            op,
+            key: key.to_string(),
+            kind,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind == StoreErrorKind::NotFound
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// The URL this store was opened from, for messages.
+    fn url(&self) -> &str;
+
+    async fn get(&self, key: &str) -> StoreResult<Bytes>;
+
+    /// Bytes `range` of the object (clipped at its end).
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
+
+    /// The object's size, or `None` if it does not exist.
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>>;
+
+    /// Writes the object, replacing any previous one atomically: readers see the old or the new
+    /// object, never a part.
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()>;
+
+    /// Reads a mutable object with the version to pass to [`Store::compare_and_swap`].
+    async fn get_versioned(&self, key: &str) -> StoreResult<Option<(Bytes, Version)>>;
+
+    /// Writes `data` only if the object is still at `expected` (`None`: only if it does not
+    /// exist). Fails with [`StoreErrorKind::Conflict`] otherwise, and with
+    /// [`StoreErrorKind::Unsupported`] when the store cannot guarantee the condition.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&Version>,
+        data: Bytes,
+    ) -> StoreResult<Version>;
+
+    /// All keys starting with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<String>>;
+
+    /// Deletes the object; deleting a missing key is not an error.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+}
+
+/// How to open a store; the CLI fills this from flags and the environment.
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// S3 endpoint for S3-compatible servers (also `AWS_ENDPOINT_URL`); implies path-style.
+    pub endpoint_url: Option<String>,
+    /// The user promises that only one writer moves refs in this store, so refs may be moved
+    /// without conditional writes on stores that ignore them.
+    pub single_writer: bool,
+    /// Explicit S3 credentials (access key id, secret); otherwise the standard AWS chain.
+    pub credentials: Option<(String, String)>,
+    /// S3 region; otherwise the standard AWS chain, then `us-east-1`.
+    pub region: Option<String>,
+}
+
+/// Opens `file:///abs/path`, a plain directory path, or `s3://bucket[/prefix]`.
+pub async fn open_store(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = match rest.split_once('/') {
+            Some((b, p)) => (b, p.trim_matches('/')),
+            None => (rest, ""),
+        };
+        if bucket.is_empty() {
+            return Err(StoreError::new(
+                url,
+                "open",
+                "",
+                StoreErrorKind::Invalid,
+                "missing bucket name (expected s3://bucket/prefix)",
+            ));
+        }
+        let store = s3::S3Store::open(url, bucket, prefix, options).await?;
+        return Ok(Arc::new(store));
+    }
+    let path = match url.strip_prefix("file://") {
+        Some(p) => p,
+        None if url.contains("://") => {
+            return Err(StoreError::new(
+                url,
+                "open",
+                "",
+                StoreErrorKind::Invalid,
+                "unknown store scheme (expected file:///path or s3://bucket/prefix)",
+            ))
+        }
+        None => url,
+    };
+    if path.is_empty() {
+        return Err(StoreError::new(url, "open", "", StoreErrorKind::Invalid, "empty path"));
+    }
+    Ok(Arc::new(local::LocalStore::open(url, path)?))
+}
+
+/// Rejects keys that could escape a local root or confuse S3 (`..`, empty segments).
+pub(crate) fn check_key(store: &str, op: &'static str, key: &str) -> StoreResult<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key.contains('\0')
+        || key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..");
+    if bad {
+        return Err(StoreError::new(store, op, key, StoreErrorKind::Invalid, "invalid key"));
+    }
+    Ok(())
+}

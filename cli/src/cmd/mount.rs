@@ -1,0 +1,121 @@
+use std::fs::{self, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cache::{CacheConfig, ChunkCache};
+use clap::Args;
+use strata_fs::stack::LayerStack;
+
+use crate::size::parse_size;
+use crate::GlobalArgs;
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// Store URL.
+    store: String,
+    /// Empty directory to mount at.
+    mountpoint: PathBuf,
+    /// Dataset to mount, NAME:TAG or NAME@blake3:…; repeat to stack layers (the last is on top).
+    #[arg(long = "layer", required = true)]
+    layers: Vec<String>,
+    /// Serve the mount from this process until it is unmounted or signalled.
+    #[arg(long)]
+    foreground: bool,
+    /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
+    #[arg(long, env = "STRATA_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Hard cap on the chunk bytes kept under --cache-dir.
+    #[arg(long, env = "STRATA_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
+    cache_size: u64,
+    /// Cap on hot chunks kept in memory.
+    #[arg(long, env = "STRATA_MEMORY_CACHE_SIZE", default_value = "256M", value_parser = parse_size)]
+    memory_cache_size: u64,
+}
+
+#[derive(Args)]
+pub struct UnmountArgs {
+    mountpoint: PathBuf,
+    /// Detach even if files are still open there.
+    #[arg(long)]
+    lazy: bool,
+}
+
+/// One process per cache directory: the index lives in the process (the host daemon will be
+/// the one owner when it runs).
+fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
+    fs::create_dir_all(dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
+    let lock_path = dir.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    // SAFETY: flock on an fd we own; released when the process exits.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "cache dir {} is in use by another strata process; give this mount its own --cache-dir",
+            dir.display()
+        );
+    }
+    Ok(f)
+}
+
+pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
+    if !a.foreground {
+        bail!("mounting through the host daemon is not available yet; pass --foreground to serve the mount from this process");
+    }
+    let mountpoint = std::path::absolute(&a.mountpoint).context("resolving the mountpoint")?;
+    strata_fs::fuse::check_mountpoint(&mountpoint)?;
+    let cache_dir = a.cache_dir.clone().unwrap_or_else(crate::default_cache_dir);
+    let _lock = lock_cache_dir(&cache_dir)?;
+    let store = super::open_store(g, &a.store).await?;
+    let layers = super::load_layers(&store, &a.layers, Some(&cache_dir)).await?;
+    let cache = ChunkCache::new(
+        store,
+        &CacheConfig {
+            disk_dir: Some(cache_dir.clone()),
+            disk_capacity: a.cache_size,
+            memory_capacity: a.memory_cache_size,
+        },
+    )
+    .with_context(|| format!("opening cache dir {}", cache_dir.display()))?;
+    let stack = Arc::new(LayerStack::new(layers, cache)?);
+    let session = strata_fs::fuse::mount(stack, &mountpoint, tokio::runtime::Handle::current())?;
+    tracing::info!("mounted {} at {}", a.layers.join(" + "), mountpoint.display());
+    eprintln!("strata: mounted at {} (Ctrl-C or `strata unmount {}` to stop)", mountpoint.display(), mountpoint.display());
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(session.wait());
+    });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::pin!(done_rx);
+    tokio::select! {
+        result = &mut done_rx => {
+            return result.unwrap_or(Ok(())).context("FUSE session failed");
+        }
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    // Signalled: unmount; if something still has files open, detach so we can exit.
+    if let Err(e) = strata_fs::fuse::unmount(&mountpoint, false) {
+        tracing::warn!("{e}; detaching the mount instead");
+        strata_fs::fuse::unmount(&mountpoint, true)?;
+    }
+    match tokio::time::timeout(Duration::from_secs(5), done_rx).await {
+        Ok(Ok(result)) => result.context("FUSE session failed")?,
+        _ => tracing::warn!("FUSE session did not end within 5s of unmount; exiting anyway"),
+    }
+    Ok(())
+}
+
+pub async fn unmount(a: UnmountArgs) -> anyhow::Result<()> {
+    let mountpoint = std::path::absolute(&a.mountpoint).context("resolving the mountpoint")?;
+    strata_fs::fuse::unmount(&mountpoint, a.lazy)?;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `strata`: the command line. Parsing, configuration, progress and output only; the work is
+//! done by `strata-fs` and `strata-cache`.
+
+mod cmd;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Publish directories as content-addressed layers and mount them lazily through FUSE")]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command that opens a store understands.
+#[derive(Args, Clone)]
+pub struct GlobalArgs {
+    /// S3 endpoint for S3-compatible servers (Garage, MinIO...); implies path-style addressing.
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// Allow moving existing refs on stores that ignore conditional writes; only safe when a
+    /// single writer updates refs in the store.
+    #[arg(long, global = true, env = "STRATA_SINGLE_WRITER")]
+    single_writer: bool,
+    /// More log output (-v info, -vv debug); `STRATA_LOG` takes a tracing filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+impl GlobalArgs {
+    fn store_options(&self) -> cache::StoreOptions {
+        cache::StoreOptions {
+            endpoint_url: self.endpoint_url.clone(),
+            single_writer: self.single_writer,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish DIR as a layer and point NAME:TAG at it.
+    Publish(cmd::publish::PublishArgs),
+    /// List datasets (NAME:TAG → layer) in a store.
+    Ls(cmd::ls::LsArgs),
+    /// Show a layer: summary, chunk statistics and its tree.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Print one file of a dataset to stdout, without mounting.
+    Cat(cmd::cat::CatArgs),
+    /// Mount datasets read-only at MOUNTPOINT.
+    Mount(cmd::mount::MountArgs),
+    /// Unmount a strata mount.
+    Unmount(cmd::mount::UnmountArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let g = cli.global;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Publish(a) => cmd::publish::run(&g, a).await,
+            Command::Ls(a) => cmd::ls::run(&g, a).await,
+            Command::Inspect(a) => cmd::inspect::run(&g, a).await,
+            Command::Cat(a) => cmd::cat::run(&g, a).await,
+            Command::Mount(a) => cmd::mount::run(&g, a).await,
+            Command::Unmount(a) => cmd::mount::unmount(a).await,
+        }
+    });
+    // Background fetches may still be running; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where chunks and manifests are cached when `--cache-dir` is not given.
+pub fn default_cache_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/strata");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(xdg).join("strata");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("strata")
+}

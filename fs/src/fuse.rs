@@ -1,0 +1,451 @@
+//! The FUSE adapter: translates kernel requests into [`LayerStack`] calls and errors into
+//! errnos. It holds no filesystem logic of its own.
+//!
+//! Reads run as tasks on the tokio runtime and reply when their chunks arrive, so a slow fetch
+//! does not hold one of the session's threads. Layers are immutable, so entries and attributes
+//! get long TTLs and opened files keep the kernel's page cache across opens.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::error::FsError;
+use crate::stack::{Attr, DirEntry, FileKind, LayerStack};
+
+/// Layers never change under a mount, so the kernel may cache what it learns for long.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+const BLOCK_SIZE: u32 = 4096;
+
+pub struct StrataFs {
+    stack: Arc<LayerStack>,
+    runtime: tokio::runtime::Handle,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_handle: AtomicU64,
+}
+
+impl StrataFs {
+    pub fn new(stack: Arc<LayerStack>, runtime: tokio::runtime::Handle) -> StrataFs {
+        StrataFs {
+            stack,
+            runtime,
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    if e.errno() == libc::EIO {
+        // Store and integrity trouble: the function sees EIO, the log says what happened.
+        tracing::error!("{e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Dir => FileType::Directory,
+        FileKind::File => FileType::RegularFile,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: UNIX_EPOCH,
+        kind: file_type(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, data: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(data);
+    }
+}
+
+const EROFS: i32 = libc::EROFS;
+
+impl Filesystem for StrataFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large readahead lets the kernel ask for whole chunks' worth in one request.
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.stack.lookup(parent.0, name.as_bytes()) {
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.stack.getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.stack.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::from_i32(EROFS));
+        }
+        match self.stack.getattr(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let stack = self.stack.clone();
+        self.runtime.spawn(async move {
+            match stack.read(ino.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The listing is taken once per open, so offsets stay valid across readdir calls.
+        match self.stack.readdir(ino.0) {
+            Ok(entries) => {
+                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                self.dirs.lock().unwrap().insert(fh, Arc::new(entries));
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
+            return reply.error(Errno::from_i32(libc::EBADF));
+        };
+        // Offsets: 1 = ".", 2 = "..", 3 + i = entries[i]; each entry carries the next offset.
+        let mut position = offset;
+        while position < 2 {
+            let name = if position == 0 { "." } else { ".." };
+            if reply.add(ino, position + 1, FileType::Directory, name) {
+                return reply.ok();
+            }
+            position += 1;
+        }
+        for (i, e) in entries.iter().enumerate().skip((position - 2) as usize) {
+            if reply.add(INodeNo(e.ino), i as u64 + 3, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (bytes, files) = self.stack.totals();
+        reply.statfs(bytes.div_ceil(BLOCK_SIZE as u64), 0, 0, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.stack.getxattr(ino.0, name.as_bytes()) {
+            Ok(Some(value)) => reply_xattr(reply, &value, size),
+            Ok(None) => reply.error(Errno::from_i32(libc::ENODATA)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.stack.listxattr(ino.0) {
+            Ok(names) => {
+                let mut data = Vec::new();
+                for n in names {
+                    data.extend_from_slice(&n);
+                    data.push(0);
+                }
+                reply_xattr(reply, &data, size);
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::from_i32(EROFS));
+        }
+        match self.stack.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    // Everything that would change the tree: the layers are read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: fuser::ReplyCreate) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(EROFS));
+    }
+}
+
+/// Checks that `path` can take a mount: it exists, is a directory, is empty, and is not a
+/// dead FUSE mount left by a crashed process.
+pub fn check_mountpoint(path: &Path) -> Result<(), FsError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(FsError::InvalidInput(format!(
+                "mountpoint {} is a stale mount (transport endpoint is not connected); \
+                 run `strata unmount {}` first",
+                path.display(),
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(FsError::InvalidInput(format!(
+                "mountpoint {} does not exist",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(FsError::io(path, e)),
+    };
+    if !meta.is_dir() {
+        return Err(FsError::InvalidInput(format!(
+            "mountpoint {} is not a directory",
+            path.display()
+        )));
+    }
+    let mut listing = std::fs::read_dir(path).map_err(|e| FsError::io(path, e))?;
+    if listing.next().is_some() {
+        return Err(FsError::InvalidInput(format!(
+            "mountpoint {} is not empty",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A FUSE session serving a [`LayerStack`] on its own threads.
+pub struct MountedSession {
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl MountedSession {
+    /// Blocks until the session ends (unmounted by us, `strata unmount` or `fusermount3 -u`).
+    pub fn wait(self) -> std::io::Result<()> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("FUSE session thread panicked")))
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+/// Mounts `stack` read-only at `mountpoint`.
+pub fn mount(
+    stack: Arc<LayerStack>,
+    mountpoint: &Path,
+    runtime: tokio::runtime::Handle,
+) -> Result<MountedSession, FsError> {
+    check_mountpoint(mountpoint)?;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("strata".into()),
+        fuser::MountOption::Subtype("strata".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    // Root mounts serve every user in the sandbox; the kernel still checks modes.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let fs = StrataFs::new(stack, runtime);
+    let session = fuser::Session::new(fs, mountpoint, &config)
+        .map_err(|e| FsError::io(mountpoint, std::io::Error::new(e.kind(), format!("mounting: {e}"))))?;
+    let thread = std::thread::Builder::new()
+        .name("strata-fuse".into())
+        .spawn(move || session.run())
+        .map_err(|e| FsError::io(mountpoint, e))?;
+    Ok(MountedSession { thread })
+}
+
+/// Decodes the octal escapes (`\040` for a space...) of a /proc/self/mountinfo path.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Whether `path` is a strata FUSE mount (live or stale), per /proc/self/mountinfo.
+pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
+    let wanted = std::path::absolute(path)?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else { return false };
+        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else { return false };
+        unescape_mountinfo(mp) == wanted.as_os_str().as_bytes() && *fstype == "fuse.strata"
+    }))
+}
+
+/// Unmounts a strata mount. `lazy` detaches it even while files are open (MNT_DETACH).
+pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
+    if !is_strata_mount(path).map_err(|e| FsError::io(path, e))? {
+        return Err(FsError::InvalidInput(format!("{} is not a strata mount", path.display())));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| FsError::InvalidInput("mountpoint contains NUL".into()))?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: a valid C string and flags.
+        if unsafe { libc::umount2(c_path.as_ptr(), flags) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let hint = if e.raw_os_error() == Some(libc::EBUSY) { " (files are open there; --lazy detaches it anyway)" } else { "" };
+            return Err(FsError::io(path, std::io::Error::new(e.kind(), format!("unmount: {e}{hint}"))));
+        }
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg(path).output().map_err(|e| FsError::io("fusermount3", e))?;
+    if !out.status.success() {
+        return Err(FsError::InvalidInput(format!(
+            "fusermount3 -u {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! strata-fs: everything about trees.
+//!
+//! - [`manifest`]: the layer format (fixed-layout records, validated once, used in place).
+//! - [`publish`]: walking a directory into a layer (FastCDC chunks, parallel deduped uploads).
+//! - [`refs`]: dataset refs `name:tag` → layer digest, moved by compare-and-swap.
+//! - [`layer`]: a layer opened for reading through the chunk cache.
+//! - [`stack`]: read-only layers stacked with overlay rules, as a plain API.
+//! - [`fuse`]: the thin `fuser` adapter over [`stack::LayerStack`].
+
+pub mod error;
+pub mod fuse;
+pub mod layer;
+pub mod manifest;
+pub mod publish;
+pub mod refs;
+pub mod stack;
+
+pub use error::{FsError, FsResult};

@@ -1,0 +1,509 @@
+//! Publishing a directory as a layer.
+//!
+//! 1. Walk the tree (sorted by name bytes), keeping modes, owners, mtimes, symlinks, hard
+//!    links, xattrs and empty directories; OCI-style `.wh.NAME` / `.wh..wh..opq` entries
+//!    become whiteouts and opaque directories.
+//! 2. Chunk the content stream (every regular file's bytes, in sorted path order) with FastCDC,
+//!    so small files share chunks and an edit only changes the chunks around it.
+//! 3. Upload the chunks the store does not have yet, in parallel; then the manifest; and only
+//!    then move the ref, so no reader ever sees a ref to something missing. Every step is
+//!    idempotent: a publish that died half-way finishes when run again.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cache::{blob, chunk_key, Digest, Store};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::error::{FsError, FsResult};
+use crate::manifest::{self, check_name, ChunkRef, EntrySpec, Kind, FLAG_OPAQUE};
+use crate::refs::{self, DatasetRef};
+
+pub const CHUNK_MIN: u32 = 64 << 10;
+pub const CHUNK_AVG: u32 = 256 << 10;
+pub const CHUNK_MAX: u32 = 1 << 20;
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Parallel chunk uploads.
+    pub concurrency: usize,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions { concurrency: 16 }
+    }
+}
+
+/// Live counters a progress display can poll.
+#[derive(Debug, Default)]
+pub struct PublishProgress {
+    pub total_files: AtomicU64,
+    pub total_bytes: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PublishReport {
+    pub layer: Option<Digest>,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    pub whiteouts: u64,
+    pub bytes: u64,
+    pub chunks_total: u64,
+    pub chunks_new: u64,
+    pub bytes_uploaded: u64,
+    pub manifest_bytes: u64,
+    pub elapsed: Duration,
+    /// Entries that were skipped (sockets, devices, fifos), with why.
+    pub warnings: Vec<String>,
+}
+
+struct Node {
+    name: Vec<u8>,
+    spec: EntrySpec,
+    children: Vec<usize>,
+    path: PathBuf,
+    /// (dev, ino) of a regular file with more than one link.
+    link_key: Option<(u64, u64)>,
+}
+
+struct Walk {
+    nodes: Vec<Node>,
+    warnings: Vec<String>,
+}
+
+fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: probing sizes with a null buffer, then reading into buffers of that size.
+    let size = unsafe { libc::llistxattr(c_path.as_ptr(), std::ptr::null_mut(), 0) };
+    if size < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOTSUP) => Ok(Vec::new()),
+            _ => Err(e),
+        };
+    }
+    let mut names = vec![0u8; size as usize];
+    let size = unsafe { libc::llistxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if size < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    names.truncate(size as usize);
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let c_name = CString::new(name).map_err(io::Error::other)?;
+        let len = unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
+        if len < 0 {
+            continue; // removed meanwhile
+        }
+        let mut value = vec![0u8; len as usize];
+        let len = unsafe {
+            libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_mut_ptr().cast(), value.len())
+        };
+        if len < 0 {
+            continue;
+        }
+        value.truncate(len as usize);
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn spec_from_meta(meta: &fs::Metadata, kind: Kind) -> EntrySpec {
+    EntrySpec {
+        kind: Some(kind),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_sec: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+        ..Default::default()
+    }
+}
+
+impl Walk {
+    fn add_dir(&mut self, path: &Path, name: Vec<u8>, meta: &fs::Metadata) -> FsResult<usize> {
+        let mut spec = spec_from_meta(meta, Kind::Dir);
+        spec.xattrs = read_xattrs(path).map_err(|e| FsError::io(path, e))?;
+        let index = self.nodes.len();
+        self.nodes.push(Node {
+            name,
+            spec,
+            children: Vec::new(),
+            path: path.to_path_buf(),
+            link_key: None,
+        });
+        let mut listing: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(path)
+            .map_err(|e| FsError::io(path, e))?
+            .map(|d| d.map(|d| (d.file_name().as_bytes().to_vec(), d.path())))
+            .collect::<io::Result<_>>()
+            .map_err(|e| FsError::io(path, e))?;
+        listing.sort();
+        let real_names: HashSet<Vec<u8>> = listing
+            .iter()
+            .filter(|(n, _)| !n.starts_with(WHITEOUT_PREFIX))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut children = Vec::new();
+        for (child_name, child_path) in listing {
+            if child_name == OPAQUE_MARKER {
+                self.nodes[index].spec.flags |= FLAG_OPAQUE;
+                continue;
+            }
+            if let Some(hidden) = child_name.strip_prefix(WHITEOUT_PREFIX) {
+                check_name(hidden).map_err(|r| {
+                    FsError::InvalidInput(format!("{}: bad whiteout: {r}", child_path.display()))
+                })?;
+                if real_names.contains(hidden) {
+                    return Err(FsError::InvalidInput(format!(
+                        "{}: whiteout of an entry that is also present in the same directory",
+                        child_path.display()
+                    )));
+                }
+                let meta = fs::symlink_metadata(&child_path).map_err(|e| FsError::io(&child_path, e))?;
+                let mut spec = spec_from_meta(&meta, Kind::Whiteout);
+                spec.mode = 0;
+                children.push(self.push_leaf(hidden.to_vec(), spec, &child_path, None));
+                continue;
+            }
+            check_name(&child_name)
+                .map_err(|r| FsError::InvalidInput(format!("{}: {r}", child_path.display())))?;
+            if let Some(child) = self.add_path(&child_path, child_name)? {
+                children.push(child);
+            }
+        }
+        // Whiteout names may sort differently from their `.wh.` source names.
+        children.sort_by(|&a, &b| self.nodes[a].name.cmp(&self.nodes[b].name));
+        self.nodes[index].children = children;
+        Ok(index)
+    }
+
+    fn push_leaf(&mut self, name: Vec<u8>, spec: EntrySpec, path: &Path, link_key: Option<(u64, u64)>) -> usize {
+        self.nodes.push(Node {
+            name,
+            spec,
+            children: Vec::new(),
+            path: path.to_path_buf(),
+            link_key,
+        });
+        self.nodes.len() - 1
+    }
+
+    fn add_path(&mut self, path: &Path, name: Vec<u8>) -> FsResult<Option<usize>> {
+        let meta = fs::symlink_metadata(path).map_err(|e| FsError::io(path, e))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return self.add_dir(path, name, &meta).map(Some);
+        }
+        let kind = if ft.is_file() {
+            Kind::File
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else {
+            let what = if ft.is_socket() {
+                "socket"
+            } else if ft.is_fifo() {
+                "fifo"
+            } else {
+                "device"
+            };
+            self.warnings.push(format!("{}: skipped ({what})", path.display()));
+            return Ok(None);
+        };
+        let mut spec = spec_from_meta(&meta, kind);
+        spec.xattrs = read_xattrs(path).map_err(|e| FsError::io(path, e))?;
+        let mut link_key = None;
+        match kind {
+            Kind::File => {
+                spec.size = meta.len();
+                if meta.nlink() > 1 {
+                    link_key = Some((meta.dev(), meta.ino()));
+                }
+            }
+            Kind::Symlink => {
+                let target = fs::read_link(path).map_err(|e| FsError::io(path, e))?;
+                spec.symlink_target = target.as_os_str().as_bytes().to_vec();
+                if spec.symlink_target.len() > manifest::MAX_SYMLINK_LEN {
+                    return Err(FsError::InvalidInput(format!("{}: symlink target too long", path.display())));
+                }
+            }
+            _ => {}
+        }
+        Ok(Some(self.push_leaf(name, spec, path, link_key)))
+    }
+}
+
+/// A file in the content stream: manifest index, source path, size.
+struct StreamFile {
+    path: PathBuf,
+    size: u64,
+}
+
+/// The layer's content stream: the files' bytes back to back. A file that changes size while
+/// being read is an error, not a silently wrong layer.
+struct ContentStream {
+    files: Vec<StreamFile>,
+    next: usize,
+    current: Option<(File, u64, PathBuf)>,
+    progress: Arc<PublishProgress>,
+}
+
+impl Read for ContentStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some((file, left, path)) = &mut self.current {
+                if *left == 0 {
+                    let mut probe = [0u8; 1];
+                    if file.read(&mut probe)? != 0 {
+                        return Err(io::Error::other(format!("{}: file grew while publishing", path.display())));
+                    }
+                    self.current = None;
+                    self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let want = buf.len().min(*left as usize);
+                let n = file.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::other(format!("{}: file shrank while publishing", path.display())));
+                }
+                *left -= n as u64;
+                self.progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
+                return Ok(n);
+            }
+            let Some(f) = self.files.get(self.next) else { return Ok(0) };
+            self.next += 1;
+            let file = File::open(&f.path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.path.display())))?;
+            self.current = Some((file, f.size, f.path.clone()));
+        }
+    }
+}
+
+/// Numbers the walked tree breadth-first and lays out the content stream in sorted path order.
+fn layout(walk: &Walk) -> (Vec<EntrySpec>, Vec<StreamFile>) {
+    let n = walk.nodes.len();
+    let mut order = Vec::with_capacity(n); // bfs position -> node
+    let mut position = vec![0u32; n];
+    let mut parent_of = vec![0u32; n];
+    let mut queue = VecDeque::from([0usize]);
+    while let Some(node) = queue.pop_front() {
+        position[node] = order.len() as u32;
+        order.push(node);
+        for &c in &walk.nodes[node].children {
+            parent_of[c] = position[node];
+            queue.push_back(c);
+        }
+    }
+    let mut specs: Vec<EntrySpec> = order
+        .iter()
+        .map(|&node| {
+            let mut spec = walk.nodes[node].spec.clone();
+            spec.name = walk.nodes[node].name.clone();
+            spec.parent = parent_of[node];
+            if let Some(&first) = walk.nodes[node].children.first() {
+                spec.a = position[first];
+                spec.b = walk.nodes[node].children.len() as u32;
+            }
+            spec
+        })
+        .collect();
+    // Hard links: the first name in entry order holds the inode.
+    let mut links: HashMap<(u64, u64), Vec<u32>> = HashMap::new();
+    for (pos, &node) in order.iter().enumerate() {
+        if specs[pos].kind == Some(Kind::File) {
+            specs[pos].a = pos as u32;
+            specs[pos].b = 1;
+            if let Some(key) = walk.nodes[node].link_key {
+                links.entry(key).or_default().push(pos as u32);
+            }
+        }
+    }
+    for group in links.values() {
+        let primary = group[0];
+        for &pos in group {
+            specs[pos as usize].a = primary;
+            specs[pos as usize].b = group.len() as u32;
+            specs[pos as usize].size = specs[primary as usize].size;
+        }
+    }
+    // Content stream in sorted path order (depth-first), each inode once.
+    let mut files = Vec::new();
+    let mut offset = 0u64;
+    let mut stack = vec![0usize];
+    while let Some(node) = stack.pop() {
+        let pos = position[node] as usize;
+        if specs[pos].kind == Some(Kind::File) && specs[pos].a == pos as u32 {
+            specs[pos].data_off = offset;
+            offset += specs[pos].size;
+            files.push(StreamFile {
+                path: walk.nodes[node].path.clone(),
+                size: specs[pos].size,
+            });
+        }
+        stack.extend(walk.nodes[node].children.iter().rev());
+    }
+    for pos in 0..specs.len() {
+        let primary = specs[pos].a as usize;
+        if specs[pos].kind == Some(Kind::File) && primary != pos {
+            specs[pos].data_off = specs[primary].data_off;
+        }
+    }
+    (specs, files)
+}
+
+/// Uploads `data` under its digest unless the store already has it. Returns stored bytes sent.
+async fn upload_chunk(store: &Arc<dyn Store>, digest: Digest, data: Vec<u8>) -> FsResult<u64> {
+    let key = chunk_key(&digest);
+    if store.head(&key).await?.is_some() {
+        return Ok(0);
+    }
+    let encoded = tokio::task::spawn_blocking(move || blob::encode(&data))
+        .await
+        .map_err(|e| FsError::InvalidInput(format!("compression task failed: {e}")))?;
+    let len = encoded.len() as u64;
+    store.put(&key, Bytes::from(encoded)).await?;
+    Ok(len)
+}
+
+/// Publishes `dir` and, if `target` is given, points that ref at the new layer.
+pub async fn publish(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+    target: Option<&DatasetRef>,
+    options: &PublishOptions,
+    progress: Arc<PublishProgress>,
+) -> FsResult<PublishReport> {
+    let started = Instant::now();
+    let root_meta = fs::metadata(dir).map_err(|e| FsError::io(dir, e))?;
+    if !root_meta.is_dir() {
+        return Err(FsError::InvalidInput(format!("{}: not a directory", dir.display())));
+    }
+    // Publishing through a symlink to a directory publishes the directory.
+    let dir_owned = fs::canonicalize(dir).map_err(|e| FsError::io(dir, e))?;
+    let walk = tokio::task::spawn_blocking(move || {
+        let mut walk = Walk {
+            nodes: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let meta = fs::metadata(&dir_owned).map_err(|e| FsError::io(&dir_owned, e))?;
+        walk.add_dir(&dir_owned, Vec::new(), &meta)?;
+        Ok::<_, FsError>(walk)
+    })
+    .await
+    .map_err(|e| FsError::InvalidInput(format!("walk task failed: {e}")))??;
+    if walk.nodes.len() > u32::MAX as usize - 1 {
+        return Err(FsError::InvalidInput("too many entries for one layer".into()));
+    }
+    let (specs, files) = layout(&walk);
+    let mut report = PublishReport {
+        warnings: walk.warnings,
+        ..Default::default()
+    };
+    for (pos, s) in specs.iter().enumerate() {
+        match s.kind {
+            Some(Kind::Dir) => report.dirs += 1,
+            Some(Kind::File) if s.a as usize == pos => report.files += 1,
+            Some(Kind::File) => report.hardlinks += 1,
+            Some(Kind::Symlink) => report.symlinks += 1,
+            Some(Kind::Whiteout) => report.whiteouts += 1,
+            None => {}
+        }
+    }
+    report.bytes = files.iter().map(|f| f.size).sum();
+    progress.total_files.store(files.len() as u64, Ordering::Relaxed);
+    progress.total_bytes.store(report.bytes, Ordering::Relaxed);
+
+    // Chunk on a blocking thread, upload from async tasks, with bounded buffering between.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Digest, Vec<u8>)>(options.concurrency * 2);
+    let stream = ContentStream {
+        files,
+        next: 0,
+        current: None,
+        progress: progress.clone(),
+    };
+    let chunker = tokio::task::spawn_blocking(move || -> FsResult<Vec<ChunkRef>> {
+        let mut table = Vec::new();
+        let cdc = fastcdc::v2020::StreamCDC::new(stream, CHUNK_MIN as usize, CHUNK_AVG as usize, CHUNK_MAX as usize);
+        for chunk in cdc {
+            let chunk = chunk.map_err(|e| FsError::io("content stream", io::Error::from(e)))?;
+            let digest = Digest::of(&chunk.data);
+            table.push(ChunkRef {
+                digest,
+                offset: chunk.offset,
+                len: chunk.length as u32,
+            });
+            if tx.blocking_send((digest, chunk.data)).is_err() {
+                break; // the uploader failed; its error is reported
+            }
+        }
+        Ok(table)
+    });
+    let seen = Mutex::new(HashSet::new());
+    let new_chunks = AtomicU64::new(0);
+    let incoming = futures::stream::poll_fn(|cx| rx.poll_recv(cx)).map(Ok::<_, FsError>);
+    let uploads = incoming.try_for_each_concurrent(options.concurrency, |(digest, data)| {
+        let first = seen.lock().unwrap().insert(digest);
+        let store = store.clone();
+        let progress = progress.clone();
+        let new_chunks = &new_chunks;
+        async move {
+            if first {
+                let sent = upload_chunk(&store, digest, data).await?;
+                if sent > 0 {
+                    new_chunks.fetch_add(1, Ordering::Relaxed);
+                    progress.bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        }
+    });
+    let upload_result = uploads.await;
+    drop(rx);
+    let chunk_result = chunker
+        .await
+        .map_err(|e| FsError::InvalidInput(format!("chunker task failed: {e}")))?;
+    upload_result?;
+    let chunks = chunk_result?;
+
+    let manifest_bytes = manifest::encode(&specs, &chunks);
+    // Our own encoder's output must pass our own decoder; anything else is a bug to report,
+    // not a layer to upload.
+    manifest::Manifest::parse(manifest::ManifestBytes::Owned(manifest_bytes.clone())).map_err(|e| {
+        FsError::InvalidInput(format!("internal error: encoded manifest does not validate: {e}"))
+    })?;
+    let layer = Digest::of(&manifest_bytes);
+    let layer_key = format!("layers/{}", layer.to_hex());
+    report.manifest_bytes = manifest_bytes.len() as u64;
+    if store.head(&layer_key).await?.is_none() {
+        let encoded = blob::encode(&manifest_bytes);
+        progress
+            .bytes_uploaded
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        store.put(&layer_key, Bytes::from(encoded)).await?;
+    }
+    if let Some(target) = target {
+        refs::set(store, target, &layer).await?;
+    }
+    report.layer = Some(layer);
+    report.chunks_total = chunks.len() as u64;
+    report.chunks_new = new_chunks.load(Ordering::Relaxed);
+    report.bytes_uploaded = progress.bytes_uploaded.load(Ordering::Relaxed);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}

@@ -1,0 +1,299 @@
+//! A stack of read-only layers seen as one tree (overlay semantics), as a plain Rust API that
+//! the FUSE adapter and tests call alike.
+//!
+//! Layers are ordered bottom to top; the topmost entry of a name wins. A whiteout hides the name
+//! in every layer below it; an opaque directory hides everything below it under its name; a
+//! directory merges with the directories of the same name below it until an opaque one or a
+//! non-directory is met.
+//!
+//! Inode numbers are handed out on first sight (lookup or readdir) and stay fixed while the
+//! stack lives. A node is identified by the topmost layer entry that provides it, and a file by
+//! the entry holding its inode, so hard links share an inode number.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use cache::ChunkCache;
+
+use crate::error::{FsError, FsResult};
+use crate::layer::Layer;
+use crate::manifest::{Entry, Kind};
+
+pub const ROOT_INO: u64 = 1;
+
+/// (layer index, entry index)
+type Source = (u16, u32);
+
+struct Node {
+    /// Topmost first. Directories may have several (merged); anything else has one.
+    sources: Vec<Source>,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Dir,
+    File,
+    Symlink,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: Vec<u8>,
+    pub kind: FileKind,
+}
+
+#[derive(Default)]
+struct Inodes {
+    nodes: Vec<Node>,
+    by_source: HashMap<Source, u64>,
+}
+
+pub struct LayerStack {
+    layers: Vec<Layer>,
+    cache: Arc<ChunkCache>,
+    inodes: RwLock<Inodes>,
+    /// Chunks to fetch ahead of a read, within the same file.
+    pub readahead_chunks: usize,
+}
+
+fn mtime(e: &Entry<'_>) -> SystemTime {
+    if e.mtime_sec >= 0 {
+        UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs()) + Duration::from_nanos(e.mtime_nsec as u64)
+    }
+}
+
+fn file_kind(k: Kind) -> FileKind {
+    match k {
+        Kind::Dir => FileKind::Dir,
+        Kind::Symlink => FileKind::Symlink,
+        _ => FileKind::File,
+    }
+}
+
+fn not_found(what: impl std::fmt::Display) -> FsError {
+    FsError::NotFound(what.to_string())
+}
+
+impl LayerStack {
+    /// `layers` bottom to top.
+    pub fn new(layers: Vec<Layer>, cache: Arc<ChunkCache>) -> FsResult<LayerStack> {
+        if layers.is_empty() || layers.len() > u16::MAX as usize {
+            return Err(FsError::InvalidInput("a mount needs 1 to 65535 layers".into()));
+        }
+        let mut root_sources = Vec::new();
+        for (i, layer) in layers.iter().enumerate().rev() {
+            root_sources.push((i as u16, 0));
+            if layer.manifest.root().is_opaque() {
+                break;
+            }
+        }
+        let mut inodes = Inodes::default();
+        inodes.by_source.insert(root_sources[0], ROOT_INO);
+        inodes.nodes.push(Node {
+            sources: root_sources,
+            kind: Kind::Dir,
+        });
+        Ok(LayerStack {
+            layers,
+            cache,
+            inodes: RwLock::new(inodes),
+            readahead_chunks: 4,
+        })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    fn entry(&self, (layer, index): Source) -> Entry<'_> {
+        self.layers[layer as usize].manifest.entry(index as usize)
+    }
+
+    fn sources(&self, ino: u64) -> FsResult<(Vec<Source>, Kind)> {
+        let inodes = self.inodes.read().unwrap();
+        let node = ino
+            .checked_sub(1)
+            .and_then(|i| inodes.nodes.get(i as usize))
+            .ok_or_else(|| not_found(format!("inode {ino}")))?;
+        Ok((node.sources.clone(), node.kind))
+    }
+
+    fn intern(&self, sources: Vec<Source>, kind: Kind) -> u64 {
+        let key = sources[0];
+        if let Some(&ino) = self.inodes.read().unwrap().by_source.get(&key) {
+            return ino;
+        }
+        let mut inodes = self.inodes.write().unwrap();
+        if let Some(&ino) = inodes.by_source.get(&key) {
+            return ino;
+        }
+        inodes.nodes.push(Node { sources, kind });
+        let ino = inodes.nodes.len() as u64;
+        inodes.by_source.insert(key, ino);
+        ino
+    }
+
+    /// Resolves `name` in a merged directory: the sources of the visible node, if any.
+    fn resolve(&self, dir_sources: &[Source], name: &[u8]) -> Option<(Vec<Source>, Kind)> {
+        let mut found: Vec<Source> = Vec::new();
+        for &(layer, dir_index) in dir_sources {
+            let manifest = &self.layers[layer as usize].manifest;
+            let dir = manifest.entry(dir_index as usize);
+            let Some(e) = manifest.lookup(&dir, name) else { continue };
+            match e.kind {
+                Kind::Whiteout => break,
+                Kind::Dir => {
+                    found.push((layer, e.index));
+                    if e.is_opaque() {
+                        break;
+                    }
+                }
+                _ if found.is_empty() => return Some((vec![(layer, e.inode_entry())], e.kind)),
+                _ => break, // a lower non-directory under a directory is hidden
+            }
+        }
+        if found.is_empty() {
+            None
+        } else {
+            Some((found, Kind::Dir))
+        }
+    }
+
+    fn attr_of(&self, ino: u64, source: Source, kind: Kind) -> Attr {
+        let e = self.entry(source);
+        Attr {
+            ino,
+            kind: file_kind(kind),
+            size: e.size,
+            mode: e.mode,
+            nlink: e.nlink(),
+            uid: e.uid,
+            gid: e.gid,
+            mtime: mtime(&e),
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (sources, kind) = self.sources(ino)?;
+        Ok(self.attr_of(ino, sources[0], kind))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let (dir_sources, kind) = self.sources(parent)?;
+        if kind != Kind::Dir {
+            return Err(FsError::io("lookup", std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        let (sources, kind) = self
+            .resolve(&dir_sources, name)
+            .ok_or_else(|| not_found(String::from_utf8_lossy(name)))?;
+        let top = sources[0];
+        let ino = self.intern(sources, kind);
+        Ok(self.attr_of(ino, top, kind))
+    }
+
+    /// The merged listing of a directory, sorted by name (without `.` and `..`).
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let (dir_sources, kind) = self.sources(ino)?;
+        if kind != Kind::Dir {
+            return Err(FsError::io("readdir", std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        // Collect every name once, then resolve each through the same rules as lookup.
+        let mut names: Vec<&[u8]> = Vec::new();
+        for &(layer, dir_index) in &dir_sources {
+            let manifest = &self.layers[layer as usize].manifest;
+            let dir = manifest.entry(dir_index as usize);
+            for child in dir.children() {
+                names.push(manifest.entry(child as usize).name);
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some((sources, kind)) = self.resolve(&dir_sources, name) {
+                let ino = self.intern(sources, kind);
+                out.push(DirEntry {
+                    ino,
+                    name: name.to_vec(),
+                    kind: file_kind(kind),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (sources, kind) = self.sources(ino)?;
+        if kind != Kind::Symlink {
+            return Err(FsError::InvalidInput(format!("inode {ino} is not a symlink")));
+        }
+        let (layer, _) = sources[0];
+        let e = self.entry(sources[0]);
+        Ok(self.layers[layer as usize].manifest.symlink_target(&e).to_vec())
+    }
+
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        let (sources, _) = self.sources(ino)?;
+        let (layer, _) = sources[0];
+        let e = self.entry(sources[0]);
+        Ok(self.layers[layer as usize]
+            .manifest
+            .xattrs(&e)
+            .into_iter()
+            .map(|(n, _)| n.to_vec())
+            .collect())
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
+        let (sources, _) = self.sources(ino)?;
+        let (layer, _) = sources[0];
+        let e = self.entry(sources[0]);
+        Ok(self.layers[layer as usize]
+            .manifest
+            .xattrs(&e)
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_vec()))
+    }
+
+    /// Reads a file's bytes; fetches only the chunks covering the range.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let (sources, kind) = self.sources(ino)?;
+        if kind != Kind::File {
+            return Err(FsError::io("read", std::io::Error::from_raw_os_error(libc::EISDIR)));
+        }
+        let (layer, _) = sources[0];
+        let layer = &self.layers[layer as usize];
+        let e = self.entry(sources[0]);
+        layer.read(&self.cache, &e, offset, size, self.readahead_chunks).await
+    }
+
+    /// Total file bytes and inodes across the layers, for statfs.
+    pub fn totals(&self) -> (u64, u64) {
+        let bytes = self.layers.iter().map(|l| l.manifest.content_len()).sum();
+        let files = self.layers.iter().map(|l| l.manifest.entry_count() as u64).sum();
+        (bytes, files)
+    }
+}

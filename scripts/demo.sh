@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# strata's main job on the embedded default store (a local directory, no S3 needed):
+# build, publish a sample directory, list and inspect it, mount it through FUSE, read it,
+# unmount. Leaves nothing mounted; prints where the store and cache went.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v fusermount3 >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null
+  else
+    echo "demo: install fuse3 first (sudo apt-get install fuse3)" >&2; exit 1
+  fi
+fi
+
+echo "== building strata (release)"
+cargo build --release -p strata --locked
+strata=$PWD/target/release/strata
+
+work=$(mktemp -d /tmp/strata-demo.XXXXXX)
+store="file://$work/store"
+echo "== sample directory in $work/sample"
+mkdir -p "$work/sample/docs" "$work/sample/data/empty"
+echo "hello from strata" > "$work/sample/hello.txt"
+printf 'line %s\n' $(seq 1 1000) > "$work/sample/docs/lines.txt"
+head -c $((32 << 20)) /dev/urandom > "$work/sample/data/blob.bin"
+ln -s ../hello.txt "$work/sample/docs/hello-link"
+
+echo "== strata publish"
+"$strata" publish "$work/sample" "$store" demo:v1
+echo "== strata ls"
+"$strata" ls "$store"
+echo "== strata inspect"
+"$strata" inspect "$store" demo:v1
+echo "== strata cat"
+"$strata" cat "$store" demo:v1 hello.txt
+
+echo "== strata mount"
+mkdir -p "$work/mnt"
+"$strata" mount "$store" "$work/mnt" --layer demo:v1 --foreground --cache-dir "$work/cache" --cache-size 1G &
+pid=$!
+for _ in $(seq 1 100); do grep -qs " $work/mnt fuse.strata " /proc/self/mountinfo && break; sleep 0.1; done
+ls -la "$work/mnt" "$work/mnt/docs"
+cat "$work/mnt/docs/hello-link"
+cmp "$work/mnt/data/blob.bin" "$work/sample/data/blob.bin" && echo "data/blob.bin: identical through the mount"
+echo "== strata unmount"
+"$strata" unmount "$work/mnt"
+wait "$pid"
+echo "done: store in $work/store, cache in $work/cache"

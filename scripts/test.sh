@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what it needs (fuse3, Garage, moto_server),
+# then format, lint, unit tests and end-to-end tests (real FUSE mounts, real S3 servers).
+# Run as root (FUSE mounts, chown in test trees). Installs already done are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh: run as root (the end-to-end tests mount FUSE filesystems)" >&2
+  exit 1
+fi
+
+if ! command -v fusermount3 >/dev/null; then
+  log "installing fuse3"
+  apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null
+fi
+[ -e /dev/fuse ] || { echo "no /dev/fuse on this machine" >&2; exit 1; }
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! garage --version 2>/dev/null | grep -q '2\.5\.'; then
+  log "installing garage 2.5 (cargo install, about 12 minutes)"
+  cargo install garage --version '~2.5' --locked
+fi
+
+if ! command -v moto_server >/dev/null; then
+  log "installing moto_server"
+  python3 -m pip install -q 'moto[server]'
+fi
+
+log "format"
+cargo fmt --all -- --check
+
+log "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "build"
+cargo build --workspace --bins --tests --locked
+
+log "tests"
+# The end-to-end tests mount real filesystems and share one Garage per test binary.
+RUST_BACKTRACE=1 cargo test --workspace --locked -- --test-threads="${STRATA_TEST_THREADS:-4}"
+log "all tests passed"

@@ -1,0 +1,71 @@
+//! The end-to-end test harness: real S3 servers (Garage, moto_server) on loopback, the real
+//! `strata` binary, and real FUSE mounts.
+
+pub mod garage;
+pub mod moto;
+pub mod strata;
+pub mod tree;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free loopback port")
+}
+
+/// A scratch directory under the system temp dir, named after this process so leftovers of
+/// dead test processes can be found and removed.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    let base = std::env::temp_dir().join("strata-tests");
+    std::fs::create_dir_all(&base).expect("creating the test scratch base");
+    cleanup_dead_runs(&base);
+    let dir = base.join(format!("{}-{}-{}", std::process::id(), what, unique()));
+    std::fs::create_dir_all(&dir).expect("creating a test scratch dir");
+    dir
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn cleanup_dead_runs(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Runs `f` on a thread that lives as long as the process, so children spawned there with
+/// PR_SET_PDEATHSIG die with the test process and not with the test's thread.
+pub fn on_lifetime_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().expect("lifetime thread result")
+}
+
+/// `pre_exec` hook: the child gets SIGKILL when the spawning thread (and so the test) dies.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
