@@ -39,7 +39,7 @@ echo "== strata mount"
 mkdir -p "$work/mnt"
 "$strata" mount "$store" "$work/mnt" --layer demo:v1 --foreground --cache-dir "$work/cache" --cache-size 1G &
 pid=$!
-for _ in $(seq 1 100); do grep -qs " $work/mnt fuse.strata " /proc/self/mountinfo && break; sleep 0.1; done
+for _ in $(seq 1 100); do grep -qs " $work/mnt fuse" /proc/self/mounts && break; sleep 0.1; done
 ls -la "$work/mnt" "$work/mnt/docs"
 cat "$work/mnt/docs/hello-link"
 cmp "$work/mnt/data/blob.bin" "$work/sample/data/blob.bin" && echo "data/blob.bin: identical through the mount"

@@ -75,7 +75,11 @@ pub fn decode(object: &[u8], limit: usize) -> Result<Vec<u8>, BlobError> {
 }
 
 /// Decodes and checks that the plain bytes hash to `expected`.
-pub fn decode_verified(object: &[u8], expected: &Digest, limit: usize) -> Result<Vec<u8>, BlobError> {
+pub fn decode_verified(
+    object: &[u8],
+    expected: &Digest,
+    limit: usize,
+) -> Result<Vec<u8>, BlobError> {
     let plain = decode(object, limit)?;
     let actual = Digest::of(&plain);
     if actual != *expected {
@@ -97,7 +101,10 @@ mod tests {
         let obj = encode(&plain);
         assert_eq!(obj[0], ZSTD);
         assert!(obj.len() < 1000);
-        assert_eq!(decode_verified(&obj, &Digest::of(&plain), 1 << 20).unwrap(), plain);
+        assert_eq!(
+            decode_verified(&obj, &Digest::of(&plain), 1 << 20).unwrap(),
+            plain
+        );
     }
 
     #[test]
@@ -120,9 +127,15 @@ mod tests {
     fn bad_objects_are_clear_errors() {
         assert_eq!(decode(&[], 10), Err(BlobError::Empty));
         assert_eq!(decode(&[9, 1, 2], 10), Err(BlobError::UnknownCodec(9)));
-        assert!(matches!(decode(&[ZSTD, 1, 2, 3], 10), Err(BlobError::Corrupt(_))));
+        assert!(matches!(
+            decode(&[ZSTD, 1, 2, 3], 10),
+            Err(BlobError::Corrupt(_))
+        ));
         let bomb = encode(&vec![0u8; 1 << 20]);
-        assert_eq!(decode(&bomb, 1000), Err(BlobError::TooLarge { limit: 1000 }));
+        assert_eq!(
+            decode(&bomb, 1000),
+            Err(BlobError::TooLarge { limit: 1000 })
+        );
         let obj = encode(b"abc");
         assert!(matches!(
             decode_verified(&obj, &Digest::of(b"abd"), 10),

@@ -181,11 +181,10 @@ impl ChunkCache {
     async fn load(self: &Arc<Self>, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
         if self.disk.is_some() {
             let this = Arc::clone(self);
-            let read = tokio::task::spawn_blocking(move || {
-                this.disk.as_ref().map(|d| d.read(&digest))
-            })
-            .await
-            .unwrap_or_else(|e| panic!("disk cache read task failed: {e}"));
+            let read =
+                tokio::task::spawn_blocking(move || this.disk.as_ref().map(|d| d.read(&digest)))
+                    .await
+                    .unwrap_or_else(|e| panic!("disk cache read task failed: {e}"));
             match read {
                 Some(DiskRead::Hit(data)) if data.len() == len as usize => {
                     self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);

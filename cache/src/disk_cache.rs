@@ -83,7 +83,13 @@ impl DiskCache {
         };
         for (_, digest, size) in found {
             state.used += size;
-            state.lru.put(digest, Entry { size, verified: false });
+            state.lru.put(
+                digest,
+                Entry {
+                    size,
+                    verified: false,
+                },
+            );
         }
         let cache = DiskCache {
             dir: dir.to_path_buf(),
@@ -106,7 +112,9 @@ impl DiskCache {
     /// Evicts least recently used chunks until `incoming` more bytes fit.
     fn evict_until(&self, state: &mut State, incoming: u64) {
         while state.used + incoming > self.capacity {
-            let Some((digest, entry)) = state.lru.pop_lru() else { break };
+            let Some((digest, entry)) = state.lru.pop_lru() else {
+                break;
+            };
             state.used -= entry.size;
             state.evictions += 1;
             if let Err(e) = fs::remove_file(self.path(&digest)) {
@@ -176,7 +184,13 @@ impl DiskCache {
         match self.write_file(digest, data) {
             Ok(()) => {
                 let mut state = self.state.lock().unwrap();
-                state.lru.put(digest.to_owned(), Entry { size, verified: true });
+                state.lru.put(
+                    digest.to_owned(),
+                    Entry {
+                        size,
+                        verified: true,
+                    },
+                );
             }
             Err(e) => {
                 tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
@@ -191,7 +205,10 @@ impl DiskCache {
             fs::create_dir_all(parent)?;
         }
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join("tmp").join(format!("{}.{n}", digest.to_hex()));
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("{}.{n}", digest.to_hex()));
         let result = (|| {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
@@ -265,7 +282,11 @@ mod tests {
         // Corrupt b while "stopped", and leave a half-written temp file behind.
         fs::write(tmp.path().join("tmp").join("junk"), b"partial").unwrap();
         let hex = Digest::of(&b).to_hex();
-        fs::write(tmp.path().join("chunks").join(&hex[..2]).join(&hex), vec![3u8; 100]).unwrap();
+        fs::write(
+            tmp.path().join("chunks").join(&hex[..2]).join(&hex),
+            vec![3u8; 100],
+        )
+        .unwrap();
         let cache = DiskCache::open(tmp.path(), 10_000).unwrap();
         assert!(!tmp.path().join("tmp").join("junk").exists());
         match cache.read(&Digest::of(&a)) {

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::error::FsError;
@@ -151,19 +151,40 @@ impl Filesystem for StrataFs {
         });
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // The listing is taken once per open, so offsets stay valid across readdir calls.
         match self.stack.readdir(ino.0) {
             Ok(entries) => {
                 let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
                 self.dirs.lock().unwrap().insert(fh, Arc::new(entries));
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                );
             }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let Some(entries) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
             return reply.error(Errno::from_i32(libc::EBADF));
         };
@@ -177,21 +198,42 @@ impl Filesystem for StrataFs {
             position += 1;
         }
         for (i, e) in entries.iter().enumerate().skip((position - 2) as usize) {
-            if reply.add(INodeNo(e.ino), i as u64 + 3, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+            if reply.add(
+                INodeNo(e.ino),
+                i as u64 + 3,
+                file_type(e.kind),
+                OsStr::from_bytes(&e.name),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.dirs.lock().unwrap().remove(&fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (bytes, files) = self.stack.totals();
-        reply.statfs(bytes.div_ceil(BLOCK_SIZE as u64), 0, 0, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+        reply.statfs(
+            bytes.div_ceil(BLOCK_SIZE as u64),
+            0,
+            0,
+            files,
+            0,
+            BLOCK_SIZE,
+            255,
+            BLOCK_SIZE,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -249,7 +291,16 @@ impl Filesystem for StrataFs {
         reply.error(Errno::from_i32(EROFS));
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::from_i32(EROFS));
     }
 
@@ -286,11 +337,29 @@ impl Filesystem for StrataFs {
         reply.error(Errno::from_i32(EROFS));
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: fuser::ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: fuser::ReplyCreate,
+    ) {
         reply.error(Errno::from_i32(EROFS));
     }
 
-    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::from_i32(EROFS));
     }
 
@@ -378,8 +447,12 @@ pub fn mount(
     config.n_threads = Some(4);
     config.clone_fd = true;
     let fs = StrataFs::new(stack, runtime);
-    let session = fuser::Session::new(fs, mountpoint, &config)
-        .map_err(|e| FsError::io(mountpoint, std::io::Error::new(e.kind(), format!("mounting: {e}"))))?;
+    let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
+        FsError::io(
+            mountpoint,
+            std::io::Error::new(e.kind(), format!("mounting: {e}")),
+        )
+    })?;
     let thread = std::thread::Builder::new()
         .name("strata-fuse".into())
         .spawn(move || session.run())
@@ -393,7 +466,10 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -410,16 +486,27 @@ pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info.lines().any(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { return false };
-        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else { return false };
-        unescape_mountinfo(mp) == wanted.as_os_str().as_bytes() && *fstype == "fuse.strata"
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            return false;
+        };
+        let (Some(mp), Some(fstype), Some(source)) =
+            (fields.get(4), fields.get(sep + 1), fields.get(sep + 2))
+        else {
+            return false;
+        };
+        // Depending on how it was mounted the type is `fuse.strata`, or `fuse` with source `strata`.
+        let ours = *fstype == "fuse.strata" || (fstype.starts_with("fuse") && *source == "strata");
+        ours && unescape_mountinfo(mp) == wanted.as_os_str().as_bytes()
     }))
 }
 
 /// Unmounts a strata mount. `lazy` detaches it even while files are open (MNT_DETACH).
 pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
     if !is_strata_mount(path).map_err(|e| FsError::io(path, e))? {
-        return Err(FsError::InvalidInput(format!("{} is not a strata mount", path.display())));
+        return Err(FsError::InvalidInput(format!(
+            "{} is not a strata mount",
+            path.display()
+        )));
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -429,8 +516,15 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
         // SAFETY: a valid C string and flags.
         if unsafe { libc::umount2(c_path.as_ptr(), flags) } != 0 {
             let e = std::io::Error::last_os_error();
-            let hint = if e.raw_os_error() == Some(libc::EBUSY) { " (files are open there; --lazy detaches it anyway)" } else { "" };
-            return Err(FsError::io(path, std::io::Error::new(e.kind(), format!("unmount: {e}{hint}"))));
+            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+                " (files are open there; --lazy detaches it anyway)"
+            } else {
+                ""
+            };
+            return Err(FsError::io(
+                path,
+                std::io::Error::new(e.kind(), format!("unmount: {e}{hint}")),
+            ));
         }
         return Ok(());
     }
@@ -439,7 +533,10 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
     if lazy {
         cmd.arg("-z");
     }
-    let out = cmd.arg(path).output().map_err(|e| FsError::io("fusermount3", e))?;
+    let out = cmd
+        .arg(path)
+        .output()
+        .map_err(|e| FsError::io("fusermount3", e))?;
     if !out.status.success() {
         return Err(FsError::InvalidInput(format!(
             "fusermount3 -u {}: {}",

@@ -27,7 +27,11 @@ fn parse(digest: Digest, bytes: ManifestBytes) -> FsResult<Manifest> {
 
 impl Layer {
     /// Loads layer `digest`, from `cache_dir` if a verified copy is there, else from the store.
-    pub async fn load(store: &Arc<dyn Store>, digest: Digest, cache_dir: Option<&Path>) -> FsResult<Layer> {
+    pub async fn load(
+        store: &Arc<dyn Store>,
+        digest: Digest,
+        cache_dir: Option<&Path>,
+    ) -> FsResult<Layer> {
         let cached = cache_dir.map(|d| d.join("layers").join(digest.to_hex()));
         if let Some(path) = &cached {
             if let Some(layer) = Self::load_cached(path, digest)? {
@@ -43,14 +47,16 @@ impl Layer {
             }
         })?;
         let store_url = store.url().to_string();
-        let plain = tokio::task::spawn_blocking(move || blob::decode_verified(&object, &digest, MAX_MANIFEST_LEN))
-            .await
-            .map_err(|e| FsError::InvalidInput(format!("manifest decode task failed: {e}")))?
-            .map_err(|e| FsError::CorruptLayer {
-                digest,
-                store: store_url,
-                reason: e.to_string(),
-            })?;
+        let plain = tokio::task::spawn_blocking(move || {
+            blob::decode_verified(&object, &digest, MAX_MANIFEST_LEN)
+        })
+        .await
+        .map_err(|e| FsError::InvalidInput(format!("manifest decode task failed: {e}")))?
+        .map_err(|e| FsError::CorruptLayer {
+            digest,
+            store: store_url,
+            reason: e.to_string(),
+        })?;
         let manifest = parse(digest, ManifestBytes::Owned(plain))?;
         if let Some(path) = &cached {
             if let Err(e) = write_atomic(path, manifest.as_bytes()) {
@@ -106,7 +112,9 @@ impl Layer {
             let c = self.manifest.chunk(i);
             cache.prefetch(c.digest, c.len);
         }
-        let fetched = futures::future::try_join_all(chunks.iter().map(|c| cache.get(c.digest, c.len))).await?;
+        let fetched =
+            futures::future::try_join_all(chunks.iter().map(|c| cache.get(c.digest, c.len)))
+                .await?;
         if chunks.len() == 1 {
             let c = &chunks[0];
             let from = (start - c.offset) as usize;

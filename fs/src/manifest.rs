@@ -54,7 +54,9 @@ pub enum ManifestError {
     BadMagic,
     #[error("unsupported manifest version {0} (this strata reads version {VERSION})")]
     UnsupportedVersion(u32),
-    #[error("manifest is truncated or has trailing bytes: header says {expected} bytes, got {actual}")]
+    #[error(
+        "manifest is truncated or has trailing bytes: header says {expected} bytes, got {actual}"
+    )]
     BadLength { expected: u128, actual: usize },
     #[error("manifest entry {index}: {reason}")]
     BadEntry { index: u64, reason: String },
@@ -80,13 +82,22 @@ pub fn check_name(name: &[u8]) -> Result<(), String> {
         return Err(format!("name longer than {MAX_NAME_LEN} bytes"));
     }
     if name == b"." || name == b".." {
-        return Err(format!("name {:?} is not allowed", String::from_utf8_lossy(name)));
+        return Err(format!(
+            "name {:?} is not allowed",
+            String::from_utf8_lossy(name)
+        ));
     }
     if name.contains(&b'/') || name.contains(&0) {
-        return Err(format!("name {:?} contains '/' or NUL", String::from_utf8_lossy(name)));
+        return Err(format!(
+            "name {:?} contains '/' or NUL",
+            String::from_utf8_lossy(name)
+        ));
     }
     Ok(())
 }
+
+/// An extended attribute: (name, value).
+pub type Xattr<'a> = (&'a [u8], &'a [u8]);
 
 /// The bytes behind a manifest: owned, or mapped from the local cache.
 pub enum ManifestBytes {
@@ -210,7 +221,9 @@ impl Manifest {
             });
         }
         if entry_count == 0 || entry_count > u32::MAX as u64 {
-            return Err(ManifestError::Invalid(format!("absurd entry count {entry_count}")));
+            return Err(ManifestError::Invalid(format!(
+                "absurd entry count {entry_count}"
+            )));
         }
         let entry_count = entry_count as usize;
         let chunk_count = chunk_count as usize;
@@ -247,7 +260,10 @@ impl Manifest {
                 reason,
             };
             if c.offset != offset {
-                return Err(bad(format!("offset {} but previous chunks end at {offset}", c.offset)));
+                return Err(bad(format!(
+                    "offset {} but previous chunks end at {offset}",
+                    c.offset
+                )));
             }
             if c.len == 0 || c.len > MAX_CHUNK_LEN {
                 return Err(bad(format!("length {} out of range", c.len)));
@@ -269,11 +285,17 @@ impl Manifest {
         let mut next_child = 1usize;
         for i in 0..n {
             let rec = self.record(i);
-            let kind = Kind::from_u8(rec[0]).ok_or_else(|| bad_entry(i, format!("unknown kind {}", rec[0])))?;
-            let e = self.decode_entry(i, kind).ok_or_else(|| bad_entry(i, "name or xattrs outside the manifest"))?;
+            let kind = Kind::from_u8(rec[0])
+                .ok_or_else(|| bad_entry(i, format!("unknown kind {}", rec[0])))?;
+            let e = self
+                .decode_entry(i, kind)
+                .ok_or_else(|| bad_entry(i, "name or xattrs outside the manifest"))?;
             if i == 0 {
                 if kind != Kind::Dir || !e.name.is_empty() {
-                    return Err(bad_entry(0, "the root must be a directory with an empty name"));
+                    return Err(bad_entry(
+                        0,
+                        "the root must be a directory with an empty name",
+                    ));
                 }
             } else {
                 check_name(e.name).map_err(|r| bad_entry(i, r))?;
@@ -282,12 +304,17 @@ impl Manifest {
                 if parent >= i || !self.entry(parent).children().contains(&(i as u32)) {
                     return Err(bad_entry(i, format!("not a child of its parent {parent}")));
                 }
-                if i as u32 > self.entry(parent).children().start && self.entry(i - 1).name >= e.name {
+                if i as u32 > self.entry(parent).children().start
+                    && self.entry(i - 1).name >= e.name
+                {
                     return Err(bad_entry(i, "names in a directory are not strictly sorted"));
                 }
             }
             if e.mode & !0o7777 != 0 {
-                return Err(bad_entry(i, format!("mode {:#o} has bits outside 0o7777", e.mode)));
+                return Err(bad_entry(
+                    i,
+                    format!("mode {:#o} has bits outside 0o7777", e.mode),
+                ));
             }
             if e.flags & !FLAG_OPAQUE != 0 || (e.flags != 0 && kind != Kind::Dir) {
                 return Err(bad_entry(i, format!("unknown flags {:#x}", e.flags)));
@@ -300,7 +327,10 @@ impl Manifest {
                     let (first, count) = (e.a as usize, e.b as usize);
                     if count > 0 {
                         if first != next_child || first <= i {
-                            return Err(bad_entry(i, format!("children start at {first}, expected {next_child}")));
+                            return Err(bad_entry(
+                                i,
+                                format!("children start at {first}, expected {next_child}"),
+                            ));
                         }
                         next_child = first
                             .checked_add(count)
@@ -312,7 +342,10 @@ impl Manifest {
                     }
                 }
                 Kind::File => {
-                    if e.data_off.checked_add(e.size).is_none_or(|end| end > self.content_len) {
+                    if e.data_off
+                        .checked_add(e.size)
+                        .is_none_or(|end| end > self.content_len)
+                    {
                         return Err(bad_entry(i, "file bytes beyond the content stream"));
                     }
                     let target = e.a as usize;
@@ -321,8 +354,15 @@ impl Manifest {
                     }
                     if target != i {
                         let t = self.entry(target);
-                        if t.kind != Kind::File || t.a as usize != target || t.size != e.size || t.data_off != e.data_off {
-                            return Err(bad_entry(i, format!("hard link to {target}, which is not a matching file")));
+                        if t.kind != Kind::File
+                            || t.a as usize != target
+                            || t.size != e.size
+                            || t.data_off != e.data_off
+                        {
+                            return Err(bad_entry(
+                                i,
+                                format!("hard link to {target}, which is not a matching file"),
+                            ));
                         }
                     }
                     if e.b == 0 {
@@ -432,7 +472,7 @@ impl Manifest {
         }
     }
 
-    fn parse_xattrs<'a>(&'a self, e: &Entry<'a>) -> Result<Vec<(&'a [u8], &'a [u8])>, String> {
+    fn parse_xattrs<'a>(&'a self, e: &Entry<'a>) -> Result<Vec<Xattr<'a>>, String> {
         let mut b = &self.blob()[e.xattr.clone()];
         let mut out = Vec::new();
         let take = |b: &mut &'a [u8], n: usize| -> Result<&'a [u8], String> {
@@ -457,7 +497,7 @@ impl Manifest {
     }
 
     /// Extended attributes of an entry, as (name, value) pairs.
-    pub fn xattrs<'a>(&'a self, e: &Entry<'a>) -> Vec<(&'a [u8], &'a [u8])> {
+    pub fn xattrs<'a>(&'a self, e: &Entry<'a>) -> Vec<Xattr<'a>> {
         self.parse_xattrs(e).unwrap_or_default()
     }
 
@@ -565,7 +605,8 @@ pub fn encode(entries: &[EntrySpec], chunks: &[ChunkRef]) -> Vec<u8> {
         records.extend_from_slice(&[0u8; 4]);
     }
     let content_len: u64 = chunks.iter().map(|c| c.len as u64).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + records.len() + chunks.len() * CHUNK_LEN + blob.len());
+    let mut out =
+        Vec::with_capacity(HEADER_LEN + records.len() + chunks.len() * CHUNK_LEN + blob.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());

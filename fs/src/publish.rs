@@ -108,13 +108,19 @@ fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let c_name = CString::new(name).map_err(io::Error::other)?;
-        let len = unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
+        let len =
+            unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
         if len < 0 {
             continue; // removed meanwhile
         }
         let mut value = vec![0u8; len as usize];
         let len = unsafe {
-            libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_mut_ptr().cast(), value.len())
+            libc::lgetxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
         };
         if len < 0 {
             continue;
@@ -177,7 +183,8 @@ impl Walk {
                         child_path.display()
                     )));
                 }
-                let meta = fs::symlink_metadata(&child_path).map_err(|e| FsError::io(&child_path, e))?;
+                let meta =
+                    fs::symlink_metadata(&child_path).map_err(|e| FsError::io(&child_path, e))?;
                 let mut spec = spec_from_meta(&meta, Kind::Whiteout);
                 spec.mode = 0;
                 children.push(self.push_leaf(hidden.to_vec(), spec, &child_path, None));
@@ -195,7 +202,13 @@ impl Walk {
         Ok(index)
     }
 
-    fn push_leaf(&mut self, name: Vec<u8>, spec: EntrySpec, path: &Path, link_key: Option<(u64, u64)>) -> usize {
+    fn push_leaf(
+        &mut self,
+        name: Vec<u8>,
+        spec: EntrySpec,
+        path: &Path,
+        link_key: Option<(u64, u64)>,
+    ) -> usize {
         self.nodes.push(Node {
             name,
             spec,
@@ -224,7 +237,8 @@ impl Walk {
             } else {
                 "device"
             };
-            self.warnings.push(format!("{}: skipped ({what})", path.display()));
+            self.warnings
+                .push(format!("{}: skipped ({what})", path.display()));
             return Ok(None);
         };
         let mut spec = spec_from_meta(&meta, kind);
@@ -241,7 +255,10 @@ impl Walk {
                 let target = fs::read_link(path).map_err(|e| FsError::io(path, e))?;
                 spec.symlink_target = target.as_os_str().as_bytes().to_vec();
                 if spec.symlink_target.len() > manifest::MAX_SYMLINK_LEN {
-                    return Err(FsError::InvalidInput(format!("{}: symlink target too long", path.display())));
+                    return Err(FsError::InvalidInput(format!(
+                        "{}: symlink target too long",
+                        path.display()
+                    )));
                 }
             }
             _ => {}
@@ -272,7 +289,10 @@ impl Read for ContentStream {
                 if *left == 0 {
                     let mut probe = [0u8; 1];
                     if file.read(&mut probe)? != 0 {
-                        return Err(io::Error::other(format!("{}: file grew while publishing", path.display())));
+                        return Err(io::Error::other(format!(
+                            "{}: file grew while publishing",
+                            path.display()
+                        )));
                     }
                     self.current = None;
                     self.progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -281,15 +301,23 @@ impl Read for ContentStream {
                 let want = buf.len().min(*left as usize);
                 let n = file.read(&mut buf[..want])?;
                 if n == 0 {
-                    return Err(io::Error::other(format!("{}: file shrank while publishing", path.display())));
+                    return Err(io::Error::other(format!(
+                        "{}: file shrank while publishing",
+                        path.display()
+                    )));
                 }
                 *left -= n as u64;
-                self.progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
+                self.progress
+                    .bytes_done
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 return Ok(n);
             }
-            let Some(f) = self.files.get(self.next) else { return Ok(0) };
+            let Some(f) = self.files.get(self.next) else {
+                return Ok(0);
+            };
             self.next += 1;
-            let file = File::open(&f.path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.path.display())))?;
+            let file = File::open(&f.path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.path.display())))?;
             self.current = Some((file, f.size, f.path.clone()));
         }
     }
@@ -392,7 +420,10 @@ pub async fn publish(
     let started = Instant::now();
     let root_meta = fs::metadata(dir).map_err(|e| FsError::io(dir, e))?;
     if !root_meta.is_dir() {
-        return Err(FsError::InvalidInput(format!("{}: not a directory", dir.display())));
+        return Err(FsError::InvalidInput(format!(
+            "{}: not a directory",
+            dir.display()
+        )));
     }
     // Publishing through a symlink to a directory publishes the directory.
     let dir_owned = fs::canonicalize(dir).map_err(|e| FsError::io(dir, e))?;
@@ -408,7 +439,9 @@ pub async fn publish(
     .await
     .map_err(|e| FsError::InvalidInput(format!("walk task failed: {e}")))??;
     if walk.nodes.len() > u32::MAX as usize - 1 {
-        return Err(FsError::InvalidInput("too many entries for one layer".into()));
+        return Err(FsError::InvalidInput(
+            "too many entries for one layer".into(),
+        ));
     }
     let (specs, files) = layout(&walk);
     let mut report = PublishReport {
@@ -426,7 +459,9 @@ pub async fn publish(
         }
     }
     report.bytes = files.iter().map(|f| f.size).sum();
-    progress.total_files.store(files.len() as u64, Ordering::Relaxed);
+    progress
+        .total_files
+        .store(files.len() as u64, Ordering::Relaxed);
     progress.total_bytes.store(report.bytes, Ordering::Relaxed);
 
     // Chunk on a blocking thread, upload from async tasks, with bounded buffering between.
@@ -439,7 +474,12 @@ pub async fn publish(
     };
     let chunker = tokio::task::spawn_blocking(move || -> FsResult<Vec<ChunkRef>> {
         let mut table = Vec::new();
-        let cdc = fastcdc::v2020::StreamCDC::new(stream, CHUNK_MIN as usize, CHUNK_AVG as usize, CHUNK_MAX as usize);
+        let cdc = fastcdc::v2020::StreamCDC::new(
+            stream,
+            CHUNK_MIN as usize,
+            CHUNK_AVG as usize,
+            CHUNK_MAX as usize,
+        );
         for chunk in cdc {
             let chunk = chunk.map_err(|e| FsError::io("content stream", io::Error::from(e)))?;
             let digest = Digest::of(&chunk.data);
@@ -484,9 +524,13 @@ pub async fn publish(
     let manifest_bytes = manifest::encode(&specs, &chunks);
     // Our own encoder's output must pass our own decoder; anything else is a bug to report,
     // not a layer to upload.
-    manifest::Manifest::parse(manifest::ManifestBytes::Owned(manifest_bytes.clone())).map_err(|e| {
-        FsError::InvalidInput(format!("internal error: encoded manifest does not validate: {e}"))
-    })?;
+    manifest::Manifest::parse(manifest::ManifestBytes::Owned(manifest_bytes.clone())).map_err(
+        |e| {
+            FsError::InvalidInput(format!(
+                "internal error: encoded manifest does not validate: {e}"
+            ))
+        },
+    )?;
     let layer = Digest::of(&manifest_bytes);
     let layer_key = format!("layers/{}", layer.to_hex());
     report.manifest_bytes = manifest_bytes.len() as u64;

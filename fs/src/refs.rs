@@ -22,8 +22,11 @@ pub struct DatasetRef {
 fn check_component(what: &str, s: &str) -> FsResult<()> {
     let ok = !s.is_empty()
         && s.len() <= 128
-        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -96,9 +99,15 @@ pub async fn resolve(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest>
 }
 
 /// Points `name:tag` at `digest` with compare-and-swap. Returns the previous digest.
-pub async fn set(store: &Arc<dyn Store>, r: &DatasetRef, digest: &Digest) -> FsResult<Option<Digest>> {
+pub async fn set(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    digest: &Digest,
+) -> FsResult<Option<Digest>> {
     if r.pinned.is_some() {
-        return Err(FsError::InvalidInput(format!("cannot publish to a pinned ref {r}")));
+        return Err(FsError::InvalidInput(format!(
+            "cannot publish to a pinned ref {r}"
+        )));
     }
     let key = r.key();
     let current = store.get_versioned(&key).await?;
@@ -124,7 +133,10 @@ pub async fn set(store: &Arc<dyn Store>, r: &DatasetRef, digest: &Digest) -> FsR
 }
 
 /// All refs (optionally of one dataset name): (ref, digest), sorted.
-pub async fn list(store: &Arc<dyn Store>, name: Option<&str>) -> FsResult<Vec<(DatasetRef, Digest)>> {
+pub async fn list(
+    store: &Arc<dyn Store>,
+    name: Option<&str>,
+) -> FsResult<Vec<(DatasetRef, Digest)>> {
     let prefix = match name {
         Some(n) => {
             check_component("name", n)?;
@@ -162,9 +174,24 @@ mod tests {
         assert_eq!((r.name.as_str(), r.tag.as_str()), ("models", "v1"));
         assert_eq!(DatasetRef::parse("models").unwrap().tag, "latest");
         let d = Digest::of(b"x");
-        assert_eq!(DatasetRef::parse(&format!("m@{d}")).unwrap().pinned, Some(d));
-        for bad in ["", "a/b:c", "../x:y", "x:", ":y", "x:y/z", "x y:z", "m@blake3:12"] {
-            assert!(DatasetRef::parse(bad).is_err(), "{bad:?} should be rejected");
+        assert_eq!(
+            DatasetRef::parse(&format!("m@{d}")).unwrap().pinned,
+            Some(d)
+        );
+        for bad in [
+            "",
+            "a/b:c",
+            "../x:y",
+            "x:",
+            ":y",
+            "x:y/z",
+            "x y:z",
+            "m@blake3:12",
+        ] {
+            assert!(
+                DatasetRef::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 }

@@ -76,7 +76,8 @@ fn mtime(e: &Entry<'_>) -> SystemTime {
     if e.mtime_sec >= 0 {
         UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
     } else {
-        UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs()) + Duration::from_nanos(e.mtime_nsec as u64)
+        UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs())
+            + Duration::from_nanos(e.mtime_nsec as u64)
     }
 }
 
@@ -96,7 +97,9 @@ impl LayerStack {
     /// `layers` bottom to top.
     pub fn new(layers: Vec<Layer>, cache: Arc<ChunkCache>) -> FsResult<LayerStack> {
         if layers.is_empty() || layers.len() > u16::MAX as usize {
-            return Err(FsError::InvalidInput("a mount needs 1 to 65535 layers".into()));
+            return Err(FsError::InvalidInput(
+                "a mount needs 1 to 65535 layers".into(),
+            ));
         }
         let mut root_sources = Vec::new();
         for (i, layer) in layers.iter().enumerate().rev() {
@@ -161,7 +164,9 @@ impl LayerStack {
         for &(layer, dir_index) in dir_sources {
             let manifest = &self.layers[layer as usize].manifest;
             let dir = manifest.entry(dir_index as usize);
-            let Some(e) = manifest.lookup(&dir, name) else { continue };
+            let Some(e) = manifest.lookup(&dir, name) else {
+                continue;
+            };
             match e.kind {
                 Kind::Whiteout => break,
                 Kind::Dir => {
@@ -203,7 +208,10 @@ impl LayerStack {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         let (dir_sources, kind) = self.sources(parent)?;
         if kind != Kind::Dir {
-            return Err(FsError::io("lookup", std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+            return Err(FsError::io(
+                "lookup",
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ));
         }
         let (sources, kind) = self
             .resolve(&dir_sources, name)
@@ -217,7 +225,10 @@ impl LayerStack {
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
         let (dir_sources, kind) = self.sources(ino)?;
         if kind != Kind::Dir {
-            return Err(FsError::io("readdir", std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+            return Err(FsError::io(
+                "readdir",
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ));
         }
         // Collect every name once, then resolve each through the same rules as lookup.
         let mut names: Vec<&[u8]> = Vec::new();
@@ -247,11 +258,16 @@ impl LayerStack {
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let (sources, kind) = self.sources(ino)?;
         if kind != Kind::Symlink {
-            return Err(FsError::InvalidInput(format!("inode {ino} is not a symlink")));
+            return Err(FsError::InvalidInput(format!(
+                "inode {ino} is not a symlink"
+            )));
         }
         let (layer, _) = sources[0];
         let e = self.entry(sources[0]);
-        Ok(self.layers[layer as usize].manifest.symlink_target(&e).to_vec())
+        Ok(self.layers[layer as usize]
+            .manifest
+            .symlink_target(&e)
+            .to_vec())
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
@@ -282,18 +298,27 @@ impl LayerStack {
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let (sources, kind) = self.sources(ino)?;
         if kind != Kind::File {
-            return Err(FsError::io("read", std::io::Error::from_raw_os_error(libc::EISDIR)));
+            return Err(FsError::io(
+                "read",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            ));
         }
         let (layer, _) = sources[0];
         let layer = &self.layers[layer as usize];
         let e = self.entry(sources[0]);
-        layer.read(&self.cache, &e, offset, size, self.readahead_chunks).await
+        layer
+            .read(&self.cache, &e, offset, size, self.readahead_chunks)
+            .await
     }
 
     /// Total file bytes and inodes across the layers, for statfs.
     pub fn totals(&self) -> (u64, u64) {
         let bytes = self.layers.iter().map(|l| l.manifest.content_len()).sum();
-        let files = self.layers.iter().map(|l| l.manifest.entry_count() as u64).sum();
+        let files = self
+            .layers
+            .iter()
+            .map(|l| l.manifest.entry_count() as u64)
+            .sum();
         (bytes, files)
     }
 }

@@ -25,7 +25,9 @@ pub fn garage_bin() -> PathBuf {
     }
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
     let p = cargo_home.join("bin").join("garage");
     if p.exists() {
         p
@@ -40,7 +42,9 @@ fn run(config: &Path, args: &[&str]) -> Result<String> {
         .arg(config)
         .args(args)
         .output()
-        .with_context(|| format!("running garage {args:?} (install it with `cargo install garage --locked`)"))?;
+        .with_context(|| {
+            format!("running garage {args:?} (install it with `cargo install garage --locked`)")
+        })?;
     if !out.status.success() {
         bail!(
             "garage {args:?} failed: {}{}",
@@ -57,7 +61,9 @@ impl Garage {
         let rpc_port = crate::free_port();
         let s3_port = crate::free_port();
         let admin_port = crate::free_port();
-        let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256)).collect();
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
+            .collect();
         let config = dir.join("garage.toml");
         std::fs::write(
             &config,
@@ -92,8 +98,16 @@ admin_token = "strata-test-admin"
         };
         garage.spawn_server()?;
         let node = run(&garage.config, &["node", "id", "-q"])?;
-        let node = node.trim().split('@').next().unwrap_or_default().to_string();
-        run(&garage.config, &["layout", "assign", "-z", "dc1", "-c", "10G", &node])?;
+        let node = node
+            .trim()
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        run(
+            &garage.config,
+            &["layout", "assign", "-z", "dc1", "-c", "10G", &node],
+        )?;
         run(&garage.config, &["layout", "apply", "--version", "1"])?;
         let key = run(&garage.config, &["key", "create", "strata-test"])?;
         for line in key.lines() {
@@ -127,7 +141,10 @@ admin_token = "strata-test-admin"
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("garage did not come up; see {}", self.dir.join("garage.log").display());
+                bail!(
+                    "garage did not come up; see {}",
+                    self.dir.join("garage.log").display()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -142,7 +159,19 @@ admin_token = "strata-test-admin"
 
     pub fn create_bucket(&self, name: &str) -> Result<()> {
         run(&self.config, &["bucket", "create", name])?;
-        run(&self.config, &["bucket", "allow", "--read", "--write", "--owner", name, "--key", "strata-test"])?;
+        run(
+            &self.config,
+            &[
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                name,
+                "--key",
+                "strata-test",
+            ],
+        )?;
         Ok(())
     }
 
@@ -166,7 +195,9 @@ admin_token = "strata-test-admin"
         let body = http_get(self.admin_port, "/metrics")?;
         let mut total = 0u64;
         for line in body.lines() {
-            if line.starts_with("api_s3_request_counter") && line.contains("api_endpoint=\"GetObject\"") {
+            if line.starts_with("api_s3_request_counter")
+                && line.contains("api_endpoint=\"GetObject\"")
+            {
                 let v = line.rsplit(' ').next().unwrap_or("0");
                 total += v.parse::<f64>().unwrap_or(0.0) as u64;
             }

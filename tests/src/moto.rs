@@ -30,13 +30,19 @@ impl Moto {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(Moto { port, _child: child })
+        Ok(Moto {
+            port,
+            _child: child,
+        })
     }
 
     pub fn create_bucket(&self, name: &str) -> Result<()> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(s, "PUT /{name} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")?;
+        write!(
+            s,
+            "PUT /{name} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+        )?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
@@ -50,7 +56,10 @@ impl Moto {
             ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
             ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
             ("AWS_REGION".into(), "us-east-1".into()),
-            ("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", self.port)),
+            (
+                "AWS_ENDPOINT_URL".into(),
+                format!("http://127.0.0.1:{}", self.port),
+            ),
         ]
     }
 }
@@ -62,6 +71,8 @@ pub fn shared() -> &'static Moto {
 
 pub fn bucket(name: &str) -> String {
     let bucket = format!("{name}-{}", crate::free_port());
-    shared().create_bucket(&bucket).expect("creating a moto bucket");
+    shared()
+        .create_bucket(&bucket)
+        .expect("creating a moto bucket");
     format!("s3://{bucket}")
 }

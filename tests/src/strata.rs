@@ -13,7 +13,10 @@ pub fn strata_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
     let bin = profile_dir.join("strata");
     assert!(
         bin.exists(),
@@ -55,7 +58,7 @@ impl Strata {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).expect("utf-8 output")
+        String::from_utf8_lossy(&out.stdout).to_string()
     }
 
     /// Runs and requires failure; returns stderr.
@@ -71,7 +74,14 @@ impl Strata {
         serde_json::from_str(out.trim()).expect("publish --json output")
     }
 
-    pub fn mount(&self, store: &str, mountpoint: &Path, layers: &[&str], cache_dir: &Path, extra: &[&str]) -> Result<Mount> {
+    pub fn mount(
+        &self,
+        store: &str,
+        mountpoint: &Path,
+        layers: &[&str],
+        cache_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Mount> {
         std::fs::create_dir_all(mountpoint)?;
         let mut args: Vec<String> = vec![
             "mount".into(),
@@ -89,7 +99,8 @@ impl Strata {
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let log = mountpoint.with_extension("log");
         let mut cmd = self.command(&argv);
-        cmd.stdout(Stdio::null()).stderr(Stdio::from(std::fs::File::create(&log)?));
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log)?));
         crate::die_with_parent(&mut cmd);
         let child = cmd.spawn().context("spawning strata mount")?;
         let mut m = Mount {
@@ -139,7 +150,10 @@ impl Mount {
                 .args(["unmount", self.mountpoint.to_str().unwrap()])
                 .output()?;
             if !out.status.success() {
-                bail!("strata unmount failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "strata unmount failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
         wait_timeout(&mut self.child, Duration::from_secs(20))

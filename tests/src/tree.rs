@@ -34,18 +34,45 @@ pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
     // SAFETY: valid C strings and a buffer of the given length.
-    let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(rc, 0, "setxattr {name} on {}: {}", path.display(), std::io::Error::last_os_error());
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let times = [
-        libc::timespec { tv_sec: sec, tv_nsec: nsec },
-        libc::timespec { tv_sec: sec, tv_nsec: nsec },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
     ];
     // SAFETY: valid path and two timespecs.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(rc, 0, "utimensat {}", path.display());
 }
 
@@ -58,11 +85,26 @@ pub fn xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     if n <= 0 {
         return out;
     }
-    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+    {
         let cname = CString::new(name).unwrap();
         let mut value = vec![0u8; 65536];
-        let len = unsafe { libc::lgetxattr(p.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
-        assert!(len >= 0, "getxattr {:?} on {}", String::from_utf8_lossy(name), path.display());
+        let len = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(
+            len >= 0,
+            "getxattr {:?} on {}",
+            String::from_utf8_lossy(name),
+            path.display()
+        );
         value.truncate(len as usize);
         out.insert(name.to_vec(), value);
     }
@@ -76,13 +118,18 @@ pub fn build_rich_tree(root: &Path, big_file_bytes: usize, small_files: usize) -
     write_file(&root.join("hello.txt"), b"hello, strata\n");
     write_file(&root.join("empty"), b"");
     write_file(&root.join("big.bin"), &pseudo_random(1, big_file_bytes));
-    write_file(&root.join("données/日本語 ファイル.txt"), "unicode ✓\n".as_bytes());
+    write_file(
+        &root.join("données/日本語 ファイル.txt"),
+        "unicode ✓\n".as_bytes(),
+    );
     write_file(&root.join("odd/with space"), b"space");
     write_file(&root.join("odd/-rf"), b"dash");
     write_file(&root.join("odd/new\nline"), b"newline");
     write_file(&root.join("odd/tab\tand'quote\""), b"quotes");
     write_file(&root.join("odd").join("x".repeat(255)), b"long name");
-    let non_utf8 = root.join("odd").join(OsString::from_vec(vec![b'b', b'a', b'd', 0xff, 0xfe]));
+    let non_utf8 = root
+        .join("odd")
+        .join(OsString::from_vec(vec![b'b', b'a', b'd', 0xff, 0xfe]));
     write_file(&non_utf8, b"not utf-8");
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
     std::fs::create_dir_all(root.join("sticky")).unwrap();
@@ -94,9 +141,17 @@ pub fn build_rich_tree(root: &Path, big_file_bytes: usize, small_files: usize) -
     write_file(&deep.join("bottom.txt"), b"deep");
     // Modes, owners, times.
     write_file(&root.join("modes/private"), b"secret");
-    std::fs::set_permissions(root.join("modes/private"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        root.join("modes/private"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     write_file(&root.join("modes/tool"), b"#!/bin/sh\necho hi\n");
-    std::fs::set_permissions(root.join("modes/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(
+        root.join("modes/tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
     write_file(&root.join("modes/owned"), b"owned");
     std::os::unix::fs::lchown(root.join("modes/owned"), Some(1234), Some(5678)).unwrap();
     set_mtime(&root.join("modes/owned"), 1_000_000_000, 123_456_789);
@@ -166,7 +221,12 @@ fn describe(path: &Path) -> Option<(Seen, (u64, u64), u64)> {
         gid: m.gid(),
         size: if ft.is_dir() { 0 } else { m.len() },
         mtime: (m.mtime(), m.mtime_nsec()),
-        target: ft.is_symlink().then(|| std::fs::read_link(path).unwrap().into_os_string().into_vec()),
+        target: ft.is_symlink().then(|| {
+            std::fs::read_link(path)
+                .unwrap()
+                .into_os_string()
+                .into_vec()
+        }),
         xattrs: xattrs(path),
         content,
     };
@@ -184,10 +244,15 @@ pub fn assert_same_tree(source: &Path, mounted: &Path) -> usize {
         let s = source.join(&rel);
         let m = mounted.join(&rel);
         let Some((src, src_ino, nlink)) = describe(&s) else {
-            assert!(std::fs::symlink_metadata(&m).is_err(), "special file {} should be skipped", rel.display());
+            assert!(
+                std::fs::symlink_metadata(&m).is_err(),
+                "special file {} should be skipped",
+                rel.display()
+            );
             continue;
         };
-        let (mnt, mnt_ino, _) = describe(&m).unwrap_or_else(|| panic!("{} missing or odd in mount", rel.display()));
+        let (mnt, mnt_ino, _) =
+            describe(&m).unwrap_or_else(|| panic!("{} missing or odd in mount", rel.display()));
         assert_eq!(src, mnt, "entry {:?} differs", rel);
         compared += 1;
         if src.kind == "file" && nlink > 1 {
@@ -196,7 +261,10 @@ pub fn assert_same_tree(source: &Path, mounted: &Path) -> usize {
         }
         if src.kind == "dir" {
             let names = |p: &Path| -> Vec<OsString> {
-                let mut v: Vec<OsString> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
+                let mut v: Vec<OsString> = std::fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
                 v.sort();
                 v
             };
@@ -213,7 +281,10 @@ pub fn assert_same_tree(source: &Path, mounted: &Path) -> usize {
     // Names of one source inode share one inode in the mount.
     for names in src_links.values() {
         let inos: Vec<_> = names.iter().map(|n| mnt_inodes[n]).collect();
-        assert!(inos.windows(2).all(|w| w[0] == w[1]), "hard links {names:?} do not share an inode");
+        assert!(
+            inos.windows(2).all(|w| w[0] == w[1]),
+            "hard links {names:?} do not share an inode"
+        );
     }
     compared
 }

@@ -20,23 +20,41 @@ fn published_tree_mounts_identically() {
     let store = garage::bucket("rich");
     let s = strata();
     let report = s.publish(&src, &store, "rich:v1");
-    assert_eq!(report["warnings"].as_array().unwrap().len(), skipped.len(), "{report}");
+    assert_eq!(
+        report["warnings"].as_array().unwrap().len(),
+        skipped.len(),
+        "{report}"
+    );
     for w in report["warnings"].as_array().unwrap() {
         assert!(w.as_str().unwrap().contains("skipped"), "{w}");
     }
-    let (new, total) = (report["chunks_new"].as_u64().unwrap(), report["chunks_total"].as_u64().unwrap());
+    let (new, total) = (
+        report["chunks_new"].as_u64().unwrap(),
+        report["chunks_total"].as_u64().unwrap(),
+    );
     assert!(new > 0 && new <= total, "{report}");
     // Small files share chunks: far fewer objects than files.
     assert!(total < 1_000, "{total} chunks for ~110 MB in 10,000 files");
 
     let ls = s.ok(&["ls", &store]);
-    assert!(ls.contains("rich:v1") && ls.contains(report["layer"].as_str().unwrap()), "{ls}");
+    assert!(
+        ls.contains("rich:v1") && ls.contains(report["layer"].as_str().unwrap()),
+        "{ls}"
+    );
     let inspect = s.ok(&["inspect", &store, "rich:v1"]);
-    assert!(inspect.contains("/modes/owned") && inspect.contains("-> hello.txt"), "{inspect}");
-    assert_eq!(s.ok(&["cat", &store, "rich:v1", "données/日本語 ファイル.txt"]), "unicode ✓\n");
+    assert!(
+        inspect.contains("/modes/owned") && inspect.contains("-> hello.txt"),
+        "{inspect}"
+    );
+    assert_eq!(
+        s.ok(&["cat", &store, "rich:v1", "données/日本語 ファイル.txt"]),
+        "unicode ✓\n"
+    );
 
     let mnt = work.join("mnt");
-    let m = s.mount(&store, &mnt, &["rich:v1"], &work.join("cache"), &[]).unwrap();
+    let m = s
+        .mount(&store, &mnt, &["rich:v1"], &work.join("cache"), &[])
+        .unwrap();
     let compared = assert_same_tree(&src, &m.mountpoint);
     assert!(compared > 10_000, "compared only {compared} entries");
 
@@ -46,12 +64,23 @@ fn published_tree_mounts_identically() {
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     };
     erofs(std::fs::write(m.path("new-file"), b"x"));
-    erofs(std::fs::OpenOptions::new().append(true).open(m.path("hello.txt")).map(|_| ()));
+    erofs(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("hello.txt"))
+            .map(|_| ()),
+    );
     erofs(std::fs::create_dir(m.path("new-dir")));
     erofs(std::fs::remove_file(m.path("hello.txt")));
     erofs(std::fs::rename(m.path("hello.txt"), m.path("renamed")));
-    erofs(std::fs::set_permissions(m.path("hello.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o777)));
-    assert_eq!(std::fs::read(m.path("hello.txt")).unwrap(), b"hello, strata\n");
+    erofs(std::fs::set_permissions(
+        m.path("hello.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    ));
+    assert_eq!(
+        std::fs::read(m.path("hello.txt")).unwrap(),
+        b"hello, strata\n"
+    );
     assert!(m.unmount().unwrap().success());
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -61,7 +90,10 @@ fn reading_one_file_fetches_only_its_chunks() {
     let work = strata_tests::scratch_dir("lazy");
     let src = work.join("src");
     for i in 0..20 {
-        write_file(&src.join(format!("part-{i:02}.bin")), &pseudo_random(100 + i, 10 << 20));
+        write_file(
+            &src.join(format!("part-{i:02}.bin")),
+            &pseudo_random(100 + i, 10 << 20),
+        );
     }
     let wanted = pseudo_random(7, 1 << 20);
     write_file(&src.join("part-10-target.bin"), &wanted);
@@ -74,7 +106,15 @@ fn reading_one_file_fetches_only_its_chunks() {
     let g = garage::shared();
     let before_mount = g.get_object_count().unwrap();
     let started = Instant::now();
-    let m = s.mount(&store, &work.join("mnt"), &["lazy:v1"], &work.join("cache"), &[]).unwrap();
+    let m = s
+        .mount(
+            &store,
+            &work.join("mnt"),
+            &["lazy:v1"],
+            &work.join("cache"),
+            &[],
+        )
+        .unwrap();
     let mounted = started.elapsed();
     let after_mount = g.get_object_count().unwrap();
     let read_started = Instant::now();
@@ -89,9 +129,16 @@ fn reading_one_file_fetches_only_its_chunks() {
     );
     // The ref and the manifest at mount; the file's own chunks (about 4 at 256 KiB average,
     // plus the chunks it shares with its neighbours) at read.
-    assert!(after_mount - before_mount <= 3, "mount fetched {} objects", after_mount - before_mount);
+    assert!(
+        after_mount - before_mount <= 3,
+        "mount fetched {} objects",
+        after_mount - before_mount
+    );
     let read_gets = after_read - after_mount;
-    assert!((1..=10).contains(&read_gets), "reading 1 MiB fetched {read_gets} of {total_chunks} chunks");
+    assert!(
+        (1..=10).contains(&read_gets),
+        "reading 1 MiB fetched {read_gets} of {total_chunks} chunks"
+    );
 
     // Random access into a big file fetches the chunk under the offset, and the bytes match.
     let mut f = std::fs::File::open(m.path("part-03.bin")).unwrap();
@@ -110,7 +157,10 @@ fn republish_uploads_nothing_and_small_edit_uploads_little() {
     let big = pseudo_random(9, 64 << 20);
     write_file(&src.join("model.bin"), &big);
     for i in 0..500 {
-        write_file(&src.join(format!("cfg/{i}.json")), format!("{{\"i\": {i}}}\n").as_bytes());
+        write_file(
+            &src.join(format!("cfg/{i}.json")),
+            format!("{{\"i\": {i}}}\n").as_bytes(),
+        );
     }
     let store = garage::bucket("dedup");
     let s = strata();
@@ -123,7 +173,10 @@ fn republish_uploads_nothing_and_small_edit_uploads_little() {
     assert_eq!(again["bytes_uploaded"], 0, "{again}");
 
     // Change 1% of the big file in place (640 KiB in the middle).
-    let mut f = std::fs::OpenOptions::new().write(true).open(src.join("model.bin")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("model.bin"))
+        .unwrap();
     f.seek(SeekFrom::Start(30 << 20)).unwrap();
     f.write_all(&pseudo_random(10, 640 << 10)).unwrap();
     drop(f);
@@ -137,16 +190,39 @@ fn republish_uploads_nothing_and_small_edit_uploads_little() {
         uploaded as f64 * 100.0 / total as f64
     );
     assert!(edited["chunks_new"].as_u64().unwrap() <= 8, "{edited}");
-    assert!(uploaded < total / 20, "a 1% edit uploaded {uploaded} of {total} bytes");
+    assert!(
+        uploaded < total / 20,
+        "a 1% edit uploaded {uploaded} of {total} bytes"
+    );
 
     // Moving an existing ref on Garage (which ignores conditional writes) needs --single-writer.
     let err = s.fails(&["publish", "--json", src.to_str().unwrap(), &store, "d:v1"]);
     assert!(err.contains("--single-writer"), "{err}");
-    s.ok(&["--single-writer", "publish", "--json", src.to_str().unwrap(), &store, "d:v1"]);
-    assert!(s.ok(&["ls", &store, "d:v1"]).contains(edited["layer"].as_str().unwrap()));
+    s.ok(&[
+        "--single-writer",
+        "publish",
+        "--json",
+        src.to_str().unwrap(),
+        &store,
+        "d:v1",
+    ]);
+    assert!(s
+        .ok(&["ls", &store, "d:v1"])
+        .contains(edited["layer"].as_str().unwrap()));
 
-    let m = s.mount(&store, &work.join("mnt"), &["d:v1"], &work.join("cache"), &[]).unwrap();
-    assert!(std::fs::read(m.path("model.bin")).unwrap() == std::fs::read(src.join("model.bin")).unwrap());
+    let m = s
+        .mount(
+            &store,
+            &work.join("mnt"),
+            &["d:v1"],
+            &work.join("cache"),
+            &[],
+        )
+        .unwrap();
+    assert!(
+        std::fs::read(m.path("model.bin")).unwrap()
+            == std::fs::read(src.join("model.bin")).unwrap()
+    );
     drop(m);
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -174,7 +250,13 @@ fn stacked_layers_follow_whiteouts_and_opaque_dirs() {
     s.publish(&base, &store, "base:v1");
     s.publish(&upper, &store, "delta:v1");
     let m = s
-        .mount(&store, &work.join("mnt"), &["base:v1", "delta:v1"], &work.join("cache"), &[])
+        .mount(
+            &store,
+            &work.join("mnt"),
+            &["base:v1", "delta:v1"],
+            &work.join("cache"),
+            &[],
+        )
         .unwrap();
     let list = |p: &str| {
         let mut v: Vec<String> = std::fs::read_dir(m.path(p))
@@ -192,12 +274,22 @@ fn stacked_layers_follow_whiteouts_and_opaque_dirs() {
     assert_eq!(std::fs::read(m.path("b/z")).unwrap(), b"base z");
     for hidden in ["a/x", "c", "d/old1", "a/.wh.x", "d/.wh..wh..opq"] {
         let e = std::fs::metadata(m.path(hidden)).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{hidden} should be hidden");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::NotFound,
+            "{hidden} should be hidden"
+        );
     }
     drop(m);
     // Order matters: with the delta at the bottom, the base wins.
     let m = s
-        .mount(&store, &work.join("mnt2"), &["delta:v1", "base:v1"], &work.join("cache2"), &[])
+        .mount(
+            &store,
+            &work.join("mnt2"),
+            &["delta:v1", "base:v1"],
+            &work.join("cache2"),
+            &[],
+        )
         .unwrap();
     assert_eq!(std::fs::read(m.path("same")).unwrap(), b"from base");
     assert_eq!(std::fs::read(m.path("c")).unwrap(), b"base c");

@@ -13,22 +13,43 @@ async fn basic_objects(store: &Arc<dyn Store>) {
     let err = store.get(key).await.unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(store.url()) && msg.contains(key), "error names store and key: {msg}");
+    assert!(
+        msg.contains(store.url()) && msg.contains(key),
+        "error names store and key: {msg}"
+    );
 
     let data = Bytes::from((0..10_000u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
     store.put(key, data.clone()).await.unwrap();
     assert_eq!(store.get(key).await.unwrap(), data);
     assert_eq!(store.head(key).await.unwrap(), Some(10_000));
-    assert_eq!(store.get_range(key, 100..200).await.unwrap(), data.slice(100..200));
-    assert_eq!(store.get_range(key, 9_990..20_000).await.unwrap(), data.slice(9_990..));
+    assert_eq!(
+        store.get_range(key, 100..200).await.unwrap(),
+        data.slice(100..200)
+    );
+    assert_eq!(
+        store.get_range(key, 9_990..20_000).await.unwrap(),
+        data.slice(9_990..)
+    );
     // Overwrite is atomic and complete.
     store.put(key, Bytes::from_static(b"v2")).await.unwrap();
     assert_eq!(store.get(key).await.unwrap(), Bytes::from_static(b"v2"));
 
-    store.put("chunks/cd/other", Bytes::from_static(b"x")).await.unwrap();
-    store.put("layers/one", Bytes::from_static(b"y")).await.unwrap();
-    assert_eq!(store.list("chunks/").await.unwrap(), vec!["chunks/ab/object", "chunks/cd/other"]);
-    assert_eq!(store.list("chunks/c").await.unwrap(), vec!["chunks/cd/other"]);
+    store
+        .put("chunks/cd/other", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    store
+        .put("layers/one", Bytes::from_static(b"y"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list("chunks/").await.unwrap(),
+        vec!["chunks/ab/object", "chunks/cd/other"]
+    );
+    assert_eq!(
+        store.list("chunks/c").await.unwrap(),
+        vec!["chunks/cd/other"]
+    );
     assert!(store.list("nothing/").await.unwrap().is_empty());
 
     store.delete(key).await.unwrap();
@@ -45,14 +66,30 @@ async fn basic_objects(store: &Arc<dyn Store>) {
 async fn enforced_cas(store: &Arc<dyn Store>) {
     let key = "refs/data/latest";
     assert!(store.get_versioned(key).await.unwrap().is_none());
-    let v1 = store.compare_and_swap(key, None, Bytes::from_static(b"one")).await.unwrap();
-    let err = store.compare_and_swap(key, None, Bytes::from_static(b"again")).await.unwrap_err();
-    assert_eq!(err.kind, StoreErrorKind::Conflict, "create over existing: {err}");
+    let v1 = store
+        .compare_and_swap(key, None, Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let err = store
+        .compare_and_swap(key, None, Bytes::from_static(b"again"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind,
+        StoreErrorKind::Conflict,
+        "create over existing: {err}"
+    );
     let (data, v) = store.get_versioned(key).await.unwrap().unwrap();
     assert_eq!((data.as_ref(), &v), (&b"one"[..], &v1));
-    let v2 = store.compare_and_swap(key, Some(&v1), Bytes::from_static(b"two")).await.unwrap();
+    let v2 = store
+        .compare_and_swap(key, Some(&v1), Bytes::from_static(b"two"))
+        .await
+        .unwrap();
     // A writer holding the old version loses, and nothing it wrote lands.
-    let err = store.compare_and_swap(key, Some(&v1), Bytes::from_static(b"stale")).await.unwrap_err();
+    let err = store
+        .compare_and_swap(key, Some(&v1), Bytes::from_static(b"stale"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Conflict, "stale version: {err}");
     let (data, v) = store.get_versioned(key).await.unwrap().unwrap();
     assert_eq!((data.as_ref(), v), (&b"two"[..], v2));
@@ -61,7 +98,10 @@ async fn enforced_cas(store: &Arc<dyn Store>) {
 /// Many concurrent increments through CAS: none may be lost.
 async fn cas_counter_loses_nothing(store: &Arc<dyn Store>) {
     let key = "refs/counter/latest";
-    store.compare_and_swap(key, None, Bytes::from_static(b"0")).await.unwrap();
+    store
+        .compare_and_swap(key, None, Bytes::from_static(b"0"))
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let store = store.clone();
@@ -93,7 +133,10 @@ fn s3_options(env: &[(String, String)], single_writer: bool) -> StoreOptions {
     StoreOptions {
         endpoint_url: get("AWS_ENDPOINT_URL"),
         single_writer,
-        credentials: Some((get("AWS_ACCESS_KEY_ID").unwrap(), get("AWS_SECRET_ACCESS_KEY").unwrap())),
+        credentials: Some((
+            get("AWS_ACCESS_KEY_ID").unwrap(),
+            get("AWS_SECRET_ACCESS_KEY").unwrap(),
+        )),
         region: get("AWS_REGION"),
     }
 }
@@ -111,7 +154,9 @@ async fn local_store_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn moto_store_conformance() {
     let url = moto::bucket("conformance");
-    let store = open_store(&url, &s3_options(&moto::shared().env(), false)).await.unwrap();
+    let store = open_store(&url, &s3_options(&moto::shared().env(), false))
+        .await
+        .unwrap();
     basic_objects(&store).await;
     enforced_cas(&store).await;
     cas_counter_loses_nothing(&store).await;
@@ -120,22 +165,44 @@ async fn moto_store_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garage_store_conformance() {
     let url = garage::bucket("conformance");
-    let store = open_store(&url, &s3_options(&garage::shared().env(), false)).await.unwrap();
+    let store = open_store(&url, &s3_options(&garage::shared().env(), false))
+        .await
+        .unwrap();
     basic_objects(&store).await;
     // Garage ignores If-Match: strata must notice and refuse to move an existing ref.
     let key = "refs/data/latest";
-    let v1 = store.compare_and_swap(key, None, Bytes::from_static(b"one")).await.unwrap();
-    let err = store.compare_and_swap(key, None, Bytes::from_static(b"again")).await.unwrap_err();
+    let v1 = store
+        .compare_and_swap(key, None, Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let err = store
+        .compare_and_swap(key, None, Bytes::from_static(b"again"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
-    let err = store.compare_and_swap(key, Some(&v1), Bytes::from_static(b"two")).await.unwrap_err();
+    let err = store
+        .compare_and_swap(key, Some(&v1), Bytes::from_static(b"two"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Unsupported, "{err}");
-    assert!(err.to_string().contains("--single-writer"), "says how to proceed: {err}");
+    assert!(
+        err.to_string().contains("--single-writer"),
+        "says how to proceed: {err}"
+    );
     assert_eq!(&store.get(key).await.unwrap()[..], b"one", "nothing moved");
 
     // With the user's single-writer promise, refs move (and stale versions still lose).
-    let store = open_store(&url, &s3_options(&garage::shared().env(), true)).await.unwrap();
-    let v2 = store.compare_and_swap(key, Some(&v1), Bytes::from_static(b"two")).await.unwrap();
-    let err = store.compare_and_swap(key, Some(&v1), Bytes::from_static(b"stale")).await.unwrap_err();
+    let store = open_store(&url, &s3_options(&garage::shared().env(), true))
+        .await
+        .unwrap();
+    let v2 = store
+        .compare_and_swap(key, Some(&v1), Bytes::from_static(b"two"))
+        .await
+        .unwrap();
+    let err = store
+        .compare_and_swap(key, Some(&v1), Bytes::from_static(b"stale"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
     let (data, v) = store.get_versioned(key).await.unwrap().unwrap();
     assert_eq!((&data[..], v), (&b"two"[..], v2));
@@ -153,8 +220,14 @@ async fn unreachable_store_is_a_clear_error() {
     let started = std::time::Instant::now();
     let err = store.get("refs/x/latest").await.unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Io);
-    assert!(err.to_string().contains("s3://nowhere") && err.to_string().contains("refs/x/latest"), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(60), "bounded retries");
+    assert!(
+        err.to_string().contains("s3://nowhere") && err.to_string().contains("refs/x/latest"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "bounded retries"
+    );
 }
 
 #[tokio::test]

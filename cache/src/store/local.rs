@@ -29,7 +29,13 @@ impl LocalStore {
     pub fn open(url: &str, path: &str) -> StoreResult<LocalStore> {
         let root = PathBuf::from(path);
         let err = |e: io::Error| {
-            StoreError::new(url, "open", "", StoreErrorKind::Io, format!("{}: {e}", root.display()))
+            StoreError::new(
+                url,
+                "open",
+                "",
+                StoreErrorKind::Io,
+                format!("{}: {e}", root.display()),
+            )
         };
         fs::create_dir_all(root.join(TMP_DIR)).map_err(err)?;
         fs::create_dir_all(root.join(LOCK_DIR)).map_err(err)?;
@@ -123,7 +129,11 @@ fn list_recursive(dir: &Path, rel: &str, prefix: &str, out: &mut Vec<String>) ->
         if rel.is_empty() && (name == TMP_DIR || name == LOCK_DIR) {
             continue;
         }
-        let key = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let key = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
         // Only descend where the prefix can still match.
         let comparable = key.len().min(prefix.len());
         if key.as_bytes()[..comparable] != prefix.as_bytes()[..comparable] {
@@ -155,7 +165,9 @@ impl Store for LocalStore {
     async fn get(&self, key: &str) -> StoreResult<Bytes> {
         check_key(&self.url, "get", key)?;
         let path = self.path(key);
-        let data = tokio::fs::read(&path).await.map_err(|e| self.error("get", key, e))?;
+        let data = tokio::fs::read(&path)
+            .await
+            .map_err(|e| self.error("get", key, e))?;
         Ok(Bytes::from(data))
     }
 
@@ -169,7 +181,8 @@ impl Store for LocalStore {
                 let mut f = File::open(&path)?;
                 f.seek(SeekFrom::Start(range.start))?;
                 let mut out = Vec::new();
-                f.take(range.end.saturating_sub(range.start)).read_to_end(&mut out)?;
+                f.take(range.end.saturating_sub(range.start))
+                    .read_to_end(&mut out)?;
                 Ok(out)
             };
             read().map(Bytes::from).map_err(|e| {
@@ -197,7 +210,11 @@ impl Store for LocalStore {
         check_key(&self.url, "put", key)?;
         let this = self.clone_handle();
         let key = key.to_string();
-        blocking(move || this.put_blocking(&key, &data).map_err(|e| this.error("put", &key, e))).await
+        blocking(move || {
+            this.put_blocking(&key, &data)
+                .map_err(|e| this.error("put", &key, e))
+        })
+        .await
     }
 
     async fn get_versioned(&self, key: &str) -> StoreResult<Option<(Bytes, Version)>> {

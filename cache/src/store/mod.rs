@@ -154,7 +154,13 @@ pub async fn open_store(url: &str, options: &StoreOptions) -> StoreResult<Arc<dy
         None => url,
     };
     if path.is_empty() {
-        return Err(StoreError::new(url, "open", "", StoreErrorKind::Invalid, "empty path"));
+        return Err(StoreError::new(
+            url,
+            "open",
+            "",
+            StoreErrorKind::Invalid,
+            "empty path",
+        ));
     }
     Ok(Arc::new(local::LocalStore::open(url, path)?))
 }
@@ -164,9 +170,17 @@ pub(crate) fn check_key(store: &str, op: &'static str, key: &str) -> StoreResult
     let bad = key.is_empty()
         || key.starts_with('/')
         || key.contains('\0')
-        || key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..");
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..");
     if bad {
-        return Err(StoreError::new(store, op, key, StoreErrorKind::Invalid, "invalid key"));
+        return Err(StoreError::new(
+            store,
+            op,
+            key,
+            StoreErrorKind::Invalid,
+            "invalid key",
+        ));
     }
     Ok(())
 }

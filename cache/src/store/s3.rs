@@ -61,8 +61,12 @@ impl S3Store {
                     .with_max_backoff(Duration::from_secs(2)),
             )
             // Some S3-compatible servers reject the SDK's default CRC32 headers.
-            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            );
         let endpoint = options
             .endpoint_url
             .clone()
@@ -71,7 +75,11 @@ impl S3Store {
             .filter(|e| !e.is_empty());
         if let Some((id, secret)) = &options.credentials {
             loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
-                id, secret, None, None, "strata-options",
+                id,
+                secret,
+                None,
+                None,
+                "strata-options",
             ));
         }
         if let Some(endpoint) = &endpoint {
@@ -205,7 +213,13 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.error("get", key, e))?;
         let body = resp.body.collect().await.map_err(|e| {
-            StoreError::new(&self.url, "get", key, StoreErrorKind::Io, format!("reading body: {e}"))
+            StoreError::new(
+                &self.url,
+                "get",
+                key,
+                StoreErrorKind::Io,
+                format!("reading body: {e}"),
+            )
         })?;
         Ok(body.into_bytes())
     }
@@ -232,7 +246,13 @@ impl Store for S3Store {
             Err(e) => return Err(self.error("get", key, e)),
         };
         let body = resp.body.collect().await.map_err(|e| {
-            StoreError::new(&self.url, "get", key, StoreErrorKind::Io, format!("reading body: {e}"))
+            StoreError::new(
+                &self.url,
+                "get",
+                key,
+                StoreErrorKind::Io,
+                format!("reading body: {e}"),
+            )
         })?;
         Ok(body.into_bytes())
     }
@@ -285,12 +305,22 @@ impl Store for S3Store {
             Ok(r) => r,
             Err(e) => {
                 let err = self.error("get", key, e);
-                return if err.is_not_found() { Ok(None) } else { Err(err) };
+                return if err.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(err)
+                };
             }
         };
         let etag = resp.e_tag().unwrap_or_default().to_string();
         let body = resp.body.collect().await.map_err(|e| {
-            StoreError::new(&self.url, "get", key, StoreErrorKind::Io, format!("reading body: {e}"))
+            StoreError::new(
+                &self.url,
+                "get",
+                key,
+                StoreErrorKind::Io,
+                format!("reading body: {e}"),
+            )
         })?;
         Ok(Some((body.into_bytes(), Version(etag))))
     }
@@ -340,7 +370,10 @@ impl Store for S3Store {
                 None => req.if_none_match("*"),
             };
         }
-        let resp = req.send().await.map_err(|e| self.error("compare-and-swap", key, e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.error("compare-and-swap", key, e))?;
         Ok(Version(resp.e_tag().unwrap_or_default().to_string()))
     }
 

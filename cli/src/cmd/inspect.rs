@@ -54,14 +54,20 @@ pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
     for i in 0..m.entry_count() {
         counts[m.entry(i).kind as usize] += 1;
     }
-    let chunk_lens: Vec<u64> = (0..m.chunk_count()).map(|i| m.chunk(i).len as u64).collect();
+    let chunk_lens: Vec<u64> = (0..m.chunk_count())
+        .map(|i| m.chunk(i).len as u64)
+        .collect();
     let distinct = {
         let mut d: Vec<_> = (0..m.chunk_count()).map(|i| m.chunk(i).digest).collect();
         d.sort();
         d.dedup();
         d.len()
     };
-    let avg = if chunk_lens.is_empty() { 0 } else { m.content_len() / chunk_lens.len() as u64 };
+    let avg = if chunk_lens.is_empty() {
+        0
+    } else {
+        m.content_len() / chunk_lens.len() as u64
+    };
     let tree = if a.summary { Vec::new() } else { walk(m) };
     if a.json {
         let entries: Vec<_> = tree

@@ -85,8 +85,16 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     .with_context(|| format!("opening cache dir {}", cache_dir.display()))?;
     let stack = Arc::new(LayerStack::new(layers, cache)?);
     let session = strata_fs::fuse::mount(stack, &mountpoint, tokio::runtime::Handle::current())?;
-    tracing::info!("mounted {} at {}", a.layers.join(" + "), mountpoint.display());
-    eprintln!("strata: mounted at {} (Ctrl-C or `strata unmount {}` to stop)", mountpoint.display(), mountpoint.display());
+    tracing::info!(
+        "mounted {} at {}",
+        a.layers.join(" + "),
+        mountpoint.display()
+    );
+    eprintln!(
+        "strata: mounted at {} (Ctrl-C or `strata unmount {}` to stop)",
+        mountpoint.display(),
+        mountpoint.display()
+    );
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {

@@ -67,7 +67,8 @@ pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
         t.abort();
         eprint!("\r\x1b[2K");
     }
-    let report = result.with_context(|| format!("publishing {} to {} as {target}", a.dir.display(), a.store))?;
+    let report = result
+        .with_context(|| format!("publishing {} to {} as {target}", a.dir.display(), a.store))?;
     for w in &report.warnings {
         tracing::warn!("{w}");
         if !a.json {
@@ -98,7 +99,12 @@ pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
         println!("published {target} -> {layer}");
         println!(
             "  {} files, {} dirs, {} symlinks, {} hard links, {} whiteouts, {}",
-            report.files, report.dirs, report.symlinks, report.hardlinks, report.whiteouts, human(report.bytes)
+            report.files,
+            report.dirs,
+            report.symlinks,
+            report.hardlinks,
+            report.whiteouts,
+            human(report.bytes)
         );
         println!(
             "  chunks: {} total, {} new; uploaded {} in {:.1}s ({}/s)",
