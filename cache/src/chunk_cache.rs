@@ -200,13 +200,13 @@ impl ChunkCache {
         if self.disk.is_some() {
             let this = Arc::clone(self);
             let copy = data.clone();
-            // Caching is best effort; the reader has its bytes either way.
-            let _ = tokio::task::spawn_blocking(move || {
+            // Caching is best effort and off the reader's path: the reader has its bytes, and
+            // the chunk stays in memory while the file is written.
+            tokio::task::spawn_blocking(move || {
                 if let Some(disk) = &this.disk {
                     disk.insert(&digest, &copy);
                 }
-            })
-            .await;
+            });
         }
         Ok(data)
     }

@@ -436,6 +436,8 @@ pub fn mount(
         fuser::MountOption::Subtype("strata".into()),
         fuser::MountOption::RO,
         fuser::MountOption::NoDev,
+        // Layers come from a shared store; their setuid bits must not grant privileges.
+        fuser::MountOption::NoSuid,
         fuser::MountOption::NoAtime,
         fuser::MountOption::DefaultPermissions,
     ];
@@ -480,9 +482,22 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     out
 }
 
+/// The path the kernel records for a mountpoint: absolute, symlinks and `..` resolved. A stale
+/// mount cannot be resolved itself, so its parent is.
+pub fn resolve_mountpoint(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let path = std::path::absolute(path)?;
+    match std::fs::canonicalize(&path) {
+        Ok(p) => Ok(p),
+        Err(e) => match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)?.join(name)),
+            _ => Err(e),
+        },
+    }
+}
+
 /// Whether `path` is a strata FUSE mount (live or stale), per /proc/self/mountinfo.
 pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
-    let wanted = std::path::absolute(path)?;
+    let wanted = resolve_mountpoint(path)?;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info.lines().any(|line| {
         let fields: Vec<&str> = line.split(' ').collect();

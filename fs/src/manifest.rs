@@ -625,3 +625,177 @@ pub fn encode(entries: &[EntrySpec], chunks: &[ChunkRef]) -> Vec<u8> {
     out.extend_from_slice(&blob);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dir(name: &str, parent: u32, first: u32, count: u32) -> EntrySpec {
+        EntrySpec {
+            kind: Some(Kind::Dir),
+            name: name.as_bytes().to_vec(),
+            mode: 0o755,
+            parent,
+            a: first,
+            b: count,
+            ..Default::default()
+        }
+    }
+
+    fn file(name: &str, parent: u32, index: u32, off: u64, size: u64) -> EntrySpec {
+        EntrySpec {
+            kind: Some(Kind::File),
+            name: name.as_bytes().to_vec(),
+            mode: 0o644,
+            parent,
+            size,
+            data_off: off,
+            a: index,
+            b: 1,
+            xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
+            ..Default::default()
+        }
+    }
+
+    /// / { a/ { x }, b, l -> b }
+    fn sample() -> (Vec<EntrySpec>, Vec<ChunkRef>) {
+        let mut link = EntrySpec {
+            kind: Some(Kind::Symlink),
+            name: b"l".to_vec(),
+            mode: 0o777,
+            symlink_target: b"b".to_vec(),
+            ..Default::default()
+        };
+        link.parent = 0;
+        let entries = vec![
+            dir("", 0, 1, 3),
+            dir("a", 0, 4, 1),
+            file("b", 0, 2, 0, 10),
+            link,
+            file("x", 1, 4, 10, 5),
+        ];
+        let chunks = vec![ChunkRef {
+            digest: cache::Digest::of(b"fifteen bytes!!"),
+            offset: 0,
+            len: 15,
+        }];
+        (entries, chunks)
+    }
+
+    fn parse(bytes: Vec<u8>) -> Result<Manifest, ManifestError> {
+        Manifest::parse(ManifestBytes::Owned(bytes))
+    }
+
+    #[test]
+    fn sample_round_trips() {
+        let (entries, chunks) = sample();
+        let m = parse(encode(&entries, &chunks)).unwrap();
+        let root = m.root();
+        let a = m.lookup(&root, b"a").unwrap();
+        let x = m.lookup(&a, b"x").unwrap();
+        assert_eq!(x.content_range(), 10..15);
+        assert_eq!(m.xattrs(&x), vec![(&b"user.k"[..], &b"v"[..])]);
+        let l = m.lookup(&root, b"l").unwrap();
+        assert_eq!(m.symlink_target(&l), b"b");
+        assert!(m.lookup(&root, b"zz").is_none());
+        assert_eq!(m.chunks_for(12..14), 0..1);
+        assert_eq!(m.chunks_for(15..15), 0..0);
+    }
+
+    fn rejects(entries: Vec<EntrySpec>, chunks: Vec<ChunkRef>, what: &str) {
+        let err = parse(encode(&entries, &chunks))
+            .err()
+            .unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(!err.to_string().is_empty());
+    }
+
+    #[test]
+    fn malformed_manifests_are_errors() {
+        for bad in ["x/y", "", ".", "..", "nul\0"] {
+            let (mut e, c) = sample();
+            e[2].name = bad.as_bytes().to_vec();
+            rejects(e, c, &format!("name {bad:?}"));
+        }
+        let (mut e, c) = sample();
+        e[2].name = b"a".to_vec(); // duplicate of the dir "a"
+        rejects(e, c, "duplicate names");
+        let (mut e, c) = sample();
+        e[4].size = 100; // beyond the content stream
+        rejects(e, c, "file past the stream");
+        let (mut e, c) = sample();
+        e[1].a = 1; // a directory that contains itself
+        rejects(e, c, "cycle");
+        let (mut e, c) = sample();
+        e[0].b = 4000; // more children than entries
+        rejects(e, c, "child count");
+        let (e, mut c) = sample();
+        c[0].len = 14; // chunks do not add up to the stream
+        c.push(ChunkRef {
+            digest: c[0].digest,
+            offset: 20,
+            len: 1,
+        });
+        rejects(e, c, "chunk offsets");
+        let (mut e, c) = sample();
+        e[4].mode = 0o170644;
+        rejects(e, c, "mode bits");
+        let (mut e, c) = sample();
+        e[4].a = 2; // hard link to a file with another size
+        rejects(e, c, "hard link");
+
+        let (e, c) = sample();
+        let good = encode(&e, &c);
+        assert_eq!(
+            parse(good[..good.len() - 1].to_vec())
+                .err()
+                .map(|e| matches!(e, ManifestError::BadLength { .. })),
+            Some(true)
+        );
+        assert_eq!(
+            parse(b"not a manifest".to_vec()).err(),
+            Some(ManifestError::BadMagic)
+        );
+        let mut v2 = good.clone();
+        v2[8] = 2;
+        assert_eq!(parse(v2).err(), Some(ManifestError::UnsupportedVersion(2)));
+        // Absurd counts must not overflow or allocate.
+        let mut huge = good.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse(huge).is_err());
+    }
+
+    /// Walks everything a reader could touch.
+    fn exercise(m: &Manifest) {
+        for i in 0..m.entry_count() {
+            let e = m.entry(i);
+            let _ = m.xattrs(&e);
+            let _ = m.symlink_target(&e);
+            for c in e.children() {
+                let child = m.entry(c as usize);
+                assert!(m.lookup(&e, child.name).is_some());
+            }
+            let _ = m.chunks_for(e.content_range());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whatever the store sends, parsing never panics, and what parses can be walked.
+        #[test]
+        fn corrupted_manifests_never_panic(flips in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8), cut in 0usize..4096) {
+            let (e, c) = sample();
+            let mut bytes = encode(&e, &c);
+            for (pos, val) in flips {
+                let n = bytes.len();
+                bytes[pos % n] = val;
+            }
+            if cut % 5 == 0 {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            if let Ok(m) = parse(bytes) {
+                exercise(&m);
+            }
+        }
+    }
+}

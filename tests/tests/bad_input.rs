@@ -281,5 +281,24 @@ fn sigterm_and_unmount_end_the_mount_cleanly() {
             .unwrap();
     assert!(status.success());
     drop(m);
+
+    // Regression: a mountpoint reached through a symlink is still found for SIGTERM and
+    // `strata unmount` (the kernel records the resolved path).
+    std::os::unix::fs::symlink(&work, work.join("via-link")).unwrap();
+    let linked = work.join("via-link").join("mnt");
+    let mut m = s
+        .mount(&url, &linked, &["s:v1"], &work.join("cache"), &[])
+        .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
+    let status =
+        strata_tests::strata::wait_timeout(&mut m.child, std::time::Duration::from_secs(20))
+            .unwrap();
+    assert!(status.success(), "{status}: {}", m.log_text());
+    assert!(
+        !strata_fs::fuse::is_strata_mount(&mnt).unwrap(),
+        "left mounted"
+    );
+    drop(m);
     let _ = std::fs::remove_dir_all(&work);
 }

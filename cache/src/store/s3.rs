@@ -158,6 +158,7 @@ impl S3Store {
                 if let Err(e) = put().await {
                     let err = self.error("probe conditional write", &key, e);
                     if err.message.contains("HTTP 501") {
+                        warn_unconditional(&self.url);
                         return Ok(false);
                     }
                     return Err(err);
@@ -173,16 +174,20 @@ impl S3Store {
                 };
                 let _ = self.delete(&key).await;
                 if !honored {
-                    tracing::warn!(
-                        store = %self.url,
-                        "store ignores conditional writes; existing refs can only be moved with --single-writer"
-                    );
+                    warn_unconditional(&self.url);
                 }
                 Ok(honored)
             })
             .await
             .copied()
     }
+}
+
+fn warn_unconditional(url: &str) {
+    tracing::warn!(
+        store = %url,
+        "store ignores conditional writes; existing refs can only be moved with --single-writer"
+    );
 }
 
 /// The HTTP status of a raw response, whatever the SDK's response type.

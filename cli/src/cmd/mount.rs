@@ -68,8 +68,9 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     if !a.foreground {
         bail!("mounting through the host daemon is not available yet; pass --foreground to serve the mount from this process");
     }
-    let mountpoint = std::path::absolute(&a.mountpoint).context("resolving the mountpoint")?;
-    strata_fs::fuse::check_mountpoint(&mountpoint)?;
+    strata_fs::fuse::check_mountpoint(&a.mountpoint)?;
+    let mountpoint =
+        strata_fs::fuse::resolve_mountpoint(&a.mountpoint).context("resolving the mountpoint")?;
     let cache_dir = a.cache_dir.clone().unwrap_or_else(crate::default_cache_dir);
     let _lock = lock_cache_dir(&cache_dir)?;
     let store = super::open_store(g, &a.store).await?;
@@ -123,7 +124,8 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
 }
 
 pub async fn unmount(a: UnmountArgs) -> anyhow::Result<()> {
-    let mountpoint = std::path::absolute(&a.mountpoint).context("resolving the mountpoint")?;
+    let mountpoint = strata_fs::fuse::resolve_mountpoint(&a.mountpoint)
+        .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
     strata_fs::fuse::unmount(&mountpoint, a.lazy)?;
     Ok(())
 }
