@@ -6,16 +6,20 @@
 //! directory merges with the directories of the same name below it until an opaque one or a
 //! non-directory is met.
 //!
-//! Inode numbers are handed out on first sight (lookup or readdir) and stay fixed while the
-//! stack lives. A node is identified by the topmost layer entry that provides it, and a file by
-//! the entry holding its inode, so hard links share an inode number.
+//! Inode numbers are computed, not remembered: a node is named by the topmost layer entry that
+//! provides it (for a file, the entry holding its inode, so hard links share a number), and its
+//! inode number encodes that (layer, entry) pair. Layers never change, so the numbers are stable
+//! for as long as the stack lives, and the stack keeps no per-entry state: a `find` over a
+//! million files costs no heap. Only merged directories need more than their number says (the
+//! list of layers they merge); that list is recomputed from the entry's path and kept in a
+//! bounded LRU.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cache::ChunkCache;
+use lru::LruCache;
 
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
@@ -26,11 +30,8 @@ pub const ROOT_INO: u64 = 1;
 /// (layer index, entry index)
 type Source = (u16, u32);
 
-struct Node {
-    /// Topmost first. Directories may have several (merged); anything else has one.
-    sources: Vec<Source>,
-    kind: Kind,
-}
+/// Merged directories whose source lists are kept; beyond this they are recomputed.
+const MERGED_DIR_CACHE: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -58,16 +59,12 @@ pub struct DirEntry {
     pub kind: FileKind,
 }
 
-#[derive(Default)]
-struct Inodes {
-    nodes: Vec<Node>,
-    by_source: HashMap<Source, u64>,
-}
-
 pub struct LayerStack {
     layers: Vec<Layer>,
     cache: Arc<ChunkCache>,
-    inodes: RwLock<Inodes>,
+    /// The root's sources: every layer's root from the top down to the first opaque one.
+    root_sources: Vec<Source>,
+    merged_dirs: Mutex<LruCache<u64, Arc<Vec<Source>>>>,
     /// Chunks to fetch ahead of a read, within the same file.
     pub readahead_chunks: usize,
 }
@@ -108,16 +105,13 @@ impl LayerStack {
                 break;
             }
         }
-        let mut inodes = Inodes::default();
-        inodes.by_source.insert(root_sources[0], ROOT_INO);
-        inodes.nodes.push(Node {
-            sources: root_sources,
-            kind: Kind::Dir,
-        });
         Ok(LayerStack {
             layers,
             cache,
-            inodes: RwLock::new(inodes),
+            root_sources,
+            merged_dirs: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(MERGED_DIR_CACHE).expect("non-zero"),
+            )),
             readahead_chunks: 4,
         })
     }
@@ -134,28 +128,58 @@ impl LayerStack {
         self.layers[layer as usize].manifest.entry(index as usize)
     }
 
-    fn sources(&self, ino: u64) -> FsResult<(Vec<Source>, Kind)> {
-        let inodes = self.inodes.read().unwrap();
-        let node = ino
-            .checked_sub(1)
-            .and_then(|i| inodes.nodes.get(i as usize))
-            .ok_or_else(|| not_found(format!("inode {ino}")))?;
-        Ok((node.sources.clone(), node.kind))
+    /// The inode number of the node whose topmost source is `source`.
+    fn ino_of(&self, (layer, entry): Source) -> u64 {
+        if entry == 0 {
+            return ROOT_INO;
+        }
+        ((layer as u64 + 1) << 32) | entry as u64
     }
 
-    fn intern(&self, sources: Vec<Source>, kind: Kind) -> u64 {
-        let key = sources[0];
-        if let Some(&ino) = self.inodes.read().unwrap().by_source.get(&key) {
-            return ino;
+    /// The node behind an inode number: its sources (topmost first) and kind.
+    fn sources(&self, ino: u64) -> FsResult<(Vec<Source>, Kind)> {
+        if ino == ROOT_INO {
+            return Ok((self.root_sources.clone(), Kind::Dir));
         }
-        let mut inodes = self.inodes.write().unwrap();
-        if let Some(&ino) = inodes.by_source.get(&key) {
-            return ino;
+        let bad = || not_found(format!("inode {ino}"));
+        let layer = (ino >> 32).checked_sub(1).ok_or_else(bad)? as usize;
+        let entry = (ino & 0xffff_ffff) as usize;
+        let manifest = &self.layers.get(layer).ok_or_else(bad)?.manifest;
+        if entry == 0 || entry >= manifest.entry_count() {
+            return Err(bad());
         }
-        inodes.nodes.push(Node { sources, kind });
-        let ino = inodes.nodes.len() as u64;
-        inodes.by_source.insert(key, ino);
-        ino
+        let kind = manifest.entry(entry).kind;
+        if kind != Kind::Dir || layer == 0 {
+            // Nothing lies below the bottom layer, and only directories merge.
+            return Ok((vec![(layer as u16, entry as u32)], kind));
+        }
+        if let Some(sources) = self.merged_dirs.lock().unwrap().get(&ino) {
+            return Ok(((**sources).clone(), kind));
+        }
+        let sources = self.resolve_path(layer, entry).ok_or_else(bad)?;
+        self.merged_dirs
+            .lock()
+            .unwrap()
+            .put(ino, Arc::new(sources.clone()));
+        Ok((sources, kind))
+    }
+
+    /// Recomputes a directory's merged sources by resolving its path from the root.
+    fn resolve_path(&self, layer: usize, entry: usize) -> Option<Vec<Source>> {
+        let manifest = &self.layers[layer].manifest;
+        let mut names = Vec::new();
+        let mut at = entry;
+        while at != 0 {
+            let e = manifest.entry(at);
+            names.push(e.name);
+            at = e.parent as usize;
+        }
+        let mut sources = self.root_sources.clone();
+        for name in names.iter().rev() {
+            sources = self.resolve(&sources, name)?.0;
+        }
+        // The path must lead back to the same entry, or the number was not one we gave out.
+        (sources.first() == Some(&(layer as u16, entry as u32))).then_some(sources)
     }
 
     /// Resolves `name` in a merged directory: the sources of the visible node, if any.
@@ -217,8 +241,7 @@ impl LayerStack {
             .resolve(&dir_sources, name)
             .ok_or_else(|| not_found(String::from_utf8_lossy(name)))?;
         let top = sources[0];
-        let ino = self.intern(sources, kind);
-        Ok(self.attr_of(ino, top, kind))
+        Ok(self.attr_of(self.ino_of(top), top, kind))
     }
 
     /// The merged listing of a directory, sorted by name (without `.` and `..`).
@@ -244,9 +267,8 @@ impl LayerStack {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             if let Some((sources, kind)) = self.resolve(&dir_sources, name) {
-                let ino = self.intern(sources, kind);
                 out.push(DirEntry {
-                    ino,
+                    ino: self.ino_of(sources[0]),
                     name: name.to_vec(),
                     kind: file_kind(kind),
                 });
@@ -403,10 +425,23 @@ mod tests {
         write(t, "top/f", b"top f");
         write(t, "top/dir-over-file", b"upper file");
         write(t, "top/file-over-dir/inner", b"upper dir");
+        write(t, "base/m/n/o/lower", b"l");
+        write(t, "top/m/n/o/upper", b"u");
         let s = stack_of(t, &["base", "top"]).await;
+        // A merged directory three levels down: its number leads back to both layers.
+        let mut ino = ROOT_INO;
+        for part in ["m", "n", "o"] {
+            ino = s.lookup(ino, part.as_bytes()).unwrap().ino;
+        }
+        assert_eq!(names(&s, ino), ["lower", "upper"]);
+        assert_eq!(s.getattr(ino).unwrap().kind, FileKind::Dir);
+        assert!(
+            s.getattr(ino ^ 0xffff).is_err(),
+            "made-up inode numbers are refused"
+        );
         assert_eq!(
             names(&s, ROOT_INO),
-            ["a", "d", "dir-over-file", "f", "file-over-dir"]
+            ["a", "d", "dir-over-file", "f", "file-over-dir", "m"]
         );
         let a = s.lookup(ROOT_INO, b"a").unwrap();
         assert_eq!(names(&s, a.ino), ["y", "z"]);

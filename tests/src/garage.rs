@@ -219,6 +219,12 @@ pub fn shared() -> &'static Garage {
     GARAGE.get_or_init(|| crate::on_lifetime_thread(|| Garage::start().expect("starting Garage")))
 }
 
+/// A server of its own, for tests that count requests at the store (the shared server's
+/// counters include every other test's requests). Stopped when dropped.
+pub fn dedicated() -> Garage {
+    crate::on_lifetime_thread(|| Garage::start().expect("starting Garage"))
+}
+
 /// A fresh bucket on the shared server: returns its store URL.
 pub fn bucket(name: &str) -> String {
     let g = shared();
