@@ -24,7 +24,7 @@ if ! garage --version 2>/dev/null | grep -q '2\.5\.'; then
   cargo install garage --version '~2.5' --locked
 fi
 
-if ! command -v moto_server >/dev/null; then
+if ! python3 -c 'import moto.server' 2>/dev/null; then
   log "installing moto_server"
   python3 -m pip install -q 'moto[server]'
 fi

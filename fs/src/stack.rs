@@ -277,26 +277,25 @@ impl LayerStack {
         Ok(out)
     }
 
+    /// The layer and entry that define a node's attributes and content.
+    fn top(&self, ino: u64) -> FsResult<(&Layer, Entry<'_>)> {
+        let (sources, _) = self.sources(ino)?;
+        Ok((&self.layers[sources[0].0 as usize], self.entry(sources[0])))
+    }
+
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let (sources, kind) = self.sources(ino)?;
-        if kind != Kind::Symlink {
+        let (layer, e) = self.top(ino)?;
+        if e.kind != Kind::Symlink {
             return Err(FsError::InvalidInput(format!(
                 "inode {ino} is not a symlink"
             )));
         }
-        let (layer, _) = sources[0];
-        let e = self.entry(sources[0]);
-        Ok(self.layers[layer as usize]
-            .manifest
-            .symlink_target(&e)
-            .to_vec())
+        Ok(layer.manifest.symlink_target(&e).to_vec())
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
-        let (sources, _) = self.sources(ino)?;
-        let (layer, _) = sources[0];
-        let e = self.entry(sources[0]);
-        Ok(self.layers[layer as usize]
+        let (layer, e) = self.top(ino)?;
+        Ok(layer
             .manifest
             .xattrs(&e)
             .into_iter()
@@ -305,10 +304,8 @@ impl LayerStack {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
-        let (sources, _) = self.sources(ino)?;
-        let (layer, _) = sources[0];
-        let e = self.entry(sources[0]);
-        Ok(self.layers[layer as usize]
+        let (layer, e) = self.top(ino)?;
+        Ok(layer
             .manifest
             .xattrs(&e)
             .into_iter()
@@ -318,16 +315,13 @@ impl LayerStack {
 
     /// Reads a file's bytes; fetches only the chunks covering the range.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let (sources, kind) = self.sources(ino)?;
-        if kind != Kind::File {
+        let (layer, e) = self.top(ino)?;
+        if e.kind != Kind::File {
             return Err(FsError::io(
                 "read",
                 std::io::Error::from_raw_os_error(libc::EISDIR),
             ));
         }
-        let (layer, _) = sources[0];
-        let layer = &self.layers[layer as usize];
-        let e = self.entry(sources[0]);
         layer
             .read(&self.cache, &e, offset, size, self.readahead_chunks)
             .await

@@ -15,10 +15,18 @@ pub struct Moto {
 impl Moto {
     pub fn start() -> Result<Moto> {
         let port = crate::free_port();
-        let mut cmd = Command::new("moto_server");
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        // Through the interpreter, so a fresh pip install needs no PATH or shim refresh.
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         crate::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()

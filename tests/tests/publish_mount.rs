@@ -298,3 +298,81 @@ fn stacked_layers_follow_whiteouts_and_opaque_dirs() {
     drop(m);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn killed_publish_leaves_no_ref_and_a_rerun_finishes_the_job() {
+    let work = strata_tests::scratch_dir("crash");
+    let src = work.join("src");
+    write_file(&src.join("big.bin"), &pseudo_random(31, 300 << 20));
+    let store = garage::bucket("crash");
+    let s = strata();
+    let mut child = s
+        .command(&[
+            "publish",
+            "--quiet",
+            src.to_str().unwrap(),
+            &store,
+            "crash:v1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some chunks have landed, long before it could finish.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let env = garage::shared().env();
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let options = cache::StoreOptions {
+        endpoint_url: Some(get("AWS_ENDPOINT_URL")),
+        credentials: Some((get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"))),
+        region: Some(get("AWS_REGION")),
+        ..Default::default()
+    };
+    let st = rt.block_on(cache::open_store(&store, &options)).unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let landed = rt.block_on(st.list("chunks/")).unwrap().len();
+        if landed >= 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "publish made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "publish finished before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing points at the half-published layer.
+    let err = s.fails(&["ls", &store, "crash:v1"]);
+    assert!(err.contains("no dataset"), "{err}");
+    assert!(rt.block_on(st.list("refs/")).unwrap().is_empty());
+
+    let rerun = s.publish(&src, &store, "crash:v1");
+    let (new, total) = (
+        rerun["chunks_new"].as_u64().unwrap(),
+        rerun["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        new < total,
+        "the re-run uploaded only what was missing ({new} of {total})"
+    );
+    let m = s
+        .mount(
+            &store,
+            &work.join("mnt"),
+            &["crash:v1"],
+            &work.join("cache"),
+            &[],
+        )
+        .unwrap();
+    assert!(std::fs::read(m.path("big.bin")).unwrap() == pseudo_random(31, 300 << 20));
+    drop(m);
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -131,6 +131,19 @@ impl S3Store {
         StoreError::new(&self.url, op, key, kind, message)
     }
 
+    async fn read_body(&self, key: &str, body: ByteStream) -> StoreResult<Bytes> {
+        let body = body.collect().await.map_err(|e| {
+            StoreError::new(
+                &self.url,
+                "get",
+                key,
+                StoreErrorKind::Io,
+                format!("reading body: {e}"),
+            )
+        })?;
+        Ok(body.into_bytes())
+    }
+
     /// Probes once whether the server enforces `If-None-Match: *`: write a fresh key twice
     /// with the condition; an honest server refuses the second write.
     async fn honors_conditions(&self) -> StoreResult<bool> {
@@ -217,16 +230,7 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| self.error("get", key, e))?;
-        let body = resp.body.collect().await.map_err(|e| {
-            StoreError::new(
-                &self.url,
-                "get",
-                key,
-                StoreErrorKind::Io,
-                format!("reading body: {e}"),
-            )
-        })?;
-        Ok(body.into_bytes())
+        self.read_body(key, resp.body).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
@@ -250,16 +254,7 @@ impl Store for S3Store {
             }
             Err(e) => return Err(self.error("get", key, e)),
         };
-        let body = resp.body.collect().await.map_err(|e| {
-            StoreError::new(
-                &self.url,
-                "get",
-                key,
-                StoreErrorKind::Io,
-                format!("reading body: {e}"),
-            )
-        })?;
-        Ok(body.into_bytes())
+        self.read_body(key, resp.body).await
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
@@ -318,16 +313,7 @@ impl Store for S3Store {
             }
         };
         let etag = resp.e_tag().unwrap_or_default().to_string();
-        let body = resp.body.collect().await.map_err(|e| {
-            StoreError::new(
-                &self.url,
-                "get",
-                key,
-                StoreErrorKind::Io,
-                format!("reading body: {e}"),
-            )
-        })?;
-        Ok(Some((body.into_bytes(), Version(etag))))
+        Ok(Some((self.read_body(key, resp.body).await?, Version(etag))))
     }
 
     async fn compare_and_swap(
