@@ -9,13 +9,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 
 use crate::disk_cache::{DiskCache, DiskRead};
-use crate::{blob, chunk_key, Digest, Store, StoreError};
+use crate::{blob, chunk_key, Digest, Store, StoreError, StoreErrorKind};
 
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -23,7 +24,12 @@ pub struct CacheConfig {
     pub disk_dir: Option<PathBuf>,
     pub disk_capacity: u64,
     pub memory_capacity: u64,
+    /// How long one chunk fetch keeps retrying store trouble before the read fails with EIO.
+    pub fetch_deadline: Duration,
 }
+
+/// A read never hangs longer than this on an unreachable store, by default.
+pub const DEFAULT_FETCH_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChunkError {
@@ -32,6 +38,13 @@ pub enum ChunkError {
         digest: Digest,
         #[source]
         source: Arc<StoreError>,
+    },
+    #[error("chunk {digest}: {store} did not answer within {after:?}: {last_error}")]
+    Timeout {
+        digest: Digest,
+        store: String,
+        after: Duration,
+        last_error: String,
     },
     #[error("chunk {digest} from {store} is corrupt: {reason}")]
     Corrupt {
@@ -101,7 +114,12 @@ pub struct ChunkCache {
     memory: Mutex<MemoryLru>,
     inflight: Mutex<HashMap<Digest, Fetch>>,
     counters: Counters,
+    fetch_deadline: Duration,
+    prefetch_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// Background fetches in flight at most.
+const PREFETCH_BUDGET: usize = 8;
 
 impl ChunkCache {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> std::io::Result<Arc<ChunkCache>> {
@@ -119,6 +137,8 @@ impl ChunkCache {
             }),
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            fetch_deadline: config.fetch_deadline,
+            prefetch_budget: Arc::new(tokio::sync::Semaphore::new(PREFETCH_BUDGET)),
         }))
     }
 
@@ -170,11 +190,20 @@ impl ChunkCache {
     }
 
     /// Starts fetching a chunk in the background (readahead); errors are left for the reader
-    /// that eventually asks for it.
+    /// that eventually asks for it. Background fetches have a budget of their own: when it is
+    /// spent the prefetch is skipped, so readahead never queues ahead of reads a function is
+    /// waiting on.
     pub fn prefetch(self: &Arc<Self>, digest: Digest, len: u32) {
+        if self.memory.lock().unwrap().lru.contains(&digest) {
+            return;
+        }
+        let Ok(permit) = self.prefetch_budget.clone().try_acquire_owned() else {
+            return;
+        };
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let _ = this.get(digest, len).await;
+            drop(permit);
         });
     }
 
@@ -218,11 +247,7 @@ impl ChunkCache {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.counters.store_gets.fetch_add(1, Ordering::Relaxed);
-            let object = self.store.get(&key).await.map_err(|e| ChunkError::Store {
-                digest,
-                source: Arc::new(e),
-            })?;
+            let object = self.get_with_retries(digest, &key).await?;
             self.counters
                 .store_bytes
                 .fetch_add(object.len() as u64, Ordering::Relaxed);
@@ -254,6 +279,40 @@ impl ChunkCache {
                     }
                 }
             }
+        }
+    }
+
+    /// GETs a chunk object, retrying store trouble (outages, timeouts, 5xx) with backoff
+    /// until the fetch deadline, so a store that comes back in time only delays the read and
+    /// one that does not fails it instead of hanging it. A missing object is not retried.
+    async fn get_with_retries(&self, digest: Digest, key: &str) -> Result<Bytes, ChunkError> {
+        let deadline = Instant::now() + self.fetch_deadline;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            self.counters.store_gets.fetch_add(1, Ordering::Relaxed);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let last_error = match tokio::time::timeout(remaining, self.store.get(key)).await {
+                Ok(Ok(object)) => return Ok(object),
+                Ok(Err(e)) if e.kind != StoreErrorKind::Io => {
+                    return Err(ChunkError::Store {
+                        digest,
+                        source: Arc::new(e),
+                    })
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if Instant::now() + backoff >= deadline {
+                return Err(ChunkError::Timeout {
+                    digest,
+                    store: self.store.url().to_string(),
+                    after: self.fetch_deadline,
+                    last_error,
+                });
+            }
+            tracing::warn!(chunk = %digest, "store trouble, retrying in {backoff:?}: {last_error}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -295,6 +354,7 @@ mod tests {
                 disk_dir: Some(tmp.path().join("cache")),
                 disk_capacity: 1 << 20,
                 memory_capacity: 1 << 20,
+                fetch_deadline: DEFAULT_FETCH_DEADLINE,
             },
         )
         .unwrap();

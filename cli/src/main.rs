@@ -2,7 +2,7 @@
 //! done by `strata-fs` and `strata-cache`.
 
 mod cmd;
-mod size;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -381,6 +381,7 @@ mod tests {
                 disk_dir: None,
                 disk_capacity: 0,
                 memory_capacity: 1 << 20,
+                fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
             },
         )
         .unwrap();

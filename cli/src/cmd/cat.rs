@@ -29,6 +29,7 @@ pub async fn run(g: &GlobalArgs, a: CatArgs) -> anyhow::Result<()> {
             disk_dir: None,
             disk_capacity: 0,
             memory_capacity: 64 << 20,
+            fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
         },
     )?;
     let stack = LayerStack::new(layers, cache)?;

@@ -3,7 +3,7 @@ use std::os::unix::ffi::OsStrExt;
 use clap::Args;
 use strata_fs::manifest::{Entry, Kind, Manifest};
 
-use crate::size::human;
+use crate::units::human;
 use crate::GlobalArgs;
 
 #[derive(Args)]

@@ -9,7 +9,7 @@ use cache::{CacheConfig, ChunkCache};
 use clap::Args;
 use strata_fs::stack::LayerStack;
 
-use crate::size::parse_size;
+use crate::units::{parse_duration, parse_size};
 use crate::GlobalArgs;
 
 #[derive(Args)]
@@ -33,6 +33,10 @@ pub struct MountArgs {
     /// Cap on hot chunks kept in memory.
     #[arg(long, env = "STRATA_MEMORY_CACHE_SIZE", default_value = "256M", value_parser = parse_size)]
     memory_cache_size: u64,
+    /// How long a read waits for an unreachable store (retrying with backoff) before it fails
+    /// with EIO.
+    #[arg(long, env = "STRATA_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    read_timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -81,6 +85,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
             disk_dir: Some(cache_dir.clone()),
             disk_capacity: a.cache_size,
             memory_capacity: a.memory_cache_size,
+            fetch_deadline: a.read_timeout,
         },
     )
     .with_context(|| format!("opening cache dir {}", cache_dir.display()))?;

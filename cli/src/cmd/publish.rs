@@ -9,7 +9,7 @@ use clap::Args;
 use strata_fs::publish::{publish, PublishOptions, PublishProgress};
 use strata_fs::refs::DatasetRef;
 
-use crate::size::human;
+use crate::units::human;
 use crate::GlobalArgs;
 
 #[derive(Args)]

@@ -1,5 +1,6 @@
-//! Human sizes: `1048576`, `512K`, `64MiB`, `10G`, `1.5GB`. K, M, G and T are powers of 1024
-//! with or without `i`/`B`, as users of cache flags expect.
+//! Human units for flags. Sizes: `1048576`, `512K`, `64MiB`, `10G`, `1.5GB` (K, M, G and T
+//! are powers of 1024 with or without `i`/`B`, as users of cache flags expect). Durations:
+//! `500ms`, `30s`, `2m`, or a bare number of seconds.
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -27,6 +28,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("invalid size {s:?}: too large"));
     }
     Ok(bytes as u64)
+}
+
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 500ms or 2m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        other => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {other:?} (use ms, s or m)"
+            ))
+        }
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 pub fn human(bytes: u64) -> String {
@@ -57,5 +80,10 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5X").is_err());
         assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(parse_duration("30s").unwrap().as_secs(), 30);
+        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").is_err());
     }
 }
