@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mount)" >&2; exit 1; }
 n=${1:-1000000}
 cargo build --release -p strata --locked
-strata=$PWD/target/release/strata
+strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
 work=$(mktemp -d /tmp/strata-meta.XXXXXX)
 trap 'grep -qs " $work/mnt " /proc/mounts && "$strata" unmount --lazy "$work/mnt"; rm -rf "$work"' EXIT
 now() { date +%s.%N; }

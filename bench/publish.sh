@@ -10,7 +10,7 @@ source bench/lib/garage.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mount, loopback route settings)" >&2; exit 1; }
 
 cargo build --release -p strata --locked
-strata=$PWD/target/release/strata
+strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
 work=$(mktemp -d /tmp/strata-bench.XXXXXX)
 cleanup() {
   grep -qs " $work/mnt " /proc/mounts && "$strata" unmount --lazy "$work/mnt" || true

@@ -15,7 +15,7 @@ fi
 
 echo "== building strata (release)"
 cargo build --release -p strata --locked
-strata=$PWD/target/release/strata
+strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
 
 work=$(mktemp -d /tmp/strata-demo.XXXXXX)
 store="file://$work/store"
