@@ -2,7 +2,9 @@
 # Publish and cold-read figures against Garage on loopback (issue #2's note):
 #  - publish throughput of a 1 GiB directory (one 512 MiB file + 512 files of 1 MiB);
 #  - bytes uploaded by re-publishing it unchanged, and after a 1% edit;
-#  - time to mount a cold 200 MiB layer and cat one small file, with the store's GET count.
+#  - time to mount a cold 200 MiB layer and cat one small file, with the store's GET count;
+#  - sequential read of a 512 MiB file through the mount, cold and warm (a first look; the
+#    full read benchmark against native disk, rclone and s3fs is issue #3's).
 # Builds release, starts its own Garage, prints a markdown table and saves it in bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +59,20 @@ t2=$(now)
 g1=$(garage_get_count)
 "$strata" unmount "$work/mnt"; wait "$mount_pid"
 
+echo "== sequential read of the 512 MiB file: cold (empty cache), then warm (chunks on disk, page cache dropped)"
+seq_read() {
+  "$strata" mount $store "$work/mnt" --layer big:v3 --foreground --cache-dir "$work/cache-big" 2>> "$work/mount.log" &
+  local pid=$!
+  until grep -qs " $work/mnt " /proc/mounts; do sleep 0.005; done
+  local a b
+  a=$(now); cat "$work/mnt/model.bin" > /dev/null; b=$(now)
+  "$strata" unmount "$work/mnt"; wait "$pid"
+  echo "512 / ($b - $a)" | bc -l
+}
+cold_rate=$(seq_read)
+sync; echo 3 > /proc/sys/vm/drop_caches
+warm_rate=$(seq_read)
+
 row() { printf '| %s | %s |\n' "$1" "$2"; }
 out=bench/results/publish-$(date +%Y%m%d-%H%M%S).md
 {
@@ -73,5 +89,7 @@ out=bench/results/publish-$(date +%Y%m%d-%H%M%S).md
   row "cold 200 MiB layer: mount until visible" "$(printf '%.0f ms' "$(echo "($t1 - $t0) * 1000" | bc -l)")"
   row "then cat one small file" "$(printf '%.1f ms' "$(echo "($t2 - $t1) * 1000" | bc -l)")"
   row "GETs for mount + cat (of $(json "['chunks_total']" < "$work/p4.json") chunks)" "$((g1 - g0))"
+  row "sequential read 512 MiB, cold (from Garage)" "$(printf '%.0f MiB/s' "$cold_rate")"
+  row "sequential read 512 MiB, warm (disk cache, page cache dropped)" "$(printf '%.0f MiB/s' "$warm_rate")"
 } | tee "$out"
 echo "saved $out"

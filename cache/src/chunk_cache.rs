@@ -119,7 +119,7 @@ pub struct ChunkCache {
 }
 
 /// Background fetches in flight at most.
-const PREFETCH_BUDGET: usize = 8;
+const PREFETCH_BUDGET: usize = 16;
 
 impl ChunkCache {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> std::io::Result<Arc<ChunkCache>> {

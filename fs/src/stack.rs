@@ -30,6 +30,22 @@ pub const ROOT_INO: u64 = 1;
 /// (layer index, entry index)
 type Source = (u16, u32);
 
+/// Readahead, in chunks: a read that continues where the last one of the file ended doubles
+/// the window up to the maximum; any other read starts again at the minimum. So a sequential
+/// scan soon keeps several chunks in flight (the store's bandwidth, not its latency, sets the
+/// pace), while random access fetches little more than it asks for.
+const READAHEAD_MIN: usize = 1;
+const READAHEAD_MAX: usize = 32;
+/// How far from the previous read's end a read may start and still count as sequential.
+const SEQUENTIAL_SLACK: u64 = 4 << 20;
+/// Files whose read position is remembered for readahead.
+const STREAMS: usize = 4096;
+
+struct Stream {
+    next_offset: u64,
+    window: usize,
+}
+
 /// Merged directories whose source lists are kept; beyond this they are recomputed.
 const MERGED_DIR_CACHE: usize = 16 * 1024;
 
@@ -65,8 +81,8 @@ pub struct LayerStack {
     /// The root's sources: every layer's root from the top down to the first opaque one.
     root_sources: Vec<Source>,
     merged_dirs: Mutex<LruCache<u64, Arc<Vec<Source>>>>,
-    /// Chunks to fetch ahead of a read, within the same file.
-    pub readahead_chunks: usize,
+    /// Per-file sequential-read detection for readahead (recently read files only).
+    streams: Mutex<LruCache<u64, Stream>>,
 }
 
 fn mtime(e: &Entry<'_>) -> SystemTime {
@@ -112,7 +128,9 @@ impl LayerStack {
             merged_dirs: Mutex::new(LruCache::new(
                 std::num::NonZeroUsize::new(MERGED_DIR_CACHE).expect("non-zero"),
             )),
-            readahead_chunks: 4,
+            streams: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(STREAMS).expect("non-zero"),
+            )),
         })
     }
 
@@ -322,9 +340,37 @@ impl LayerStack {
                 std::io::Error::from_raw_os_error(libc::EISDIR),
             ));
         }
-        layer
-            .read(&self.cache, &e, offset, size, self.readahead_chunks)
-            .await
+        let readahead = self.readahead_window(ino, offset, size);
+        layer.read(&self.cache, &e, offset, size, readahead).await
+    }
+
+    fn readahead_window(&self, ino: u64, offset: u64, size: u32) -> usize {
+        let mut streams = self.streams.lock().unwrap();
+        let next_offset = offset + size as u64;
+        match streams.get_mut(&ino) {
+            // The kernel issues readahead requests concurrently, so a sequential scan arrives
+            // slightly out of order: anything near the last position counts as continuing.
+            Some(s) if offset.abs_diff(s.next_offset) <= SEQUENTIAL_SLACK => {
+                s.window = (s.window * 2).min(READAHEAD_MAX);
+                s.next_offset = s.next_offset.max(next_offset);
+                s.window
+            }
+            Some(s) => {
+                s.window = READAHEAD_MIN;
+                s.next_offset = next_offset;
+                s.window
+            }
+            None => {
+                streams.put(
+                    ino,
+                    Stream {
+                        next_offset,
+                        window: READAHEAD_MIN,
+                    },
+                );
+                READAHEAD_MIN
+            }
+        }
     }
 
     /// Total file bytes and inodes across the layers, for statfs.
@@ -456,6 +502,32 @@ mod tests {
         let f = s.lookup(ROOT_INO, b"f").unwrap();
         assert!(s.read(f.ino, 100, 10).await.unwrap().is_empty());
         assert_eq!(&s.read(f.ino, 2, 3).await.unwrap()[..], b"p f");
+    }
+
+    #[tokio::test]
+    async fn readahead_grows_on_sequential_reads_and_resets_on_random_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "one/f", b"x");
+        let s = stack_of(tmp.path(), &["one"]).await;
+        let windows: Vec<usize> = [0u64, 128 << 10, 256 << 10, 384 << 10, 512 << 10]
+            .iter()
+            .map(|&off| s.readahead_window(7, off, 128 << 10))
+            .collect();
+        assert_eq!(windows, [1, 2, 4, 8, 16]);
+        for _ in 0..10 {
+            s.readahead_window(7, 0, 0);
+        }
+        assert_eq!(s.readahead_window(7, 0, 0), READAHEAD_MAX, "capped");
+        assert_eq!(
+            s.readahead_window(7, 900 << 20, 4096),
+            READAHEAD_MIN,
+            "a jump resets it"
+        );
+        assert_eq!(
+            s.readahead_window(8, 0, 4096),
+            READAHEAD_MIN,
+            "files are tracked apart"
+        );
     }
 
     #[tokio::test]
