@@ -46,6 +46,8 @@ pub enum ChunkError {
         after: Duration,
         last_error: String,
     },
+    #[error("chunk {digest}: {reason}")]
+    Failed { digest: Digest, reason: String },
     #[error("chunk {digest} from {store} is corrupt: {reason}")]
     Corrupt {
         digest: Digest,
@@ -108,6 +110,14 @@ impl MemoryLru {
 
 type Fetch = Shared<BoxFuture<'static, Result<Bytes, ChunkError>>>;
 
+struct LeaveInflight(Arc<ChunkCache>, Digest);
+
+impl Drop for LeaveInflight {
+    fn drop(&mut self) {
+        self.0.inflight.lock().unwrap().remove(&self.1);
+    }
+}
+
 pub struct ChunkCache {
     store: Arc<dyn Store>,
     disk: Option<DiskCache>,
@@ -151,7 +161,7 @@ impl ChunkCache {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(data) = self.memory.lock().unwrap().get(&digest) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(data);
+            return self.check_len(digest, len, data);
         }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap();
@@ -159,34 +169,55 @@ impl ChunkCache {
             // its chunk before leaving the in-flight table.
             if let Some(data) = self.memory.lock().unwrap().get(&digest) {
                 self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(data);
+                return self.check_len(digest, len, data);
             }
             inflight
                 .entry(digest)
                 .or_insert_with(|| {
                     let this = Arc::clone(self);
                     let task = tokio::spawn(async move {
+                        // Leave the in-flight table however the fetch ends (even by a panic),
+                        // so a failed fetch is tried afresh by the next reader.
+                        let _leave = LeaveInflight(Arc::clone(&this), digest);
                         let result = this.load(digest, len).await;
                         if let Ok(data) = &result {
                             this.memory.lock().unwrap().insert(digest, data.clone());
                         }
-                        this.inflight.lock().unwrap().remove(&digest);
                         result
                     });
                     async move {
-                        task.await
-                            .unwrap_or_else(|e| panic!("chunk fetch task failed: {e}"))
+                        task.await.unwrap_or_else(|e| {
+                            Err(ChunkError::Failed {
+                                digest,
+                                reason: format!("fetch task failed: {e}"),
+                            })
+                        })
                     }
                     .boxed()
                     .shared()
                 })
                 .clone()
         };
-        let result = fetch.await;
+        let result = fetch
+            .await
+            .and_then(|data| self.check_len(digest, len, data));
         if result.is_err() {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         result
+    }
+
+    /// A manifest may claim two lengths for one chunk; cached bytes are only served to a
+    /// caller that expects their length, so no reader slices past what it got.
+    fn check_len(&self, digest: Digest, len: u32, data: Bytes) -> Result<Bytes, ChunkError> {
+        if data.len() == len as usize {
+            return Ok(data);
+        }
+        Err(ChunkError::Corrupt {
+            digest,
+            store: self.store.url().to_string(),
+            reason: format!("the layer says {len} bytes, the chunk has {}", data.len()),
+        })
     }
 
     /// Starts fetching a chunk in the background (readahead); errors are left for the reader
@@ -376,6 +407,18 @@ mod tests {
             assert_eq!(r.await.unwrap(), chunk);
         }
         assert_eq!(cache.stats().store_gets, 1);
+    }
+
+    /// Regression: a manifest that gives one chunk two lengths got the cached bytes of the
+    /// first length and sliced past their end.
+    #[tokio::test]
+    async fn a_chunk_asked_for_with_the_wrong_length_is_an_error() {
+        let chunk = vec![3u8; 1000];
+        let (_tmp, cache) = setup(std::slice::from_ref(&chunk)).await;
+        let d = Digest::of(&chunk);
+        assert_eq!(cache.get(d, 1000).await.unwrap().len(), 1000);
+        let err = cache.get(d, 1500).await.unwrap_err();
+        assert!(matches!(err, ChunkError::Corrupt { .. }), "{err}");
     }
 
     #[tokio::test]

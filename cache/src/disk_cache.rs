@@ -2,12 +2,14 @@
 //! with a hard byte budget.
 //!
 //! Space is reserved under the lock *before* a file is written and the least recently used
-//! chunks are evicted to make room, so concurrent inserts cannot overshoot the budget. Files are
+//! chunks are evicted to make room; a chunk that does not fit even then is not cached. So the
+//! files on disk never exceed the budget, however many inserts run at once. Files are
 //! written to `<dir>/tmp` and renamed into place, so a crash never leaves a half-written chunk
 //! under its name; `tmp` is emptied at start. The files on disk are the truth: the index is
 //! rebuilt from them at start, and a chunk found there is verified against its name the first
 //! time it is read.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ struct Entry {
 
 struct State {
     lru: LruCache<Digest, Entry>,
+    /// Chunks whose files are being written (space reserved, not yet in `lru`).
+    writing: HashSet<Digest>,
     used: u64,
     evictions: u64,
 }
@@ -78,6 +82,7 @@ impl DiskCache {
         found.sort_by_key(|(used, _, _)| *used);
         let mut state = State {
             lru: LruCache::unbounded(),
+            writing: HashSet::new(),
             used: 0,
             evictions: 0,
         };
@@ -174,27 +179,36 @@ impl DiskCache {
         let size = data.len() as u64;
         {
             let mut state = self.state.lock().unwrap();
-            if size > self.capacity || state.lru.contains(digest) {
+            if size > self.capacity || state.lru.contains(digest) || state.writing.contains(digest)
+            {
                 return;
             }
             self.evict_until(&mut state, size);
+            if state.used + size > self.capacity {
+                // Everything evictable is gone and writes in flight hold the rest: skip
+                // caching rather than go over the budget.
+                return;
+            }
             // Reserve now; the entry is visible only once the file is in place (below).
             state.used += size;
+            state.writing.insert(*digest);
         }
-        match self.write_file(digest, data) {
+        let written = self.write_file(digest, data);
+        let mut state = self.state.lock().unwrap();
+        state.writing.remove(digest);
+        match written {
             Ok(()) => {
-                let mut state = self.state.lock().unwrap();
-                state.lru.put(
-                    digest.to_owned(),
-                    Entry {
-                        size,
-                        verified: true,
-                    },
-                );
+                let entry = Entry {
+                    size,
+                    verified: true,
+                };
+                if let Some(old) = state.lru.put(*digest, entry) {
+                    state.used -= old.size;
+                }
             }
             Err(e) => {
                 tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
-                self.state.lock().unwrap().used -= size;
+                state.used -= size;
             }
         }
     }

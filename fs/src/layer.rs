@@ -107,10 +107,15 @@ impl Layer {
         }
         let indices = self.manifest.chunks_for(start..end);
         let chunks: Vec<_> = indices.clone().map(|i| self.manifest.chunk(i)).collect();
-        let after = self.manifest.chunks_for(end..file.end);
-        for i in after.take(readahead) {
-            let c = self.manifest.chunk(i);
+        // Readahead: the chunks after the ones this read needs, within the file.
+        let mut next = indices.end;
+        while next < indices.end + readahead && next < self.manifest.chunk_count() {
+            let c = self.manifest.chunk(next);
+            if c.offset >= file.end {
+                break;
+            }
             cache.prefetch(c.digest, c.len);
+            next += 1;
         }
         let fetched =
             futures::future::try_join_all(chunks.iter().map(|c| cache.get(c.digest, c.len)))

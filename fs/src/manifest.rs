@@ -516,23 +516,24 @@ impl Manifest {
         if range.start >= range.end || self.chunk_count == 0 {
             return 0..0;
         }
-        // First chunk whose end is past range.start.
+        // First chunk ending after range.start; first chunk starting at or after range.end.
+        let first = self.partition_chunks(|c| c.offset + c.len as u64 <= range.start);
+        let last = self.partition_chunks(|c| c.offset < range.end);
+        first..last.max(first)
+    }
+
+    /// The number of leading chunks for which `pred` holds (chunks are sorted by offset).
+    fn partition_chunks(&self, pred: impl Fn(&ChunkRef) -> bool) -> usize {
         let (mut lo, mut hi) = (0usize, self.chunk_count);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let c = self.chunk(mid);
-            if c.offset + c.len as u64 <= range.start {
+            if pred(&self.chunk(mid)) {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
-        let first = lo;
-        let mut last = first;
-        while last < self.chunk_count && self.chunk(last).offset < range.end {
-            last += 1;
-        }
-        first..last
+        lo
     }
 
     pub fn as_bytes(&self) -> &[u8] {

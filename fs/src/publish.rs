@@ -465,7 +465,8 @@ pub async fn publish(
     progress.total_bytes.store(report.bytes, Ordering::Relaxed);
 
     // Chunk on a blocking thread, upload from async tasks, with bounded buffering between.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Digest, Vec<u8>)>(options.concurrency * 2);
+    let concurrency = options.concurrency.clamp(1, 256);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Digest, Vec<u8>)>(concurrency * 2);
     let stream = ContentStream {
         files,
         next: 0,
@@ -497,7 +498,7 @@ pub async fn publish(
     let seen = Mutex::new(HashSet::new());
     let new_chunks = AtomicU64::new(0);
     let incoming = futures::stream::poll_fn(|cx| rx.poll_recv(cx)).map(Ok::<_, FsError>);
-    let uploads = incoming.try_for_each_concurrent(options.concurrency, |(digest, data)| {
+    let uploads = incoming.try_for_each_concurrent(concurrency, |(digest, data)| {
         let first = seen.lock().unwrap().insert(digest);
         let store = store.clone();
         let progress = progress.clone();
@@ -522,6 +523,13 @@ pub async fn publish(
     let chunks = chunk_result?;
 
     let manifest_bytes = manifest::encode(&specs, &chunks);
+    if manifest_bytes.len() > manifest::MAX_MANIFEST_LEN {
+        return Err(FsError::InvalidInput(format!(
+            "the layer's manifest would be {} bytes, more than readers accept ({}); split the tree into several layers",
+            manifest_bytes.len(),
+            manifest::MAX_MANIFEST_LEN
+        )));
+    }
     // Our own encoder's output must pass our own decoder; anything else is a bug to report,
     // not a layer to upload.
     manifest::Manifest::parse(manifest::ManifestBytes::Owned(manifest_bytes.clone())).map_err(

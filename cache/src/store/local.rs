@@ -37,8 +37,22 @@ impl LocalStore {
                 format!("{}: {e}", root.display()),
             )
         };
-        fs::create_dir_all(root.join(TMP_DIR)).map_err(err)?;
-        fs::create_dir_all(root.join(LOCK_DIR)).map_err(err)?;
+        // Directories are made on the first write, so reading a mistyped path does not leave
+        // an empty store behind.
+        match fs::metadata(&root) {
+            Ok(m) if !m.is_dir() => {
+                return Err(StoreError::new(
+                    url,
+                    "open",
+                    "",
+                    StoreErrorKind::Invalid,
+                    format!("{} is not a directory", root.display()),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
         Ok(LocalStore {
             url: url.to_string(),
             root,
@@ -52,6 +66,7 @@ impl LocalStore {
     fn error(&self, op: &'static str, key: &str, e: io::Error) -> StoreError {
         let kind = match e.kind() {
             io::ErrorKind::NotFound => StoreErrorKind::NotFound,
+            io::ErrorKind::PermissionDenied => StoreErrorKind::Denied,
             _ => StoreErrorKind::Io,
         };
         StoreError::new(&self.url, op, key, kind, e)
@@ -72,6 +87,7 @@ impl LocalStore {
     /// Writes `data` to a fresh temp file (synced), returning its path.
     fn write_temp(&self, data: &[u8]) -> io::Result<PathBuf> {
         let tmp = self.temp_path();
+        fs::create_dir_all(self.root.join(TMP_DIR))?;
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_data()?;
@@ -91,6 +107,7 @@ impl LocalStore {
 
     fn lock(&self, key: &str) -> io::Result<File> {
         let name = Digest::of(key.as_bytes()).to_hex();
+        fs::create_dir_all(self.root.join(LOCK_DIR))?;
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)

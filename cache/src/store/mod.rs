@@ -29,8 +29,10 @@ pub enum StoreErrorKind {
     Conflict,
     /// The store cannot do this safely (e.g. it ignores conditional writes).
     Unsupported,
-    /// Bad input from the caller (an invalid key or URL).
+    /// Bad input from the caller (an invalid key or URL, a bucket that does not exist).
     Invalid,
+    /// The store refused the credentials or the permission.
+    Denied,
     /// Network, server or disk trouble.
     Io,
 }

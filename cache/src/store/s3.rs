@@ -114,12 +114,14 @@ impl S3Store {
         R: std::fmt::Debug + Send + Sync + 'static + HttpStatus,
     {
         let status = err.raw_response().map(|r| r.status_code());
+        let code = err.as_service_error().and_then(|e| e.code());
         let kind = match status {
+            Some(404) if code == Some("NoSuchBucket") => StoreErrorKind::Invalid,
             Some(404) => StoreErrorKind::NotFound,
+            Some(401) | Some(403) => StoreErrorKind::Denied,
+            Some(400) => StoreErrorKind::Invalid,
             Some(412) | Some(409) => StoreErrorKind::Conflict,
-            _ if err.as_service_error().and_then(|e| e.code()) == Some("NoSuchKey") => {
-                StoreErrorKind::NotFound
-            }
+            _ if code == Some("NoSuchKey") => StoreErrorKind::NotFound,
             _ => StoreErrorKind::Io,
         };
         let message = match (&err, status) {
