@@ -9,6 +9,18 @@ pub mod tree;
 use std::net::TcpListener;
 use std::path::PathBuf;
 
+/// Store options for an in-process client of a test server, from the environment the harness
+/// hands to the `strata` binary (`AWS_*`).
+pub fn store_options(env: &[(String, String)], single_writer: bool) -> cache::StoreOptions {
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    cache::StoreOptions {
+        endpoint_url: get("AWS_ENDPOINT_URL"),
+        single_writer,
+        credentials: get("AWS_ACCESS_KEY_ID").zip(get("AWS_SECRET_ACCESS_KEY")),
+        region: get("AWS_REGION"),
+    }
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cache::{blob, open_store, Digest, Store, StoreOptions};
+use cache::{blob, open_store, Digest, Store};
 use strata_tests::garage;
 use strata_tests::strata::Strata;
 use strata_tests::tree::{pseudo_random, write_file};
@@ -14,19 +14,7 @@ fn strata() -> Strata {
 }
 
 async fn garage_store(url: &str) -> Arc<dyn Store> {
-    let env = garage::shared().env();
-    let get = |k: &str| {
-        env.iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap()
-    };
-    let options = StoreOptions {
-        endpoint_url: Some(get("AWS_ENDPOINT_URL")),
-        credentials: Some((get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"))),
-        region: Some(get("AWS_REGION")),
-        ..Default::default()
-    };
+    let options = strata_tests::store_options(&garage::shared().env(), false);
     open_store(url, &options).await.unwrap()
 }
 

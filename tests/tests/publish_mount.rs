@@ -320,19 +320,7 @@ fn killed_publish_leaves_no_ref_and_a_rerun_finishes_the_job() {
         .unwrap();
     // Kill it once some chunks have landed, long before it could finish.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let env = garage::shared().env();
-    let get = |k: &str| {
-        env.iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap()
-    };
-    let options = cache::StoreOptions {
-        endpoint_url: Some(get("AWS_ENDPOINT_URL")),
-        credentials: Some((get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"))),
-        region: Some(get("AWS_REGION")),
-        ..Default::default()
-    };
+    let options = strata_tests::store_options(&garage::shared().env(), false);
     let st = rt.block_on(cache::open_store(&store, &options)).unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {

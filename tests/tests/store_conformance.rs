@@ -128,19 +128,6 @@ async fn cas_counter_loses_nothing(store: &Arc<dyn Store>) {
     assert_eq!(&data[..], b"40");
 }
 
-fn s3_options(env: &[(String, String)], single_writer: bool) -> StoreOptions {
-    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    StoreOptions {
-        endpoint_url: get("AWS_ENDPOINT_URL"),
-        single_writer,
-        credentials: Some((
-            get("AWS_ACCESS_KEY_ID").unwrap(),
-            get("AWS_SECRET_ACCESS_KEY").unwrap(),
-        )),
-        region: get("AWS_REGION"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_store_conformance() {
     let dir = strata_tests::scratch_dir("local-store");
@@ -154,9 +141,12 @@ async fn local_store_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn moto_store_conformance() {
     let url = moto::bucket("conformance");
-    let store = open_store(&url, &s3_options(&moto::shared().env(), false))
-        .await
-        .unwrap();
+    let store = open_store(
+        &url,
+        &strata_tests::store_options(&moto::shared().env(), false),
+    )
+    .await
+    .unwrap();
     basic_objects(&store).await;
     enforced_cas(&store).await;
     cas_counter_loses_nothing(&store).await;
@@ -165,9 +155,12 @@ async fn moto_store_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garage_store_conformance() {
     let url = garage::bucket("conformance");
-    let store = open_store(&url, &s3_options(&garage::shared().env(), false))
-        .await
-        .unwrap();
+    let store = open_store(
+        &url,
+        &strata_tests::store_options(&garage::shared().env(), false),
+    )
+    .await
+    .unwrap();
     basic_objects(&store).await;
     // Garage ignores If-Match: strata must notice and refuse to move an existing ref.
     let key = "refs/data/latest";
@@ -192,9 +185,12 @@ async fn garage_store_conformance() {
     assert_eq!(&store.get(key).await.unwrap()[..], b"one", "nothing moved");
 
     // With the user's single-writer promise, refs move (and stale versions still lose).
-    let store = open_store(&url, &s3_options(&garage::shared().env(), true))
-        .await
-        .unwrap();
+    let store = open_store(
+        &url,
+        &strata_tests::store_options(&garage::shared().env(), true),
+    )
+    .await
+    .unwrap();
     let v2 = store
         .compare_and_swap(key, Some(&v1), Bytes::from_static(b"two"))
         .await
