@@ -57,12 +57,20 @@ impl Layer {
             store: store_url,
             reason: e.to_string(),
         })?;
-        let manifest = parse(digest, ManifestBytes::Owned(plain))?;
+        let mut manifest = parse(digest, ManifestBytes::Owned(plain))?;
         if let Some(path) = &cached {
-            if let Err(e) = write_atomic(path, manifest.as_bytes()) {
-                tracing::warn!(layer = %digest, "caching manifest at {}: {e}", path.display());
-            } else if let Some(layer) = Self::load_cached(path, digest)? {
-                return Ok(layer); // switch to the mapped copy and drop the heap one
+            // Switch to the mapped copy and drop the heap one. The copy holds the bytes just
+            // validated, so validating them again would only cost time.
+            let mapped = write_atomic(path, manifest.as_bytes()).and_then(|()| map_file(path));
+            match mapped {
+                Ok(map) => {
+                    manifest = manifest
+                        .rehome(ManifestBytes::Mapped(map))
+                        .unwrap_or_else(|same| same)
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %digest, "caching manifest at {}: {e}", path.display())
+                }
             }
         }
         Ok(Layer { digest, manifest })
@@ -74,8 +82,7 @@ impl Layer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FsError::io(path, e)),
         };
-        // SAFETY: cached manifests are written once (temp + rename) and never modified in
-        // place; a file replaced under us keeps its old mapping.
+        // SAFETY: as in `map_file`.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FsError::io(path, e))?;
         if Digest::of(&map) != digest {
             tracing::warn!(layer = %digest, "cached manifest {} is corrupt; fetching it again", path.display());
@@ -133,6 +140,13 @@ impl Layer {
         }
         Ok(out.freeze())
     }
+}
+
+fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let file = fs::File::open(path)?;
+    // SAFETY: cached manifests are written once (temp + rename) and never modified in place;
+    // a file replaced under us keeps its old mapping.
+    unsafe { memmap2::Mmap::map(&file) }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

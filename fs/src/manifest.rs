@@ -239,6 +239,15 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Moves a validated manifest onto other bytes with the same content (its memory-mapped
+    /// cache file), without validating again. Gives the manifest back if the bytes differ.
+    pub fn rehome(self, bytes: ManifestBytes) -> Result<Manifest, Manifest> {
+        if *bytes != *self.bytes {
+            return Err(self);
+        }
+        Ok(Manifest { bytes, ..self })
+    }
+
     fn blob(&self) -> &[u8] {
         &self.bytes[self.blob_start..]
     }
@@ -702,6 +711,23 @@ mod tests {
         assert!(m.lookup(&root, b"zz").is_none());
         assert_eq!(m.chunks_for(12..14), 0..1);
         assert_eq!(m.chunks_for(15..15), 0..0);
+    }
+
+    #[test]
+    fn rehome_keeps_validation_only_for_identical_bytes() {
+        let (entries, chunks) = sample();
+        let bytes = encode(&entries, &chunks);
+        let m = parse(bytes.clone()).unwrap();
+        let m = m
+            .rehome(ManifestBytes::Owned(bytes.clone()))
+            .ok()
+            .expect("same bytes");
+        let mut other = bytes;
+        other[HEADER_LEN] ^= 0xff;
+        assert!(
+            m.rehome(ManifestBytes::Owned(other)).is_err(),
+            "different bytes are refused"
+        );
     }
 
     fn rejects(entries: Vec<EntrySpec>, chunks: Vec<ChunkRef>, what: &str) {
