@@ -41,6 +41,25 @@ fn published_tree_mounts_identically() {
         ls.contains("rich:v1") && ls.contains(report["layer"].as_str().unwrap()),
         "{ls}"
     );
+    // Machine-readable listings agree with the publish report.
+    let ls: serde_json::Value =
+        serde_json::from_str(s.ok(&["ls", "--json", &store, "rich"]).trim()).unwrap();
+    assert_eq!(ls[0]["tag"], "v1");
+    assert_eq!(ls[0]["layer"], report["layer"]);
+    let summary: serde_json::Value = serde_json::from_str(
+        s.ok(&["inspect", "--json", "--summary", &store, "rich:v1"])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(summary["layer"], report["layer"]);
+    assert_eq!(summary["bytes"], report["bytes"]);
+    assert_eq!(summary["chunks"], report["chunks_total"]);
+    assert_eq!(summary["symlinks"], report["symlinks"]);
+    assert_eq!(
+        summary["files"].as_u64().unwrap(),
+        report["files"].as_u64().unwrap() + report["hardlinks"].as_u64().unwrap(),
+        "every name of a file is an entry"
+    );
     let inspect = s.ok(&["inspect", &store, "rich:v1"]);
     assert!(
         inspect.contains("/modes/owned") && inspect.contains("-> hello.txt"),
