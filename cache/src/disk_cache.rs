@@ -8,6 +8,11 @@
 //! under its name; `tmp` is emptied at start. The files on disk are the truth: the index is
 //! rebuilt from them at start, and a chunk found there is verified against its name the first
 //! time it is read.
+//!
+//! When each chunk was last used is kept in a `sled` tree under `<dir>/index`, so the LRU order
+//! survives restarts (file access times cannot be trusted: `relatime` and `noatime` mounts).
+//! It is a hint, not the truth: sled may lose its last writes in a crash, entries without a
+//! file are dropped at start, and files without an entry count by their modification time.
 
 use std::collections::HashSet;
 use std::fs;
@@ -36,6 +41,8 @@ struct State {
 
 pub(crate) struct DiskCache {
     dir: PathBuf,
+    /// digest → last use (ns since the epoch, big-endian u64).
+    last_use: Option<sled::Db>,
     capacity: u64,
     state: Mutex<State>,
     temp_counter: AtomicU64,
@@ -56,6 +63,7 @@ impl DiskCache {
         }
         fs::create_dir_all(&tmp)?;
         fs::create_dir_all(dir.join("chunks"))?;
+        let last_use = open_index(&dir.join("index"));
         let mut found = Vec::new();
         for shard in fs::read_dir(dir.join("chunks"))? {
             let shard = shard?;
@@ -69,7 +77,13 @@ impl DiskCache {
                 let meta = file.metadata()?;
                 match digest {
                     Some(d) if meta.is_file() => {
-                        let used = meta.accessed().or_else(|_| meta.modified()).ok();
+                        let recorded = last_use.as_ref().and_then(|db| db.get(d.0).ok().flatten());
+                        let used = match recorded {
+                            Some(v) if v.len() == 8 => {
+                                u64::from_be_bytes(v[..].try_into().unwrap())
+                            }
+                            _ => meta.modified().map(nanos_since_epoch).unwrap_or(0),
+                        };
                         found.push((used, d, meta.len()));
                     }
                     _ => {
@@ -80,6 +94,15 @@ impl DiskCache {
         }
         // Oldest first, so the most recently used end up at the front of the LRU.
         found.sort_by_key(|(used, _, _)| *used);
+        if let Some(db) = &last_use {
+            // Forget entries whose files are gone (evicted just before a crash, or removed).
+            let present: HashSet<[u8; 32]> = found.iter().map(|(_, d, _)| d.0).collect();
+            for key in db.iter().keys().flatten() {
+                if key.len() != 32 || !present.contains(&key[..]) {
+                    let _ = db.remove(key);
+                }
+            }
+        }
         let mut state = State {
             lru: LruCache::unbounded(),
             writing: HashSet::new(),
@@ -98,6 +121,7 @@ impl DiskCache {
         }
         let cache = DiskCache {
             dir: dir.to_path_buf(),
+            last_use,
             capacity,
             state: Mutex::new(state),
             temp_counter: AtomicU64::new(0),
@@ -122,6 +146,7 @@ impl DiskCache {
             };
             state.used -= entry.size;
             state.evictions += 1;
+            self.forget_use(&digest);
             if let Err(e) = fs::remove_file(self.path(&digest)) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(chunk = %digest, "evicting chunk file: {e}");
@@ -148,6 +173,7 @@ impl DiskCache {
                 return DiskRead::Miss;
             }
         };
+        self.record_use(digest);
         if !verified {
             if Digest::of(&data) != *digest {
                 tracing::error!(chunk = %digest, path = %self.path(digest).display(),
@@ -166,6 +192,22 @@ impl DiskCache {
         let mut state = self.state.lock().unwrap();
         if let Some(e) = state.lru.pop(digest) {
             state.used -= e.size;
+        }
+        self.forget_use(digest);
+    }
+
+    fn record_use(&self, digest: &Digest) {
+        if let Some(db) = &self.last_use {
+            let now = nanos_since_epoch(std::time::SystemTime::now());
+            if let Err(e) = db.insert(digest.0, &now.to_be_bytes()) {
+                tracing::debug!(chunk = %digest, "recording chunk use: {e}");
+            }
+        }
+    }
+
+    fn forget_use(&self, digest: &Digest) {
+        if let Some(db) = &self.last_use {
+            let _ = db.remove(digest.0);
         }
     }
 
@@ -205,6 +247,8 @@ impl DiskCache {
                 if let Some(old) = state.lru.put(*digest, entry) {
                     state.used -= old.size;
                 }
+                drop(state);
+                self.record_use(digest);
             }
             Err(e) => {
                 tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
@@ -247,6 +291,37 @@ impl DiskCache {
     }
 }
 
+fn nanos_since_epoch(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens the last-use index; a damaged one is thrown away (it is only a hint), and without one
+/// the cache still works, ordered by file times.
+fn open_index(path: &Path) -> Option<sled::Db> {
+    // A small page cache: the index is touched once per chunk read, not scanned.
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(8 << 20)
+            .open()
+    };
+    match open() {
+        Ok(db) => Some(db),
+        Err(e) => {
+            tracing::warn!(
+                "chunk cache index {} is unusable ({e}); starting a new one",
+                path.display()
+            );
+            let _ = fs::remove_dir_all(path);
+            open()
+                .inspect_err(|e| tracing::warn!("chunk cache index disabled: {e}"))
+                .ok()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +356,39 @@ mod tests {
         cache.insert(&Digest::of(&big), &big);
         assert!(du(tmp.path()) <= 3000);
         assert_eq!(cache.used(), du(tmp.path()));
+    }
+
+    #[test]
+    fn least_recently_used_order_survives_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chunks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000]).collect();
+        let d: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
+        {
+            let cache = DiskCache::open(tmp.path(), 3000).unwrap();
+            for i in 0..3 {
+                cache.insert(&d[i], &chunks[i]);
+            }
+            assert!(matches!(cache.read(&d[0]), DiskRead::Hit(_)));
+        }
+        // File times say chunk 0 is the oldest; the index knows it was used last.
+        let hex = d[0].to_hex();
+        let f = fs::File::options()
+            .write(true)
+            .open(tmp.path().join("chunks").join(&hex[..2]).join(&hex))
+            .unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000))
+            .unwrap();
+        drop(f);
+        let cache = DiskCache::open(tmp.path(), 3000).unwrap();
+        cache.insert(&d[3], &chunks[3]);
+        assert!(
+            matches!(cache.read(&d[0]), DiskRead::Hit(_)),
+            "recently used chunk kept"
+        );
+        assert!(
+            matches!(cache.read(&d[1]), DiskRead::Miss),
+            "least recently used chunk evicted"
+        );
     }
 
     #[test]
