@@ -56,29 +56,68 @@ pub enum ChunkError {
     },
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CacheStats {
-    pub requests: u64,
+/// Read counters, for the whole cache and for each mount.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadStats {
+    /// File reads answered (FUSE reads, `cat`).
+    pub reads: u64,
+    /// File bytes handed to readers.
+    pub bytes_served: u64,
+    /// Chunks asked for by reads (readahead not counted).
+    pub chunk_requests: u64,
     pub memory_hits: u64,
     pub disk_hits: u64,
+    /// Chunk requests answered by a store fetch (their own or one they joined).
+    pub store_hits: u64,
     pub store_gets: u64,
     pub store_bytes: u64,
     pub corrupt_chunks: u64,
     pub errors: u64,
+}
+
+/// The whole cache: read counters plus how full it is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    #[serde(flatten)]
+    pub reads: ReadStats,
+    pub memory_used: u64,
+    pub memory_capacity: u64,
     pub disk_used: u64,
     pub disk_capacity: u64,
+    pub disk_chunks: u64,
     pub disk_evictions: u64,
 }
 
 #[derive(Default)]
-struct Counters {
-    requests: AtomicU64,
+pub struct Counters {
+    reads: AtomicU64,
+    bytes_served: AtomicU64,
+    chunk_requests: AtomicU64,
     memory_hits: AtomicU64,
     disk_hits: AtomicU64,
+    store_hits: AtomicU64,
     store_gets: AtomicU64,
     store_bytes: AtomicU64,
     corrupt_chunks: AtomicU64,
     errors: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ReadStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ReadStats {
+            reads: get(&self.reads),
+            bytes_served: get(&self.bytes_served),
+            chunk_requests: get(&self.chunk_requests),
+            memory_hits: get(&self.memory_hits),
+            disk_hits: get(&self.disk_hits),
+            store_hits: get(&self.store_hits),
+            store_gets: get(&self.store_gets),
+            store_bytes: get(&self.store_bytes),
+            corrupt_chunks: get(&self.corrupt_chunks),
+            errors: get(&self.errors),
+        }
+    }
 }
 
 struct MemoryLru {
@@ -108,7 +147,14 @@ impl MemoryLru {
     }
 }
 
-type Fetch = Shared<BoxFuture<'static, Result<Bytes, ChunkError>>>;
+/// Where a fetched chunk came from.
+#[derive(Clone, Copy)]
+enum Origin {
+    Disk,
+    Store,
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<(Bytes, Origin), ChunkError>>>;
 
 struct LeaveInflight(Arc<ChunkCache>, Digest);
 
@@ -118,8 +164,9 @@ impl Drop for LeaveInflight {
     }
 }
 
+/// The host's chunk cache, shared by every mount whatever store it reads from: chunks are
+/// named by their content, so a chunk fetched for one store serves any other that names it.
 pub struct ChunkCache {
-    store: Arc<dyn Store>,
     disk: Option<DiskCache>,
     memory: Mutex<MemoryLru>,
     inflight: Mutex<HashMap<Digest, Fetch>>,
@@ -131,14 +178,75 @@ pub struct ChunkCache {
 /// Background fetches in flight at most.
 const PREFETCH_BUDGET: usize = 16;
 
+/// One mount's way into the shared cache: the store its chunks come from and its own counters.
+#[derive(Clone)]
+pub struct ChunkReader {
+    cache: Arc<ChunkCache>,
+    store: Arc<dyn Store>,
+    counters: Arc<Counters>,
+}
+
+impl ChunkReader {
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// The plain bytes of chunk `digest`, which must be `len` bytes long.
+    pub async fn get(&self, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
+        self.cache.get(self, digest, len, true).await
+    }
+
+    /// Starts fetching a chunk in the background (readahead); errors are left for the reader
+    /// that eventually asks for it. Background fetches have a budget of their own: when it is
+    /// spent the prefetch is skipped, so readahead never queues ahead of reads a function is
+    /// waiting on.
+    pub fn prefetch(&self, digest: Digest, len: u32) {
+        if self.cache.memory.lock().unwrap().lru.contains(&digest) {
+            return;
+        }
+        let Ok(permit) = self.cache.prefetch_budget.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _ = this.cache.get(&this, digest, len, false).await;
+            drop(permit);
+        });
+    }
+
+    /// Counts one file read of `bytes` bytes answered.
+    pub fn record_read(&self, bytes: u64) {
+        self.bump(|c| &c.reads, 1);
+        self.bump(|c| &c.bytes_served, bytes);
+    }
+
+    /// Counts a failed file read that never reached the cache (bad range, missing entry).
+    pub fn record_error(&self) {
+        self.bump(|c| &c.errors, 1);
+    }
+
+    pub fn stats(&self) -> ReadStats {
+        self.counters.snapshot()
+    }
+
+    /// Adds to a counter of this reader and of the whole cache.
+    fn bump(&self, field: impl Fn(&Counters) -> &AtomicU64, n: u64) {
+        field(&self.counters).fetch_add(n, Ordering::Relaxed);
+        field(&self.cache.counters).fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 impl ChunkCache {
-    pub fn new(store: Arc<dyn Store>, config: &CacheConfig) -> std::io::Result<Arc<ChunkCache>> {
+    pub fn new(config: &CacheConfig) -> std::io::Result<Arc<ChunkCache>> {
         let disk = match &config.disk_dir {
             Some(dir) => Some(DiskCache::open(dir, config.disk_capacity)?),
             None => None,
         };
         Ok(Arc::new(ChunkCache {
-            store,
             disk,
             memory: Mutex::new(MemoryLru {
                 lru: LruCache::unbounded(),
@@ -152,35 +260,52 @@ impl ChunkCache {
         }))
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// A reader of chunks from `store` through this cache, with counters of its own.
+    pub fn reader(self: &Arc<Self>, store: Arc<dyn Store>) -> ChunkReader {
+        ChunkReader {
+            cache: Arc::clone(self),
+            store,
+            counters: Arc::new(Counters::default()),
+        }
     }
 
-    /// The plain bytes of chunk `digest`, which must be `len` bytes long.
-    pub async fn get(self: &Arc<Self>, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+    /// `counted`: a read a function waits on (not readahead), counted as a request and a hit.
+    async fn get(
+        self: &Arc<Self>,
+        reader: &ChunkReader,
+        digest: Digest,
+        len: u32,
+        counted: bool,
+    ) -> Result<Bytes, ChunkError> {
+        let count = |field: fn(&Counters) -> &AtomicU64| {
+            if counted {
+                reader.bump(field, 1);
+            }
+        };
+        count(|c| &c.chunk_requests);
         if let Some(data) = self.memory.lock().unwrap().get(&digest) {
-            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return self.check_len(digest, len, data);
+            count(|c| &c.memory_hits);
+            return check_len(reader, digest, len, data);
         }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap();
             // Re-check memory under the in-flight lock: a fetch that just finished inserted
             // its chunk before leaving the in-flight table.
             if let Some(data) = self.memory.lock().unwrap().get(&digest) {
-                self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
-                return self.check_len(digest, len, data);
+                count(|c| &c.memory_hits);
+                return check_len(reader, digest, len, data);
             }
             inflight
                 .entry(digest)
                 .or_insert_with(|| {
                     let this = Arc::clone(self);
+                    let leader = reader.clone();
                     let task = tokio::spawn(async move {
                         // Leave the in-flight table however the fetch ends (even by a panic),
                         // so a failed fetch is tried afresh by the next reader.
                         let _leave = LeaveInflight(Arc::clone(&this), digest);
-                        let result = this.load(digest, len).await;
-                        if let Ok(data) = &result {
+                        let result = this.load(&leader, digest, len).await;
+                        if let Ok((data, _)) = &result {
                             this.memory.lock().unwrap().insert(digest, data.clone());
                         }
                         result
@@ -198,65 +323,46 @@ impl ChunkCache {
                 })
                 .clone()
         };
-        let result = fetch
-            .await
-            .and_then(|data| self.check_len(digest, len, data));
+        let result = match fetch.await {
+            Ok((data, origin)) => {
+                count(match origin {
+                    Origin::Disk => |c| &c.disk_hits,
+                    Origin::Store => |c| &c.store_hits,
+                });
+                check_len(reader, digest, len, data)
+            }
+            Err(e) => Err(e),
+        };
         if result.is_err() {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            count(|c| &c.errors);
         }
         result
     }
 
-    /// A manifest may claim two lengths for one chunk; cached bytes are only served to a
-    /// caller that expects their length, so no reader slices past what it got.
-    fn check_len(&self, digest: Digest, len: u32, data: Bytes) -> Result<Bytes, ChunkError> {
-        if data.len() == len as usize {
-            return Ok(data);
-        }
-        Err(ChunkError::Corrupt {
-            digest,
-            store: self.store.url().to_string(),
-            reason: format!("the layer says {len} bytes, the chunk has {}", data.len()),
-        })
-    }
-
-    /// Starts fetching a chunk in the background (readahead); errors are left for the reader
-    /// that eventually asks for it. Background fetches have a budget of their own: when it is
-    /// spent the prefetch is skipped, so readahead never queues ahead of reads a function is
-    /// waiting on.
-    pub fn prefetch(self: &Arc<Self>, digest: Digest, len: u32) {
-        if self.memory.lock().unwrap().lru.contains(&digest) {
-            return;
-        }
-        let Ok(permit) = self.prefetch_budget.clone().try_acquire_owned() else {
-            return;
-        };
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let _ = this.get(digest, len).await;
-            drop(permit);
-        });
-    }
-
-    async fn load(self: &Arc<Self>, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
+    async fn load(
+        self: &Arc<Self>,
+        reader: &ChunkReader,
+        digest: Digest,
+        len: u32,
+    ) -> Result<(Bytes, Origin), ChunkError> {
         if self.disk.is_some() {
             let this = Arc::clone(self);
             let read =
                 tokio::task::spawn_blocking(move || this.disk.as_ref().map(|d| d.read(&digest)))
                     .await
-                    .unwrap_or_else(|e| panic!("disk cache read task failed: {e}"));
+                    .map_err(|e| ChunkError::Failed {
+                        digest,
+                        reason: format!("disk cache read task failed: {e}"),
+                    })?;
             match read {
                 Some(DiskRead::Hit(data)) if data.len() == len as usize => {
-                    self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Bytes::from(data));
+                    return Ok((Bytes::from(data), Origin::Disk));
                 }
-                Some(DiskRead::Corrupt) => {
-                    self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
-                }
+                Some(DiskRead::Corrupt) => reader.bump(|c| &c.corrupt_chunks, 1),
                 _ => {}
             }
         }
-        let data = self.fetch_verified(digest, len).await?;
+        let data = self.fetch_verified(reader, digest, len).await?;
         if self.disk.is_some() {
             let this = Arc::clone(self);
             let copy = data.clone();
@@ -268,20 +374,24 @@ impl ChunkCache {
                 }
             });
         }
-        Ok(data)
+        Ok((data, Origin::Store))
     }
 
     /// GETs the chunk and verifies it, trying once more if the bytes are wrong (a corrupt
     /// object in the store stays corrupt, but a damaged transfer does not).
-    async fn fetch_verified(&self, digest: Digest, len: u32) -> Result<Bytes, ChunkError> {
+    async fn fetch_verified(
+        &self,
+        reader: &ChunkReader,
+        digest: Digest,
+        len: u32,
+    ) -> Result<Bytes, ChunkError> {
         let key = chunk_key(&digest);
+        let store = reader.store.url();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let object = self.get_with_retries(digest, &key).await?;
-            self.counters
-                .store_bytes
-                .fetch_add(object.len() as u64, Ordering::Relaxed);
+            let object = self.get_with_retries(reader, digest, &key).await?;
+            reader.bump(|c| &c.store_bytes, object.len() as u64);
             let verified = tokio::task::spawn_blocking(move || {
                 blob::decode_verified(&object, &digest, len as usize)
                     .map_err(|e| e.to_string())
@@ -294,17 +404,17 @@ impl ChunkCache {
                     })
             })
             .await
-            .unwrap_or_else(|e| panic!("chunk verification task failed: {e}"));
+            .unwrap_or_else(|e| Err(format!("verification task failed: {e}")));
             match verified {
                 Ok(plain) => return Ok(Bytes::from(plain)),
                 Err(reason) => {
-                    self.counters.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(chunk = %digest, store = %self.store.url(), attempt,
+                    reader.bump(|c| &c.corrupt_chunks, 1);
+                    tracing::error!(chunk = %digest, store, attempt,
                         "chunk from store failed verification: {reason}");
                     if attempt >= 2 {
                         return Err(ChunkError::Corrupt {
                             digest,
-                            store: self.store.url().to_string(),
+                            store: store.to_string(),
                             reason,
                         });
                     }
@@ -316,13 +426,18 @@ impl ChunkCache {
     /// GETs a chunk object, retrying store trouble (outages, timeouts, 5xx) with backoff
     /// until the fetch deadline, so a store that comes back in time only delays the read and
     /// one that does not fails it instead of hanging it. A missing object is not retried.
-    async fn get_with_retries(&self, digest: Digest, key: &str) -> Result<Bytes, ChunkError> {
+    async fn get_with_retries(
+        &self,
+        reader: &ChunkReader,
+        digest: Digest,
+        key: &str,
+    ) -> Result<Bytes, ChunkError> {
         let deadline = Instant::now() + self.fetch_deadline;
         let mut backoff = Duration::from_millis(200);
         loop {
-            self.counters.store_gets.fetch_add(1, Ordering::Relaxed);
+            reader.bump(|c| &c.store_gets, 1);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let last_error = match tokio::time::timeout(remaining, self.store.get(key)).await {
+            let last_error = match tokio::time::timeout(remaining, reader.store.get(key)).await {
                 Ok(Ok(object)) => return Ok(object),
                 Ok(Err(e)) if e.kind != StoreErrorKind::Io => {
                     return Err(ChunkError::Store {
@@ -336,7 +451,7 @@ impl ChunkCache {
             if Instant::now() + backoff >= deadline {
                 return Err(ChunkError::Timeout {
                     digest,
-                    store: self.store.url().to_string(),
+                    store: reader.store.url().to_string(),
                     after: self.fetch_deadline,
                     last_error,
                 });
@@ -348,20 +463,35 @@ impl ChunkCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        let c = &self.counters;
+        let memory = self.memory.lock().unwrap();
         CacheStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            memory_hits: c.memory_hits.load(Ordering::Relaxed),
-            disk_hits: c.disk_hits.load(Ordering::Relaxed),
-            store_gets: c.store_gets.load(Ordering::Relaxed),
-            store_bytes: c.store_bytes.load(Ordering::Relaxed),
-            corrupt_chunks: c.corrupt_chunks.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
+            reads: self.counters.snapshot(),
+            memory_used: memory.used,
+            memory_capacity: memory.capacity,
             disk_used: self.disk.as_ref().map_or(0, |d| d.used()),
             disk_capacity: self.disk.as_ref().map_or(0, |d| d.capacity()),
+            disk_chunks: self.disk.as_ref().map_or(0, |d| d.chunks()),
             disk_evictions: self.disk.as_ref().map_or(0, |d| d.evictions()),
         }
     }
+}
+
+/// A manifest may claim two lengths for one chunk; cached bytes are only served to a caller
+/// that expects their length, so no reader slices past what it got.
+fn check_len(
+    reader: &ChunkReader,
+    digest: Digest,
+    len: u32,
+    data: Bytes,
+) -> Result<Bytes, ChunkError> {
+    if data.len() == len as usize {
+        return Ok(data);
+    }
+    Err(ChunkError::Corrupt {
+        digest,
+        store: reader.store.url().to_string(),
+        reason: format!("the layer says {len} bytes, the chunk has {}", data.len()),
+    })
 }
 
 #[cfg(test)]
@@ -369,7 +499,7 @@ mod tests {
     use super::*;
     use crate::store::local::LocalStore;
 
-    async fn setup(chunks: &[Vec<u8>]) -> (tempfile::TempDir, Arc<ChunkCache>) {
+    async fn setup(chunks: &[Vec<u8>]) -> (tempfile::TempDir, ChunkReader) {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("store");
         let store = LocalStore::open("test", root.to_str().unwrap()).unwrap();
@@ -379,17 +509,14 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let cache = ChunkCache::new(
-            Arc::new(store),
-            &CacheConfig {
-                disk_dir: Some(tmp.path().join("cache")),
-                disk_capacity: 1 << 20,
-                memory_capacity: 1 << 20,
-                fetch_deadline: DEFAULT_FETCH_DEADLINE,
-            },
-        )
+        let cache = ChunkCache::new(&CacheConfig {
+            disk_dir: Some(tmp.path().join("cache")),
+            disk_capacity: 1 << 20,
+            memory_capacity: 1 << 20,
+            fetch_deadline: DEFAULT_FETCH_DEADLINE,
+        })
         .unwrap();
-        (tmp, cache)
+        (tmp, cache.reader(Arc::new(store)))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -407,6 +534,8 @@ mod tests {
             assert_eq!(r.await.unwrap(), chunk);
         }
         assert_eq!(cache.stats().store_gets, 1);
+        assert_eq!(cache.stats().store_hits, 16);
+        assert_eq!(cache.cache().stats().reads.store_gets, 1);
     }
 
     /// Regression: a manifest that gives one chunk two lengths got the cached bytes of the

@@ -14,7 +14,7 @@
 //! It is a hint, not the truth: sled may lose its last writes in a crash, entries without a
 //! file are dropped at start, and files without an entry count by their modification time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,8 @@ struct State {
     lru: LruCache<Digest, Entry>,
     /// Chunks whose files are being written (space reserved, not yet in `lru`).
     writing: HashSet<Digest>,
+    /// Chunks being read right now, with their reader counts: eviction passes over them.
+    pinned: HashMap<Digest, u32>,
     used: u64,
     evictions: u64,
 }
@@ -106,6 +108,7 @@ impl DiskCache {
         let mut state = State {
             lru: LruCache::unbounded(),
             writing: HashSet::new(),
+            pinned: HashMap::new(),
             used: 0,
             evictions: 0,
         };
@@ -138,12 +141,18 @@ impl DiskCache {
         self.dir.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    /// Evicts least recently used chunks until `incoming` more bytes fit.
+    /// Evicts least recently used chunks until `incoming` more bytes fit. Pinned chunks (being
+    /// read) stay, at the cold end.
     fn evict_until(&self, state: &mut State, incoming: u64) {
+        let mut passed_over = Vec::new();
         while state.used + incoming > self.capacity {
             let Some((digest, entry)) = state.lru.pop_lru() else {
                 break;
             };
+            if state.pinned.contains_key(&digest) {
+                passed_over.push((digest, entry));
+                continue;
+            }
             state.used -= entry.size;
             state.evictions += 1;
             self.forget_use(&digest);
@@ -153,16 +162,34 @@ impl DiskCache {
                 }
             }
         }
+        for (digest, entry) in passed_over {
+            state.lru.push(digest, entry);
+            state.lru.demote(&digest);
+        }
     }
 
     pub(crate) fn read(&self, digest: &Digest) -> DiskRead {
         let verified = {
             let mut state = self.state.lock().unwrap();
-            match state.lru.get(digest) {
+            let verified = match state.lru.get(digest) {
                 Some(e) => e.verified,
                 None => return DiskRead::Miss,
-            }
+            };
+            *state.pinned.entry(*digest).or_insert(0) += 1;
+            verified
         };
+        let result = self.read_pinned(digest, verified);
+        let mut state = self.state.lock().unwrap();
+        if let Some(n) = state.pinned.get_mut(digest) {
+            *n -= 1;
+            if *n == 0 {
+                state.pinned.remove(digest);
+            }
+        }
+        result
+    }
+
+    fn read_pinned(&self, digest: &Digest, verified: bool) -> DiskRead {
         let data = match fs::read(self.path(digest)) {
             Ok(d) => d,
             Err(e) => {
@@ -280,6 +307,10 @@ impl DiskCache {
 
     pub(crate) fn used(&self) -> u64 {
         self.state.lock().unwrap().used
+    }
+
+    pub(crate) fn chunks(&self) -> u64 {
+        self.state.lock().unwrap().lru.len() as u64
     }
 
     pub(crate) fn evictions(&self) -> u64 {

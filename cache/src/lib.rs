@@ -14,7 +14,9 @@ mod digest;
 mod disk_cache;
 pub mod store;
 
-pub use chunk_cache::{CacheConfig, CacheStats, ChunkCache, ChunkError, DEFAULT_FETCH_DEADLINE};
+pub use chunk_cache::{
+    CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats, DEFAULT_FETCH_DEADLINE,
+};
 pub use digest::{Digest, DigestParseError};
 pub use store::{open_store, Store, StoreError, StoreErrorKind, StoreOptions, Version};
 

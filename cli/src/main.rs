@@ -2,6 +2,7 @@
 //! done by `strata-fs` and `strata-cache`.
 
 mod cmd;
+mod daemon;
 mod units;
 
 use std::path::PathBuf;
@@ -32,12 +33,21 @@ pub struct GlobalArgs {
     /// single writer updates refs in the store.
     #[arg(long, global = true, env = "STRATA_SINGLE_WRITER")]
     single_writer: bool,
+    /// The daemon's control socket [default: /run/strata/daemon.sock as root].
+    #[arg(long, global = true, env = "STRATA_SOCKET")]
+    socket: Option<PathBuf>,
     /// More log output (-v info, -vv debug); `STRATA_LOG` takes a tracing filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 }
 
 impl GlobalArgs {
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(daemon::protocol::default_socket)
+    }
+
     fn store_options(&self) -> cache::StoreOptions {
         cache::StoreOptions {
             endpoint_url: self.endpoint_url.clone(),
@@ -57,10 +67,16 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Print one file of a dataset to stdout, without mounting.
     Cat(cmd::cat::CatArgs),
-    /// Mount datasets read-only at MOUNTPOINT.
+    /// Mount datasets read-only at MOUNTPOINT, through the daemon (or --foreground).
     Mount(cmd::mount::MountArgs),
     /// Unmount a strata mount.
     Unmount(cmd::mount::UnmountArgs),
+    /// Run the host daemon: one chunk cache shared by every mount on this host.
+    Daemon(cmd::daemon::DaemonArgs),
+    /// List the daemon's mounts.
+    Mounts(cmd::status::MountsArgs),
+    /// Cache and read counters of the daemon, in total and per mount.
+    Stats(cmd::status::StatsArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -76,6 +92,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -101,7 +118,10 @@ fn main() -> ExitCode {
             Command::Inspect(a) => cmd::inspect::run(&g, a).await,
             Command::Cat(a) => cmd::cat::run(&g, a).await,
             Command::Mount(a) => cmd::mount::run(&g, a).await,
-            Command::Unmount(a) => cmd::mount::unmount(a).await,
+            Command::Unmount(a) => cmd::mount::unmount(&g, a).await,
+            Command::Daemon(a) => cmd::daemon::run(&g, a).await,
+            Command::Mounts(a) => cmd::status::mounts(&g, a).await,
+            Command::Stats(a) => cmd::status::stats(&g, a).await,
         }
     });
     // Background fetches may still be running; do not wait for them.

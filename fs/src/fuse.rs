@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -495,24 +495,51 @@ pub fn resolve_mountpoint(path: &Path) -> std::io::Result<std::path::PathBuf> {
     }
 }
 
-/// Whether `path` is a strata FUSE mount (live or stale), per /proc/self/mountinfo.
+/// Every strata FUSE mount (live or stale) in this mount namespace, per /proc/self/mountinfo.
+pub fn strata_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let (mp, fstype, source) = (fields.get(4)?, fields.get(sep + 1)?, fields.get(sep + 2)?);
+            // Depending on how it was mounted the type is `fuse.strata`, or `fuse` with source
+            // `strata`.
+            let ours =
+                *fstype == "fuse.strata" || (fstype.starts_with("fuse") && *source == "strata");
+            ours.then(|| {
+                std::path::PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(mp)))
+            })
+        })
+        .collect())
+}
+
+/// Whether `path` is a strata FUSE mount (live or stale).
 pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
     let wanted = resolve_mountpoint(path)?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(info.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            return false;
-        };
-        let (Some(mp), Some(fstype), Some(source)) =
-            (fields.get(4), fields.get(sep + 1), fields.get(sep + 2))
-        else {
-            return false;
-        };
-        // Depending on how it was mounted the type is `fuse.strata`, or `fuse` with source `strata`.
-        let ours = *fstype == "fuse.strata" || (fstype.starts_with("fuse") && *source == "strata");
-        ours && unescape_mountinfo(mp) == wanted.as_os_str().as_bytes()
-    }))
+    Ok(strata_mounts()?.contains(&wanted))
+}
+
+/// Whether the process serving the mount at `path` is gone ("transport endpoint is not
+/// connected").
+pub fn is_stale_mount(path: &Path) -> bool {
+    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+/// Detaches every strata mount whose serving process is gone (a crashed daemon leaves them
+/// behind); returns the ones cleaned up. Live mounts, ours or another process's, are left.
+pub fn clean_stale_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut cleaned = Vec::new();
+    for mp in strata_mounts()? {
+        if is_stale_mount(&mp) {
+            match unmount(&mp, true) {
+                Ok(()) => cleaned.push(mp),
+                Err(e) => tracing::warn!("cleaning up stale mount {}: {e}", mp.display()),
+            }
+        }
+    }
+    Ok(cleaned)
 }
 
 /// Unmounts a strata mount. `lazy` detaches it even while files are open (MNT_DETACH).

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use cache::{blob, ChunkCache, Digest, Store};
+use cache::{blob, ChunkReader, Digest, Store};
 
 use crate::error::{FsError, FsResult};
 use crate::manifest::{Entry, Manifest, ManifestBytes, MAX_MANIFEST_LEN};
@@ -100,7 +100,7 @@ impl Layer {
     /// background.
     pub async fn read(
         &self,
-        cache: &Arc<ChunkCache>,
+        cache: &ChunkReader,
         e: &Entry<'_>,
         offset: u64,
         size: u32,

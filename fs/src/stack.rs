@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use cache::ChunkCache;
+use cache::ChunkReader;
 use lru::LruCache;
 
 use crate::error::{FsError, FsResult};
@@ -77,7 +77,7 @@ pub struct DirEntry {
 
 pub struct LayerStack {
     layers: Vec<Layer>,
-    cache: Arc<ChunkCache>,
+    cache: ChunkReader,
     /// The root's sources: every layer's root from the top down to the first opaque one.
     root_sources: Vec<Source>,
     merged_dirs: Mutex<LruCache<u64, Arc<Vec<Source>>>>,
@@ -108,7 +108,7 @@ fn not_found(what: impl std::fmt::Display) -> FsError {
 
 impl LayerStack {
     /// `layers` bottom to top.
-    pub fn new(layers: Vec<Layer>, cache: Arc<ChunkCache>) -> FsResult<LayerStack> {
+    pub fn new(layers: Vec<Layer>, cache: ChunkReader) -> FsResult<LayerStack> {
         if layers.is_empty() || layers.len() > u16::MAX as usize {
             return Err(FsError::InvalidInput(
                 "a mount needs 1 to 65535 layers".into(),
@@ -138,7 +138,7 @@ impl LayerStack {
         &self.layers
     }
 
-    pub fn cache(&self) -> &Arc<ChunkCache> {
+    pub fn cache(&self) -> &ChunkReader {
         &self.cache
     }
 
@@ -341,7 +341,12 @@ impl LayerStack {
             ));
         }
         let readahead = self.readahead_window(ino, offset, size);
-        layer.read(&self.cache, &e, offset, size, readahead).await
+        let data = layer.read(&self.cache, &e, offset, size, readahead).await;
+        match &data {
+            Ok(bytes) => self.cache.record_read(bytes.len() as u64),
+            Err(_) => self.cache.record_error(),
+        }
+        data
     }
 
     fn readahead_window(&self, ino: u64, offset: u64, size: u32) -> usize {
@@ -390,7 +395,7 @@ mod tests {
     use super::*;
     use crate::publish::{publish, PublishOptions};
     use crate::refs::{self, DatasetRef};
-    use cache::{open_store, CacheConfig, StoreOptions};
+    use cache::{open_store, CacheConfig, ChunkCache, StoreOptions};
     use std::path::Path;
 
     fn write(root: &Path, rel: &str, data: &[u8]) {
@@ -421,16 +426,14 @@ mod tests {
             let digest = refs::resolve(&store, &r).await.unwrap();
             layers.push(Layer::load(&store, digest, None).await.unwrap());
         }
-        let cache = ChunkCache::new(
-            store,
-            &CacheConfig {
-                disk_dir: None,
-                disk_capacity: 0,
-                memory_capacity: 1 << 20,
-                fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
-            },
-        )
-        .unwrap();
+        let cache = ChunkCache::new(&CacheConfig {
+            disk_dir: None,
+            disk_capacity: 0,
+            memory_capacity: 1 << 20,
+            fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
+        })
+        .unwrap()
+        .reader(store);
         LayerStack::new(layers, cache).unwrap()
     }
 

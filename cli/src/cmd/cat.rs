@@ -23,15 +23,13 @@ const PIECE: u32 = 4 << 20;
 pub async fn run(g: &GlobalArgs, a: CatArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
     let layers = super::load_layers(&store, std::slice::from_ref(&a.dataset), None).await?;
-    let cache = ChunkCache::new(
-        store,
-        &CacheConfig {
-            disk_dir: None,
-            disk_capacity: 0,
-            memory_capacity: 64 << 20,
-            fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
-        },
-    )?;
+    let cache = ChunkCache::new(&CacheConfig {
+        disk_dir: None,
+        disk_capacity: 0,
+        memory_capacity: 64 << 20,
+        fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
+    })?
+    .reader(store);
     let stack = LayerStack::new(layers, cache)?;
     let mut ino = ROOT_INO;
     let mut kind = FileKind::Dir;

@@ -1,8 +1,10 @@
 pub mod cat;
+pub mod daemon;
 pub mod inspect;
 pub mod ls;
 pub mod mount;
 pub mod publish;
+pub mod status;
 
 use std::sync::Arc;
 

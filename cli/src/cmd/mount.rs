@@ -9,6 +9,7 @@ use cache::{CacheConfig, ChunkCache};
 use clap::Args;
 use strata_fs::stack::LayerStack;
 
+use crate::daemon::protocol::{self, MountInfo, MountSpec, Request};
 use crate::units::{parse_duration, parse_size};
 use crate::GlobalArgs;
 
@@ -21,20 +22,24 @@ pub struct MountArgs {
     /// Dataset to mount, NAME:TAG or NAME@blake3:…; repeat to stack layers (the last is on top).
     #[arg(long = "layer", required = true)]
     layers: Vec<String>,
-    /// Serve the mount from this process until it is unmounted or signalled.
+    /// Serve the mount from this process (no daemon) until it is unmounted or signalled.
     #[arg(long)]
     foreground: bool,
-    /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
+    /// Print the mount's details as JSON (daemon mounts).
+    #[arg(long)]
+    json: bool,
+    /// With --foreground: chunk and manifest cache directory [default: /var/cache/strata as
+    /// root, else ~/.cache/strata].
     #[arg(long, env = "STRATA_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-    /// Hard cap on the chunk bytes kept under --cache-dir.
+    /// With --foreground: hard cap on the chunk bytes kept under --cache-dir.
     #[arg(long, env = "STRATA_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
     cache_size: u64,
-    /// Cap on hot chunks kept in memory.
+    /// With --foreground: cap on hot chunks kept in memory.
     #[arg(long, env = "STRATA_MEMORY_CACHE_SIZE", default_value = "256M", value_parser = parse_size)]
     memory_cache_size: u64,
-    /// How long a read waits for an unreachable store (retrying with backoff) before it fails
-    /// with EIO.
+    /// With --foreground: how long a read waits for an unreachable store (retrying with
+    /// backoff) before it fails with EIO.
     #[arg(long, env = "STRATA_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     read_timeout: std::time::Duration,
 }
@@ -47,9 +52,8 @@ pub struct UnmountArgs {
     lazy: bool,
 }
 
-/// One process per cache directory: the index lives in the process (the host daemon will be
-/// the one owner when it runs).
-fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
+/// One process per cache directory: the index lives in the process that owns it.
+pub fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
     fs::create_dir_all(dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
     let lock_path = dir.join("lock");
     let f = OpenOptions::new()
@@ -61,7 +65,8 @@ fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
     // SAFETY: flock on an fd we own; released when the process exits.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
-            "cache dir {} is in use by another strata process; give this mount its own --cache-dir",
+            "cache dir {} is in use by another strata process (a daemon, or a foreground mount); \
+             mount through the daemon, or give this process its own --cache-dir",
             dir.display()
         );
     }
@@ -69,26 +74,24 @@ fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
 }
 
 pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
-    if !a.foreground {
-        bail!("mounting through the host daemon is not available yet; pass --foreground to serve the mount from this process");
-    }
     strata_fs::fuse::check_mountpoint(&a.mountpoint)?;
     let mountpoint =
         strata_fs::fuse::resolve_mountpoint(&a.mountpoint).context("resolving the mountpoint")?;
+    if !a.foreground {
+        return mount_through_daemon(g, a, mountpoint).await;
+    }
     let cache_dir = a.cache_dir.clone().unwrap_or_else(crate::default_cache_dir);
     let _lock = lock_cache_dir(&cache_dir)?;
     let store = super::open_store(g, &a.store).await?;
     let layers = super::load_layers(&store, &a.layers, Some(&cache_dir)).await?;
-    let cache = ChunkCache::new(
-        store,
-        &CacheConfig {
-            disk_dir: Some(cache_dir.clone()),
-            disk_capacity: a.cache_size,
-            memory_capacity: a.memory_cache_size,
-            fetch_deadline: a.read_timeout,
-        },
-    )
-    .with_context(|| format!("opening cache dir {}", cache_dir.display()))?;
+    let cache = ChunkCache::new(&CacheConfig {
+        disk_dir: Some(cache_dir.clone()),
+        disk_capacity: a.cache_size,
+        memory_capacity: a.memory_cache_size,
+        fetch_deadline: a.read_timeout,
+    })
+    .with_context(|| format!("opening cache dir {}", cache_dir.display()))?
+    .reader(store);
     let stack = Arc::new(LayerStack::new(layers, cache)?);
     let session = strata_fs::fuse::mount(stack, &mountpoint, tokio::runtime::Handle::current())?;
     tracing::info!(
@@ -128,9 +131,56 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn unmount(a: UnmountArgs) -> anyhow::Result<()> {
+async fn mount_through_daemon(
+    g: &GlobalArgs,
+    a: MountArgs,
+    mountpoint: PathBuf,
+) -> anyhow::Result<()> {
+    let request = Request::Mount(MountSpec {
+        store: a.store,
+        endpoint_url: g.endpoint_url.clone(),
+        layers: a.layers,
+        mountpoint,
+    });
+    let info: MountInfo = protocol::call(&g.socket(), &request).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        let layers: Vec<&str> = info.layers.iter().map(|l| l.dataset.as_str()).collect();
+        println!(
+            "mounted {} at {}",
+            layers.join(" + "),
+            info.mountpoint.display()
+        );
+    }
+    Ok(())
+}
+
+/// Unmounts through the daemon when it holds the mount (so it forgets it at once), else
+/// directly (foreground mounts, or mounts of a daemon that is gone).
+pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
     let mountpoint = strata_fs::fuse::resolve_mountpoint(&a.mountpoint)
         .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
+    let socket = g.socket();
+    if socket.exists() {
+        let request = Request::Unmount {
+            mountpoint: mountpoint.clone(),
+            lazy: a.lazy,
+        };
+        match protocol::call::<MountInfo>(&socket, &request).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.downcast_ref::<protocol::DaemonError>().is_some() => {
+                if strata_fs::fuse::is_strata_mount(&mountpoint).unwrap_or(false)
+                    && e.to_string().contains("not mounted by this daemon")
+                {
+                    tracing::debug!("{e}; unmounting directly");
+                } else {
+                    return Err(e);
+                }
+            }
+            Err(e) => tracing::debug!("{e:#}; unmounting directly"),
+        }
+    }
     strata_fs::fuse::unmount(&mountpoint, a.lazy)?;
     Ok(())
 }

@@ -1,0 +1,113 @@
+//! `strata daemon`: flags, environment and config file merged, then the host daemon runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+use crate::daemon::server::{Daemon, DaemonConfig};
+use crate::units::{parse_duration, parse_size};
+use crate::GlobalArgs;
+
+/// Flags win over the environment, which wins over the config file, which wins over defaults.
+#[derive(Args)]
+pub struct DaemonArgs {
+    /// TOML file with any of: cache_dir, cache_size, memory_cache_size, read_timeout, socket,
+    /// endpoint_url.
+    #[arg(long, env = "STRATA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
+    #[arg(long, env = "STRATA_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Hard cap on the chunk bytes kept under the cache dir [default: 10G].
+    #[arg(long, env = "STRATA_CACHE_SIZE", value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Cap on hot chunks kept in memory [default: 256M].
+    #[arg(long, env = "STRATA_MEMORY_CACHE_SIZE", value_parser = parse_size)]
+    memory_cache_size: Option<u64>,
+    /// How long a read waits for an unreachable store before it fails with EIO [default: 60s].
+    #[arg(long, env = "STRATA_READ_TIMEOUT", value_parser = parse_duration)]
+    read_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    cache_dir: Option<PathBuf>,
+    cache_size: Option<String>,
+    memory_cache_size: Option<String>,
+    read_timeout: Option<String>,
+    socket: Option<PathBuf>,
+    endpoint_url: Option<String>,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// Parses a config-file value with the same syntax as its flag.
+fn from_file<T>(
+    value: Option<String>,
+    key: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> anyhow::Result<Option<T>> {
+    value
+        .map(|v| parse(&v).map_err(|e| anyhow::anyhow!("config file: {key} = {v:?}: {e}")))
+        .transpose()
+}
+
+pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
+    let file = match &a.config {
+        Some(path) => read_config(path)?,
+        None => ConfigFile::default(),
+    };
+    let mut store_options = g.store_options();
+    if store_options.endpoint_url.is_none() {
+        store_options.endpoint_url = file.endpoint_url;
+    }
+    Ok(DaemonConfig {
+        cache_dir: a
+            .cache_dir
+            .or(file.cache_dir)
+            .unwrap_or_else(crate::default_cache_dir),
+        cache_size: a
+            .cache_size
+            .or(from_file(file.cache_size, "cache_size", parse_size)?)
+            .unwrap_or(10 << 30),
+        memory_cache_size: a
+            .memory_cache_size
+            .or(from_file(
+                file.memory_cache_size,
+                "memory_cache_size",
+                parse_size,
+            )?)
+            .unwrap_or(256 << 20),
+        read_timeout: a
+            .read_timeout
+            .or(from_file(
+                file.read_timeout,
+                "read_timeout",
+                parse_duration,
+            )?)
+            .unwrap_or(cache::DEFAULT_FETCH_DEADLINE),
+        socket: g
+            .socket
+            .clone()
+            .or(file.socket)
+            .unwrap_or_else(crate::daemon::protocol::default_socket),
+        store_options,
+    })
+}
+
+pub async fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
+    let config = config(g, a)?;
+    // One owner per cache dir: a foreground mount or a second daemon would fight over it.
+    let _lock = super::mount::lock_cache_dir(&config.cache_dir)?;
+    let daemon = Arc::new(Daemon::start(config)?);
+    daemon.serve().await
+}

@@ -1,0 +1,109 @@
+//! `strata mounts` and `strata stats`: what the daemon serves and how its cache is doing.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use cache::ReadStats;
+use clap::Args;
+
+use crate::daemon::protocol::{self, MountInfo, Request, StatsReply};
+use crate::units::human;
+use crate::GlobalArgs;
+
+#[derive(Args)]
+pub struct MountsArgs {
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Only this mount (the total is still shown).
+    mountpoint: Option<PathBuf>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
+    let mounts: Vec<MountInfo> = protocol::call(&g.socket(), &Request::Mounts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&mounts)?);
+        return Ok(());
+    }
+    if mounts.is_empty() {
+        println!("no mounts");
+        return Ok(());
+    }
+    for m in &mounts {
+        let layers: Vec<&str> = m.layers.iter().map(|l| l.dataset.as_str()).collect();
+        println!(
+            "{}\t{}\t{}",
+            m.mountpoint.display(),
+            m.store,
+            layers.join(" + ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
+    let mut reply: StatsReply = protocol::call(&g.socket(), &Request::Stats).await?;
+    if let Some(mp) = &a.mountpoint {
+        let mp = strata_fs::fuse::resolve_mountpoint(mp)?;
+        reply.mounts.retain(|m| m.mount.mountpoint == mp);
+        if reply.mounts.is_empty() {
+            bail!("{} is not mounted by the daemon", mp.display());
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    let t = &reply.total;
+    println!(
+        "cache: disk {} of {} ({} chunks, {} evicted), memory {} of {}, manifests {}",
+        human(t.disk_used),
+        human(t.disk_capacity),
+        t.disk_chunks,
+        t.disk_evictions,
+        human(t.memory_used),
+        human(t.memory_capacity),
+        human(reply.manifest_bytes)
+    );
+    println!(
+        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6}",
+        "mount",
+        "reads",
+        "served",
+        "mem hits",
+        "disk hits",
+        "store",
+        "GETs",
+        "fetched",
+        "corrupt",
+        "errors"
+    );
+    for m in &reply.mounts {
+        row(&m.mount.mountpoint.display().to_string(), &m.stats);
+    }
+    row("total", &t.reads);
+    Ok(())
+}
+
+fn row(name: &str, s: &ReadStats) {
+    println!(
+        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6}",
+        name,
+        s.reads,
+        human(s.bytes_served),
+        s.memory_hits,
+        s.disk_hits,
+        s.store_hits,
+        s.store_gets,
+        human(s.store_bytes),
+        s.corrupt_chunks,
+        s.errors
+    );
+}

@@ -1,0 +1,4 @@
+//! The host daemon and the protocol its clients speak.
+
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,130 @@
+//! The daemon's control protocol: one JSON request line, one JSON reply line, per connection on
+//! a unix socket that only root (or the daemon's own user) may use.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use cache::{CacheStats, ReadStats};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Mount(MountSpec),
+    Unmount { mountpoint: PathBuf, lazy: bool },
+    Mounts,
+    Stats,
+}
+
+/// What to mount where. Store credentials are the daemon's own; only the endpoint may come from
+/// the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub store: String,
+    pub endpoint_url: Option<String>,
+    /// Dataset refs, bottom to top.
+    pub layers: Vec<String>,
+    /// Absolute, symlinks resolved.
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub dataset: String,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub id: u64,
+    pub mountpoint: PathBuf,
+    pub store: String,
+    /// Bottom to top.
+    pub layers: Vec<LayerInfo>,
+    /// Seconds since the epoch.
+    pub mounted_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountStats {
+    #[serde(flatten)]
+    pub mount: MountInfo,
+    pub stats: ReadStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub total: CacheStats,
+    /// Cached layer manifests under the cache dir (outside the chunk budget).
+    pub manifest_bytes: u64,
+    pub mounts: Vec<MountStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// Requests are small; a client that sends more is not speaking this protocol.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Sends one request and returns the reply's value, or the daemon's error.
+pub async fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &Request,
+) -> anyhow::Result<T> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                " (is `strata daemon` running? `strata mount --foreground` works without it)"
+            }
+            std::io::ErrorKind::PermissionDenied => " (the daemon socket is for root only)",
+            _ => "",
+        };
+        anyhow::anyhow!(
+            "cannot reach the strata daemon at {}: {e}{hint}",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write
+        .write_all(&line)
+        .await
+        .context("sending to the daemon")?;
+    let mut reply = String::new();
+    BufReader::new(read)
+        .read_line(&mut reply)
+        .await
+        .context("reading the daemon's reply")?;
+    if reply.is_empty() {
+        bail!("the daemon closed the connection without a reply (see its log)");
+    }
+    match serde_json::from_str::<Reply>(&reply).context("parsing the daemon's reply")? {
+        Reply::Ok(v) => serde_json::from_value(v).context("parsing the daemon's reply"),
+        Reply::Error(e) => Err(DaemonError(e).into()),
+    }
+}
+
+/// An error the daemon answered with (as opposed to not reaching it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DaemonError(pub String);
+
+/// Where the daemon listens unless told otherwise.
+pub fn default_socket() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/strata/daemon.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("strata").join("daemon.sock"),
+        None => PathBuf::from(format!("/tmp/strata-{uid}")).join("daemon.sock"),
+    }
+}

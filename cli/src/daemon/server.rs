@@ -1,0 +1,376 @@
+//! The host daemon: one chunk cache, any number of mounts (each its own FUSE session), and
+//! the control socket that `strata mount|unmount|mounts|stats` talk to.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use cache::{CacheConfig, ChunkCache, ChunkReader, Store, StoreOptions};
+use strata_fs::stack::LayerStack;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::protocol::{
+    LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply, MAX_REQUEST,
+};
+
+/// Everything the daemon is started with, after flags, environment and config file are merged.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub memory_cache_size: u64,
+    pub read_timeout: Duration,
+    pub socket: PathBuf,
+    pub store_options: StoreOptions,
+}
+
+struct Mounted {
+    info: MountInfo,
+    reader: ChunkReader,
+    /// Turns true when the FUSE session has ended, however it ended.
+    ended: watch::Receiver<bool>,
+}
+
+pub struct Daemon {
+    config: DaemonConfig,
+    cache: Arc<ChunkCache>,
+    /// Stores are opened once per (URL, endpoint) and shared by the mounts that use them.
+    stores: tokio::sync::Mutex<HashMap<(String, Option<String>), Arc<dyn Store>>>,
+    mounts: Arc<Mutex<HashMap<PathBuf, Mounted>>>,
+    /// Mountpoints with a mount request being served, so two requests cannot race for one.
+    pending: Mutex<HashSet<PathBuf>>,
+    next_id: AtomicU64,
+}
+
+/// How long an unmount waits for the FUSE session to wind down.
+const SESSION_END_WAIT: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// Takes the cache dir, cleans up mounts a crashed daemon left behind and opens the cache.
+    pub fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
+        for mp in strata_fs::fuse::clean_stale_mounts().context("looking for stale mounts")? {
+            tracing::warn!(
+                "cleaned up stale mount {} (its serving process is gone)",
+                mp.display()
+            );
+        }
+        let cache = ChunkCache::new(&CacheConfig {
+            disk_dir: Some(config.cache_dir.clone()),
+            disk_capacity: config.cache_size,
+            memory_capacity: config.memory_cache_size,
+            fetch_deadline: config.read_timeout,
+        })
+        .with_context(|| format!("opening cache dir {}", config.cache_dir.display()))?;
+        Ok(Daemon {
+            config,
+            cache,
+            stores: Default::default(),
+            mounts: Default::default(),
+            pending: Default::default(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Serves the control socket until SIGTERM or SIGINT, then unmounts everything.
+    pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+        let listener = bind_socket(&self.config.socket)?;
+        let stats = self.cache.stats();
+        tracing::info!(
+            "daemon ready on {} (cache {}: {} chunks, {} of {} bytes)",
+            self.config.socket.display(),
+            self.config.cache_dir.display(),
+            stats.disk_chunks,
+            stats.disk_used,
+            stats.disk_capacity
+        );
+        eprintln!(
+            "strata: daemon listening on {}",
+            self.config.socket.display()
+        );
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let this = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            if let Err(e) = this.handle(stream).await {
+                                tracing::warn!("control connection: {e:#}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!("accepting a control connection: {e}"),
+                },
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: unmounting everything");
+        drop(listener);
+        let _ = std::fs::remove_file(&self.config.socket);
+        self.unmount_all().await;
+        Ok(())
+    }
+
+    async fn handle(&self, stream: UnixStream) -> anyhow::Result<()> {
+        let cred = stream.peer_cred().context("reading peer credentials")?;
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        let (read, mut write) = stream.into_split();
+        let reply = if cred.uid() != 0 && cred.uid() != own {
+            tracing::warn!(uid = cred.uid(), "refused a control connection");
+            Reply::Error(
+                "permission denied: the strata daemon takes requests from root only".into(),
+            )
+        } else {
+            let mut line = String::new();
+            BufReader::new(read)
+                .take(MAX_REQUEST as u64)
+                .read_line(&mut line)
+                .await
+                .context("reading a request")?;
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => match self.answer(request).await {
+                    Ok(v) => Reply::Ok(v),
+                    Err(e) => Reply::Error(format!("{e:#}")),
+                },
+                Err(e) => Reply::Error(format!("malformed request: {e}")),
+            }
+        };
+        let mut out = serde_json::to_vec(&reply)?;
+        out.push(b'\n');
+        write.write_all(&out).await.context("sending a reply")?;
+        Ok(())
+    }
+
+    async fn answer(&self, request: Request) -> anyhow::Result<serde_json::Value> {
+        Ok(match request {
+            Request::Mount(spec) => serde_json::to_value(self.mount(spec).await?)?,
+            Request::Unmount { mountpoint, lazy } => {
+                serde_json::to_value(self.unmount(&mountpoint, lazy).await?)?
+            }
+            Request::Mounts => serde_json::to_value(self.list())?,
+            Request::Stats => serde_json::to_value(self.stats())?,
+        })
+    }
+
+    async fn store(
+        &self,
+        url: &str,
+        endpoint_url: Option<String>,
+    ) -> anyhow::Result<Arc<dyn Store>> {
+        let key = (url.to_string(), endpoint_url.clone());
+        let mut stores = self.stores.lock().await;
+        if let Some(s) = stores.get(&key) {
+            return Ok(Arc::clone(s));
+        }
+        let mut options = self.config.store_options.clone();
+        if endpoint_url.is_some() {
+            options.endpoint_url = endpoint_url;
+        }
+        let store = cache::open_store(url, &options)
+            .await
+            .with_context(|| format!("opening store {url}"))?;
+        stores.insert(key, Arc::clone(&store));
+        Ok(store)
+    }
+
+    async fn mount(&self, spec: MountSpec) -> anyhow::Result<MountInfo> {
+        let mp = spec.mountpoint.clone();
+        if !mp.is_absolute() {
+            bail!("mountpoint {} must be an absolute path", mp.display());
+        }
+        if spec.layers.is_empty() {
+            bail!("a mount needs at least one --layer");
+        }
+        if self.mounts.lock().unwrap().contains_key(&mp)
+            || !self.pending.lock().unwrap().insert(mp.clone())
+        {
+            bail!("{} is already mounted by this daemon", mp.display());
+        }
+        let result = self.mount_reserved(spec).await;
+        self.pending.lock().unwrap().remove(&mp);
+        result
+    }
+
+    async fn mount_reserved(&self, spec: MountSpec) -> anyhow::Result<MountInfo> {
+        let mp = spec.mountpoint;
+        strata_fs::fuse::check_mountpoint(&mp)?;
+        let store = self.store(&spec.store, spec.endpoint_url).await?;
+        let layers =
+            crate::cmd::load_layers(&store, &spec.layers, Some(&self.config.cache_dir)).await?;
+        let layer_info = spec
+            .layers
+            .iter()
+            .zip(&layers)
+            .map(|(dataset, layer)| LayerInfo {
+                dataset: dataset.clone(),
+                digest: layer.digest.to_string(),
+            })
+            .collect();
+        let reader = self.cache.reader(store);
+        let stack = Arc::new(LayerStack::new(layers, reader.clone())?);
+        let session = strata_fs::fuse::mount(stack, &mp, tokio::runtime::Handle::current())?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = MountInfo {
+            id,
+            mountpoint: mp.clone(),
+            store: spec.store,
+            layers: layer_info,
+            mounted_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let (ended_tx, ended) = watch::channel(false);
+        self.mounts.lock().unwrap().insert(
+            mp.clone(),
+            Mounted {
+                info: info.clone(),
+                reader,
+                ended,
+            },
+        );
+        // The session ends when the mount goes away, whoever unmounted it; forget it then.
+        let mounts = Arc::clone(&self.mounts);
+        std::thread::Builder::new()
+            .name(format!("strata-mount-{id}"))
+            .spawn(move || {
+                if let Err(e) = session.wait() {
+                    tracing::warn!("mount {}: FUSE session ended with {e}", mp.display());
+                }
+                let mut mounts = mounts.lock().unwrap();
+                if mounts.get(&mp).is_some_and(|m| m.info.id == id) {
+                    mounts.remove(&mp);
+                }
+                drop(mounts);
+                let _ = ended_tx.send(true);
+                tracing::info!("unmounted {}", mp.display());
+            })
+            .context("starting the session watcher")?;
+        tracing::info!(
+            "mounted {} at {}",
+            spec.layers.join(" + "),
+            info.mountpoint.display()
+        );
+        Ok(info)
+    }
+
+    async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
+        let (info, mut ended) = {
+            let mounts = self.mounts.lock().unwrap();
+            let Some(m) = mounts.get(mountpoint) else {
+                bail!("{} is not mounted by this daemon", mountpoint.display());
+            };
+            (m.info.clone(), m.ended.clone())
+        };
+        strata_fs::fuse::unmount(mountpoint, lazy)?;
+        if tokio::time::timeout(SESSION_END_WAIT, ended.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{}: FUSE session still running {SESSION_END_WAIT:?} after unmount",
+                mountpoint.display()
+            );
+        }
+        Ok(info)
+    }
+
+    async fn unmount_all(&self) {
+        let all: Vec<(PathBuf, watch::Receiver<bool>)> = self
+            .mounts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(mp, m)| (mp.clone(), m.ended.clone()))
+            .collect();
+        for (mp, _) in &all {
+            if let Err(e) = strata_fs::fuse::unmount(mp, false) {
+                tracing::warn!("{e}; detaching {} instead", mp.display());
+                if let Err(e) = strata_fs::fuse::unmount(mp, true) {
+                    tracing::error!("cannot unmount {}: {e}", mp.display());
+                }
+            }
+        }
+        for (mp, mut ended) in all {
+            if tokio::time::timeout(SESSION_END_WAIT, ended.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                tracing::warn!("{}: FUSE session did not end", mp.display());
+            }
+        }
+    }
+
+    fn list(&self) -> Vec<MountInfo> {
+        let mut list: Vec<MountInfo> = self
+            .mounts
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| m.info.clone())
+            .collect();
+        list.sort_by_key(|m| m.id);
+        list
+    }
+
+    fn stats(&self) -> StatsReply {
+        let mut mounts: Vec<MountStats> = self
+            .mounts
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| MountStats {
+                mount: m.info.clone(),
+                stats: m.reader.stats(),
+            })
+            .collect();
+        mounts.sort_by_key(|m| m.mount.id);
+        StatsReply {
+            total: self.cache.stats(),
+            manifest_bytes: dir_size(&self.config.cache_dir.join("layers")),
+            mounts,
+        }
+    }
+}
+
+/// Binds the control socket, refusing to take over one a live daemon still answers on.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket dir {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another strata daemon is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
