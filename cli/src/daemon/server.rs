@@ -30,6 +30,9 @@ pub struct DaemonConfig {
     pub store_options: StoreOptions,
 }
 
+/// A store URL and the endpoint it was opened with.
+type StoreKey = (String, Option<String>);
+
 struct Mounted {
     info: MountInfo,
     reader: ChunkReader,
@@ -41,7 +44,7 @@ pub struct Daemon {
     config: DaemonConfig,
     cache: Arc<ChunkCache>,
     /// Stores are opened once per (URL, endpoint) and shared by the mounts that use them.
-    stores: tokio::sync::Mutex<HashMap<(String, Option<String>), Arc<dyn Store>>>,
+    stores: tokio::sync::Mutex<HashMap<StoreKey, Arc<dyn Store>>>,
     mounts: Arc<Mutex<HashMap<PathBuf, Mounted>>>,
     /// Mountpoints with a mount request being served, so two requests cannot race for one.
     pending: Mutex<HashSet<PathBuf>>,
