@@ -1,6 +1,7 @@
 //! The end-to-end test harness: real S3 servers (Garage, moto_server) on loopback, the real
 //! `strata` binary, and real FUSE mounts.
 
+pub mod daemon;
 pub mod garage;
 pub mod moto;
 pub mod strata;

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use strata_tests::daemon::Daemon;
 use strata_tests::garage;
-use strata_tests::strata::Strata;
 use strata_tests::tree::{pseudo_random, write_file};
 
 #[test]
@@ -18,16 +18,10 @@ fn reads_ride_out_a_short_outage_and_fail_cleanly_on_a_long_one() {
     write_file(&src.join("two.bin"), &two);
     let mut g = garage::dedicated();
     g.create_bucket("outage").unwrap();
-    let s = Strata::new(g.env());
-    s.publish(&src, "s3://outage", "o:v1");
-    let m = s
-        .mount(
-            "s3://outage",
-            &work.join("mnt"),
-            &["o:v1"],
-            &work.join("cache"),
-            &["--read-timeout", "8s"],
-        )
+    let d = Daemon::start(g.env(), &work.join("daemon"), &["--read-timeout", "8s"]).unwrap();
+    d.strata().publish(&src, "s3://outage", "o:v1");
+    let m = d
+        .mount("s3://outage", &work.join("mnt"), &["o:v1"])
         .unwrap();
 
     // Short outage: the store is back within the deadline, the read completes correctly.
@@ -39,9 +33,9 @@ fn reads_ride_out_a_short_outage_and_fail_cleanly_on_a_long_one() {
     let got = reader.join().unwrap().expect("read across a short outage");
     assert!(got == one, "bytes differ after the outage");
     assert!(
-        m.log_text().contains("retrying"),
+        d.log_text().contains("retrying"),
         "the read did meet the outage: {}",
-        m.log_text()
+        d.log_text()
     );
 
     // Long outage: EIO within the deadline (plus slack), no hang.
@@ -55,14 +49,14 @@ fn reads_ride_out_a_short_outage_and_fail_cleanly_on_a_long_one() {
         "failed after {waited:?}"
     );
     assert!(
-        m.log_text().contains("did not answer within"),
+        d.log_text().contains("did not answer within"),
         "{}",
-        m.log_text()
+        d.log_text()
     );
 
     // The mount stays usable: with the store back, the same file reads correctly.
     g.spawn_server().unwrap();
     assert!(std::fs::read(m.path("two.bin")).unwrap() == two);
-    drop(m);
+    drop((m, d));
     let _ = std::fs::remove_dir_all(&work);
 }
