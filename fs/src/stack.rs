@@ -31,10 +31,10 @@ pub const ROOT_INO: u64 = 1;
 type Source = (u16, u32);
 
 /// Readahead, in chunks: a read that continues where the last one of the file ended doubles
-/// the window up to the maximum; any other read starts again at the minimum. So a sequential
-/// scan soon keeps several chunks in flight (the store's bandwidth, not its latency, sets the
-/// pace), while random access fetches little more than it asks for.
-const READAHEAD_MIN: usize = 1;
+/// the window (from 1) up to the maximum; a read anywhere else turns readahead off until the
+/// file is read sequentially again. A first read at offset 0 is taken as the start of a scan.
+/// So a sequential scan soon keeps several chunks in flight (the store's bandwidth, not its
+/// latency, sets the pace), while a random read fetches only the chunk it needs.
 const READAHEAD_MAX: usize = 32;
 /// How far from the previous read's end a read may start and still count as sequential.
 const SEQUENTIAL_SLACK: u64 = 4 << 20;
@@ -356,24 +356,25 @@ impl LayerStack {
             // The kernel issues readahead requests concurrently, so a sequential scan arrives
             // slightly out of order: anything near the last position counts as continuing.
             Some(s) if offset.abs_diff(s.next_offset) <= SEQUENTIAL_SLACK => {
-                s.window = (s.window * 2).min(READAHEAD_MAX);
+                s.window = (s.window * 2).clamp(1, READAHEAD_MAX);
                 s.next_offset = s.next_offset.max(next_offset);
                 s.window
             }
             Some(s) => {
-                s.window = READAHEAD_MIN;
+                s.window = 0;
                 s.next_offset = next_offset;
                 s.window
             }
             None => {
+                let window = usize::from(offset == 0);
                 streams.put(
                     ino,
                     Stream {
                         next_offset,
-                        window: READAHEAD_MIN,
+                        window,
                     },
                 );
-                READAHEAD_MIN
+                window
             }
         }
     }
@@ -523,13 +524,23 @@ mod tests {
         assert_eq!(s.readahead_window(7, 0, 0), READAHEAD_MAX, "capped");
         assert_eq!(
             s.readahead_window(7, 900 << 20, 4096),
-            READAHEAD_MIN,
-            "a jump resets it"
+            0,
+            "a jump turns it off"
+        );
+        assert_eq!(
+            s.readahead_window(7, (900 << 20) + 4096, 4096),
+            1,
+            "reading on from there starts it again"
         );
         assert_eq!(
             s.readahead_window(8, 0, 4096),
-            READAHEAD_MIN,
-            "files are tracked apart"
+            1,
+            "files are tracked apart; a scan from the start prefetches"
+        );
+        assert_eq!(
+            s.readahead_window(9, 300 << 20, 4096),
+            0,
+            "a first read in the middle of a file fetches only what it needs"
         );
     }
 

@@ -1,0 +1,49 @@
+"""The raw download baseline: GET an object with N parallel ranged GETs, as fast as the server
+allows, and print MiB/s. Bytes are read and dropped, nothing is written.
+
+usage: s3get.py BUCKET KEY [PARALLEL] [PART_MIB]
+Endpoint and credentials come from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+"""
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+from botocore.config import Config
+
+
+def main():
+    bucket, key = sys.argv[1], sys.argv[2]
+    parallel = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    part = (int(sys.argv[4]) if len(sys.argv) > 4 else 8) << 20
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+        region_name=os.environ.get("AWS_REGION", "garage"),
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=parallel * 2),
+    )
+    size = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    ranges = [(off, min(off + part, size) - 1) for off in range(0, size, part)]
+
+    def fetch(r):
+        body = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={r[0]}-{r[1]}")["Body"]
+        n = 0
+        while True:
+            b = body.read(1 << 20)
+            if not b:
+                return n
+            n += len(b)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(parallel) as pool:
+        got = sum(pool.map(fetch, ranges))
+    secs = time.monotonic() - t0
+    if got != size:
+        sys.exit(f"got {got} bytes of {size}")
+    print(f"{size / secs / (1 << 20):.1f}")
+
+
+if __name__ == "__main__":
+    main()

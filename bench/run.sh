@@ -1,0 +1,312 @@
+#!/usr/bin/env bash
+# The read benchmark (issue #3): strata's host daemon side by side with native ext4, the raw
+# S3 download speed, `rclone mount --vfs-cache-mode full` and `s3fs -o use_cache`, all on one
+# Garage on loopback with quick ACKs on, in one run. Prints a markdown table and saves it in
+# bench/results/ with the machine's details.
+#
+#   sudo bench/run.sh            # everything (about 10 minutes on 2 cores)
+#   BENCH_SKIP_OTHERS=1 ...      # strata and native only (no rclone/s3fs rows)
+#
+# Cold = empty chunk cache and page cache dropped; warm = chunks in the daemon's disk cache,
+# page cache dropped. Every figure is one run; compare the ratios, not the absolute numbers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib/garage.sh
+[ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, dropping caches, loopback routes)" >&2; exit 1; }
+
+need=()
+for tool in fusermount3:fuse3 fio:fio bc:bc curl:curl; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
+  command -v rclone >/dev/null || need+=(rclone)
+  command -v s3fs >/dev/null || need+=(s3fs)
+fi
+[ ${#need[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}" >/dev/null
+python3 -c 'import boto3' 2>/dev/null || pip3 install -q boto3
+command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
+
+cargo build --release -p strata --locked
+strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
+work=$(mktemp -d /tmp/strata-bench.XXXXXX)
+export STRATA_SOCKET=$work/daemon.sock
+DAEMON_PID=
+PEAK_RSS_KB=0
+
+cleanup() {
+  set +e
+  for mp in $(awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$mp" 2>/dev/null
+  done
+  [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null
+  pkill -f "rclone mount g:bench/plain" 2>/dev/null
+  quickack_off; garage_stop; rm -rf "$work"
+}
+trap cleanup EXIT
+garage_start "$work/garage"
+quickack_on
+store=s3://bench
+
+now() { date +%s.%N; }
+# Runs a command with its output dropped; prints the seconds it took.
+timed() { local a b; a=$(now); "$@" > /dev/null; b=$(now); echo "$b - $a" | bc -l; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+fmt() { printf '%.*f' "${2:-2}" "$1"; }
+ratio() { echo "$1 / $2" | bc -l; }
+mibs() { echo "$1 / $2" | bc -l; }  # MiB, seconds
+
+daemon_start() {
+  "$strata" daemon --cache-dir "$work/cache" >> "$work/daemon.log" 2>&1 &
+  DAEMON_PID=$!
+  until "$strata" mounts >/dev/null 2>&1; do sleep 0.05; done
+}
+daemon_rss() {
+  local hwm
+  hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$DAEMON_PID/status")
+  [ "$hwm" -gt "$PEAK_RSS_KB" ] && PEAK_RSS_KB=$hwm
+  return 0
+}
+daemon_stop() {
+  daemon_rss
+  kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true
+  DAEMON_PID=
+}
+# A fresh daemon with an empty cache.
+daemon_cold() {
+  [ -n "$DAEMON_PID" ] && daemon_stop
+  rm -rf "$work/cache"
+  daemon_start
+}
+smount() { mkdir -p "$2"; "$strata" mount $store "$2" --layer "$1" > /dev/null; }
+sumount() { "$strata" unmount "$1"; }
+stat_total() { "$strata" stats --json | python3 -c "import json,sys; print(json.load(sys.stdin)['total']['$1'])"; }
+
+# ---------------------------------------------------------------------------------------
+echo "== making the data"
+data=$work/data
+mkdir -p "$data/big" "$data/tree" "$data/small" "$data/py"
+head -c $((1 << 30)) /dev/urandom > "$data/big/model.bin"
+python3 - "$data" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+rnd = random.Random(7)
+for i in range(20000):                      # 20,000 small files, 200 dirs
+    d = os.path.join(root, "tree", f"d{i % 200:03d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05d}.dat"), "wb") as f:
+        f.write(os.urandom(rnd.randint(100, 8192)))
+for i in range(5000):                       # 5,000 files of 4 KiB, 50 dirs
+    d = os.path.join(root, "small", f"d{i % 50:02d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:04d}.txt"), "wb") as f:
+        f.write(os.urandom(4096))
+PY
+py_packages="numpy pandas requests pyyaml"
+py_import="import numpy, pandas, requests, yaml"
+if ! pip3 install -q --no-warn-script-location --target "$data/py" $py_packages > "$work/pip.log" 2>&1; then
+  echo "pip install failed (no PyPI?); the Python rows are skipped" >&2; py_import=
+fi
+sync
+
+echo "== publishing"
+daemon_cold
+for ds in big tree small py; do
+  [ "$ds" = py ] && [ -z "$py_import" ] && continue
+  "$strata" publish "$data/$ds" $store "$ds:v1" > /dev/null
+done
+
+# ---------------------------------------------------------------------------------------
+echo "== sequential read of 1 GiB"
+drop_caches
+native_seq=$(mibs 1024 "$(timed cat "$data/big/model.bin")")
+smount big:v1 "$work/m/big"
+drop_caches
+g0=$(garage_get_count)
+cold_seq=$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")
+cold_gets=$(( $(garage_get_count) - g0 ))
+cold_store_bytes=$(stat_total store_bytes)
+sumount "$work/m/big"
+# Warm: the chunks are in the daemon's disk cache; page cache dropped, mount made afresh.
+smount big:v1 "$work/m/big"
+drop_caches
+warm_seq=$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")
+sumount "$work/m/big"
+# And after a daemon restart: the disk cache survives; each chunk is verified on first use.
+daemon_stop; daemon_start
+smount big:v1 "$work/m/big"
+drop_caches
+restart_seq=$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")
+
+echo "== random 4 KiB reads (fio), warm, vs native"
+fio_run() { # file qd → "iops p50_us p99_us"
+  local jobs=$2
+  fio --name=r --filename="$1" --readonly --rw=randread --bs=4k --ioengine=psync \
+    --numjobs="$jobs" --group_reporting --time_based --runtime=8 --invalidate=1 \
+    --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["read"]; p=j["clat_ns"]["percentile"]; print("%.0f %.1f %.1f" % (j["iops"], p["50.000000"]/1e3, p["99.000000"]/1e3))'
+}
+drop_caches; read -r nat_qd1_iops nat_qd1_p50 nat_qd1_p99 <<< "$(fio_run "$data/big/model.bin" 1)"
+drop_caches; read -r nat_qd16_iops nat_qd16_p50 nat_qd16_p99 <<< "$(fio_run "$data/big/model.bin" 16)"
+drop_caches; read -r st_qd1_iops st_qd1_p50 st_qd1_p99 <<< "$(fio_run "$work/m/big/model.bin" 1)"
+drop_caches; read -r st_qd16_iops st_qd16_p50 st_qd16_p99 <<< "$(fio_run "$work/m/big/model.bin" 16)"
+sumount "$work/m/big"
+
+echo "== first-touch amplification: 200 random 4 KiB reads on a cold mount"
+touch_reads() { # file → reads 200 random 4 KiB blocks
+  python3 - "$1" <<'PY'
+import os, random, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+rnd = random.Random(3)
+for _ in range(200):
+    os.pread(fd, 4096, rnd.randrange(0, size // 4096) * 4096)
+PY
+}
+daemon_cold
+smount big:v1 "$work/m/big"
+drop_caches
+touch_reads "$work/m/big/model.bin"
+st_touch_ratio=$(ratio "$(stat_total store_bytes)" $((200 * 4096)))
+sumount "$work/m/big"
+
+echo "== find + stat of 20,000 files, warm, vs native"
+find_stat() { find "$1" -printf '%s %T@ %m\n'; }
+drop_caches; find_stat "$data/tree" > /dev/null
+native_find=$(timed find_stat "$data/tree")
+smount tree:v1 "$work/m/tree"
+drop_caches; find_stat "$work/m/tree" > /dev/null
+st_find=$(timed find_stat "$work/m/tree")
+sumount "$work/m/tree"
+
+if [ -n "$py_import" ]; then
+  echo "== Python import: $py_import"
+  py_time() { PYTHONPATH=$1 PYTHONDONTWRITEBYTECODE=1 timed python3 -c "$py_import"; }
+  drop_caches; native_py=$(py_time "$data/py")
+  daemon_cold
+  smount py:v1 "$work/m/py"
+  drop_caches; cold_py=$(py_time "$work/m/py")
+  sumount "$work/m/py"
+  smount py:v1 "$work/m/py"
+  drop_caches; warm_py=$(py_time "$work/m/py")
+  sumount "$work/m/py"
+fi
+
+echo "== small files: find + cat of 5,000 x 4 KiB"
+find_cat() { find "$1" -type f -exec cat {} +; }
+drop_caches; native_small=$(timed find_cat "$data/small")
+daemon_cold
+smount small:v1 "$work/m/small"
+drop_caches; cold_small=$(timed find_cat "$work/m/small")
+sumount "$work/m/small"
+smount small:v1 "$work/m/small"
+drop_caches; warm_small=$(timed find_cat "$work/m/small")
+sumount "$work/m/small"
+
+echo "== fan-out: 8 mounts read the same 1 GiB, cold"
+daemon_cold
+for i in $(seq 1 8); do smount big:v1 "$work/m/fan$i"; done
+drop_caches
+fan_read() { for i in $(seq 1 8); do cat "$work/m/fan$i/model.bin" > /dev/null & done; wait; }
+fan_secs=$(timed fan_read)
+fan_store=$(stat_total store_bytes)
+for i in $(seq 1 8); do sumount "$work/m/fan$i"; done
+daemon_stop
+
+# ---------------------------------------------------------------------------------------
+others=
+if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
+  others=1
+  echo "== the same data as plain objects, for the raw download, rclone and s3fs"
+  export RCLONE_CONFIG_G_TYPE=s3 RCLONE_CONFIG_G_PROVIDER=Other RCLONE_CONFIG_G_ENDPOINT=$AWS_ENDPOINT_URL \
+    RCLONE_CONFIG_G_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID RCLONE_CONFIG_G_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY \
+    RCLONE_CONFIG_G_REGION=garage RCLONE_CONFIG_G_FORCE_PATH_STYLE=true
+  # rclone 1.60 fails with AWS_CA_BUNDLE set (GARAGE.md).
+  rcl() { env -u AWS_CA_BUNDLE rclone "$@"; }
+  rcl copyto "$data/big/model.bin" g:bench/plain/model.bin
+  rcl copy --transfers 32 "$data/small" g:bench/plain/small
+
+  raw1=$(python3 bench/lib/s3get.py bench plain/model.bin 1 1024)
+  raw8=$(python3 bench/lib/s3get.py bench plain/model.bin 8 8)
+
+  rclone_mount() {
+    mkdir -p "$work/m/rclone"
+    rcl mount g:bench/plain "$work/m/rclone" --vfs-cache-mode full --cache-dir "$work/rclone-cache" \
+      --read-only --daemon
+    until grep -qs " $work/m/rclone " /proc/mounts; do sleep 0.05; done
+  }
+  rclone_umount() { fusermount3 -u "$work/m/rclone" || umount -l "$work/m/rclone"; sleep 1; }
+  echo "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" > "$work/s3fs.passwd"; chmod 600 "$work/s3fs.passwd"
+  s3fs_mount() {
+    mkdir -p "$work/m/s3fs"
+    s3fs bench:/plain "$work/m/s3fs" -o passwd_file="$work/s3fs.passwd" -o url="$AWS_ENDPOINT_URL" \
+      -o use_path_request_style -o endpoint=garage -o use_cache="$work/s3fs-cache" -o ro
+    until grep -qs " $work/m/s3fs " /proc/mounts; do sleep 0.05; done
+  }
+  s3fs_umount() { umount "$work/m/s3fs" || umount -l "$work/m/s3fs"; }
+
+  echo "== rclone: sequential 1 GiB cold/warm, first touch, small files cold/warm"
+  rm -rf "$work/rclone-cache"; rclone_mount; drop_caches
+  rclone_cold=$(mibs 1024 "$(timed cat "$work/m/rclone/model.bin")")
+  drop_caches
+  rclone_warm=$(mibs 1024 "$(timed cat "$work/m/rclone/model.bin")")
+  drop_caches
+  rclone_small_cold=$(timed find_cat "$work/m/rclone/small")
+  drop_caches
+  rclone_small_warm=$(timed find_cat "$work/m/rclone/small")
+  rclone_umount
+
+  echo "== s3fs: sequential 1 GiB cold/warm, small files cold/warm"
+  rm -rf "$work/s3fs-cache"; s3fs_mount; drop_caches
+  s3fs_cold=$(mibs 1024 "$(timed cat "$work/m/s3fs/model.bin")")
+  drop_caches
+  s3fs_warm=$(mibs 1024 "$(timed cat "$work/m/s3fs/model.bin")")
+  drop_caches
+  s3fs_small_cold=$(timed find_cat "$work/m/s3fs/small")
+  drop_caches
+  s3fs_small_warm=$(timed find_cat "$work/m/s3fs/small")
+  s3fs_umount
+fi
+
+# ---------------------------------------------------------------------------------------
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+out=bench/results/run-$(date -u +%Y%m%d-%H%M%S).md
+na="n/a"
+{
+  echo "# strata read benchmark — $(date -u '+%F %H:%M') UTC, strata $rev"
+  echo
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk."
+  echo "Store: Garage $(garage --version | awk '{print $2}') on loopback (quick ACKs on), sharing the cores."
+  echo "Cold = empty chunk cache, page cache dropped. Warm = chunks in the daemon's disk cache, page cache dropped."
+  echo
+  echo "| measure | strata | native ext4 | rclone | s3fs | strata vs |"
+  echo "|---|---|---|---|---|---|"
+  if [ -n "$others" ]; then
+    echo "| raw download of the 1 GiB object: 1 GET / 8 parallel 8 MiB ranged GETs (MiB/s) | | | | | $(fmt "$raw1" 0) / $(fmt "$raw8" 0) |"
+    echo "| seq read 1 GiB cold (MiB/s) | $(fmt "$cold_seq" 0) | | $(fmt "$rclone_cold" 0) | $(fmt "$s3fs_cold" 0) | $(fmt "$(ratio "$cold_seq" "$raw8")")× raw 8-GET, $(fmt "$(ratio "$cold_seq" "$s3fs_cold")")× s3fs |"
+    echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_seq" 0) | $(fmt "$rclone_warm" 0) | $(fmt "$s3fs_warm" 0) | $(fmt "$(ratio "$warm_seq" "$native_seq")")× native, $(fmt "$(ratio "$warm_seq" "$s3fs_warm")")× s3fs |"
+  else
+    echo "| seq read 1 GiB cold (MiB/s) | $(fmt "$cold_seq" 0) | | | | |"
+    echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_seq" 0) | | | $(fmt "$(ratio "$warm_seq" "$native_seq")")× native |"
+  fi
+  echo "| seq read 1 GiB warm after a daemon restart (verifies each chunk once) (MiB/s) | $(fmt "$restart_seq" 0) | $(fmt "$native_seq" 0) | | | $(fmt "$(ratio "$restart_seq" "$native_seq")")× native |"
+  echo "| cold 1 GiB read: store GETs / bytes fetched | $cold_gets / $(fmt "$(echo "$cold_store_bytes / 1048576" | bc -l)" 0) MiB | | | | |"
+  echo "| random 4 KiB QD1, warm: IOPS | $st_qd1_iops | $nat_qd1_iops | | | $(fmt "$(ratio "$st_qd1_iops" "$nat_qd1_iops")")× native |"
+  echo "| random 4 KiB QD1, warm: p50 / p99 (µs) | $st_qd1_p50 / $st_qd1_p99 | $nat_qd1_p50 / $nat_qd1_p99 | | | p99 $(fmt "$(ratio "$st_qd1_p99" "$nat_qd1_p99")")× native |"
+  echo "| random 4 KiB QD16 (16 jobs), warm: IOPS | $st_qd16_iops | $nat_qd16_iops | | | $(fmt "$(ratio "$st_qd16_iops" "$nat_qd16_iops")")× native |"
+  echo "| random 4 KiB QD16, warm: p50 / p99 (µs) | $st_qd16_p50 / $st_qd16_p99 | $nat_qd16_p50 / $nat_qd16_p99 | | | p99 $(fmt "$(ratio "$st_qd16_p99" "$nat_qd16_p99")")× native |"
+  echo "| first touch, cold: bytes fetched / bytes asked (200 random 4 KiB reads) | $(fmt "$st_touch_ratio" 1)× | | | | |"
+  echo "| find + stat 20,000 files, warm (s) | $(fmt "$st_find" 3) | $(fmt "$native_find" 3) | | | $(fmt "$(ratio "$st_find" "$native_find")")× native |"
+  if [ -n "$py_import" ]; then
+    echo "| Python \`$py_import\` cold (s) | $(fmt "$cold_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_py")")× native |"
+    echo "| Python import warm (s) | $(fmt "$warm_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$warm_py" "$native_py")")× native |"
+  fi
+  if [ -n "$others" ]; then
+    echo "| find + cat 5,000 × 4 KiB cold (s) | $(fmt "$cold_small" 3) | $(fmt "$native_small" 3) | $(fmt "$rclone_small_cold" 2) | $(fmt "$s3fs_small_cold" 2) | $(fmt "$(ratio "$cold_small" "$s3fs_small_cold")")× s3fs time |"
+    echo "| find + cat 5,000 × 4 KiB warm (s) | $(fmt "$warm_small" 3) | $(fmt "$native_small" 3) | $(fmt "$rclone_small_warm" 2) | $(fmt "$s3fs_small_warm" 2) | $(fmt "$(ratio "$warm_small" "$native_small")")× native time |"
+  else
+    echo "| find + cat 5,000 × 4 KiB cold / warm (s) | $(fmt "$cold_small" 3) / $(fmt "$warm_small" 3) | $(fmt "$native_small" 3) | | | warm $(fmt "$(ratio "$warm_small" "$native_small")")× native time |"
+  fi
+  echo "| fan-out: 8 mounts read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$fan_store" $((1 << 30)))")× the file / $(fmt "$fan_secs" 2) | | | | wall $(fmt "$(ratio "$fan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
+  echo "| daemon peak RSS (MiB; memory cache 256 MiB) | $((PEAK_RSS_KB / 1024)) | | | | |"
+} | tee "$out"
+echo "saved $out"
