@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -95,38 +96,55 @@ impl Layer {
         }))
     }
 
+    /// The content-stream range of `size` bytes at `offset` of file entry `e`, clipped to
+    /// the file.
+    fn span(e: &Entry<'_>, offset: u64, size: u32) -> std::ops::Range<u64> {
+        let file = e.content_range();
+        let start = file.start.saturating_add(offset).min(file.end);
+        let end = start.saturating_add(size as u64).min(file.end);
+        start..end
+    }
+
+    /// Indices of the chunks a read of `size` bytes at `offset` of `e` needs.
+    pub fn chunks_for_read(&self, e: &Entry<'_>, offset: u64, size: u32) -> Range<usize> {
+        self.manifest.chunks_for(Self::span(e, offset, size))
+    }
+
+    /// Starts fetching chunks `indices` in the background, those of them inside file `e`.
+    pub fn prefetch(&self, cache: &ChunkReader, e: &Entry<'_>, indices: Range<usize>) {
+        let file = e.content_range();
+        let locs: Vec<_> = indices
+            .take_while(|&i| i < self.manifest.chunk_count())
+            .map(|i| self.manifest.chunk(i))
+            .take_while(|c| c.offset < file.end)
+            .filter(|c| c.offset + c.len as u64 > file.start)
+            .map(|c| c.location())
+            .collect();
+        if !locs.is_empty() {
+            cache.prefetch(&locs);
+        }
+    }
+
     /// Reads up to `size` bytes at `offset` of file entry `e`, fetching only the chunks that
-    /// cover that range. With `readahead`, the file's next chunks are fetched in the
-    /// background.
+    /// cover that range.
     pub async fn read(
         &self,
         cache: &ChunkReader,
         e: &Entry<'_>,
         offset: u64,
         size: u32,
-        readahead: usize,
     ) -> FsResult<Bytes> {
-        let file = e.content_range();
-        let start = file.start.saturating_add(offset).min(file.end);
-        let end = start.saturating_add(size as u64).min(file.end);
+        let Range { start, end } = Self::span(e, offset, size);
         if start >= end {
             return Ok(Bytes::new());
         }
-        let indices = self.manifest.chunks_for(start..end);
-        let chunks: Vec<_> = indices.clone().map(|i| self.manifest.chunk(i)).collect();
-        // Readahead: the chunks after the ones this read needs, within the file.
-        let mut next = indices.end;
-        while next < indices.end + readahead && next < self.manifest.chunk_count() {
-            let c = self.manifest.chunk(next);
-            if c.offset >= file.end {
-                break;
-            }
-            cache.prefetch(c.digest, c.len);
-            next += 1;
-        }
-        let fetched =
-            futures::future::try_join_all(chunks.iter().map(|c| cache.get(c.digest, c.len)))
-                .await?;
+        let chunks: Vec<_> = self
+            .manifest
+            .chunks_for(start..end)
+            .map(|i| self.manifest.chunk(i))
+            .collect();
+        let locs: Vec<_> = chunks.iter().map(|c| c.location()).collect();
+        let fetched = cache.get_many(&locs).await?;
         if chunks.len() == 1 {
             let c = &chunks[0];
             let from = (start - c.offset) as usize;

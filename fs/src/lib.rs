@@ -11,6 +11,7 @@ pub mod error;
 pub mod fuse;
 pub mod layer;
 pub mod manifest;
+pub mod pack;
 pub mod publish;
 pub mod refs;
 pub mod stack;

@@ -13,15 +13,20 @@ use std::ops::{Deref, Range};
 use cache::Digest;
 
 pub const MAGIC: &[u8; 8] = b"STRATALY";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 64;
 pub const ENTRY_LEN: usize = 80;
-pub const CHUNK_LEN: usize = 48;
+pub const CHUNK_LEN: usize = 64;
+pub const PACK_LEN: usize = 32;
 /// Largest manifest strata will decode (2^32 entries would need far more than this anyway).
 pub const MAX_MANIFEST_LEN: usize = 4 << 30;
 pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_SYMLINK_LEN: usize = 4096;
 pub const MAX_CHUNK_LEN: u32 = 16 << 20;
+/// A stored (enveloped, maybe compressed) chunk is at most this long: zstd is only kept when it
+/// shrinks a chunk, so the envelope byte is all it can add; the slack leaves room for writers
+/// whose codecs expand incompressible data by a little.
+pub const MAX_STORED_LEN: u32 = MAX_CHUNK_LEN + (64 << 10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -130,6 +135,7 @@ pub struct Manifest {
     bytes: ManifestBytes,
     entry_count: usize,
     chunk_count: usize,
+    pack_count: usize,
     blob_start: usize,
     content_len: u64,
 }
@@ -192,7 +198,25 @@ pub struct ChunkRef {
     pub digest: Digest,
     /// Offset of the chunk in the layer's content stream.
     pub offset: u64,
+    /// Plain length.
     pub len: u32,
+    /// Where its stored bytes are: `stored_len` bytes at `pack_offset` of pack object `pack`.
+    pub pack: Digest,
+    pub pack_offset: u64,
+    pub stored_len: u32,
+}
+
+impl ChunkRef {
+    /// What the chunk cache needs to fetch this chunk.
+    pub fn location(&self) -> cache::ChunkLoc {
+        cache::ChunkLoc {
+            digest: self.digest,
+            len: self.len,
+            pack: self.pack,
+            pack_offset: self.pack_offset,
+            stored_len: self.stored_len,
+        }
+    }
 }
 
 impl Manifest {
@@ -210,9 +234,11 @@ impl Manifest {
         let chunk_count = u64_at(b, 24);
         let blob_len = u64_at(b, 32);
         let content_len = u64_at(b, 40);
+        let pack_count = u64_at(b, 48);
         let expected = HEADER_LEN as u128
             + entry_count as u128 * ENTRY_LEN as u128
             + chunk_count as u128 * CHUNK_LEN as u128
+            + pack_count as u128 * PACK_LEN as u128
             + blob_len as u128;
         if expected != b.len() as u128 {
             return Err(ManifestError::BadLength {
@@ -225,13 +251,23 @@ impl Manifest {
                 "absurd entry count {entry_count}"
             )));
         }
+        if pack_count > chunk_count {
+            return Err(ManifestError::Invalid(format!(
+                "{pack_count} packs for {chunk_count} chunks"
+            )));
+        }
         let entry_count = entry_count as usize;
         let chunk_count = chunk_count as usize;
+        let pack_count = pack_count as usize;
         let manifest = Manifest {
-            blob_start: HEADER_LEN + entry_count * ENTRY_LEN + chunk_count * CHUNK_LEN,
+            blob_start: HEADER_LEN
+                + entry_count * ENTRY_LEN
+                + chunk_count * CHUNK_LEN
+                + pack_count * PACK_LEN,
             bytes,
             entry_count,
             chunk_count,
+            pack_count,
             content_len,
         };
         manifest.validate_chunks()?;
@@ -263,6 +299,13 @@ impl Manifest {
     fn validate_chunks(&self) -> Result<(), ManifestError> {
         let mut offset = 0u64;
         for i in 0..self.chunk_count {
+            let pack = u32_at(self.chunk_record(i), 56) as usize;
+            if pack >= self.pack_count {
+                return Err(ManifestError::BadChunk {
+                    index: i as u64,
+                    reason: format!("pack {pack} of {}", self.pack_count),
+                });
+            }
             let c = self.chunk(i);
             let bad = |reason: String| ManifestError::BadChunk {
                 index: i as u64,
@@ -276,6 +319,12 @@ impl Manifest {
             }
             if c.len == 0 || c.len > MAX_CHUNK_LEN {
                 return Err(bad(format!("length {} out of range", c.len)));
+            }
+            if c.stored_len == 0 || c.stored_len > MAX_STORED_LEN {
+                return Err(bad(format!("stored length {} out of range", c.stored_len)));
+            }
+            if c.pack_offset.checked_add(c.stored_len as u64).is_none() {
+                return Err(bad(format!("pack offset {} out of range", c.pack_offset)));
             }
             offset += c.len as u64;
         }
@@ -510,13 +559,30 @@ impl Manifest {
         self.parse_xattrs(e).unwrap_or_default()
     }
 
-    pub fn chunk(&self, i: usize) -> ChunkRef {
+    fn chunk_record(&self, i: usize) -> &[u8] {
         let off = HEADER_LEN + self.entry_count * ENTRY_LEN + i * CHUNK_LEN;
-        let r = &self.bytes[off..off + CHUNK_LEN];
+        &self.bytes[off..off + CHUNK_LEN]
+    }
+
+    pub fn pack_count(&self) -> usize {
+        self.pack_count
+    }
+
+    pub fn pack(&self, i: usize) -> Digest {
+        let off =
+            HEADER_LEN + self.entry_count * ENTRY_LEN + self.chunk_count * CHUNK_LEN + i * PACK_LEN;
+        Digest(self.bytes[off..off + PACK_LEN].try_into().unwrap())
+    }
+
+    pub fn chunk(&self, i: usize) -> ChunkRef {
+        let r = self.chunk_record(i);
         ChunkRef {
             digest: Digest(r[..32].try_into().unwrap()),
             offset: u64_at(r, 32),
             len: u32_at(r, 40),
+            stored_len: u32_at(r, 44),
+            pack_offset: u64_at(r, 48),
+            pack: self.pack(u32_at(r, 56) as usize),
         }
     }
 
@@ -615,8 +681,21 @@ pub fn encode(entries: &[EntrySpec], chunks: &[ChunkRef]) -> Vec<u8> {
         records.extend_from_slice(&[0u8; 4]);
     }
     let content_len: u64 = chunks.iter().map(|c| c.len as u64).sum();
-    let mut out =
-        Vec::with_capacity(HEADER_LEN + records.len() + chunks.len() * CHUNK_LEN + blob.len());
+    // The pack table: each pack once, in order of first use.
+    let mut packs: Vec<Digest> = Vec::new();
+    let mut pack_index = std::collections::HashMap::new();
+    let chunk_packs: Vec<u32> = chunks
+        .iter()
+        .map(|c| {
+            *pack_index.entry(c.pack).or_insert_with(|| {
+                packs.push(c.pack);
+                packs.len() as u32 - 1
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + records.len() + chunks.len() * CHUNK_LEN + packs.len() * PACK_LEN + blob.len(),
+    );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
@@ -624,13 +703,20 @@ pub fn encode(entries: &[EntrySpec], chunks: &[ChunkRef]) -> Vec<u8> {
     out.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
     out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
     out.extend_from_slice(&content_len.to_le_bytes());
-    out.extend_from_slice(&[0u8; 16]);
+    out.extend_from_slice(&(packs.len() as u64).to_le_bytes());
+    out.extend_from_slice(&[0u8; 8]);
     out.extend_from_slice(&records);
-    for c in chunks {
+    for (c, pack) in chunks.iter().zip(chunk_packs) {
         out.extend_from_slice(&c.digest.0);
         out.extend_from_slice(&c.offset.to_le_bytes());
         out.extend_from_slice(&c.len.to_le_bytes());
+        out.extend_from_slice(&c.stored_len.to_le_bytes());
+        out.extend_from_slice(&c.pack_offset.to_le_bytes());
+        out.extend_from_slice(&pack.to_le_bytes());
         out.extend_from_slice(&[0u8; 4]);
+    }
+    for p in &packs {
+        out.extend_from_slice(&p.0);
     }
     out.extend_from_slice(&blob);
     out
@@ -689,6 +775,9 @@ mod tests {
             digest: cache::Digest::of(b"fifteen bytes!!"),
             offset: 0,
             len: 15,
+            pack: cache::Digest::of(b"a pack"),
+            pack_offset: 0,
+            stored_len: 16,
         }];
         (entries, chunks)
     }
@@ -759,9 +848,9 @@ mod tests {
         let (e, mut c) = sample();
         c[0].len = 14; // chunks do not add up to the stream
         c.push(ChunkRef {
-            digest: c[0].digest,
             offset: 20,
             len: 1,
+            ..c[0]
         });
         rejects(e, c, "chunk offsets");
         let (mut e, c) = sample();
@@ -783,9 +872,20 @@ mod tests {
             parse(b"not a manifest".to_vec()).err(),
             Some(ManifestError::BadMagic)
         );
-        let mut v2 = good.clone();
-        v2[8] = 2;
-        assert_eq!(parse(v2).err(), Some(ManifestError::UnsupportedVersion(2)));
+        let mut v1 = good.clone();
+        v1[8] = 1;
+        assert_eq!(parse(v1).err(), Some(ManifestError::UnsupportedVersion(1)));
+        // A chunk naming a pack past the pack table.
+        let mut bad_pack = good.clone();
+        let pack_field = HEADER_LEN + e.len() * ENTRY_LEN + 56;
+        bad_pack[pack_field..pack_field + 4].copy_from_slice(&1u32.to_le_bytes());
+        assert!(
+            matches!(parse(bad_pack).err(), Some(ManifestError::BadChunk { .. })),
+            "pack index out of range"
+        );
+        let (e2, mut c2) = sample();
+        c2[0].stored_len = 0;
+        rejects(e2, c2, "stored length");
         // Absurd counts must not overflow or allocate.
         let mut huge = good.clone();
         huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());

@@ -5,8 +5,8 @@
 //!    become whiteouts and opaque directories.
 //! 2. Chunk the content stream (every regular file's bytes, in sorted path order) with FastCDC,
 //!    so small files share chunks and an edit only changes the chunks around it.
-//! 3. Upload the chunks the store does not have yet, in parallel; then the manifest; and only
-//!    then move the ref, so no reader ever sees a ref to something missing. Every step is
+//! 3. Upload the chunks the store does not have yet, packed into objects of about 16 MiB (see
+//!    [`crate::pack`]); then the manifest; and only then move the ref, so no reader ever sees a ref to something missing. Every step is
 //!    idempotent: a publish that died half-way finishes when run again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -17,15 +17,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cache::{blob, chunk_key, Digest, Store};
-use futures::{StreamExt, TryStreamExt};
+use cache::{blob, Digest, Store};
+use futures::StreamExt;
 
 use crate::error::{FsError, FsResult};
 use crate::manifest::{self, check_name, ChunkRef, EntrySpec, Kind, FLAG_OPAQUE};
+use crate::pack;
 use crate::refs::{self, DatasetRef};
 
 pub const CHUNK_MIN: u32 = 64 << 10;
@@ -67,6 +68,8 @@ pub struct PublishReport {
     pub bytes: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Packs stored by this publish (new chunks go into packs of about 16 MiB).
+    pub packs_new: u64,
     pub bytes_uploaded: u64,
     pub manifest_bytes: u64,
     pub elapsed: Duration,
@@ -395,20 +398,6 @@ fn layout(walk: &Walk) -> (Vec<EntrySpec>, Vec<StreamFile>) {
     (specs, files)
 }
 
-/// Uploads `data` under its digest unless the store already has it. Returns stored bytes sent.
-async fn upload_chunk(store: &Arc<dyn Store>, digest: Digest, data: Vec<u8>) -> FsResult<u64> {
-    let key = chunk_key(&digest);
-    if store.head(&key).await?.is_some() {
-        return Ok(0);
-    }
-    let encoded = tokio::task::spawn_blocking(move || blob::encode(&data))
-        .await
-        .map_err(|e| FsError::InvalidInput(format!("compression task failed: {e}")))?;
-    let len = encoded.len() as u64;
-    store.put(&key, Bytes::from(encoded)).await?;
-    Ok(len)
-}
-
 /// Publishes `dir` and, if `target` is given, points that ref at the new layer.
 pub async fn publish(
     dir: &Path,
@@ -473,7 +462,7 @@ pub async fn publish(
         current: None,
         progress: progress.clone(),
     };
-    let chunker = tokio::task::spawn_blocking(move || -> FsResult<Vec<ChunkRef>> {
+    let chunker = tokio::task::spawn_blocking(move || -> FsResult<Vec<(Digest, u64, u32)>> {
         let mut table = Vec::new();
         let cdc = fastcdc::v2020::StreamCDC::new(
             stream,
@@ -484,43 +473,61 @@ pub async fn publish(
         for chunk in cdc {
             let chunk = chunk.map_err(|e| FsError::io("content stream", io::Error::from(e)))?;
             let digest = Digest::of(&chunk.data);
-            table.push(ChunkRef {
-                digest,
-                offset: chunk.offset,
-                len: chunk.length as u32,
-            });
+            table.push((digest, chunk.offset, chunk.length as u32));
             if tx.blocking_send((digest, chunk.data)).is_err() {
                 break; // the uploader failed; its error is reported
             }
         }
         Ok(table)
     });
-    let seen = Mutex::new(HashSet::new());
-    let new_chunks = AtomicU64::new(0);
-    let incoming = futures::stream::poll_fn(|cx| rx.poll_recv(cx)).map(Ok::<_, FsError>);
-    let uploads = incoming.try_for_each_concurrent(concurrency, |(digest, data)| {
-        let first = seen.lock().unwrap().insert(digest);
-        let store = store.clone();
-        let progress = progress.clone();
-        let new_chunks = &new_chunks;
-        async move {
-            if first {
-                let sent = upload_chunk(&store, digest, data).await?;
-                if sent > 0 {
-                    new_chunks.fetch_add(1, Ordering::Relaxed);
-                    progress.bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
-                }
+    // Look chunks up in parallel but take the answers in stream order, so packs hold chunks
+    // in the order a sequential read wants them.
+    let mut seen = HashSet::new();
+    let lookups = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+        .map(|(digest, data): (Digest, Vec<u8>)| {
+            let first = seen.insert(digest);
+            let store = Arc::clone(store);
+            async move {
+                let len = data.len() as u32;
+                let found = if first {
+                    pack::lookup(&store, digest, data).await?
+                } else {
+                    pack::Lookup::Repeat
+                };
+                Ok::<_, FsError>((digest, len, found))
             }
-            Ok(())
+        })
+        .buffered(concurrency);
+    let mut packer = pack::Packer::new(Arc::clone(store), progress.clone());
+    let packed = async {
+        futures::pin_mut!(lookups);
+        while let Some(next) = lookups.next().await {
+            let (digest, len, found) = next?;
+            packer.add(digest, len, found).await?;
         }
-    });
-    let upload_result = uploads.await;
+        packer.finish().await
+    }
+    .await;
     drop(rx);
     let chunk_result = chunker
         .await
         .map_err(|e| FsError::InvalidInput(format!("chunker task failed: {e}")))?;
-    upload_result?;
-    let chunks = chunk_result?;
+    let packed = packed?;
+    let table = chunk_result?;
+    let mut chunks = Vec::with_capacity(table.len());
+    for (digest, offset, len) in table {
+        let loc = packed.locations.get(&digest).ok_or_else(|| {
+            FsError::InvalidInput(format!("internal error: chunk {digest} was not stored"))
+        })?;
+        chunks.push(ChunkRef {
+            digest,
+            offset,
+            len,
+            pack: loc.pack,
+            pack_offset: loc.pack_offset,
+            stored_len: loc.stored_len,
+        });
+    }
 
     let manifest_bytes = manifest::encode(&specs, &chunks);
     if manifest_bytes.len() > manifest::MAX_MANIFEST_LEN {
@@ -554,7 +561,8 @@ pub async fn publish(
     }
     report.layer = Some(layer);
     report.chunks_total = chunks.len() as u64;
-    report.chunks_new = new_chunks.load(Ordering::Relaxed);
+    report.chunks_new = packed.new_chunks;
+    report.packs_new = packed.packs;
     report.bytes_uploaded = progress.bytes_uploaded.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
     Ok(report)

@@ -14,6 +14,7 @@
 //! list of layers they merge); that list is recomputed from the entry's path and kept in a
 //! bounded LRU.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,8 +35,10 @@ type Source = (u16, u32);
 /// the window (from 1) up to the maximum; a read anywhere else turns readahead off until the
 /// file is read sequentially again. A first read at offset 0 is taken as the start of a scan.
 /// So a sequential scan soon keeps several chunks in flight (the store's bandwidth, not its
-/// latency, sets the pace), while a random read fetches only the chunk it needs.
-const READAHEAD_MAX: usize = 32;
+/// latency, sets the pace), while a random read fetches only the chunk it needs. The window
+/// is topped up in batches (once half of it has been read), so that the chunks asked for
+/// adjoin and go out as few, large ranged GETs.
+const READAHEAD_MAX: usize = 64;
 /// How far from the previous read's end a read may start and still count as sequential.
 const SEQUENTIAL_SLACK: u64 = 4 << 20;
 /// Files whose read position is remembered for readahead.
@@ -43,6 +46,8 @@ const STREAMS: usize = 4096;
 
 struct Stream {
     next_offset: u64,
+    /// Chunks before this index have been asked for (read or prefetched).
+    prefetched_to: usize,
     window: usize,
 }
 
@@ -340,8 +345,12 @@ impl LayerStack {
                 std::io::Error::from_raw_os_error(libc::EISDIR),
             ));
         }
-        let readahead = self.readahead_window(ino, offset, size);
-        let data = layer.read(&self.cache, &e, offset, size, readahead).await;
+        let needed = layer.chunks_for_read(&e, offset, size);
+        let window = self.readahead_window(ino, offset, size);
+        if let Some(ahead) = self.readahead_batch(ino, window, needed.end) {
+            layer.prefetch(&self.cache, &e, ahead);
+        }
+        let data = layer.read(&self.cache, &e, offset, size).await;
         match &data {
             Ok(bytes) => self.cache.record_read(bytes.len() as u64),
             Err(_) => self.cache.record_error(),
@@ -371,12 +380,30 @@ impl LayerStack {
                     ino,
                     Stream {
                         next_offset,
+                        prefetched_to: 0,
                         window,
                     },
                 );
                 window
             }
         }
+    }
+
+    /// The chunks to prefetch now for a read of `ino` that needs chunks up to `needed_end`
+    /// with readahead `window`: none until less than half the window lies ahead, then enough
+    /// to fill it.
+    fn readahead_batch(&self, ino: u64, window: usize, needed_end: usize) -> Option<Range<usize>> {
+        let mut streams = self.streams.lock().unwrap();
+        let s = streams.get_mut(&ino)?;
+        if window == 0 || s.prefetched_to < needed_end {
+            s.prefetched_to = needed_end;
+        }
+        if window == 0 || (s.prefetched_to - needed_end) * 2 > window {
+            return None;
+        }
+        let batch = s.prefetched_to..needed_end + window;
+        s.prefetched_to = batch.end;
+        Some(batch)
     }
 
     /// Total file bytes and inodes across the layers, for statfs.

@@ -148,8 +148,9 @@ fn reading_one_file_fetches_only_its_chunks() {
         after_mount - before_mount,
         after_read - after_mount
     );
-    // The ref and the manifest at mount; the file's own chunks (about 4 at 256 KiB average,
-    // plus the chunks it shares with its neighbours) at read.
+    // The ref and the manifest at mount; at read, the file's own chunks (about 4 at 256 KiB
+    // average, plus the chunks it shares with its neighbours), which adjoin in one pack: one
+    // ranged GET, or a few.
     assert!(
         after_mount - before_mount <= 3,
         "mount fetched {} objects",
@@ -337,7 +338,8 @@ fn killed_publish_leaves_no_ref_and_a_rerun_finishes_the_job() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Kill it once some chunks have landed, long before it could finish.
+    // Kill it once some packs (and their chunks' locators) have landed, long before it could
+    // finish.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let options = strata_tests::store_options(&garage::shared().env(), false);
     let st = rt.block_on(cache::open_store(&store, &options)).unwrap();
