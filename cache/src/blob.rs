@@ -74,13 +74,18 @@ pub fn decode(object: &[u8], limit: usize) -> Result<Vec<u8>, BlobError> {
     }
 }
 
-/// Decodes and checks that the plain bytes hash to `expected`.
+/// Decodes and checks that the plain bytes hash to `expected`. Raw objects are not copied:
+/// the plain bytes are a slice of `object`.
 pub fn decode_verified(
-    object: &[u8],
+    object: &bytes::Bytes,
     expected: &Digest,
     limit: usize,
-) -> Result<Vec<u8>, BlobError> {
-    let plain = decode(object, limit)?;
+) -> Result<bytes::Bytes, BlobError> {
+    let plain = match object.first() {
+        Some(&RAW) if object.len() - 1 > limit => return Err(BlobError::TooLarge { limit }),
+        Some(&RAW) => object.slice(1..),
+        _ => bytes::Bytes::from(decode(object, limit)?),
+    };
     let actual = Digest::of(&plain);
     if actual != *expected {
         return Err(BlobError::HashMismatch {
@@ -102,7 +107,12 @@ mod tests {
         assert_eq!(obj[0], ZSTD);
         assert!(obj.len() < 1000);
         assert_eq!(
-            decode_verified(&obj, &Digest::of(&plain), 1 << 20).unwrap(),
+            decode_verified(
+                &bytes::Bytes::from(obj.clone()),
+                &Digest::of(&plain),
+                1 << 20
+            )
+            .unwrap(),
             plain
         );
     }
@@ -138,7 +148,7 @@ mod tests {
         );
         let obj = encode(b"abc");
         assert!(matches!(
-            decode_verified(&obj, &Digest::of(b"abd"), 10),
+            decode_verified(&bytes::Bytes::from(obj.clone()), &Digest::of(b"abd"), 10),
             Err(BlobError::HashMismatch { .. })
         ));
     }

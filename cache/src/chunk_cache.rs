@@ -187,11 +187,13 @@ pub struct ChunkCache {
     prefetch_budget: Arc<tokio::sync::Semaphore>,
 }
 
-/// Chunks being fetched in the background (readahead) at most.
-const PREFETCH_BUDGET: usize = 64;
+/// Chunks being fetched in the background (readahead) at most: a full readahead window.
+const PREFETCH_BUDGET: usize = 128;
 /// The most bytes one ranged GET asks for: big enough that a sequential read costs few
 /// requests, small enough that several run in parallel and a reader waits for little.
-const MAX_RUN_BYTES: u64 = 8 << 20;
+/// Measured against Garage on loopback (cold 1 GiB read): 2 MiB 318 MiB/s, 4 MiB 366-392,
+/// 8 MiB 327.
+const MAX_RUN_BYTES: u64 = 4 << 20;
 
 /// One mount's way into the shared cache: the store its chunks come from and its own counters.
 #[derive(Clone)]
@@ -528,22 +530,26 @@ impl ChunkCache {
                     .map(|loc| {
                         let from = (loc.pack_offset - start) as usize;
                         let to = from + loc.stored_len as usize;
-                        let Some(stored) = object.get(from..to) else {
+                        if to > object.len() {
                             return Err(format!(
                                 "the pack answered {} bytes, short of the chunk at {}",
                                 object.len(),
                                 loc.pack_offset
                             ));
-                        };
-                        blob::decode_verified(stored, &loc.digest, loc.len as usize)
-                            .map_err(|e| e.to_string())
-                            .and_then(|plain| {
-                                if plain.len() == loc.len as usize {
-                                    Ok(Bytes::from(plain))
-                                } else {
-                                    Err(format!("expected {} bytes, got {}", loc.len, plain.len()))
-                                }
-                            })
+                        }
+                        blob::decode_verified(
+                            &object.slice(from..to),
+                            &loc.digest,
+                            loc.len as usize,
+                        )
+                        .map_err(|e| e.to_string())
+                        .and_then(|plain| {
+                            if plain.len() == loc.len as usize {
+                                Ok(plain)
+                            } else {
+                                Err(format!("expected {} bytes, got {}", loc.len, plain.len()))
+                            }
+                        })
                     })
                     .collect::<Vec<_>>()
             })

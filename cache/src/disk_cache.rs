@@ -4,8 +4,8 @@
 //! Space is reserved under the lock *before* a file is written and the least recently used
 //! chunks are evicted to make room; a chunk that does not fit even then is not cached. So the
 //! files on disk never exceed the budget, however many inserts run at once. Files are
-//! written to `<dir>/tmp` and renamed into place, so a crash never leaves a half-written chunk
-//! under its name; `tmp` is emptied at start. The files on disk are the truth: the index is
+//! written to a temp file beside their final name and renamed into place, so a crash never
+//! leaves a half-written chunk under its name; leftover temp files are removed at start. The files on disk are the truth: the index is
 //! rebuilt from them at start, and a chunk found there is verified against its name the first
 //! time it is read.
 //!
@@ -59,11 +59,12 @@ pub(crate) enum DiskRead {
 
 impl DiskCache {
     pub(crate) fn open(dir: &Path, capacity: u64) -> io::Result<DiskCache> {
-        let tmp = dir.join("tmp");
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
+        // Temp files of writes cut short by a crash are removed below with anything else in
+        // the shards that is not named by a digest (and the `tmp/` of older versions here).
+        let legacy_tmp = dir.join("tmp");
+        if legacy_tmp.exists() {
+            fs::remove_dir_all(&legacy_tmp)?;
         }
-        fs::create_dir_all(&tmp)?;
         fs::create_dir_all(dir.join("chunks"))?;
         let last_use = open_index(&dir.join("index"));
         let mut found = Vec::new();
@@ -290,10 +291,9 @@ impl DiskCache {
             fs::create_dir_all(parent)?;
         }
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("{}.{n}", digest.to_hex()));
+        // The temp file sits in the chunk's own shard: creating thousands of files in one
+        // shared directory serializes writers on its lock and crowds one inode group.
+        let tmp = dest.with_file_name(format!(".{}.{n}.tmp", digest.to_hex()));
         let result = (|| {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
@@ -433,15 +433,20 @@ mod tests {
             cache.insert(&Digest::of(&b), &b);
         }
         // Corrupt b while "stopped", and leave a half-written temp file behind.
-        fs::write(tmp.path().join("tmp").join("junk"), b"partial").unwrap();
         let hex = Digest::of(&b).to_hex();
+        let partial = tmp
+            .path()
+            .join("chunks")
+            .join(&hex[..2])
+            .join(format!(".{hex}.7.tmp"));
+        fs::write(&partial, b"partial").unwrap();
         fs::write(
             tmp.path().join("chunks").join(&hex[..2]).join(&hex),
             vec![3u8; 100],
         )
         .unwrap();
         let cache = DiskCache::open(tmp.path(), 10_000).unwrap();
-        assert!(!tmp.path().join("tmp").join("junk").exists());
+        assert!(!partial.exists());
         match cache.read(&Digest::of(&a)) {
             DiskRead::Hit(d) => assert_eq!(d, a),
             _ => panic!("expected a hit for the intact chunk"),

@@ -58,7 +58,7 @@ impl Layer {
             store: store_url,
             reason: e.to_string(),
         })?;
-        let mut manifest = parse(digest, ManifestBytes::Owned(plain))?;
+        let mut manifest = parse(digest, ManifestBytes::Owned(plain.to_vec()))?;
         if let Some(path) = &cached {
             // Switch to the mapped copy and drop the heap one. The copy holds the bytes just
             // validated, so validating them again would only cost time.

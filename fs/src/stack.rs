@@ -38,7 +38,7 @@ type Source = (u16, u32);
 /// latency, sets the pace), while a random read fetches only the chunk it needs. The window
 /// is topped up in batches (once half of it has been read), so that the chunks asked for
 /// adjoin and go out as few, large ranged GETs.
-const READAHEAD_MAX: usize = 64;
+const READAHEAD_MAX: usize = 128;
 /// How far from the previous read's end a read may start and still count as sequential.
 const SEQUENTIAL_SLACK: u64 = 4 << 20;
 /// Files whose read position is remembered for readahead.

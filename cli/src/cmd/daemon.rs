@@ -106,8 +106,23 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
 
 pub async fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     let config = config(g, a)?;
+    limit_malloc_arenas();
     // One owner per cache dir: a foreground mount or a second daemon would fight over it.
     let _lock = super::mount::lock_cache_dir(&config.cache_dir)?;
     let daemon = Arc::new(Daemon::start(config)?);
     daemon.serve().await
+}
+
+/// Chunk buffers are allocated on some threads and freed on others. glibc gives each thread
+/// its own arena and keeps freed memory there, and after the first multi-MiB buffer is freed
+/// it serves such buffers from those arenas too. Measured on a 1 GiB read: peak RSS 584 MiB
+/// with glibc's defaults, 343 MiB with two arenas and buffers of 1 MiB and up always mapped
+/// (returned to the system when freed), at the same speed. (mimalloc: 711 MiB, and slower.)
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before the daemon's threads allocate much.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
