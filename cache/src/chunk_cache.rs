@@ -251,6 +251,35 @@ impl ChunkReader {
         Ok(out)
     }
 
+    /// The bytes `range` of a chunk if they can be had without waiting on the store or on a
+    /// fetch in flight: from memory, or read straight from a disk copy verified since start
+    /// (only the range: a 4 KiB random read should not read a whole chunk). Blocking (disk);
+    /// `None` means: use [`ChunkReader::get_many`].
+    pub fn get_local(&self, loc: &ChunkLoc, range: std::ops::Range<usize>) -> Option<Bytes> {
+        if range.end > loc.len as usize {
+            return None;
+        }
+        {
+            let inflight = self.cache.inflight.lock().unwrap();
+            let mut memory = self.cache.memory.lock().unwrap();
+            if let Some(data) = memory.get(&loc.digest) {
+                if data.len() != loc.len as usize {
+                    return None; // get_many reports the mismatch
+                }
+                self.bump(|c| &c.chunk_requests, 1);
+                self.bump(|c| &c.memory_hits, 1);
+                return Some(data.slice(range));
+            }
+            if inflight.contains_key(&loc.digest) {
+                return None;
+            }
+        }
+        let data = self.cache.disk.as_ref()?.read_range(&loc.digest, range)?;
+        self.bump(|c| &c.chunk_requests, 1);
+        self.bump(|c| &c.disk_hits, 1);
+        Some(Bytes::from(data))
+    }
+
     /// Starts fetching chunks in the background (readahead); errors are left for the reader
     /// that eventually asks for them. Background fetches have a budget of their own: when it is
     /// spent the rest is skipped, so readahead never queues ahead of reads a function is
@@ -727,6 +756,48 @@ mod tests {
         assert_eq!(
             cache.stats().store_bytes,
             locs.iter().map(|l| l.stored_len as u64).sum::<u64>()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_reads_take_a_range_of_a_verified_disk_copy_and_nothing_else() {
+        let chunk: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let (tmp, reader, locs) = setup(std::slice::from_ref(&chunk)).await;
+        let loc = locs[0];
+        assert!(reader.get_local(&loc, 0..10).is_none(), "nothing local yet");
+        reader.get(&loc).await.unwrap();
+        assert_eq!(
+            reader.get_local(&loc, 5..9).unwrap(),
+            chunk[5..9],
+            "from memory"
+        );
+        // A fresh cache over the same dir: the chunk file is there but not verified yet.
+        let wait_for_disk = std::time::Instant::now();
+        while reader.cache().stats().disk_chunks == 0 {
+            assert!(wait_for_disk.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let cache = ChunkCache::new(&CacheConfig {
+            disk_dir: Some(tmp.path().join("cache")),
+            disk_capacity: 1 << 20,
+            memory_capacity: 0,
+            fetch_deadline: DEFAULT_FETCH_DEADLINE,
+        })
+        .unwrap();
+        let fresh = cache.reader(Arc::clone(reader.store()));
+        assert!(
+            fresh.get_local(&loc, 0..10).is_none(),
+            "unverified copies are not read in part"
+        );
+        fresh.get(&loc).await.unwrap(); // loads it whole and verifies it (memory keeps nothing)
+        assert_eq!(
+            fresh.get_local(&loc, 100_000..100_100).unwrap(),
+            chunk[100_000..100_100]
+        );
+        assert_eq!(fresh.stats().store_gets, 0);
+        assert!(
+            fresh.get_local(&loc, 0..300_000).is_none(),
+            "past the chunk"
         );
     }
 

@@ -29,6 +29,8 @@ struct Entry {
     size: u64,
     /// Checked against its digest since this process started.
     verified: bool,
+    /// When its last use was written to the index (ns since the epoch; 0: not by us).
+    recorded: u64,
 }
 
 struct State {
@@ -41,11 +43,14 @@ struct State {
     evictions: u64,
 }
 
+const RECORD_EVERY_NS: u64 = 60_000_000_000;
+
 pub(crate) struct DiskCache {
     dir: PathBuf,
     /// digest → last use (ns since the epoch, big-endian u64).
     last_use: Option<sled::Db>,
     capacity: u64,
+    record_every_ns: u64,
     state: Mutex<State>,
     temp_counter: AtomicU64,
 }
@@ -120,6 +125,7 @@ impl DiskCache {
                 Entry {
                     size,
                     verified: false,
+                    recorded: 0,
                 },
             );
         }
@@ -127,6 +133,7 @@ impl DiskCache {
             dir: dir.to_path_buf(),
             last_use,
             capacity,
+            record_every_ns: RECORD_EVERY_NS,
             state: Mutex::new(state),
             temp_counter: AtomicU64::new(0),
         };
@@ -180,6 +187,48 @@ impl DiskCache {
             verified
         };
         let result = self.read_pinned(digest, verified);
+        self.unpin(digest);
+        result
+    }
+
+    /// Reads `range` of a chunk whose file has been verified since start; `None` if the chunk
+    /// is not on disk or not verified yet (the caller loads it whole, which verifies it).
+    pub(crate) fn read_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<usize>,
+    ) -> Option<Vec<u8>> {
+        {
+            let mut state = self.state.lock().unwrap();
+            match state.lru.get(digest) {
+                Some(e) if e.verified && range.end as u64 <= e.size => {}
+                _ => return None,
+            }
+            *state.pinned.entry(*digest).or_insert(0) += 1;
+        }
+        let read = (|| -> io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let f = fs::File::open(self.path(digest))?;
+            let mut buf = vec![0u8; range.len()];
+            f.read_exact_at(&mut buf, range.start as u64)?;
+            Ok(buf)
+        })();
+        self.unpin(digest);
+        match read {
+            Ok(buf) => {
+                self.record_use(digest);
+                Some(buf)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(chunk = %digest, "reading cached chunk: {e}");
+                }
+                None
+            }
+        }
+    }
+
+    fn unpin(&self, digest: &Digest) {
         let mut state = self.state.lock().unwrap();
         if let Some(n) = state.pinned.get_mut(digest) {
             *n -= 1;
@@ -187,7 +236,6 @@ impl DiskCache {
                 state.pinned.remove(digest);
             }
         }
-        result
     }
 
     fn read_pinned(&self, digest: &Digest, verified: bool) -> DiskRead {
@@ -224,9 +272,20 @@ impl DiskCache {
         self.forget_use(digest);
     }
 
+    /// Writes a chunk's last use to the index, at most once a minute per chunk: the memory LRU
+    /// has the exact order; the index only has to keep it roughly across a restart, and an
+    /// index write on every 4 KiB read would cost more than the read.
     fn record_use(&self, digest: &Digest) {
         if let Some(db) = &self.last_use {
             let now = nanos_since_epoch(std::time::SystemTime::now());
+            {
+                let mut state = self.state.lock().unwrap();
+                match state.lru.peek_mut(digest) {
+                    Some(e) if now.saturating_sub(e.recorded) < self.record_every_ns => return,
+                    Some(e) => e.recorded = now,
+                    None => {}
+                }
+            }
             if let Err(e) = db.insert(digest.0, &now.to_be_bytes()) {
                 tracing::debug!(chunk = %digest, "recording chunk use: {e}");
             }
@@ -271,6 +330,7 @@ impl DiskCache {
                 let entry = Entry {
                     size,
                     verified: true,
+                    recorded: 0,
                 };
                 if let Some(old) = state.lru.put(*digest, entry) {
                     state.used -= old.size;
@@ -395,7 +455,8 @@ mod tests {
         let chunks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000]).collect();
         let d: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
         {
-            let cache = DiskCache::open(tmp.path(), 3000).unwrap();
+            let mut cache = DiskCache::open(tmp.path(), 3000).unwrap();
+            cache.record_every_ns = 0; // (normally once a minute per chunk)
             for i in 0..3 {
                 cache.insert(&d[i], &chunks[i]);
             }

@@ -142,9 +142,18 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Data already here (memory, or a verified chunk file) is served from this thread; only
+        // reads that wait on the store go through the async runtime. Readahead spawns its
+        // fetches on the runtime, hence the enter.
+        let _runtime = self.runtime.enter();
+        match self.stack.read_local(ino.0, offset, size) {
+            Some(Ok(data)) => return reply.data(&data),
+            Some(Err(e)) => return reply.error(errno(&e)),
+            None => {}
+        }
         let stack = self.stack.clone();
         self.runtime.spawn(async move {
-            match stack.read(ino.0, offset, size).await {
+            match stack.read_fetch(ino.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -125,6 +125,37 @@ impl Layer {
         }
     }
 
+    /// Reads up to `size` bytes at `offset` of file entry `e` from local copies only (memory,
+    /// or verified chunk files, reading just the bytes asked for); `None` if a chunk must be
+    /// fetched.
+    pub fn read_local(
+        &self,
+        cache: &ChunkReader,
+        e: &Entry<'_>,
+        offset: u64,
+        size: u32,
+    ) -> Option<Bytes> {
+        let Range { start, end } = Self::span(e, offset, size);
+        if start >= end {
+            return Some(Bytes::new());
+        }
+        let chunks = self.manifest.chunks_for(start..end);
+        let piece = |i: usize| {
+            let c = self.manifest.chunk(i);
+            let lo = start.max(c.offset) - c.offset;
+            let hi = end.min(c.offset + c.len as u64) - c.offset;
+            cache.get_local(&c.location(), lo as usize..hi as usize)
+        };
+        if chunks.len() == 1 {
+            return piece(chunks.start);
+        }
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for i in chunks {
+            out.extend_from_slice(&piece(i)?);
+        }
+        Some(out.freeze())
+    }
+
     /// Reads up to `size` bytes at `offset` of file entry `e`, fetching only the chunks that
     /// cover that range.
     pub async fn read(

@@ -338,24 +338,56 @@ impl LayerStack {
 
     /// Reads a file's bytes; fetches only the chunks covering the range.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let (layer, e) = self.top(ino)?;
-        if e.kind != Kind::File {
-            return Err(FsError::io(
-                "read",
-                std::io::Error::from_raw_os_error(libc::EISDIR),
-            ));
-        }
-        let needed = layer.chunks_for_read(&e, offset, size);
-        let window = self.readahead_window(ino, offset, size);
-        if let Some(ahead) = self.readahead_batch(ino, window, needed.end) {
-            layer.prefetch(&self.cache, &e, ahead);
-        }
+        self.start_read(ino, offset, size)?;
+        self.read_fetch(ino, offset, size).await
+    }
+
+    /// The first half of a read that may not block on the store: readahead bookkeeping, then
+    /// the bytes if every chunk they need is in memory or verified on disk (a blocking disk
+    /// read at most). `None`: finish with [`LayerStack::read_fetch`].
+    pub fn read_local(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let (layer, e) = match self.start_read(ino, offset, size) {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        let data = layer.read_local(&self.cache, &e, offset, size)?;
+        self.cache.record_read(data.len() as u64);
+        Some(Ok(data))
+    }
+
+    /// Reads a file's bytes, fetching what is missing; no readahead bookkeeping (see
+    /// [`LayerStack::read_local`]).
+    pub async fn read_fetch(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let (layer, e) = self.file(ino)?;
         let data = layer.read(&self.cache, &e, offset, size).await;
         match &data {
             Ok(bytes) => self.cache.record_read(bytes.len() as u64),
             Err(_) => self.cache.record_error(),
         }
         data
+    }
+
+    fn file(&self, ino: u64) -> FsResult<(&Layer, Entry<'_>)> {
+        let (layer, e) = self.top(ino)?;
+        if e.kind != Kind::File {
+            self.cache.record_error();
+            return Err(FsError::io(
+                "read",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            ));
+        }
+        Ok((layer, e))
+    }
+
+    /// Finds the file and starts the readahead its read pattern calls for.
+    fn start_read(&self, ino: u64, offset: u64, size: u32) -> FsResult<(&Layer, Entry<'_>)> {
+        let (layer, e) = self.file(ino)?;
+        let needed = layer.chunks_for_read(&e, offset, size);
+        let window = self.readahead_window(ino, offset, size);
+        if let Some(ahead) = self.readahead_batch(ino, window, needed.end) {
+            layer.prefetch(&self.cache, &e, ahead);
+        }
+        Ok((layer, e))
     }
 
     fn readahead_window(&self, ino: u64, offset: u64, size: u32) -> usize {
