@@ -71,6 +71,8 @@ pub struct ReadStats {
     pub store_hits: u64,
     pub store_gets: u64,
     pub store_bytes: u64,
+    /// Chunks fetched from the store (several may come with one GET).
+    pub chunks_fetched: u64,
     pub corrupt_chunks: u64,
     pub errors: u64,
 }
@@ -98,6 +100,7 @@ pub struct Counters {
     store_hits: AtomicU64,
     store_gets: AtomicU64,
     store_bytes: AtomicU64,
+    chunks_fetched: AtomicU64,
     corrupt_chunks: AtomicU64,
     errors: AtomicU64,
 }
@@ -114,6 +117,7 @@ impl Counters {
             store_hits: get(&self.store_hits),
             store_gets: get(&self.store_gets),
             store_bytes: get(&self.store_bytes),
+            chunks_fetched: get(&self.chunks_fetched),
             corrupt_chunks: get(&self.corrupt_chunks),
             errors: get(&self.errors),
         }
@@ -585,6 +589,7 @@ impl ChunkCache {
             .await
             .unwrap_or_else(|e| vec![Err(format!("verification task failed: {e}")); wanted.len()]);
             let bad = verified.iter().filter(|r| r.is_err()).count();
+            reader.bump(|c| &c.chunks_fetched, (verified.len() - bad) as u64);
             if bad == 0 || attempt >= 2 {
                 return verified
                     .into_iter()
