@@ -35,15 +35,27 @@ echo "== strata inspect"
 echo "== strata cat"
 "$strata" cat "$store" demo:v1 hello.txt
 
-echo "== strata mount"
-mkdir -p "$work/mnt"
-"$strata" mount "$store" "$work/mnt" --layer demo:v1 --foreground --cache-dir "$work/cache" --cache-size 1G &
-pid=$!
-for _ in $(seq 1 100); do grep -qs " $work/mnt fuse" /proc/self/mounts && break; sleep 0.1; done
+echo "== strata daemon (one chunk cache for every mount on this host)"
+export STRATA_SOCKET=$work/daemon.sock
+"$strata" daemon --cache-dir "$work/cache" --cache-size 1G 2> "$work/daemon.log" &
+daemon=$!
+trap 'kill $daemon 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do "$strata" mounts >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "== strata mount (twice: the second mount reads from the shared cache)"
+mkdir -p "$work/mnt" "$work/mnt2"
+"$strata" mount "$store" "$work/mnt" --layer demo:v1
+"$strata" mount "$store" "$work/mnt2" --layer demo:v1
+"$strata" mounts
 ls -la "$work/mnt" "$work/mnt/docs"
 cat "$work/mnt/docs/hello-link"
 cmp "$work/mnt/data/blob.bin" "$work/sample/data/blob.bin" && echo "data/blob.bin: identical through the mount"
-echo "== strata unmount"
+cmp "$work/mnt2/data/blob.bin" "$work/sample/data/blob.bin" && echo "data/blob.bin: identical through the second mount"
+echo "== strata stats"
+"$strata" stats
+echo "== strata unmount, and the daemon stops (SIGTERM unmounts whatever is left)"
 "$strata" unmount "$work/mnt"
-wait "$pid"
+kill -TERM "$daemon"; wait "$daemon" || true
+trap - EXIT
+if grep -qs "$work/mnt" /proc/self/mounts; then echo "demo: a mount was left behind" >&2; exit 1; fi
 echo "done: store in $work/store, cache in $work/cache"
