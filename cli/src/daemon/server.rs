@@ -51,6 +51,8 @@ pub struct Daemon {
     next_id: AtomicU64,
 }
 
+/// How long a client has to send its request.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
 /// How long an unmount waits for the FUSE session to wind down.
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 
@@ -135,11 +137,16 @@ impl Daemon {
             )
         } else {
             let mut line = String::new();
-            BufReader::new(read)
-                .take(MAX_REQUEST as u64)
-                .read_line(&mut line)
-                .await
-                .context("reading a request")?;
+            // A client that connects and says nothing must not hold a task forever.
+            tokio::time::timeout(
+                REQUEST_WAIT,
+                BufReader::new(read)
+                    .take(MAX_REQUEST as u64)
+                    .read_line(&mut line),
+            )
+            .await
+            .context("no request within 10 s")?
+            .context("reading a request")?;
             match serde_json::from_str::<Request>(&line) {
                 Ok(request) => match self.answer(request).await {
                     Ok(v) => Reply::Ok(v),
