@@ -319,3 +319,48 @@ fn mount_without_a_daemon_says_how_to_get_one() {
     );
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn daemon_refuses_a_bad_config_and_a_second_instance() {
+    let work = strata_tests::scratch_dir("daemon-bad");
+    let s = strata_tests::strata::Strata::new(vec![]);
+    let config = work.join("bad.toml");
+    std::fs::write(&config, "cache_sise = \"1G\"\n").unwrap();
+    let err = s.fails(&["daemon", "--config", config.to_str().unwrap()]);
+    assert!(
+        err.contains("cache_sise") && err.contains("bad.toml"),
+        "{err}"
+    );
+    std::fs::write(&config, "cache_size = \"lots\"\n").unwrap();
+    let err = s.fails(&["daemon", "--config", config.to_str().unwrap()]);
+    assert!(err.contains("cache_size") && err.contains("lots"), "{err}");
+
+    let d = Daemon::start(vec![], &work.join("one"), &[]).unwrap();
+    // Same socket: refused, and the running daemon keeps its socket.
+    let err = d.strata().fails(&[
+        "daemon",
+        "--cache-dir",
+        work.join("other-cache").to_str().unwrap(),
+    ]);
+    assert!(err.contains("another strata daemon"), "{err}");
+    d.strata().ok(&["mounts"]);
+    // Same cache dir, other socket: refused too.
+    let err = s.fails(&[
+        "--socket",
+        work.join("two.sock").to_str().unwrap(),
+        "daemon",
+        "--cache-dir",
+        d.cache_dir.to_str().unwrap(),
+    ]);
+    assert!(err.contains("in use by another strata process"), "{err}");
+    // A request that is not JSON gets a clear answer, and the daemon goes on.
+    use std::io::{BufRead, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    conn.write_all(b"hello\n").unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(conn).read_line(&mut reply).unwrap();
+    assert!(reply.contains("malformed request"), "{reply}");
+    d.strata().ok(&["mounts"]);
+    drop(d);
+    let _ = std::fs::remove_dir_all(&work);
+}
