@@ -37,7 +37,7 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// Parallel chunk uploads.
+    /// Chunks looked up in the store at once (packs are uploaded 4 at a time).
     pub concurrency: usize,
 }
 

@@ -54,6 +54,10 @@ fn published_tree_mounts_identically() {
     assert_eq!(summary["layer"], report["layer"]);
     assert_eq!(summary["bytes"], report["bytes"]);
     assert_eq!(summary["chunks"], report["chunks_total"]);
+    assert_eq!(
+        summary["packs"], report["packs_new"],
+        "a first publish packs every chunk itself"
+    );
     assert_eq!(summary["symlinks"], report["symlinks"]);
     assert_eq!(
         summary["files"].as_u64().unwrap(),

@@ -101,6 +101,7 @@ pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
             "chunk_min": chunk_lens.iter().min().copied().unwrap_or(0),
             "chunk_avg": avg,
             "chunk_max": chunk_lens.iter().max().copied().unwrap_or(0),
+            "packs": m.pack_count(),
             "manifest_bytes": m.as_bytes().len(),
             "tree": entries,
         });
@@ -125,6 +126,7 @@ pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
         human(avg),
         human(chunk_lens.iter().max().copied().unwrap_or(0))
     );
+    println!("packs     {}", m.pack_count());
     println!("manifest  {}", human(m.as_bytes().len() as u64));
     if !tree.is_empty() {
         println!();

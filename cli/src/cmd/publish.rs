@@ -23,7 +23,7 @@ pub struct PublishArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Parallel chunk uploads.
+    /// Chunks looked up in the store at once (new chunks go up in packs, 4 at a time).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// No progress bar.
@@ -89,6 +89,7 @@ pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
             "bytes": report.bytes,
             "chunks_total": report.chunks_total,
             "chunks_new": report.chunks_new,
+            "packs_new": report.packs_new,
             "bytes_uploaded": report.bytes_uploaded,
             "manifest_bytes": report.manifest_bytes,
             "seconds": secs,
@@ -107,9 +108,10 @@ pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
             human(report.bytes)
         );
         println!(
-            "  chunks: {} total, {} new; uploaded {} in {:.1}s ({}/s)",
+            "  chunks: {} total, {} new in {} packs; uploaded {} in {:.1}s ({}/s)",
             report.chunks_total,
             report.chunks_new,
+            report.packs_new,
             human(report.bytes_uploaded),
             secs,
             human((report.bytes as f64 / secs) as u64)
