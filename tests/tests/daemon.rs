@@ -202,6 +202,21 @@ fn cache_stays_within_its_budget_under_four_readers() {
         "cache reached {peak} bytes, over its 64 MiB budget plus the chunks in flight"
     );
     assert!(total(&stats, "disk_used") <= 64 << 20, "{stats}");
+    // Once the cache writes behind the reads have settled, a walk is exact: the files on disk
+    // fit the budget, with no slack at all.
+    let mut settled = cache_bytes(&d.cache_dir);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = cache_bytes(&d.cache_dir);
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    assert!(
+        settled <= 64 << 20,
+        "{settled} bytes of chunk files on disk after the run"
+    );
     assert!(total(&stats, "disk_evictions") > 0, "{stats}");
     drop((m, d));
     let _ = std::fs::remove_dir_all(&work);
