@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use cache::{blob, ChunkReader, Digest, Store};
 
 use crate::error::{FsError, FsResult};
-use crate::manifest::{Entry, Manifest, ManifestBytes, MAX_MANIFEST_LEN};
+use crate::manifest::{ChunkRef, Entry, Manifest, ManifestBytes, MAX_MANIFEST_LEN};
 
 pub struct Layer {
     pub digest: Digest,
@@ -135,25 +135,16 @@ impl Layer {
         offset: u64,
         size: u32,
     ) -> Option<Bytes> {
-        let Range { start, end } = Self::span(e, offset, size);
-        if start >= end {
-            return Some(Bytes::new());
-        }
-        let chunks = self.manifest.chunks_for(start..end);
-        let piece = |i: usize| {
-            let c = self.manifest.chunk(i);
-            let lo = start.max(c.offset) - c.offset;
-            let hi = end.min(c.offset + c.len as u64) - c.offset;
-            cache.get_local(&c.location(), lo as usize..hi as usize)
-        };
-        if chunks.len() == 1 {
-            return piece(chunks.start);
-        }
-        let mut out = BytesMut::with_capacity((end - start) as usize);
-        for i in chunks {
-            out.extend_from_slice(&piece(i)?);
-        }
-        Some(out.freeze())
+        let span = Self::span(e, offset, size);
+        let pieces = self
+            .manifest
+            .chunks_for(span.clone())
+            .map(|i| {
+                let c = self.manifest.chunk(i);
+                cache.get_local(&c.location(), part(&c, &span))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(join(pieces, span))
     }
 
     /// Reads up to `size` bytes at `offset` of file entry `e`, fetching only the chunks that
@@ -165,30 +156,40 @@ impl Layer {
         offset: u64,
         size: u32,
     ) -> FsResult<Bytes> {
-        let Range { start, end } = Self::span(e, offset, size);
-        if start >= end {
-            return Ok(Bytes::new());
-        }
+        let span = Self::span(e, offset, size);
         let chunks: Vec<_> = self
             .manifest
-            .chunks_for(start..end)
+            .chunks_for(span.clone())
             .map(|i| self.manifest.chunk(i))
             .collect();
         let locs: Vec<_> = chunks.iter().map(|c| c.location()).collect();
         let fetched = cache.get_many(&locs).await?;
-        if chunks.len() == 1 {
-            let c = &chunks[0];
-            let from = (start - c.offset) as usize;
-            return Ok(fetched[0].slice(from..from + (end - start) as usize));
-        }
-        let mut out = BytesMut::with_capacity((end - start) as usize);
-        for (c, data) in chunks.iter().zip(&fetched) {
-            let lo = start.max(c.offset) - c.offset;
-            let hi = end.min(c.offset + c.len as u64) - c.offset;
-            out.extend_from_slice(&data[lo as usize..hi as usize]);
-        }
-        Ok(out.freeze())
+        let pieces = chunks
+            .iter()
+            .zip(fetched)
+            .map(|(c, data)| data.slice(part(c, &span)))
+            .collect();
+        Ok(join(pieces, span))
     }
+}
+
+/// The part of chunk `c` that falls inside `span` of the content stream, in chunk offsets.
+fn part(c: &ChunkRef, span: &Range<u64>) -> Range<usize> {
+    let lo = span.start.max(c.offset) - c.offset;
+    let hi = span.end.min(c.offset + c.len as u64) - c.offset;
+    lo as usize..hi as usize
+}
+
+/// The bytes of a read from its pieces, in order; a read within one chunk is not copied.
+fn join(mut pieces: Vec<Bytes>, span: Range<u64>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().expect("one piece");
+    }
+    let mut out = BytesMut::with_capacity((span.end - span.start) as usize);
+    for p in &pieces {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
 }
 
 fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
