@@ -162,24 +162,22 @@ pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
     let mountpoint = strata_fs::fuse::resolve_mountpoint(&a.mountpoint)
         .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
     let socket = g.socket();
-    if socket.exists() {
+    // The daemon's own mounts go through it, so it forgets them at once; anything else (a
+    // foreground mount, a mount of a daemon that is gone) is unmounted here.
+    let daemon_mounts: Vec<MountInfo> = match protocol::call(&socket, &Request::Mounts).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::debug!("{e:#}; unmounting directly");
+            Vec::new()
+        }
+    };
+    if daemon_mounts.iter().any(|m| m.mountpoint == mountpoint) {
         let request = Request::Unmount {
-            mountpoint: mountpoint.clone(),
+            mountpoint,
             lazy: a.lazy,
         };
-        match protocol::call::<MountInfo>(&socket, &request).await {
-            Ok(_) => return Ok(()),
-            Err(e) if e.downcast_ref::<protocol::DaemonError>().is_some() => {
-                if strata_fs::fuse::is_strata_mount(&mountpoint).unwrap_or(false)
-                    && e.to_string().contains("not mounted by this daemon")
-                {
-                    tracing::debug!("{e}; unmounting directly");
-                } else {
-                    return Err(e);
-                }
-            }
-            Err(e) => tracing::debug!("{e:#}; unmounting directly"),
-        }
+        protocol::call::<MountInfo>(&socket, &request).await?;
+        return Ok(());
     }
     strata_fs::fuse::unmount(&mountpoint, a.lazy)?;
     Ok(())

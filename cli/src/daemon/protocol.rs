@@ -107,14 +107,9 @@ pub async fn call<T: serde::de::DeserializeOwned>(
     }
     match serde_json::from_str::<Reply>(&reply).context("parsing the daemon's reply")? {
         Reply::Ok(v) => serde_json::from_value(v).context("parsing the daemon's reply"),
-        Reply::Error(e) => Err(DaemonError(e).into()),
+        Reply::Error(e) => Err(anyhow::anyhow!(e)),
     }
 }
-
-/// An error the daemon answered with (as opposed to not reaching it).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DaemonError(pub String);
 
 /// Where the daemon listens unless told otherwise.
 pub fn default_socket() -> PathBuf {
