@@ -463,7 +463,12 @@ impl ChunkCache {
     async fn load_run(self: &Arc<Self>, reader: &ChunkReader, run: Vec<ChunkLoc>) -> Vec<Loaded> {
         let _leave = LeaveInflight(Arc::clone(self), run.iter().map(|l| l.digest).collect());
         let mut results: Vec<Option<Result<(Bytes, Origin), ChunkError>>> = vec![None; run.len()];
-        if self.disk.is_some() {
+        // A cold read finds none of its chunks on disk: skip the hop to a blocking thread.
+        let on_disk = self
+            .disk
+            .as_ref()
+            .is_some_and(|d| run.iter().any(|l| d.contains(&l.digest)));
+        if on_disk {
             let this = Arc::clone(self);
             let digests: Vec<(Digest, u32)> = run.iter().map(|l| (l.digest, l.len)).collect();
             let reads = tokio::task::spawn_blocking(move || {

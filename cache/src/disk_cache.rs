@@ -228,6 +228,10 @@ impl DiskCache {
         }
     }
 
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.state.lock().unwrap().lru.contains(digest)
+    }
+
     fn unpin(&self, digest: &Digest) {
         let mut state = self.state.lock().unwrap();
         if let Some(n) = state.pinned.get_mut(digest) {
