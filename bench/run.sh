@@ -257,27 +257,24 @@ if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
   }
   s3fs_umount() { umount "$work/m/s3fs" || umount -l "$work/m/s3fs"; }
 
-  echo "== rclone: sequential 1 GiB cold/warm, first touch, small files cold/warm"
-  rm -rf "$work/rclone-cache"; rclone_mount; drop_caches
-  rclone_cold=$(mibs 1024 "$(timed cat "$work/m/rclone/model.bin")")
-  drop_caches
-  rclone_warm=$(mibs 1024 "$(timed cat "$work/m/rclone/model.bin")")
-  drop_caches
-  rclone_small_cold=$(timed find_cat "$work/m/rclone/small")
-  drop_caches
-  rclone_small_warm=$(timed find_cat "$work/m/rclone/small")
-  rclone_umount
-
+  # Sets NAME_cold, NAME_warm (MiB/s) and NAME_small_cold, NAME_small_warm (s) for the
+  # filesystem NAME_mount mounts at $work/m/NAME, starting from an empty NAME-cache.
+  measure_other() {
+    local name=$1 dir=$work/m/$1
+    rm -rf "$work/$name-cache"; "${name}_mount"; drop_caches
+    printf -v "${name}_cold" '%s' "$(mibs 1024 "$(timed cat "$dir/model.bin")")"
+    drop_caches
+    printf -v "${name}_warm" '%s' "$(mibs 1024 "$(timed cat "$dir/model.bin")")"
+    drop_caches
+    printf -v "${name}_small_cold" '%s' "$(timed find_cat "$dir/small")"
+    drop_caches
+    printf -v "${name}_small_warm" '%s' "$(timed find_cat "$dir/small")"
+    "${name}_umount"
+  }
+  echo "== rclone: sequential 1 GiB cold/warm, small files cold/warm"
+  measure_other rclone
   echo "== s3fs: sequential 1 GiB cold/warm, small files cold/warm"
-  rm -rf "$work/s3fs-cache"; s3fs_mount; drop_caches
-  s3fs_cold=$(mibs 1024 "$(timed cat "$work/m/s3fs/model.bin")")
-  drop_caches
-  s3fs_warm=$(mibs 1024 "$(timed cat "$work/m/s3fs/model.bin")")
-  drop_caches
-  s3fs_small_cold=$(timed find_cat "$work/m/s3fs/small")
-  drop_caches
-  s3fs_small_warm=$(timed find_cat "$work/m/s3fs/small")
-  s3fs_umount
+  measure_other s3fs
 fi
 
 # ---------------------------------------------------------------------------------------
