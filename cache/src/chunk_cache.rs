@@ -75,6 +75,10 @@ pub struct ReadStats {
     pub chunks_fetched: u64,
     pub corrupt_chunks: u64,
     pub errors: u64,
+    /// Opens handed to the kernel to read an assembled file directly (their reads are not
+    /// counted above: they never reach strata).
+    #[serde(default)]
+    pub passthrough_opens: u64,
 }
 
 /// The whole cache: read counters plus how full it is.
@@ -87,6 +91,9 @@ pub struct CacheStats {
     pub disk_used: u64,
     pub disk_capacity: u64,
     pub disk_chunks: u64,
+    /// Assembled files (whole layer files, for passthrough) in the disk cache.
+    #[serde(default)]
+    pub disk_files: u64,
     pub disk_evictions: u64,
 }
 
@@ -103,6 +110,7 @@ pub struct Counters {
     chunks_fetched: AtomicU64,
     corrupt_chunks: AtomicU64,
     errors: AtomicU64,
+    passthrough_opens: AtomicU64,
 }
 
 impl Counters {
@@ -120,6 +128,7 @@ impl Counters {
             chunks_fetched: get(&self.chunks_fetched),
             corrupt_chunks: get(&self.corrupt_chunks),
             errors: get(&self.errors),
+            passthrough_opens: get(&self.passthrough_opens),
         }
     }
 }
@@ -183,7 +192,9 @@ impl Drop for LeaveInflight {
 /// The host's chunk cache, shared by every mount whatever store it reads from: chunks are
 /// named by their content, so a chunk fetched for one store serves any other that names it.
 pub struct ChunkCache {
-    disk: Option<DiskCache>,
+    pub(crate) disk: Option<DiskCache>,
+    /// Files being assembled or verified (see [`ChunkCache::assemble`]).
+    pub(crate) assembling: Mutex<std::collections::HashSet<Digest>>,
     memory: Mutex<MemoryLru>,
     inflight: Mutex<HashMap<Digest, Fetch>>,
     counters: Counters,
@@ -324,6 +335,11 @@ impl ChunkReader {
         self.bump(|c| &c.bytes_served, bytes);
     }
 
+    /// Counts an open handed to the kernel (FUSE passthrough).
+    pub fn record_passthrough_open(&self) {
+        self.bump(|c| &c.passthrough_opens, 1);
+    }
+
     /// Counts a failed file read that never reached the cache (bad range, missing entry).
     pub fn record_error(&self) {
         self.bump(|c| &c.errors, 1);
@@ -348,6 +364,7 @@ impl ChunkCache {
         };
         Ok(Arc::new(ChunkCache {
             disk,
+            assembling: Mutex::new(Default::default()),
             memory: Mutex::new(MemoryLru {
                 lru: LruCache::unbounded(),
                 used: 0,
@@ -667,6 +684,7 @@ impl ChunkCache {
             disk_used: self.disk.as_ref().map_or(0, |d| d.used()),
             disk_capacity: self.disk.as_ref().map_or(0, |d| d.capacity()),
             disk_chunks: self.disk.as_ref().map_or(0, |d| d.chunks()),
+            disk_files: self.disk.as_ref().map_or(0, |d| d.files()),
             disk_evictions: self.disk.as_ref().map_or(0, |d| d.evictions()),
         }
     }

@@ -1,6 +1,10 @@
 //! The on-disk chunk cache: one file per chunk (plain bytes) under `<dir>/chunks/xx/<hex>`,
 //! with a hard byte budget.
 //!
+//! It also keeps *assembled files* under `<dir>/files/xx/<id>`: the whole content of a layer
+//! file, built from its cached chunks, so the kernel can read it directly (FUSE passthrough).
+//! They share the budget, the LRU, the pins and the index with the chunks.
+//!
 //! Space is reserved under the lock *before* a file is written and the least recently used
 //! chunks are evicted to make room; a chunk that does not fit even then is not cached. So the
 //! files on disk never exceed the budget, however many inserts run at once. Files are
@@ -25,6 +29,50 @@ use lru::LruCache;
 
 use crate::Digest;
 
+/// What a cache file holds: one chunk, or a whole layer file (named by [`crate::file_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    Chunk(Digest),
+    File(Digest),
+}
+
+impl Key {
+    fn digest(&self) -> &Digest {
+        match self {
+            Key::Chunk(d) | Key::File(d) => d,
+        }
+    }
+
+    /// Its key in the last-use index: a chunk's digest, or `f` and a file's id.
+    fn index_key(&self) -> Vec<u8> {
+        match self {
+            Key::Chunk(d) => d.0.to_vec(),
+            Key::File(d) => [&b"f"[..], &d.0].concat(),
+        }
+    }
+
+    fn from_index_key(k: &[u8]) -> Option<Key> {
+        match k.len() {
+            32 => Some(Key::Chunk(Digest(k.try_into().ok()?))),
+            33 if k[0] == b'f' => Some(Key::File(Digest(k[1..].try_into().ok()?))),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Chunk(d) => write!(f, "chunk {d}"),
+            Key::File(d) => write!(f, "assembled file {d}"),
+        }
+    }
+}
+
+/// The cache's subdirectory for each kind of key.
+type KeyOf = fn(Digest) -> Key;
+const KINDS: [(&str, KeyOf); 2] = [("chunks", Key::Chunk), ("files", Key::File)];
+
 struct Entry {
     size: u64,
     /// Checked against its digest since this process started.
@@ -34,11 +82,11 @@ struct Entry {
 }
 
 struct State {
-    lru: LruCache<Digest, Entry>,
-    /// Chunks whose files are being written (space reserved, not yet in `lru`).
-    writing: HashSet<Digest>,
-    /// Chunks being read right now, with their reader counts: eviction passes over them.
-    pinned: HashMap<Digest, u32>,
+    lru: LruCache<Key, Entry>,
+    /// Files being written (space reserved, not yet in `lru`).
+    writing: HashSet<Key>,
+    /// Files being read right now, with their reader counts: eviction passes over them.
+    pinned: HashMap<Key, u32>,
     used: u64,
     evictions: u64,
 }
@@ -70,32 +118,37 @@ impl DiskCache {
         if legacy_tmp.exists() {
             fs::remove_dir_all(&legacy_tmp)?;
         }
-        fs::create_dir_all(dir.join("chunks"))?;
         let last_use = open_index(&dir.join("index"));
         let mut found = Vec::new();
-        for shard in fs::read_dir(dir.join("chunks"))? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for file in fs::read_dir(shard.path())? {
-                let file = file?;
-                let name = file.file_name();
-                let digest = name.to_str().and_then(|n| Digest::parse(n).ok());
-                let meta = file.metadata()?;
-                match digest {
-                    Some(d) if meta.is_file() => {
-                        let recorded = last_use.as_ref().and_then(|db| db.get(d.0).ok().flatten());
-                        let used = match recorded {
-                            Some(v) if v.len() == 8 => {
-                                u64::from_be_bytes(v[..].try_into().unwrap())
-                            }
-                            _ => meta.modified().map(nanos_since_epoch).unwrap_or(0),
-                        };
-                        found.push((used, d, meta.len()));
-                    }
-                    _ => {
-                        let _ = fs::remove_file(file.path());
+        for (subdir, key_of) in KINDS {
+            fs::create_dir_all(dir.join(subdir))?;
+            for shard in fs::read_dir(dir.join(subdir))? {
+                let shard = shard?;
+                if !shard.file_type()?.is_dir() {
+                    continue;
+                }
+                for file in fs::read_dir(shard.path())? {
+                    let file = file?;
+                    let name = file.file_name();
+                    let digest = name.to_str().and_then(|n| Digest::parse(n).ok());
+                    let meta = file.metadata()?;
+                    match digest {
+                        Some(d) if meta.is_file() => {
+                            let key = key_of(d);
+                            let recorded = last_use
+                                .as_ref()
+                                .and_then(|db| db.get(key.index_key()).ok().flatten());
+                            let used = match recorded {
+                                Some(v) if v.len() == 8 => {
+                                    u64::from_be_bytes(v[..].try_into().unwrap())
+                                }
+                                _ => meta.modified().map(nanos_since_epoch).unwrap_or(0),
+                            };
+                            found.push((used, key, meta.len()));
+                        }
+                        _ => {
+                            let _ = fs::remove_file(file.path());
+                        }
                     }
                 }
             }
@@ -104,9 +157,9 @@ impl DiskCache {
         found.sort_by_key(|(used, _, _)| *used);
         if let Some(db) = &last_use {
             // Forget entries whose files are gone (evicted just before a crash, or removed).
-            let present: HashSet<[u8; 32]> = found.iter().map(|(_, d, _)| d.0).collect();
+            let present: HashSet<Key> = found.iter().map(|(_, k, _)| *k).collect();
             for key in db.iter().keys().flatten() {
-                if key.len() != 32 || !present.contains(&key[..]) {
+                if !Key::from_index_key(&key).is_some_and(|k| present.contains(&k)) {
                     let _ = db.remove(key);
                 }
             }
@@ -118,10 +171,10 @@ impl DiskCache {
             used: 0,
             evictions: 0,
         };
-        for (_, digest, size) in found {
+        for (_, key, size) in found {
             state.used += size;
             state.lru.put(
-                digest,
+                key,
                 Entry {
                     size,
                     verified: false,
@@ -144,51 +197,58 @@ impl DiskCache {
         Ok(cache)
     }
 
-    fn path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.to_hex();
-        self.dir.join("chunks").join(&hex[..2]).join(hex)
+    fn path(&self, key: &Key) -> PathBuf {
+        let subdir = match key {
+            Key::Chunk(_) => "chunks",
+            Key::File(_) => "files",
+        };
+        let hex = key.digest().to_hex();
+        self.dir.join(subdir).join(&hex[..2]).join(hex)
     }
 
-    /// Evicts least recently used chunks until `incoming` more bytes fit. Pinned chunks (being
+    /// Evicts least recently used files until `incoming` more bytes fit. Pinned ones (being
     /// read) stay, at the cold end.
     fn evict_until(&self, state: &mut State, incoming: u64) {
         let mut passed_over = Vec::new();
         while state.used + incoming > self.capacity {
-            let Some((digest, entry)) = state.lru.pop_lru() else {
+            let Some((key, entry)) = state.lru.pop_lru() else {
                 break;
             };
-            if state.pinned.contains_key(&digest) {
-                passed_over.push((digest, entry));
+            if state.pinned.contains_key(&key) {
+                passed_over.push((key, entry));
                 continue;
             }
             state.used -= entry.size;
             state.evictions += 1;
-            self.forget_use(&digest);
-            if let Err(e) = fs::remove_file(self.path(&digest)) {
+            self.forget_use(&key);
+            if let Err(e) = fs::remove_file(self.path(&key)) {
                 if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(chunk = %digest, "evicting chunk file: {e}");
+                    tracing::warn!("evicting {key}: {e}");
                 }
             }
         }
-        for (digest, entry) in passed_over {
-            state.lru.push(digest, entry);
-            state.lru.demote(&digest);
+        for (key, entry) in passed_over {
+            state.lru.push(key, entry);
+            state.lru.demote(&key);
         }
     }
 
     pub(crate) fn read(&self, digest: &Digest) -> DiskRead {
-        let verified = {
-            let mut state = self.state.lock().unwrap();
-            let verified = match state.lru.get(digest) {
-                Some(e) => e.verified,
-                None => return DiskRead::Miss,
-            };
-            *state.pinned.entry(*digest).or_insert(0) += 1;
-            verified
+        let key = Key::Chunk(*digest);
+        let Some(verified) = self.pin(&key) else {
+            return DiskRead::Miss;
         };
         let result = self.read_pinned(digest, verified);
-        self.unpin(digest);
+        self.unpin(&key);
         result
+    }
+
+    /// Pins `key` if it is cached; returns whether it was verified since start.
+    fn pin(&self, key: &Key) -> Option<bool> {
+        let mut state = self.state.lock().unwrap();
+        let verified = state.lru.get(key)?.verified;
+        *state.pinned.entry(*key).or_insert(0) += 1;
+        Some(verified)
     }
 
     /// Reads `range` of a chunk whose file has been verified since start; `None` if the chunk
@@ -198,25 +258,26 @@ impl DiskCache {
         digest: &Digest,
         range: std::ops::Range<usize>,
     ) -> Option<Vec<u8>> {
+        let key = Key::Chunk(*digest);
         {
             let mut state = self.state.lock().unwrap();
-            match state.lru.get(digest) {
+            match state.lru.get(&key) {
                 Some(e) if e.verified && range.end as u64 <= e.size => {}
                 _ => return None,
             }
-            *state.pinned.entry(*digest).or_insert(0) += 1;
+            *state.pinned.entry(key).or_insert(0) += 1;
         }
         let read = (|| -> io::Result<Vec<u8>> {
             use std::os::unix::fs::FileExt;
-            let f = fs::File::open(self.path(digest))?;
+            let f = fs::File::open(self.path(&key))?;
             let mut buf = vec![0u8; range.len()];
             f.read_exact_at(&mut buf, range.start as u64)?;
             Ok(buf)
         })();
-        self.unpin(digest);
+        self.unpin(&key);
         match read {
             Ok(buf) => {
-                self.record_use(digest);
+                self.record_use(&key);
                 Some(buf)
             }
             Err(e) => {
@@ -229,106 +290,217 @@ impl DiskCache {
     }
 
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
-        self.state.lock().unwrap().lru.contains(digest)
+        self.state
+            .lock()
+            .unwrap()
+            .lru
+            .contains(&Key::Chunk(*digest))
     }
 
-    fn unpin(&self, digest: &Digest) {
+    fn unpin(&self, key: &Key) {
         let mut state = self.state.lock().unwrap();
-        if let Some(n) = state.pinned.get_mut(digest) {
+        if let Some(n) = state.pinned.get_mut(key) {
             *n -= 1;
             if *n == 0 {
-                state.pinned.remove(digest);
+                state.pinned.remove(key);
             }
         }
     }
 
     fn read_pinned(&self, digest: &Digest, verified: bool) -> DiskRead {
-        let data = match fs::read(self.path(digest)) {
+        let key = Key::Chunk(*digest);
+        let data = match fs::read(self.path(&key)) {
             Ok(d) => d,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(chunk = %digest, "reading cached chunk: {e}");
                 }
-                self.forget(digest);
+                self.forget(&key);
                 return DiskRead::Miss;
             }
         };
-        self.record_use(digest);
+        self.record_use(&key);
         if !verified {
             if Digest::of(&data) != *digest {
-                tracing::error!(chunk = %digest, path = %self.path(digest).display(),
+                tracing::error!(chunk = %digest, path = %self.path(&key).display(),
                     "cached chunk file is corrupt (hash mismatch); dropping it and fetching again");
-                self.remove(digest);
+                self.remove(&key);
                 return DiskRead::Corrupt;
             }
-            if let Some(e) = self.state.lock().unwrap().lru.peek_mut(digest) {
-                e.verified = true;
-            }
+            self.mark_verified(&key);
         }
         DiskRead::Hit(data)
     }
 
-    fn forget(&self, digest: &Digest) {
-        let mut state = self.state.lock().unwrap();
-        if let Some(e) = state.lru.pop(digest) {
-            state.used -= e.size;
+    fn mark_verified(&self, key: &Key) {
+        if let Some(e) = self.state.lock().unwrap().lru.peek_mut(key) {
+            e.verified = true;
         }
-        self.forget_use(digest);
     }
 
-    /// Writes a chunk's last use to the index, at most once a minute per chunk: the memory LRU
+    /// Copies bytes `part` of a chunk of `len` bytes to the end of `out` (in the kernel where
+    /// it can; the chunk is verified on first load, as for any read); `NotFound` if it is not
+    /// cached.
+    pub(crate) fn copy_chunk(
+        &self,
+        digest: &Digest,
+        len: u32,
+        part: std::ops::Range<u64>,
+        out: &mut fs::File,
+    ) -> io::Result<()> {
+        let key = Key::Chunk(*digest);
+        let Some(verified) = self.pin(&key) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("chunk {digest} left the cache"),
+            ));
+        };
+        let copied = (|| {
+            if verified {
+                use std::io::{Read, Seek};
+                let mut f = fs::File::open(self.path(&key))?;
+                let size = f.metadata()?.len();
+                if size != len as u64 {
+                    return Err(io::Error::other(format!(
+                        "chunk {digest} has {size} bytes, the layer says {len}"
+                    )));
+                }
+                f.seek(io::SeekFrom::Start(part.start))?;
+                let n = io::copy(&mut f.take(part.end - part.start), out)?;
+                if n != part.end - part.start {
+                    return Err(io::Error::other(format!(
+                        "chunk {digest} shrank while copied"
+                    )));
+                }
+                self.record_use(&key);
+                Ok(())
+            } else {
+                match self.read_pinned(digest, false) {
+                    DiskRead::Hit(data) if data.len() == len as usize => {
+                        out.write_all(&data[part.start as usize..part.end as usize])
+                    }
+                    DiskRead::Hit(data) => Err(io::Error::other(format!(
+                        "chunk {digest} has {} bytes, the layer says {len}",
+                        data.len()
+                    ))),
+                    DiskRead::Miss | DiskRead::Corrupt => Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("chunk {digest} left the cache"),
+                    )),
+                }
+            }
+        })();
+        self.unpin(&key);
+        copied
+    }
+
+    /// An assembled file, pinned until [`DiskCache::release_file`]: its path, and whether it
+    /// was verified since start. `None` if it is not cached.
+    pub(crate) fn open_file(&self, id: &Digest) -> Option<(PathBuf, bool)> {
+        let key = Key::File(*id);
+        let verified = self.pin(&key)?;
+        self.record_use(&key);
+        Some((self.path(&key), verified))
+    }
+
+    pub(crate) fn release_file(&self, id: &Digest) {
+        self.unpin(&Key::File(*id));
+    }
+
+    pub(crate) fn file_verified(&self, id: &Digest) {
+        self.mark_verified(&Key::File(*id));
+    }
+
+    /// Drops an assembled file that failed verification.
+    pub(crate) fn remove_file(&self, id: &Digest) {
+        self.remove(&Key::File(*id));
+    }
+
+    fn forget(&self, key: &Key) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(e) = state.lru.pop(key) {
+            state.used -= e.size;
+        }
+        self.forget_use(key);
+    }
+
+    /// Writes a file's last use to the index, at most once a minute per file: the memory LRU
     /// has the exact order; the index only has to keep it roughly across a restart, and an
     /// index write on every 4 KiB read would cost more than the read.
-    fn record_use(&self, digest: &Digest) {
+    fn record_use(&self, key: &Key) {
         if let Some(db) = &self.last_use {
             let now = nanos_since_epoch(std::time::SystemTime::now());
             {
                 let mut state = self.state.lock().unwrap();
-                match state.lru.peek_mut(digest) {
+                match state.lru.peek_mut(key) {
                     Some(e) if now.saturating_sub(e.recorded) < self.record_every_ns => return,
                     Some(e) => e.recorded = now,
                     None => {}
                 }
             }
-            if let Err(e) = db.insert(digest.0, &now.to_be_bytes()) {
-                tracing::debug!(chunk = %digest, "recording chunk use: {e}");
+            if let Err(e) = db.insert(key.index_key(), &now.to_be_bytes()) {
+                tracing::debug!("recording use of {key}: {e}");
             }
         }
     }
 
-    fn forget_use(&self, digest: &Digest) {
+    fn forget_use(&self, key: &Key) {
         if let Some(db) = &self.last_use {
-            let _ = db.remove(digest.0);
+            let _ = db.remove(key.index_key());
         }
     }
 
-    fn remove(&self, digest: &Digest) {
-        self.forget(digest);
-        let _ = fs::remove_file(self.path(digest));
+    fn remove(&self, key: &Key) {
+        self.forget(key);
+        let _ = fs::remove_file(self.path(key));
     }
 
     /// Stores a verified chunk. Chunks larger than the whole budget are not cached.
     pub(crate) fn insert(&self, digest: &Digest, data: &[u8]) {
-        let size = data.len() as u64;
+        if let Err(e) = self.insert_with(Key::Chunk(*digest), data.len() as u64, |f| {
+            f.write_all(data)
+        }) {
+            tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
+        }
+    }
+
+    /// Assembles a layer file of `size` bytes from what `write` puts in it. `Ok(false)`: it is
+    /// there already, being built, or does not fit the budget.
+    pub(crate) fn insert_file(
+        &self,
+        id: &Digest,
+        size: u64,
+        write: impl FnOnce(&mut fs::File) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        self.insert_with(Key::File(*id), size, write)
+    }
+
+    /// Reserves `size` bytes (evicting to make room), writes the file through `write` and
+    /// makes it visible. `Ok(false)`: skipped (cached already, being written, or no room).
+    fn insert_with(
+        &self,
+        key: Key,
+        size: u64,
+        write: impl FnOnce(&mut fs::File) -> io::Result<()>,
+    ) -> io::Result<bool> {
         {
             let mut state = self.state.lock().unwrap();
-            if size > self.capacity || state.lru.contains(digest) || state.writing.contains(digest)
-            {
-                return;
+            if size > self.capacity || state.lru.contains(&key) || state.writing.contains(&key) {
+                return Ok(false);
             }
             self.evict_until(&mut state, size);
             if state.used + size > self.capacity {
                 // Everything evictable is gone and writes in flight hold the rest: skip
                 // caching rather than go over the budget.
-                return;
+                return Ok(false);
             }
             // Reserve now; the entry is visible only once the file is in place (below).
             state.used += size;
-            state.writing.insert(*digest);
+            state.writing.insert(key);
         }
-        let written = self.write_file(digest, data);
+        let written = self.write_file(&key, size, write);
         let mut state = self.state.lock().unwrap();
-        state.writing.remove(digest);
+        state.writing.remove(&key);
         match written {
             Ok(()) => {
                 let entry = Entry {
@@ -336,31 +508,51 @@ impl DiskCache {
                     verified: true,
                     recorded: 0,
                 };
-                if let Some(old) = state.lru.put(*digest, entry) {
+                if let Some(old) = state.lru.put(key, entry) {
                     state.used -= old.size;
                 }
                 drop(state);
-                self.record_use(digest);
+                self.record_use(&key);
+                Ok(true)
             }
             Err(e) => {
-                tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
                 state.used -= size;
+                Err(e)
             }
         }
     }
 
-    fn write_file(&self, digest: &Digest, data: &[u8]) -> io::Result<()> {
-        let dest = self.path(digest);
+    fn write_file(
+        &self,
+        key: &Key,
+        size: u64,
+        write: impl FnOnce(&mut fs::File) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let dest = self.path(key);
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        // The temp file sits in the chunk's own shard: creating thousands of files in one
+        // The temp file sits in the file's own shard: creating thousands of files in one
         // shared directory serializes writers on its lock and crowds one inode group.
-        let tmp = dest.with_file_name(format!(".{}.{n}.tmp", digest.to_hex()));
+        let tmp = dest.with_file_name(format!(".{}.{n}.tmp", key.digest().to_hex()));
         let result = (|| {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(data)?;
+            // Readable too: a writer may check what it wrote.
+            let mut f = fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            write(&mut f)?;
+            // The reservation was for `size` bytes: a writer that put more would break the
+            // budget.
+            let written = f.metadata()?.len();
+            if written != size {
+                return Err(io::Error::other(format!(
+                    "wrote {written} bytes where {size} were reserved"
+                )));
+            }
             fs::rename(&tmp, &dest)
         })();
         if result.is_err() {
@@ -374,7 +566,21 @@ impl DiskCache {
     }
 
     pub(crate) fn chunks(&self) -> u64 {
-        self.state.lock().unwrap().lru.len() as u64
+        let state = self.state.lock().unwrap();
+        state
+            .lru
+            .iter()
+            .filter(|(k, _)| matches!(k, Key::Chunk(_)))
+            .count() as u64
+    }
+
+    pub(crate) fn files(&self) -> u64 {
+        let state = self.state.lock().unwrap();
+        state
+            .lru
+            .iter()
+            .filter(|(k, _)| matches!(k, Key::File(_)))
+            .count() as u64
     }
 
     pub(crate) fn evictions(&self) -> u64 {
@@ -518,5 +724,41 @@ mod tests {
         }
         assert!(matches!(cache.read(&Digest::of(&b)), DiskRead::Corrupt));
         assert!(matches!(cache.read(&Digest::of(&b)), DiskRead::Miss));
+    }
+
+    #[test]
+    fn assembled_files_share_the_budget_and_stay_while_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 3000).unwrap();
+        let id = Digest::of(b"a file");
+        assert!(cache
+            .insert_file(&id, 1500, |f| f.write_all(&[7u8; 1500]))
+            .unwrap());
+        let (path, verified) = cache.open_file(&id).unwrap();
+        assert!(verified);
+        assert_eq!(fs::read(&path).unwrap(), vec![7u8; 1500]);
+        // Open (pinned): chunks that need room evict each other, not the file.
+        for i in 0..3u8 {
+            let c = vec![i; 1000];
+            cache.insert(&Digest::of(&c), &c);
+            assert!(cache.used() <= 3000);
+        }
+        assert!(path.exists());
+        assert_eq!(cache.files(), 1);
+        cache.release_file(&id);
+        let c = vec![9u8; 1000];
+        cache.insert(&Digest::of(&c), &c);
+        assert!(!path.exists(), "released and least recently used: evicted");
+        assert_eq!(cache.files(), 0);
+        // A writer that does not write what it reserved leaves nothing behind.
+        let used = cache.used();
+        let other = Digest::of(b"other");
+        assert!(cache
+            .insert_file(&other, 100, |f| f.write_all(&[1u8; 50]))
+            .is_err());
+        assert_eq!(cache.used(), used);
+        assert!(cache.open_file(&other).is_none());
+        let shard = tmp.path().join("files").join(&other.to_hex()[..2]);
+        assert_eq!(fs::read_dir(shard).unwrap().count(), 0, "no temp file left");
     }
 }

@@ -4,10 +4,12 @@
 //! - [`blob`]: the one-byte codec header every stored object carries (raw or zstd).
 //! - [`store`]: the [`Store`] trait and its backends (local directory, S3).
 //! - [`ChunkCache`]: the host's chunk cache: memory LRU over a size-capped disk cache over the
-//!   store, with single-flight fetches and BLAKE3 verification.
+//!   store, with single-flight fetches and BLAKE3 verification; and [`AssembledFile`]s, whole
+//!   layer files built from cached chunks for the kernel to read directly.
 //!
 //! This crate knows nothing about files, trees or FUSE.
 
+mod assembled;
 pub mod blob;
 mod chunk_cache;
 mod digest;
@@ -15,6 +17,7 @@ mod disk_cache;
 pub mod locator;
 pub mod store;
 
+pub use assembled::{AssembledFile, FileChunks};
 pub use chunk_cache::{
     CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats, DEFAULT_FETCH_DEADLINE,
 };

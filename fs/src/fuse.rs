@@ -4,19 +4,24 @@
 //! Reads run as tasks on the tokio runtime and reply when their chunks arrive, so a slow fetch
 //! does not hold one of the session's threads. Layers are immutable, so entries and attributes
 //! get long TTLs and opened files keep the kernel's page cache across opens.
+//!
+//! A large file whose whole content has been assembled in the disk cache is opened in
+//! passthrough mode: the kernel reads the local copy itself and strata sees none of the
+//! reads. The kernel refuses to mix passthrough and cached opens of one inode, so an inode
+//! goes passthrough only when none of its cached opens is left.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::error::FsError;
@@ -26,21 +31,102 @@ use crate::stack::{Attr, DirEntry, FileKind, LayerStack};
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const BLOCK_SIZE: u32 = 4096;
 
+/// Files smaller than this are never read in passthrough mode: a few FUSE reads cost less than
+/// a second copy of the file in the cache.
+const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
+/// The file handle of passthrough opens (other opens get 0).
+const PASSTHROUGH_FH: u64 = 1;
+
 pub struct StrataFs {
     stack: Arc<LayerStack>,
     runtime: tokio::runtime::Handle,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
+    /// Whether opens may go passthrough: asked for, and the kernel and our privileges allow it.
+    passthrough: AtomicBool,
+    /// Open handles of large files, per inode.
+    opens: Mutex<HashMap<u64, Opens>>,
+}
+
+#[derive(Default)]
+struct Opens {
+    /// Opens served through strata (the kernel's page cache over FUSE reads).
+    cached: u32,
+    passthrough: Option<Passthrough>,
+}
+
+struct Passthrough {
+    /// Registered with the kernel; dropping it unregisters the file.
+    id: BackingId,
+    /// Keeps the local copy in the cache (pinned) while the kernel reads it.
+    _file: cache::AssembledFile,
+    count: u32,
 }
 
 impl StrataFs {
-    pub fn new(stack: Arc<LayerStack>, runtime: tokio::runtime::Handle) -> StrataFs {
+    /// `passthrough`: open fully cached large files in passthrough mode where the kernel
+    /// allows it (Linux 6.9 and later, and root).
+    pub fn new(
+        stack: Arc<LayerStack>,
+        runtime: tokio::runtime::Handle,
+        passthrough: bool,
+    ) -> StrataFs {
         StrataFs {
             stack,
             runtime,
             dirs: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            passthrough: AtomicBool::new(passthrough),
+            opens: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Opens a large file: in passthrough mode if it can, else through strata.
+    fn open_large(&self, ino: u64, reply: ReplyOpen) {
+        let mut opens = self.opens.lock().unwrap();
+        let o = opens.entry(ino).or_default();
+        if let Some(p) = &mut o.passthrough {
+            p.count += 1;
+            self.stack.cache().record_passthrough_open();
+            return reply.opened_passthrough(
+                FileHandle(PASSTHROUGH_FH),
+                FopenFlags::empty(),
+                &p.id,
+            );
+        }
+        if o.cached == 0 && self.passthrough.load(Ordering::Relaxed) {
+            match self.stack.assembled(ino) {
+                Some(file) => match reply.open_backing(&file.file) {
+                    Ok(id) => {
+                        self.stack.cache().record_passthrough_open();
+                        reply.opened_passthrough(
+                            FileHandle(PASSTHROUGH_FH),
+                            FopenFlags::empty(),
+                            &id,
+                        );
+                        o.passthrough = Some(Passthrough {
+                            id,
+                            _file: file,
+                            count: 1,
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            "FUSE passthrough unavailable ({e}); all reads go through strata"
+                        );
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    }
+                },
+                // Missing, or found at start and not verified yet: see to it.
+                None => {
+                    let _runtime = self.runtime.enter();
+                    self.stack.assemble(ino);
+                }
+            }
+        }
+        o.cached += 1;
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 }
 
@@ -97,6 +183,16 @@ impl Filesystem for StrataFs {
         // Large readahead lets the kernel ask for whole chunks' worth in one request.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Depth 1: the cache dir must be on a plain filesystem, and strata itself may sit
+            // under an overlayfs.
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!("the kernel has no FUSE passthrough; all reads go through strata");
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 
@@ -126,8 +222,47 @@ impl Filesystem for StrataFs {
             return reply.error(Errno::from_i32(EROFS));
         }
         match self.stack.getattr(ino.0) {
+            Ok(a) if a.kind == FileKind::File && a.size >= PASSTHROUGH_MIN_SIZE => {
+                self.open_large(ino.0, reply)
+            }
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        let mut opens = self.opens.lock().unwrap();
+        let Some(o) = opens.get_mut(&ino.0) else {
+            return;
+        };
+        if fh.0 == PASSTHROUGH_FH {
+            if let Some(p) = &mut o.passthrough {
+                p.count -= 1;
+                if p.count == 0 {
+                    o.passthrough = None;
+                }
+            }
+        } else {
+            o.cached = o.cached.saturating_sub(1);
+            if self.passthrough.load(Ordering::Relaxed) {
+                // After a full read all the chunks are here: make the local copy the next open
+                // can hand to the kernel.
+                let _runtime = self.runtime.enter();
+                self.stack.assemble(ino.0);
+            }
+        }
+        if o.cached == 0 && o.passthrough.is_none() {
+            opens.remove(&ino.0);
         }
     }
 
@@ -432,11 +567,12 @@ impl MountedSession {
     }
 }
 
-/// Mounts `stack` read-only at `mountpoint`.
+/// Mounts `stack` read-only at `mountpoint`; `passthrough`: see [`StrataFs::new`].
 pub fn mount(
     stack: Arc<LayerStack>,
     mountpoint: &Path,
     runtime: tokio::runtime::Handle,
+    passthrough: bool,
 ) -> Result<MountedSession, FsError> {
     check_mountpoint(mountpoint)?;
     let mut config = fuser::Config::default();
@@ -459,7 +595,7 @@ pub fn mount(
     // concurrent random readers overlap their IO (measured: QD1 p50 117 → 104 µs against 4).
     config.n_threads = Some(8);
     config.clone_fd = true;
-    let fs = StrataFs::new(stack, runtime);
+    let fs = StrataFs::new(stack, runtime, passthrough);
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
         FsError::io(
             mountpoint,

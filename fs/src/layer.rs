@@ -110,6 +110,24 @@ impl Layer {
         self.manifest.chunks_for(Self::span(e, offset, size))
     }
 
+    /// Where file entry `e`'s bytes are in the chunk stream.
+    pub fn file_chunks(&self, e: &Entry<'_>) -> cache::FileChunks {
+        let file = e.content_range();
+        let chunks: Vec<_> = self
+            .manifest
+            .chunks_for(file.clone())
+            .map(|i| self.manifest.chunk(i))
+            .collect();
+        let start = chunks
+            .first()
+            .map_or(0, |c| file.start.saturating_sub(c.offset));
+        cache::FileChunks {
+            chunks: chunks.iter().map(|c| c.location()).collect(),
+            start,
+            len: file.end - file.start,
+        }
+    }
+
     /// Starts fetching chunks `indices` in the background, those of them inside file `e`.
     pub fn prefetch(&self, cache: &ChunkReader, e: &Entry<'_>, indices: Range<usize>) {
         let file = e.content_range();

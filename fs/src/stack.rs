@@ -367,6 +367,26 @@ impl LayerStack {
         data
     }
 
+    /// The assembled local copy of a file (see [`cache::AssembledFile`]), if the cache has a
+    /// verified one.
+    pub fn assembled(&self, ino: u64) -> Option<cache::AssembledFile> {
+        let (layer, e) = self.top(ino).ok()?;
+        if e.kind != Kind::File {
+            return None;
+        }
+        self.cache.cache().assembled(&layer.file_chunks(&e))
+    }
+
+    /// Starts assembling a local copy of a file in the background, if all its chunks are
+    /// cached (or verifying the copy a restart left). Within a tokio runtime.
+    pub fn assemble(&self, ino: u64) {
+        if let Ok((layer, e)) = self.top(ino) {
+            if e.kind == Kind::File {
+                self.cache.cache().assemble(layer.file_chunks(&e));
+            }
+        }
+    }
+
     fn file(&self, ino: u64) -> FsResult<(&Layer, Entry<'_>)> {
         let (layer, e) = self.top(ino)?;
         if e.kind != Kind::File {

@@ -15,8 +15,8 @@ use crate::GlobalArgs;
 /// Flags win over the environment, which wins over the config file, which wins over defaults.
 #[derive(Args)]
 pub struct DaemonArgs {
-    /// TOML file with any of: cache_dir, cache_size, memory_cache_size, read_timeout, socket,
-    /// endpoint_url.
+    /// TOML file with any of: cache_dir, cache_size, memory_cache_size, read_timeout,
+    /// passthrough, socket, endpoint_url.
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -31,6 +31,10 @@ pub struct DaemonArgs {
     /// How long a read waits for an unreachable store before it fails with EIO [default: 60s].
     #[arg(long, env = "STRATA_READ_TIMEOUT", value_parser = parse_duration)]
     read_timeout: Option<Duration>,
+    /// Never hand opens of fully cached files to the kernel (FUSE passthrough); every read
+    /// then goes through strata.
+    #[arg(long, env = "STRATA_NO_PASSTHROUGH")]
+    no_passthrough: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -40,6 +44,7 @@ struct ConfigFile {
     cache_size: Option<String>,
     memory_cache_size: Option<String>,
     read_timeout: Option<String>,
+    passthrough: Option<bool>,
     socket: Option<PathBuf>,
     endpoint_url: Option<String>,
 }
@@ -95,6 +100,7 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
                 parse_duration,
             )?)
             .unwrap_or(cache::DEFAULT_FETCH_DEADLINE),
+        passthrough: !a.no_passthrough && file.passthrough.unwrap_or(true),
         socket: g
             .socket
             .clone()

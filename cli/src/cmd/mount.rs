@@ -42,6 +42,10 @@ pub struct MountArgs {
     /// backoff) before it fails with EIO.
     #[arg(long, env = "STRATA_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     read_timeout: std::time::Duration,
+    /// With --foreground: never hand opens of fully cached files to the kernel (FUSE
+    /// passthrough).
+    #[arg(long, env = "STRATA_NO_PASSTHROUGH")]
+    no_passthrough: bool,
 }
 
 #[derive(Args)]
@@ -93,7 +97,12 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     .with_context(|| format!("opening cache dir {}", cache_dir.display()))?
     .reader(store);
     let stack = Arc::new(LayerStack::new(layers, cache)?);
-    let session = strata_fs::fuse::mount(stack, &mountpoint, tokio::runtime::Handle::current())?;
+    let session = strata_fs::fuse::mount(
+        stack,
+        &mountpoint,
+        tokio::runtime::Handle::current(),
+        !a.no_passthrough,
+    )?;
     tracing::info!(
         "mounted {} at {}",
         a.layers.join(" + "),

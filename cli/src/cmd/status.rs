@@ -63,17 +63,19 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
     }
     let t = &reply.total;
     println!(
-        "cache: disk {} of {} ({} chunks, {} evicted), memory {} of {}, manifests {}",
+        "cache: disk {} of {} ({} chunks, {} assembled files, {} evicted), memory {} of {}, \
+         manifests {}",
         human(t.disk_used),
         human(t.disk_capacity),
         t.disk_chunks,
+        t.disk_files,
         t.disk_evictions,
         human(t.memory_used),
         human(t.memory_capacity),
         human(reply.manifest_bytes)
     );
     println!(
-        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6}",
+        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7}",
         "mount",
         "reads",
         "served",
@@ -83,7 +85,8 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         "GETs",
         "fetched",
         "corrupt",
-        "errors"
+        "errors",
+        "direct"
     );
     for m in &reply.mounts {
         row(&m.mount.mountpoint.display().to_string(), &m.stats);
@@ -94,7 +97,7 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
 
 fn row(name: &str, s: &ReadStats) {
     println!(
-        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6}",
+        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7}",
         name,
         s.reads,
         human(s.bytes_served),
@@ -104,6 +107,7 @@ fn row(name: &str, s: &ReadStats) {
         s.store_gets,
         human(s.store_bytes),
         s.corrupt_chunks,
-        s.errors
+        s.errors,
+        s.passthrough_opens
     );
 }

@@ -26,6 +26,8 @@ pub struct DaemonConfig {
     pub cache_size: u64,
     pub memory_cache_size: u64,
     pub read_timeout: Duration,
+    /// Open fully cached large files in FUSE passthrough mode where the kernel allows it.
+    pub passthrough: bool,
     pub socket: PathBuf,
     pub store_options: StoreOptions,
 }
@@ -228,7 +230,12 @@ impl Daemon {
             .collect();
         let reader = self.cache.reader(store);
         let stack = Arc::new(LayerStack::new(layers, reader.clone())?);
-        let session = strata_fs::fuse::mount(stack, &mp, tokio::runtime::Handle::current())?;
+        let session = strata_fs::fuse::mount(
+            stack,
+            &mp,
+            tokio::runtime::Handle::current(),
+            self.config.passthrough,
+        )?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let info = MountInfo {
             id,

@@ -1,0 +1,220 @@
+//! Assembled files: the whole content of a layer file in one local file, built from its cached
+//! chunks, so that opens of a hot file can be handed to the kernel (FUSE passthrough) and read
+//! at the speed of the local disk with no trip through the daemon.
+//!
+//! A file is assembled in the background once all of its chunks are in the disk cache (after
+//! a full read); it lives in the disk cache's budget and LRU like a chunk, and is pinned while
+//! open. Chunks ignore file boundaries, so a file's first and last chunks may hold bytes of
+//! its neighbours: only the file's own part of them is copied. The BLAKE3 of the content is
+//! kept in an extended attribute of the file, and an assembled file found at start is checked
+//! against it before it is handed out, as chunk files are.
+
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use crate::{ChunkCache, ChunkLoc, Digest};
+
+/// Where a file's bytes are in the chunk stream: its chunks in order, where it starts in the
+/// first one, and its length.
+#[derive(Debug, Clone)]
+pub struct FileChunks {
+    pub chunks: Vec<ChunkLoc>,
+    pub start: u64,
+    pub len: u64,
+}
+
+impl FileChunks {
+    /// The name of the file's content. Chunks are content-addressed, so two files with the same
+    /// chunks and bounds have the same content, whatever layer or store they come from.
+    pub fn id(&self) -> Digest {
+        let mut h = blake3::Hasher::new();
+        h.update(b"strata file v1\0");
+        h.update(&self.start.to_le_bytes());
+        h.update(&self.len.to_le_bytes());
+        for loc in &self.chunks {
+            h.update(&loc.digest.0);
+            h.update(&loc.len.to_le_bytes());
+        }
+        Digest(*h.finalize().as_bytes())
+    }
+
+    /// The part of each chunk that belongs to the file, in chunk offsets.
+    fn parts(&self) -> impl Iterator<Item = (&ChunkLoc, std::ops::Range<u64>)> {
+        let mut chunk_start = 0u64; // of each chunk, relative to the file's first chunk
+        let file = self.start..self.start + self.len;
+        self.chunks.iter().map(move |loc| {
+            let lo = file.start.max(chunk_start) - chunk_start;
+            let hi = file.end.min(chunk_start + loc.len as u64).max(chunk_start) - chunk_start;
+            chunk_start += loc.len as u64;
+            (loc, lo..hi.max(lo))
+        })
+    }
+}
+
+/// The extended attribute holding the BLAKE3 of an assembled file's content.
+const CONTENT_XATTR: &str = "user.strata.blake3";
+
+/// Files larger than this share of the disk budget are not assembled: one file should not
+/// push the rest of the cache out.
+const MAX_SHARE_OF_BUDGET: u64 = 4;
+
+/// An assembled file, open; the cache keeps it (no eviction) while this lives.
+pub struct AssembledFile {
+    cache: Arc<ChunkCache>,
+    id: Digest,
+    pub file: std::fs::File,
+}
+
+impl Drop for AssembledFile {
+    fn drop(&mut self) {
+        if let Some(disk) = &self.cache.disk {
+            disk.release_file(&self.id);
+        }
+    }
+}
+
+impl ChunkCache {
+    /// The assembled copy of `file`, if there is one verified since start. One that is not
+    /// verified yet is verified by [`ChunkCache::assemble`]; until then, `None`.
+    pub fn assembled(self: &Arc<Self>, file: &FileChunks) -> Option<AssembledFile> {
+        let disk = self.disk.as_ref()?;
+        let id = file.id();
+        let (path, verified) = disk.open_file(&id)?;
+        let assembled = AssembledFile {
+            cache: Arc::clone(self),
+            id,
+            file: match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("opening assembled file {}: {e}", path.display());
+                    disk.release_file(&id);
+                    return None;
+                }
+            },
+        };
+        verified.then_some(assembled)
+    }
+
+    /// In the background: assembles `file` if all of its chunks are on disk and it fits the
+    /// budget, or verifies the copy found at start. Does nothing if either is under way
+    /// already. Must be called within a tokio runtime.
+    pub fn assemble(self: &Arc<Self>, file: FileChunks) {
+        let Some(disk) = &self.disk else { return };
+        if file.len == 0 || file.len > disk.capacity() / MAX_SHARE_OF_BUDGET {
+            return;
+        }
+        let id = file.id();
+        if !self.assembling.lock().unwrap().insert(id) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let result = this.assemble_now(&id, &file);
+            this.assembling.lock().unwrap().remove(&id);
+            match result {
+                Ok(true) => tracing::debug!(file = %id, size = file.len, "assembled file ready"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(file = %id, "assembling a file from its chunks: {e}"),
+            }
+        });
+    }
+
+    fn assemble_now(&self, id: &Digest, file: &FileChunks) -> io::Result<bool> {
+        let disk = self.disk.as_ref().expect("checked by assemble");
+        if let Some((path, verified)) = disk.open_file(id) {
+            let checked = if verified {
+                Ok(false)
+            } else {
+                verify_file(&path).inspect(|&ok| {
+                    if ok {
+                        disk.file_verified(id);
+                    } else {
+                        tracing::error!(file = %id, path = %path.display(),
+                            "assembled file is corrupt (hash mismatch); dropping it");
+                        disk.remove_file(id);
+                    }
+                })
+            };
+            disk.release_file(id);
+            return checked;
+        }
+        if !file.chunks.iter().all(|l| disk.contains(&l.digest)) {
+            return Ok(false);
+        }
+        disk.insert_file(id, file.len, |out| {
+            for (loc, part) in file.parts() {
+                if !part.is_empty() {
+                    disk.copy_chunk(&loc.digest, loc.len, part, out)?;
+                }
+            }
+            // The copies come from verified chunks; the hash of the whole lets the file be
+            // checked after a restart without its neighbours' bytes.
+            let content = hash_file(out)?;
+            set_content_hash(out, &content)
+        })
+    }
+}
+
+fn hash_file(f: &std::fs::File) -> io::Result<Digest> {
+    use std::io::Seek;
+    let mut f = f;
+    f.seek(io::SeekFrom::Start(0))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest(*h.finalize().as_bytes()))
+}
+
+fn set_content_hash(f: &std::fs::File, d: &Digest) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let name = std::ffi::CString::new(CONTENT_XATTR).expect("no NUL");
+    // SAFETY: a valid fd, a C string and a buffer of the given length.
+    let rc = unsafe {
+        libc::fsetxattr(
+            f.as_raw_fd(),
+            name.as_ptr(),
+            d.0.as_ptr().cast(),
+            d.0.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("setting {CONTENT_XATTR}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+fn content_hash(path: &std::path::Path) -> Option<Digest> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let name = std::ffi::CString::new(CONTENT_XATTR).expect("no NUL");
+    let mut out = [0u8; 32];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            name.as_ptr(),
+            out.as_mut_ptr().cast(),
+            out.len(),
+        )
+    };
+    (n == 32).then_some(Digest(out))
+}
+
+/// Whether the file at `path` still holds the content it was assembled with.
+fn verify_file(path: &std::path::Path) -> io::Result<bool> {
+    let Some(expected) = content_hash(path) else {
+        return Ok(false);
+    };
+    Ok(hash_file(&std::fs::File::open(path)?)? == expected)
+}
