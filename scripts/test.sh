@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs what it needs (fuse3, Garage, moto_server),
+# The whole test suite on a fresh machine: installs what it needs (fuse3, Garage, moto_server,
+# pjdfstest, fsx),
 # then format, lint, unit tests and end-to-end tests (real FUSE mounts, real S3 servers).
 # Run as root (FUSE mounts, chown in test trees). Installs already done are skipped.
 set -euo pipefail
@@ -28,6 +29,14 @@ if ! python3 -c 'import moto.server' 2>/dev/null; then
   log "installing moto_server"
   python3 -m pip install -q 'moto[server]'
 fi
+
+# POSIX suites run against scratch mounts (tests/tests/suites.rs).
+for suite in pjdfstest fsx; do
+  if ! command -v "$suite" >/dev/null; then
+    log "installing $suite (cargo install)"
+    cargo install "$suite" --locked
+  fi
+done
 
 log "format"
 cargo fmt --all -- --check

@@ -139,13 +139,35 @@ impl ChunkCache {
             disk.release_file(id);
             return checked;
         }
-        if !file.chunks.iter().all(|l| disk.contains(&l.digest)) {
+        // A read that just ended may have chunks still on their way to disk: those come from
+        // memory.
+        let in_memory = |d: &Digest| self.memory.lock().unwrap().lru.contains(d);
+        if !file
+            .chunks
+            .iter()
+            .all(|l| disk.contains(&l.digest) || in_memory(&l.digest))
+        {
             return Ok(false);
         }
         disk.insert_file(id, file.len, |out| {
             for (loc, part) in file.parts() {
-                if !part.is_empty() {
-                    disk.copy_chunk(&loc.digest, loc.len, part, out)?;
+                if part.is_empty() {
+                    continue;
+                }
+                match disk.copy_chunk(&loc.digest, loc.len, part.clone(), out) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let data = self.memory.lock().unwrap().get(&loc.digest).ok_or(e)?;
+                        if data.len() != loc.len as usize {
+                            return Err(io::Error::other(format!(
+                                "chunk {} has {} bytes, the layer says {}",
+                                loc.digest,
+                                data.len(),
+                                loc.len
+                            )));
+                        }
+                        io::Write::write_all(out, &data[part.start as usize..part.end as usize])?;
+                    }
+                    other => other?,
                 }
             }
             // The copies come from verified chunks; the hash of the whole lets the file be

@@ -133,14 +133,14 @@ impl Counters {
     }
 }
 
-struct MemoryLru {
-    lru: LruCache<Digest, Bytes>,
+pub(crate) struct MemoryLru {
+    pub(crate) lru: LruCache<Digest, Bytes>,
     used: u64,
     capacity: u64,
 }
 
 impl MemoryLru {
-    fn get(&mut self, digest: &Digest) -> Option<Bytes> {
+    pub(crate) fn get(&mut self, digest: &Digest) -> Option<Bytes> {
         self.lru.get(digest).cloned()
     }
 
@@ -195,7 +195,7 @@ pub struct ChunkCache {
     pub(crate) disk: Option<DiskCache>,
     /// Files being assembled or verified (see [`ChunkCache::assemble`]).
     pub(crate) assembling: Mutex<std::collections::HashSet<Digest>>,
-    memory: Mutex<MemoryLru>,
+    pub(crate) memory: Mutex<MemoryLru>,
     inflight: Mutex<HashMap<Digest, Fetch>>,
     counters: Counters,
     fetch_deadline: Duration,

@@ -136,6 +136,21 @@ fn main() -> ExitCode {
 }
 
 /// Where chunks and manifests are cached when `--cache-dir` is not given.
+/// Where the daemon keeps per-mount state (scratch uppers).
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/strata");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(xdg).join("strata");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local").join("state").join("strata")
+}
+
 pub fn default_cache_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {

@@ -35,6 +35,9 @@ pub enum FsError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A filesystem call refused for the reason its errno gives (EEXIST, ENOTEMPTY...).
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Errno(i32),
 }
 
 impl FsError {
@@ -50,6 +53,7 @@ impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound(_) => libc::ENOENT,
+            FsError::Errno(e) => *e,
             FsError::InvalidInput(_) => libc::EINVAL,
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,

@@ -5,7 +5,8 @@
 //! - [`refs`]: dataset refs `name:tag` → layer digest, moved by compare-and-swap.
 //! - [`layer`]: a layer opened for reading through the chunk cache.
 //! - [`stack`]: read-only layers stacked with overlay rules, as a plain API.
-//! - [`fuse`]: the thin `fuser` adapter over [`stack::LayerStack`].
+//! - [`upper`]: the writable upper of a mount over its stack ([`upper::MountTree`]).
+//! - [`fuse`]: the thin `fuser` adapter over [`upper::MountTree`].
 
 pub mod error;
 pub mod fuse;
@@ -15,5 +16,6 @@ pub mod pack;
 pub mod publish;
 pub mod refs;
 pub mod stack;
+pub mod upper;
 
 pub use error::{FsError, FsResult};

@@ -14,6 +14,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub cache_dir: PathBuf,
+    /// Scratch uppers live under `state_dir/scratch/`.
+    pub state_dir: PathBuf,
     log: PathBuf,
     env: Vec<(String, String)>,
     extra: Vec<String>,
@@ -28,6 +30,7 @@ impl Daemon {
             dir: dir.to_path_buf(),
             socket: dir.join("daemon.sock"),
             cache_dir: dir.join("cache"),
+            state_dir: dir.join("state"),
             log: dir.join("daemon.log"),
             env,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -39,7 +42,13 @@ impl Daemon {
     /// Starts the daemon again (after [`Daemon::stop`] or [`Daemon::kill`]), same dirs.
     pub fn restart(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "daemon already running");
-        let mut args: Vec<&str> = vec!["daemon", "--cache-dir", self.cache_dir.to_str().unwrap()];
+        let mut args: Vec<&str> = vec![
+            "daemon",
+            "--cache-dir",
+            self.cache_dir.to_str().unwrap(),
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+        ];
         args.extend(self.extra.iter().map(|s| s.as_str()));
         let mut cmd = self.strata().command(&args);
         let log = std::fs::OpenOptions::new()
@@ -85,11 +94,23 @@ impl Daemon {
 
     /// Mounts `layers` (bottom to top) at `mountpoint` through the daemon.
     pub fn mount(&self, store: &str, mountpoint: &Path, layers: &[&str]) -> Result<DaemonMount> {
+        self.mount_with(store, mountpoint, layers, &[])
+    }
+
+    /// [`Daemon::mount`] with more `strata mount` flags (`--read-only`, `--scratch-size`...).
+    pub fn mount_with(
+        &self,
+        store: &str,
+        mountpoint: &Path,
+        layers: &[&str],
+        flags: &[&str],
+    ) -> Result<DaemonMount> {
         std::fs::create_dir_all(mountpoint)?;
         let mut args = vec!["mount", store, mountpoint.to_str().unwrap()];
         for l in layers {
             args.extend(["--layer", l]);
         }
+        args.extend(flags);
         let out = self.strata().run(&args);
         if !out.status.success() {
             bail!(
@@ -102,6 +123,14 @@ impl Daemon {
             strata: self.strata(),
             mountpoint: mountpoint.to_path_buf(),
         })
+    }
+
+    /// The scratch uppers that exist now.
+    pub fn scratch_dirs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.state_dir.join("scratch")) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// `strata stats --json`.

@@ -90,6 +90,9 @@ impl Strata {
             "--foreground".into(),
             "--cache-dir".into(),
             cache_dir.to_str().unwrap().into(),
+            // A scratch upper (unless --read-only) lives beside the cache.
+            "--state-dir".into(),
+            cache_dir.with_extension("state").to_str().unwrap().into(),
         ];
         for l in layers {
             args.push("--layer".into());

@@ -160,3 +160,41 @@ fn no_passthrough_keeps_every_read_in_strata() {
     drop((m, d));
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn a_file_read_through_passthrough_is_written_once_its_readers_are_gone() {
+    let work = strata_tests::scratch_dir("passthrough-write");
+    let big = pseudo_random(35, 4 << 20);
+    write_file(&work.join("src/big.bin"), &big);
+    let store = garage::bucket("passthrough-write");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    d.strata().publish(&work.join("src"), &store, "p:v1");
+    let m = d.mount(&store, &work.join("mnt"), &["p:v1"]).unwrap();
+    assert!(std::fs::read(m.path("big.bin")).unwrap() == big);
+    wait_for_files(&d, 1);
+
+    let reader = std::fs::File::open(m.path("big.bin")).unwrap();
+    assert_eq!(total(&d.stats(), "passthrough_opens"), 1);
+    // The kernel reads this inode from the layer's copy: no writer until the reader is gone.
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big.bin"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
+    drop(reader);
+
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big.bin"))
+        .unwrap();
+    f.write_all_at(b"changed", 1 << 20).unwrap();
+    drop(f);
+    let mut want = big.clone();
+    want[1 << 20..(1 << 20) + 7].copy_from_slice(b"changed");
+    // Changed files are read from the upper, never from the layer's copy.
+    assert!(std::fs::read(m.path("big.bin")).unwrap() == want);
+    assert!(read_with_mmap(&m.path("big.bin")) == want);
+    assert_eq!(total(&d.stats(), "passthrough_opens"), 1);
+    drop((m, d));
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -76,7 +76,13 @@ fn published_tree_mounts_identically() {
 
     let mnt = work.join("mnt");
     let m = s
-        .mount(&store, &mnt, &["rich:v1"], &work.join("cache"), &[])
+        .mount(
+            &store,
+            &mnt,
+            &["rich:v1"],
+            &work.join("cache"),
+            &["--read-only"],
+        )
         .unwrap();
     let compared = assert_same_tree(&src, &m.mountpoint);
     assert!(compared > 10_000, "compared only {compared} entries");

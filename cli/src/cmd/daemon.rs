@@ -15,13 +15,17 @@ use crate::GlobalArgs;
 /// Flags win over the environment, which wins over the config file, which wins over defaults.
 #[derive(Args)]
 pub struct DaemonArgs {
-    /// TOML file with any of: cache_dir, cache_size, memory_cache_size, read_timeout,
-    /// passthrough, socket, endpoint_url.
+    /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
+    /// read_timeout, passthrough, socket, endpoint_url.
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
     #[arg(long, env = "STRATA_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Per-mount state: the scratch uppers [default: /var/lib/strata as root, else
+    /// ~/.local/state/strata].
+    #[arg(long, env = "STRATA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Hard cap on the chunk bytes kept under the cache dir [default: 10G].
     #[arg(long, env = "STRATA_CACHE_SIZE", value_parser = parse_size)]
     cache_size: Option<u64>,
@@ -41,6 +45,7 @@ pub struct DaemonArgs {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     cache_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     cache_size: Option<String>,
     memory_cache_size: Option<String>,
     read_timeout: Option<String>,
@@ -80,6 +85,10 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
             .cache_dir
             .or(file.cache_dir)
             .unwrap_or_else(crate::default_cache_dir),
+        state_dir: a
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(crate::default_state_dir),
         cache_size: a
             .cache_size
             .or(from_file(file.cache_size, "cache_size", parse_size)?)

@@ -8,6 +8,18 @@ use anyhow::{bail, Context};
 use cache::{CacheConfig, ChunkCache};
 use clap::Args;
 use strata_fs::stack::LayerStack;
+use strata_fs::upper::{MountTree, UpperConfig};
+
+/// A foreground mount's scratch, removed when the process is done with it.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            tracing::warn!("removing scratch {}: {e}", self.0.display());
+        }
+    }
+}
 
 use crate::daemon::protocol::{self, MountInfo, MountSpec, Request};
 use crate::units::{parse_duration, parse_size};
@@ -25,6 +37,19 @@ pub struct MountArgs {
     /// Serve the mount from this process (no daemon) until it is unmounted or signalled.
     #[arg(long)]
     foreground: bool,
+    /// No writable upper: every change answers EROFS.
+    #[arg(long, conflicts_with_all = ["scratch", "scratch_size"])]
+    read_only: bool,
+    /// A private writable upper on local disk, removed when the mount ends (the default).
+    #[arg(long)]
+    scratch: bool,
+    /// Cap on the bytes the scratch upper takes on disk; writes past it answer ENOSPC.
+    #[arg(long, value_parser = parse_size)]
+    scratch_size: Option<u64>,
+    /// With --foreground: where the scratch upper lives [default: /var/lib/strata as root,
+    /// else ~/.local/state/strata].
+    #[arg(long, env = "STRATA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Print the mount's details as JSON (daemon mounts).
     #[arg(long)]
     json: bool,
@@ -97,8 +122,26 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     .with_context(|| format!("opening cache dir {}", cache_dir.display()))?
     .reader(store);
     let stack = Arc::new(LayerStack::new(layers, cache)?);
+    // The scratch of a foreground mount is this process's own, removed when it ends.
+    let scratch = if a.read_only {
+        None
+    } else {
+        let state_dir = a.state_dir.clone().unwrap_or_else(crate::default_state_dir);
+        let dir = state_dir
+            .join("scratch")
+            .join(format!("foreground-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        Some(ScratchDir(dir))
+    };
+    let upper = scratch.as_ref().map(|s| UpperConfig {
+        dir: s.0.clone(),
+        quota: a.scratch_size,
+    });
+    let tree = Arc::new(MountTree::new(stack, upper)?);
     let session = strata_fs::fuse::mount(
-        stack,
+        tree,
         &mountpoint,
         tokio::runtime::Handle::current(),
         !a.no_passthrough,
@@ -150,6 +193,8 @@ async fn mount_through_daemon(
         endpoint_url: g.endpoint_url.clone(),
         layers: a.layers,
         mountpoint,
+        read_only: a.read_only,
+        scratch_size: a.scratch_size,
     });
     let info: MountInfo = protocol::call(&g.socket(), &request).await?;
     if a.json {

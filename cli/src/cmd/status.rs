@@ -38,8 +38,13 @@ pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
     }
     for m in &mounts {
         let layers: Vec<&str> = m.layers.iter().map(|l| l.dataset.as_str()).collect();
+        let upper = match (m.writable, m.scratch_size) {
+            (false, _) => "read-only".to_string(),
+            (true, Some(size)) => format!("scratch ({})", human(size)),
+            (true, None) => "scratch".to_string(),
+        };
         println!(
-            "{}\t{}\t{}",
+            "{}\t{}\t{}\t{upper}",
             m.mountpoint.display(),
             m.store,
             layers.join(" + ")

@@ -28,6 +28,12 @@ pub struct MountSpec {
     pub layers: Vec<String>,
     /// Absolute, symlinks resolved.
     pub mountpoint: PathBuf,
+    /// No writable upper: every change answers EROFS.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Bytes the scratch upper may take on disk.
+    #[serde(default)]
+    pub scratch_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +51,11 @@ pub struct MountInfo {
     pub layers: Vec<LayerInfo>,
     /// Seconds since the epoch.
     pub mounted_at: u64,
+    /// Whether the mount has a scratch upper (else it is read-only).
+    #[serde(default)]
+    pub writable: bool,
+    #[serde(default)]
+    pub scratch_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use cache::{CacheConfig, ChunkCache, ChunkReader, Store, StoreOptions};
 use strata_fs::stack::LayerStack;
+use strata_fs::upper::{MountTree, UpperConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -23,6 +24,8 @@ use super::protocol::{
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub cache_dir: PathBuf,
+    /// Scratch uppers live under `<state_dir>/scratch/<mount id>`.
+    pub state_dir: PathBuf,
     pub cache_size: u64,
     pub memory_cache_size: u64,
     pub read_timeout: Duration,
@@ -67,6 +70,7 @@ impl Daemon {
                 mp.display()
             );
         }
+        clean_scratch(&config.state_dir)?;
         let cache = ChunkCache::new(&CacheConfig {
             disk_dir: Some(config.cache_dir.clone()),
             disk_capacity: config.cache_size,
@@ -230,13 +234,18 @@ impl Daemon {
             .collect();
         let reader = self.cache.reader(store);
         let stack = Arc::new(LayerStack::new(layers, reader.clone())?);
-        let session = strata_fs::fuse::mount(
-            stack,
-            &mp,
-            tokio::runtime::Handle::current(),
-            self.config.passthrough,
-        )?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let scratch = (!spec.read_only).then(|| scratch_dir(&self.config.state_dir, id));
+        let mounted = self.mount_tree(stack, &mp, scratch.as_deref(), spec.scratch_size);
+        let session = match mounted {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(dir) = &scratch {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return Err(e);
+            }
+        };
         let info = MountInfo {
             id,
             mountpoint: mp.clone(),
@@ -245,6 +254,8 @@ impl Daemon {
             mounted_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            writable: scratch.is_some(),
+            scratch_size: spec.scratch_size.filter(|_| scratch.is_some()),
         };
         let (ended_tx, ended) = watch::channel(false);
         self.mounts.lock().unwrap().insert(
@@ -268,6 +279,12 @@ impl Daemon {
                     mounts.remove(&mp);
                 }
                 drop(mounts);
+                // The session is over and its files closed: the scratch goes with it.
+                if let Some(dir) = &scratch {
+                    if let Err(e) = std::fs::remove_dir_all(dir) {
+                        tracing::warn!("removing scratch {}: {e}", dir.display());
+                    }
+                }
                 let _ = ended_tx.send(true);
                 tracing::info!("unmounted {}", mp.display());
             })
@@ -278,6 +295,34 @@ impl Daemon {
             info.mountpoint.display()
         );
         Ok(info)
+    }
+
+    /// Mounts `stack` with a scratch upper in `scratch` (a new private directory), or
+    /// read-only.
+    fn mount_tree(
+        &self,
+        stack: Arc<LayerStack>,
+        mp: &Path,
+        scratch: Option<&Path>,
+        scratch_size: Option<u64>,
+    ) -> anyhow::Result<strata_fs::fuse::MountedSession> {
+        let upper = match scratch {
+            Some(dir) => {
+                make_private_dir(dir)?;
+                Some(UpperConfig {
+                    dir: dir.to_path_buf(),
+                    quota: scratch_size,
+                })
+            }
+            None => None,
+        };
+        let tree = Arc::new(MountTree::new(stack, upper)?);
+        Ok(strata_fs::fuse::mount(
+            tree,
+            mp,
+            tokio::runtime::Handle::current(),
+            self.config.passthrough,
+        )?)
     }
 
     async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
@@ -357,6 +402,43 @@ impl Daemon {
             mounts,
         }
     }
+}
+
+fn scratch_dir(state_dir: &Path, id: u64) -> PathBuf {
+    state_dir.join("scratch").join(id.to_string())
+}
+
+/// Makes `dir` (and its parents) readable by its owner only: a scratch holds one invocation's
+/// files.
+fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating scratch dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    Ok(())
+}
+
+/// Removes the scratch uppers a crashed daemon left behind: their mounts are gone.
+fn clean_scratch(state_dir: &Path) -> anyhow::Result<()> {
+    let root = state_dir.join("scratch");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        tracing::warn!("removing scratch {} left by an earlier run", path.display());
+        let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Binds the control socket, refusing to take over one a live daemon still answers on.

@@ -1,0 +1,501 @@
+//! File content in the upper: opening (copy-up), reading, writing, truncating, allocating,
+//! syncing. A file's data file is sparse and as long as the file; while a copy-up is partial,
+//! blocks not written yet are read from the lower file.
+
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::node::{Body, Data, Node};
+use super::{errno, now, MountTree, SetAttr, Stat, TimeSet, Tree, COPY_UP_BLOCK};
+use crate::error::{FsError, FsResult};
+
+fn blocks(len: u64) -> usize {
+    len.div_ceil(COPY_UP_BLOCK) as usize
+}
+
+fn block_range(b: usize, lower_len: u64) -> Range<u64> {
+    let start = b as u64 * COPY_UP_BLOCK;
+    start..(start + COPY_UP_BLOCK).min(lower_len)
+}
+
+/// What a read of an upper file needs, taken under the tree lock.
+struct ReadPlan {
+    file: Arc<std::fs::File>,
+    size: u64,
+    /// `None` when all of the file is in the data file.
+    lower: Option<(u64, Vec<bool>)>,
+}
+
+/// Bytes on disk the data file takes.
+fn allocated(file: &std::fs::File) -> u64 {
+    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Bytes of `range` that are holes in `file` (would take new space if written).
+fn holes_in(file: &std::fs::File, range: Range<u64>) -> u64 {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut holes = range.end.saturating_sub(len.max(range.start));
+    let mut pos = range.start;
+    let end = range.end.min(len);
+    while pos < end {
+        // SAFETY: lseek on an fd we own.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_HOLE) };
+        if hole < 0 || hole as u64 >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), hole, libc::SEEK_DATA) };
+        let hole_end = if data < 0 {
+            end
+        } else {
+            (data as u64).min(end)
+        };
+        holes += hole_end - hole as u64;
+        pos = hole_end;
+    }
+    holes
+}
+
+fn io_err(what: &str, e: std::io::Error) -> FsError {
+    FsError::io(what, e)
+}
+
+impl MountTree {
+    fn open_data(&self, ino: u64) -> FsResult<Arc<std::fs::File>> {
+        let path = self.data_path(ino)?;
+        std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map(Arc::new)
+            .map_err(|e| FsError::io(path, e))
+    }
+
+    /// Starts the copy-up of a lower file: an empty sparse data file as long as the file; its
+    /// blocks are copied when first written.
+    fn copy_up(&self, ino: u64, n: &mut Node) -> FsResult<()> {
+        let Body::File { data, .. } = &mut n.body else {
+            return Err(errno(libc::EISDIR));
+        };
+        if !matches!(data, Data::Lower) {
+            return Ok(());
+        }
+        let path = self.data_path(ino)?;
+        let f = std::fs::File::create(&path).map_err(|e| FsError::io(&path, e))?;
+        f.set_len(n.stat.size).map_err(|e| FsError::io(&path, e))?;
+        *data = if n.stat.size == 0 {
+            Data::Local
+        } else {
+            Data::Partial {
+                lower_len: n.stat.size,
+                present: vec![false; blocks(n.stat.size)],
+            }
+        };
+        Ok(())
+    }
+
+    /// Opens `ino`; for writing, the file is copied up first. Returns whether the open is
+    /// counted, in which case [`MountTree::release`] must follow.
+    pub fn open(&self, ino: u64, write: bool) -> FsResult<bool> {
+        if self.upper.is_none() {
+            return if write {
+                Err(errno(libc::EROFS))
+            } else {
+                Ok(false)
+            };
+        }
+        let mut tree = self.lock();
+        if !write && !tree.nodes.contains_key(&ino) {
+            return Ok(false);
+        }
+        let n = self.node_mut(&mut tree, ino)?;
+        if write {
+            match n.body {
+                Body::File { .. } => self.copy_up(ino, n)?,
+                Body::Dir { .. } => return Err(errno(libc::EISDIR)),
+                _ => {}
+            }
+        }
+        if let Body::File { data, file, .. } = &mut n.body {
+            if !matches!(data, Data::Lower) && file.is_none() {
+                *file = Some(self.open_data(ino)?);
+            }
+        }
+        n.opens += 1;
+        Ok(true)
+    }
+
+    pub fn release(&self, ino: u64) {
+        let mut tree = self.lock();
+        let Some(n) = tree.nodes.get_mut(&ino) else {
+            return;
+        };
+        n.opens = n.opens.saturating_sub(1);
+        if n.opens == 0 {
+            if let Body::File { file, .. } = &mut n.body {
+                *file = None;
+            }
+        }
+        self.drop_if_unused(&mut tree, ino);
+    }
+
+    fn read_plan(&self, ino: u64) -> FsResult<Option<ReadPlan>> {
+        let tree = self.lock();
+        let Some(n) = tree.nodes.get(&ino) else {
+            return Ok(None);
+        };
+        let Body::File { data, file, .. } = &n.body else {
+            return Err(errno(libc::EISDIR));
+        };
+        let lower = match data {
+            Data::Lower => return Ok(None),
+            Data::Local => None,
+            Data::Partial { lower_len, present } => Some((*lower_len, present.clone())),
+        };
+        let file = match file {
+            Some(f) => f.clone(),
+            None => self.open_data(ino)?,
+        };
+        Ok(Some(ReadPlan {
+            file,
+            size: n.stat.size,
+            lower,
+        }))
+    }
+
+    /// Reads an upper file's bytes if that needs no lower data; `None` otherwise (and for
+    /// files whose bytes are all the layers': see [`MountTree::reads_from_layers`]).
+    pub fn read_local(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let plan = match self.read_plan(ino) {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let end = (offset + size as u64).min(plan.size);
+        if let Some((lower_len, present)) = &plan.lower {
+            let first = (offset / COPY_UP_BLOCK) as usize;
+            let last = blocks(end.min(*lower_len));
+            if (first..last).any(|b| !present[b]) {
+                return None;
+            }
+        }
+        Some(pread(&plan.file, offset..end))
+    }
+
+    /// Reads an upper file's bytes, taking the blocks not copied up yet from the layers.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let Some(plan) = self.read_plan(ino)? else {
+            return self.stack.read(ino, offset, size).await;
+        };
+        let end = (offset + size as u64).min(plan.size);
+        let Some((lower_len, present)) = plan.lower else {
+            return pread(&plan.file, offset..end);
+        };
+        let mut out = BytesMut::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let b = (pos / COPY_UP_BLOCK) as usize;
+            let block_end = ((b as u64 + 1) * COPY_UP_BLOCK).min(end);
+            if pos >= lower_len || present.get(b).copied().unwrap_or(true) {
+                out.extend_from_slice(&pread(&plan.file, pos..block_end)?);
+            } else {
+                // Not copied up: the layers' bytes up to lower_len, zeros after (a truncate
+                // cut the lower file short and extended it again).
+                let from_lower = block_end.min(lower_len);
+                let got = self.stack.read(ino, pos, (from_lower - pos) as u32).await?;
+                out.extend_from_slice(&got);
+                out.resize(out.len() + (block_end - pos - got.len() as u64) as usize, 0);
+            }
+            pos = block_end;
+        }
+        Ok(out.freeze())
+    }
+
+    fn write_lock(&self, ino: u64) -> FsResult<Arc<tokio::sync::Mutex<()>>> {
+        let mut tree = self.lock();
+        let n = self.node_mut(&mut tree, ino)?;
+        match &n.body {
+            Body::File { write_lock, .. } => Ok(write_lock.clone()),
+            Body::Dir { .. } => Err(errno(libc::EISDIR)),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    /// Takes `bytes` of the quota for a change under way.
+    fn reserve(&self, tree: &mut Tree, bytes: u64) -> FsResult<()> {
+        if let Some(q) = self.upper()?.quota {
+            if tree.used + bytes > q {
+                return Err(errno(libc::ENOSPC));
+            }
+        }
+        tree.used += bytes;
+        Ok(())
+    }
+
+    /// Settles a reservation: the node now takes what its data file holds.
+    fn settle(&self, ino: u64, reserved: u64) {
+        let mut tree = self.lock();
+        let charged = tree.nodes.get(&ino).and_then(|n| match &n.body {
+            Body::File { file: Some(f), .. } => Some((n.charged, allocated(f))),
+            _ => None,
+        });
+        tree.used = tree.used.saturating_sub(reserved);
+        if let Some((old, new)) = charged {
+            tree.used = tree.used.saturating_sub(old) + new;
+            tree.nodes.get_mut(&ino).expect("present").charged = new;
+        }
+    }
+
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.upper()?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(errno(libc::EFBIG))?;
+        let lock = self.write_lock(ino)?;
+        let _writing = lock.lock().await;
+        // Blocks to copy up first: those the write touches but does not cover.
+        let (file, fills, reserved) = {
+            let mut tree = self.lock();
+            let n = self.node_mut(&mut tree, ino)?;
+            self.copy_up(ino, n)?;
+            let Body::File { data: d, file, .. } = &mut n.body else {
+                return Err(errno(libc::EISDIR));
+            };
+            let file = match file {
+                Some(f) => f.clone(),
+                None => {
+                    let f = self.open_data(ino)?;
+                    *file = Some(f.clone());
+                    f
+                }
+            };
+            let mut fills = Vec::new();
+            if let Data::Partial { lower_len, present } = d {
+                let first = (offset / COPY_UP_BLOCK) as usize;
+                let last = blocks(end.min(*lower_len));
+                for (b, done) in present.iter().enumerate().take(last).skip(first) {
+                    let r = block_range(b, *lower_len);
+                    let covered = offset <= r.start && end >= r.end;
+                    if !done && !covered {
+                        fills.push(r);
+                    }
+                }
+            }
+            let need = fills.iter().map(|r| r.end - r.start).sum::<u64>()
+                + holes_in(&file, offset..end)
+                + 4096;
+            self.reserve(&mut tree, need)?;
+            (file, fills, need)
+        };
+        let result = self.write_reserved(ino, &file, fills, offset, data).await;
+        self.settle(ino, reserved);
+        result?;
+        let mut tree = self.lock();
+        let n = tree.nodes.get_mut(&ino).ok_or(errno(libc::ENOENT))?;
+        if let Body::File { data: d, .. } = &mut n.body {
+            if let Data::Partial { lower_len, present } = d {
+                let last = blocks(end.min(*lower_len));
+                for p in present
+                    .iter_mut()
+                    .take(last)
+                    .skip((offset / COPY_UP_BLOCK) as usize)
+                {
+                    *p = true;
+                }
+                if present.iter().all(|p| *p) {
+                    *d = Data::Local;
+                }
+            }
+        }
+        let t = now();
+        n.stat.size = n.stat.size.max(end);
+        n.stat.mtime = t;
+        n.stat.ctime = t;
+        Ok(data.len() as u32)
+    }
+
+    async fn write_reserved(
+        &self,
+        ino: u64,
+        file: &std::fs::File,
+        fills: Vec<Range<u64>>,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<()> {
+        for r in fills {
+            let bytes = self
+                .stack
+                .read(ino, r.start, (r.end - r.start) as u32)
+                .await?;
+            file.write_all_at(&bytes, r.start)
+                .map_err(|e| io_err("copying a block up", e))?;
+        }
+        file.write_all_at(data, offset)
+            .map_err(|e| io_err("writing to the upper", e))
+    }
+
+    /// chmod, chown, truncate, utimes.
+    pub async fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Stat> {
+        self.upper()?;
+        let lock = match s.size {
+            Some(_) => Some(self.write_lock(ino)?),
+            None => None,
+        };
+        let _writing = match &lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let t = now();
+        let mut tree = self.lock();
+        if let Some(size) = s.size {
+            self.truncate(&mut tree, ino, size)?;
+        }
+        let n = self.node_mut(&mut tree, ino)?;
+        if let Some(mode) = s.mode {
+            n.stat.perm = mode & 0o7777;
+        }
+        if let Some(uid) = s.uid {
+            n.stat.uid = uid;
+        }
+        if let Some(gid) = s.gid {
+            n.stat.gid = gid;
+        }
+        let at = |v: TimeSet| match v {
+            TimeSet::Now => t,
+            TimeSet::At(x) => x,
+        };
+        if let Some(a) = s.atime {
+            n.stat.atime = at(a);
+        }
+        if let Some(m) = s.mtime {
+            n.stat.mtime = at(m);
+        } else if s.size.is_some() {
+            n.stat.mtime = t;
+        }
+        n.stat.ctime = s.ctime.unwrap_or(t);
+        Ok(n.stat.clone())
+    }
+
+    fn truncate(&self, tree: &mut Tree, ino: u64, size: u64) -> FsResult<()> {
+        let n = self.node_mut(tree, ino)?;
+        if !matches!(n.body, Body::File { .. }) {
+            return Err(errno(if n.is_dir() {
+                libc::EISDIR
+            } else {
+                libc::EINVAL
+            }));
+        }
+        self.copy_up(ino, n)?;
+        let Body::File { data, .. } = &mut n.body else {
+            unreachable!("checked above");
+        };
+        if let Data::Partial { lower_len, present } = data {
+            if size < *lower_len {
+                *lower_len = size;
+                present.truncate(blocks(size));
+                if present.iter().all(|p| *p) {
+                    *data = Data::Local;
+                }
+            }
+        }
+        let path = self.data_path(ino)?;
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .map_err(|e| FsError::io(&path, e))?;
+        f.set_len(size).map_err(|e| FsError::io(&path, e))?;
+        let new_charge = allocated(&f);
+        n.stat.size = size;
+        let old_charge = std::mem::replace(&mut n.charged, new_charge);
+        tree.used = tree.used.saturating_sub(old_charge) + new_charge;
+        Ok(())
+    }
+
+    /// fallocate: plain allocation (mode 0) and `FALLOC_FL_KEEP_SIZE`.
+    pub async fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.upper()?;
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        let end = offset.checked_add(len).ok_or(errno(libc::EFBIG))?;
+        let lock = self.write_lock(ino)?;
+        let _writing = lock.lock().await;
+        let (file, reserved) = {
+            let mut tree = self.lock();
+            let n = self.node_mut(&mut tree, ino)?;
+            self.copy_up(ino, n)?;
+            let Body::File { file, .. } = &mut n.body else {
+                return Err(errno(libc::EISDIR));
+            };
+            let file = match file {
+                Some(f) => f.clone(),
+                None => {
+                    let f = self.open_data(ino)?;
+                    *file = Some(f.clone());
+                    f
+                }
+            };
+            let need = holes_in(&file, offset..end) + 4096;
+            self.reserve(&mut tree, need)?;
+            (file, need)
+        };
+        // SAFETY: fallocate on an fd we own.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+        let result = if rc == 0 {
+            Ok(())
+        } else {
+            Err(io_err("fallocate", std::io::Error::last_os_error()))
+        };
+        self.settle(ino, reserved);
+        result?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            let mut tree = self.lock();
+            if let Some(n) = tree.nodes.get_mut(&ino) {
+                if end > n.stat.size {
+                    let t = now();
+                    n.stat.size = end;
+                    n.stat.mtime = t;
+                    n.stat.ctime = t;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fsync(&self, ino: u64, datasync: bool) -> FsResult<()> {
+        let file = {
+            let tree = self.lock();
+            match tree.nodes.get(&ino).map(|n| &n.body) {
+                Some(Body::File { file: Some(f), .. }) => f.clone(),
+                _ => return Ok(()),
+            }
+        };
+        let r = if datasync {
+            file.sync_data()
+        } else {
+            file.sync_all()
+        };
+        r.map_err(|e| io_err("fsync", e))
+    }
+}
+
+fn pread(file: &std::fs::File, range: Range<u64>) -> FsResult<Bytes> {
+    if range.start >= range.end {
+        return Ok(Bytes::new());
+    }
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], range.start + done as u64) {
+            Ok(0) => break, // past the data file's end: zeros
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("reading the upper", e)),
+        }
+    }
+    Ok(Bytes::from(buf))
+}

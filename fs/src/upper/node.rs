@@ -1,0 +1,128 @@
+//! What the writable upper knows about one node: everything `stat` shows, its xattrs, and where
+//! its content is (the lower layers, the upper's data file, or partly both).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::stack::{Attr, FileKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl NodeKind {
+    /// The kind of a `mknod` mode (`S_IFMT` bits); `None` for a type it cannot make.
+    pub fn from_mode(mode: u32) -> Option<NodeKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NodeKind::File,
+            libc::S_IFIFO => NodeKind::Fifo,
+            libc::S_IFSOCK => NodeKind::Socket,
+            libc::S_IFCHR => NodeKind::CharDevice,
+            libc::S_IFBLK => NodeKind::BlockDevice,
+            libc::S_IFDIR => NodeKind::Dir,
+            _ => return None,
+        })
+    }
+}
+
+impl From<FileKind> for NodeKind {
+    fn from(k: FileKind) -> NodeKind {
+        match k {
+            FileKind::Dir => NodeKind::Dir,
+            FileKind::File => NodeKind::File,
+            FileKind::Symlink => NodeKind::Symlink,
+        }
+    }
+}
+
+/// A node's attributes, as `stat` reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    /// Permission bits with setuid, setgid and sticky (`0o7777`).
+    pub perm: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+impl Stat {
+    pub fn from_lower(a: &Attr) -> Stat {
+        Stat {
+            ino: a.ino,
+            kind: a.kind.into(),
+            size: a.size,
+            perm: a.mode & 0o7777,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: 0,
+            atime: a.mtime,
+            mtime: a.mtime,
+            ctime: a.mtime,
+        }
+    }
+}
+
+/// Where a regular file's bytes are.
+#[derive(Debug)]
+pub enum Data {
+    /// Unchanged: all in the lower layers (the node's inode number names the lower file).
+    Lower,
+    /// Being changed: blocks written since copy-up are in the data file, the rest still comes
+    /// from the lower file (up to `lower_len`; zeros after it).
+    Partial { lower_len: u64, present: Vec<bool> },
+    /// All in the data file.
+    Local,
+}
+
+#[derive(Debug)]
+pub enum Body {
+    /// `entries: None` while the listing is still the lower directory's (inode `lower`);
+    /// from its first change on, the whole listing (name → inode).
+    Dir {
+        lower: Option<u64>,
+        entries: Option<BTreeMap<Vec<u8>, u64>>,
+    },
+    File {
+        data: Data,
+        /// Open on the data file while the node has open handles.
+        file: Option<Arc<std::fs::File>>,
+        /// Serializes writes to this file: a write may first have to copy blocks up.
+        write_lock: Arc<tokio::sync::Mutex<()>>,
+    },
+    Symlink(Vec<u8>),
+    /// FIFOs, sockets and device nodes: attributes only.
+    Special,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub stat: Stat,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub body: Body,
+    /// Open file handles; an unlinked node lives on until the last is released.
+    pub opens: u32,
+    /// Bytes of the upper's quota this node's data file takes.
+    pub charged: u64,
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        self.stat.kind == NodeKind::Dir
+    }
+}

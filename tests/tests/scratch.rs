@@ -1,0 +1,341 @@
+//! The writable scratch upper of daemon mounts, against a real Garage: overlay semantics over
+//! a non-empty layer, private uppers per mount, read-only mounts, the quota, large copy-ups
+//! that copy only what changes, and scratch dirs that go away with their mounts (also after a
+//! crash).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use strata_tests::daemon::Daemon;
+use strata_tests::garage;
+use strata_tests::tree::{pseudo_random, set_xattr, write_file, xattrs};
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Bytes on disk under `dir`.
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            disk_usage(&e.path())
+        } else {
+            m.blocks() * 512
+        };
+    }
+    total
+}
+
+/// A layer with a bit of everything: nested dirs, a hard link, a symlink, a large file.
+fn publish_base(d: &Daemon, work: &Path, store: &str) -> Vec<u8> {
+    let src = work.join("src");
+    write_file(&src.join("etc/config.txt"), b"threads = 4\n");
+    write_file(&src.join("etc/keep.txt"), b"keep\n");
+    write_file(&src.join("data/table.csv"), b"a,b\n1,2\n");
+    write_file(&src.join("data/sub/deep.txt"), b"deep\n");
+    fs::hard_link(src.join("data/table.csv"), src.join("data/table-link.csv")).unwrap();
+    std::os::unix::fs::symlink("../etc/config.txt", src.join("data/config-link")).unwrap();
+    let big = pseudo_random(41, 24 << 20);
+    write_file(&src.join("model.bin"), &big);
+    d.strata().publish(&src, store, "base:v1");
+    big
+}
+
+#[test]
+fn scratch_has_overlay_semantics_over_a_layer() {
+    let work = strata_tests::scratch_dir("scratch-overlay");
+    let store = garage::bucket("scratch-overlay");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    publish_base(&d, &work, &store);
+    let m = d.mount(&store, &work.join("mnt"), &["base:v1"]).unwrap();
+    let p = |rel: &str| m.path(rel);
+
+    // Copy-up on write keeps the inode number; the layer itself is untouched (checked on a
+    // second mount below).
+    let ino = fs::metadata(p("etc/config.txt")).unwrap().ino();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(p("etc/config.txt"))
+        .unwrap()
+        .write_all(b"debug = true\n")
+        .unwrap();
+    assert_eq!(
+        fs::read(p("etc/config.txt")).unwrap(),
+        b"threads = 4\ndebug = true\n"
+    );
+    assert_eq!(fs::metadata(p("etc/config.txt")).unwrap().ino(), ino);
+    // Through the symlink in the layer, the changed file.
+    assert_eq!(
+        fs::read(p("data/config-link")).unwrap(),
+        b"threads = 4\ndebug = true\n"
+    );
+
+    // Truncate of a lower file, and O_TRUNC.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p("etc/keep.txt"))
+        .unwrap()
+        .set_len(2)
+        .unwrap();
+    assert_eq!(fs::read(p("etc/keep.txt")).unwrap(), b"ke");
+    fs::write(p("data/sub/deep.txt"), b"shallow").unwrap();
+    assert_eq!(fs::read(p("data/sub/deep.txt")).unwrap(), b"shallow");
+
+    // Whiteouts: a deleted lower file is gone from lookups and listings.
+    fs::remove_file(p("data/table.csv")).unwrap();
+    assert!(!p("data/table.csv").exists());
+    assert_eq!(names(&p("data")), ["config-link", "sub", "table-link.csv"]);
+    // Its other hard link still has the bytes, now with one link.
+    assert_eq!(fs::read(p("data/table-link.csv")).unwrap(), b"a,b\n1,2\n");
+    assert_eq!(fs::metadata(p("data/table-link.csv")).unwrap().nlink(), 1);
+
+    // Opaque directory: rm -rf of a lower dir, mkdir of the same name, shows an empty dir.
+    fs::remove_dir_all(p("data/sub")).unwrap();
+    fs::create_dir(p("data/sub")).unwrap();
+    assert!(names(&p("data/sub")).is_empty());
+
+    // Rename of a lower directory with its contents, and of files across dirs.
+    fs::rename(p("etc"), p("conf")).unwrap();
+    assert!(!p("etc").exists());
+    assert_eq!(names(&p("conf")), ["config.txt", "keep.txt"]);
+    fs::rename(p("conf/keep.txt"), p("data/keep.txt")).unwrap();
+    assert_eq!(fs::read(p("data/keep.txt")).unwrap(), b"ke");
+    // Rename over an existing file replaces it.
+    fs::write(p("new.txt"), b"new").unwrap();
+    fs::rename(p("new.txt"), p("data/keep.txt")).unwrap();
+    assert_eq!(fs::read(p("data/keep.txt")).unwrap(), b"new");
+    // Non-empty directory cannot be replaced.
+    fs::create_dir(p("empty")).unwrap();
+    let e = fs::rename(p("empty"), p("conf")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::ENOTEMPTY, "{e}");
+    let e = fs::remove_dir(p("conf")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::ENOTEMPTY, "{e}");
+
+    // Hard links and symlinks in the upper; a FIFO.
+    fs::hard_link(p("data/keep.txt"), p("keep-link")).unwrap();
+    assert_eq!(fs::metadata(p("keep-link")).unwrap().nlink(), 2);
+    std::os::unix::fs::symlink("data/keep.txt", p("sym")).unwrap();
+    assert_eq!(fs::read_link(p("sym")).unwrap(), Path::new("data/keep.txt"));
+    assert_eq!(fs::read(p("sym")).unwrap(), b"new");
+    let fifo = std::ffi::CString::new(p("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::metadata(p("fifo")).unwrap().file_type()
+    ));
+
+    // chmod, chown, utimes, xattrs on a lower file (metadata only: no copy of its bytes).
+    fs::set_permissions(p("model.bin"), fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(p("model.bin"), Some(1234), Some(5678)).unwrap();
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    fs::File::open(p("model.bin"))
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    set_xattr(&p("model.bin"), "user.origin", b"layer");
+    let meta = fs::metadata(p("model.bin")).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
+    assert_eq!(meta.modified().unwrap(), when);
+    assert_eq!(
+        xattrs(&p("model.bin")).get(&b"user.origin"[..]).cloned(),
+        Some(b"layer".to_vec())
+    );
+    let scratch = d.scratch_dirs();
+    assert_eq!(scratch.len(), 1);
+    assert!(
+        disk_usage(&scratch[0]) < 1 << 20,
+        "a metadata change copies no bytes"
+    );
+
+    // fsync, fdatasync, fallocate, statfs.
+    let mut f = fs::File::create(p("log")).unwrap();
+    f.write_all(b"record\n").unwrap();
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    // SAFETY: fallocate on an open fd.
+    let rc = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 1 << 20) };
+    assert_eq!(rc, 0);
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    drop(f);
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(m.mountpoint.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path and a statvfs to fill.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert!(st.f_bavail > 0 && st.f_namemax == 255);
+
+    // A second mount of the same layer sees the layer as published, not this scratch.
+    let other = d.mount(&store, &work.join("mnt2"), &["base:v1"]).unwrap();
+    assert_eq!(
+        fs::read(other.path("etc/config.txt")).unwrap(),
+        b"threads = 4\n"
+    );
+    assert!(other.path("data/table.csv").exists());
+    assert_eq!(names(&other.path("data/sub")), ["deep.txt"]);
+    assert!(!other.path("log").exists());
+    drop((other, m, d));
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn first_write_into_a_large_lower_file_copies_only_its_blocks() {
+    let work = strata_tests::scratch_dir("scratch-copyup");
+    let store = garage::bucket("scratch-copyup");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    let mut big = publish_base(&d, &work, &store);
+    let m = d.mount(&store, &work.join("mnt"), &["base:v1"]).unwrap();
+
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("model.bin"))
+        .unwrap();
+    let start = Instant::now();
+    f.write_all_at(b"PATCHED", 10 << 20).unwrap();
+    let first_write = start.elapsed();
+    big[10 << 20..(10 << 20) + 7].copy_from_slice(b"PATCHED");
+    // Extend past the end, then cut back into the lower part.
+    f.write_all_at(b"tail", big.len() as u64 + 100).unwrap();
+    f.set_len(20 << 20).unwrap();
+    big.truncate(20 << 20);
+    f.set_len(21 << 20).unwrap();
+    big.resize(21 << 20, 0);
+    drop(f);
+
+    let scratch = d.scratch_dirs();
+    let used = disk_usage(&scratch[0]);
+    assert!(
+        used < 4 << 20,
+        "a 7-byte write into a 24 MiB file took {used} bytes of scratch"
+    );
+    let mut back = Vec::new();
+    fs::File::open(m.path("model.bin"))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back.len(), big.len());
+    assert!(back == big, "bytes after partial copy-up differ");
+    println!("first write into a 24 MiB lower file: {first_write:?}, scratch {used} bytes");
+    drop((m, d));
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn each_mount_has_its_own_scratch_and_a_quota() {
+    let work = strata_tests::scratch_dir("scratch-private");
+    let store = garage::bucket("scratch-private");
+    let mut d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    publish_base(&d, &work, &store);
+    let a = d.mount(&store, &work.join("a"), &["base:v1"]).unwrap();
+    let b = d
+        .mount_with(
+            &store,
+            &work.join("b"),
+            &["base:v1"],
+            &["--scratch-size", "4M"],
+        )
+        .unwrap();
+    let ro = d
+        .mount_with(&store, &work.join("ro"), &["base:v1"], &["--read-only"])
+        .unwrap();
+    fs::write(a.path("only-a.txt"), b"a").unwrap();
+    fs::write(b.path("only-b.txt"), b"b").unwrap();
+    assert!(!b.path("only-a.txt").exists());
+    assert!(!a.path("only-b.txt").exists());
+    assert_eq!(d.scratch_dirs().len(), 2, "the read-only mount has none");
+    for dir in d.scratch_dirs() {
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    // Read-only: every change is EROFS.
+    let e = fs::write(ro.path("x"), b"x").unwrap_err();
+    assert_eq!(errno_of(&e), libc::EROFS, "{e}");
+    let e = fs::remove_file(ro.path("etc/keep.txt")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EROFS, "{e}");
+
+    // Quota: writes stop with ENOSPC; what was written stays intact.
+    let kept = pseudo_random(42, 1 << 20);
+    fs::write(b.path("kept.bin"), &kept).unwrap();
+    let mut f = fs::File::create(b.path("filler")).unwrap();
+    let chunk = vec![7u8; 256 << 10];
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => written += chunk.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 64 << 20, "quota never enforced");
+    };
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    assert!(written <= 4 << 20);
+    drop(f);
+    assert!(fs::read(b.path("kept.bin")).unwrap() == kept);
+    // Freeing space makes room again.
+    fs::remove_file(b.path("filler")).unwrap();
+    fs::write(b.path("after.bin"), vec![1u8; 1 << 20]).unwrap();
+
+    // Unmount removes the scratch; a crash leaves it for the next start to remove.
+    drop(a);
+    let start = Instant::now();
+    while d.scratch_dirs().len() != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            d.scratch_dirs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.kill();
+    assert_eq!(d.scratch_dirs().len(), 1);
+    d.restart().unwrap();
+    assert!(d.scratch_dirs().is_empty(), "{:?}", d.scratch_dirs());
+    drop((b, ro, d));
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn readdir_while_the_directory_changes_returns_no_entry_twice() {
+    let work = strata_tests::scratch_dir("scratch-readdir");
+    let store = garage::bucket("scratch-readdir");
+    let src = work.join("src");
+    for i in 0..300 {
+        write_file(&src.join(format!("dir/f{i:03}")), b"x");
+    }
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    d.strata().publish(&src, &store, "many:v1");
+    let m = d.mount(&store, &work.join("mnt"), &["many:v1"]).unwrap();
+    let dir = m.path("dir");
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in fs::read_dir(&dir).unwrap().enumerate() {
+        let name = e.unwrap().file_name();
+        assert!(seen.insert(name.clone()), "{name:?} listed twice");
+        // Change the directory under the listing: remove, add, rename.
+        if i % 3 == 0 {
+            let _ = fs::remove_file(dir.join(&name));
+            fs::write(dir.join(format!("new{i}")), b"y").unwrap();
+        } else if i % 3 == 1 {
+            let _ = fs::rename(dir.join(&name), dir.join(format!("moved{i}")));
+        }
+    }
+    assert!(seen.len() >= 300);
+    // A rewind sees the current listing.
+    let mut d2 = fs::read_dir(&dir).unwrap();
+    let first = d2.next();
+    assert!(first.is_some());
+    drop((m, d));
+    let _ = fs::remove_dir_all(&work);
+}
