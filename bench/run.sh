@@ -151,17 +151,24 @@ warm_seq=$(max "${warm_runs[@]}")
 smount big:v1 "$work/m/big"
 
 echo "== random 4 KiB reads (fio), warm, vs native"
-fio_run() { # file qd → "iops p50_us p99_us"
-  local jobs=$2
+# Bytes read from the disk during a run, beside the IOPS: readahead can turn random 4 KiB reads
+# into large ones that fill the page cache, and then most reads never reach the disk.
+disk_dev=$(lsblk -no pkname "$(df --output=source "$work" | tail -1)" 2>/dev/null | head -1)
+[ -n "$disk_dev" ] || disk_dev=$(basename "$(df --output=source "$work" | tail -1)")
+disk_read_mib() { awk '{print int($3 * 512 / 1048576)}' "/sys/block/$disk_dev/stat"; }
+fio_run() { # file qd → "iops p50_us p99_us disk_read_MiB"
+  local jobs=$2 before
+  before=$(disk_read_mib)
   fio --name=r --filename="$1" --readonly --rw=randread --bs=4k --ioengine=psync \
     --numjobs="$jobs" --group_reporting --time_based --runtime=8 --invalidate=1 \
     --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["read"]; p=j["clat_ns"]["percentile"]; print("%.0f %.1f %.1f" % (j["iops"], p["50.000000"]/1e3, p["99.000000"]/1e3))'
+    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["read"]; p=j["clat_ns"]["percentile"]; print("%.0f %.1f %.1f" % (j["iops"], p["50.000000"]/1e3, p["99.000000"]/1e3), end=" ")'
+  echo $(( $(disk_read_mib) - before ))
 }
-drop_caches; read -r nat_qd1_iops nat_qd1_p50 nat_qd1_p99 <<< "$(fio_run "$data/big/model.bin" 1)"
-drop_caches; read -r nat_qd16_iops nat_qd16_p50 nat_qd16_p99 <<< "$(fio_run "$data/big/model.bin" 16)"
-drop_caches; read -r st_qd1_iops st_qd1_p50 st_qd1_p99 <<< "$(fio_run "$work/m/big/model.bin" 1)"
-drop_caches; read -r st_qd16_iops st_qd16_p50 st_qd16_p99 <<< "$(fio_run "$work/m/big/model.bin" 16)"
+drop_caches; read -r nat_qd1_iops nat_qd1_p50 nat_qd1_p99 nat_qd1_disk <<< "$(fio_run "$data/big/model.bin" 1)"
+drop_caches; read -r nat_qd16_iops nat_qd16_p50 nat_qd16_p99 nat_qd16_disk <<< "$(fio_run "$data/big/model.bin" 16)"
+drop_caches; read -r st_qd1_iops st_qd1_p50 st_qd1_p99 st_qd1_disk <<< "$(fio_run "$work/m/big/model.bin" 1)"
+drop_caches; read -r st_qd16_iops st_qd16_p50 st_qd16_p99 st_qd16_disk <<< "$(fio_run "$work/m/big/model.bin" 16)"
 sumount "$work/m/big"
 
 echo "== sequential read of 1 GiB after a daemon restart"
@@ -233,6 +240,43 @@ fan_read() { for i in $(seq 1 8); do cat "$work/m/fan$i/model.bin" > /dev/null &
 fan_secs=$(timed fan_read)
 fan_store=$(stat_total store_bytes)
 for i in $(seq 1 8); do sumount "$work/m/fan$i"; done
+
+echo "== writes on a scratch mount: a new 1 GiB file; copy-up of the 1 GiB layer file"
+smount big:v1 "$work/m/big"
+write_new() { dd if=/dev/zero of="$1" bs=1M count=1024 conv=fsync status=none; }
+write_runs() { # dir → best MiB/s of two
+  local runs=() _
+  for _ in 1 2; do
+    runs+=("$(mibs 1024 "$(timed write_new "$1/new.bin")")"); rm -f "$1/new.bin"; sync
+  done
+  max "${runs[@]}"
+}
+native_write=$(write_runs "$data")
+st_write=$(write_runs "$work/m/big")
+# Copy-up, with the layer's chunks cached (the cold read is measured above): the first 4 KiB
+# write into the middle of the file, then a 4 KiB write into every MiB of it (each one makes
+# strata copy its block up), fsync'ed. Native does the same to a copy of the file on ext4.
+copy_up_writes() { # file → "first_write_ms total_s"
+  python3 - "$1" <<'PY'
+import os, sys, time
+path, mib = sys.argv[1], 1 << 20
+t0 = time.monotonic()
+fd = os.open(path, os.O_WRONLY)
+os.pwrite(fd, b"x" * 4096, 512 * mib)
+first = time.monotonic() - t0
+for off in range(0, os.fstat(fd).st_size, mib):
+    os.pwrite(fd, b"y" * 4096, off)
+os.fsync(fd)
+os.close(fd)
+print("%.2f %.3f" % (first * 1e3, time.monotonic() - t0))
+PY
+}
+cp "$data/big/model.bin" "$data/copy.bin"; sync
+drop_caches; read -r native_first_ms native_copyup_s <<< "$(copy_up_writes "$data/copy.bin")"
+rm -f "$data/copy.bin"
+cat "$work/m/big/model.bin" > /dev/null
+drop_caches; read -r st_first_ms st_copyup_s <<< "$(copy_up_writes "$work/m/big/model.bin")"
+sumount "$work/m/big"
 daemon_stop
 
 # ---------------------------------------------------------------------------------------
@@ -315,6 +359,7 @@ na="n/a"
   echo "| random 4 KiB QD1, warm: p50 / p99 (µs) | $st_qd1_p50 / $st_qd1_p99 | $nat_qd1_p50 / $nat_qd1_p99 | | | p99 $(fmt "$(ratio "$st_qd1_p99" "$nat_qd1_p99")")× native |"
   echo "| random 4 KiB QD16 (16 jobs), warm: IOPS | $st_qd16_iops | $nat_qd16_iops | | | $(fmt "$(ratio "$st_qd16_iops" "$nat_qd16_iops")")× native |"
   echo "| random 4 KiB QD16, warm: p50 / p99 (µs) | $st_qd16_p50 / $st_qd16_p99 | $nat_qd16_p50 / $nat_qd16_p99 | | | p99 $(fmt "$(ratio "$st_qd16_p99" "$nat_qd16_p99")")× native |"
+  echo "| random 4 KiB, warm: MiB read from the disk during the QD1 / QD16 runs (8 s each) | $st_qd1_disk / $st_qd16_disk | $nat_qd1_disk / $nat_qd16_disk | | | |"
   echo "| first touch, cold (200 random 4 KiB reads): chunks fetched per read; bytes fetched / bytes asked | $(fmt "$st_touch_chunks" 2); $(fmt "$st_touch_ratio" 1)× | | | | rclone 337×, s3fs 131× (GARAGE.md) |"
   echo "| find + stat 20,000 files, warm (s) | $(fmt "$st_find" 3) | $(fmt "$native_find" 3) | | | $(fmt "$(ratio "$st_find" "$native_find")")× native |"
   if [ -n "$py_import" ]; then
@@ -328,6 +373,9 @@ na="n/a"
     echo "| find + cat 5,000 × 4 KiB cold / warm (s) | $(fmt "$cold_small" 3) / $(fmt "$warm_small" 3) | $(fmt "$native_small" 3) | | | warm $(fmt "$(ratio "$warm_small" "$native_small")")× native time |"
   fi
   echo "| fan-out: 8 mounts read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$fan_store" $((1 << 30)))")× the file / $(fmt "$fan_secs" 2) | | | | wall $(fmt "$(ratio "$fan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
+  echo "| write a new 1 GiB file, fsync'ed (MiB/s) | $(fmt "$st_write" 0) | $(fmt "$native_write" 0) | | | $(fmt "$(ratio "$st_write" "$native_write")")× native |"
+  echo "| copy-up of the 1 GiB layer file: first 4 KiB write (ms) | $(fmt "$st_first_ms" 2) | $(fmt "$native_first_ms" 2) | | | |"
+  echo "| copy-up of the 1 GiB layer file: a 4 KiB write into each MiB, fsync'ed (s) | $(fmt "$st_copyup_s" 2) | $(fmt "$native_copyup_s" 2) | | | $(fmt "$(ratio "$st_copyup_s" "$native_copyup_s")")× native time |"
   echo "| daemon peak RSS (MiB; memory cache 256 MiB) | $((PEAK_RSS_KB / 1024)) | | | | |"
 } | tee "$out"
 echo "saved $out"

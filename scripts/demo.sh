@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # strata's main job on the embedded default store (a local directory, no S3 needed):
 # build, publish a sample directory, list and inspect it, mount it through FUSE, read it,
-# unmount. Leaves nothing mounted; prints where the store and cache went.
+# write to the mount's scratch upper, unmount. Leaves nothing mounted; prints where the store and cache went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +37,7 @@ echo "== strata cat"
 
 echo "== strata daemon (one chunk cache for every mount on this host)"
 export STRATA_SOCKET=$work/daemon.sock
-"$strata" daemon --cache-dir "$work/cache" --cache-size 1G 2> "$work/daemon.log" &
+"$strata" daemon --cache-dir "$work/cache" --state-dir "$work/state" --cache-size 1G 2> "$work/daemon.log" &
 daemon=$!
 trap 'kill $daemon 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do "$strata" mounts >/dev/null 2>&1 && break; sleep 0.1; done
@@ -45,12 +45,20 @@ for _ in $(seq 1 100); do "$strata" mounts >/dev/null 2>&1 && break; sleep 0.1; 
 echo "== strata mount (twice: the second mount reads from the shared cache)"
 mkdir -p "$work/mnt" "$work/mnt2"
 "$strata" mount "$store" "$work/mnt" --layer demo:v1
-"$strata" mount "$store" "$work/mnt2" --layer demo:v1
+"$strata" mount "$store" "$work/mnt2" --layer demo:v1 --read-only
 "$strata" mounts
 ls -la "$work/mnt" "$work/mnt/docs"
 cat "$work/mnt/docs/hello-link"
 cmp "$work/mnt/data/blob.bin" "$work/sample/data/blob.bin" && echo "data/blob.bin: identical through the mount"
 cmp "$work/mnt2/data/blob.bin" "$work/sample/data/blob.bin" && echo "data/blob.bin: identical through the second mount"
+echo "== writing: each mount has its own scratch upper; the layer never changes"
+echo "edited in the first mount" >> "$work/mnt/hello.txt"
+mkdir "$work/mnt/results" && echo 42 > "$work/mnt/results/answer.txt"
+rm "$work/mnt/docs/lines.txt"
+ls "$work/mnt" "$work/mnt/docs"
+cat "$work/mnt/hello.txt"
+echo "-- the second (read-only) mount still shows the layer:"
+cat "$work/mnt2/hello.txt"; ls "$work/mnt2/docs"
 echo "== strata stats"
 "$strata" stats
 echo "== strata unmount, and the daemon stops (SIGTERM unmounts whatever is left)"
@@ -58,4 +66,5 @@ echo "== strata unmount, and the daemon stops (SIGTERM unmounts whatever is left
 kill -TERM "$daemon"; wait "$daemon" || true
 trap - EXIT
 if grep -qs "$work/mnt" /proc/self/mounts; then echo "demo: a mount was left behind" >&2; exit 1; fi
-echo "done: store in $work/store, cache in $work/cache"
+if [ -n "$(ls -A "$work/state/scratch" 2>/dev/null)" ]; then echo "demo: a scratch was left behind" >&2; exit 1; fi
+echo "done: store in $work/store, cache in $work/cache (scratch uppers are gone with their mounts)"

@@ -471,20 +471,22 @@ impl LayerStack {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::publish::{publish, PublishOptions};
     use crate::refs::{self, DatasetRef};
     use cache::{open_store, CacheConfig, ChunkCache, StoreOptions};
     use std::path::Path;
 
-    fn write(root: &Path, rel: &str, data: &[u8]) {
+    pub(crate) fn write(root: &Path, rel: &str, data: &[u8]) {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, data).unwrap();
     }
 
-    async fn stack_of(tmp: &Path, dirs: &[&str]) -> LayerStack {
+    /// A stack of the directories `dirs` under `tmp` (bottom to top), each published to a
+    /// local store.
+    pub(crate) async fn stack_of(tmp: &Path, dirs: &[&str]) -> LayerStack {
         let store = open_store(
             tmp.join("store").to_str().unwrap(),
             &StoreOptions::default(),

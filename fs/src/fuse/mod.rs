@@ -605,12 +605,13 @@ impl Filesystem for StrataFs {
             Ok(entries) => {
                 let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
                 self.dirs.lock().unwrap().insert(fh, entries);
-                let flags = if self.tree.is_writable() {
-                    FopenFlags::empty()
-                } else {
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
-                };
-                reply.opened(FileHandle(fh), flags);
+                // The kernel may keep listings: it drops one when the directory changes
+                // through this mount (and every change does), checked at each opendir and
+                // rewind.
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                );
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -19,6 +19,8 @@
 
 mod data;
 mod node;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

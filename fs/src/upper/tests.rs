@@ -1,0 +1,145 @@
+//! The upper through its plain API, without a mount: the cases the FUSE suites do not reach
+//! (renameat2 flags, partial copy-up edge cases, unlinked open files, read-only trees).
+
+use std::sync::Arc;
+
+use super::*;
+use crate::stack::tests::{stack_of, write};
+
+const ROOT: u64 = crate::stack::ROOT_INO;
+
+fn caller() -> Caller {
+    Caller { uid: 0, gid: 0 }
+}
+
+async fn tree_of(tmp: &Path, writable: bool) -> MountTree {
+    let stack = Arc::new(stack_of(tmp, &["lower"]).await);
+    let upper = writable.then(|| UpperConfig {
+        dir: tmp.join("upper"),
+        quota: None,
+    });
+    MountTree::new(stack, upper).unwrap()
+}
+
+fn lower_tree(tmp: &Path) -> Vec<u8> {
+    let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    write(tmp, "lower/big.bin", &big);
+    write(tmp, "lower/dir/a.txt", b"a");
+    write(tmp, "lower/dir/sub/b.txt", b"b");
+    big
+}
+
+async fn read_all(t: &MountTree, ino: u64) -> Vec<u8> {
+    let size = t.getattr(ino).unwrap().size;
+    t.read(ino, 0, size as u32 + 100).await.unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn rename_exchange_swaps_a_layer_directory_and_an_upper_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    let t = tree_of(tmp.path(), true).await;
+    let f = t.create(ROOT, b"file", 0o644, caller()).unwrap();
+    let dir = t.lookup(ROOT, b"dir").unwrap();
+    let sub = t.lookup(dir.ino, b"sub").unwrap();
+    t.rename(dir.ino, b"sub", ROOT, b"file", libc::RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(t.lookup(ROOT, b"file").unwrap().ino, sub.ino);
+    assert_eq!(t.lookup(dir.ino, b"sub").unwrap().ino, f.ino);
+    // The directory moved from `dir` to the root: link counts follow.
+    assert_eq!(t.getattr(dir.ino).unwrap().nlink, 2);
+    let b = t.lookup(sub.ino, b"b.txt").unwrap();
+    assert_eq!(read_all(&t, b.ino).await, b"b");
+    // NOREPLACE refuses an existing name; EXCHANGE needs one.
+    let e = t
+        .rename(ROOT, b"big.bin", ROOT, b"file", libc::RENAME_NOREPLACE)
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EEXIST);
+    let e = t
+        .rename(ROOT, b"big.bin", ROOT, b"none", libc::RENAME_EXCHANGE)
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::ENOENT);
+}
+
+#[tokio::test]
+async fn partial_copy_up_reads_layer_bytes_around_written_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut want = lower_tree(tmp.path());
+    let t = tree_of(tmp.path(), true).await;
+    let big = t.lookup(ROOT, b"big.bin").unwrap();
+    assert!(t.open(big.ino, true).unwrap());
+    t.write(big.ino, 300_000, b"hello").await.unwrap();
+    want[300_000..300_005].copy_from_slice(b"hello");
+    assert_eq!(read_all(&t, big.ino).await, want);
+    // Only the written block is in the data file.
+    let data = std::fs::metadata(tmp.path().join("upper").join(format!("{:x}", big.ino))).unwrap();
+    assert!(std::os::unix::fs::MetadataExt::blocks(&data) * 512 <= 2 * COPY_UP_BLOCK);
+    // Cut into an unwritten block, grow again: zeros after the cut, not layer bytes.
+    let cut = 600_000;
+    t.setattr(
+        big.ino,
+        SetAttr {
+            size: Some(cut),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    t.setattr(
+        big.ino,
+        SetAttr {
+            size: Some(650_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    want.truncate(cut as usize);
+    want.resize(650_000, 0);
+    assert_eq!(read_all(&t, big.ino).await, want);
+    // The inode number never changed.
+    assert_eq!(t.lookup(ROOT, b"big.bin").unwrap().ino, big.ino);
+    t.release(big.ino);
+}
+
+#[tokio::test]
+async fn an_unlinked_file_lives_while_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    let t = tree_of(tmp.path(), true).await;
+    let f = t.create(ROOT, b"tmp", 0o600, caller()).unwrap();
+    assert!(t.open(f.ino, true).unwrap());
+    t.write(f.ino, 0, b"still here").await.unwrap();
+    t.unlink(ROOT, b"tmp").unwrap();
+    assert_eq!(t.lookup(ROOT, b"tmp").unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(t.getattr(f.ino).unwrap().nlink, 0);
+    assert_eq!(read_all(&t, f.ino).await, b"still here");
+    let data = tmp.path().join("upper").join(format!("{:x}", f.ino));
+    assert!(data.exists());
+    t.release(f.ino);
+    assert!(!data.exists(), "the last close frees the data file");
+}
+
+#[tokio::test]
+async fn a_tree_without_an_upper_refuses_every_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    let t = tree_of(tmp.path(), false).await;
+    let big = t.lookup(ROOT, b"big.bin").unwrap();
+    let erofs = |r: FsResult<Stat>| assert_eq!(r.unwrap_err().errno(), libc::EROFS);
+    erofs(t.mkdir(ROOT, b"new", 0o755, caller()));
+    erofs(t.create(ROOT, b"new", 0o644, caller()));
+    erofs(
+        t.setattr(
+            big.ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(t.open(big.ino, true).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(t.unlink(ROOT, b"big.bin").unwrap_err().errno(), libc::EROFS);
+    assert!(!t.open(big.ino, false).unwrap(), "reads go to the layers");
+}
