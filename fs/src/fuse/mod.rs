@@ -294,7 +294,17 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.tree.lookup(parent.0, name.as_bytes()))
+        match self.tree.lookup(parent.0, name.as_bytes()) {
+            // A negative entry (inode 0): the kernel remembers the name is absent, so a
+            // program probing for files (Python's imports) asks once. Names only appear
+            // through this mount, and the kernel drops the entry when one does.
+            Err(e) if e.errno() == libc::ENOENT => {
+                let mut absent = file_attr(&Stat::absent());
+                absent.ino = INodeNo(0);
+                reply.entry(&TTL, &absent, Generation(0))
+            }
+            r => reply_entry(reply, r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -61,6 +61,23 @@ pub struct Stat {
 }
 
 impl Stat {
+    /// The attributes sent with a negative entry (they mean nothing).
+    pub fn absent() -> Stat {
+        Stat {
+            ino: 0,
+            kind: NodeKind::File,
+            size: 0,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            atime: std::time::UNIX_EPOCH,
+            mtime: std::time::UNIX_EPOCH,
+            ctime: std::time::UNIX_EPOCH,
+        }
+    }
+
     pub fn from_lower(a: &Attr) -> Stat {
         Stat {
             ino: a.ino,
