@@ -2,6 +2,7 @@
 //! bytes are the layer's, through read and mmap; the copy is rebuilt when it is damaged; an
 //! inode with a cached open stays on the FUSE path.
 
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -165,7 +166,9 @@ fn no_passthrough_keeps_every_read_in_strata() {
 fn a_file_read_through_passthrough_is_written_once_its_readers_are_gone() {
     let work = strata_tests::scratch_dir("passthrough-write");
     let big = pseudo_random(35, 4 << 20);
+    let other = pseudo_random(36, 2 << 20);
     write_file(&work.join("src/big.bin"), &big);
+    write_file(&work.join("src/other.bin"), &other);
     let store = garage::bucket("passthrough-write");
     let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
     d.strata().publish(&work.join("src"), &store, "p:v1");
@@ -173,8 +176,33 @@ fn a_file_read_through_passthrough_is_written_once_its_readers_are_gone() {
     assert!(std::fs::read(m.path("big.bin")).unwrap() == big);
     wait_for_files(&d, 1);
 
+    let passthrough_before = total(&d.stats(), "passthrough_opens");
     let reader = std::fs::File::open(m.path("big.bin")).unwrap();
-    assert_eq!(total(&d.stats(), "passthrough_opens"), 1);
+    assert_eq!(
+        total(&d.stats(), "passthrough_opens"),
+        passthrough_before + 1
+    );
+    // A truncate by path is refused too, and a rename or chmod keeps readers working.
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big.bin"))
+        .and_then(|f| f.set_len(0));
+    assert!(e.is_err());
+    let c = std::ffi::CString::new(m.path("big.bin").to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 0) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ETXTBSY)
+    );
+    std::fs::rename(m.path("big.bin"), m.path("moved.bin")).unwrap();
+    std::fs::set_permissions(
+        m.path("moved.bin"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    assert!(std::fs::read(m.path("moved.bin")).unwrap() == big);
+    std::fs::rename(m.path("moved.bin"), m.path("big.bin")).unwrap();
     // The kernel reads this inode from the layer's copy: no writer until the reader is gone.
     let e = std::fs::OpenOptions::new()
         .write(true)
@@ -194,7 +222,18 @@ fn a_file_read_through_passthrough_is_written_once_its_readers_are_gone() {
     // Changed files are read from the upper, never from the layer's copy.
     assert!(std::fs::read(m.path("big.bin")).unwrap() == want);
     assert!(read_with_mmap(&m.path("big.bin")) == want);
-    assert_eq!(total(&d.stats(), "passthrough_opens"), 1);
+
+    // `cat other; echo >> other`: the reader's release reaches the daemon a moment after its
+    // close returned; the writer must not get ETXTBSY for that.
+    assert!(std::fs::read(m.path("other.bin")).unwrap() == other);
+    wait_for_files(&d, 2);
+    assert!(std::fs::read(m.path("other.bin")).unwrap() == other);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("other.bin"))
+        .expect("write-open right after a passthrough reader closed")
+        .write_all(b"more")
+        .unwrap();
     drop((m, d));
     let _ = std::fs::remove_dir_all(&work);
 }

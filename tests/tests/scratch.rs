@@ -339,3 +339,50 @@ fn readdir_while_the_directory_changes_returns_no_entry_twice() {
     drop((m, d));
     let _ = fs::remove_dir_all(&work);
 }
+
+#[test]
+fn open_files_outlive_their_names() {
+    let work = strata_tests::scratch_dir("scratch-open-unlinked");
+    let store = garage::bucket("scratch-open-unlinked");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    publish_base(&d, &work, &store);
+    let m = d.mount(&store, &work.join("mnt"), &["base:v1"]).unwrap();
+
+    // A reader of an untouched layer file; the file is then changed, and a new version is
+    // renamed over its name (the usual atomic save).
+    let reader = fs::File::open(m.path("etc/keep.txt")).unwrap();
+    let mut buf = [0u8; 5];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"keep\n");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("etc/keep.txt"))
+        .unwrap()
+        .write_all_at(b"KEEP", 0)
+        .unwrap();
+    fs::write(m.path("etc/keep.new"), b"new version\n").unwrap();
+    fs::rename(m.path("etc/keep.new"), m.path("etc/keep.txt")).unwrap();
+    // The reader still has its file: the same inode, with the change made through it.
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"KEEP\n");
+    assert_eq!(reader.metadata().unwrap().nlink(), 0);
+    assert_eq!(fs::read(m.path("etc/keep.txt")).unwrap(), b"new version\n");
+    drop(reader);
+
+    // A directory removed while a process is inside it still answers stat, with no links.
+    fs::create_dir(m.path("gone")).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("cd gone && rmdir ../gone && stat -c %h .")
+        .current_dir(&m.mountpoint)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    drop((m, d));
+    let _ = fs::remove_dir_all(&work);
+}

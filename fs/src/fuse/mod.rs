@@ -144,13 +144,6 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, r: FsResult<Stat>) {
-    match r {
-        Ok(s) => reply.entry(&TTL, &file_attr(&s), Generation(0)),
-        Err(e) => reply.error(errno(&e)),
-    }
-}
-
 fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -176,10 +169,39 @@ impl StrataFs {
         }
     }
 
-    /// Opens a large layer file: in passthrough mode if it can, else through strata.
-    fn open_large(&self, ino: u64, reply: ReplyOpen) {
+    /// Answers with an entry, which the kernel counts until it forgets it.
+    fn reply_entry(&self, reply: ReplyEntry, r: FsResult<Stat>) {
+        match r {
+            Ok(s) => {
+                self.tree.remember(s.ino);
+                reply.entry(&TTL, &file_attr(&s), Generation(0))
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Locks the open-handle table once `ino` has no passthrough readers: closed readers'
+    /// releases reach us a moment after `close` returned, so this waits a little for them.
+    /// `None`: readers still hold it open in passthrough mode.
+    fn opens_without_passthrough(
+        &self,
+        ino: u64,
+    ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Opens>>> {
+        for _ in 0..40 {
+            let opens = self.opens.lock().unwrap();
+            if opens.get(&ino).is_none_or(|o| o.passthrough.is_none()) {
+                return Some(opens);
+            }
+            drop(opens);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    /// Opens a large, unchanged layer file: in passthrough mode if it can, else through
+    /// strata. The open is counted in the tree already.
+    fn open_large(&self, opens: &mut HashMap<u64, Opens>, ino: u64, reply: ReplyOpen) {
         let stack = self.tree.stack();
-        let mut opens = self.opens.lock().unwrap();
         let o = opens.entry(ino).or_default();
         if let Some(p) = &mut o.passthrough {
             p.count += 1;
@@ -225,22 +247,39 @@ impl StrataFs {
         reply.opened(FileHandle(FH_LAYERS), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
-    /// Opens for writing: the upper copies the file up.
+    /// Opens for writing: the upper copies the file up. Not while readers hold it in
+    /// passthrough mode: the kernel reads the layer's copy for them and cannot switch them
+    /// over to the upper's.
     fn open_for_write(&self, ino: u64, reply: ReplyOpen) {
-        let passthrough_readers = self
-            .opens
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .is_some_and(|o| o.passthrough.is_some());
-        if passthrough_readers {
-            // The kernel reads this inode from the layer's local copy; it cannot switch the
-            // open readers over to the upper's copy.
+        let Some(_opens) = self.opens_without_passthrough(ino) else {
             return reply.error(Errno::from_i32(libc::ETXTBSY));
-        }
+        };
         match self.tree.open(ino, true) {
-            Ok(_) => reply.opened(FileHandle(FH_UPPER), FopenFlags::empty()),
+            Ok(()) => reply.opened(FileHandle(FH_UPPER), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open_for_read(&self, ino: u64, reply: ReplyOpen) {
+        // One lock over the decision, so a writer cannot copy the file up between "its bytes
+        // are the layer's" and "hand the layer's copy to the kernel".
+        let mut opens = self.opens.lock().unwrap();
+        if let Err(e) = self.tree.open(ino, false) {
+            return reply.error(errno(&e));
+        }
+        if !self.tree.reads_from_layers(ino) {
+            return reply.opened(FileHandle(FH_UPPER), FopenFlags::empty());
+        }
+        match self.tree.getattr(ino) {
+            Ok(s) if s.kind == NodeKind::File && s.size >= PASSTHROUGH_MIN_SIZE => {
+                self.open_large(&mut opens, ino, reply)
+            }
+            Ok(_) => reply.opened(FileHandle(FH_LAYERS), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => {
+                drop(opens);
+                self.tree.release(ino);
+                reply.error(errno(&e))
+            }
         }
     }
 
@@ -303,8 +342,12 @@ impl Filesystem for StrataFs {
                 absent.ino = INodeNo(0);
                 reply.entry(&TTL, &absent, Generation(0))
             }
-            r => reply_entry(reply, r),
+            r => self.reply_entry(reply, r),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.tree.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -341,6 +384,14 @@ impl Filesystem for StrataFs {
             mtime: mtime.map(time_set),
             ctime,
         };
+        // A truncate changes the bytes: not under readers who read the layer's copy.
+        let _opens = match size {
+            Some(_) => match self.opens_without_passthrough(ino.0) {
+                Some(opens) => Some(opens),
+                None => return reply.error(Errno::from_i32(libc::ETXTBSY)),
+            },
+            None => None,
+        };
         match self.runtime.block_on(self.tree.setattr(ino.0, changes)) {
             Ok(s) => reply.attr(&TTL, &file_attr(&s)),
             Err(e) => reply.error(errno(&e)),
@@ -367,7 +418,7 @@ impl Filesystem for StrataFs {
         let r = self
             .tree
             .mknod(parent.0, name.as_bytes(), mode, rdev, caller(req));
-        reply_entry(reply, r)
+        self.reply_entry(reply, r)
     }
 
     fn mkdir(
@@ -379,7 +430,7 @@ impl Filesystem for StrataFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
+        self.reply_entry(
             reply,
             self.tree
                 .mkdir(parent.0, name.as_bytes(), mode, caller(req)),
@@ -408,7 +459,7 @@ impl Filesystem for StrataFs {
             target.as_os_str().as_bytes(),
             caller(req),
         );
-        reply_entry(reply, r)
+        self.reply_entry(reply, r)
     }
 
     fn rename(
@@ -439,7 +490,7 @@ impl Filesystem for StrataFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(
+        self.reply_entry(
             reply,
             self.tree.link(ino.0, newparent.0, newname.as_bytes()),
         )
@@ -447,19 +498,9 @@ impl Filesystem for StrataFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return self.open_for_write(ino.0, reply);
-        }
-        match self.tree.open(ino.0, false) {
-            Ok(true) => return reply.opened(FileHandle(FH_UPPER), FopenFlags::empty()),
-            Ok(false) => {}
-            Err(e) => return reply.error(errno(&e)),
-        }
-        match self.tree.getattr(ino.0) {
-            Ok(s) if s.kind == NodeKind::File && s.size >= PASSTHROUGH_MIN_SIZE => {
-                self.open_large(ino.0, reply)
-            }
-            Ok(_) => reply.opened(FileHandle(FH_LAYERS), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+            self.open_for_write(ino.0, reply)
+        } else {
+            self.open_for_read(ino.0, reply)
         }
     }
 
@@ -478,13 +519,16 @@ impl Filesystem for StrataFs {
             .create(parent.0, name.as_bytes(), mode, caller(req))
             .and_then(|s| self.tree.open(s.ino, true).map(|_| s));
         match made {
-            Ok(s) => reply.created(
-                &TTL,
-                &file_attr(&s),
-                Generation(0),
-                FileHandle(FH_UPPER),
-                FopenFlags::empty(),
-            ),
+            Ok(s) => {
+                self.tree.remember(s.ino);
+                reply.created(
+                    &TTL,
+                    &file_attr(&s),
+                    Generation(0),
+                    FileHandle(FH_UPPER),
+                    FopenFlags::empty(),
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -601,11 +645,10 @@ impl Filesystem for StrataFs {
         reply: ReplyEmpty,
     ) {
         reply.ok();
-        if fh.0 == FH_UPPER {
-            self.tree.release(ino.0);
-        } else {
+        if fh.0 != FH_UPPER {
             self.release_layer_file(ino.0, fh.0);
         }
+        self.tree.release(ino.0);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -98,47 +98,52 @@ impl MountTree {
         Ok(())
     }
 
-    /// Opens `ino`; for writing, the file is copied up first. Returns whether the open is
-    /// counted, in which case [`MountTree::release`] must follow.
-    pub fn open(&self, ino: u64, write: bool) -> FsResult<bool> {
+    /// Opens `ino`; for writing, the file is copied up first. Every successful open of a
+    /// writable tree must be followed by [`MountTree::release`]: an open file outlives its
+    /// names.
+    pub fn open(&self, ino: u64, write: bool) -> FsResult<()> {
         if self.upper.is_none() {
             return if write {
                 Err(errno(libc::EROFS))
             } else {
-                Ok(false)
+                Ok(())
             };
         }
         let mut tree = self.lock();
-        if !write && !tree.nodes.contains_key(&ino) {
-            return Ok(false);
-        }
-        let n = self.node_mut(&mut tree, ino)?;
-        if write {
-            match n.body {
-                Body::File { .. } => self.copy_up(ino, n)?,
-                Body::Dir { .. } => return Err(errno(libc::EISDIR)),
-                _ => {}
+        if write || tree.nodes.contains_key(&ino) {
+            let n = self.node_mut(&mut tree, ino)?;
+            if write {
+                match n.body {
+                    Body::File { .. } => self.copy_up(ino, n)?,
+                    Body::Dir { .. } => return Err(errno(libc::EISDIR)),
+                    _ => {}
+                }
+            }
+            if let Body::File { data, file, .. } = &mut n.body {
+                if !matches!(data, Data::Lower) && file.is_none() {
+                    *file = Some(self.open_data(ino)?);
+                }
             }
         }
-        if let Body::File { data, file, .. } = &mut n.body {
-            if !matches!(data, Data::Lower) && file.is_none() {
-                *file = Some(self.open_data(ino)?);
-            }
-        }
-        n.opens += 1;
-        Ok(true)
+        *tree.opens.entry(ino).or_insert(0) += 1;
+        Ok(())
     }
 
     pub fn release(&self, ino: u64) {
+        if self.upper.is_none() {
+            return;
+        }
         let mut tree = self.lock();
-        let Some(n) = tree.nodes.get_mut(&ino) else {
+        let Some(count) = tree.opens.get_mut(&ino) else {
             return;
         };
-        n.opens = n.opens.saturating_sub(1);
-        if n.opens == 0 {
-            if let Body::File { file, .. } = &mut n.body {
-                *file = None;
-            }
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        tree.opens.remove(&ino);
+        if let Some(Body::File { file, .. }) = tree.nodes.get_mut(&ino).map(|n| &mut n.body) {
+            *file = None;
         }
         self.drop_if_unused(&mut tree, ino);
     }

@@ -99,6 +99,12 @@ impl NewNode {
 
 struct Tree {
     nodes: std::collections::HashMap<u64, Node>,
+    /// Open handles per inode, layer files' included: a node nothing names lives on (with its
+    /// data file) until the last one is released.
+    opens: std::collections::HashMap<u64, u32>,
+    /// How many times the kernel was handed each inode made in the upper: a removed one stays
+    /// answerable (`fstat`, `stat .` in a removed directory) until the kernel forgets it.
+    lookups: std::collections::HashMap<u64, u64>,
     /// Bytes the data files take (their allocated blocks), plus writes under way.
     used: u64,
 }
@@ -140,6 +146,8 @@ impl MountTree {
             upper,
             tree: Mutex::new(Tree {
                 nodes: Default::default(),
+                opens: Default::default(),
+                lookups: Default::default(),
                 used: 0,
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
@@ -379,7 +387,6 @@ impl MountTree {
                 stat,
                 xattrs,
                 body,
-                opens: 0,
                 charged: 0,
             }))
         }
@@ -442,7 +449,8 @@ impl MountTree {
         let Some(n) = tree.nodes.get(&ino) else {
             return;
         };
-        if n.stat.nlink > 0 || n.opens > 0 {
+        let known = tree.opens.contains_key(&ino) || tree.lookups.contains_key(&ino);
+        if n.stat.nlink > 0 || known {
             return;
         }
         let n = tree.nodes.remove(&ino).expect("present");
@@ -455,20 +463,53 @@ impl MountTree {
             }
         }
         if ino < FIRST_UPPER_INO {
-            // A lower node must stay hidden from getattr on a stale inode: keep a bare
-            // record with no links.
+            // The layers still have this inode: keep a bare record with no links, so it is
+            // not found there again.
             let mut stat = n.stat;
             stat.nlink = 0;
+            let body = match n.body {
+                Body::File { .. } => Body::File {
+                    data: Data::Lower,
+                    file: None,
+                    write_lock: Default::default(),
+                },
+                Body::Dir { .. } => Body::Dir {
+                    lower: None,
+                    entries: Some(BTreeMap::new()),
+                },
+                other => other,
+            };
             tree.nodes.insert(
                 ino,
                 Node {
                     stat,
                     xattrs: BTreeMap::new(),
-                    body: Body::Special,
-                    opens: 0,
+                    body,
                     charged: 0,
                 },
             );
+        }
+    }
+
+    /// The kernel was handed `ino` (a lookup, or a node made or linked).
+    pub fn remember(&self, ino: u64) {
+        if self.upper.is_some() && ino >= FIRST_UPPER_INO {
+            *self.lock().lookups.entry(ino).or_insert(0) += 1;
+        }
+    }
+
+    /// The kernel dropped `n` of its references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if self.upper.is_none() || ino < FIRST_UPPER_INO {
+            return;
+        }
+        let mut tree = self.lock();
+        if let Some(count) = tree.lookups.get_mut(&ino) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                tree.lookups.remove(&ino);
+                self.drop_if_unused(&mut tree, ino);
+            }
         }
     }
 
@@ -531,7 +572,6 @@ impl MountTree {
                 stat: stat.clone(),
                 xattrs: BTreeMap::new(),
                 body,
-                opens: 0,
                 charged: 0,
             },
         );

@@ -132,8 +132,6 @@ pub struct Node {
     pub stat: Stat,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     pub body: Body,
-    /// Open file handles; an unlinked node lives on until the last is released.
-    pub opens: u32,
     /// Bytes of the upper's quota this node's data file takes.
     pub charged: u64,
 }
