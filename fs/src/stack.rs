@@ -300,6 +300,23 @@ impl LayerStack {
         Ok(out)
     }
 
+    /// A path of `ino` in the layers (names from the root), as its topmost layer has it; a
+    /// file with hard links has others. `None` for the root or an unknown inode.
+    pub fn lower_path(&self, ino: u64) -> Option<Vec<Vec<u8>>> {
+        let (sources, _) = self.sources(ino).ok()?;
+        let (layer, entry) = sources[0];
+        let manifest = &self.layers[layer as usize].manifest;
+        let mut names = Vec::new();
+        let mut at = entry as usize;
+        while at != 0 {
+            let e = manifest.entry(at);
+            names.push(e.name.to_vec());
+            at = e.parent as usize;
+        }
+        names.reverse();
+        (!names.is_empty()).then_some(names)
+    }
+
     /// The layer and entry that define a node's attributes and content.
     fn top(&self, ino: u64) -> FsResult<(&Layer, Entry<'_>)> {
         let (sources, _) = self.sources(ino)?;

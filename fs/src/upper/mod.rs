@@ -17,6 +17,7 @@
 //!
 //! A mount without an upper is read-only: every change answers EROFS.
 
+mod changes;
 mod data;
 mod node;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+pub use changes::Change;
 use node::{Body, Data, Node};
 pub use node::{NodeKind, Stat};
 

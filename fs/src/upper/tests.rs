@@ -144,3 +144,76 @@ async fn a_tree_without_an_upper_refuses_every_change() {
     t.open(big.ino, false).unwrap();
     assert!(t.reads_from_layers(big.ino));
 }
+
+#[tokio::test]
+async fn changes_name_every_path_the_upper_differs_at() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    write(tmp.path(), "lower/keep/deep/x.txt", b"x");
+    write(tmp.path(), "lower/keep/deep/y.txt", b"y");
+    write(tmp.path(), "lower/gone/z.txt", b"z");
+    let t = tree_of(tmp.path(), true).await;
+    assert!(t.changes().unwrap().is_empty());
+
+    // A write to a layer file; a chmod deep in directories whose listings never changed.
+    let big = t.lookup(ROOT, b"big.bin").unwrap();
+    t.open(big.ino, true).unwrap();
+    t.write(big.ino, 10, b"w").await.unwrap();
+    t.release(big.ino);
+    let keep = t.lookup(ROOT, b"keep").unwrap();
+    let deep = t.lookup(keep.ino, b"deep").unwrap();
+    let x = t.lookup(deep.ino, b"x.txt").unwrap();
+    t.setattr(
+        x.ino,
+        SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A directory moved, a new file, a directory removed and made anew.
+    let dir = t.lookup(ROOT, b"dir").unwrap();
+    t.rename(ROOT, b"dir", ROOT, b"moved", 0).unwrap();
+    t.create(ROOT, b"new.txt", 0o644, caller()).unwrap();
+    let gone = t.lookup(ROOT, b"gone").unwrap();
+    t.unlink(gone.ino, b"z.txt").unwrap();
+    t.rmdir(ROOT, b"gone").unwrap();
+    let again = t.mkdir(ROOT, b"gone", 0o755, caller()).unwrap();
+
+    let new = t.lookup(ROOT, b"new.txt").unwrap();
+    let changes = t.changes().unwrap();
+    let want = vec![
+        Change::Changed {
+            path: vec![],
+            ino: ROOT,
+        },
+        Change::Changed {
+            path: b"big.bin".to_vec(),
+            ino: big.ino,
+        },
+        Change::Removed {
+            path: b"dir".to_vec(),
+        },
+        Change::Placed {
+            path: b"gone".to_vec(),
+            ino: again.ino,
+            hides_lower: true,
+        },
+        Change::Changed {
+            path: b"keep/deep/x.txt".to_vec(),
+            ino: x.ino,
+        },
+        Change::Placed {
+            path: b"moved".to_vec(),
+            ino: dir.ino,
+            hides_lower: false,
+        },
+        Change::Placed {
+            path: b"new.txt".to_vec(),
+            ino: new.ino,
+            hides_lower: false,
+        },
+    ];
+    assert_eq!(changes, want);
+}
