@@ -260,9 +260,30 @@ impl MountTree {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(errno(libc::EFBIG))?;
+        self.change_range(ino, offset..end, true, true, |file| {
+            file.write_all_at(data, offset)
+                .map_err(|e| io_err("writing to the upper", e))
+        })
+        .await?;
+        Ok(data.len() as u32)
+    }
+
+    /// Changes bytes `range` of a file through `change` (on its data file), under the file's
+    /// write lock: first the blocks the range touches but does not cover are copied up, and
+    /// the quota is reserved for them and for the holes of the range; afterwards every block
+    /// the range touches counts as copied up. `grows`: the file's size becomes at least
+    /// `range.end`; `touches`: the change counts as a modification (mtime, ctime).
+    async fn change_range(
+        &self,
+        ino: u64,
+        range: Range<u64>,
+        grows: bool,
+        touches: bool,
+        change: impl FnOnce(&std::fs::File) -> FsResult<()>,
+    ) -> FsResult<()> {
+        let (offset, end) = (range.start, range.end);
         let lock = self.write_lock(ino)?;
         let _writing = lock.lock().await;
-        // Blocks to copy up first: those the write touches but does not cover.
         let (file, fills, reserved) = {
             let mut tree = self.lock();
             let n = self.node_mut(&mut tree, ino)?;
@@ -296,7 +317,18 @@ impl MountTree {
             self.reserve(&mut tree, need)?;
             (file, fills, need)
         };
-        let result = self.write_reserved(ino, &file, fills, offset, data).await;
+        let result = async {
+            for r in fills {
+                let bytes = self
+                    .stack
+                    .read(ino, r.start, (r.end - r.start) as u32)
+                    .await?;
+                file.write_all_at(&bytes, r.start)
+                    .map_err(|e| io_err("copying a block up", e))?;
+            }
+            change(&file)
+        }
+        .await;
         self.settle(ino, reserved);
         result?;
         let mut tree = self.lock();
@@ -316,31 +348,15 @@ impl MountTree {
                 }
             }
         }
-        let t = now();
-        n.stat.size = n.stat.size.max(end);
-        n.stat.mtime = t;
-        n.stat.ctime = t;
-        Ok(data.len() as u32)
-    }
-
-    async fn write_reserved(
-        &self,
-        ino: u64,
-        file: &std::fs::File,
-        fills: Vec<Range<u64>>,
-        offset: u64,
-        data: &[u8],
-    ) -> FsResult<()> {
-        for r in fills {
-            let bytes = self
-                .stack
-                .read(ino, r.start, (r.end - r.start) as u32)
-                .await?;
-            file.write_all_at(&bytes, r.start)
-                .map_err(|e| io_err("copying a block up", e))?;
+        if grows {
+            n.stat.size = n.stat.size.max(end);
         }
-        file.write_all_at(data, offset)
-            .map_err(|e| io_err("writing to the upper", e))
+        if touches {
+            let t = now();
+            n.stat.mtime = t;
+            n.stat.ctime = t;
+        }
+        Ok(())
     }
 
     /// chmod, chown, truncate, utimes.
@@ -420,55 +436,30 @@ impl MountTree {
         Ok(())
     }
 
-    /// fallocate: plain allocation (mode 0) and `FALLOC_FL_KEEP_SIZE`.
+    /// fallocate: allocation (mode 0, or keeping the size), hole punching and zeroing a
+    /// range (`FALLOC_FL_PUNCH_HOLE`, `FALLOC_FL_ZERO_RANGE`).
     pub async fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         self.upper()?;
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+        let supported =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !supported != 0 {
             return Err(errno(libc::EOPNOTSUPP));
         }
         let end = offset.checked_add(len).ok_or(errno(libc::EFBIG))?;
-        let lock = self.write_lock(ino)?;
-        let _writing = lock.lock().await;
-        let (file, reserved) = {
-            let mut tree = self.lock();
-            let n = self.node_mut(&mut tree, ino)?;
-            self.copy_up(ino, n)?;
-            let Body::File { file, .. } = &mut n.body else {
-                return Err(errno(libc::EISDIR));
-            };
-            let file = match file {
-                Some(f) => f.clone(),
-                None => {
-                    let f = self.open_data(ino)?;
-                    *file = Some(f.clone());
-                    f
-                }
-            };
-            let need = holes_in(&file, offset..end) + 4096;
-            self.reserve(&mut tree, need)?;
-            (file, need)
-        };
-        // SAFETY: fallocate on an fd we own.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-        let result = if rc == 0 {
-            Ok(())
-        } else {
-            Err(io_err("fallocate", std::io::Error::last_os_error()))
-        };
-        self.settle(ino, reserved);
-        result?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-            let mut tree = self.lock();
-            if let Some(n) = tree.nodes.get_mut(&ino) {
-                if end > n.stat.size {
-                    let t = now();
-                    n.stat.size = end;
-                    n.stat.mtime = t;
-                    n.stat.ctime = t;
-                }
+        let grows = mode & libc::FALLOC_FL_KEEP_SIZE == 0;
+        // Plain allocation inside the file changes no bytes, and no times.
+        let zeroes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        let touches = zeroes || (grows && end > self.getattr(ino)?.size);
+        self.change_range(ino, offset..end, grows, touches, |file| {
+            // SAFETY: fallocate on an fd we own.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io_err("fallocate", std::io::Error::last_os_error()))
             }
-        }
-        Ok(())
+        })
+        .await
     }
 
     pub fn fsync(&self, ino: u64, datasync: bool) -> FsResult<()> {

@@ -18,6 +18,8 @@
 //! A mount without an upper is read-only: every change answers EROFS.
 
 mod changes;
+#[cfg(test)]
+mod changes_tests;
 mod data;
 mod node;
 #[cfg(test)]

@@ -217,3 +217,40 @@ async fn changes_name_every_path_the_upper_differs_at() {
     ];
     assert_eq!(changes, want);
 }
+
+#[tokio::test]
+async fn punching_a_hole_in_a_layer_file_reads_zeros_there_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut want = lower_tree(tmp.path());
+    let t = tree_of(tmp.path(), true).await;
+    let big = t.lookup(ROOT, b"big.bin").unwrap();
+    t.open(big.ino, true).unwrap();
+    // Across a block boundary, partly covering both blocks.
+    let hole = 200_000..300_000u64;
+    t.fallocate(
+        big.ino,
+        hole.start,
+        hole.end - hole.start,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .await
+    .unwrap();
+    want[hole.start as usize..hole.end as usize].fill(0);
+    assert_eq!(read_all(&t, big.ino).await, want);
+    // Zeroing past the end grows the file.
+    let size = want.len() as u64;
+    t.fallocate(big.ino, size - 10, 100, libc::FALLOC_FL_ZERO_RANGE)
+        .await
+        .unwrap();
+    want.truncate(want.len() - 10);
+    want.resize(want.len() + 100, 0);
+    assert_eq!(t.getattr(big.ino).unwrap().size, size + 90);
+    assert_eq!(read_all(&t, big.ino).await, want);
+    // Collapsing a range is not supported.
+    let e = t
+        .fallocate(big.ino, 0, 4096, libc::FALLOC_FL_COLLAPSE_RANGE)
+        .await
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EOPNOTSUPP);
+    t.release(big.ino);
+}
