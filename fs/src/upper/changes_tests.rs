@@ -291,7 +291,22 @@ proptest! {
             let committed = tmp.path().join("committed");
             copy_dir(&tmp.path().join("lower"), &committed);
             apply_changes(&t, &committed).await;
-            assert_eq!(snapshot(&committed), snapshot(&plain), "changes: {:?}", t.changes());
+            let want = snapshot(&plain);
+            assert_eq!(snapshot(&committed), want, "changes: {:?}", t.changes());
+
+            // The commit path: the changes staged and published as a delta layer; stacked on
+            // the layer, it shows the same tree.
+            let staged = tmp.path().join("staged");
+            std::fs::create_dir(&staged).unwrap();
+            t.stage_changes(&staged).await.unwrap();
+            let stacked = MountTree::new(
+                Arc::new(stack_of(tmp.path(), &["lower", "staged"]).await),
+                None,
+            )
+            .unwrap();
+            let view = tmp.path().join("view");
+            copy_out(&stacked, ROOT, &view).await;
+            assert_eq!(snapshot(&view), want, "changes: {:?}", t.changes());
         });
     }
 }

@@ -22,6 +22,7 @@ mod changes;
 mod changes_tests;
 mod data;
 mod node;
+mod stage;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,202 @@
+//! Writes a mount's changes ([`MountTree::changes`]) out as a directory in the layer
+//! convention `publish` reads: changed and new nodes with their attributes, `.wh.NAME` for a
+//! removed name, `.wh..wh..opq` in a directory that replaces the layers' one. Publishing that
+//! directory gives a delta layer: stacked on the mount's layers, it shows the mounted tree.
+//!
+//! The directories on the way to a change are written with their current attributes too
+//! (a layer's directory entry carries them). Bytes are read through the tree, so a partly
+//! copied-up file gets its unchanged blocks from the chunk cache; chunking then stores only
+//! the chunks that are new.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::{Change, MountTree, NodeKind, Stat};
+use crate::error::{FsError, FsResult};
+use crate::stack::ROOT_INO;
+
+/// Bytes read from the tree at a time while staging a file.
+const STAGE_READ: u32 = 1 << 20;
+
+fn io(path: &Path, e: std::io::Error) -> FsError {
+    FsError::io(path, e)
+}
+
+fn c_path(path: &Path) -> FsResult<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| FsError::InvalidInput(format!("{}: NUL in path", path.display())))
+}
+
+/// Gives `path` (already made) the owner, mode, times and xattrs of `s` / `ino`.
+fn set_attrs(t: &MountTree, ino: u64, s: &Stat, path: &Path) -> FsResult<()> {
+    let c = c_path(path)?;
+    // SAFETY: a valid C string; lchown does not follow symlinks.
+    if unsafe { libc::lchown(c.as_ptr(), s.uid, s.gid) } != 0 {
+        return Err(io(path, std::io::Error::last_os_error()));
+    }
+    if s.kind != NodeKind::Symlink {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.perm))
+            .map_err(|e| io(path, e))?;
+    }
+    for name in t.listxattr(ino)? {
+        if let Some(value) = t.getxattr(ino, &name)? {
+            let n = CString::new(name)
+                .map_err(|_| FsError::InvalidInput("NUL in an xattr name".into()))?;
+            // SAFETY: valid C strings and a buffer of the given length.
+            let rc = unsafe {
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
+            if rc != 0 {
+                return Err(io(path, std::io::Error::last_os_error()));
+            }
+        }
+    }
+    let ts = |t: std::time::SystemTime| {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        libc::timespec {
+            tv_sec: d.as_secs() as i64,
+            tv_nsec: d.subsec_nanos() as i64,
+        }
+    };
+    let times = [ts(s.atime), ts(s.mtime)];
+    // SAFETY: a valid path and two timespecs.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io(path, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl MountTree {
+    /// Writes this mount's changes under `dest` (an empty directory) for `publish`. Returns
+    /// the number of changes written.
+    pub async fn stage_changes(&self, dest: &Path) -> FsResult<usize> {
+        let changes = self.changes()?;
+        // Directories get their attributes last, children first: writing into a directory
+        // changes its mtime. The root always: its entry in the delta is what a mount shows.
+        let mut dirs = vec![(dest.to_path_buf(), ROOT_INO)];
+        for change in &changes {
+            let rel = change.path();
+            let (parent_rel, name) = match rel.iter().rposition(|&b| b == b'/') {
+                Some(i) => (&rel[..i], &rel[i + 1..]),
+                None => (&rel[..0], rel),
+            };
+            let parent = self.stage_parents(dest, parent_rel, &mut dirs)?;
+            match change {
+                Change::Removed { .. } => {
+                    let marker = parent.join(std::ffi::OsStr::from_bytes(
+                        &[b".wh.".as_slice(), name].concat(),
+                    ));
+                    std::fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+                }
+                Change::Placed {
+                    ino, hides_lower, ..
+                } => {
+                    let path = parent.join(std::ffi::OsStr::from_bytes(name));
+                    self.stage_node(*ino, &path, true, &mut dirs).await?;
+                    if *hides_lower && self.getattr(*ino)?.kind == NodeKind::Dir {
+                        let marker = path.join(".wh..wh..opq");
+                        std::fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+                    }
+                }
+                Change::Changed { .. } if rel.is_empty() => {} // the root: below
+                Change::Changed { ino, .. } => {
+                    let path = parent.join(std::ffi::OsStr::from_bytes(name));
+                    // A directory changed in place keeps its children from the layers.
+                    self.stage_node(*ino, &path, false, &mut dirs).await?;
+                }
+            }
+        }
+        for (path, ino) in dirs.iter().rev() {
+            let s = self.getattr(*ino)?;
+            set_attrs(self, *ino, &s, path)?;
+        }
+        Ok(changes.len())
+    }
+
+    /// Makes the directories of `rel` under `dest` (their attributes are set at the end).
+    fn stage_parents(
+        &self,
+        dest: &Path,
+        rel: &[u8],
+        dirs: &mut Vec<(std::path::PathBuf, u64)>,
+    ) -> FsResult<std::path::PathBuf> {
+        let mut path = dest.to_path_buf();
+        let mut ino = ROOT_INO;
+        if rel.is_empty() {
+            return Ok(path);
+        }
+        for name in rel.split(|&b| b == b'/') {
+            ino = self.lookup(ino, name)?.ino;
+            path.push(std::ffi::OsStr::from_bytes(name));
+            if !path.exists() {
+                std::fs::create_dir(&path).map_err(|e| io(&path, e))?;
+                dirs.push((path.clone(), ino));
+            }
+        }
+        Ok(path)
+    }
+
+    /// Writes node `ino` at `path`; a directory with its whole subtree when `subtree`.
+    async fn stage_node(
+        &self,
+        ino: u64,
+        path: &Path,
+        subtree: bool,
+        dirs: &mut Vec<(std::path::PathBuf, u64)>,
+    ) -> FsResult<()> {
+        let s = self.getattr(ino)?;
+        match s.kind {
+            NodeKind::Dir => {
+                if !path.exists() {
+                    std::fs::create_dir(path).map_err(|e| io(path, e))?;
+                    dirs.push((path.to_path_buf(), ino));
+                }
+                if subtree {
+                    for (child, name, _) in self.readdir(ino)? {
+                        let child_path = path.join(std::ffi::OsStr::from_bytes(&name));
+                        Box::pin(self.stage_node(child, &child_path, true, dirs)).await?;
+                    }
+                }
+                return Ok(());
+            }
+            NodeKind::File => {
+                use std::io::Write;
+                let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
+                let mut offset = 0;
+                while offset < s.size {
+                    let want = (s.size - offset).min(STAGE_READ as u64) as u32;
+                    let data = self.read(ino, offset, want).await?;
+                    if data.is_empty() {
+                        break;
+                    }
+                    f.write_all(&data).map_err(|e| io(path, e))?;
+                    offset += data.len() as u64;
+                }
+            }
+            NodeKind::Symlink => {
+                let target = self.readlink(ino)?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), path)
+                    .map_err(|e| io(path, e))?;
+            }
+            // Layers hold no FIFOs, sockets or devices: they are not committed.
+            _ => return Ok(()),
+        }
+        set_attrs(self, ino, &s, path)
+    }
+}
