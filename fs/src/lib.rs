@@ -6,6 +6,7 @@
 //! - [`layer`]: a layer opened for reading through the chunk cache.
 //! - [`stack`]: read-only layers stacked with overlay rules, as a plain API.
 //! - [`upper`]: the writable upper of a mount over its stack ([`upper::MountTree`]).
+//! - [`volume`]: persistent volumes: chains of committed delta layers under a CAS'd head.
 //! - [`fuse`]: the thin `fuser` adapter over [`upper::MountTree`].
 
 pub mod error;
@@ -17,5 +18,6 @@ pub mod publish;
 pub mod refs;
 pub mod stack;
 pub mod upper;
+pub mod volume;
 
 pub use error::{FsError, FsResult};
