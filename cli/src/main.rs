@@ -31,7 +31,7 @@ pub struct GlobalArgs {
     endpoint_url: Option<String>,
     /// Allow moving existing refs on stores that ignore conditional writes; only safe when a
     /// single writer updates refs in the store.
-    #[arg(long, global = true, env = "STRATA_SINGLE_WRITER")]
+    #[arg(long, global = true, env = "STRATA_SINGLE_WRITER", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     single_writer: bool,
     /// The daemon's control socket [default: /run/strata/daemon.sock as root].
     #[arg(long, global = true, env = "STRATA_SOCKET")]
@@ -67,7 +67,8 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Print one file of a dataset to stdout, without mounting.
     Cat(cmd::cat::CatArgs),
-    /// Mount datasets read-only at MOUNTPOINT, through the daemon (or --foreground).
+    /// Mount datasets at MOUNTPOINT (a scratch upper or a volume on top), through the daemon
+    /// (or --foreground).
     Mount(cmd::mount::MountArgs),
     /// Unmount a strata mount.
     Unmount(cmd::mount::UnmountArgs),
@@ -77,6 +78,8 @@ enum Command {
     Mounts(cmd::status::MountsArgs),
     /// Cache and read counters of the daemon, in total and per mount.
     Stats(cmd::status::StatsArgs),
+    /// Persistent volumes in a store: ls, show, history, rm.
+    Volume(cmd::volume::VolumeArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
             Command::Daemon(a) => cmd::daemon::run(&g, a).await,
             Command::Mounts(a) => cmd::status::mounts(&g, a).await,
             Command::Stats(a) => cmd::status::stats(&g, a).await,
+            Command::Volume(a) => cmd::volume::run(&g, a).await,
         }
     });
     // Background fetches may still be running; do not wait for them.

@@ -37,7 +37,7 @@ pub struct DaemonArgs {
     read_timeout: Option<Duration>,
     /// Never hand opens of fully cached files to the kernel (FUSE passthrough); every read
     /// then goes through strata.
-    #[arg(long, env = "STRATA_NO_PASSTHROUGH")]
+    #[arg(long, env = "STRATA_NO_PASSTHROUGH", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     no_passthrough: bool,
 }
 

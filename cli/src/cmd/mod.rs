@@ -5,6 +5,7 @@ pub mod ls;
 pub mod mount;
 pub mod publish;
 pub mod status;
+pub mod volume;
 
 use std::sync::Arc;
 

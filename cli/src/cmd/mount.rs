@@ -38,8 +38,12 @@ pub struct MountArgs {
     #[arg(long)]
     foreground: bool,
     /// No writable upper: every change answers EROFS.
-    #[arg(long, conflicts_with_all = ["scratch", "scratch_size"])]
+    #[arg(long, conflicts_with_all = ["scratch", "scratch_size", "volume"])]
     read_only: bool,
+    /// A persistent volume SCOPE/NAME: its committed state is stacked on the layers, and the
+    /// mount's changes are committed to it when the mount ends (through the daemon).
+    #[arg(long, conflicts_with = "foreground")]
+    volume: Option<String>,
     /// A private writable upper on local disk, removed when the mount ends (the default).
     #[arg(long)]
     scratch: bool,
@@ -69,7 +73,7 @@ pub struct MountArgs {
     read_timeout: std::time::Duration,
     /// With --foreground: never hand opens of fully cached files to the kernel (FUSE
     /// passthrough).
-    #[arg(long, env = "STRATA_NO_PASSTHROUGH")]
+    #[arg(long, env = "STRATA_NO_PASSTHROUGH", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     no_passthrough: bool,
 }
 
@@ -195,6 +199,7 @@ async fn mount_through_daemon(
         mountpoint,
         read_only: a.read_only,
         scratch_size: a.scratch_size,
+        volume: a.volume,
     });
     let info: MountInfo = protocol::call(&g.socket(), &request).await?;
     if a.json {

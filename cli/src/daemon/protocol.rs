@@ -34,6 +34,10 @@ pub struct MountSpec {
     /// Bytes the scratch upper may take on disk.
     #[serde(default)]
     pub scratch_size: Option<u64>,
+    /// A persistent volume `SCOPE/NAME`: its committed chain is stacked on the layers, and the
+    /// upper's changes are committed to it when the mount ends.
+    #[serde(default)]
+    pub volume: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +60,8 @@ pub struct MountInfo {
     pub writable: bool,
     #[serde(default)]
     pub scratch_size: Option<u64>,
+    #[serde(default)]
+    pub volume: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

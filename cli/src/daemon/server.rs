@@ -10,8 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use cache::{CacheConfig, ChunkCache, ChunkReader, Store, StoreOptions};
+use strata_fs::layer::Layer;
 use strata_fs::stack::LayerStack;
 use strata_fs::upper::{MountTree, UpperConfig};
+use strata_fs::volume::{self, VolumeRef};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -41,6 +43,8 @@ type StoreKey = (String, Option<String>);
 struct Mounted {
     info: MountInfo,
     reader: ChunkReader,
+    /// A volume mount commits when its session ends, which may take a while.
+    commits: bool,
     /// Turns true when the FUSE session has ended, however it ended.
     ended: watch::Receiver<bool>,
 }
@@ -60,6 +64,84 @@ pub struct Daemon {
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
 /// How long an unmount waits for the FUSE session to wind down.
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
+/// How long an unmount waits for a volume's commit.
+const COMMIT_WAIT: Duration = Duration::from_secs(600);
+
+/// A mount of a persistent volume: what to commit to, from which head.
+struct VolumeMount {
+    volume: VolumeRef,
+    head: volume::VolumeHead,
+    version: Option<cache::Version>,
+    store: Arc<dyn Store>,
+}
+
+impl VolumeMount {
+    /// Commits `tree`'s changes; whether the scratch may go (they are committed, or there
+    /// were none). On failure the scratch is moved to `<state-dir>/uncommitted/` and logged:
+    /// never dropped.
+    fn commit_after(
+        &self,
+        tree: &MountTree,
+        runtime: &tokio::runtime::Handle,
+        scratch: Option<&Path>,
+    ) -> bool {
+        let Some(scratch) = scratch else {
+            return true;
+        };
+        let staging = scratch.with_extension("stage");
+        let result = runtime.block_on(volume::commit(
+            &self.store,
+            &self.volume,
+            tree,
+            (&self.head, self.version.as_ref()),
+            &staging,
+        ));
+        match result {
+            Ok(c) => {
+                match (&c.commit, &c.report) {
+                    (Some(commit), Some(report)) => tracing::info!(
+                        "committed volume {}: layer {}, {} changes, {} bytes uploaded",
+                        self.volume,
+                        commit.layer,
+                        commit.changes,
+                        report.bytes_uploaded
+                    ),
+                    _ => tracing::info!("volume {}: nothing to commit", self.volume),
+                }
+                true
+            }
+            Err(e) => {
+                let kept = scratch.parent().and_then(|p| p.parent()).map(|state| {
+                    state.join("uncommitted").join(format!(
+                        "{}-{}-{}",
+                        self.volume.scope,
+                        self.volume.name,
+                        scratch
+                            .file_name()
+                            .map_or("x".into(), |n| n.to_string_lossy())
+                    ))
+                });
+                if let Some(kept) = &kept {
+                    let _ = std::fs::create_dir_all(kept.parent().unwrap_or(kept));
+                    if std::fs::rename(scratch, kept).is_ok() {
+                        tracing::error!(
+                            "volume {}: commit failed ({e}); the upper is kept in {}",
+                            self.volume,
+                            kept.display()
+                        );
+                        return false;
+                    }
+                }
+                tracing::error!(
+                    "volume {}: commit failed ({e}); the upper stays in {}",
+                    self.volume,
+                    scratch.display()
+                );
+                false
+            }
+        }
+    }
+}
 
 impl Daemon {
     /// Takes the cache dir, cleans up mounts a crashed daemon left behind and opens the cache.
@@ -205,7 +287,10 @@ impl Daemon {
             bail!("mountpoint {} must be an absolute path", mp.display());
         }
         if spec.layers.is_empty() {
-            bail!("a mount needs at least one --layer");
+            bail!("a mount needs at least one --layer (below a volume too, for now)");
+        }
+        if spec.volume.is_some() && spec.read_only {
+            bail!("a volume mount is writable: --volume and --read-only exclude each other");
         }
         if self.mounts.lock().unwrap().contains_key(&mp)
             || !self.pending.lock().unwrap().insert(mp.clone())
@@ -221,9 +306,9 @@ impl Daemon {
         let mp = spec.mountpoint;
         strata_fs::fuse::check_mountpoint(&mp)?;
         let store = self.store(&spec.store, spec.endpoint_url).await?;
-        let layers =
+        let mut layers =
             crate::cmd::load_layers(&store, &spec.layers, Some(&self.config.cache_dir)).await?;
-        let layer_info = spec
+        let mut layer_info: Vec<LayerInfo> = spec
             .layers
             .iter()
             .zip(&layers)
@@ -232,12 +317,36 @@ impl Daemon {
                 digest: layer.digest.to_string(),
             })
             .collect();
+        // A volume's committed chain goes on top of the layers.
+        let volume = match &spec.volume {
+            Some(name) => {
+                let v = VolumeRef::parse(name)?;
+                let (head, version) = volume::read_head(&store, &v).await?;
+                for (i, digest) in head.layers()?.into_iter().enumerate() {
+                    let layer = Layer::load(&store, digest, Some(&self.config.cache_dir))
+                        .await
+                        .with_context(|| format!("loading commit {} of volume {v}", i + 1))?;
+                    layer_info.push(LayerInfo {
+                        dataset: format!("{v} commit {}", i + 1),
+                        digest: digest.to_string(),
+                    });
+                    layers.push(layer);
+                }
+                Some(VolumeMount {
+                    volume: v,
+                    head,
+                    version,
+                    store: store.clone(),
+                })
+            }
+            None => None,
+        };
         let reader = self.cache.reader(store);
         let stack = Arc::new(LayerStack::new(layers, reader.clone())?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let scratch = (!spec.read_only).then(|| scratch_dir(&self.config.state_dir, id));
         let mounted = self.mount_tree(stack, &mp, scratch.as_deref(), spec.scratch_size);
-        let session = match mounted {
+        let (session, tree) = match mounted {
             Ok(s) => s,
             Err(e) => {
                 if let Some(dir) = &scratch {
@@ -256,6 +365,7 @@ impl Daemon {
                 .map_or(0, |d| d.as_secs()),
             writable: scratch.is_some(),
             scratch_size: spec.scratch_size.filter(|_| scratch.is_some()),
+            volume: spec.volume.clone(),
         };
         let (ended_tx, ended) = watch::channel(false);
         self.mounts.lock().unwrap().insert(
@@ -263,11 +373,13 @@ impl Daemon {
             Mounted {
                 info: info.clone(),
                 reader,
+                commits: volume.is_some(),
                 ended,
             },
         );
         // The session ends when the mount goes away, whoever unmounted it; forget it then.
         let mounts = Arc::clone(&self.mounts);
+        let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("strata-mount-{id}"))
             .spawn(move || {
@@ -279,8 +391,14 @@ impl Daemon {
                     mounts.remove(&mp);
                 }
                 drop(mounts);
-                // The session is over and its files closed: the scratch goes with it.
-                if let Some(dir) = &scratch {
+                // The session is over and its files closed: a volume's changes are committed;
+                // then the scratch goes, unless it holds changes that could not be committed.
+                let remove = match &volume {
+                    Some(vm) => vm.commit_after(&tree, &runtime, scratch.as_deref()),
+                    None => true,
+                };
+                drop(tree);
+                if let (Some(dir), true) = (&scratch, remove) {
                     if let Err(e) = std::fs::remove_dir_all(dir) {
                         tracing::warn!("removing scratch {}: {e}", dir.display());
                     }
@@ -305,7 +423,7 @@ impl Daemon {
         mp: &Path,
         scratch: Option<&Path>,
         scratch_size: Option<u64>,
-    ) -> anyhow::Result<strata_fs::fuse::MountedSession> {
+    ) -> anyhow::Result<(strata_fs::fuse::MountedSession, Arc<MountTree>)> {
         let upper = match scratch {
             Some(dir) => {
                 make_private_dir(dir)?;
@@ -317,24 +435,31 @@ impl Daemon {
             None => None,
         };
         let tree = Arc::new(MountTree::new(stack, upper)?);
-        Ok(strata_fs::fuse::mount(
-            tree,
+        let session = strata_fs::fuse::mount(
+            tree.clone(),
             mp,
             tokio::runtime::Handle::current(),
             self.config.passthrough,
-        )?)
+        )?;
+        Ok((session, tree))
     }
 
     async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
-        let (info, mut ended) = {
+        let (info, mut ended, commits) = {
             let mounts = self.mounts.lock().unwrap();
             let Some(m) = mounts.get(mountpoint) else {
                 bail!("{} is not mounted by this daemon", mountpoint.display());
             };
-            (m.info.clone(), m.ended.clone())
+            (m.info.clone(), m.ended.clone(), m.commits)
         };
         strata_fs::fuse::unmount(mountpoint, lazy)?;
-        if tokio::time::timeout(SESSION_END_WAIT, ended.wait_for(|e| *e))
+        // A volume mount's unmount returns once its changes are committed.
+        let wait = if commits {
+            COMMIT_WAIT
+        } else {
+            SESSION_END_WAIT
+        };
+        if tokio::time::timeout(wait, ended.wait_for(|e| *e))
             .await
             .is_err()
         {

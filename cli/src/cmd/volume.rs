@@ -1,0 +1,122 @@
+//! `strata volume ls|show|history|rm`: persistent volumes in a store.
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use strata_fs::volume::{self, VolumeRef};
+
+use crate::units::human;
+use crate::GlobalArgs;
+
+#[derive(Args)]
+pub struct VolumeArgs {
+    #[command(subcommand)]
+    command: VolumeCommand,
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// List the volumes in a store (SCOPE/NAME, commits).
+    Ls {
+        store: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A volume's head: its commits and the layers of its chain.
+    Show {
+        store: String,
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A volume's commits, newest first.
+    History { store: String, volume: String },
+    /// Remove a volume's head (its layers stay in the store).
+    Rm { store: String, volume: String },
+}
+
+pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
+    match a.command {
+        VolumeCommand::Ls { store, json } => {
+            let s = super::open_store(g, &store).await?;
+            let mut rows = Vec::new();
+            for key in s.list("volumes/").await? {
+                let Some(name) = key
+                    .strip_prefix("volumes/")
+                    .and_then(|k| k.strip_suffix("/head"))
+                else {
+                    continue;
+                };
+                let Ok(v) = VolumeRef::parse(name) else {
+                    continue;
+                };
+                let (head, _) = volume::read_head(&s, &v).await?;
+                rows.push((v, head.commits.len()));
+            }
+            if json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|(v, n)| serde_json::json!({"volume": v.to_string(), "commits": n}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for (v, n) in rows {
+                    println!("{v}\t{n} commits");
+                }
+            }
+        }
+        VolumeCommand::Show {
+            store,
+            volume: name,
+            json,
+        } => {
+            let s = super::open_store(g, &store).await?;
+            let v = VolumeRef::parse(&name)?;
+            let (head, version) = volume::read_head(&s, &v).await?;
+            if version.is_none() {
+                bail!("no volume {v} in {store}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&head)?);
+            } else {
+                println!("volume {v}: {} commits", head.commits.len());
+                for (i, c) in head.commits.iter().enumerate() {
+                    println!("  layer {}: {}", i + 1, c.layer);
+                }
+            }
+        }
+        VolumeCommand::History {
+            store,
+            volume: name,
+        } => {
+            let s = super::open_store(g, &store).await?;
+            let v = VolumeRef::parse(&name)?;
+            let (head, version) = volume::read_head(&s, &v).await?;
+            if version.is_none() {
+                bail!("no volume {v} in {store}");
+            }
+            for (i, c) in head.commits.iter().enumerate().rev() {
+                println!(
+                    "#{}\t{}\t{} changes\t{} uploaded\t{}",
+                    i + 1,
+                    c.committed_at,
+                    c.changes,
+                    human(c.bytes_uploaded),
+                    c.layer
+                );
+            }
+        }
+        VolumeCommand::Rm {
+            store,
+            volume: name,
+        } => {
+            let s = super::open_store(g, &store).await?;
+            let v = VolumeRef::parse(&name)?;
+            if volume::read_head(&s, &v).await?.1.is_none() {
+                bail!("no volume {v} in {store}");
+            }
+            s.delete(&v.head_key()).await?;
+            println!("removed volume {v}");
+        }
+    }
+    Ok(())
+}
