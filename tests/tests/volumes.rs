@@ -114,3 +114,24 @@ fn a_volume_carries_changes_from_one_host_to_the_next() {
     drop((a, b));
     let _ = fs::remove_dir_all(&work);
 }
+
+#[test]
+fn a_volume_needs_no_layer_below_it() {
+    let work = strata_tests::scratch_dir("volume-solo");
+    let store = garage::bucket("volume-solo");
+    let d = Daemon::start(env(), &work.join("host"), &[]).unwrap();
+    let vol = ["--volume", "fn/solo"];
+    {
+        let m = d.mount_with(&store, &work.join("m1"), &[], &vol).unwrap();
+        assert!(
+            fs::read_dir(&m.mountpoint).unwrap().next().is_none(),
+            "starts empty"
+        );
+        fs::create_dir(m.path("cache")).unwrap();
+        fs::write(m.path("cache/index.json"), b"{}").unwrap();
+    }
+    let m = d.mount_with(&store, &work.join("m2"), &[], &vol).unwrap();
+    assert_eq!(fs::read(m.path("cache/index.json")).unwrap(), b"{}");
+    drop((m, d));
+    let _ = fs::remove_dir_all(&work);
+}

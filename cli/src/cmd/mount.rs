@@ -32,7 +32,7 @@ pub struct MountArgs {
     /// Empty directory to mount at.
     mountpoint: PathBuf,
     /// Dataset to mount, NAME:TAG or NAME@blake3:…; repeat to stack layers (the last is on top).
-    #[arg(long = "layer", required = true)]
+    #[arg(long = "layer", required_unless_present = "volume")]
     layers: Vec<String>,
     /// Serve the mount from this process (no daemon) until it is unmounted or signalled.
     #[arg(long)]

@@ -286,8 +286,8 @@ impl Daemon {
         if !mp.is_absolute() {
             bail!("mountpoint {} must be an absolute path", mp.display());
         }
-        if spec.layers.is_empty() {
-            bail!("a mount needs at least one --layer (below a volume too, for now)");
+        if spec.layers.is_empty() && spec.volume.is_none() {
+            bail!("a mount needs at least one --layer (or a --volume)");
         }
         if spec.volume.is_some() && spec.read_only {
             bail!("a volume mount is writable: --volume and --read-only exclude each other");
@@ -331,6 +331,10 @@ impl Daemon {
                         digest: digest.to_string(),
                     });
                     layers.push(layer);
+                }
+                if layers.is_empty() {
+                    // A volume on its own: its chain needs something to stand on.
+                    layers.push(self.empty_layer(&store).await?);
                 }
                 Some(VolumeMount {
                     volume: v,
@@ -413,6 +417,22 @@ impl Daemon {
             info.mountpoint.display()
         );
         Ok(info)
+    }
+
+    /// A layer holding only an empty root (published once; it is content-addressed).
+    async fn empty_layer(&self, store: &Arc<dyn Store>) -> anyhow::Result<Layer> {
+        let dir = tempfile::tempdir().context("making an empty directory")?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let report = strata_fs::publish::publish(
+            dir.path(),
+            store,
+            None,
+            &Default::default(),
+            Default::default(),
+        )
+        .await?;
+        let digest = report.layer.context("publishing an empty layer")?;
+        Ok(Layer::load(store, digest, Some(&self.config.cache_dir)).await?)
     }
 
     /// Mounts `stack` with a scratch upper in `scratch` (a new private directory), or
