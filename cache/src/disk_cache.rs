@@ -592,6 +592,17 @@ impl DiskCache {
     }
 }
 
+impl Drop for DiskCache {
+    /// A clean stop keeps the last uses recorded (sled writes them out in the background).
+    fn drop(&mut self) {
+        if let Some(db) = &self.last_use {
+            if let Err(e) = db.flush() {
+                tracing::debug!("flushing the chunk cache index: {e}");
+            }
+        }
+    }
+}
+
 fn nanos_since_epoch(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -608,7 +619,20 @@ fn open_index(path: &Path) -> Option<sled::Db> {
             .cache_capacity(8 << 20)
             .open()
     };
-    match open() {
+    // A previous owner in this process may still be letting go of it (sled's flusher thread
+    // holds the lock for a moment after the last handle is dropped): wait a little before
+    // deciding the index is damaged.
+    let mut opened = open();
+    for _ in 0..40 {
+        match &opened {
+            Err(sled::Error::Io(_)) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                opened = open();
+            }
+            _ => break,
+        }
+    }
+    match opened {
         Ok(db) => Some(db),
         Err(e) => {
             tracing::warn!(

@@ -6,6 +6,12 @@
 //! more delta layer and moves the head from the version the mount started from. Chunks are
 //! content-addressed, so a commit uploads only chunks the store does not have: one changed
 //! MiB of a large file costs about that MiB.
+//!
+//! Two mounts of a volume may commit one after the other. The later one finds the head moved:
+//! if the commits made since its start touched none of its paths (a path, or one above or
+//! below it), its layer goes on top of the newer head (a rebase); otherwise its changes are
+//! kept as a conflict object `volumes/<scope>/<name>/conflicts/<id>` (its whole chain, and the
+//! paths in conflict), and the commit fails naming those paths.
 
 use std::sync::Arc;
 
@@ -74,6 +80,43 @@ pub struct Commit {
     pub committed_at: u64,
     pub changes: u64,
     pub bytes_uploaded: u64,
+    /// The paths it created, replaced, removed or changed the bytes or attributes of (not
+    /// directories whose attributes only changed): what a concurrent commit conflicts on.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// Changes of a commit that lost a race on the same paths, kept instead of dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    pub id: String,
+    /// Its whole chain, bottom to top: the head it started from, then its own layer. Mount it
+    /// with a `--layer NAME@<digest>` per layer.
+    pub layers: Vec<String>,
+    /// The paths a newer commit also touched.
+    pub paths: Vec<String>,
+    pub committed_at: u64,
+}
+
+/// Whether two change paths collide: the same, or one inside the other.
+fn collide(a: &str, b: &str) -> bool {
+    let inside = |x: &str, y: &str| y.is_empty() || x.starts_with(&format!("{y}/"));
+    a == b || inside(a, b) || inside(b, a)
+}
+
+/// A volume's conflict objects, oldest first.
+pub async fn conflicts(store: &Arc<dyn Store>, v: &VolumeRef) -> FsResult<Vec<ConflictRecord>> {
+    let prefix = format!("volumes/{}/{}/conflicts/", v.scope, v.name);
+    let mut out = Vec::new();
+    for key in store.list(&prefix).await? {
+        let data = store.get(&key).await?;
+        let record: ConflictRecord = serde_json::from_slice(&data).map_err(|e| {
+            FsError::InvalidInput(format!("{}: unreadable conflict {key:?}: {e}", store.url()))
+        })?;
+        out.push(record);
+    }
+    out.sort_by(|a, b| a.committed_at.cmp(&b.committed_at).then(a.id.cmp(&b.id)));
+    Ok(out)
 }
 
 /// What a volume's head object holds.
@@ -132,15 +175,32 @@ pub async fn read_head(
 /// The result of a commit.
 #[derive(Debug)]
 pub struct Committed {
-    /// `None` when there was nothing to commit.
+    /// `None` when there was nothing to commit, or it was kept as a conflict.
     pub commit: Option<Commit>,
     pub report: Option<PublishReport>,
+    /// Set when a newer commit touched the same paths: the changes were kept as this
+    /// conflict instead, and the head did not move.
+    pub conflict: Option<ConflictRecord>,
+}
+
+impl Committed {
+    /// What a user is told about a conflict: the paths, and where the changes went.
+    pub fn conflict_message(&self, v: &VolumeRef) -> Option<String> {
+        self.conflict.as_ref().map(|c| {
+            format!(
+                "volume {v}: a newer commit changed the same paths ({}); this mount's changes \
+                 are kept as conflict {} (see `strata volume show`)",
+                c.paths.join(", "),
+                c.id
+            )
+        })
+    }
 }
 
 /// Publishes `tree`'s changes as a delta layer and moves the head of `v` from `base` (the
-/// head version the mount started from) to a chain with that layer on top. Fails with
-/// [`FsError::Conflict`] if another commit moved the head meanwhile; the layer is uploaded
-/// either way.
+/// head version the mount started from) to a chain with that layer on top, rebasing onto a
+/// newer head when the commits since touched other paths. When they touched the same ones,
+/// the changes are kept as a conflict (see [`Committed::conflict`]).
 pub async fn commit(
     store: &Arc<dyn Store>,
     v: &VolumeRef,
@@ -148,11 +208,21 @@ pub async fn commit(
     base: (&VolumeHead, Option<&Version>),
     staging: &std::path::Path,
 ) -> FsResult<Committed> {
-    if tree.changes()?.is_empty() {
+    let changed = tree.changes()?;
+    if changed.is_empty() {
         return Ok(Committed {
             commit: None,
             report: None,
+            conflict: None,
         });
+    }
+    let mut paths = Vec::new();
+    for c in &changed {
+        let attrs_of_a_dir = matches!(c, crate::upper::Change::Changed { ino, .. }
+            if tree.getattr(*ino).is_ok_and(|s| s.kind == crate::upper::NodeKind::Dir));
+        if !attrs_of_a_dir {
+            paths.push(String::from_utf8_lossy(c.path()).into_owned());
+        }
     }
     let _ = std::fs::remove_dir_all(staging);
     std::fs::create_dir_all(staging).map_err(|e| FsError::io(staging, e))?;
@@ -181,22 +251,72 @@ pub async fn commit(
             .map_or(0, |d| d.as_secs()),
         changes: changes as u64,
         bytes_uploaded: report.bytes_uploaded,
+        paths,
     };
-    let (head, version) = base;
-    let mut next = head.clone();
-    next.commits.push(commit.clone());
-    let body = Bytes::from(serde_json::to_vec_pretty(&next).expect("serializable"));
-    match store.compare_and_swap(&v.head_key(), version, body).await {
-        Ok(_) => Ok(Committed {
-            commit: Some(commit),
-            report: Some(report),
-        }),
-        Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
-            "volume {v} was committed by another mount since this one started; its changes \
-             are in layer {layer} ({e})"
-        ))),
-        Err(e) => Err(e.into()),
+    let (base_head, base_version) = base;
+    let mut head = base_head.clone();
+    let mut version = base_version.cloned();
+    // A few rounds: each lost race re-reads the head and rebases when it may.
+    for _ in 0..8 {
+        let mut next = head.clone();
+        next.commits.push(commit.clone());
+        let body = Bytes::from(serde_json::to_vec_pretty(&next).expect("serializable"));
+        match store
+            .compare_and_swap(&v.head_key(), version.as_ref(), body)
+            .await
+        {
+            Ok(_) => {
+                return Ok(Committed {
+                    commit: Some(commit),
+                    report: Some(report),
+                    conflict: None,
+                })
+            }
+            Err(e) if e.kind == StoreErrorKind::Conflict => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (newer, newer_version) = read_head(store, v).await?;
+        let starts_the_same = newer.commits.len() >= base_head.commits.len()
+            && newer.commits[..base_head.commits.len()] == base_head.commits[..];
+        let clashes: Vec<String> = if starts_the_same {
+            let since = &newer.commits[base_head.commits.len()..];
+            commit
+                .paths
+                .iter()
+                .filter(|p| since.iter().any(|c| c.paths.iter().any(|q| collide(p, q))))
+                .cloned()
+                .collect()
+        } else {
+            // The volume was removed or rewritten under us: everything is in question.
+            commit.paths.clone()
+        };
+        if !clashes.is_empty() {
+            let record = ConflictRecord {
+                id: format!("{}-{}", commit.committed_at, &layer.to_hex()[..12]),
+                layers: base_head
+                    .commits
+                    .iter()
+                    .map(|c| c.layer.clone())
+                    .chain([commit.layer.clone()])
+                    .collect(),
+                paths: clashes.clone(),
+                committed_at: commit.committed_at,
+            };
+            let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
+            let body = Bytes::from(serde_json::to_vec_pretty(&record).expect("serializable"));
+            store.put(&key, body).await?;
+            return Ok(Committed {
+                commit: None,
+                report: Some(report),
+                conflict: Some(record),
+            });
+        }
+        head = newer;
+        version = newer_version;
     }
+    Err(FsError::Conflict(format!(
+        "volume {v}: the head kept moving while committing; the changes are in layer {layer}"
+    )))
 }
 
 #[cfg(test)]
@@ -218,8 +338,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn paths_collide_when_one_holds_the_other() {
+        assert!(collide("a", "a"));
+        assert!(collide("a/b", "a"));
+        assert!(collide("a", "a/b/c"));
+        assert!(collide("", "x"));
+        assert!(!collide("a/b", "a/c"));
+        assert!(!collide("ab", "a"));
+    }
+
     #[tokio::test]
-    async fn commits_chain_up_and_a_stale_base_is_a_conflict() {
+    async fn commits_chain_up_rebase_when_disjoint_and_keep_conflicts() {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "base/data.txt", b"base\n");
         let base = stack_of(tmp.path(), &["base"]).await;
@@ -277,13 +407,43 @@ mod tests {
         .unwrap();
         assert!(none.commit.is_none());
 
-        // A commit from a mount that started before the first one: conflict, not lost.
+        // A mount that started before the first commit, touching other paths: rebased.
         let t3 = mount(Vec::new(), "upper3").await;
         t3.mkdir(ROOT_INO, b"other", 0o755, caller).unwrap();
-        let e = commit(&store, &v, &t3, (&head0, None), &tmp.path().join("stage"))
+        commit(&store, &v, &t3, (&head0, None), &tmp.path().join("stage"))
             .await
-            .unwrap_err();
-        assert!(matches!(e, FsError::Conflict(_)), "{e}");
-        assert_eq!(read_head(&store, &v).await.unwrap().0, head1);
+            .unwrap();
+        let (head2, _) = read_head(&store, &v).await.unwrap();
+        assert_eq!(head2.commits.len(), 2);
+        assert_eq!(head2.commits[0], head1.commits[0]);
+        let t4 = mount(head2.layers().unwrap(), "upper4").await;
+        assert!(t4.lookup(ROOT_INO, b"model.ckpt").is_ok());
+        assert!(t4.lookup(ROOT_INO, b"other").is_ok());
+
+        // Another one writing the same file: a conflict, kept and listed, the head unmoved.
+        let t5 = mount(Vec::new(), "upper5").await;
+        let f = t5.create(ROOT_INO, b"model.ckpt", 0o644, caller).unwrap();
+        t5.open(f.ino, true).unwrap();
+        t5.write(f.ino, 0, b"epoch 9").await.unwrap();
+        t5.release(f.ino);
+        let lost = commit(&store, &v, &t5, (&head0, None), &tmp.path().join("stage"))
+            .await
+            .unwrap();
+        assert!(lost.commit.is_none());
+        let message = lost.conflict_message(&v).unwrap();
+        assert!(message.contains("model.ckpt"), "{message}");
+        assert_eq!(read_head(&store, &v).await.unwrap().0, head2);
+        let kept = conflicts(&store, &v).await.unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].paths, ["model.ckpt"]);
+        // The kept chain shows that mount's file.
+        let chain: Vec<Digest> = kept[0]
+            .layers
+            .iter()
+            .map(|l| Digest::parse(l).unwrap())
+            .collect();
+        let t6 = mount(chain, "upper6").await;
+        let got = t6.lookup(ROOT_INO, b"model.ckpt").unwrap();
+        assert_eq!(&t6.read(got.ino, 0, 100).await.unwrap()[..], b"epoch 9");
     }
 }

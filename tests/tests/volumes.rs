@@ -135,3 +135,63 @@ fn a_volume_needs_no_layer_below_it() {
     drop((m, d));
     let _ = fs::remove_dir_all(&work);
 }
+
+#[test]
+fn concurrent_commits_rebase_on_disjoint_paths_and_keep_conflicts() {
+    let work = strata_tests::scratch_dir("volume-race");
+    let store = garage::bucket("volume-race");
+    let d = Daemon::start(env(), &work.join("host"), &[]).unwrap();
+    let vol = ["--volume", "fn/race"];
+    // Two invocations at once, different files: both land.
+    let m1 = d.mount_with(&store, &work.join("m1"), &[], &vol).unwrap();
+    let m2 = d.mount_with(&store, &work.join("m2"), &[], &vol).unwrap();
+    fs::write(m1.path("a.txt"), b"from m1").unwrap();
+    fs::write(m2.path("b.txt"), b"from m2").unwrap();
+    drop(m1);
+    drop(m2);
+    {
+        let m = d.mount_with(&store, &work.join("m3"), &[], &vol).unwrap();
+        assert_eq!(fs::read(m.path("a.txt")).unwrap(), b"from m1");
+        assert_eq!(fs::read(m.path("b.txt")).unwrap(), b"from m2");
+    }
+    // Two at once on the same file: the later commit is kept as a conflict, named in the log
+    // and by `volume show`, and can be mounted.
+    let m4 = d.mount_with(&store, &work.join("m4"), &[], &vol).unwrap();
+    let m5 = d.mount_with(&store, &work.join("m5"), &[], &vol).unwrap();
+    fs::write(m4.path("a.txt"), b"m4 wins").unwrap();
+    fs::write(m5.path("a.txt"), b"m5 kept").unwrap();
+    drop(m4);
+    drop(m5);
+    assert!(
+        d.log_text()
+            .contains("a newer commit changed the same paths (a.txt)"),
+        "{}",
+        d.log_text()
+    );
+    let show = d
+        .strata()
+        .ok(&["volume", "show", &store, "fn/race", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["commits"].as_array().unwrap().len(), 3, "{show}");
+    let conflicts = v["conflicts"].as_array().unwrap();
+    assert_eq!(conflicts.len(), 1, "{show}");
+    assert_eq!(conflicts[0]["paths"][0], "a.txt");
+    {
+        let m = d.mount_with(&store, &work.join("m6"), &[], &vol).unwrap();
+        assert_eq!(fs::read(m.path("a.txt")).unwrap(), b"m4 wins");
+    }
+    let layers: Vec<String> = conflicts[0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| format!("race@{}", l.as_str().unwrap()))
+        .collect();
+    let layer_refs: Vec<&str> = layers.iter().map(|s| s.as_str()).collect();
+    let kept = d
+        .mount_with(&store, &work.join("kept"), &layer_refs, &["--read-only"])
+        .unwrap();
+    assert_eq!(fs::read(kept.path("a.txt")).unwrap(), b"m5 kept");
+    assert_eq!(fs::read(kept.path("b.txt")).unwrap(), b"from m2");
+    drop((kept, d));
+    let _ = fs::remove_dir_all(&work);
+}

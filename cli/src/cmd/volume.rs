@@ -75,12 +75,31 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
             if version.is_none() {
                 bail!("no volume {v} in {store}");
             }
+            let conflicts = volume::conflicts(&s, &v).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&head)?);
+                let value = serde_json::json!({
+                    "volume": v.to_string(),
+                    "commits": head.commits,
+                    "conflicts": conflicts,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("volume {v}: {} commits", head.commits.len());
                 for (i, c) in head.commits.iter().enumerate() {
                     println!("  layer {}: {}", i + 1, c.layer);
+                }
+                for c in &conflicts {
+                    let layers: Vec<String> = c
+                        .layers
+                        .iter()
+                        .map(|l| format!("--layer {}@{l}", v.name))
+                        .collect();
+                    println!(
+                        "  conflict {} on {}: mount it with `strata mount {store} MOUNTPOINT {}`",
+                        c.id,
+                        c.paths.join(", "),
+                        layers.join(" ")
+                    );
                 }
             }
         }

@@ -97,6 +97,11 @@ impl VolumeMount {
             &staging,
         ));
         match result {
+            Ok(c) if c.conflict.is_some() => {
+                let message = c.conflict_message(&self.volume).unwrap_or_default();
+                tracing::error!("{message}");
+                true
+            }
             Ok(c) => {
                 match (&c.commit, &c.report) {
                     (Some(commit), Some(report)) => tracing::info!(
