@@ -623,7 +623,7 @@ fn open_index(path: &Path) -> Option<sled::Db> {
     // holds the lock for a moment after the last handle is dropped): wait a little before
     // deciding the index is damaged.
     let mut opened = open();
-    for _ in 0..40 {
+    for _ in 0..20 {
         match &opened {
             Err(sled::Error::Io(_)) => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
