@@ -19,7 +19,8 @@ pub struct DatasetRef {
     pub pinned: Option<Digest>,
 }
 
-fn check_component(what: &str, s: &str) -> FsResult<()> {
+/// Checks one part of a dataset or volume name (`what` says which, for the error).
+pub(crate) fn check_component(what: &str, s: &str) -> FsResult<()> {
     let ok = !s.is_empty()
         && s.len() <= 128
         && s.chars()
@@ -31,7 +32,7 @@ fn check_component(what: &str, s: &str) -> FsResult<()> {
         Ok(())
     } else {
         Err(FsError::InvalidInput(format!(
-            "invalid dataset {what} {s:?}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter, digit or '_'"
+            "invalid {what} {s:?}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter, digit or '_'"
         )))
     }
 }
@@ -39,7 +40,7 @@ fn check_component(what: &str, s: &str) -> FsResult<()> {
 impl DatasetRef {
     pub fn parse(s: &str) -> FsResult<DatasetRef> {
         if let Some((name, digest)) = s.split_once('@') {
-            check_component("name", name)?;
+            check_component("dataset name", name)?;
             let digest = Digest::parse(digest).map_err(|e| FsError::InvalidInput(e.to_string()))?;
             return Ok(DatasetRef {
                 name: name.to_string(),
@@ -48,8 +49,8 @@ impl DatasetRef {
             });
         }
         let (name, tag) = s.split_once(':').unwrap_or((s, DEFAULT_TAG));
-        check_component("name", name)?;
-        check_component("tag", tag)?;
+        check_component("dataset name", name)?;
+        check_component("dataset tag", tag)?;
         Ok(DatasetRef {
             name: name.to_string(),
             tag: tag.to_string(),

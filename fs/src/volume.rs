@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FsError, FsResult};
 use crate::publish::{publish, PublishOptions, PublishReport};
+use crate::refs::check_component;
 use crate::upper::MountTree;
 
 /// `scope/name`.
@@ -30,30 +31,13 @@ pub struct VolumeRef {
     pub name: String,
 }
 
-fn check_part(what: &str, s: &str) -> FsResult<()> {
-    let ok = !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(FsError::InvalidInput(format!(
-            "invalid volume {what} {s:?}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter, digit or '_'"
-        )))
-    }
-}
-
 impl VolumeRef {
     pub fn parse(s: &str) -> FsResult<VolumeRef> {
         let (scope, name) = s.split_once('/').ok_or_else(|| {
             FsError::InvalidInput(format!("invalid volume {s:?}: expected SCOPE/NAME"))
         })?;
-        check_part("scope", scope)?;
-        check_part("name", name)?;
+        check_component("volume scope", scope)?;
+        check_component("volume name", name)?;
         Ok(VolumeRef {
             scope: scope.to_string(),
             name: name.to_string(),
