@@ -187,8 +187,8 @@ impl LayerStack {
         Ok((sources, kind))
     }
 
-    /// Recomputes a directory's merged sources by resolving its path from the root.
-    fn resolve_path(&self, layer: usize, entry: usize) -> Option<Vec<Source>> {
+    /// The names from the root down to `entry`, in its own layer.
+    fn path_in_layer(&self, layer: usize, entry: usize) -> Vec<&[u8]> {
         let manifest = &self.layers[layer].manifest;
         let mut names = Vec::new();
         let mut at = entry;
@@ -197,8 +197,14 @@ impl LayerStack {
             names.push(e.name);
             at = e.parent as usize;
         }
+        names.reverse();
+        names
+    }
+
+    /// Recomputes a directory's merged sources by resolving its path from the root.
+    fn resolve_path(&self, layer: usize, entry: usize) -> Option<Vec<Source>> {
         let mut sources = self.root_sources.clone();
-        for name in names.iter().rev() {
+        for name in self.path_in_layer(layer, entry) {
             sources = self.resolve(&sources, name)?.0;
         }
         // The path must lead back to the same entry, or the number was not one we gave out.
@@ -305,16 +311,8 @@ impl LayerStack {
     pub fn lower_path(&self, ino: u64) -> Option<Vec<Vec<u8>>> {
         let (sources, _) = self.sources(ino).ok()?;
         let (layer, entry) = sources[0];
-        let manifest = &self.layers[layer as usize].manifest;
-        let mut names = Vec::new();
-        let mut at = entry as usize;
-        while at != 0 {
-            let e = manifest.entry(at);
-            names.push(e.name.to_vec());
-            at = e.parent as usize;
-        }
-        names.reverse();
-        (!names.is_empty()).then_some(names)
+        let names = self.path_in_layer(layer as usize, entry as usize);
+        (!names.is_empty()).then(|| names.into_iter().map(<[u8]>::to_vec).collect())
     }
 
     /// The layer and entry that define a node's attributes and content.
