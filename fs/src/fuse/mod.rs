@@ -309,6 +309,20 @@ impl StrataFs {
         }
     }
 
+    /// Answers a read once `read` (waiting on the store) is done, off the session thread.
+    fn reply_when_read(
+        &self,
+        reply: ReplyData,
+        read: impl std::future::Future<Output = FsResult<bytes::Bytes>> + Send + 'static,
+    ) {
+        self.runtime.spawn(async move {
+            match read.await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
     fn listing(&self, ino: u64) -> FsResult<Listing> {
         Ok(Arc::new(self.tree.readdir(ino)?))
     }
@@ -552,13 +566,7 @@ impl Filesystem for StrataFs {
                 None => {}
             }
             let tree = self.tree.clone();
-            self.runtime.spawn(async move {
-                match tree.read(ino, offset, size).await {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => reply.error(errno(&e)),
-                }
-            });
-            return;
+            return self.reply_when_read(reply, async move { tree.read(ino, offset, size).await });
         }
         // Data already here (memory, or a verified chunk file) is served from this thread; only
         // reads that wait on the store go through the async runtime. Readahead spawns its
@@ -570,12 +578,10 @@ impl Filesystem for StrataFs {
             Some(Err(e)) => return reply.error(errno(&e)),
             None => {}
         }
-        self.runtime.spawn(async move {
-            match stack.read_fetch(ino, offset, size).await {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.reply_when_read(
+            reply,
+            async move { stack.read_fetch(ino, offset, size).await },
+        );
     }
 
     fn write(
