@@ -1,6 +1,9 @@
 //! `strata volume ls|show|history|rm`: persistent volumes in a store.
 
+use std::sync::Arc;
+
 use anyhow::bail;
+use cache::Store;
 use clap::{Args, Subcommand};
 use strata_fs::volume::{self, VolumeRef};
 
@@ -32,6 +35,21 @@ enum VolumeCommand {
     History { store: String, volume: String },
     /// Remove a volume's head (its layers stay in the store).
     Rm { store: String, volume: String },
+}
+
+/// The store, the volume and its head; an error if the volume does not exist.
+async fn existing(
+    g: &GlobalArgs,
+    store: &str,
+    name: &str,
+) -> anyhow::Result<(Arc<dyn Store>, VolumeRef, volume::VolumeHead)> {
+    let s = super::open_store(g, store).await?;
+    let v = VolumeRef::parse(name)?;
+    let (head, version) = volume::read_head(&s, &v).await?;
+    if version.is_none() {
+        bail!("no volume {v} in {store}");
+    }
+    Ok((s, v, head))
 }
 
 pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
@@ -69,12 +87,7 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
             volume: name,
             json,
         } => {
-            let s = super::open_store(g, &store).await?;
-            let v = VolumeRef::parse(&name)?;
-            let (head, version) = volume::read_head(&s, &v).await?;
-            if version.is_none() {
-                bail!("no volume {v} in {store}");
-            }
+            let (s, v, head) = existing(g, &store, &name).await?;
             let conflicts = volume::conflicts(&s, &v).await?;
             if json {
                 let value = serde_json::json!({
@@ -107,12 +120,7 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
             store,
             volume: name,
         } => {
-            let s = super::open_store(g, &store).await?;
-            let v = VolumeRef::parse(&name)?;
-            let (head, version) = volume::read_head(&s, &v).await?;
-            if version.is_none() {
-                bail!("no volume {v} in {store}");
-            }
+            let (_, _, head) = existing(g, &store, &name).await?;
             for (i, c) in head.commits.iter().enumerate().rev() {
                 println!(
                     "#{}\t{}\t{} changes\t{} uploaded\t{}",
@@ -128,11 +136,7 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
             store,
             volume: name,
         } => {
-            let s = super::open_store(g, &store).await?;
-            let v = VolumeRef::parse(&name)?;
-            if volume::read_head(&s, &v).await?.1.is_none() {
-                bail!("no volume {v} in {store}");
-            }
+            let (s, v, _) = existing(g, &store, &name).await?;
             s.delete(&v.head_key()).await?;
             println!("removed volume {v}");
         }
