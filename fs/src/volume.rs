@@ -352,7 +352,11 @@ mod tests {
                 }
                 MountTree::new(
                     Arc::new(LayerStack::new(layers, cache).unwrap()),
-                    Some(UpperConfig { dir, quota: None }),
+                    Some(UpperConfig {
+                        dir,
+                        quota: None,
+                        journal: true,
+                    }),
                 )
                 .unwrap()
             }

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod garage;
 pub mod moto;
+pub mod proxy;
 pub mod strata;
 pub mod tree;
 

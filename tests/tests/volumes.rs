@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
 use strata_tests::daemon::Daemon;
 use strata_tests::garage;
+use strata_tests::proxy::Proxy;
 use strata_tests::tree::{pseudo_random, write_file};
 
 /// Garage accepts conditional writes but ignores them; the daemons promise to be the only
@@ -193,5 +194,246 @@ fn concurrent_commits_rebase_on_disjoint_paths_and_keep_conflicts() {
     assert_eq!(fs::read(kept.path("a.txt")).unwrap(), b"m5 kept");
     assert_eq!(fs::read(kept.path("b.txt")).unwrap(), b"from m2");
     drop((kept, d));
+    let _ = fs::remove_dir_all(&work);
+}
+
+/// Polls `volume show --json` until the volume has `n` commits (or fails after 60 s).
+fn wait_for_commits(d: &Daemon, store: &str, volume: &str, n: usize) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = d.strata().run(&["volume", "show", store, volume, "--json"]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["commits"].as_array().map_or(0, |c| c.len()) >= n {
+                return v;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "volume {volume} never reached {n} commits\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn fsynced_writes_survive_a_daemon_killed_mid_loop() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    let work = strata_tests::scratch_dir("volume-crash");
+    let store = garage::bucket("volume-crash");
+    let src = work.join("src");
+    let table = pseudo_random(61, 3 << 20);
+    write_file(&src.join("table.bin"), &table);
+    let mut d = Daemon::start(env(), &work.join("host"), &[]).unwrap();
+    d.strata().publish(&src, &store, "base:v1");
+    let vol = ["--volume", "fn/crash"];
+    let mp = work.join("m1");
+    let m = d.mount_with(&store, &mp, &["base:v1"], &vol).unwrap();
+    fs::create_dir(m.path("files")).unwrap();
+
+    // A writer appends records to a log and fsyncs each; every tenth record also goes into a
+    // file of its own, and a block of the layer's table is rewritten (partial copy-up). What
+    // it counts is what fsync acknowledged.
+    let acked = Arc::new(AtomicI64::new(-1));
+    let writer = {
+        let acked = acked.clone();
+        let mp = mp.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(mp.join("log"))?;
+            let table = fs::OpenOptions::new()
+                .write(true)
+                .open(mp.join("table.bin"))?;
+            for i in 0..i64::MAX {
+                writeln!(log, "record {i}")?;
+                if i % 10 == 0 {
+                    let mut f = fs::File::create(mp.join(format!("files/f{i}")))?;
+                    f.write_all(format!("file {i}").as_bytes())?;
+                    f.sync_all()?;
+                    table.write_all_at(&i.to_le_bytes(), (i as u64 * 4096) % (3 << 20))?;
+                    table.sync_all()?;
+                }
+                log.sync_all()?;
+                acked.store(i, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    };
+    while acked.load(Ordering::SeqCst) < 300 {
+        assert!(!writer.is_finished(), "writer stopped: {:?}", writer.join());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    d.kill();
+    let stopped = writer.join().unwrap();
+    assert!(stopped.is_err(), "the writer should see the mount die");
+    let acked = acked.load(Ordering::SeqCst);
+    std::mem::forget(m); // its daemon is gone; the restart cleans the dead mount
+
+    // The restarted daemon finds the upper and commits it.
+    d.restart().unwrap();
+    wait_for_commits(&d, &store, "fn/crash", 1);
+    let m = d
+        .mount_with(&store, &work.join("m2"), &["base:v1"], &vol)
+        .unwrap();
+    let log = fs::read_to_string(m.path("log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.len() as i64 > acked,
+        "{} records survived, {} were fsync'ed",
+        lines.len(),
+        acked + 1
+    );
+    for (i, line) in lines.iter().enumerate().take(acked as usize + 1) {
+        assert_eq!(*line, format!("record {i}"));
+    }
+    let mut want = table.clone();
+    for i in (0..=acked).step_by(10) {
+        assert_eq!(
+            fs::read(m.path(&format!("files/f{i}"))).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+        let at = ((i as u64 * 4096) % (3 << 20)) as usize;
+        want[at..at + 8].copy_from_slice(&i.to_le_bytes());
+    }
+    // The record after the last acknowledged one may have reached the table before the kill.
+    let next = (acked / 10 + 1) * 10;
+    let mut or_next = want.clone();
+    let at = ((next as u64 * 4096) % (3 << 20)) as usize;
+    or_next[at..at + 8].copy_from_slice(&next.to_le_bytes());
+    let got = fs::read(m.path("table.bin")).unwrap();
+    let diff = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert!(
+        got == want || got == or_next,
+        "table.bin differs from the fsync'ed writes at {diff:?} (acked {acked})"
+    );
+    println!(
+        "{} records fsync'ed before kill -9; {} in the volume",
+        acked + 1,
+        lines.len()
+    );
+    drop(m);
+    assert!(d.scratch_dirs().is_empty());
+    let kept: Vec<_> = fs::read_dir(d.state_dir.join("uncommitted"))
+        .map(|e| e.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "left uncommitted: {kept:?}");
+    drop(d);
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn a_commit_while_the_store_is_down_is_kept_and_retried() {
+    let work = strata_tests::scratch_dir("volume-outage");
+    let store = garage::bucket("volume-outage");
+    let mut d = Daemon::start(env(), &work.join("host"), &[]).unwrap();
+    let endpoint = garage::shared().endpoint();
+    let target: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
+    // The mount reaches the store through a proxy that the test cuts before the commit.
+    let proxy = Proxy::start(0, target).unwrap();
+    let port = proxy.port;
+    let url = proxy.url();
+    let vol = ["--volume", "fn/outage", "--endpoint-url", &url];
+    let m = d.mount_with(&store, &work.join("m1"), &[], &vol).unwrap();
+    fs::write(m.path("kept.txt"), b"not lost").unwrap();
+    proxy.stop();
+    drop(m); // the commit fails: the store is unreachable
+    let kept = fs::read_dir(d.state_dir.join("uncommitted"))
+        .unwrap()
+        .count();
+    assert_eq!(kept, 1, "{}", d.log_text());
+    assert!(d.log_text().contains("commit failed"), "{}", d.log_text());
+    assert!(d.scratch_dirs().is_empty());
+
+    // The store is back; the daemon's next start commits the kept upper.
+    let _proxy = Proxy::start(port, target).unwrap();
+    d.stop().unwrap();
+    d.restart().unwrap();
+    wait_for_commits(&d, &store, "fn/outage", 1);
+    let m = d.mount_with(&store, &work.join("m2"), &[], &vol).unwrap();
+    assert_eq!(fs::read(m.path("kept.txt")).unwrap(), b"not lost");
+    drop(m);
+    assert_eq!(
+        fs::read_dir(d.state_dir.join("uncommitted"))
+            .unwrap()
+            .count(),
+        0
+    );
+    drop(d);
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn two_hosts_committing_at_once_keep_everything_on_a_store_that_enforces_cas() {
+    let work = strata_tests::scratch_dir("volume-cas");
+    let store = strata_tests::moto::bucket("volume-cas");
+    let env = strata_tests::moto::shared().env();
+    let a = Daemon::start(env.clone(), &work.join("host-a"), &[]).unwrap();
+    let b = Daemon::start(env, &work.join("host-b"), &[]).unwrap();
+    let vol = ["--volume", "fn/cas"];
+    let unmount_together = |x: strata_tests::daemon::DaemonMount,
+                            y: strata_tests::daemon::DaemonMount| {
+        std::thread::scope(|s| {
+            s.spawn(move || drop(x));
+            s.spawn(move || drop(y));
+        });
+    };
+
+    // Different paths: both commits land, in either order.
+    let ma = a.mount_with(&store, &work.join("a1"), &[], &vol).unwrap();
+    let mb = b.mount_with(&store, &work.join("b1"), &[], &vol).unwrap();
+    fs::write(ma.path("from-a"), b"a").unwrap();
+    fs::write(mb.path("from-b"), b"b").unwrap();
+    unmount_together(ma, mb);
+    let v = wait_for_commits(&a, &store, "fn/cas", 2);
+    assert_eq!(v["commits"].as_array().unwrap().len(), 2, "{v}");
+    {
+        let m = b.mount_with(&store, &work.join("b2"), &[], &vol).unwrap();
+        assert_eq!(fs::read(m.path("from-a")).unwrap(), b"a");
+        assert_eq!(fs::read(m.path("from-b")).unwrap(), b"b");
+    }
+
+    // The same path: one lands, the other is a conflict; both versions can be read.
+    let ma = a.mount_with(&store, &work.join("a3"), &[], &vol).unwrap();
+    let mb = b.mount_with(&store, &work.join("b3"), &[], &vol).unwrap();
+    fs::write(ma.path("shared"), b"version a").unwrap();
+    fs::write(mb.path("shared"), b"version b").unwrap();
+    unmount_together(ma, mb);
+    let show = a
+        .strata()
+        .ok(&["volume", "show", &store, "fn/cas", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["commits"].as_array().unwrap().len(), 3, "{show}");
+    let conflicts = v["conflicts"].as_array().unwrap();
+    assert_eq!(conflicts.len(), 1, "{show}");
+    assert_eq!(conflicts[0]["paths"][0], "shared");
+    let logs = format!("{}{}", a.log_text(), b.log_text());
+    assert!(
+        logs.contains("a newer commit changed the same paths (shared)"),
+        "{logs}"
+    );
+    let head = {
+        let m = a.mount_with(&store, &work.join("a4"), &[], &vol).unwrap();
+        fs::read(m.path("shared")).unwrap()
+    };
+    let layers: Vec<String> = conflicts[0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| format!("cas@{}", l.as_str().unwrap()))
+        .collect();
+    let refs: Vec<&str> = layers.iter().map(|s| s.as_str()).collect();
+    let kept = a
+        .mount_with(&store, &work.join("kept"), &refs, &["--read-only"])
+        .unwrap();
+    let mut both = [head, fs::read(kept.path("shared")).unwrap()];
+    both.sort();
+    assert_eq!(both, [b"version a".to_vec(), b"version b".to_vec()]);
+    drop((kept, a, b));
     let _ = fs::remove_dir_all(&work);
 }

@@ -142,6 +142,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     let upper = scratch.as_ref().map(|s| UpperConfig {
         dir: s.0.clone(),
         quota: a.scratch_size,
+        journal: false,
     });
     let tree = Arc::new(MountTree::new(stack, upper)?);
     let session = strata_fs::fuse::mount(

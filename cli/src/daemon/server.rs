@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::protocol::{
     LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply, MAX_REQUEST,
 };
+use super::volumes::{self, VolumeMount};
 
 /// Everything the daemon is started with, after flags, environment and config file are merged.
 #[derive(Debug, Clone)]
@@ -67,87 +68,6 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 /// How long an unmount waits for a volume's commit.
 const COMMIT_WAIT: Duration = Duration::from_secs(600);
 
-/// A mount of a persistent volume: what to commit to, from which head.
-struct VolumeMount {
-    volume: VolumeRef,
-    head: volume::VolumeHead,
-    version: Option<cache::Version>,
-    store: Arc<dyn Store>,
-}
-
-impl VolumeMount {
-    /// Commits `tree`'s changes; whether the scratch may go (they are committed, or there
-    /// were none). On failure the scratch is moved to `<state-dir>/uncommitted/` and logged:
-    /// never dropped.
-    fn commit_after(
-        &self,
-        tree: &MountTree,
-        runtime: &tokio::runtime::Handle,
-        scratch: Option<&Path>,
-    ) -> bool {
-        let Some(scratch) = scratch else {
-            return true;
-        };
-        let staging = scratch.with_extension("stage");
-        let result = runtime.block_on(volume::commit(
-            &self.store,
-            &self.volume,
-            tree,
-            (&self.head, self.version.as_ref()),
-            &staging,
-        ));
-        match result {
-            Ok(c) if c.conflict.is_some() => {
-                let message = c.conflict_message(&self.volume).unwrap_or_default();
-                tracing::error!("{message}");
-                true
-            }
-            Ok(c) => {
-                match (&c.commit, &c.report) {
-                    (Some(commit), Some(report)) => tracing::info!(
-                        "committed volume {}: layer {}, {} changes, {} bytes uploaded",
-                        self.volume,
-                        commit.layer,
-                        commit.changes,
-                        report.bytes_uploaded
-                    ),
-                    _ => tracing::info!("volume {}: nothing to commit", self.volume),
-                }
-                true
-            }
-            Err(e) => {
-                let kept = scratch.parent().and_then(|p| p.parent()).map(|state| {
-                    state.join("uncommitted").join(format!(
-                        "{}-{}-{}",
-                        self.volume.scope,
-                        self.volume.name,
-                        scratch
-                            .file_name()
-                            .map_or("x".into(), |n| n.to_string_lossy())
-                    ))
-                });
-                if let Some(kept) = &kept {
-                    let _ = std::fs::create_dir_all(kept.parent().unwrap_or(kept));
-                    if std::fs::rename(scratch, kept).is_ok() {
-                        tracing::error!(
-                            "volume {}: commit failed ({e}); the upper is kept in {}",
-                            self.volume,
-                            kept.display()
-                        );
-                        return false;
-                    }
-                }
-                tracing::error!(
-                    "volume {}: commit failed ({e}); the upper stays in {}",
-                    self.volume,
-                    scratch.display()
-                );
-                false
-            }
-        }
-    }
-}
-
 impl Daemon {
     /// Takes the cache dir, cleans up mounts a crashed daemon left behind and opens the cache.
     pub fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
@@ -157,7 +77,7 @@ impl Daemon {
                 mp.display()
             );
         }
-        clean_scratch(&config.state_dir)?;
+        volumes::clean_scratch(&config.state_dir)?;
         let cache = ChunkCache::new(&CacheConfig {
             disk_dir: Some(config.cache_dir.clone()),
             disk_capacity: config.cache_size,
@@ -191,6 +111,7 @@ impl Daemon {
             "strata: daemon listening on {}",
             self.config.socket.display()
         );
+        let retries = tokio::spawn(Arc::clone(&self).commit_kept_uppers());
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -211,11 +132,38 @@ impl Daemon {
                 _ = sigint.recv() => break,
             }
         }
+        retries.abort();
         tracing::info!("shutting down: unmounting everything");
         drop(listener);
         let _ = std::fs::remove_file(&self.config.socket);
         self.unmount_all().await;
         Ok(())
+    }
+
+    /// Commits the volume uppers kept by failed commits or a crash: now, then every
+    /// [`volumes::RETRY_EVERY`] while any are left.
+    async fn commit_kept_uppers(self: Arc<Self>) {
+        loop {
+            for dir in volumes::kept_uppers(&self.config.state_dir) {
+                if let Err(e) = self.commit_kept(&dir).await {
+                    tracing::warn!(
+                        "{e:#}; kept in {}, retrying in {}s",
+                        dir.display(),
+                        volumes::RETRY_EVERY.as_secs()
+                    );
+                }
+            }
+            tokio::time::sleep(volumes::RETRY_EVERY).await;
+        }
+    }
+
+    async fn commit_kept(&self, dir: &Path) -> anyhow::Result<()> {
+        let record = volumes::read_record(dir)?;
+        let store = self
+            .store(&record.store, record.endpoint_url.clone())
+            .await?;
+        let reader = self.cache.reader(store.clone());
+        volumes::commit_kept(dir, &record, store, reader, &self.config.cache_dir).await
     }
 
     async fn handle(&self, stream: UnixStream) -> anyhow::Result<()> {
@@ -310,7 +258,7 @@ impl Daemon {
     async fn mount_reserved(&self, spec: MountSpec) -> anyhow::Result<MountInfo> {
         let mp = spec.mountpoint;
         strata_fs::fuse::check_mountpoint(&mp)?;
-        let store = self.store(&spec.store, spec.endpoint_url).await?;
+        let store = self.store(&spec.store, spec.endpoint_url.clone()).await?;
         let mut layers =
             crate::cmd::load_layers(&store, &spec.layers, Some(&self.config.cache_dir)).await?;
         let mut layer_info: Vec<LayerInfo> = spec
@@ -354,7 +302,12 @@ impl Daemon {
         let stack = Arc::new(LayerStack::new(layers, reader.clone())?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let scratch = (!spec.read_only).then(|| scratch_dir(&self.config.state_dir, id));
-        let mounted = self.mount_tree(stack, &mp, scratch.as_deref(), spec.scratch_size);
+        let upper = scratch.as_deref().map(|dir| Upper {
+            dir,
+            quota: spec.scratch_size,
+            volume: volume.as_ref().map(|v| (v, spec.endpoint_url.clone())),
+        });
+        let mounted = self.mount_tree(stack, &mp, upper);
         let (session, tree) = match mounted {
             Ok(s) => s,
             Err(e) => {
@@ -389,6 +342,7 @@ impl Daemon {
         // The session ends when the mount goes away, whoever unmounted it; forget it then.
         let mounts = Arc::clone(&self.mounts);
         let runtime = tokio::runtime::Handle::current();
+        let state_dir = self.config.state_dir.clone();
         std::thread::Builder::new()
             .name(format!("strata-mount-{id}"))
             .spawn(move || {
@@ -402,9 +356,9 @@ impl Daemon {
                 drop(mounts);
                 // The session is over and its files closed: a volume's changes are committed;
                 // then the scratch goes, unless it holds changes that could not be committed.
-                let remove = match &volume {
-                    Some(vm) => vm.commit_after(&tree, &runtime, scratch.as_deref()),
-                    None => true,
+                let remove = match (&volume, &scratch) {
+                    (Some(vm), Some(dir)) => vm.commit_after(&tree, &runtime, dir, &state_dir),
+                    _ => true,
                 };
                 drop(tree);
                 if let (Some(dir), true) = (&scratch, remove) {
@@ -440,21 +394,25 @@ impl Daemon {
         Ok(Layer::load(store, digest, Some(&self.config.cache_dir)).await?)
     }
 
-    /// Mounts `stack` with a scratch upper in `scratch` (a new private directory), or
-    /// read-only.
+    /// Mounts `stack` with a scratch upper (in a new private directory), or read-only.
     fn mount_tree(
         &self,
         stack: Arc<LayerStack>,
         mp: &Path,
-        scratch: Option<&Path>,
-        scratch_size: Option<u64>,
+        upper: Option<Upper<'_>>,
     ) -> anyhow::Result<(strata_fs::fuse::MountedSession, Arc<MountTree>)> {
-        let upper = match scratch {
-            Some(dir) => {
-                make_private_dir(dir)?;
+        let upper = match upper {
+            Some(u) => {
+                make_private_dir(u.dir)?;
+                let journal = u.volume.is_some();
+                if let Some((volume, endpoint)) = u.volume {
+                    let digests: Vec<_> = stack.layers().iter().map(|l| l.digest).collect();
+                    volume.write_record(u.dir, endpoint, &digests)?;
+                }
                 Some(UpperConfig {
-                    dir: dir.to_path_buf(),
-                    quota: scratch_size,
+                    dir: u.dir.to_path_buf(),
+                    quota: u.quota,
+                    journal,
                 })
             }
             None => None,
@@ -554,6 +512,13 @@ impl Daemon {
     }
 }
 
+/// A mount's upper: its directory, quota, and the volume it commits to.
+struct Upper<'a> {
+    dir: &'a Path,
+    quota: Option<u64>,
+    volume: Option<(&'a VolumeMount, Option<String>)>,
+}
+
 fn scratch_dir(state_dir: &Path, id: u64) -> PathBuf {
     state_dir.join("scratch").join(id.to_string())
 }
@@ -569,25 +534,6 @@ fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating scratch dir {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", dir.display()))?;
-    Ok(())
-}
-
-/// Removes the scratch uppers a crashed daemon left behind: their mounts are gone.
-fn clean_scratch(state_dir: &Path) -> anyhow::Result<()> {
-    let root = state_dir.join("scratch");
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        tracing::warn!("removing scratch {} left by an earlier run", path.display());
-        let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.with_context(|| format!("removing {}", path.display()))?;
-    }
     Ok(())
 }
 

@@ -280,7 +280,7 @@ proptest! {
             let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
             let t = MountTree::new(
                 stack,
-                Some(UpperConfig { dir: tmp.path().join("upper"), quota: None }),
+                Some(UpperConfig { dir: tmp.path().join("upper"), quota: None, journal: false }),
             )
             .unwrap();
             let plain = tmp.path().join("plain");

@@ -125,6 +125,9 @@ impl MountTree {
                 }
             }
         }
+        if write {
+            tree.unsynced.insert(ino);
+        }
         *tree.opens.entry(ino).or_insert(0) += 1;
         Ok(())
     }
@@ -433,6 +436,7 @@ impl MountTree {
         n.stat.size = size;
         let old_charge = std::mem::replace(&mut n.charged, new_charge);
         tree.used = tree.used.saturating_sub(old_charge) + new_charge;
+        tree.unsynced.insert(ino);
         Ok(())
     }
 
@@ -475,7 +479,13 @@ impl MountTree {
         } else {
             file.sync_all()
         };
-        r.map_err(|e| io_err("fsync", e))
+        r.map_err(|e| io_err("fsync", e))?;
+        self.save_journal()
+    }
+
+    /// fsync of a directory: its entries are durable once the journal holds them.
+    pub fn fsyncdir(&self) -> FsResult<()> {
+        self.save_journal()
     }
 }
 

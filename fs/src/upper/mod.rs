@@ -21,6 +21,7 @@ mod changes;
 #[cfg(test)]
 mod changes_tests;
 mod data;
+mod journal;
 mod node;
 mod stage;
 #[cfg(test)]
@@ -33,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 pub use changes::Change;
+pub use journal::JOURNAL_FILE;
 use node::{Body, Data, Node};
 pub use node::{NodeKind, Stat};
 
@@ -56,6 +58,10 @@ pub struct UpperConfig {
     pub dir: PathBuf,
     /// Bytes the data files may take on disk; writes past it answer ENOSPC.
     pub quota: Option<u64>,
+    /// Keep a journal of the upper's records in `dir`, written on every fsync, so what was
+    /// fsync'ed can be recovered after a crash ([`MountTree::recover`]). Persistent volumes
+    /// need it; a scratch that dies with its mount does not.
+    pub journal: bool,
 }
 
 /// The changes `setattr` asks for.
@@ -112,6 +118,9 @@ struct Tree {
     lookups: std::collections::HashMap<u64, u64>,
     /// Bytes the data files take (their allocated blocks), plus writes under way.
     used: u64,
+    /// Files whose data file may hold bytes not yet on disk (opened for writing, truncated or
+    /// made since the journal was last written); see [`MountTree::save_journal`].
+    unsynced: std::collections::HashSet<u64>,
 }
 
 /// The mount's tree: read-only layers and, for a writable mount, the upper.
@@ -120,6 +129,8 @@ pub struct MountTree {
     upper: Option<UpperConfig>,
     tree: Mutex<Tree>,
     next_ino: AtomicU64,
+    /// The hash of the journal last written (journaled uppers only); also serializes writers.
+    journal_written: Mutex<Option<blake3::Hash>>,
 }
 
 fn errno(e: i32) -> FsError {
@@ -154,8 +165,10 @@ impl MountTree {
                 opens: Default::default(),
                 lookups: Default::default(),
                 used: 0,
+                unsynced: Default::default(),
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
+            journal_written: Mutex::new(None),
         })
     }
 

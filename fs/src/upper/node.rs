@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
 use crate::stack::{Attr, FileKind};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeKind {
     Dir,
     File,
@@ -44,7 +46,7 @@ impl From<FileKind> for NodeKind {
 }
 
 /// A node's attributes, as `stat` reports them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stat {
     pub ino: u64,
     pub kind: NodeKind,
@@ -96,7 +98,7 @@ impl Stat {
 }
 
 /// Where a regular file's bytes are.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Data {
     /// Unchanged: all in the lower layers (the node's inode number names the lower file).
     Lower,
@@ -107,7 +109,7 @@ pub enum Data {
     Local,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Body {
     /// `entries: None` while the listing is still the lower directory's (inode `lower`);
     /// from its first change on, the whole listing (name → inode).
@@ -118,8 +120,10 @@ pub enum Body {
     File {
         data: Data,
         /// Open on the data file while the node has open handles.
+        #[serde(skip)]
         file: Option<Arc<std::fs::File>>,
         /// Serializes writes to this file: a write may first have to copy blocks up.
+        #[serde(skip)]
         write_lock: Arc<tokio::sync::Mutex<()>>,
     },
     Symlink(Vec<u8>),
@@ -127,7 +131,7 @@ pub enum Body {
     Special,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Node {
     pub stat: Stat,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,

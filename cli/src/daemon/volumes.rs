@@ -1,0 +1,253 @@
+//! Volume mounts in the daemon: committing a mount's changes when it ends, and keeping them
+//! when that cannot happen (a conflict, the store down, the daemon killed).
+//!
+//! - At mount, `<scratch>/volume.json` records what the upper belongs to: the store, the
+//!   volume, the head it started from and the exact layer stack. The upper keeps a journal
+//!   of its records, written on every fsync (see `MountTree::save_journal`).
+//! - A commit that fails moves the upper to `<state-dir>/uncommitted/<name>`. At start, the
+//!   daemon moves there the scratch of every volume mount a crash left behind.
+//! - [`commit_kept`] rebuilds such an upper from its journal over the same stack and commits
+//!   it; the daemon runs it at start and then every [`RETRY_EVERY`] until it lands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cache::{ChunkReader, Digest, Store, Version};
+use serde::{Deserialize, Serialize};
+use strata_fs::layer::Layer;
+use strata_fs::stack::LayerStack;
+use strata_fs::upper::{MountTree, UpperConfig};
+use strata_fs::volume::{self, VolumeHead, VolumeRef};
+
+/// The record's file name in a volume mount's scratch (data files are named in hex).
+pub const RECORD_FILE: &str = "volume.json";
+/// How often kept uppers are tried again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(30);
+
+/// What a volume mount's upper belongs to: enough to commit it without the mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub store: String,
+    pub endpoint_url: Option<String>,
+    pub volume: String,
+    /// The head the mount started from, and the store version it was read at.
+    pub head: VolumeHead,
+    pub version: Option<String>,
+    /// Every layer under the upper, bottom to top (the datasets', then the volume's chain).
+    pub layers: Vec<String>,
+}
+
+/// A mount of a persistent volume: what to commit to, from which head.
+pub struct VolumeMount {
+    pub volume: VolumeRef,
+    pub head: VolumeHead,
+    pub version: Option<Version>,
+    pub store: Arc<dyn Store>,
+}
+
+impl VolumeMount {
+    /// Writes the record into a new mount's scratch, durably: the journal is useless without it.
+    pub fn write_record(
+        &self,
+        scratch: &Path,
+        endpoint_url: Option<String>,
+        layers: &[Digest],
+    ) -> anyhow::Result<()> {
+        let record = VolumeRecord {
+            store: self.store.url().to_string(),
+            endpoint_url,
+            volume: self.volume.to_string(),
+            head: self.head.clone(),
+            version: self.version.as_ref().map(|v| v.0.clone()),
+            layers: layers.iter().map(|d| d.to_string()).collect(),
+        };
+        let path = scratch.join(RECORD_FILE);
+        let write = || -> std::io::Result<()> {
+            std::fs::write(&path, serde_json::to_vec_pretty(&record)?)?;
+            std::fs::File::open(&path)?.sync_all()?;
+            std::fs::File::open(scratch)?.sync_all()
+        };
+        write().with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Commits `tree`'s changes; whether the scratch may go (they are committed, kept as a
+    /// conflict in the store, or there were none). On failure the upper, its journal written,
+    /// is moved to `<state-dir>/uncommitted/` to be retried: never dropped.
+    pub fn commit_after(
+        &self,
+        tree: &MountTree,
+        runtime: &tokio::runtime::Handle,
+        scratch: &Path,
+        state_dir: &Path,
+    ) -> bool {
+        let staging = scratch.with_extension("stage");
+        let result = runtime.block_on(volume::commit(
+            &self.store,
+            &self.volume,
+            tree,
+            (&self.head, self.version.as_ref()),
+            &staging,
+        ));
+        match result {
+            Ok(c) => {
+                log_committed(&self.volume, &c);
+                true
+            }
+            Err(e) => {
+                let saved = tree.save_journal();
+                let kept = uncommitted_dir(state_dir, scratch);
+                let moved = saved.is_ok()
+                    && std::fs::create_dir_all(state_dir.join("uncommitted")).is_ok()
+                    && std::fs::rename(scratch, &kept).is_ok();
+                if moved {
+                    tracing::error!(
+                        "volume {}: commit failed ({e}); the upper is kept in {} and retried \
+                         every {}s",
+                        self.volume,
+                        kept.display(),
+                        RETRY_EVERY.as_secs()
+                    );
+                } else {
+                    tracing::error!(
+                        "volume {}: commit failed ({e}); the upper stays in {}",
+                        self.volume,
+                        scratch.display()
+                    );
+                }
+                false
+            }
+        }
+    }
+}
+
+fn log_committed(v: &VolumeRef, c: &volume::Committed) {
+    if let Some(message) = c.conflict_message(v) {
+        tracing::error!("{message}");
+        return;
+    }
+    match (&c.commit, &c.report) {
+        (Some(commit), Some(report)) => tracing::info!(
+            "committed volume {v}: layer {}, {} changes, {} bytes uploaded",
+            commit.layer,
+            commit.changes,
+            report.bytes_uploaded
+        ),
+        _ => tracing::info!("volume {v}: nothing to commit"),
+    }
+}
+
+fn uncommitted_dir(state_dir: &Path, scratch: &Path) -> PathBuf {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = scratch
+        .file_name()
+        .map_or("x".into(), |n| n.to_string_lossy());
+    state_dir
+        .join("uncommitted")
+        .join(format!("{stamp:x}-{id}"))
+}
+
+/// At start: removes the scratch uppers a crashed daemon left behind (their mounts are gone),
+/// except volume uppers, which move to `uncommitted/` to be committed.
+pub fn clean_scratch(state_dir: &Path) -> anyhow::Result<()> {
+    let root = state_dir.join("scratch");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && path.join(RECORD_FILE).exists() {
+            let kept = uncommitted_dir(state_dir, &path);
+            std::fs::create_dir_all(state_dir.join("uncommitted"))
+                .and_then(|()| std::fs::rename(&path, &kept))
+                .with_context(|| format!("setting aside volume upper {}", path.display()))?;
+            tracing::warn!(
+                "volume upper {} was left by an earlier run; committing it from {}",
+                path.display(),
+                kept.display()
+            );
+            continue;
+        }
+        tracing::warn!("removing scratch {} left by an earlier run", path.display());
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The kept uppers waiting for a commit, oldest first.
+pub fn kept_uppers(state_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(state_dir.join("uncommitted"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+pub fn read_record(dir: &Path) -> anyhow::Result<VolumeRecord> {
+    let path = dir.join(RECORD_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Commits a kept upper in `dir` (see the module docs) through `store`; on success (or when
+/// there is nothing to recover) the directory is removed. An error leaves it for next time.
+pub async fn commit_kept(
+    dir: &Path,
+    record: &VolumeRecord,
+    store: Arc<dyn Store>,
+    reader: ChunkReader,
+    cache_dir: &Path,
+) -> anyhow::Result<()> {
+    let v = VolumeRef::parse(&record.volume)?;
+    if !dir.join(strata_fs::upper::JOURNAL_FILE).exists() {
+        // Nothing was fsync'ed before the crash: there is nothing it promised to keep.
+        tracing::warn!(
+            "volume {v}: the upper in {} has no journal (nothing was fsync'ed); dropping it",
+            dir.display()
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        return Ok(());
+    }
+    let mut layers = Vec::new();
+    for l in &record.layers {
+        let digest = Digest::parse(l).with_context(|| format!("{}: layer {l}", dir.display()))?;
+        layers.push(Layer::load(&store, digest, Some(cache_dir)).await?);
+    }
+    let stack = Arc::new(LayerStack::new(layers, reader)?);
+    let upper = UpperConfig {
+        dir: dir.to_path_buf(),
+        quota: None,
+        journal: true,
+    };
+    let tree = MountTree::recover(stack, upper)?;
+    let version = record.version.clone().map(Version);
+    let staging = dir.with_extension("stage");
+    let committed = volume::commit(
+        &store,
+        &v,
+        &tree,
+        (&record.head, version.as_ref()),
+        &staging,
+    )
+    .await
+    .with_context(|| format!("committing volume {v} from {}", dir.display()))?;
+    log_committed(&v, &committed);
+    drop(tree);
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
