@@ -3,6 +3,7 @@
 
 mod cmd;
 mod daemon;
+mod sandbox;
 mod units;
 
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ enum Command {
     Stats(cmd::status::StatsArgs),
     /// Persistent volumes in a store: ls, show, history, rm.
     Volume(cmd::volume::VolumeArgs),
+    /// Run CMD as one invocation: datasets and a volume mounted through the daemon, in a
+    /// sandbox of its own (mount, PID, IPC and UTS namespaces); its exit status is returned.
+    Run(cmd::run::RunArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -101,6 +105,11 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> ExitCode {
+    // The sandbox helper `strata run` starts: no runtime, no logging, a plain process.
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == sandbox::HELPER_ARG {
+        return ExitCode::from(sandbox::helper_main(&args[2]).clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -126,12 +135,14 @@ fn main() -> ExitCode {
             Command::Mounts(a) => cmd::status::mounts(&g, a).await,
             Command::Stats(a) => cmd::status::stats(&g, a).await,
             Command::Volume(a) => cmd::volume::run(&g, a).await,
+            Command::Run(a) => return cmd::run::run(&g, a).await,
         }
+        .map(|()| 0)
     });
     // Background fetches may still be running; do not wait for them.
     runtime.shutdown_background();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("strata: {e:#}");
             ExitCode::FAILURE

@@ -4,6 +4,7 @@ pub mod inspect;
 pub mod ls;
 pub mod mount;
 pub mod publish;
+pub mod run;
 pub mod status;
 pub mod volume;
 

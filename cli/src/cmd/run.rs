@@ -1,0 +1,303 @@
+//! `strata run`: one invocation of a command with its datasets and volume, in a sandbox.
+//!
+//! The daemon mounts the datasets (a scratch upper each) and the volume under a private run
+//! directory beside its socket; the command runs in the sandbox of [`crate::sandbox`] with
+//! those mounts at their paths; afterwards the daemon unmounts them (the scratch goes, the
+//! volume commits) and the run directory is removed, whatever the command did.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::daemon::protocol::{self, MountInfo, MountSpec, Request};
+use crate::sandbox::{SandboxSpec, HELPER_ARG};
+use crate::units::parse_size;
+use crate::GlobalArgs;
+
+const DEFAULT_DATA: &str = "/data";
+const DEFAULT_PERSIST: &str = "/persist";
+/// Variables passed from the caller's environment unless `--env` says otherwise; nothing
+/// else is (no AWS_*, no STRATA_*, no tokens).
+const PASSED_ENV: &[&str] = &["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM", "TZ"];
+/// How long a signalled command has to exit before the sandbox is killed.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Store URL.
+    store: String,
+    /// A dataset NAME:TAG (or NAME@blake3:…), mounted with a scratch upper at /data or at
+    /// `:PATH`; datasets given the same path are stacked (the last on top).
+    #[arg(long = "dataset", value_name = "NAME:TAG[:PATH]")]
+    datasets: Vec<String>,
+    /// A persistent volume, mounted at /persist or at `:PATH` and committed when CMD ends.
+    #[arg(long, value_name = "SCOPE/NAME[:PATH]")]
+    volume: Option<String>,
+    /// Cap on the bytes each scratch upper (and the volume's upper) takes on disk.
+    #[arg(long, value_parser = parse_size)]
+    scratch_size: Option<u64>,
+    /// CMD's working directory [default: /data, or / without a dataset].
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Run CMD as this user id (it can read the layers and write where their modes allow).
+    #[arg(long, default_value_t = 0)]
+    uid: u32,
+    /// Run CMD with this group id (and no supplementary groups).
+    #[arg(long, default_value_t = 0)]
+    gid: u32,
+    /// Set a variable in CMD's environment (KEY=VALUE), or pass KEY from this one. CMD gets
+    /// only these, PATH, HOME=/tmp and the locale and terminal variables.
+    #[arg(long = "env", value_name = "KEY[=VALUE]")]
+    env: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Where one mount of the run goes.
+struct Planned {
+    path: PathBuf,
+    layers: Vec<String>,
+    volume: Option<String>,
+}
+
+fn sandbox_path(p: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(p);
+    let normal = path.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    });
+    if !path.is_absolute() || !normal || path == Path::new("/") {
+        bail!("{what}: {p:?} must be an absolute path below / without . or ..");
+    }
+    Ok(path)
+}
+
+fn plan(a: &RunArgs) -> anyhow::Result<Vec<Planned>> {
+    let mut by_path: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+    for d in &a.datasets {
+        let (dataset, path) = match d.find(":/") {
+            Some(i) => (&d[..i], &d[i + 1..]),
+            None => (d.as_str(), DEFAULT_DATA),
+        };
+        strata_fs::refs::DatasetRef::parse(dataset).with_context(|| format!("--dataset {d:?}"))?;
+        let path = sandbox_path(path, &format!("--dataset {d:?}"))?;
+        by_path.entry(path).or_default().push(dataset.to_string());
+    }
+    let mut out: Vec<Planned> = by_path
+        .into_iter()
+        .map(|(path, layers)| Planned {
+            path,
+            layers,
+            volume: None,
+        })
+        .collect();
+    if let Some(v) = &a.volume {
+        let (name, path) = v.split_once(':').unwrap_or((v, DEFAULT_PERSIST));
+        strata_fs::volume::VolumeRef::parse(name).with_context(|| format!("--volume {v:?}"))?;
+        let path = sandbox_path(path, &format!("--volume {v:?}"))?;
+        out.push(Planned {
+            path,
+            layers: Vec::new(),
+            volume: Some(name.to_string()),
+        });
+    }
+    for x in &out {
+        for y in &out {
+            if !std::ptr::eq(x, y) && x.path.starts_with(&y.path) {
+                bail!(
+                    "mount paths must not overlap: {} is inside {}",
+                    x.path.display(),
+                    y.path.display()
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn sandbox_env(a: &RunArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), DEFAULT_PATH.into());
+    env.insert("HOME".into(), "/tmp".into());
+    for k in PASSED_ENV {
+        if let Ok(v) = std::env::var(k) {
+            env.insert(k.to_string(), v);
+        }
+    }
+    for e in &a.env {
+        match e.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                env.insert(k.into(), v.into());
+            }
+            None if !e.is_empty() => {
+                if let Ok(v) = std::env::var(e) {
+                    env.insert(e.clone(), v);
+                }
+            }
+            _ => bail!("--env {e:?}: expected KEY=VALUE or KEY"),
+        }
+    }
+    Ok(env.into_iter().collect())
+}
+
+/// The run's private directory: its mountpoints and the sandbox's root. Beside the daemon's
+/// socket (root-only), so no other user can reach the mounts through it.
+fn make_run_dir(socket: &Path) -> anyhow::Result<PathBuf> {
+    let base = socket
+        .parent()
+        .unwrap_or(Path::new("/run/strata"))
+        .join("runs");
+    let dir = base.join(format!(
+        "{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating run dir {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs CMD; returns its exit status (128 + N when a signal N ended it).
+pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("strata run needs root: it makes mount and PID namespaces");
+    }
+    let planned = plan(&a)?;
+    let env = sandbox_env(&a)?;
+    let workdir = match &a.workdir {
+        Some(w) => {
+            if !w.is_absolute() {
+                bail!("--workdir {} must be absolute", w.display());
+            }
+            w.clone()
+        }
+        None if planned.iter().any(|p| p.path == Path::new(DEFAULT_DATA)) => DEFAULT_DATA.into(),
+        None => PathBuf::from("/"),
+    };
+    let socket = g.socket();
+    let run_dir = make_run_dir(&socket)?;
+    let mut mounted: Vec<PathBuf> = Vec::new();
+    let result = async {
+        let mut binds = Vec::new();
+        for (i, p) in planned.iter().enumerate() {
+            let mountpoint = run_dir.join(format!("m{i}"));
+            std::fs::create_dir(&mountpoint)
+                .with_context(|| format!("creating {}", mountpoint.display()))?;
+            let request = Request::Mount(MountSpec {
+                store: a.store.clone(),
+                endpoint_url: g.endpoint_url.clone(),
+                layers: p.layers.clone(),
+                mountpoint: mountpoint.clone(),
+                read_only: false,
+                scratch_size: a.scratch_size,
+                volume: p.volume.clone(),
+            });
+            let _: MountInfo = protocol::call(&socket, &request)
+                .await
+                .with_context(|| format!("mounting {}", p.path.display()))?;
+            mounted.push(mountpoint.clone());
+            binds.push((mountpoint, p.path.clone()));
+        }
+        let root = run_dir.join("root");
+        std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
+        let spec = SandboxSpec {
+            root,
+            binds,
+            workdir,
+            uid: a.uid,
+            gid: a.gid,
+            env,
+            argv: a.command.clone(),
+        };
+        run_sandbox(&spec).await
+    }
+    .await;
+    // Teardown, whatever happened: scratch removed, volume committed, mounts gone.
+    let mut teardown = Ok(());
+    for mp in mounted.iter().rev() {
+        let request = Request::Unmount {
+            mountpoint: mp.clone(),
+            lazy: false,
+        };
+        if let Err(e) = protocol::call::<MountInfo>(&socket, &request).await {
+            tracing::error!("unmounting {}: {e:#}", mp.display());
+            teardown = Err(e).with_context(|| format!("unmounting {}", mp.display()));
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(&run_dir) {
+        tracing::warn!("removing run dir {}: {e}", run_dir.display());
+    }
+    let code = result?;
+    teardown?;
+    Ok(code)
+}
+
+/// Starts the sandbox helper in new namespaces and waits for it; a signal to `strata run`
+/// ends the sandbox (its processes die with the helper).
+async fn run_sandbox(spec: &SandboxSpec) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("finding the strata binary")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg(HELPER_ARG)
+        .arg(serde_json::to_string(spec)?)
+        .env_clear()
+        .kill_on_drop(true);
+    // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let flags =
+                libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the sandbox")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let status = tokio::select! {
+        status = child.wait() => status.context("waiting for the sandbox")?,
+        _ = sigterm.recv() => return stop(child, libc::SIGTERM).await,
+        _ = sigint.recv() => return stop(child, libc::SIGINT).await,
+    };
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        _ => 125,
+    })
+}
+
+/// Passes `sig` on to the command (through the helper and the sandbox's init); after
+/// [`STOP_GRACE`] the sandbox is killed.
+async fn stop(mut child: tokio::process::Child, sig: i32) -> anyhow::Result<i32> {
+    tracing::warn!("signal {sig}: stopping the command");
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            let status = status.context("waiting for the sandbox")?;
+            Ok(status.code().unwrap_or(128 + status.signal().unwrap_or(0)))
+        }
+        Err(_) => {
+            let _ = child.kill().await;
+            Ok(128 + sig)
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The sandbox `strata run` puts a command in, built with Linux namespaces directly.
+//!
+//! `strata run` starts `strata __sandbox SPEC` in new mount, PID, IPC and UTS namespaces
+//! (`unshare` before exec). That helper, single-threaded, builds a new root on a tmpfs:
+//!
+//! - the host's system directories (`/usr`, `/bin`, `/lib*`, `/etc`, `/opt`) bound read-only,
+//!   with `/etc/strata` hidden;
+//! - a minimal `/dev` (null, zero, full, random, urandom, tty), a private `/tmp` and
+//!   `/dev/shm`, and a fresh `/proc` of the new PID namespace;
+//! - the run's strata mounts (served by the daemon on the host) bound at their paths.
+//!
+//! Its child, PID 1 of the namespace, mounts `/proc`, pivots into the new root and detaches
+//! the old one (the host's tree, the daemon's socket and state, other runs' mounts are gone
+//! from its view) and drops to the run's uid/gid. It stays as a small init: it starts the
+//! command with only the environment it was given, passes signals on, reaps orphans, and
+//! exits with the command's status. The kernel then kills whatever was left running in the
+//! namespace, and the mounts' copies go with it.
+//!
+//! Namespaces rather than bubblewrap: the daemon host needs nothing installed beyond strata,
+//! and the mounts are the daemon's FUSE mounts, which bubblewrap would only bind like this.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The helper's argv[1].
+pub const HELPER_ARG: &str = "__sandbox";
+
+/// Host directories the sandbox sees, read-only (those that exist).
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+];
+/// Host directories hidden inside those (strata's own configuration).
+const HIDDEN_DIRS: &[&str] = &["/etc/strata"];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// What the helper builds and runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// An empty host directory the new root is mounted on.
+    pub root: PathBuf,
+    /// (host path, path in the sandbox): the run's strata mounts.
+    pub binds: Vec<(PathBuf, PathBuf)>,
+    pub workdir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub env: Vec<(String, String)>,
+    pub argv: Vec<String>,
+}
+
+fn cstr(p: impl AsRef<OsStr>) -> io::Result<CString> {
+    CString::new(p.as_ref().as_bytes()).map_err(|_| io::Error::other("path with a NUL byte"))
+}
+
+fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{}: {e}", what())))
+    }
+}
+
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstr).transpose()?;
+    let t = cstr(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null.
+    let rc = unsafe {
+        libc::mount(
+            ptr(&source),
+            t.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    };
+    check(rc, || format!("mounting {}", target.display()))
+}
+
+/// `path` (absolute, in the sandbox) under the new root.
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Binds `source` at `target` read-only (and without setuid or devices).
+fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
+    mount(
+        Some(source),
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )?;
+    mount(
+        None,
+        target,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )
+}
+
+/// Builds the new root under `spec.root` (in the helper's own mount namespace).
+fn build_root(spec: &SandboxSpec) -> io::Result<()> {
+    let root = &spec.root;
+    // Nothing done here may reach the host, and nothing the host mounts later reaches here.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    mount(
+        Some(Path::new("tmpfs")),
+        root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )?;
+    for dir in SYSTEM_DIRS {
+        let host = Path::new(dir);
+        let target = inside(root, host);
+        match std::fs::symlink_metadata(host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                std::os::unix::fs::symlink(std::fs::read_link(host)?, &target)?;
+            }
+            Ok(m) if m.is_dir() => {
+                std::fs::create_dir_all(&target)?;
+                bind_read_only(host, &target)?;
+            }
+            _ => {}
+        }
+    }
+    for dir in HIDDEN_DIRS {
+        let target = inside(root, Path::new(dir));
+        if target.is_dir() {
+            mount(
+                Some(Path::new("tmpfs")),
+                &target,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=0755,size=4k"),
+            )?;
+        }
+    }
+    let dev = inside(root, Path::new("/dev"));
+    std::fs::create_dir_all(&dev)?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    for name in DEVICES {
+        let host = Path::new("/dev").join(name);
+        if host.exists() {
+            let target = dev.join(name);
+            std::fs::File::create(&target)?;
+            mount(Some(&host), &target, None, libc::MS_BIND, None)?;
+        }
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    for (dir, options) in [("/dev/shm", "mode=1777"), ("/tmp", "mode=1777")] {
+        let target = inside(root, Path::new(dir));
+        std::fs::create_dir_all(&target)?;
+        mount(
+            Some(Path::new("tmpfs")),
+            &target,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(options),
+        )?;
+    }
+    std::fs::create_dir_all(inside(root, Path::new("/proc")))?;
+    for (host, path) in &spec.binds {
+        let target = inside(root, path);
+        std::fs::create_dir_all(&target)?;
+        mount(Some(host), &target, None, libc::MS_BIND, None)?;
+    }
+    // The root itself: read-only from here on (its mountpoints are made).
+    mount(
+        None,
+        root,
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )
+}
+
+/// In the command's process (PID 1 of the new namespace), before exec: its `/proc`, the
+/// switch of root, and the drop of privileges.
+fn enter(
+    root: &CString,
+    proc_dir: &CString,
+    workdir: &CString,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
+    let proc_type = c"proc";
+    let dot = c".";
+    // SAFETY: plain syscalls on NUL-terminated strings made before the fork.
+    unsafe {
+        check(
+            libc::mount(
+                proc_type.as_ptr(),
+                proc_dir.as_ptr(),
+                proc_type.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ),
+            || "mounting /proc".into(),
+        )?;
+        check(libc::chdir(root.as_ptr()), || {
+            "entering the new root".into()
+        })?;
+        check(
+            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
+            || "pivot_root".into(),
+        )?;
+        // The old root is now stacked under the new one: detach it, and the host with it.
+        check(libc::umount2(dot.as_ptr(), libc::MNT_DETACH), || {
+            "detaching the host's root".into()
+        })?;
+        check(libc::chdir(workdir.as_ptr()), || {
+            format!("entering the working directory {workdir:?}")
+        })?;
+        check(libc::setgroups(0, std::ptr::null()), || "setgroups".into())?;
+        check(libc::setgid(gid), || format!("setgid {gid}"))?;
+        check(libc::setuid(uid), || format!("setuid {uid}"))?;
+        // Set after setuid, which clears it: the command dies with its helper.
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL), || {
+            "prctl".into()
+        })?;
+    }
+    Ok(())
+}
+
+/// The helper's main: builds the root, runs the command, exits with its status.
+pub fn helper_main(spec_json: &str) -> i32 {
+    let spec: SandboxSpec = match serde_json::from_str(spec_json) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("strata run: bad sandbox spec: {e}");
+            return 125;
+        }
+    };
+    match run_helper(&spec) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("strata run: {e}");
+            125
+        }
+    }
+}
+
+fn run_helper(spec: &SandboxSpec) -> io::Result<i32> {
+    // SAFETY: prctl with plain integers; the helper dies with `strata run`.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    build_root(spec)?;
+    if spec.argv.is_empty() {
+        return Err(io::Error::other("no command to run"));
+    }
+    // Everything the forked processes need is made before the fork.
+    let root = cstr(&spec.root)?;
+    let proc_dir = cstr(inside(&spec.root, Path::new("/proc")))?;
+    let workdir = cstr(&spec.workdir)?;
+    let argv: Vec<CString> = spec.argv.iter().map(cstr).collect::<io::Result<_>>()?;
+    let envp: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstr(format!("{k}={v}")))
+        .collect::<io::Result<_>>()?;
+    let exec = Exec::new(&argv, &envp);
+    // SAFETY: the helper is single-threaded; the child only makes syscalls and runs `init`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = match enter(&root, &proc_dir, &workdir, spec.uid, spec.gid) {
+            Ok(()) => init(&exec),
+            Err(e) => {
+                eprintln!("strata run: {e}");
+                125
+            }
+        };
+        // SAFETY: leaving the forked child without running the helper's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    // A signal for the run goes to the sandbox's init, which passes it on to the command.
+    forward_signals_to(pid);
+    let status = wait_for(pid)?;
+    Ok(exit_code(status))
+}
+
+/// argv and envp as exec wants them (null-terminated pointer arrays).
+struct Exec {
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl Exec {
+    fn new(argv: &[CString], envp: &[CString]) -> Exec {
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
+        };
+        Exec {
+            argv: ptrs(argv),
+            envp: ptrs(envp),
+        }
+    }
+}
+
+static FORWARD_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = FORWARD_TO.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn forward_signals_to(pid: libc::pid_t) {
+    FORWARD_TO.store(pid, std::sync::atomic::Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: installing a handler that only calls kill.
+        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+    }
+}
+
+fn wait_for(pid: libc::pid_t) -> io::Result<libc::c_int> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            return Ok(status);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn exit_code(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        125
+    }
+}
+
+/// PID 1 of the sandbox: starts the command, passes signals on to it, reaps orphans, and
+/// returns the command's status. Its exit ends the namespace: the kernel kills whatever is
+/// left in it.
+fn init(exec: &Exec) -> i32 {
+    // SAFETY: fork in a single-threaded process; the child execs or exits at once.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return 125;
+    }
+    if pid == 0 {
+        // SAFETY: pointers into arrays that live until exec; on failure report and exit.
+        unsafe {
+            libc::execvpe(exec.argv[0], exec.argv.as_ptr(), exec.envp.as_ptr());
+            let e = io::Error::last_os_error();
+            let name = std::ffi::CStr::from_ptr(exec.argv[0]).to_string_lossy();
+            eprintln!("strata run: starting {name}: {e}");
+            libc::_exit(if e.kind() == io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    }
+    forward_signals_to(pid);
+    loop {
+        let mut status = 0;
+        // SAFETY: reaping any child of ours.
+        let rc = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if rc == pid {
+            return exit_code(status);
+        }
+        if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return 125;
+        }
+    }
+}
