@@ -73,6 +73,8 @@ enum Command {
     Mount(cmd::mount::MountArgs),
     /// Unmount a strata mount.
     Unmount(cmd::mount::UnmountArgs),
+    /// Commit a volume mount's changes so far (the mount goes on; unmounting commits too).
+    Commit(cmd::mount::CommitArgs),
     /// Run the host daemon: one chunk cache shared by every mount on this host.
     Daemon(cmd::daemon::DaemonArgs),
     /// List the daemon's mounts.
@@ -131,6 +133,7 @@ fn main() -> ExitCode {
             Command::Cat(a) => cmd::cat::run(&g, a).await,
             Command::Mount(a) => cmd::mount::run(&g, a).await,
             Command::Unmount(a) => cmd::mount::unmount(&g, a).await,
+            Command::Commit(a) => cmd::mount::commit(&g, a).await,
             Command::Daemon(a) => cmd::daemon::run(&g, a).await,
             Command::Mounts(a) => cmd::status::mounts(&g, a).await,
             Command::Stats(a) => cmd::status::stats(&g, a).await,

@@ -165,6 +165,9 @@ pub struct Committed {
     /// Set when a newer commit touched the same paths: the changes were kept as this
     /// conflict instead, and the head did not move.
     pub conflict: Option<ConflictRecord>,
+    /// The head this commit wrote, and its store version: the base of the mount's next
+    /// commit.
+    pub head: Option<(VolumeHead, Version)>,
 }
 
 impl Committed {
@@ -198,6 +201,7 @@ pub async fn commit(
             commit: None,
             report: None,
             conflict: None,
+            head: None,
         });
     }
     let mut paths = Vec::new();
@@ -249,11 +253,12 @@ pub async fn commit(
             .compare_and_swap(&v.head_key(), version.as_ref(), body)
             .await
         {
-            Ok(_) => {
+            Ok(written) => {
                 return Ok(Committed {
                     commit: Some(commit),
                     report: Some(report),
                     conflict: None,
+                    head: Some((next, written)),
                 })
             }
             Err(e) if e.kind == StoreErrorKind::Conflict => {}
@@ -293,6 +298,7 @@ pub async fn commit(
                 commit: None,
                 report: Some(report),
                 conflict: Some(record),
+                head: None,
             });
         }
         head = newer;

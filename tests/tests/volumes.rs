@@ -347,7 +347,11 @@ fn a_commit_while_the_store_is_down_is_kept_and_retried() {
         .unwrap()
         .count();
     assert_eq!(kept, 1, "{}", d.log_text());
-    assert!(d.log_text().contains("commit failed"), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("the upper is kept in"),
+        "{}",
+        d.log_text()
+    );
     assert!(d.scratch_dirs().is_empty());
 
     // The store is back; the daemon's next start commits the kept upper.
@@ -435,5 +439,51 @@ fn two_hosts_committing_at_once_keep_everything_on_a_store_that_enforces_cas() {
     both.sort();
     assert_eq!(both, [b"version a".to_vec(), b"version b".to_vec()]);
     drop((kept, a, b));
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn strata_commit_lands_changes_while_the_mount_goes_on() {
+    let work = strata_tests::scratch_dir("volume-commit");
+    let store = garage::bucket("volume-commit");
+    let a = Daemon::start(env(), &work.join("host-a"), &[]).unwrap();
+    let b = Daemon::start(env(), &work.join("host-b"), &[]).unwrap();
+    let vol = ["--volume", "fn/live"];
+    let m = a.mount_with(&store, &work.join("a1"), &[], &vol).unwrap();
+    let mp = m.mountpoint.to_str().unwrap().to_string();
+    fs::write(m.path("step"), b"1").unwrap();
+    let out = a.strata().ok(&["commit", &mp]);
+    assert!(out.contains("committed volume fn/live"), "{out}");
+    // Another host sees it while the first mount is still there, and commits elsewhere.
+    {
+        let mb = b.mount_with(&store, &work.join("b1"), &[], &vol).unwrap();
+        assert_eq!(fs::read(mb.path("step")).unwrap(), b"1");
+        fs::write(mb.path("from-b"), b"b").unwrap();
+    }
+    // The first mount goes on: a second commit rebases over b's.
+    fs::write(m.path("step"), b"2").unwrap();
+    let out = a.strata().ok(&["commit", &mp, "--json"]);
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(reply["layer"].is_string(), "{out}");
+    let out = a.strata().ok(&["commit", &mp]);
+    assert!(out.contains("nothing new"), "{out}");
+    drop(m); // nothing new since the last commit: no commit at unmount
+    let v = wait_for_commits(&a, &store, "fn/live", 3);
+    assert_eq!(v["commits"].as_array().unwrap().len(), 3, "{v}");
+    {
+        let m = b.mount_with(&store, &work.join("b2"), &[], &vol).unwrap();
+        assert_eq!(fs::read(m.path("step")).unwrap(), b"2");
+        assert_eq!(fs::read(m.path("from-b")).unwrap(), b"b");
+    }
+    // Only volume mounts commit.
+    write_file(&work.join("src/f"), b"f");
+    a.strata().publish(&work.join("src"), &store, "plain:v1");
+    let plain = a.mount(&store, &work.join("plain"), &["plain:v1"]).unwrap();
+    let err = a
+        .strata()
+        .fails(&["commit", plain.mountpoint.to_str().unwrap()]);
+    assert!(err.contains("not a volume mount"), "{err}");
+    drop(plain);
+    drop((a, b));
     let _ = fs::remove_dir_all(&work);
 }

@@ -242,3 +242,36 @@ pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
     strata_fs::fuse::unmount(&mountpoint, a.lazy)?;
     Ok(())
 }
+
+#[derive(Args)]
+pub struct CommitArgs {
+    /// A mount made with --volume.
+    mountpoint: PathBuf,
+    /// Print what was committed as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Commits a volume mount's changes so far, through the daemon; the mount goes on.
+pub async fn commit(g: &GlobalArgs, a: CommitArgs) -> anyhow::Result<()> {
+    let mountpoint = strata_fs::fuse::resolve_mountpoint(&a.mountpoint)
+        .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
+    let request = Request::Commit { mountpoint };
+    let reply: protocol::CommitReply = protocol::call(&g.socket(), &request).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    if let Some(conflict) = &reply.conflict {
+        bail!("{conflict}");
+    }
+    if !a.json {
+        match &reply.layer {
+            Some(layer) => println!(
+                "committed volume {}: layer {layer}, {} changes, {} bytes uploaded",
+                reply.volume, reply.changes, reply.bytes_uploaded
+            ),
+            None => println!("volume {}: nothing new to commit", reply.volume),
+        }
+    }
+    Ok(())
+}

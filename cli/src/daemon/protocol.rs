@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 pub enum Request {
     Mount(MountSpec),
     Unmount { mountpoint: PathBuf, lazy: bool },
+    Commit { mountpoint: PathBuf },
     Mounts,
     Stats,
 }
@@ -62,6 +63,18 @@ pub struct MountInfo {
     pub scratch_size: Option<u64>,
     #[serde(default)]
     pub volume: Option<String>,
+}
+
+/// What `strata commit` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitReply {
+    pub volume: String,
+    /// The new delta layer; `None` when there was nothing new, or on a conflict.
+    pub layer: Option<String>,
+    pub changes: u64,
+    pub bytes_uploaded: u64,
+    /// Set when a newer commit changed the same paths (the changes are kept as a conflict).
+    pub conflict: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -19,7 +19,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::protocol::{
-    LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply, MAX_REQUEST,
+    CommitReply, LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply,
+    MAX_REQUEST,
 };
 use super::volumes::{self, VolumeMount};
 
@@ -44,8 +45,9 @@ type StoreKey = (String, Option<String>);
 struct Mounted {
     info: MountInfo,
     reader: ChunkReader,
-    /// A volume mount commits when its session ends, which may take a while.
-    commits: bool,
+    /// A volume mount: its tree, volume and scratch. It commits on `strata commit` and when
+    /// its session ends (which may take a while).
+    volume: Option<(Arc<MountTree>, Arc<VolumeMount>, PathBuf)>,
     /// Turns true when the FUSE session has ended, however it ended.
     ended: watch::Receiver<bool>,
 }
@@ -208,6 +210,9 @@ impl Daemon {
             Request::Unmount { mountpoint, lazy } => {
                 serde_json::to_value(self.unmount(&mountpoint, lazy).await?)?
             }
+            Request::Commit { mountpoint } => {
+                serde_json::to_value(self.commit(&mountpoint).await?)?
+            }
             Request::Mounts => serde_json::to_value(self.list())?,
             Request::Stats => serde_json::to_value(self.stats())?,
         })
@@ -289,12 +294,10 @@ impl Daemon {
                     // A volume on its own: its chain needs something to stand on.
                     layers.push(self.empty_layer(&store).await?);
                 }
-                Some(VolumeMount {
-                    volume: v,
-                    head,
-                    version,
-                    store: store.clone(),
-                })
+                let mut vm =
+                    VolumeMount::new(v, store.clone(), spec.endpoint_url.clone(), head, version);
+                vm.set_layers(layers.iter().map(|l| l.digest).collect());
+                Some(Arc::new(vm))
             }
             None => None,
         };
@@ -305,7 +308,7 @@ impl Daemon {
         let upper = scratch.as_deref().map(|dir| Upper {
             dir,
             quota: spec.scratch_size,
-            volume: volume.as_ref().map(|v| (v, spec.endpoint_url.clone())),
+            volume: volume.as_deref(),
         });
         let mounted = self.mount_tree(stack, &mp, upper);
         let (session, tree) = match mounted {
@@ -335,7 +338,10 @@ impl Daemon {
             Mounted {
                 info: info.clone(),
                 reader,
-                commits: volume.is_some(),
+                volume: match (&volume, &scratch) {
+                    (Some(vm), Some(dir)) => Some((tree.clone(), vm.clone(), dir.clone())),
+                    _ => None,
+                },
                 ended,
             },
         );
@@ -405,9 +411,8 @@ impl Daemon {
             Some(u) => {
                 make_private_dir(u.dir)?;
                 let journal = u.volume.is_some();
-                if let Some((volume, endpoint)) = u.volume {
-                    let digests: Vec<_> = stack.layers().iter().map(|l| l.digest).collect();
-                    volume.write_record(u.dir, endpoint, &digests)?;
+                if let Some(volume) = u.volume {
+                    volume.write_record(u.dir)?;
                 }
                 Some(UpperConfig {
                     dir: u.dir.to_path_buf(),
@@ -427,13 +432,38 @@ impl Daemon {
         Ok((session, tree))
     }
 
+    /// `strata commit`: commits a volume mount's changes so far; the mount goes on.
+    async fn commit(&self, mountpoint: &Path) -> anyhow::Result<CommitReply> {
+        let (tree, vm, scratch) = {
+            let mounts = self.mounts.lock().unwrap();
+            let Some(m) = mounts.get(mountpoint) else {
+                bail!("{} is not mounted by this daemon", mountpoint.display());
+            };
+            match &m.volume {
+                Some(v) => v.clone(),
+                None => bail!(
+                    "{} is not a volume mount: only a --volume mount commits",
+                    mountpoint.display()
+                ),
+            }
+        };
+        let committed = vm.commit(&tree, &scratch).await?;
+        Ok(CommitReply {
+            volume: vm.volume.to_string(),
+            conflict: committed.conflict_message(&vm.volume),
+            layer: committed.commit.as_ref().map(|c| c.layer.clone()),
+            changes: committed.commit.as_ref().map_or(0, |c| c.changes),
+            bytes_uploaded: committed.report.as_ref().map_or(0, |r| r.bytes_uploaded),
+        })
+    }
+
     async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
         let (info, mut ended, commits) = {
             let mounts = self.mounts.lock().unwrap();
             let Some(m) = mounts.get(mountpoint) else {
                 bail!("{} is not mounted by this daemon", mountpoint.display());
             };
-            (m.info.clone(), m.ended.clone(), m.commits)
+            (m.info.clone(), m.ended.clone(), m.volume.is_some())
         };
         strata_fs::fuse::unmount(mountpoint, lazy)?;
         // A volume mount's unmount returns once its changes are committed.
@@ -516,7 +546,7 @@ impl Daemon {
 struct Upper<'a> {
     dir: &'a Path,
     quota: Option<u64>,
-    volume: Option<(&'a VolumeMount, Option<String>)>,
+    volume: Option<&'a VolumeMount>,
 }
 
 fn scratch_dir(state_dir: &Path, id: u64) -> PathBuf {

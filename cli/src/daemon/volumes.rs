@@ -42,39 +42,122 @@ pub struct VolumeRecord {
 /// A mount of a persistent volume: what to commit to, from which head.
 pub struct VolumeMount {
     pub volume: VolumeRef,
-    pub head: VolumeHead,
-    pub version: Option<Version>,
     pub store: Arc<dyn Store>,
+    endpoint_url: Option<String>,
+    /// Every layer under the upper, bottom to top.
+    layers: Vec<Digest>,
+    /// Where the mount's next commit goes; one commit at a time.
+    base: tokio::sync::Mutex<Base>,
+}
+
+struct Base {
+    head: VolumeHead,
+    version: Option<Version>,
+    /// The upper's state at its last commit (see `MountTree::fingerprint`): a commit finding
+    /// the same has nothing new.
+    committed: Option<blake3::Hash>,
 }
 
 impl VolumeMount {
-    /// Writes the record into a new mount's scratch, durably: the journal is useless without it.
-    pub fn write_record(
-        &self,
-        scratch: &Path,
+    pub fn new(
+        volume: VolumeRef,
+        store: Arc<dyn Store>,
         endpoint_url: Option<String>,
-        layers: &[Digest],
-    ) -> anyhow::Result<()> {
+        head: VolumeHead,
+        version: Option<Version>,
+    ) -> VolumeMount {
+        VolumeMount {
+            volume,
+            store,
+            endpoint_url,
+            layers: Vec::new(),
+            base: tokio::sync::Mutex::new(Base {
+                head,
+                version,
+                committed: None,
+            }),
+        }
+    }
+
+    /// Sets the layers the upper stands on (the record names them).
+    pub fn set_layers(&mut self, layers: Vec<Digest>) {
+        self.layers = layers;
+    }
+
+    /// Writes the record into the mount's scratch, durably: the journal is useless without it.
+    pub fn write_record(&self, scratch: &Path) -> anyhow::Result<()> {
+        let base = self
+            .base
+            .try_lock()
+            .context("the volume is being committed")?;
+        self.write_record_with(scratch, &base)
+    }
+
+    fn write_record_with(&self, scratch: &Path, base: &Base) -> anyhow::Result<()> {
         let record = VolumeRecord {
             store: self.store.url().to_string(),
-            endpoint_url,
+            endpoint_url: self.endpoint_url.clone(),
             volume: self.volume.to_string(),
-            head: self.head.clone(),
-            version: self.version.as_ref().map(|v| v.0.clone()),
-            layers: layers.iter().map(|d| d.to_string()).collect(),
+            head: base.head.clone(),
+            version: base.version.as_ref().map(|v| v.0.clone()),
+            layers: self.layers.iter().map(|d| d.to_string()).collect(),
         };
         let path = scratch.join(RECORD_FILE);
+        let tmp = scratch.join(format!("{RECORD_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
-            std::fs::write(&path, serde_json::to_vec_pretty(&record)?)?;
-            std::fs::File::open(&path)?.sync_all()?;
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
             std::fs::File::open(scratch)?.sync_all()
         };
         write().with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Commits `tree`'s changes; whether the scratch may go (they are committed, kept as a
-    /// conflict in the store, or there were none). On failure the upper, its journal written,
-    /// is moved to `<state-dir>/uncommitted/` to be retried: never dropped.
+    /// Commits what the mount changed so far; the mount goes on. Each commit of a mount
+    /// carries all its changes since it was mounted, on top of the head its previous commit
+    /// wrote; one with nothing new since that commit does nothing.
+    pub async fn commit(
+        &self,
+        tree: &MountTree,
+        scratch: &Path,
+    ) -> anyhow::Result<volume::Committed> {
+        let mut base = self.base.lock().await;
+        let fingerprint = tree.fingerprint()?;
+        if base.committed == Some(fingerprint) {
+            return Ok(volume::Committed {
+                commit: None,
+                report: None,
+                conflict: None,
+                head: None,
+            });
+        }
+        let staging = scratch.with_extension("stage");
+        let committed = volume::commit(
+            &self.store,
+            &self.volume,
+            tree,
+            (&base.head, base.version.as_ref()),
+            &staging,
+        )
+        .await
+        .with_context(|| format!("committing volume {}", self.volume))?;
+        base.committed = Some(fingerprint);
+        if let Some((head, version)) = &committed.head {
+            base.head = head.clone();
+            base.version = Some(version.clone());
+            // A crash from here on commits again on top of this head, not the old one.
+            if scratch.exists() {
+                self.write_record_with(scratch, &base)?;
+            }
+        }
+        log_committed(&self.volume, &committed);
+        Ok(committed)
+    }
+
+    /// Commits `tree`'s changes when its session has ended; whether the scratch may go (they
+    /// are committed, kept as a conflict in the store, or there were none). On failure the
+    /// upper, its journal written, is moved to `<state-dir>/uncommitted/` to be retried:
+    /// never dropped.
     pub fn commit_after(
         &self,
         tree: &MountTree,
@@ -82,19 +165,8 @@ impl VolumeMount {
         scratch: &Path,
         state_dir: &Path,
     ) -> bool {
-        let staging = scratch.with_extension("stage");
-        let result = runtime.block_on(volume::commit(
-            &self.store,
-            &self.volume,
-            tree,
-            (&self.head, self.version.as_ref()),
-            &staging,
-        ));
-        match result {
-            Ok(c) => {
-                log_committed(&self.volume, &c);
-                true
-            }
+        match runtime.block_on(self.commit(tree, scratch)) {
+            Ok(_) => true,
             Err(e) => {
                 let saved = tree.save_journal();
                 let kept = uncommitted_dir(state_dir, scratch);
@@ -103,15 +175,14 @@ impl VolumeMount {
                     && std::fs::rename(scratch, &kept).is_ok();
                 if moved {
                     tracing::error!(
-                        "volume {}: commit failed ({e}); the upper is kept in {} and retried \
-                         every {}s",
+                        "volume {}: {e:#}; the upper is kept in {} and retried every {}s",
                         self.volume,
                         kept.display(),
                         RETRY_EVERY.as_secs()
                     );
                 } else {
                     tracing::error!(
-                        "volume {}: commit failed ({e}); the upper stays in {}",
+                        "volume {}: {e:#}; the upper stays in {}",
                         self.volume,
                         scratch.display()
                     );

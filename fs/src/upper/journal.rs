@@ -50,17 +50,10 @@ impl MountTree {
         // One writer at a time, each taking its snapshot after the one before it: the file
         // left behind is never older than a finished fsync.
         let mut last = self.journal_written.lock().unwrap();
-        let (bytes, unsynced) = {
+        let (unsynced, bytes) = {
             let tree = self.lock();
             let unsynced: Vec<u64> = tree.unsynced.iter().copied().collect();
-            let snapshot = SnapshotRef {
-                version: VERSION,
-                next_ino: self.next_ino.load(std::sync::atomic::Ordering::Relaxed),
-                nodes: tree.nodes.iter().map(|(ino, n)| (*ino, n)).collect(),
-            };
-            let bytes = rmp_serde::to_vec(&snapshot)
-                .map_err(|e| FsError::InvalidInput(format!("encoding the upper journal: {e}")))?;
-            (bytes, unsynced)
+            (unsynced, self.encode_records(&tree)?)
         };
         // The journal may only name bytes that are on disk: other files written since the
         // last snapshot are synced first (a partly copied-up file whose copied blocks were
@@ -98,6 +91,27 @@ impl MountTree {
         write().map_err(|e| FsError::io(&path, e))?;
         *last = Some(hash);
         Ok(())
+    }
+
+    /// A hash of the upper's records: equal fingerprints mean no change in between (every
+    /// change to a file's bytes also changes its size or mtime).
+    pub fn fingerprint(&self) -> FsResult<blake3::Hash> {
+        Ok(blake3::hash(&self.encode_records(&self.lock())?))
+    }
+
+    fn encode_records(&self, tree: &Tree) -> FsResult<Vec<u8>> {
+        let snapshot = SnapshotRef {
+            version: VERSION,
+            next_ino: self.next_ino.load(std::sync::atomic::Ordering::Relaxed),
+            nodes: {
+                let mut nodes: Vec<(u64, &Node)> =
+                    tree.nodes.iter().map(|(ino, n)| (*ino, n)).collect();
+                nodes.sort_unstable_by_key(|(ino, _)| *ino);
+                nodes
+            },
+        };
+        rmp_serde::to_vec(&snapshot)
+            .map_err(|e| FsError::InvalidInput(format!("encoding the upper journal: {e}")))
     }
 
     /// Rebuilds the tree a crashed mount left in `upper.dir` from its journal, over the same
