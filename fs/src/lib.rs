@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod pack;
 pub mod publish;
 pub mod refs;
+pub mod squash;
 pub mod stack;
 pub mod upper;
 pub mod volume;

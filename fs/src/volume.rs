@@ -20,6 +20,7 @@ use cache::{Digest, Store, StoreErrorKind, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FsError, FsResult};
+use crate::layer::Layer;
 use crate::publish::{publish, PublishOptions, PublishReport};
 use crate::refs::check_component;
 use crate::upper::MountTree;
@@ -68,6 +69,24 @@ pub struct Commit {
     /// directories whose attributes only changed): what a concurrent commit conflicts on.
     #[serde(default)]
     pub paths: Vec<String>,
+    /// For a squash: the commits it replaced, bottom to top (their own `squashed` left
+    /// out), so that a mount started from one of them can still rebase onto it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub squashed: Vec<Commit>,
+}
+
+/// A chain with its squashes opened up: the commits each one replaced.
+fn expand(commits: &[Commit]) -> Vec<&Commit> {
+    commits
+        .iter()
+        .flat_map(|c| {
+            if c.squashed.is_empty() {
+                std::slice::from_ref(c).iter()
+            } else {
+                c.squashed.iter()
+            }
+        })
+        .collect()
 }
 
 /// Changes of a commit that lost a race on the same paths, kept instead of dropped.
@@ -240,6 +259,7 @@ pub async fn commit(
         changes: changes as u64,
         bytes_uploaded: report.bytes_uploaded,
         paths,
+        squashed: Vec::new(),
     };
     let (base_head, base_version) = base;
     let mut head = base_head.clone();
@@ -265,10 +285,15 @@ pub async fn commit(
             Err(e) => return Err(e.into()),
         }
         let (newer, newer_version) = read_head(store, v).await?;
-        let starts_the_same = newer.commits.len() >= base_head.commits.len()
-            && newer.commits[..base_head.commits.len()] == base_head.commits[..];
+        // Compared by layer, squashes opened up: a squash of the base is still the base.
+        let (base_chain, newer_chain) = (expand(&base_head.commits), expand(&newer.commits));
+        let starts_the_same = newer_chain.len() >= base_chain.len()
+            && newer_chain
+                .iter()
+                .zip(&base_chain)
+                .all(|(a, b)| a.layer == b.layer);
         let clashes: Vec<String> = if starts_the_same {
-            let since = &newer.commits[base_head.commits.len()..];
+            let since = &newer_chain[base_chain.len()..];
             commit
                 .paths
                 .iter()
@@ -307,6 +332,59 @@ pub async fn commit(
     Err(FsError::Conflict(format!(
         "volume {v}: the head kept moving while committing; the changes are in layer {layer}"
     )))
+}
+
+/// Squashes the chain of `v` into one layer when it has more than one commit (see
+/// [`crate::squash`]): nothing but a manifest is uploaded. Returns the new head and its
+/// version; `None` when there was nothing to squash, or a commit landed meanwhile (the next
+/// squash will do).
+pub async fn squash(
+    store: &Arc<dyn Store>,
+    v: &VolumeRef,
+    cache_dir: Option<&std::path::Path>,
+) -> FsResult<Option<(VolumeHead, Version)>> {
+    let (head, version) = read_head(store, v).await?;
+    let Some(version) = version.filter(|_| head.commits.len() > 1) else {
+        return Ok(None);
+    };
+    let mut chain = Vec::new();
+    for d in head.layers()? {
+        chain.push(Layer::load(store, d, cache_dir).await?);
+    }
+    let (layer, manifest_bytes) = crate::squash::squash(store, &chain).await?;
+    let mut paths: Vec<String> = head.commits.iter().flat_map(|c| c.paths.clone()).collect();
+    paths.sort();
+    paths.dedup();
+    let squashed = Commit {
+        layer: layer.to_string(),
+        committed_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        changes: head.commits.iter().map(|c| c.changes).sum(),
+        bytes_uploaded: manifest_bytes,
+        paths,
+        squashed: head
+            .commits
+            .iter()
+            .map(|c| Commit {
+                squashed: Vec::new(),
+                ..c.clone()
+            })
+            .collect(),
+    };
+    let next = VolumeHead {
+        version: 1,
+        commits: vec![squashed],
+    };
+    let body = Bytes::from(serde_json::to_vec_pretty(&next).expect("serializable"));
+    match store
+        .compare_and_swap(&v.head_key(), Some(&version), body)
+        .await
+    {
+        Ok(written) => Ok(Some((next, written))),
+        Err(e) if e.kind == StoreErrorKind::Conflict => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

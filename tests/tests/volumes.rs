@@ -487,3 +487,57 @@ fn strata_commit_lands_changes_while_the_mount_goes_on() {
     drop((a, b));
     let _ = fs::remove_dir_all(&work);
 }
+
+#[test]
+fn a_long_chain_is_squashed_and_mounts_the_same() {
+    let work = strata_tests::scratch_dir("volume-squash");
+    let store = garage::bucket("volume-squash");
+    let d = Daemon::start(env(), &work.join("host"), &["--squash-after", "4"]).unwrap();
+    let vol = ["--volume", "fn/long"];
+    // A mount from before any commit, committing after the squash: it rebases onto it.
+    let early = d
+        .mount_with(&store, &work.join("early"), &[], &vol)
+        .unwrap();
+    fs::write(early.path("early.txt"), b"early").unwrap();
+    for i in 0..6 {
+        let m = d
+            .mount_with(&store, &work.join(format!("m{i}")), &[], &vol)
+            .unwrap();
+        fs::write(m.path(&format!("f{i}")), format!("file {i}")).unwrap();
+        match i {
+            2 => fs::remove_file(m.path("f0")).unwrap(),
+            3 => fs::rename(m.path("f1"), m.path("renamed")).unwrap(),
+            4 => fs::set_permissions(m.path("f2"), fs::Permissions::from_mode(0o600)).unwrap(),
+            _ => {}
+        }
+    }
+    // The fifth commit made five: squashed into one; the sixth went on top.
+    let v = wait_for_commits(&d, &store, "fn/long", 2);
+    let commits = v["commits"].as_array().unwrap();
+    assert_eq!(commits.len(), 2, "{v}");
+    assert_eq!(commits[0]["squashed"].as_array().unwrap().len(), 5, "{v}");
+    drop(early);
+    let v = wait_for_commits(&d, &store, "fn/long", 3);
+    assert_eq!(v["commits"].as_array().unwrap().len(), 3, "{v}");
+    let check = |name: &str| {
+        let m = d.mount_with(&store, &work.join(name), &[], &vol).unwrap();
+        let mut names: Vec<String> = fs::read_dir(&m.mountpoint)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["early.txt", "f2", "f3", "f4", "f5", "renamed"]);
+        assert_eq!(fs::read(m.path("renamed")).unwrap(), b"file 1");
+        assert_eq!(fs::read(m.path("early.txt")).unwrap(), b"early");
+        assert_eq!(fs::metadata(m.path("f2")).unwrap().mode() & 0o777, 0o600);
+    };
+    check("after-auto");
+    let out = d.strata().ok(&["volume", "squash", &store, "fn/long"]);
+    assert!(out.contains("squashed volume fn/long: 3 commits"), "{out}");
+    let history = d.strata().ok(&["volume", "history", &store, "fn/long"]);
+    assert_eq!(history.lines().count(), 1, "{history}");
+    assert!(history.contains("squash of 3 commits"), "{history}");
+    check("after-manual");
+    drop(d);
+    let _ = fs::remove_dir_all(&work);
+}

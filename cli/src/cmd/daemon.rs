@@ -16,7 +16,7 @@ use crate::GlobalArgs;
 #[derive(Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
-    /// read_timeout, passthrough, socket, endpoint_url.
+    /// read_timeout, passthrough, squash_after, socket, endpoint_url.
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -39,6 +39,10 @@ pub struct DaemonArgs {
     /// then goes through strata.
     #[arg(long, env = "STRATA_NO_PASSTHROUGH", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     no_passthrough: bool,
+    /// Squash a volume's chain into one layer once it has more than this many commits, so
+    /// mounting it does not slow down with its history; 0 never squashes [default: 16].
+    #[arg(long, env = "STRATA_SQUASH_AFTER")]
+    squash_after: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -50,6 +54,7 @@ struct ConfigFile {
     memory_cache_size: Option<String>,
     read_timeout: Option<String>,
     passthrough: Option<bool>,
+    squash_after: Option<usize>,
     socket: Option<PathBuf>,
     endpoint_url: Option<String>,
 }
@@ -110,6 +115,7 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
             )?)
             .unwrap_or(cache::DEFAULT_FETCH_DEADLINE),
         passthrough: !a.no_passthrough && file.passthrough.unwrap_or(true),
+        squash_after: a.squash_after.or(file.squash_after).unwrap_or(16),
         socket: g
             .socket
             .clone()

@@ -1,4 +1,4 @@
-//! `strata volume ls|show|history|rm`: persistent volumes in a store.
+//! `strata volume ls|show|history|squash|rm`: persistent volumes in a store.
 
 use std::sync::Arc;
 
@@ -33,6 +33,9 @@ enum VolumeCommand {
     },
     /// A volume's commits, newest first.
     History { store: String, volume: String },
+    /// Squash a volume's commits into one layer now (the daemon also does it after
+    /// --squash-after commits); only a manifest is uploaded.
+    Squash { store: String, volume: String },
     /// Remove a volume's head (its layers stay in the store).
     Rm { store: String, volume: String },
 }
@@ -122,14 +125,38 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
         } => {
             let (_, _, head) = existing(g, &store, &name).await?;
             for (i, c) in head.commits.iter().enumerate().rev() {
+                let squashed = match c.squashed.len() {
+                    0 => String::new(),
+                    n => format!("\tsquash of {n} commits"),
+                };
                 println!(
-                    "#{}\t{}\t{} changes\t{} uploaded\t{}",
+                    "#{}\t{}\t{} changes\t{} uploaded\t{}{squashed}",
                     i + 1,
                     c.committed_at,
                     c.changes,
                     human(c.bytes_uploaded),
                     c.layer
                 );
+            }
+        }
+        VolumeCommand::Squash {
+            store,
+            volume: name,
+        } => {
+            let (s, v, head) = existing(g, &store, &name).await?;
+            match volume::squash(&s, &v, None).await? {
+                Some((new, _)) => println!(
+                    "squashed volume {v}: {} commits into layer {}",
+                    head.commits.len(),
+                    new.commits[0].layer
+                ),
+                None if head.commits.len() < 2 => {
+                    println!(
+                        "volume {v}: {} commit, nothing to squash",
+                        head.commits.len()
+                    )
+                }
+                None => bail!("volume {v}: a commit landed while squashing; try again"),
             }
         }
         VolumeCommand::Rm {

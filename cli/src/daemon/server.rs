@@ -35,6 +35,8 @@ pub struct DaemonConfig {
     pub read_timeout: Duration,
     /// Open fully cached large files in FUSE passthrough mode where the kernel allows it.
     pub passthrough: bool,
+    /// A volume with more commits than this is squashed after a commit (0: never).
+    pub squash_after: usize,
     pub socket: PathBuf,
     pub store_options: StoreOptions,
 }
@@ -297,6 +299,7 @@ impl Daemon {
                 let mut vm =
                     VolumeMount::new(v, store.clone(), spec.endpoint_url.clone(), head, version);
                 vm.set_layers(layers.iter().map(|l| l.digest).collect());
+                vm.squash_after(self.config.squash_after, self.config.cache_dir.clone());
                 Some(Arc::new(vm))
             }
             None => None,

@@ -48,6 +48,9 @@ pub struct VolumeMount {
     layers: Vec<Digest>,
     /// Where the mount's next commit goes; one commit at a time.
     base: tokio::sync::Mutex<Base>,
+    /// Squash the volume after a commit that leaves more commits than this (0: never).
+    squash_after: usize,
+    cache_dir: Option<PathBuf>,
 }
 
 struct Base {
@@ -76,7 +79,16 @@ impl VolumeMount {
                 version,
                 committed: None,
             }),
+            squash_after: 0,
+            cache_dir: None,
         }
+    }
+
+    /// Squashes the volume after a commit that leaves more than `commits` commits (0:
+    /// never); the chain's manifests are read from `cache_dir`.
+    pub fn squash_after(&mut self, commits: usize, cache_dir: PathBuf) {
+        self.squash_after = commits;
+        self.cache_dir = Some(cache_dir);
     }
 
     /// Sets the layers the upper stands on (the record names them).
@@ -145,6 +157,23 @@ impl VolumeMount {
         if let Some((head, version)) = &committed.head {
             base.head = head.clone();
             base.version = Some(version.clone());
+            if self.squash_after > 0 && base.head.commits.len() > self.squash_after {
+                match volume::squash(&self.store, &self.volume, self.cache_dir.as_deref()).await {
+                    Ok(Some((head, version))) => {
+                        tracing::info!(
+                            "volume {}: squashed {} commits into layer {}",
+                            self.volume,
+                            base.head.commits.len(),
+                            head.commits[0].layer
+                        );
+                        base.head = head;
+                        base.version = Some(version);
+                    }
+                    Ok(None) => {}
+                    // The commit stands; the next one squashes.
+                    Err(e) => tracing::warn!("volume {}: squash failed: {e}", self.volume),
+                }
+            }
             // A crash from here on commits again on top of this head, not the old one.
             if scratch.exists() {
                 self.write_record_with(scratch, &base)?;

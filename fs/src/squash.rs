@@ -1,0 +1,370 @@
+//! Squashing a chain of delta layers into one layer that stacks the same way, by merging
+//! their manifests: no file byte is read or uploaded, the new manifest points at the chunks
+//! the chain's layers already stored.
+//!
+//! The result must equal the chain on top of *any* base, so what the chain hides stays
+//! hidden: a path's topmost entry wins; a whiteout stays a whiteout; a directory merges the
+//! directories below it down to the first opaque one, or to a whiteout or file in a lower
+//! delta, in which case it is opaque itself (the base's directory was hidden there).
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use cache::{blob, Digest, Store};
+
+use crate::error::{FsError, FsResult};
+use crate::layer::Layer;
+use crate::manifest::{self, ChunkRef, EntrySpec, Kind, Manifest, FLAG_OPAQUE};
+
+/// (layer index in the chain, entry index in its manifest).
+type Src = (usize, u32);
+
+/// A node of the merged tree.
+struct Node {
+    src: Src,
+    opaque: bool,
+    /// Sorted by name (a BTreeMap's order): indices into the node list.
+    children: Vec<usize>,
+}
+
+struct Merge<'a> {
+    layers: Vec<&'a Manifest>,
+    nodes: Vec<Node>,
+}
+
+impl<'a> Merge<'a> {
+    fn entry(&self, (l, e): Src) -> manifest::Entry<'a> {
+        self.layers[l].entry(e as usize)
+    }
+
+    /// Adds the node for a path whose entries are `run` (top first: the visible ones, the
+    /// first being what the path is); returns its index.
+    fn add(&mut self, run: &[Src]) -> usize {
+        let top = run[0];
+        let idx = self.nodes.len();
+        self.nodes.push(Node {
+            src: top,
+            opaque: false,
+            children: Vec::new(),
+        });
+        if self.entry(top).kind != Kind::Dir {
+            return idx;
+        }
+        // The directories this one merges, top first.
+        let mut dirs = Vec::new();
+        let mut opaque = false;
+        for &s in run {
+            let e = self.entry(s);
+            if e.kind != Kind::Dir {
+                opaque = true; // a whiteout or file below hid the base's directory
+                break;
+            }
+            dirs.push(s);
+            if e.is_opaque() {
+                opaque = true;
+                break;
+            }
+        }
+        let mut by_name: BTreeMap<&'a [u8], Vec<Src>> = BTreeMap::new();
+        for &(l, e) in &dirs {
+            let dir = self.layers[l].entry(e as usize);
+            for c in dir.children() {
+                let child = self.layers[l].entry(c as usize);
+                by_name.entry(child.name).or_default().push((l, c));
+            }
+        }
+        let children: Vec<usize> = by_name.values().map(|run| self.add(run)).collect();
+        self.nodes[idx].opaque = opaque;
+        self.nodes[idx].children = children;
+        idx
+    }
+}
+
+/// The manifest of `chain` (bottom to top) squashed into one layer.
+pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
+    if chain.is_empty() {
+        return Err(FsError::InvalidInput("nothing to squash".into()));
+    }
+    let mut m = Merge {
+        layers: chain.to_vec(),
+        nodes: Vec::new(),
+    };
+    let roots: Vec<Src> = (0..chain.len()).rev().map(|l| (l, 0)).collect();
+    let root = m.add(&roots);
+
+    // Breadth-first order, each directory's children contiguous and sorted.
+    let mut order = vec![root];
+    let mut parent = vec![0u32];
+    let mut i = 0;
+    while i < order.len() {
+        for &c in &m.nodes[order[i]].children {
+            order.push(c);
+            parent.push(i as u32);
+        }
+        i += 1;
+    }
+    let position: HashMap<usize, u32> = order
+        .iter()
+        .enumerate()
+        .map(|(pos, &n)| (n, pos as u32))
+        .collect();
+    // Hard links: names of one source inode that survive, and where the first one lands.
+    let mut links: HashMap<Src, u32> = HashMap::new();
+    for &n in &order {
+        let e = m.entry(m.nodes[n].src);
+        if e.kind == Kind::File {
+            *links
+                .entry((m.nodes[n].src.0, e.inode_entry()))
+                .or_default() += 1;
+        }
+    }
+    let mut first_link: HashMap<Src, u32> = HashMap::new();
+
+    let mut chunks: Vec<ChunkRef> = Vec::new();
+    let mut content_end = 0u64;
+    // Where each source chunk was last placed in the new content stream.
+    let mut placed: HashMap<(usize, usize), u64> = HashMap::new();
+    let mut entries = Vec::with_capacity(order.len());
+    for (pos, &n) in order.iter().enumerate() {
+        let node = &m.nodes[n];
+        let (l, _) = node.src;
+        let e = m.entry(node.src);
+        let manifest = m.layers[l];
+        let mut spec = EntrySpec {
+            kind: Some(e.kind),
+            flags: if node.opaque { FLAG_OPAQUE } else { 0 },
+            name: if pos == 0 {
+                Vec::new()
+            } else {
+                e.name.to_vec()
+            },
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime_sec: e.mtime_sec,
+            mtime_nsec: e.mtime_nsec,
+            parent: parent[pos],
+            size: e.size,
+            xattrs: manifest
+                .xattrs(&e)
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            ..Default::default()
+        };
+        match e.kind {
+            Kind::Dir => {
+                spec.size = 0;
+                spec.a = node.children.first().map_or(0, |c| position[c]);
+                spec.b = node.children.len() as u32;
+            }
+            Kind::Symlink => spec.symlink_target = manifest.symlink_target(&e).to_vec(),
+            Kind::Whiteout => {}
+            Kind::File => {
+                let key = (l, e.inode_entry());
+                if let Some(&first) = first_link.get(&key) {
+                    spec.a = first;
+                    spec.b = links[&key];
+                    spec.data_off = entries_data_off(&entries, first);
+                    entries.push(spec);
+                    continue;
+                }
+                first_link.insert(key, pos as u32);
+                spec.a = pos as u32;
+                spec.b = links[&key];
+                let range = e.content_range();
+                let idx = manifest.chunks_for(range.clone());
+                if idx.is_empty() {
+                    spec.data_off = content_end;
+                } else {
+                    let contiguous = idx.clone().all(|c| placed.contains_key(&(l, c)))
+                        && idx.clone().skip(1).all(|c| {
+                            placed[&(l, c)]
+                                == placed[&(l, c - 1)] + manifest.chunk(c - 1).len as u64
+                        });
+                    if !contiguous {
+                        for c in idx.clone() {
+                            let mut chunk = manifest.chunk(c);
+                            placed.insert((l, c), content_end);
+                            chunk.offset = content_end;
+                            content_end += chunk.len as u64;
+                            chunks.push(chunk);
+                        }
+                    }
+                    let first = manifest.chunk(idx.start);
+                    spec.data_off = placed[&(l, idx.start)] + (range.start - first.offset);
+                }
+            }
+        }
+        entries.push(spec);
+    }
+    let bytes = manifest::encode(&entries, &chunks);
+    // Our own encoder's output must pass our own decoder.
+    Manifest::parse(manifest::ManifestBytes::Owned(bytes.clone())).map_err(|e| {
+        FsError::InvalidInput(format!(
+            "internal error: squashed manifest does not validate: {e}"
+        ))
+    })?;
+    Ok(bytes)
+}
+
+fn entries_data_off(entries: &[EntrySpec], i: u32) -> u64 {
+    entries[i as usize].data_off
+}
+
+/// Squashes `chain` (bottom to top) into one layer stored in `store`; returns its digest
+/// and manifest size.
+pub async fn squash(store: &std::sync::Arc<dyn Store>, chain: &[Layer]) -> FsResult<(Digest, u64)> {
+    let manifests: Vec<&Manifest> = chain.iter().map(|l| &l.manifest).collect();
+    let bytes = merge(&manifests)?;
+    let digest = Digest::of(&bytes);
+    let key = format!("layers/{}", digest.to_hex());
+    if store.head(&key).await?.is_none() {
+        store.put(&key, Bytes::from(blob::encode(&bytes))).await?;
+    }
+    Ok((digest, bytes.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::tests::{stack_of, write};
+    use crate::stack::{FileKind, LayerStack, ROOT_INO};
+    use std::path::Path;
+
+    /// Every path of a stack: kind, mode, link count and bytes (or symlink target).
+    async fn dump(s: &LayerStack) -> BTreeMap<String, (String, u32, u32, String)> {
+        let mut out = BTreeMap::new();
+        let mut todo = vec![(ROOT_INO, String::new())];
+        while let Some((ino, path)) = todo.pop() {
+            for e in s.readdir(ino).unwrap() {
+                let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
+                let a = s.getattr(e.ino).unwrap();
+                let body = match a.kind {
+                    FileKind::File => s.read(e.ino, 0, a.size as u32 + 1).await.unwrap().to_vec(),
+                    FileKind::Symlink => s.readlink(e.ino).unwrap(),
+                    FileKind::Dir => {
+                        todo.push((e.ino, p.clone()));
+                        Vec::new()
+                    }
+                };
+                // Link counts are left out: the stack reports a file's count in its own layer,
+                // even when a later whiteout hid one of its names; a squash counts the names
+                // that survive (checked below).
+                let nlink = 0;
+                let body = blake3::hash(&body).to_hex()[..12].to_string();
+                out.insert(p, (format!("{:?}", a.kind), a.mode, nlink, body));
+            }
+        }
+        out
+    }
+
+    fn delta(t: &Path) {
+        write(t, "base/a/x", b"base x");
+        write(t, "base/a/y", b"base y");
+        write(t, "base/b/z", b"z");
+        write(t, "base/c", b"c");
+        write(t, "base/d/e", b"e");
+        write(t, "base/keep", b"keep");
+        // L1: change a/x, remove c, a new dir, d made opaque with a new file, hard links.
+        write(t, "l1/a/x", b"l1 x");
+        write(t, "l1/.wh.c", b"");
+        write(t, "l1/n/f", b"f");
+        write(t, "l1/n/g", &vec![7u8; 300_000]);
+        write(t, "l1/d/.wh..wh..opq", b"");
+        write(t, "l1/d/new", b"new");
+        write(t, "l1/h1", b"linked");
+        std::fs::hard_link(t.join("l1/h1"), t.join("l1/h2")).unwrap();
+        std::os::unix::fs::symlink("n/f", t.join("l1/link")).unwrap();
+        // L2: remove a (base's and l1's), a file where the dir n was.
+        write(t, "l2/.wh.a", b"");
+        write(t, "l2/b/z2", b"z2");
+        // L3: a again (so: opaque), n/g's bytes partly changed, one hard link removed.
+        write(t, "l3/a/again", b"again");
+        write(t, "l3/n/new-in-n", b"nn");
+        let mut g = vec![7u8; 300_000];
+        g[1000..1010].copy_from_slice(b"0123456789");
+        write(t, "l3/n/g", &g);
+        write(t, "l3/.wh.h2", b"");
+        write(t, "l3/.wh.keep", b"");
+        // Another base, with what the first did not have.
+        write(t, "other/a/q", b"q");
+        write(t, "other/d/old", b"old");
+        write(t, "other/n/zz", b"zz");
+        write(t, "other/c/inner", b"inner");
+        write(t, "other/unrelated", b"u");
+    }
+
+    #[tokio::test]
+    async fn a_squashed_chain_stacks_like_the_chain_on_any_base() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        delta(t);
+        for base in ["base", "other"] {
+            let chain = stack_of(t, &[base, "l1", "l2", "l3"]).await;
+            let store = chain.cache().store().clone();
+            let (digest, _) = squash(&store, &chain.layers()[1..]).await.unwrap();
+            let layers = vec![
+                Layer::load(&store, chain.layers()[0].digest, None)
+                    .await
+                    .unwrap(),
+                Layer::load(&store, digest, None).await.unwrap(),
+            ];
+            let squashed = LayerStack::new(layers, chain.cache().clone()).unwrap();
+            let want = dump(&chain).await;
+            assert!(want.contains_key("/a/again") && !want.contains_key("/a/x"));
+            let got = dump(&squashed).await;
+            let diff: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(v))
+                .map(|(k, v)| (k, v, got.get(k)))
+                .collect();
+            let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+            assert!(
+                diff.is_empty() && extra.is_empty(),
+                "on {base}: {diff:?} extra {extra:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn hard_links_survive_a_squash_with_the_names_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        delta(t);
+        let chain = stack_of(t, &["base", "l1", "l2", "l3"]).await;
+        let store = chain.cache().store().clone();
+        let load = |d| Layer::load(&store, d, None);
+        for (top, links) in [(3, 1), (2, 2)] {
+            let (digest, _) = squash(&store, &chain.layers()[1..top + 1]).await.unwrap();
+            let s =
+                LayerStack::new(vec![load(digest).await.unwrap()], chain.cache().clone()).unwrap();
+            let h1 = s.lookup(ROOT_INO, b"h1").unwrap();
+            assert_eq!(h1.nlink, links);
+            if links == 2 {
+                assert_eq!(s.lookup(ROOT_INO, b"h2").unwrap().ino, h1.ino);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn squashing_stores_no_chunk_and_reuses_neighbours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        delta(t);
+        let chain = stack_of(t, &["base", "l1", "l2", "l3"]).await;
+        let store = chain.cache().store().clone();
+        let before = store.list("packs/").await.unwrap().len();
+        let (digest, _) = squash(&store, &chain.layers()[1..]).await.unwrap();
+        assert_eq!(store.list("packs/").await.unwrap().len(), before);
+        let m = Layer::load(&store, digest, None).await.unwrap().manifest;
+        let total: usize = chain.layers()[1..]
+            .iter()
+            .map(|l| l.manifest.chunk_count())
+            .sum();
+        assert!(m.chunk_count() <= total, "{} > {total}", m.chunk_count());
+        // Squashing again gives the same layer (content-addressed, deterministic).
+        let (again, _) = squash(&store, &chain.layers()[1..]).await.unwrap();
+        assert_eq!(again, digest);
+    }
+}
