@@ -91,7 +91,47 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
     };
     let roots: Vec<Src> = (0..chain.len()).rev().map(|l| (l, 0)).collect();
     let root = m.add(&roots);
+    emit(&m, root, &HashMap::new())
+}
 
+/// `layer` with the bytes of some of its files taken from other layers' files instead:
+/// `content` maps an entry of `layer` to (index into `sources`, entry there). A commit uses
+/// it for files whose bytes are the layers' (moved, or only their attributes changed), so
+/// they are neither read nor uploaded again.
+pub fn with_content_from(
+    layer: &Manifest,
+    sources: &[&Manifest],
+    content: &HashMap<u32, (usize, u32)>,
+) -> FsResult<Vec<u8>> {
+    let mut layers = vec![layer];
+    layers.extend_from_slice(sources);
+    let mut m = Merge {
+        layers,
+        nodes: Vec::new(),
+    };
+    let root = m.add(&[(0, 0)]);
+    let overrides: HashMap<Src, Src> = content
+        .iter()
+        .map(|(&e, &(l, se))| ((0, e), (l + 1, se)))
+        .collect();
+    for (&(_, e), &(l, se)) in &overrides {
+        let is_file = |l: usize, i: u32| {
+            l < m.layers.len()
+                && (i as usize) < m.layers[l].entry_count()
+                && m.layers[l].entry(i as usize).kind == Kind::File
+        };
+        if !is_file(0, e) || !is_file(l, se) {
+            return Err(FsError::InvalidInput(format!(
+                "internal error: the content of entry {e} is not a file's"
+            )));
+        }
+    }
+    emit(&m, root, &overrides)
+}
+
+/// Encodes the merged tree under `root`; a file in `content` takes its bytes from the entry
+/// it maps to.
+fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Src>) -> FsResult<Vec<u8>> {
     // Breadth-first order, each directory's children contiguous and sorted.
     let mut order = vec![root];
     let mut parent = vec![0u32];
@@ -111,11 +151,13 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
     // Hard links: names of one source inode that survive, and where the first one lands.
     let mut links: HashMap<Src, u32> = HashMap::new();
     for &n in &order {
-        let e = m.entry(m.nodes[n].src);
+        let src = content
+            .get(&m.nodes[n].src)
+            .copied()
+            .unwrap_or(m.nodes[n].src);
+        let e = m.entry(src);
         if e.kind == Kind::File {
-            *links
-                .entry((m.nodes[n].src.0, e.inode_entry()))
-                .or_default() += 1;
+            *links.entry((src.0, e.inode_entry())).or_default() += 1;
         }
     }
     let mut first_link: HashMap<Src, u32> = HashMap::new();
@@ -127,9 +169,7 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
     let mut entries = Vec::with_capacity(order.len());
     for (pos, &n) in order.iter().enumerate() {
         let node = &m.nodes[n];
-        let (l, _) = node.src;
         let e = m.entry(node.src);
-        let manifest = m.layers[l];
         let mut spec = EntrySpec {
             kind: Some(e.kind),
             flags: if node.opaque { FLAG_OPAQUE } else { 0 },
@@ -145,7 +185,7 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
             mtime_nsec: e.mtime_nsec,
             parent: parent[pos],
             size: e.size,
-            xattrs: manifest
+            xattrs: m.layers[node.src.0]
                 .xattrs(&e)
                 .into_iter()
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
@@ -158,9 +198,13 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
                 spec.a = node.children.first().map_or(0, |c| position[c]);
                 spec.b = node.children.len() as u32;
             }
-            Kind::Symlink => spec.symlink_target = manifest.symlink_target(&e).to_vec(),
+            Kind::Symlink => spec.symlink_target = m.layers[node.src.0].symlink_target(&e).to_vec(),
             Kind::Whiteout => {}
             Kind::File => {
+                let src = content.get(&node.src).copied().unwrap_or(node.src);
+                let (l, e) = (src.0, m.entry(src));
+                let manifest = m.layers[l];
+                spec.size = e.size;
                 let key = (l, e.inode_entry());
                 if let Some(&first) = first_link.get(&key) {
                     spec.a = first;
@@ -217,12 +261,17 @@ fn entries_data_off(entries: &[EntrySpec], i: u32) -> u64 {
 pub async fn squash(store: &std::sync::Arc<dyn Store>, chain: &[Layer]) -> FsResult<(Digest, u64)> {
     let manifests: Vec<&Manifest> = chain.iter().map(|l| &l.manifest).collect();
     let bytes = merge(&manifests)?;
-    let digest = Digest::of(&bytes);
+    Ok((store_manifest(store, &bytes).await?, bytes.len() as u64))
+}
+
+/// Stores a manifest (unless the store has it) and returns its layer digest.
+pub async fn store_manifest(store: &std::sync::Arc<dyn Store>, bytes: &[u8]) -> FsResult<Digest> {
+    let digest = Digest::of(bytes);
     let key = format!("layers/{}", digest.to_hex());
     if store.head(&key).await?.is_none() {
-        store.put(&key, Bytes::from(blob::encode(&bytes))).await?;
+        store.put(&key, Bytes::from(blob::encode(bytes))).await?;
     }
-    Ok((digest, bytes.len() as u64))
+    Ok(digest)
 }
 
 #[cfg(test)]

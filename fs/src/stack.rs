@@ -321,6 +321,12 @@ impl LayerStack {
         Ok((&self.layers[sources[0].0 as usize], self.entry(sources[0])))
     }
 
+    /// The layer and entry a file's bytes come from (its topmost source).
+    pub fn file_source(&self, ino: u64) -> Option<(usize, u32)> {
+        let (sources, kind) = self.sources(ino).ok()?;
+        (kind == Kind::File).then(|| (sources[0].0 as usize, sources[0].1))
+    }
+
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let (layer, e) = self.top(ino)?;
         if e.kind != Kind::Symlink {

@@ -541,3 +541,48 @@ fn a_long_chain_is_squashed_and_mounts_the_same() {
     drop(d);
     let _ = fs::remove_dir_all(&work);
 }
+
+#[test]
+fn moved_and_chmodded_layer_files_are_committed_without_their_bytes() {
+    let work = strata_tests::scratch_dir("volume-refs");
+    let store = garage::bucket("volume-refs");
+    let src = work.join("src");
+    let big = pseudo_random(81, 16 << 20);
+    write_file(&src.join("models/big.bin"), &big);
+    write_file(&src.join("models/other.bin"), &pseudo_random(82, 8 << 20));
+    let a = Daemon::start(env(), &work.join("host-a"), &[]).unwrap();
+    let b = Daemon::start(env(), &work.join("host-b"), &[]).unwrap();
+    a.strata().publish(&src, &store, "base:v1");
+    let vol = ["--volume", "fn/refs"];
+    {
+        // A host with a cold cache moves one big file and chmods the other.
+        let m = a
+            .mount_with(&store, &work.join("a1"), &["base:v1"], &vol)
+            .unwrap();
+        fs::create_dir(m.path("archive")).unwrap();
+        fs::rename(m.path("models/big.bin"), m.path("archive/big.bin")).unwrap();
+        fs::set_permissions(
+            m.path("models/other.bin"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let stats = a.stats();
+    assert_eq!(
+        stats["total"]["store_bytes"], 0,
+        "the commit read file bytes: {stats}"
+    );
+    let v = wait_for_commits(&a, &store, "fn/refs", 1);
+    let uploaded = v["commits"][0]["bytes_uploaded"].as_u64().unwrap();
+    assert!(uploaded < 64 << 10, "the commit uploaded {uploaded} bytes");
+    let m = b
+        .mount_with(&store, &work.join("b1"), &["base:v1"], &vol)
+        .unwrap();
+    assert!(fs::read(m.path("archive/big.bin")).unwrap() == big);
+    assert!(!m.path("models/big.bin").exists());
+    let meta = fs::metadata(m.path("models/other.bin")).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.len()), (0o600, 8 << 20));
+    drop(m);
+    drop((a, b));
+    let _ = fs::remove_dir_all(&work);
+}

@@ -296,14 +296,19 @@ proptest! {
 
             // The commit path: the changes staged and published as a delta layer; stacked on
             // the layer, it shows the same tree.
-            let staged = tmp.path().join("staged");
-            std::fs::create_dir(&staged).unwrap();
-            t.stage_changes(&staged).await.unwrap();
-            let stacked = MountTree::new(
-                Arc::new(stack_of(tmp.path(), &["lower", "staged"]).await),
-                None,
-            )
-            .unwrap();
+            let store = t.stack().cache().store().clone();
+            let (_, _, delta) =
+                crate::volume::publish_changes(&store, &t, &tmp.path().join("staged"))
+                    .await
+                    .unwrap();
+            let layers = vec![
+                crate::layer::Layer::load(&store, t.stack().layers()[0].digest, None)
+                    .await
+                    .unwrap(),
+                crate::layer::Layer::load(&store, delta, None).await.unwrap(),
+            ];
+            let stack = crate::stack::LayerStack::new(layers, t.stack().cache().clone()).unwrap();
+            let stacked = MountTree::new(Arc::new(stack), None).unwrap();
             let view = tmp.path().join("view");
             copy_out(&stacked, ROOT, &view).await;
             assert_eq!(snapshot(&view), want, "changes: {:?}", t.changes());

@@ -4,13 +4,15 @@
 //! directory gives a delta layer: stacked on the mount's layers, it shows the mounted tree.
 //!
 //! The directories on the way to a change are written with their current attributes too
-//! (a layer's directory entry carries them). Bytes are read through the tree, so a partly
-//! copied-up file gets its unchanged blocks from the chunk cache; chunking then stores only
-//! the chunks that are new.
+//! (a layer's directory entry carries them). A file whose bytes are all the layers' (moved,
+//! or only its attributes changed) is staged empty and listed in [`Staged::lower_files`]:
+//! the commit points its entry at the layer's chunks instead of reading them again. Other
+//! bytes are read through the tree, so a partly copied-up file gets its unchanged blocks
+//! from the chunk cache; chunking then stores only the chunks that are new.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{Change, MountTree, NodeKind, Stat};
 use crate::error::{FsError, FsResult};
@@ -82,11 +84,20 @@ fn set_attrs(t: &MountTree, ino: u64, s: &Stat, path: &Path) -> FsResult<()> {
     Ok(())
 }
 
+/// What [`MountTree::stage_changes`] wrote.
+#[derive(Debug, Default)]
+pub struct Staged {
+    pub changes: usize,
+    /// Files staged empty whose bytes are a layer file's: (path under the staging directory,
+    /// (layer index in the stack, entry index in its manifest)).
+    pub lower_files: Vec<(PathBuf, (usize, u32))>,
+}
+
 impl MountTree {
-    /// Writes this mount's changes under `dest` (an empty directory) for `publish`. Returns
-    /// the number of changes written.
-    pub async fn stage_changes(&self, dest: &Path) -> FsResult<usize> {
+    /// Writes this mount's changes under `dest` (an empty directory) for `publish`.
+    pub async fn stage_changes(&self, dest: &Path) -> FsResult<Staged> {
         let changes = self.changes()?;
+        let mut lower_files = Vec::new();
         // Directories get their attributes last, children first: writing into a directory
         // changes its mtime. The root always: its entry in the delta is what a mount shows.
         let mut dirs = vec![(dest.to_path_buf(), ROOT_INO)];
@@ -108,7 +119,8 @@ impl MountTree {
                     ino, hides_lower, ..
                 } => {
                     let path = parent.join(std::ffi::OsStr::from_bytes(name));
-                    self.stage_node(*ino, &path, true, &mut dirs).await?;
+                    self.stage_node(*ino, &path, true, &mut dirs, &mut lower_files)
+                        .await?;
                     if *hides_lower && self.getattr(*ino)?.kind == NodeKind::Dir {
                         let marker = path.join(".wh..wh..opq");
                         std::fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
@@ -118,7 +130,8 @@ impl MountTree {
                 Change::Changed { ino, .. } => {
                     let path = parent.join(std::ffi::OsStr::from_bytes(name));
                     // A directory changed in place keeps its children from the layers.
-                    self.stage_node(*ino, &path, false, &mut dirs).await?;
+                    self.stage_node(*ino, &path, false, &mut dirs, &mut lower_files)
+                        .await?;
                 }
             }
         }
@@ -126,7 +139,14 @@ impl MountTree {
             let s = self.getattr(*ino)?;
             set_attrs(self, *ino, &s, path)?;
         }
-        Ok(changes.len())
+        let lower_files = lower_files
+            .into_iter()
+            .filter_map(|(p, src)| Some((p.strip_prefix(dest).ok()?.to_path_buf(), src)))
+            .collect();
+        Ok(Staged {
+            changes: changes.len(),
+            lower_files,
+        })
     }
 
     /// Makes the directories of `rel` under `dest` (their attributes are set at the end).
@@ -159,6 +179,7 @@ impl MountTree {
         path: &Path,
         subtree: bool,
         dirs: &mut Vec<(std::path::PathBuf, u64)>,
+        lower_files: &mut Vec<(PathBuf, (usize, u32))>,
     ) -> FsResult<()> {
         let s = self.getattr(ino)?;
         match s.kind {
@@ -170,7 +191,8 @@ impl MountTree {
                 if subtree {
                     for (child, name, _) in self.readdir(ino)? {
                         let child_path = path.join(std::ffi::OsStr::from_bytes(&name));
-                        Box::pin(self.stage_node(child, &child_path, true, dirs)).await?;
+                        Box::pin(self.stage_node(child, &child_path, true, dirs, lower_files))
+                            .await?;
                     }
                 }
                 return Ok(());
@@ -178,6 +200,15 @@ impl MountTree {
             NodeKind::File => {
                 use std::io::Write;
                 let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
+                let source = self
+                    .reads_from_layers(ino)
+                    .then(|| self.stack.file_source(ino))
+                    .flatten();
+                if let Some(source) = source.filter(|_| s.size > 0) {
+                    lower_files.push((path.to_path_buf(), source));
+                    drop(f);
+                    return set_attrs(self, ino, &s, path);
+                }
                 let mut offset = 0;
                 while offset < s.size {
                     let want = (s.size - offset).min(STAGE_READ as u64) as u32;
