@@ -378,6 +378,13 @@ impl ChunkCache {
     }
 
     /// A reader of chunks from `store` through this cache, with counters of its own.
+    /// Keeps a chunk this host made (a commit's) on disk, as if it had been fetched.
+    pub fn admit(&self, digest: &Digest, data: &[u8]) {
+        if let Some(disk) = &self.disk {
+            disk.insert(digest, data);
+        }
+    }
+
     pub fn reader(self: &Arc<Self>, store: Arc<dyn Store>) -> ChunkReader {
         ChunkReader {
             cache: Arc::clone(self),

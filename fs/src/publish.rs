@@ -35,15 +35,30 @@ pub const CHUNK_MAX: u32 = 1 << 20;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PublishOptions {
     /// Chunks looked up in the store at once (packs are uploaded 4 at a time).
     pub concurrency: usize,
+    /// A local chunk cache to put the layer's chunks in as they are made: a host that
+    /// commits a volume reads its new state from disk, not back from the store.
+    pub keep_in: Option<Arc<cache::ChunkCache>>,
 }
 
 impl Default for PublishOptions {
     fn default() -> Self {
-        PublishOptions { concurrency: 16 }
+        PublishOptions {
+            concurrency: 16,
+            keep_in: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for PublishOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishOptions")
+            .field("concurrency", &self.concurrency)
+            .field("keep_in", &self.keep_in.is_some())
+            .finish()
     }
 }
 
@@ -462,6 +477,7 @@ pub async fn publish(
         current: None,
         progress: progress.clone(),
     };
+    let keep_in = options.keep_in.clone();
     let chunker = tokio::task::spawn_blocking(move || -> FsResult<Vec<(Digest, u64, u32)>> {
         let mut table = Vec::new();
         let cdc = fastcdc::v2020::StreamCDC::new(
@@ -474,6 +490,9 @@ pub async fn publish(
             let chunk = chunk.map_err(|e| FsError::io("content stream", io::Error::from(e)))?;
             let digest = Digest::of(&chunk.data);
             table.push((digest, chunk.offset, chunk.length as u32));
+            if let Some(cache) = &keep_in {
+                cache.admit(&digest, &chunk.data);
+            }
             if tx.blocking_send((digest, chunk.data)).is_err() {
                 break; // the uploader failed; its error is reported
             }

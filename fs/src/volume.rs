@@ -326,14 +326,11 @@ pub async fn publish_changes(
     std::fs::create_dir_all(staging).map_err(|e| FsError::io(staging, e))?;
     let published = async {
         let staged = tree.stage_changes(staging).await?;
-        let report = publish(
-            staging,
-            store,
-            None,
-            &PublishOptions::default(),
-            Default::default(),
-        )
-        .await?;
+        let options = PublishOptions {
+            keep_in: Some(tree.stack().cache().cache().clone()),
+            ..Default::default()
+        };
+        let report = publish(staging, store, None, &options, Default::default()).await?;
         let mut layer = report
             .layer
             .ok_or_else(|| FsError::InvalidInput("publish returned no layer".into()))?;

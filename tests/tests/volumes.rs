@@ -63,6 +63,18 @@ fn a_volume_carries_changes_from_one_host_to_the_next() {
         "one changed MiB of an 8 MiB file uploaded {uploaded} bytes"
     );
     println!("commit 1 uploaded {uploaded} bytes");
+    // Host A holds the newest state: mounting it again downloads nothing.
+    {
+        let fetched = |d: &Daemon| d.stats()["total"]["store_bytes"].as_u64().unwrap();
+        let before = fetched(&a);
+        let m = a
+            .mount_with(&store, &work.join("a1-again"), &["base:v1"], &vol)
+            .unwrap();
+        assert_eq!(fs::read(m.path("state/counter")).unwrap(), b"1");
+        let got = fs::read(m.path("model.bin")).unwrap();
+        assert_eq!(got[2 << 20..3 << 20], pseudo_random(52, 1 << 20)[..]);
+        assert_eq!(fetched(&a), before, "{}", a.stats());
+    }
 
     // Host B, its own cache: sees exactly what A committed; changes it again.
     let mut want = model.clone();

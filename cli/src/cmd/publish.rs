@@ -61,6 +61,7 @@ pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
     });
     let options = PublishOptions {
         concurrency: a.concurrency.max(1),
+        ..Default::default()
     };
     let result = publish(&a.dir, &store, Some(&target), &options, progress).await;
     if let Some(t) = ticker {
