@@ -8,6 +8,7 @@
 //! delta, in which case it is opaque itself (the base's directory was hidden there).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
 use bytes::Bytes;
 use cache::{blob, Digest, Store};
@@ -94,14 +95,45 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
     emit(&m, root, &HashMap::new())
 }
 
-/// `layer` with the bytes of some of its files taken from other layers' files instead:
-/// `content` maps an entry of `layer` to (index into `sources`, entry there). A commit uses
-/// it for files whose bytes are the layers' (moved, or only their attributes changed), so
-/// they are neither read nor uploaded again.
+/// Where a file's bytes come from, for [`with_content_from`].
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// The bytes of a file in a source layer: (index into `sources`, entry there).
+    File(usize, u32),
+    /// `size` bytes starting `skip` bytes into the first of `pieces`.
+    Pieces {
+        pieces: Vec<Piece>,
+        skip: u64,
+        size: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// Chunks of a source layer as they are: (index into `sources`, chunk indices).
+    Chunks(usize, Range<usize>),
+    /// Chunks made for this file; their `offset`s count from the piece's start.
+    New(Vec<ChunkRef>),
+}
+
+/// What a file of the merged tree is made of, in `Merge::layers` numbering.
+enum Override {
+    File(Src),
+    Pieces {
+        pieces: Vec<Piece>,
+        skip: u64,
+        size: u64,
+    },
+}
+
+/// `layer` with the bytes of some of its files taken from elsewhere: `content` maps an entry
+/// of `layer` to a file of one of `sources`, or to pieces of their chunks and new chunks. A
+/// commit uses it for files whose bytes are all or mostly the layers' (moved, attributes
+/// changed, a few blocks rewritten), so the unchanged bytes are neither read nor uploaded.
 pub fn with_content_from(
     layer: &Manifest,
     sources: &[&Manifest],
-    content: &HashMap<u32, (usize, u32)>,
+    content: &HashMap<u32, Content>,
 ) -> FsResult<Vec<u8>> {
     let mut layers = vec![layer];
     layers.extend_from_slice(sources);
@@ -110,28 +142,83 @@ pub fn with_content_from(
         nodes: Vec::new(),
     };
     let root = m.add(&[(0, 0)]);
-    let overrides: HashMap<Src, Src> = content
-        .iter()
-        .map(|(&e, &(l, se))| ((0, e), (l + 1, se)))
-        .collect();
-    for (&(_, e), &(l, se)) in &overrides {
-        let is_file = |l: usize, i: u32| {
-            l < m.layers.len()
-                && (i as usize) < m.layers[l].entry_count()
-                && m.layers[l].entry(i as usize).kind == Kind::File
-        };
-        if !is_file(0, e) || !is_file(l, se) {
-            return Err(FsError::InvalidInput(format!(
-                "internal error: the content of entry {e} is not a file's"
-            )));
+    let bad = |what: String| FsError::InvalidInput(format!("internal error: {what}"));
+    let is_file = |l: usize, i: u32| {
+        l < m.layers.len()
+            && (i as usize) < m.layers[l].entry_count()
+            && m.layers[l].entry(i as usize).kind == Kind::File
+    };
+    let mut overrides = HashMap::new();
+    for (&e, c) in content {
+        if !is_file(0, e) {
+            return Err(bad(format!("entry {e} of the delta is not a file")));
         }
+        let o = match c {
+            Content::File(l, se) => {
+                if !is_file(l + 1, *se) {
+                    return Err(bad(format!("the content of entry {e} is not a file's")));
+                }
+                Override::File((l + 1, *se))
+            }
+            Content::Pieces { pieces, skip, size } => {
+                let mut shifted = Vec::with_capacity(pieces.len());
+                for p in pieces {
+                    shifted.push(match p {
+                        Piece::Chunks(l, r) => {
+                            if l + 1 >= m.layers.len() || r.end > m.layers[l + 1].chunk_count() {
+                                return Err(bad(format!("chunks {r:?} of source {l}")));
+                            }
+                            Piece::Chunks(l + 1, r.clone())
+                        }
+                        Piece::New(c) => Piece::New(c.clone()),
+                    });
+                }
+                Override::Pieces {
+                    pieces: shifted,
+                    skip: *skip,
+                    size: *size,
+                }
+            }
+        };
+        overrides.insert((0, e), o);
     }
     emit(&m, root, &overrides)
 }
 
-/// Encodes the merged tree under `root`; a file in `content` takes its bytes from the entry
-/// it maps to.
-fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Src>) -> FsResult<Vec<u8>> {
+/// A file's bytes as pieces: (hard-link key, size, pieces, skip). Files with the same key are
+/// one inode.
+fn file_pieces(
+    m: &Merge<'_>,
+    src: Src,
+    content: &HashMap<Src, Override>,
+) -> (Option<Src>, u64, Vec<Piece>, u64) {
+    match content.get(&src) {
+        Some(Override::Pieces { pieces, skip, size }) => (None, *size, pieces.clone(), *skip),
+        other => {
+            let src = match other {
+                Some(Override::File(s)) => *s,
+                _ => src,
+            };
+            let (manifest, e) = (m.layers[src.0], m.entry(src));
+            let range = e.content_range();
+            let idx = manifest.chunks_for(range.clone());
+            let skip = if idx.is_empty() {
+                0
+            } else {
+                range.start - manifest.chunk(idx.start).offset
+            };
+            (
+                Some((src.0, e.inode_entry())),
+                e.size,
+                vec![Piece::Chunks(src.0, idx)],
+                skip,
+            )
+        }
+    }
+}
+
+/// Encodes the merged tree under `root`; a file in `content` takes its bytes from there.
+fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Override>) -> FsResult<Vec<u8>> {
     // Breadth-first order, each directory's children contiguous and sorted.
     let mut order = vec![root];
     let mut parent = vec![0u32];
@@ -151,13 +238,10 @@ fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Src>) -> FsResult<Vec
     // Hard links: names of one source inode that survive, and where the first one lands.
     let mut links: HashMap<Src, u32> = HashMap::new();
     for &n in &order {
-        let src = content
-            .get(&m.nodes[n].src)
-            .copied()
-            .unwrap_or(m.nodes[n].src);
-        let e = m.entry(src);
-        if e.kind == Kind::File {
-            *links.entry((src.0, e.inode_entry())).or_default() += 1;
+        if m.entry(m.nodes[n].src).kind == Kind::File {
+            if let (Some(key), ..) = file_pieces(m, m.nodes[n].src, content) {
+                *links.entry(key).or_default() += 1;
+            }
         }
     }
     let mut first_link: HashMap<Src, u32> = HashMap::new();
@@ -201,42 +285,72 @@ fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Src>) -> FsResult<Vec
             Kind::Symlink => spec.symlink_target = m.layers[node.src.0].symlink_target(&e).to_vec(),
             Kind::Whiteout => {}
             Kind::File => {
-                let src = content.get(&node.src).copied().unwrap_or(node.src);
-                let (l, e) = (src.0, m.entry(src));
-                let manifest = m.layers[l];
-                spec.size = e.size;
-                let key = (l, e.inode_entry());
-                if let Some(&first) = first_link.get(&key) {
-                    spec.a = first;
-                    spec.b = links[&key];
-                    spec.data_off = entries_data_off(&entries, first);
-                    entries.push(spec);
-                    continue;
-                }
-                first_link.insert(key, pos as u32);
+                let (key, size, pieces, skip) = file_pieces(m, node.src, content);
+                spec.size = size;
                 spec.a = pos as u32;
-                spec.b = links[&key];
-                let range = e.content_range();
-                let idx = manifest.chunks_for(range.clone());
-                if idx.is_empty() {
-                    spec.data_off = content_end;
-                } else {
-                    let contiguous = idx.clone().all(|c| placed.contains_key(&(l, c)))
-                        && idx.clone().skip(1).all(|c| {
-                            placed[&(l, c)]
-                                == placed[&(l, c - 1)] + manifest.chunk(c - 1).len as u64
-                        });
-                    if !contiguous {
-                        for c in idx.clone() {
-                            let mut chunk = manifest.chunk(c);
-                            placed.insert((l, c), content_end);
-                            chunk.offset = content_end;
-                            content_end += chunk.len as u64;
-                            chunks.push(chunk);
+                spec.b = 1;
+                if let Some(key) = key {
+                    spec.b = links[&key];
+                    if let Some(&first) = first_link.get(&key) {
+                        spec.a = first;
+                        spec.data_off = entries_data_off(&entries, first);
+                        entries.push(spec);
+                        continue;
+                    }
+                    first_link.insert(key, pos as u32);
+                }
+                // Chunks already laid out back to back (a neighbour file shares them) are
+                // used where they are; anything else is appended.
+                let start = match pieces.as_slice() {
+                    [Piece::Chunks(l, idx)] if !idx.is_empty() => {
+                        let (l, manifest) = (*l, m.layers[*l]);
+                        let contiguous = idx.clone().all(|c| placed.contains_key(&(l, c)))
+                            && idx.clone().skip(1).all(|c| {
+                                placed[&(l, c)]
+                                    == placed[&(l, c - 1)] + manifest.chunk(c - 1).len as u64
+                            });
+                        if contiguous {
+                            Some(placed[&(l, idx.start)])
+                        } else {
+                            None
                         }
                     }
-                    let first = manifest.chunk(idx.start);
-                    spec.data_off = placed[&(l, idx.start)] + (range.start - first.offset);
+                    _ => None,
+                };
+                let start = match start {
+                    Some(s) => s,
+                    None => {
+                        let start = content_end;
+                        for piece in &pieces {
+                            match piece {
+                                Piece::Chunks(l, idx) => {
+                                    for c in idx.clone() {
+                                        let mut chunk = m.layers[*l].chunk(c);
+                                        placed.insert((*l, c), content_end);
+                                        chunk.offset = content_end;
+                                        content_end += chunk.len as u64;
+                                        chunks.push(chunk);
+                                    }
+                                }
+                                Piece::New(new) => {
+                                    for c in new {
+                                        let mut chunk = *c;
+                                        chunk.offset = content_end;
+                                        content_end += chunk.len as u64;
+                                        chunks.push(chunk);
+                                    }
+                                }
+                            }
+                        }
+                        start
+                    }
+                };
+                spec.data_off = start + skip;
+                if spec.data_off + size > content_end {
+                    return Err(FsError::InvalidInput(format!(
+                        "internal error: the pieces of {:?} hold fewer bytes than its size {size}",
+                        String::from_utf8_lossy(e.name)
+                    )));
                 }
             }
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
-use crate::publish::{publish, PublishOptions, PublishReport};
+use crate::publish::PublishReport;
 use crate::refs::check_component;
 use crate::upper::MountTree;
 
@@ -231,7 +231,7 @@ pub async fn commit(
             paths.push(String::from_utf8_lossy(c.path()).into_owned());
         }
     }
-    let (report, changes, layer) = publish_changes(store, tree, staging).await?;
+    let (report, changes, layer) = crate::delta::publish_changes(store, tree, staging).await?;
     let commit = Commit {
         layer: layer.to_string(),
         committed_at: std::time::SystemTime::now()
@@ -313,65 +313,6 @@ pub async fn commit(
     Err(FsError::Conflict(format!(
         "volume {v}: the head kept moving while committing; the changes are in layer {layer}"
     )))
-}
-
-/// Publishes `tree`'s changes as a delta layer (staged under `staging`, removed after):
-/// the publish report, the number of changes and the layer.
-pub async fn publish_changes(
-    store: &Arc<dyn Store>,
-    tree: &MountTree,
-    staging: &std::path::Path,
-) -> FsResult<(PublishReport, usize, Digest)> {
-    let _ = std::fs::remove_dir_all(staging);
-    std::fs::create_dir_all(staging).map_err(|e| FsError::io(staging, e))?;
-    let published = async {
-        let staged = tree.stage_changes(staging).await?;
-        let options = PublishOptions {
-            keep_in: Some(tree.stack().cache().cache().clone()),
-            ..Default::default()
-        };
-        let report = publish(staging, store, None, &options, Default::default()).await?;
-        let mut layer = report
-            .layer
-            .ok_or_else(|| FsError::InvalidInput("publish returned no layer".into()))?;
-        if !staged.lower_files.is_empty() {
-            layer = point_at_layer_files(store, tree, layer, &staged.lower_files).await?;
-        }
-        Ok::<_, FsError>((report, staged.changes, layer))
-    }
-    .await;
-    let _ = std::fs::remove_dir_all(staging);
-    published
-}
-
-/// The delta layer `delta` with the files staged empty in `lower_files` pointing at the
-/// chunks of the layer files they are (see [`crate::upper::Staged`]); returns the new layer.
-async fn point_at_layer_files(
-    store: &Arc<dyn Store>,
-    tree: &MountTree,
-    delta: Digest,
-    lower_files: &[(std::path::PathBuf, (usize, u32))],
-) -> FsResult<Digest> {
-    let delta = Layer::load(store, delta, None).await?;
-    let m = &delta.manifest;
-    let mut content = std::collections::HashMap::new();
-    for (path, source) in lower_files {
-        let mut entry = m.root();
-        for name in path.iter() {
-            use std::os::unix::ffi::OsStrExt;
-            entry = m.lookup(&entry, name.as_bytes()).ok_or_else(|| {
-                FsError::InvalidInput(format!(
-                    "internal error: staged {} is not in the delta layer",
-                    path.display()
-                ))
-            })?;
-        }
-        content.insert(entry.index, *source);
-    }
-    let sources: Vec<&crate::manifest::Manifest> =
-        tree.stack().layers().iter().map(|l| &l.manifest).collect();
-    let bytes = crate::squash::with_content_from(m, &sources, &content)?;
-    crate::squash::store_manifest(store, &bytes).await
 }
 
 /// Squashes the chain of `v` into one layer when it has more than one commit (see

@@ -38,6 +38,8 @@ fn a_volume_carries_changes_from_one_host_to_the_next() {
         let m = a
             .mount_with(&store, &work.join("a1"), &["base:v1"], &vol)
             .unwrap();
+        // Read whole here, so this host holds all of it (and later, its new state).
+        assert!(fs::read(m.path("model.bin")).unwrap() == model);
         fs::create_dir(m.path("state")).unwrap();
         fs::write(m.path("state/counter"), b"1").unwrap();
         let f = fs::OpenOptions::new()

@@ -37,7 +37,7 @@ pub use changes::Change;
 pub use journal::JOURNAL_FILE;
 use node::{Body, Data, Node};
 pub use node::{NodeKind, Stat};
-pub use stage::Staged;
+pub use stage::{LowerContent, PartialFile, Segment, Staged};
 
 use crate::error::{FsError, FsResult};
 use crate::stack::{DirEntry, FileKind, LayerStack};

@@ -4,17 +4,20 @@
 //! directory gives a delta layer: stacked on the mount's layers, it shows the mounted tree.
 //!
 //! The directories on the way to a change are written with their current attributes too
-//! (a layer's directory entry carries them). A file whose bytes are all the layers' (moved,
-//! or only its attributes changed) is staged empty and listed in [`Staged::lower_files`]:
-//! the commit points its entry at the layer's chunks instead of reading them again. Other
-//! bytes are read through the tree, so a partly copied-up file gets its unchanged blocks
-//! from the chunk cache; chunking then stores only the chunks that are new.
+//! (a layer's directory entry carries them). A file whose bytes are all or partly the
+//! layers' is staged empty and listed in [`Staged::lower_files`]: the commit points its entry
+//! at the layer's chunks instead of reading them again — all of them for a file moved or
+//! only changed in its attributes; for a file rewritten in places, the chunks no written
+//! block touches, with new chunks for the rest ([`PartialFile`]). Other files' bytes are
+//! read through the tree and chunked by publish.
 
 use std::ffi::CString;
+use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{Change, MountTree, NodeKind, Stat};
+use super::node::{Body, Data};
+use super::{Change, MountTree, NodeKind, Stat, COPY_UP_BLOCK};
 use crate::error::{FsError, FsResult};
 use crate::stack::ROOT_INO;
 
@@ -88,9 +91,96 @@ fn set_attrs(t: &MountTree, ino: u64, s: &Stat, path: &Path) -> FsResult<()> {
 #[derive(Debug, Default)]
 pub struct Staged {
     pub changes: usize,
-    /// Files staged empty whose bytes are a layer file's: (path under the staging directory,
-    /// (layer index in the stack, entry index in its manifest)).
-    pub lower_files: Vec<(PathBuf, (usize, u32))>,
+    /// Files staged empty whose bytes are (mostly) a layer file's, by path under the staging
+    /// directory.
+    pub lower_files: Vec<(PathBuf, LowerContent)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum LowerContent {
+    /// All the bytes of a layer file: (layer index in the stack, entry in its manifest).
+    File(usize, u32),
+    /// Partly rewritten.
+    Partial(PartialFile),
+}
+
+/// A layer file rewritten in places, as a commit rebuilds it: the layer's chunks that no
+/// written block touches, and the byte ranges in between, read from the tree.
+#[derive(Debug, Clone)]
+pub struct PartialFile {
+    pub ino: u64,
+    /// Layer index in the stack the chunks are from.
+    pub layer: usize,
+    pub segments: Vec<Segment>,
+    /// Bytes of the first chunk before the file's start (when the first segment is a
+    /// layer chunk shared with the file before it).
+    pub skip: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Chunk indices in the layer's manifest.
+    Lower(Range<usize>),
+    /// File bytes to chunk anew.
+    New(Range<u64>),
+}
+
+/// The segments of a file of `size` bytes whose first `lower_len` bytes are the layer file's
+/// (`entry` of `m`) except the blocks marked `present`.
+fn plan_partial(
+    m: &crate::manifest::Manifest,
+    entry: u32,
+    lower_len: u64,
+    present: &[bool],
+    size: u64,
+) -> (Vec<Segment>, u64) {
+    let e = m.entry(entry as usize);
+    let range = e.content_range();
+    let lower_size = e.size;
+    let keep_end = lower_len.min(size);
+    let touched = |from: u64, to: u64| {
+        let first = (from / COPY_UP_BLOCK) as usize;
+        let last = to.div_ceil(COPY_UP_BLOCK) as usize;
+        (first..last).any(|b| present.get(b).copied().unwrap_or(true))
+    };
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut covered = 0u64;
+    for c in m.chunks_for(range.clone()) {
+        let chunk = m.chunk(c);
+        let start = chunk.offset.max(range.start) - range.start;
+        let end = (chunk.offset + chunk.len as u64).min(range.end) - range.start;
+        // A chunk running past the file's end holds the next file's bytes: it can only end
+        // the file, so only if the size is unchanged.
+        let past_end = chunk.offset + chunk.len as u64 > range.end;
+        let clean = end <= keep_end && !touched(start, end) && (!past_end || size == lower_size);
+        match (clean, segments.last_mut()) {
+            (true, Some(Segment::Lower(r))) if r.end == c => r.end = c + 1,
+            (true, _) => segments.push(Segment::Lower(c..c + 1)),
+            (false, Some(Segment::New(r))) if r.end == start => r.end = end,
+            (false, _) => segments.push(Segment::New(start..end)),
+        }
+        covered = end;
+    }
+    if covered < size {
+        match segments.last_mut() {
+            Some(Segment::New(r)) if r.end == covered => r.end = size,
+            _ => segments.push(Segment::New(covered..size)),
+        }
+    }
+    // Bytes cut off by a truncate: the last segments may reach past the new size.
+    segments.retain_mut(|s| match s {
+        Segment::New(r) => {
+            r.end = r.end.min(size);
+            r.start < r.end
+        }
+        Segment::Lower(_) => true,
+    });
+    let skip = match segments.first() {
+        Some(Segment::Lower(r)) => range.start - m.chunk(r.start).offset,
+        _ => 0,
+    };
+    (segments, skip)
 }
 
 impl MountTree {
@@ -172,6 +262,41 @@ impl MountTree {
         Ok(path)
     }
 
+    /// How a commit can reuse the layers' chunks for file `ino`, if it can.
+    fn lower_content(&self, ino: u64, s: &Stat) -> Option<LowerContent> {
+        let (layer, entry) = self.stack.file_source(ino)?;
+        let partial = {
+            let tree = self.lock();
+            match tree.nodes.get(&ino).map(|n| &n.body) {
+                None
+                | Some(Body::File {
+                    data: Data::Lower, ..
+                }) => None,
+                Some(Body::File {
+                    data: Data::Partial { lower_len, present },
+                    ..
+                }) => Some((*lower_len, present.clone())),
+                Some(_) => return None,
+            }
+        };
+        let Some((lower_len, present)) = partial else {
+            return (s.size > 0).then_some(LowerContent::File(layer, entry));
+        };
+        let m = &self.stack.layers()[layer].manifest;
+        let (segments, skip) = plan_partial(m, entry, lower_len, &present, s.size);
+        // Nothing of the layer's left to reuse: chunk it like a new file.
+        if !segments.iter().any(|s| matches!(s, Segment::Lower(_))) {
+            return None;
+        }
+        Some(LowerContent::Partial(PartialFile {
+            ino,
+            layer,
+            segments,
+            skip,
+            size: s.size,
+        }))
+    }
+
     /// Writes node `ino` at `path`; a directory with its whole subtree when `subtree`.
     async fn stage_node(
         &self,
@@ -179,7 +304,7 @@ impl MountTree {
         path: &Path,
         subtree: bool,
         dirs: &mut Vec<(std::path::PathBuf, u64)>,
-        lower_files: &mut Vec<(PathBuf, (usize, u32))>,
+        lower_files: &mut Vec<(PathBuf, LowerContent)>,
     ) -> FsResult<()> {
         let s = self.getattr(ino)?;
         match s.kind {
@@ -200,12 +325,8 @@ impl MountTree {
             NodeKind::File => {
                 use std::io::Write;
                 let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
-                let source = self
-                    .reads_from_layers(ino)
-                    .then(|| self.stack.file_source(ino))
-                    .flatten();
-                if let Some(source) = source.filter(|_| s.size > 0) {
-                    lower_files.push((path.to_path_buf(), source));
+                if let Some(content) = self.lower_content(ino, &s) {
+                    lower_files.push((path.to_path_buf(), content));
                     drop(f);
                     return set_attrs(self, ino, &s, path);
                 }
