@@ -55,9 +55,12 @@ last_upload() { "$strata" volume show $store "$1" --json | python3 -c "import js
 
 echo "== making and publishing the data"
 data=$work/data
-mkdir -p "$data/big" "$data/small"
+mkdir -p "$data/big" "$data/small" "$data/small2"
 head -c $((1 << 30)) /dev/urandom > "$data/big/model.bin"
-for i in $(seq 1 1000); do head -c 4096 /dev/urandom > "$data/small/f$i.txt"; done
+for i in $(seq 1 1000); do
+  head -c 4096 /dev/urandom > "$data/small/f$i.txt"
+  head -c 4096 /dev/urandom > "$data/small2/f$i.txt"   # other bytes, for the publish baseline
+done
 daemon_cold
 "$strata" publish "$data/big" $store big:v1 > /dev/null
 
@@ -66,7 +69,7 @@ vmount bench/small "$work/m/small"
 cp -r "$data/small/." "$work/m/small/"
 small_commit=$(timed "$strata" unmount "$work/m/small")
 small_up=$(last_upload bench/small)
-small_publish=$(timed "$strata" publish "$data/small" $store small:v1)
+small_publish=$(timed "$strata" publish "$data/small2" $store small:v1)
 
 echo "== commit: one changed MiB in the 1 GiB layer file, its chunks cached"
 vmount bench/one-mib "$work/m/mib" --layer big:v1
@@ -125,7 +128,9 @@ vmount bench/long "$work/m/long"; plain_files=$(find "$work/m/long" -type f | wc
 echo "== strata run: 1 alone, then 16 at once, of the 1 GiB dataset (cold cache each time)"
 one_run() { "$strata" run $store --dataset big:v1 -- cat model.bin > /dev/null; }
 daemon_cold
+before_gets=$(garage_get_count)
 run1=$(timed one_run)
+run1_gets=$(( $(garage_get_count) - before_gets ))
 daemon_cold
 before_gets=$(garage_get_count)
 sixteen() { for _ in $(seq 1 16); do one_run & done; wait; }
@@ -146,7 +151,7 @@ out=bench/results/volumes-$(date -u +%Y%m%d-%H%M%S).md
   echo
   echo "| measure | figure | for scale |"
   echo "|---|---|---|"
-  echo "| commit of 1,000 new 4 KiB files: time (s) / uploaded (KiB) | $(fmt "$small_commit") / $(kib "$small_up") | \`strata publish\` of the same files: $(fmt "$small_publish") s |"
+  echo "| commit of 1,000 new 4 KiB files: time (s) / uploaded (KiB) | $(fmt "$small_commit") / $(kib "$small_up") | \`strata publish\` of 1,000 other 4 KiB files: $(fmt "$small_publish") s |"
   echo "| commit of one changed MiB in a 1 GiB layer file, chunks cached: time (s) / uploaded (KiB) / fetched (MiB) | $(fmt "$mib_warm") / $(kib "$mib_warm_up") / $(( mib_warm_fetched >> 20 )) | |"
   echo "| the same on a host with a cold cache: time (s) / uploaded (KiB) / fetched (MiB) | $(fmt "$mib_cold") / $(kib "$mib_cold_up") / $(( mib_cold_fetched >> 20 )) | |"
   echo "| commit of the 1 GiB layer file moved, cold cache: time (s) / uploaded (KiB) / fetched (MiB) | $(fmt "$moved") / $(kib "$moved_up") / $(( moved_fetched >> 20 )) | |"
@@ -157,7 +162,7 @@ out=bench/results/volumes-$(date -u +%Y%m%d-%H%M%S).md
   echo "| stat of its files after the squash, new host (s) | $(fmt "$sq_find" 3) | $(fmt "$(ratio "$sq_find" "$long_find")")× before |"
   echo "| \`strata run … cat\` of the 1 GiB dataset, cold: one alone (s) | $(fmt "$run1") | |"
   echo "| 16 such runs at once, cold: wall (s) | $(fmt "$run16") | $(fmt "$(ratio "$run16" "$run1")")× one run |"
-  echo "| 16 runs: store GETs / chunks fetched / bytes fetched | $run16_gets / $run16_chunks / $(fmt "$(ratio "$run16_store" $((1 << 30)))")× the file | |"
+  echo "| 16 runs: store GETs / chunks fetched / bytes fetched | $run16_gets / $run16_chunks / $(fmt "$(ratio "$run16_store" $((1 << 30)))")× the file | one run: $run1_gets GETs |"
   echo "| left behind after the 16 runs: mounts / scratch dirs | $left_mounts / $left_scratch | |"
 } | tee "$out"
 echo "saved $out"

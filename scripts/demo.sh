@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # strata's main job on the embedded default store (a local directory, no S3 needed):
 # build, publish a sample directory, list and inspect it, mount it through FUSE, read it,
-# write to the mount's scratch upper, unmount. Leaves nothing mounted; prints where the store and cache went.
+# write to the mount's scratch upper, keep state in a persistent volume across mounts, run a
+# command in a sandbox with `strata run` (as root), unmount. Leaves nothing mounted; prints
+# where the store and cache went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +61,30 @@ ls "$work/mnt" "$work/mnt/docs"
 cat "$work/mnt/hello.txt"
 echo "-- the second (read-only) mount still shows the layer:"
 cat "$work/mnt2/hello.txt"; ls "$work/mnt2/docs"
+echo "== a persistent volume: changes committed to the store, seen by the next mount"
+mkdir -p "$work/vol"
+"$strata" mount "$store" "$work/vol" --volume demo/state
+echo "first invocation" > "$work/vol/notes.txt"
+"$strata" commit "$work/vol"
+echo "more, committed when the mount ends" >> "$work/vol/notes.txt"
+"$strata" unmount "$work/vol"
+"$strata" mount "$store" "$work/vol" --volume demo/state
+cat "$work/vol/notes.txt"
+"$strata" unmount "$work/vol"
+"$strata" volume history "$store" demo/state
+if [ "$(id -u)" = 0 ]; then
+  echo "== strata run: the dataset at /data, the volume at /persist, in a sandbox of its own"
+  "$strata" run "$store" --dataset demo:v1 --volume demo/state -- \
+    sh -c 'cat /data/hello.txt; echo "from a sandboxed run" >> /persist/notes.txt; ls /; env'
+  echo "-- and as an unprivileged user, the layer's modes apply:"
+  "$strata" run "$store" --dataset demo:v1 --uid 65534 --gid 65534 -- \
+    sh -c 'id; touch /data/new.txt || echo "(denied, as the modes say)"'
+  "$strata" mount "$store" "$work/vol" --volume demo/state
+  tail -1 "$work/vol/notes.txt"
+  "$strata" unmount "$work/vol"
+else
+  echo "== (strata run skipped: it needs root for its namespaces)"
+fi
 echo "== strata stats"
 "$strata" stats
 echo "== strata unmount, and the daemon stops (SIGTERM unmounts whatever is left)"

@@ -207,11 +207,11 @@ async fn mount_through_daemon(
         println!("{}", serde_json::to_string(&info)?);
     } else {
         let layers: Vec<&str> = info.layers.iter().map(|l| l.dataset.as_str()).collect();
-        println!(
-            "mounted {} at {}",
-            layers.join(" + "),
-            info.mountpoint.display()
-        );
+        let what = match (&info.volume, layers.is_empty()) {
+            (Some(v), true) => format!("volume {v} (no commits yet)"),
+            _ => layers.join(" + "),
+        };
+        println!("mounted {what} at {}", info.mountpoint.display());
     }
     Ok(())
 }
