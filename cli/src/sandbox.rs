@@ -49,6 +49,10 @@ pub struct SandboxSpec {
     pub gid: u32,
     pub env: Vec<(String, String)>,
     pub argv: Vec<String>,
+    /// Keep the host's network (else a network namespace of its own, loopback only).
+    pub network: bool,
+    /// The pid of `strata run`: if it is gone before the helper watches it, the helper stops.
+    pub parent: u32,
 }
 
 fn cstr(p: impl AsRef<OsStr>) -> io::Result<CString> {
@@ -94,7 +98,20 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
-/// Binds `source` at `target` read-only (and without setuid or devices).
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// Binds `source` at `target` read-only (and without setuid or devices), the mounts below it
+/// too (a host's `/usr/local` or `/etc/resolv.conf` may be mounts of their own).
 fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
     mount(
         Some(source),
@@ -103,6 +120,28 @@ fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
         libc::MS_BIND | libc::MS_REC,
         None,
     )?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let t = cstr(target)?;
+    // SAFETY: a valid path and a mount_attr of the size given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.12: the top mount only.
     mount(
         None,
         target,
@@ -162,7 +201,9 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
         Some(Path::new("tmpfs")),
         &dev,
         Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
+        // Its device nodes are binds of the host's (mounts of their own); nothing made here
+        // may act as a device.
+        libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
         Some("mode=0755,size=64k"),
     )?;
     for name in DEVICES {
@@ -216,6 +257,7 @@ fn enter(
     workdir: &CString,
     uid: u32,
     gid: u32,
+    network: bool,
 ) -> io::Result<()> {
     let proc_type = c"proc";
     let dot = c".";
@@ -242,18 +284,124 @@ fn enter(
         check(libc::umount2(dot.as_ptr(), libc::MNT_DETACH), || {
             "detaching the host's root".into()
         })?;
+        // The kernel's knobs and the magic SysRq key stay out of reach.
+        for path in [c"/proc/sys", c"/proc/sysrq-trigger"] {
+            let ro = libc::MS_BIND | libc::MS_REC;
+            if libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                ro,
+                std::ptr::null(),
+            ) == 0
+            {
+                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+                libc::mount(
+                    std::ptr::null(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                );
+            }
+        }
+        if !network {
+            loopback_up();
+        }
         check(libc::chdir(workdir.as_ptr()), || {
             format!("entering the working directory {workdir:?}")
         })?;
+        // No capabilities, ever: none kept, none to gain (setuid binaries, file caps). A
+        // command running as uid 0 can then not remount, mount, make devices or load modules.
+        for cap in 0..64 {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap);
+        }
         check(libc::setgroups(0, std::ptr::null()), || "setgroups".into())?;
         check(libc::setgid(gid), || format!("setgid {gid}"))?;
         check(libc::setuid(uid), || format!("setuid {uid}"))?;
+        drop_capabilities()?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), || {
+            "no_new_privs".into()
+        })?;
         // Set after setuid, which clears it: the command dies with its helper.
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL), || {
             "prctl".into()
         })?;
     }
     Ok(())
+}
+
+/// Clears the effective, permitted, inheritable and ambient capability sets (setuid to a
+/// non-zero uid clears most of them already; uid 0 keeps them without this).
+fn drop_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3: two Data records
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a version-3 header and its two data records.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        let rc = libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) as i32;
+        check(rc, || "dropping capabilities".into())
+    }
+}
+
+/// Brings up `lo` in a new network namespace (it starts down), so the command can still
+/// talk to itself on 127.0.0.1.
+fn loopback_up() {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _rest: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _rest: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: a datagram socket and SIOC[GS]IFFLAGS on an ifreq-sized buffer.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req as *mut IfReq) == 0 {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req as *const IfReq);
+        }
+        libc::close(fd);
+    }
 }
 
 /// The helper's main: builds the root, runs the command, exits with its status.
@@ -275,8 +423,14 @@ pub fn helper_main(spec_json: &str) -> i32 {
 }
 
 fn run_helper(spec: &SandboxSpec) -> io::Result<i32> {
-    // SAFETY: prctl with plain integers; the helper dies with `strata run`.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // SAFETY: prctl and getppid with plain integers; the helper dies with `strata run`, and
+    // if that already happened (before the prctl), it stops here.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() as u32 != spec.parent {
+            return Err(io::Error::other("strata run is gone"));
+        }
+    }
     build_root(spec)?;
     if spec.argv.is_empty() {
         return Err(io::Error::other("no command to run"));
@@ -298,7 +452,7 @@ fn run_helper(spec: &SandboxSpec) -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        let code = match enter(&root, &proc_dir, &workdir, spec.uid, spec.gid) {
+        let code = match enter(&root, &proc_dir, &workdir, spec.uid, spec.gid, spec.network) {
             Ok(()) => init(&exec),
             Err(e) => {
                 eprintln!("strata run: {e}");
@@ -390,6 +544,11 @@ fn init(exec: &Exec) -> i32 {
     if pid == 0 {
         // SAFETY: pointers into arrays that live until exec; on failure report and exit.
         unsafe {
+            // A session of its own: no controlling terminal to push input into (TIOCSTI).
+            libc::setsid();
+            // Nothing inherited but stdin, stdout and stderr: a stray descriptor of a host
+            // directory would be a way out of the new root.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             libc::execvpe(exec.argv[0], exec.argv.as_ptr(), exec.envp.as_ptr());
             let e = io::Error::last_os_error();
             let name = std::ffi::CStr::from_ptr(exec.argv[0]).to_string_lossy();

@@ -18,25 +18,27 @@ use crate::manifest::{ChunkRef, Manifest};
 use crate::pack::{self, Lookup, Packer};
 use crate::publish::{publish, PublishOptions, PublishReport, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
 use crate::squash::{Content, Piece};
-use crate::upper::{LowerContent, MountTree, PartialFile, Segment};
+use crate::upper::{Change, LowerContent, MountTree, PartialFile, Segment};
 
 /// Bytes of a rewritten range read from the tree at a time.
 const READ_STEP: u32 = 1 << 20;
 /// Buffered bytes after which the chunker cuts what it can.
 const CUT_WINDOW: usize = 8 << 20;
 
-/// Publishes `tree`'s changes as a delta layer (staged under `staging`, removed after):
-/// the publish report, the number of changes and the layer. The chunks it makes are kept in
-/// the tree's chunk cache, so this host reads the new state locally.
+/// Publishes `changes` of `tree` ([`MountTree::changes`]) as a delta layer (staged under
+/// `staging`, removed after): the publish report, the number of changes and the layer. The
+/// chunks it makes are kept in the tree's chunk cache, so this host reads the new state
+/// locally.
 pub async fn publish_changes(
     store: &Arc<dyn Store>,
     tree: &MountTree,
+    changes: &[Change],
     staging: &Path,
 ) -> FsResult<(PublishReport, usize, Digest)> {
     let _ = std::fs::remove_dir_all(staging);
     std::fs::create_dir_all(staging).map_err(|e| FsError::io(staging, e))?;
     let published = async {
-        let staged = tree.stage_changes(staging).await?;
+        let staged = tree.stage(staging, changes).await?;
         let options = PublishOptions {
             keep_in: Some(tree.stack().cache().cache().clone()),
             ..Default::default()
@@ -278,9 +280,10 @@ mod tests {
     /// Publishes the changes and reads `name` back through the layer stacked with the delta.
     async fn commit_and_read(t: &MountTree, tmp: &std::path::Path, name: &[u8]) -> (Vec<u8>, u64) {
         let store = t.stack().cache().store().clone();
-        let (report, _, delta) = publish_changes(&store, t, &tmp.join("stage"))
-            .await
-            .unwrap();
+        let (report, _, delta) =
+            publish_changes(&store, t, &t.changes().unwrap(), &tmp.join("stage"))
+                .await
+                .unwrap();
         let layers = vec![
             Layer::load(&store, t.stack().layers()[0].digest, None)
                 .await
@@ -304,9 +307,14 @@ mod tests {
         t.release(f.ino);
         let before = t.stack().cache().stats().chunk_requests;
         let store = t.stack().cache().store().clone();
-        publish_changes(&store, &t, &tmp.path().join("stage0"))
-            .await
-            .unwrap();
+        publish_changes(
+            &store,
+            &t,
+            &t.changes().unwrap(),
+            &tmp.path().join("stage0"),
+        )
+        .await
+        .unwrap();
         // The commit read the chunks around the written block, not the file's 16 or so.
         let read = t.stack().cache().stats().chunk_requests - before;
         assert!(read <= 3, "the commit read {read} chunks");

@@ -75,6 +75,10 @@ pub struct Commit {
     pub squashed: Vec<Commit>,
 }
 
+/// Commits a squash remembers: a mount that started before the last this many commits
+/// gets a conflict (its changes kept) instead of a rebase.
+const SQUASH_HISTORY: usize = 512;
+
 /// A chain with its squashes opened up: the commits each one replaced.
 fn expand(commits: &[Commit]) -> Vec<&Commit> {
     commits
@@ -231,7 +235,8 @@ pub async fn commit(
             paths.push(String::from_utf8_lossy(c.path()).into_owned());
         }
     }
-    let (report, changes, layer) = crate::delta::publish_changes(store, tree, staging).await?;
+    let (report, changes, layer) =
+        crate::delta::publish_changes(store, tree, &changed, staging).await?;
     let commit = Commit {
         layer: layer.to_string(),
         committed_at: std::time::SystemTime::now()
@@ -266,15 +271,17 @@ pub async fn commit(
             Err(e) => return Err(e.into()),
         }
         let (newer, newer_version) = read_head(store, v).await?;
-        // Compared by layer, squashes opened up: a squash of the base is still the base.
+        // The commits since the base: after the base's last commit in the newer chain, with
+        // squashes opened up (a squash of the base still holds the base's commits).
         let (base_chain, newer_chain) = (expand(&base_head.commits), expand(&newer.commits));
-        let starts_the_same = newer_chain.len() >= base_chain.len()
-            && newer_chain
+        let since = match base_chain.last() {
+            None => Some(&newer_chain[..]),
+            Some(tip) => newer_chain
                 .iter()
-                .zip(&base_chain)
-                .all(|(a, b)| a.layer == b.layer);
-        let clashes: Vec<String> = if starts_the_same {
-            let since = &newer_chain[base_chain.len()..];
+                .rposition(|c| c.layer == tip.layer)
+                .map(|i| &newer_chain[i + 1..]),
+        };
+        let clashes: Vec<String> = if let Some(since) = since {
             commit
                 .paths
                 .iter()
@@ -344,14 +351,18 @@ pub async fn squash(
         changes: head.commits.iter().map(|c| c.changes).sum(),
         bytes_uploaded: manifest_bytes,
         paths,
-        squashed: head
-            .commits
-            .iter()
-            .map(|c| Commit {
-                squashed: Vec::new(),
-                ..c.clone()
-            })
-            .collect(),
+        // Every commit it stands for (older squashes opened up), so that mounts started from
+        // any of them can still rebase; the oldest are let go past a bound.
+        squashed: {
+            let all = expand(&head.commits);
+            all[all.len().saturating_sub(SQUASH_HISTORY)..]
+                .iter()
+                .map(|c| Commit {
+                    squashed: Vec::new(),
+                    ..(*c).clone()
+                })
+                .collect()
+        },
     };
     let next = VolumeHead {
         version: 1,
@@ -498,5 +509,77 @@ mod tests {
         let t6 = mount(chain, "upper6").await;
         let got = t6.lookup(ROOT_INO, b"model.ckpt").unwrap();
         assert_eq!(&t6.read(got.ino, 0, 100).await.unwrap()[..], b"epoch 9");
+    }
+
+    #[tokio::test]
+    async fn a_mount_from_before_two_squashes_still_rebases() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "base/data.txt", b"base\n");
+        let base = stack_of(tmp.path(), &["base"]).await;
+        let store = base.cache().store().clone();
+        let v = VolumeRef::parse("fn/squashed").unwrap();
+        let base_digest = base.layers()[0].digest;
+        let mount = |chain: Vec<Digest>, upper: &str| {
+            let store = store.clone();
+            let cache = base.cache().clone();
+            let dir = tmp.path().join(upper);
+            async move {
+                let mut layers = vec![Layer::load(&store, base_digest, None).await.unwrap()];
+                for d in chain {
+                    layers.push(Layer::load(&store, d, None).await.unwrap());
+                }
+                let upper = UpperConfig {
+                    dir,
+                    quota: None,
+                    journal: false,
+                };
+                MountTree::new(
+                    Arc::new(LayerStack::new(layers, cache).unwrap()),
+                    Some(upper),
+                )
+                .unwrap()
+            }
+        };
+        let caller = Caller { uid: 0, gid: 0 };
+        let stage = tmp.path().join("stage");
+        // Commits a new file `name` from a mount of the current head.
+        let commit_file = |name: &'static str| {
+            let (store, v, stage) = (store.clone(), v.clone(), stage.clone());
+            let mount = &mount;
+            async move {
+                let (head, version) = read_head(&store, &v).await.unwrap();
+                let t = mount(head.layers().unwrap(), name).await;
+                t.create(ROOT_INO, name.as_bytes(), 0o644, caller).unwrap();
+                let c = commit(&store, &v, &t, (&head, version.as_ref()), &stage).await;
+                assert!(c.unwrap().commit.is_some());
+            }
+        };
+        commit_file("a").await;
+        let (h1, v1) = read_head(&store, &v).await.unwrap();
+        let old = mount(h1.layers().unwrap(), "old").await;
+        old.create(ROOT_INO, b"from-old", 0o644, caller).unwrap();
+        commit_file("b").await;
+        assert!(squash(&store, &v, None).await.unwrap().is_some());
+        commit_file("c").await;
+        let (squashed, _) = squash(&store, &v, None).await.unwrap().unwrap();
+        assert_eq!(squashed.commits.len(), 1);
+        assert_eq!(squashed.commits[0].squashed.len(), 3, "a, b and c");
+        // The mount from before both squashes touched other paths: it rebases.
+        let c = commit(&store, &v, &old, (&h1, v1.as_ref()), &stage)
+            .await
+            .unwrap();
+        assert!(c.conflict.is_none() && c.commit.is_some());
+        let (head, _) = read_head(&store, &v).await.unwrap();
+        let t = mount(head.layers().unwrap(), "check").await;
+        for name in ["a", "b", "c", "from-old", "data.txt"] {
+            assert!(t.lookup(ROOT_INO, name.as_bytes()).is_ok(), "{name}");
+        }
+        // One that changed what a squashed commit changed: a conflict.
+        let late = mount(h1.layers().unwrap(), "late").await;
+        late.create(ROOT_INO, b"b", 0o644, caller).unwrap();
+        let c = commit(&store, &v, &late, (&h1, v1.as_ref()), &stage)
+            .await
+            .unwrap();
+        assert_eq!(c.conflict.unwrap().paths, ["b"]);
     }
 }

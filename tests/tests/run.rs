@@ -86,6 +86,13 @@ fn a_run_sees_its_data_and_nothing_of_the_host() {
         for p in {socket} {state} {cache} {src}; do test -e "$p" && echo "LEAK-PATH $p"; done
         echo "pids=$(ls -d /proc/[0-9]* | wc -l)"
         grep -c fuse /proc/self/mounts
+        grep CapEff /proc/self/status
+        mount -o remount,rw /usr 2>/dev/null && echo LEAK-REMOUNT
+        mount -t tmpfs none /tmp 2>/dev/null && echo LEAK-MOUNT
+        mknod /tmp/disk b 8 0 2>/dev/null && echo LEAK-MKNOD
+        echo 1 > /proc/sys/kernel/sysrq 2>/dev/null && echo LEAK-SYSCTL
+        touch /usr/leak 2>/dev/null && echo LEAK-WRITE
+        echo "fds=$(ls /proc/self/fd | wc -l)"
         echo changed > hello.txt
         exit 7"#,
         socket = d.socket.display(),
@@ -114,6 +121,10 @@ fn a_run_sees_its_data_and_nothing_of_the_host() {
     assert!(pids <= 6, "{stdout}");
     // One FUSE mount: its own dataset.
     assert!(stdout.lines().any(|l| l == "1"), "{stdout}");
+    // Root in the sandbox holds no capabilities, and only stdin, stdout, stderr (and the
+    // listing's own descriptor) are open.
+    assert!(stdout.contains("CapEff:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("fds=4\n"), "{stdout}");
 
     // The write went to that run's scratch only.
     let out = run(&d, &store, &["--dataset", "base:v1"], "cat hello.txt");
@@ -237,6 +248,17 @@ fn a_run_keeps_its_volume_and_reports_failures() {
     assert!(text(&out.stderr).contains("no-such-command"));
     let out = run(&d, &store, &["--dataset", "base:v1"], "kill -KILL $$");
     assert_eq!(out.status.code(), Some(128 + 9));
+    // Without the host's network: a loopback interface only, and it is up.
+    let out = run(
+        &d,
+        &store,
+        &["--dataset", "base:v1", "--no-network"],
+        "grep -c : /proc/net/dev; python3 -c 'import socket; s = socket.socket(); \
+         s.bind((\"127.0.0.1\", 0)); s.listen(); socket.create_connection(s.getsockname()); \
+         print(\"loopback up\")'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "1\nloopback up\n");
     // Bad input: clear errors, nothing mounted.
     let out = d
         .strata()

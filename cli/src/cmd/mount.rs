@@ -236,7 +236,10 @@ pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
             mountpoint,
             lazy: a.lazy,
         };
-        protocol::call::<MountInfo>(&socket, &request).await?;
+        let info: MountInfo = protocol::call(&socket, &request).await?;
+        if let Some(problem) = info.commit_error {
+            bail!("unmounted, but {problem}");
+        }
         return Ok(());
     }
     strata_fs::fuse::unmount(&mountpoint, a.lazy)?;

@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// only these, PATH, HOME=/tmp and the locale and terminal variables.
     #[arg(long = "env", value_name = "KEY[=VALUE]")]
     env: Vec<String>,
+    /// Give CMD a network namespace of its own, with only a loopback interface (no way to
+    /// reach the host's network, its metadata service or its local services).
+    #[arg(long)]
+    no_network: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -221,6 +225,8 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
             gid: a.gid,
             env,
             argv: a.command.clone(),
+            network: !a.no_network,
+            parent: std::process::id(),
         };
         run_sandbox(&spec).await
     }
@@ -232,17 +238,37 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
             mountpoint: mp.clone(),
             lazy: false,
         };
-        if let Err(e) = protocol::call::<MountInfo>(&socket, &request).await {
-            tracing::error!("unmounting {}: {e:#}", mp.display());
-            teardown = Err(e).with_context(|| format!("unmounting {}", mp.display()));
+        match protocol::call::<MountInfo>(&socket, &request).await {
+            // CMD's status stands; the volume's trouble is said, and its changes are kept.
+            Ok(info) => {
+                if let Some(problem) = info.commit_error {
+                    eprintln!("strata run: {problem}");
+                }
+            }
+            Err(e) => {
+                tracing::error!("unmounting {}: {e:#}", mp.display());
+                teardown = Err(e).with_context(|| format!("unmounting {}", mp.display()));
+            }
         }
     }
-    if let Err(e) = std::fs::remove_dir_all(&run_dir) {
-        tracing::warn!("removing run dir {}: {e}", run_dir.display());
-    }
+    remove_run_dir(&run_dir);
     let code = result?;
     teardown?;
     Ok(code)
+}
+
+/// Removes the run dir's empty directories, never recursing: a mountpoint that is somehow
+/// still mounted must not have its files deleted (a volume would commit the deletions).
+fn remove_run_dir(run_dir: &Path) {
+    let entries = std::fs::read_dir(run_dir).map(|e| e.flatten().map(|e| e.path()).collect());
+    for dir in entries.unwrap_or_else(|_| Vec::new()) {
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            tracing::warn!("leaving {}: {e}", dir.display());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(run_dir) {
+        tracing::warn!("leaving run dir {}: {e}", run_dir.display());
+    }
 }
 
 /// Starts the sandbox helper in new namespaces and waits for it; a signal to `strata run`
@@ -254,11 +280,15 @@ async fn run_sandbox(spec: &SandboxSpec) -> anyhow::Result<i32> {
         .arg(serde_json::to_string(spec)?)
         .env_clear()
         .kill_on_drop(true);
+    let network = spec.network;
     // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
-            let flags =
+        cmd.pre_exec(move || {
+            let mut flags =
                 libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            if !network {
+                flags |= libc::CLONE_NEWNET;
+            }
             if libc::unshare(flags) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -268,10 +298,14 @@ async fn run_sandbox(spec: &SandboxSpec) -> anyhow::Result<i32> {
     let mut child = cmd.spawn().context("starting the sandbox")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut sigquit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit())?;
     let status = tokio::select! {
         status = child.wait() => status.context("waiting for the sandbox")?,
         _ = sigterm.recv() => return stop(child, libc::SIGTERM).await,
         _ = sigint.recv() => return stop(child, libc::SIGINT).await,
+        _ = sighup.recv() => return stop(child, libc::SIGHUP).await,
+        _ = sigquit.recv() => return stop(child, libc::SIGQUIT).await,
     };
     use std::os::unix::process::ExitStatusExt;
     Ok(match (status.code(), status.signal()) {

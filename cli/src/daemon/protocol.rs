@@ -63,6 +63,10 @@ pub struct MountInfo {
     pub scratch_size: Option<u64>,
     #[serde(default)]
     pub volume: Option<String>,
+    /// In an unmount's reply: what went wrong committing the volume (a conflict, or the
+    /// upper kept for a retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_error: Option<String>,
 }
 
 /// What `strata commit` did.

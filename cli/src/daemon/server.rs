@@ -50,8 +50,9 @@ struct Mounted {
     /// A volume mount: its tree, volume and scratch. It commits on `strata commit` and when
     /// its session ends (which may take a while).
     volume: Option<(Arc<MountTree>, Arc<VolumeMount>, PathBuf)>,
-    /// Turns true when the FUSE session has ended, however it ended.
-    ended: watch::Receiver<bool>,
+    /// Set when the FUSE session has ended, however it ended (with what went wrong
+    /// committing a volume, if anything did).
+    ended: watch::Receiver<Option<Ended>>,
 }
 
 pub struct Daemon {
@@ -334,8 +335,9 @@ impl Daemon {
             writable: scratch.is_some(),
             scratch_size: spec.scratch_size.filter(|_| scratch.is_some()),
             volume: spec.volume.clone(),
+            commit_error: None,
         };
-        let (ended_tx, ended) = watch::channel(false);
+        let (ended_tx, ended) = watch::channel(None);
         self.mounts.lock().unwrap().insert(
             mp.clone(),
             Mounted {
@@ -365,9 +367,15 @@ impl Daemon {
                 drop(mounts);
                 // The session is over and its files closed: a volume's changes are committed;
                 // then the scratch goes, unless it holds changes that could not be committed.
-                let remove = match (&volume, &scratch) {
-                    (Some(vm), Some(dir)) => vm.commit_after(&tree, &runtime, dir, &state_dir),
-                    _ => true,
+                let (remove, problem) = match (&volume, &scratch) {
+                    (Some(vm), Some(dir)) => {
+                        match vm.commit_after(&tree, &runtime, dir, &state_dir) {
+                            volumes::CommitEnd::Clean => (true, None),
+                            volumes::CommitEnd::Conflict(m) => (true, Some(m)),
+                            volumes::CommitEnd::Kept(m) => (false, Some(m)),
+                        }
+                    }
+                    _ => (true, None),
                 };
                 drop(tree);
                 if let (Some(dir), true) = (&scratch, remove) {
@@ -375,7 +383,7 @@ impl Daemon {
                         tracing::warn!("removing scratch {}: {e}", dir.display());
                     }
                 }
-                let _ = ended_tx.send(true);
+                let _ = ended_tx.send(Some(Ended { problem }));
                 tracing::info!("unmounted {}", mp.display());
             })
             .context("starting the session watcher")?;
@@ -461,7 +469,7 @@ impl Daemon {
     }
 
     async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
-        let (info, mut ended, commits) = {
+        let (mut info, mut ended, commits) = {
             let mounts = self.mounts.lock().unwrap();
             let Some(m) = mounts.get(mountpoint) else {
                 bail!("{} is not mounted by this daemon", mountpoint.display());
@@ -475,27 +483,25 @@ impl Daemon {
         } else {
             SESSION_END_WAIT
         };
-        if tokio::time::timeout(wait, ended.wait_for(|e| *e))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "{}: FUSE session still running {SESSION_END_WAIT:?} after unmount",
+        match tokio::time::timeout(wait, ended.wait_for(|e| e.is_some())).await {
+            Ok(Ok(end)) => info.commit_error = end.as_ref().and_then(|e| e.problem.clone()),
+            _ => tracing::warn!(
+                "{}: FUSE session still running {wait:?} after unmount",
                 mountpoint.display()
-            );
+            ),
         }
         Ok(info)
     }
 
     async fn unmount_all(&self) {
-        let all: Vec<(PathBuf, watch::Receiver<bool>)> = self
+        let all: Vec<(PathBuf, watch::Receiver<Option<Ended>>, bool)> = self
             .mounts
             .lock()
             .unwrap()
             .iter()
-            .map(|(mp, m)| (mp.clone(), m.ended.clone()))
+            .map(|(mp, m)| (mp.clone(), m.ended.clone(), m.volume.is_some()))
             .collect();
-        for (mp, _) in &all {
+        for (mp, ..) in &all {
             if let Err(e) = strata_fs::fuse::unmount(mp, false) {
                 tracing::warn!("{e}; detaching {} instead", mp.display());
                 if let Err(e) = strata_fs::fuse::unmount(mp, true) {
@@ -503,8 +509,14 @@ impl Daemon {
                 }
             }
         }
-        for (mp, mut ended) in all {
-            if tokio::time::timeout(SESSION_END_WAIT, ended.wait_for(|e| *e))
+        for (mp, mut ended, commits) in all {
+            // Volumes commit before their session counts as ended.
+            let wait = if commits {
+                COMMIT_WAIT
+            } else {
+                SESSION_END_WAIT
+            };
+            if tokio::time::timeout(wait, ended.wait_for(|e| e.is_some()))
                 .await
                 .is_err()
             {
@@ -543,6 +555,13 @@ impl Daemon {
             mounts,
         }
     }
+}
+
+/// How a mount's session ended.
+#[derive(Debug, Clone)]
+struct Ended {
+    /// What went wrong committing its volume (a conflict, or the upper kept for a retry).
+    problem: Option<String>,
 }
 
 /// A mount's upper: its directory, quota, and the volume it commits to.

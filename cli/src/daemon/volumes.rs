@@ -134,6 +134,10 @@ impl VolumeMount {
         scratch: &Path,
     ) -> anyhow::Result<volume::Committed> {
         let mut base = self.base.lock().await;
+        // What is committed must be in the journal first: a crash after this commit must not
+        // commit an older state on top of it.
+        tree.save_journal()
+            .with_context(|| format!("journaling volume {}", self.volume))?;
         let fingerprint = tree.fingerprint()?;
         if base.committed == Some(fingerprint) {
             return Ok(volume::Committed {
@@ -183,43 +187,55 @@ impl VolumeMount {
         Ok(committed)
     }
 
-    /// Commits `tree`'s changes when its session has ended; whether the scratch may go (they
-    /// are committed, kept as a conflict in the store, or there were none). On failure the
-    /// upper, its journal written, is moved to `<state-dir>/uncommitted/` to be retried:
-    /// never dropped.
+    /// Commits `tree`'s changes when its session has ended. On failure the upper, its
+    /// journal written, is moved to `<state-dir>/uncommitted/` to be retried: never dropped.
     pub fn commit_after(
         &self,
         tree: &MountTree,
         runtime: &tokio::runtime::Handle,
         scratch: &Path,
         state_dir: &Path,
-    ) -> bool {
+    ) -> CommitEnd {
         match runtime.block_on(self.commit(tree, scratch)) {
-            Ok(_) => true,
+            Ok(c) => match c.conflict_message(&self.volume) {
+                Some(message) => CommitEnd::Conflict(message),
+                None => CommitEnd::Clean,
+            },
             Err(e) => {
                 let saved = tree.save_journal();
                 let kept = uncommitted_dir(state_dir, scratch);
                 let moved = saved.is_ok()
                     && std::fs::create_dir_all(state_dir.join("uncommitted")).is_ok()
                     && std::fs::rename(scratch, &kept).is_ok();
-                if moved {
-                    tracing::error!(
+                let message = if moved {
+                    format!(
                         "volume {}: {e:#}; the upper is kept in {} and retried every {}s",
                         self.volume,
                         kept.display(),
                         RETRY_EVERY.as_secs()
-                    );
+                    )
                 } else {
-                    tracing::error!(
+                    format!(
                         "volume {}: {e:#}; the upper stays in {}",
                         self.volume,
                         scratch.display()
-                    );
-                }
-                false
+                    )
+                };
+                tracing::error!("{message}");
+                CommitEnd::Kept(message)
             }
         }
     }
+}
+
+/// How a volume mount's last commit ended.
+pub enum CommitEnd {
+    /// Committed (or nothing to commit): the scratch may go.
+    Clean,
+    /// Kept as a conflict in the store: the scratch may go; the message says where.
+    Conflict(String),
+    /// Not committed: the upper is kept for a retry.
+    Kept(String),
 }
 
 fn log_committed(v: &VolumeRef, c: &volume::Committed) {
@@ -291,6 +307,14 @@ pub fn kept_uppers(state_dir: &Path) -> Vec<PathBuf> {
                 .flatten()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .map(|e| e.path())
+                .filter(|p| {
+                    // A commit's staging dir left by a crash: nothing to keep.
+                    let staging = p.extension().is_some_and(|x| x == "stage");
+                    if staging {
+                        let _ = std::fs::remove_dir_all(p);
+                    }
+                    !staging
+                })
                 .collect()
         })
         .unwrap_or_default();

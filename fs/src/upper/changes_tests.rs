@@ -298,7 +298,7 @@ proptest! {
             // the layer, it shows the same tree.
             let store = t.stack().cache().store().clone();
             let (_, _, delta) =
-                crate::delta::publish_changes(&store, &t, &tmp.path().join("staged"))
+                crate::delta::publish_changes(&store, &t, &t.changes().unwrap(), &tmp.path().join("staged"))
                     .await
                     .unwrap();
             let layers = vec![

@@ -126,7 +126,7 @@ impl MountTree {
             }
         }
         if write {
-            tree.unsynced.insert(ino);
+            tree.mark_unsynced(ino);
         }
         *tree.opens.entry(ino).or_insert(0) += 1;
         Ok(())
@@ -436,7 +436,7 @@ impl MountTree {
         n.stat.size = size;
         let old_charge = std::mem::replace(&mut n.charged, new_charge);
         tree.used = tree.used.saturating_sub(old_charge) + new_charge;
-        tree.unsynced.insert(ino);
+        tree.mark_unsynced(ino);
         Ok(())
     }
 

@@ -50,15 +50,16 @@ impl MountTree {
         // One writer at a time, each taking its snapshot after the one before it: the file
         // left behind is never older than a finished fsync.
         let mut last = self.journal_written.lock().unwrap();
-        let (unsynced, bytes) = {
-            let tree = self.lock();
-            let unsynced: Vec<u64> = tree.unsynced.iter().copied().collect();
-            (unsynced, self.encode_records(&tree)?)
+        let (unsynced, doomed, bytes) = {
+            let mut tree = self.lock();
+            let unsynced: Vec<(u64, u64)> = tree.unsynced.iter().map(|(i, g)| (*i, *g)).collect();
+            let doomed = std::mem::take(&mut tree.doomed);
+            (unsynced, doomed, self.encode_records(&tree)?)
         };
         // The journal may only name bytes that are on disk: other files written since the
         // last snapshot are synced first (a partly copied-up file whose copied blocks were
         // lost would read zeros where the layers' bytes were).
-        for ino in &unsynced {
+        for (ino, _) in &unsynced {
             let path = self.data_path(*ino)?;
             match std::fs::File::open(&path) {
                 Ok(f) => f.sync_data().map_err(|e| FsError::io(&path, e))?,
@@ -68,29 +69,47 @@ impl MountTree {
         }
         {
             let mut tree = self.lock();
-            for ino in &unsynced {
-                // Still open: it may be written again before the next snapshot.
-                if !tree.opens.contains_key(ino) {
+            for (ino, generation) in &unsynced {
+                // Written again since it was synced, or still open (and so maybe written
+                // before the next snapshot): it stays.
+                if !tree.opens.contains_key(ino) && tree.unsynced.get(ino) == Some(generation) {
                     tree.unsynced.remove(ino);
                 }
             }
         }
         let hash = blake3::hash(&bytes);
-        if *last == Some(hash) {
-            return Ok(());
+        let written = if *last == Some(hash) {
+            Ok(())
+        } else {
+            self.write_journal(&upper.dir, &bytes)
+        };
+        match written {
+            Ok(()) => {
+                *last = Some(hash);
+                // No journal names them any more.
+                for p in doomed {
+                    let _ = std::fs::remove_file(p);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.lock().doomed.extend(doomed);
+                Err(e)
+            }
         }
-        let path = upper.dir.join(JOURNAL_FILE);
-        let tmp = upper.dir.join(format!("{JOURNAL_FILE}.tmp"));
+    }
+
+    fn write_journal(&self, upper_dir: &std::path::Path, bytes: &[u8]) -> FsResult<()> {
+        let path = upper_dir.join(JOURNAL_FILE);
+        let tmp = upper_dir.join(format!("{JOURNAL_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&upper.dir)?.sync_all()
+            std::fs::File::open(upper_dir)?.sync_all()
         };
-        write().map_err(|e| FsError::io(&path, e))?;
-        *last = Some(hash);
-        Ok(())
+        write().map_err(|e| FsError::io(&path, e))
     }
 
     /// A hash of the upper's records: equal fingerprints mean no change in between (every
@@ -146,8 +165,12 @@ impl MountTree {
             t.used = snapshot.nodes.iter().map(|(_, n)| n.charged).sum();
             t.nodes = snapshot.nodes.into_iter().collect();
         }
-        tree.next_ino
-            .store(snapshot.next_ino, std::sync::atomic::Ordering::Relaxed);
+        // Never below an inode the journal holds, whatever it says.
+        let next = tree.lock().nodes.keys().max().map_or(0, |i| i + 1);
+        tree.next_ino.store(
+            snapshot.next_ino.max(next).max(super::FIRST_UPPER_INO),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(tree)
     }
 }

@@ -119,9 +119,20 @@ struct Tree {
     lookups: std::collections::HashMap<u64, u64>,
     /// Bytes the data files take (their allocated blocks), plus writes under way.
     used: u64,
-    /// Files whose data file may hold bytes not yet on disk (opened for writing, truncated or
-    /// made since the journal was last written); see [`MountTree::save_journal`].
-    unsynced: std::collections::HashSet<u64>,
+    /// Files whose data file may hold bytes not yet on disk (opened for writing or truncated
+    /// since the journal was last written), each with a count bumped on every such event;
+    /// see [`MountTree::save_journal`].
+    unsynced: std::collections::HashMap<u64, u64>,
+    /// Data files of removed nodes that the last journal may still name: removed once a
+    /// newer journal is written (journaled uppers only).
+    doomed: Vec<PathBuf>,
+}
+
+impl Tree {
+    /// `ino`'s data file may now hold bytes that are not on disk.
+    fn mark_unsynced(&mut self, ino: u64) {
+        *self.unsynced.entry(ino).or_insert(0) += 1;
+    }
 }
 
 /// The mount's tree: read-only layers and, for a writable mount, the upper.
@@ -167,6 +178,7 @@ impl MountTree {
                 lookups: Default::default(),
                 used: 0,
                 unsynced: Default::default(),
+                doomed: Vec::new(),
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
             journal_written: Mutex::new(None),
@@ -477,7 +489,12 @@ impl MountTree {
         if let Body::File { data, .. } = &n.body {
             if !matches!(data, Data::Lower) {
                 if let Ok(p) = self.data_path(ino) {
-                    let _ = std::fs::remove_file(p);
+                    if self.upper.as_ref().is_some_and(|u| u.journal) {
+                        // The last journal may name it: a crash now must still find it.
+                        tree.doomed.push(p);
+                    } else {
+                        let _ = std::fs::remove_file(p);
+                    }
                 }
             }
         }

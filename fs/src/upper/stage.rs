@@ -186,12 +186,16 @@ fn plan_partial(
 impl MountTree {
     /// Writes this mount's changes under `dest` (an empty directory) for `publish`.
     pub async fn stage_changes(&self, dest: &Path) -> FsResult<Staged> {
-        let changes = self.changes()?;
+        self.stage(dest, &self.changes()?).await
+    }
+
+    /// Writes `changes` (from [`MountTree::changes`]) under `dest`.
+    pub async fn stage(&self, dest: &Path, changes: &[Change]) -> FsResult<Staged> {
         let mut lower_files = Vec::new();
         // Directories get their attributes last, children first: writing into a directory
         // changes its mtime. The root always: its entry in the delta is what a mount shows.
         let mut dirs = vec![(dest.to_path_buf(), ROOT_INO)];
-        for change in &changes {
+        for change in changes {
             let rel = change.path();
             let (parent_rel, name) = match rel.iter().rposition(|&b| b == b'/') {
                 Some(i) => (&rel[..i], &rel[i + 1..]),

@@ -340,3 +340,32 @@ async fn an_unreadable_journal_is_a_clear_error() {
     let e = MountTree::recover(stack, upper).err().unwrap();
     assert!(e.to_string().contains("unreadable upper journal"), "{e}");
 }
+
+#[tokio::test]
+async fn a_rename_over_an_fsynced_file_after_the_last_fsync_keeps_the_old_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
+    let upper = UpperConfig {
+        dir: tmp.path().join("upper"),
+        quota: None,
+        journal: true,
+    };
+    let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
+    for (name, bytes) in [(&b"target"[..], &b"old"[..]), (b"target.tmp", b"new")] {
+        let f = t.create(ROOT, name, 0o644, caller()).unwrap();
+        t.open(f.ino, true).unwrap();
+        t.write(f.ino, 0, bytes).await.unwrap();
+        t.fsync(f.ino, false).unwrap();
+        t.release(f.ino);
+    }
+    // The classic atomic replace, but the crash comes before anything fsyncs again: the old
+    // target's data file must still be there for the journal that names it.
+    t.rename(ROOT, b"target.tmp", ROOT, b"target", 0).unwrap();
+    std::mem::forget(t);
+    let r = MountTree::recover(stack, upper).unwrap();
+    let target = r.lookup(ROOT, b"target").unwrap();
+    assert_eq!(read_all(&r, target.ino).await, b"old");
+    let tmp_file = r.lookup(ROOT, b"target.tmp").unwrap();
+    assert_eq!(read_all(&r, tmp_file.ino).await, b"new");
+}
