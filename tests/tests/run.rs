@@ -364,3 +364,48 @@ fn sixteen_runs_at_once_share_the_cache_and_leave_nothing() {
     drop(d);
     let _ = fs::remove_dir_all(&work);
 }
+
+#[test]
+fn a_run_killed_outright_leaves_nothing_behind() {
+    let work = strata_tests::scratch_dir("run-killed");
+    let store = garage::bucket("run-killed");
+    let d = Daemon::start(env(), &work.join("host"), &[]).unwrap();
+    publish_base(&d, &work, &store);
+    let mut victim = run_command(
+        &d,
+        &store,
+        &["--dataset", "base:v1", "--volume", "fn/killed"],
+        "echo kept > /persist/note && sync /persist/note && echo ready && sleep 600",
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(victim.stdout.as_mut().unwrap(), &mut ready).unwrap();
+    assert_eq!(d.strata().ok(&["mounts"]).lines().count(), 2);
+    // SIGKILL: `strata run` gets no chance to tear down. The daemon notices its owner is
+    // gone, the sandbox dies with its helper, and the volume is committed.
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.strata().ok(&["mounts"]).trim() != "no mounts" {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The commit runs after the mount is gone: wait for it.
+    while !d
+        .strata()
+        .run(&["volume", "show", &store, "fn/killed"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = run(&d, &store, &["--volume", "fn/killed"], "cat /persist/note");
+    assert_eq!(text(&out.stdout), "kept\n", "{}", text(&out.stderr));
+    // The next run swept the killed one's run dir.
+    assert_nothing_left(&d);
+    drop(d);
+    let _ = fs::remove_dir_all(&work);
+}

@@ -192,6 +192,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
         None => PathBuf::from("/"),
     };
     let socket = g.socket();
+    sweep_run_dirs(&socket);
     let run_dir = make_run_dir(&socket)?;
     let mut mounted: Vec<PathBuf> = Vec::new();
     let result = async {
@@ -208,6 +209,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 read_only: false,
                 scratch_size: a.scratch_size,
                 volume: p.volume.clone(),
+                owner_pid: Some(std::process::id()),
             });
             let _: MountInfo = protocol::call(&socket, &request)
                 .await
@@ -255,6 +257,27 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
     let code = result?;
     teardown?;
     Ok(code)
+}
+
+/// Removes what runs killed outright left of their run dirs (the daemon unmounted their
+/// mounts when they died): the empty directories of dirs whose `strata run` is gone.
+fn sweep_run_dirs(socket: &Path) {
+    let base = socket
+        .parent()
+        .unwrap_or(Path::new("/run/strata"))
+        .join("runs");
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split('-').next()?.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            remove_run_dir(&e.path());
+        }
+    }
 }
 
 /// Removes the run dir's empty directories, never recursing: a mountpoint that is somehow

@@ -39,6 +39,10 @@ pub struct MountSpec {
     /// upper's changes are committed to it when the mount ends.
     #[serde(default)]
     pub volume: Option<String>,
+    /// Unmount when this process exits, however it exits (`strata run` killed with SIGKILL
+    /// leaves nothing mounted).
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

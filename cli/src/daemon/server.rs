@@ -2,6 +2,7 @@
 //! the control socket that `strata mount|unmount|mounts|stats` talk to.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -387,12 +388,59 @@ impl Daemon {
                 tracing::info!("unmounted {}", mp.display());
             })
             .context("starting the session watcher")?;
+        if let Some(pid) = spec.owner_pid {
+            self.unmount_when_gone(pid, info.mountpoint.clone(), id);
+        }
         tracing::info!(
             "mounted {} at {}",
             spec.layers.join(" + "),
             info.mountpoint.display()
         );
         Ok(info)
+    }
+
+    /// Unmounts mount `id` at `mp` once process `pid` has exited (if the mount is still
+    /// there then): a client killed outright leaves nothing mounted.
+    fn unmount_when_gone(&self, pid: u32, mp: PathBuf, id: u64) {
+        let mounts = Arc::clone(&self.mounts);
+        tokio::spawn(async move {
+            // SAFETY: pidfd_open with a pid and no flags.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+            if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    // Cannot watch it (an old kernel): the mount lives until unmounted.
+                    tracing::warn!("watching process {pid} for {}: {e}", mp.display());
+                    return;
+                }
+            } else {
+                // SAFETY: a descriptor pidfd_open just returned, owned from here on.
+                let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+                // SAFETY: the OwnedFd keeps the pidfd open, unchanged, as long as the AsyncFd.
+                match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+                    // Readable once the process has exited.
+                    Ok(fd) => drop(fd.readable().await),
+                    Err(e) => {
+                        tracing::warn!("watching process {pid} for {}: {e}", mp.display());
+                        return;
+                    }
+                }
+            }
+            let still = mounts
+                .lock()
+                .unwrap()
+                .get(&mp)
+                .is_some_and(|m| m.info.id == id);
+            if still {
+                tracing::warn!(
+                    "{}: its owner (pid {pid}) is gone; unmounting",
+                    mp.display()
+                );
+                if let Err(e) = strata_fs::fuse::unmount(&mp, true) {
+                    tracing::error!("unmounting {}: {e}", mp.display());
+                }
+            }
+        });
     }
 
     /// A layer holding only an empty root (published once; it is content-addressed).
