@@ -235,6 +235,36 @@ fn a_run_keeps_its_volume_and_reports_failures() {
     }
     let history = d.strata().ok(&["volume", "history", &store, "fn/state"]);
     assert_eq!(history.lines().count(), 3, "{history}");
+    // --workdir, and --env: set, passed from here, or absent.
+    let out = d
+        .strata()
+        .command(&[
+            "run",
+            &store,
+            "--dataset",
+            "base:v1:/models",
+            "--workdir",
+            "/models/shared",
+            "--env",
+            "GREETING=hi",
+            "--env",
+            "PASSED",
+            "--env",
+            "UNSET_HERE",
+            "--",
+            "sh",
+            "-c",
+            "pwd; echo $GREETING $PASSED ${UNSET_HERE-unset}",
+        ])
+        .env("PASSED", "from-caller")
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "/models/shared\nhi from-caller unset\n",
+        "{}",
+        text(&out.stderr)
+    );
     // A command that cannot start, and a command killed by a signal.
     let out = d.strata().run(&[
         "run",
