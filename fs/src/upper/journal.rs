@@ -1,65 +1,168 @@
-//! The upper's journal: its node records, written to `<upper dir>/journal` whenever a process
-//! fsyncs, so that a persistent volume's fsync'ed changes outlive a crash of the daemon.
+//! The upper's journal: its node records, kept in `<upper dir>/journal` and brought up to date
+//! whenever a process fsyncs, so that a persistent volume's fsync'ed changes outlive a crash
+//! of the daemon.
 //!
 //! The data files already sit in the upper's directory; what a crash loses is the in-memory
 //! table saying which inode is which name and where each file's bytes are. On fsync the data
-//! file is synced first, then the whole table is written to a temporary file, synced, and
-//! renamed over the journal (and the directory synced), so the journal is always one complete
-//! snapshot: the last fsync's, or an older one. [`MountTree::recover`] rebuilds a tree from
-//! it over the same layer stack (lower inode numbers are fixed by the stack), ready to commit.
+//! files written since the last journal update are synced first; then the records changed
+//! since then are appended to the journal as one frame and the journal is synced. Every so
+//! often (when the appended frames outgrow the last full snapshot) the whole table is written
+//! instead, to a temporary file that is synced and renamed over the journal.
 //!
-//! Writing the whole table is simple and, for the few thousand changed nodes a volume
-//! typically holds, cheap (about 100 bytes a node); an fsync that finds the table unchanged
-//! since the last snapshot writes nothing.
+//! The file: the magic `STRATAJ2`, then frames, each `[u32 LE payload length][16 bytes of the
+//! payload's BLAKE3][payload]`, the payload a MessagePack [`Frame`]; the first frame is a
+//! full snapshot, the others are changes on top of it. A frame cut short or damaged by a
+//! crash during its append ends the journal there: its fsync never returned.
+//! [`MountTree::recover`] rebuilds a tree from it over the same layer stack (lower inode
+//! numbers are fixed by the stack), ready to commit.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::node::Node;
+use super::node::{Node, Nodes};
 use super::{MountTree, Tree, UpperConfig};
 use crate::error::{FsError, FsResult};
 use crate::stack::LayerStack;
 
 /// The journal's file name in the upper's directory (data files are named in hex).
 pub const JOURNAL_FILE: &str = "journal";
-const VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"STRATAJ2";
+const FRAME_HEAD: usize = 4 + 16;
+/// Appended frames may grow to this, or to twice the last snapshot, before a new snapshot.
+const APPEND_SLACK: u64 = if cfg!(test) { 16 << 10 } else { 1 << 20 };
 
 #[derive(Serialize)]
-struct SnapshotRef<'a> {
-    version: u32,
-    next_ino: u64,
-    nodes: Vec<(u64, &'a Node)>,
+enum FrameRef<'a> {
+    Snapshot {
+        next_ino: u64,
+        nodes: Vec<(u64, &'a Node)>,
+    },
+    Changes {
+        next_ino: u64,
+        put: Vec<(u64, &'a Node)>,
+        gone: Vec<u64>,
+    },
 }
 
 #[derive(Deserialize)]
-struct Snapshot {
-    version: u32,
-    next_ino: u64,
-    nodes: Vec<(u64, Node)>,
+enum Frame {
+    Snapshot {
+        next_ino: u64,
+        nodes: Vec<(u64, Node)>,
+    },
+    Changes {
+        next_ino: u64,
+        put: Vec<(u64, Node)>,
+        gone: Vec<u64>,
+    },
+}
+
+/// What the journal on disk holds, for the next update.
+#[derive(Debug, Default)]
+pub(super) struct JournalState {
+    /// Bytes of the last snapshot (0: none written yet).
+    snapshot: u64,
+    /// Bytes appended since.
+    appended: u64,
+}
+
+fn encode(frame: &FrameRef<'_>) -> FsResult<Vec<u8>> {
+    let payload = rmp_serde::to_vec(frame)
+        .map_err(|e| FsError::InvalidInput(format!("encoding the upper journal: {e}")))?;
+    let mut out = Vec::with_capacity(FRAME_HEAD + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&blake3::hash(&payload).as_bytes()[..16]);
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+fn sorted(tree: &Tree) -> Vec<(u64, &Node)> {
+    let mut nodes: Vec<(u64, &Node)> = tree.nodes.iter().map(|(i, n)| (*i, n)).collect();
+    nodes.sort_unstable_by_key(|(ino, _)| *ino);
+    nodes
 }
 
 impl MountTree {
-    /// Writes the journal if this upper keeps one: a complete, durable snapshot of the
-    /// upper's records as they are now.
+    /// Brings the journal up to date, if this upper keeps one: once it returns, everything
+    /// the upper holds now survives a crash.
     pub fn save_journal(&self) -> FsResult<()> {
         let Some(upper) = self.upper.as_ref().filter(|u| u.journal) else {
             return Ok(());
         };
-        // One writer at a time, each taking its snapshot after the one before it: the file
-        // left behind is never older than a finished fsync.
-        let mut last = self.journal_written.lock().unwrap();
-        let (unsynced, doomed, bytes) = {
+        // One writer at a time, each taking its changes after the one before it: the journal
+        // is never older than a finished fsync.
+        let mut state = self.journal.lock().unwrap();
+        let next_ino = self.next_ino.load(std::sync::atomic::Ordering::Relaxed);
+        let (unsynced, doomed, dirty, frame, full) = {
             let mut tree = self.lock();
+            let dirty = tree.nodes.take_dirty();
+            let full = state.snapshot == 0 || state.appended > APPEND_SLACK.max(2 * state.snapshot);
             let unsynced: Vec<(u64, u64)> = tree.unsynced.iter().map(|(i, g)| (*i, *g)).collect();
             let doomed = std::mem::take(&mut tree.doomed);
-            (unsynced, doomed, self.encode_records(&tree)?)
+            let frame = if dirty.is_empty() && !full {
+                Ok(None) // the records are as the journal has them
+            } else if full {
+                encode(&FrameRef::Snapshot {
+                    next_ino,
+                    nodes: sorted(&tree),
+                })
+                .map(Some)
+            } else {
+                let mut put = Vec::new();
+                let mut gone = Vec::new();
+                for ino in &dirty {
+                    match tree.nodes.get(ino) {
+                        Some(n) => put.push((*ino, n)),
+                        None => gone.push(*ino),
+                    }
+                }
+                encode(&FrameRef::Changes {
+                    next_ino,
+                    put,
+                    gone,
+                })
+                .map(Some)
+            };
+            (unsynced, doomed, dirty, frame, full)
         };
-        // The journal may only name bytes that are on disk: other files written since the
-        // last snapshot are synced first (a partly copied-up file whose copied blocks were
-        // lost would read zeros where the layers' bytes were).
-        for (ino, _) in &unsynced {
+        let written = frame.and_then(|frame| {
+            self.sync_data_files(&unsynced)?;
+            let Some(frame) = frame else {
+                return Ok(());
+            };
+            if full {
+                self.write_snapshot(&upper.dir, &frame)?;
+                state.snapshot = frame.len() as u64;
+                state.appended = 0;
+            } else {
+                self.append(&upper.dir, &frame)?;
+                state.appended += frame.len() as u64;
+            }
+            Ok(())
+        });
+        match written {
+            Ok(()) => {
+                // No journal names them any more.
+                remove_all(doomed);
+                Ok(())
+            }
+            Err(e) => {
+                let mut tree = self.lock();
+                tree.doomed.extend(doomed);
+                tree.nodes.redirty(dirty);
+                Err(e)
+            }
+        }
+    }
+
+    /// Syncs the data files written since the last update (the journal may only name bytes
+    /// that are on disk: a partly copied-up file whose copied blocks were lost would read
+    /// zeros where the layers' bytes were).
+    fn sync_data_files(&self, unsynced: &[(u64, u64)]) -> FsResult<()> {
+        for (ino, _) in unsynced {
             let path = self.data_path(*ino)?;
             match std::fs::File::open(&path) {
                 Ok(f) => f.sync_data().map_err(|e| FsError::io(&path, e))?,
@@ -67,47 +170,37 @@ impl MountTree {
                 Err(e) => return Err(FsError::io(&path, e)),
             }
         }
-        {
-            let mut tree = self.lock();
-            for (ino, generation) in &unsynced {
-                // Written again since it was synced, or still open (and so maybe written
-                // before the next snapshot): it stays.
-                if !tree.opens.contains_key(ino) && tree.unsynced.get(ino) == Some(generation) {
-                    tree.unsynced.remove(ino);
-                }
+        let mut tree = self.lock();
+        for (ino, generation) in unsynced {
+            // Written again since it was synced, or still open (and so maybe written before
+            // the next update): it stays.
+            if !tree.opens.contains_key(ino) && tree.unsynced.get(ino) == Some(generation) {
+                tree.unsynced.remove(ino);
             }
         }
-        let hash = blake3::hash(&bytes);
-        let written = if *last == Some(hash) {
-            Ok(())
-        } else {
-            self.write_journal(&upper.dir, &bytes)
-        };
-        match written {
-            Ok(()) => {
-                *last = Some(hash);
-                // No journal names them any more.
-                for p in doomed {
-                    let _ = std::fs::remove_file(p);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.lock().doomed.extend(doomed);
-                Err(e)
-            }
-        }
+        Ok(())
     }
 
-    fn write_journal(&self, upper_dir: &std::path::Path, bytes: &[u8]) -> FsResult<()> {
-        let path = upper_dir.join(JOURNAL_FILE);
-        let tmp = upper_dir.join(format!("{JOURNAL_FILE}.tmp"));
+    fn write_snapshot(&self, dir: &std::path::Path, frame: &[u8]) -> FsResult<()> {
+        let path = dir.join(JOURNAL_FILE);
+        let tmp = dir.join(format!("{JOURNAL_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
+            f.write_all(MAGIC)?;
+            f.write_all(frame)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(upper_dir)?.sync_all()
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| FsError::io(&path, e))
+    }
+
+    fn append(&self, dir: &std::path::Path, frame: &[u8]) -> FsResult<()> {
+        let path = dir.join(JOURNAL_FILE);
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+            f.write_all(frame)?;
+            f.sync_data()
         };
         write().map_err(|e| FsError::io(&path, e))
     }
@@ -115,22 +208,13 @@ impl MountTree {
     /// A hash of the upper's records: equal fingerprints mean no change in between (every
     /// change to a file's bytes also changes its size or mtime).
     pub fn fingerprint(&self) -> FsResult<blake3::Hash> {
-        Ok(blake3::hash(&self.encode_records(&self.lock())?))
-    }
-
-    fn encode_records(&self, tree: &Tree) -> FsResult<Vec<u8>> {
-        let snapshot = SnapshotRef {
-            version: VERSION,
-            next_ino: self.next_ino.load(std::sync::atomic::Ordering::Relaxed),
-            nodes: {
-                let mut nodes: Vec<(u64, &Node)> =
-                    tree.nodes.iter().map(|(ino, n)| (*ino, n)).collect();
-                nodes.sort_unstable_by_key(|(ino, _)| *ino);
-                nodes
-            },
-        };
-        rmp_serde::to_vec(&snapshot)
-            .map_err(|e| FsError::InvalidInput(format!("encoding the upper journal: {e}")))
+        let tree = self.lock();
+        let next_ino = self.next_ino.load(std::sync::atomic::Ordering::Relaxed);
+        let bytes = encode(&FrameRef::Snapshot {
+            next_ino,
+            nodes: sorted(&tree),
+        })?;
+        Ok(blake3::hash(&bytes))
     }
 
     /// Rebuilds the tree a crashed mount left in `upper.dir` from its journal, over the same
@@ -138,19 +222,74 @@ impl MountTree {
     pub fn recover(stack: Arc<LayerStack>, upper: UpperConfig) -> FsResult<MountTree> {
         let path = upper.dir.join(JOURNAL_FILE);
         let bytes = std::fs::read(&path).map_err(|e| FsError::io(&path, e))?;
-        let snapshot: Snapshot = rmp_serde::from_slice(&bytes).map_err(|e| {
-            FsError::InvalidInput(format!("{}: unreadable upper journal: {e}", path.display()))
-        })?;
-        if snapshot.version != VERSION {
-            return Err(FsError::InvalidInput(format!(
-                "{}: unsupported upper journal version {}",
-                path.display(),
-                snapshot.version
-            )));
+        let bad = |why: &str| {
+            FsError::InvalidInput(format!(
+                "{}: unreadable upper journal: {why}",
+                path.display()
+            ))
+        };
+        let Some(mut rest) = bytes.strip_prefix(MAGIC.as_slice()) else {
+            return Err(bad("not a strata journal (bad magic)"));
+        };
+        let mut nodes: HashMap<u64, Node> = HashMap::new();
+        let mut next_ino = 0;
+        let mut frames = 0;
+        while !rest.is_empty() {
+            let Some((len, hash, payload)) = split_frame(rest) else {
+                tracing::warn!(
+                    "{}: the last {} bytes are a frame cut short by the crash; ignored",
+                    path.display(),
+                    rest.len()
+                );
+                break;
+            };
+            if blake3::hash(payload).as_bytes()[..16] != *hash {
+                tracing::warn!(
+                    "{}: frame {} is damaged (a crash while appending it); the journal ends before it",
+                    path.display(),
+                    frames + 1
+                );
+                break;
+            }
+            let frame: Frame = rmp_serde::from_slice(payload)
+                .map_err(|e| bad(&format!("frame {}: {e}", frames + 1)))?;
+            match (frames, frame) {
+                (
+                    0,
+                    Frame::Snapshot {
+                        next_ino: n,
+                        nodes: all,
+                    },
+                ) => {
+                    next_ino = n;
+                    nodes = all.into_iter().collect();
+                }
+                (0, Frame::Changes { .. }) => return Err(bad("it does not start with a snapshot")),
+                (_, Frame::Snapshot { .. }) => return Err(bad("a second snapshot")),
+                (
+                    _,
+                    Frame::Changes {
+                        next_ino: n,
+                        put,
+                        gone,
+                    },
+                ) => {
+                    next_ino = next_ino.max(n);
+                    for ino in gone {
+                        nodes.remove(&ino);
+                    }
+                    nodes.extend(put);
+                }
+            }
+            frames += 1;
+            rest = &rest[FRAME_HEAD + len..];
+        }
+        if frames == 0 {
+            return Err(bad("no complete snapshot"));
         }
         // A data file made after the last directory sync may be missing: its file was never
         // fsync'ed, so it reads as zeros (the bytes after a data file's end do).
-        for (ino, n) in &snapshot.nodes {
+        for (ino, n) in &nodes {
             if let super::node::Body::File { data, .. } = &n.body {
                 let path = upper.dir.join(format!("{ino:x}"));
                 if !matches!(data, super::node::Data::Lower) && !path.exists() {
@@ -161,16 +300,30 @@ impl MountTree {
         }
         let tree = MountTree::new(stack, Some(upper))?;
         {
-            let mut t: std::sync::MutexGuard<'_, Tree> = tree.lock();
-            t.used = snapshot.nodes.iter().map(|(_, n)| n.charged).sum();
-            t.nodes = snapshot.nodes.into_iter().collect();
+            let mut t = tree.lock();
+            t.used = nodes.values().map(|n| n.charged).sum();
+            t.nodes = Nodes::from_recovered(nodes);
         }
         // Never below an inode the journal holds, whatever it says.
-        let next = tree.lock().nodes.keys().max().map_or(0, |i| i + 1);
+        let highest = tree.lock().nodes.keys().max().map_or(0, |i| i + 1);
         tree.next_ino.store(
-            snapshot.next_ino.max(next).max(super::FIRST_UPPER_INO),
+            next_ino.max(highest).max(super::FIRST_UPPER_INO),
             std::sync::atomic::Ordering::Relaxed,
         );
         Ok(tree)
+    }
+}
+
+/// `(payload length, hash, payload)` of the frame at the start of `b`; `None` if cut short.
+fn split_frame(b: &[u8]) -> Option<(usize, &[u8; 16], &[u8])> {
+    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let hash: &[u8; 16] = b.get(4..FRAME_HEAD)?.try_into().ok()?;
+    let payload = b.get(FRAME_HEAD..FRAME_HEAD.checked_add(len)?)?;
+    Some((len, hash, payload))
+}
+
+fn remove_all(paths: Vec<std::path::PathBuf>) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
     }
 }

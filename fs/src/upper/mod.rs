@@ -110,7 +110,7 @@ impl NewNode {
 }
 
 struct Tree {
-    nodes: std::collections::HashMap<u64, Node>,
+    nodes: node::Nodes,
     /// Open handles per inode, layer files' included: a node nothing names lives on (with its
     /// data file) until the last one is released.
     opens: std::collections::HashMap<u64, u32>,
@@ -141,8 +141,8 @@ pub struct MountTree {
     upper: Option<UpperConfig>,
     tree: Mutex<Tree>,
     next_ino: AtomicU64,
-    /// The hash of the journal last written (journaled uppers only); also serializes writers.
-    journal_written: Mutex<Option<blake3::Hash>>,
+    /// What the journal on disk holds (journaled uppers only); also serializes its writers.
+    journal: Mutex<journal::JournalState>,
 }
 
 fn errno(e: i32) -> FsError {
@@ -181,7 +181,7 @@ impl MountTree {
                 doomed: Vec::new(),
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
-            journal_written: Mutex::new(None),
+            journal: Mutex::new(Default::default()),
         })
     }
 

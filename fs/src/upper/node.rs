@@ -145,3 +145,71 @@ impl Node {
         self.stat.kind == NodeKind::Dir
     }
 }
+
+/// The upper's node table. It remembers which entries were changed (or might have been:
+/// every mutable access counts) since [`Nodes::take_dirty`], so the journal writes only those.
+#[derive(Debug, Default)]
+pub struct Nodes {
+    map: std::collections::HashMap<u64, Node>,
+    dirty: std::collections::HashSet<u64>,
+}
+
+impl Nodes {
+    pub fn get(&self, ino: &u64) -> Option<&Node> {
+        self.map.get(ino)
+    }
+
+    pub fn get_mut(&mut self, ino: &u64) -> Option<&mut Node> {
+        self.dirty.insert(*ino);
+        self.map.get_mut(ino)
+    }
+
+    pub fn entry(&mut self, ino: u64) -> std::collections::hash_map::Entry<'_, u64, Node> {
+        self.dirty.insert(ino);
+        self.map.entry(ino)
+    }
+
+    pub fn insert(&mut self, ino: u64, node: Node) {
+        self.dirty.insert(ino);
+        self.map.insert(ino, node);
+    }
+
+    pub fn remove(&mut self, ino: &u64) -> Option<Node> {
+        self.dirty.insert(*ino);
+        self.map.remove(ino)
+    }
+
+    pub fn contains_key(&self, ino: &u64) -> bool {
+        self.map.contains_key(ino)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &u64> {
+        self.map.keys()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &Node)> {
+        self.map.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The inodes changed since the last call.
+    pub fn take_dirty(&mut self) -> std::collections::HashSet<u64> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Marks `inos` changed again (their journal write failed).
+    pub fn redirty(&mut self, inos: impl IntoIterator<Item = u64>) {
+        self.dirty.extend(inos);
+    }
+
+    /// A table of recovered nodes, none of them dirty.
+    pub fn from_recovered(map: std::collections::HashMap<u64, Node>) -> Nodes {
+        Nodes {
+            map,
+            dirty: Default::default(),
+        }
+    }
+}

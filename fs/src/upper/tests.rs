@@ -369,3 +369,85 @@ async fn a_rename_over_an_fsynced_file_after_the_last_fsync_keeps_the_old_bytes(
     let tmp_file = r.lookup(ROOT, b"target.tmp").unwrap();
     assert_eq!(read_all(&r, tmp_file.ino).await, b"new");
 }
+
+#[tokio::test]
+async fn journal_appends_changes_survives_a_torn_tail_and_compacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
+    let upper = UpperConfig {
+        dir: tmp.path().join("upper"),
+        quota: None,
+        journal: true,
+    };
+    let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
+    // Many files, then many small fsynced appends to one of them: each fsync appends the one
+    // changed record, not the whole table.
+    for i in 0..200 {
+        t.create(ROOT, format!("f{i}").as_bytes(), 0o644, caller())
+            .unwrap();
+    }
+    let log = t.create(ROOT, b"log", 0o644, caller()).unwrap();
+    t.open(log.ino, true).unwrap();
+    t.fsync(log.ino, false).unwrap();
+    let journal = upper.dir.join(journal::JOURNAL_FILE);
+    let snapshot = std::fs::metadata(&journal).unwrap().len();
+    let mut want = Vec::new();
+    for i in 0..100u32 {
+        let rec = format!("record {i}\n");
+        t.write(log.ino, want.len() as u64, rec.as_bytes())
+            .await
+            .unwrap();
+        want.extend_from_slice(rec.as_bytes());
+        t.fsync(log.ino, true).unwrap();
+    }
+    let grown = std::fs::metadata(&journal).unwrap().len() - snapshot;
+    assert!(
+        grown < 32 * 1024,
+        "100 fsyncs of one file appended {grown} bytes to a {snapshot}-byte journal"
+    );
+    // A crash in the middle of the next append: half a frame at the end.
+    t.unlink(ROOT, b"f0").unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal)
+            .unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+    }
+    std::mem::forget(t);
+    let r = MountTree::recover(stack.clone(), upper.clone()).unwrap();
+    let got = r.lookup(ROOT, b"log").unwrap();
+    assert_eq!(read_all(&r, got.ino).await, want);
+    assert!(
+        r.lookup(ROOT, b"f0").is_ok(),
+        "the unlink was never fsync'ed"
+    );
+    assert!(r.lookup(ROOT, b"f199").is_ok());
+
+    // Appends past the slack make the next update a fresh snapshot.
+    let big = r.lookup(ROOT, b"big.bin").unwrap();
+    r.open(big.ino, true).unwrap();
+    r.fsync(big.ino, true).unwrap(); // a recovered tree starts with a snapshot
+    let mut size = std::fs::metadata(&journal).unwrap().len();
+    let mut compacted = false;
+    for i in 0..5_000u64 {
+        r.write(big.ino, i * 7, b"x").await.unwrap();
+        r.fsync(big.ino, true).unwrap();
+        let now = std::fs::metadata(&journal).unwrap().len();
+        if now < size {
+            compacted = true;
+            break;
+        }
+        size = now;
+    }
+    assert!(
+        compacted,
+        "the journal grew to {size} bytes without a new snapshot"
+    );
+    r.release(big.ino);
+    std::mem::forget(r);
+    let again = MountTree::recover(stack, upper).unwrap();
+    assert!(again.lookup(ROOT, b"f199").is_ok());
+}
