@@ -31,6 +31,8 @@ use crate::stack::LayerStack;
 pub const JOURNAL_FILE: &str = "journal";
 const MAGIC: &[u8; 8] = b"STRATAJ2";
 const FRAME_HEAD: usize = 4 + 16;
+/// More files than this to sync before a journal update: one `syncfs` instead.
+const SYNCFS_FROM: usize = 64;
 /// Appended frames may grow to this, or to twice the last snapshot, before a new snapshot.
 const APPEND_SLACK: u64 = if cfg!(test) { 16 << 10 } else { 1 << 20 };
 
@@ -162,12 +164,23 @@ impl MountTree {
     /// that are on disk: a partly copied-up file whose copied blocks were lost would read
     /// zeros where the layers' bytes were).
     fn sync_data_files(&self, unsynced: &[(u64, u64)]) -> FsResult<()> {
-        for (ino, _) in unsynced {
-            let path = self.data_path(*ino)?;
-            match std::fs::File::open(&path) {
-                Ok(f) => f.sync_data().map_err(|e| FsError::io(&path, e))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // removed since
-                Err(e) => return Err(FsError::io(&path, e)),
+        if unsynced.len() > SYNCFS_FROM {
+            // Many files (a tree unpacked, then one fsync): one pass over the file system is
+            // far cheaper than a journal commit per file.
+            let dir = &self.upper()?.dir;
+            let f = std::fs::File::open(dir).map_err(|e| FsError::io(dir, e))?;
+            // SAFETY: syncfs on a descriptor we own.
+            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
+                return Err(FsError::io(dir, std::io::Error::last_os_error()));
+            }
+        } else {
+            for (ino, _) in unsynced {
+                let path = self.data_path(*ino)?;
+                match std::fs::File::open(&path) {
+                    Ok(f) => f.sync_data().map_err(|e| FsError::io(&path, e))?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // removed since
+                    Err(e) => return Err(FsError::io(&path, e)),
+                }
             }
         }
         let mut tree = self.lock();
