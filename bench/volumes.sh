@@ -98,6 +98,29 @@ moved=$(timed "$strata" unmount "$work/m/moved")
 moved_fetched=$(( $(total store_bytes) - before ))
 moved_up=$(last_upload bench/moved)
 
+echo "== fsync on a volume with 10,000 changed files, against ext4"
+fsync_probe() { # dir → "first_ms steady_ms": 10,000 new files, one fsync, then 200 × (4 KiB append + fsync)
+  python3 - "$1" <<'PY'
+import os, sys, time
+d = sys.argv[1]
+for i in range(10000):
+    with open(os.path.join(d, f"f{i}"), "wb") as f:
+        f.write(b"x" * 100)
+fd = os.open(os.path.join(d, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+t = time.monotonic(); os.fsync(fd); first = time.monotonic() - t
+t = time.monotonic()
+for _ in range(200):
+    os.write(fd, b"y" * 4096); os.fsync(fd)
+print("%.1f %.3f" % (first * 1e3, (time.monotonic() - t) / 200 * 1e3))
+PY
+}
+vmount bench/fsync "$work/m/fsync"
+read -r vol_first_ms vol_fsync_ms <<< "$(fsync_probe "$work/m/fsync")"
+"$strata" unmount "$work/m/fsync"
+mkdir -p "$work/native-fsync"; sync
+read -r nat_first_ms nat_fsync_ms <<< "$(fsync_probe "$work/native-fsync")"
+rm -rf "$work/native-fsync"
+
 echo "== a volume with 50 commits"
 daemon_cold --squash-after 0
 for i in $(seq 1 50); do
@@ -155,6 +178,7 @@ out=bench/results/volumes-$(date -u +%Y%m%d-%H%M%S).md
   echo "| commit of one changed MiB in a 1 GiB layer file, chunks cached: time (s) / uploaded (KiB) / fetched (MiB) | $(fmt "$mib_warm") / $(kib "$mib_warm_up") / $(( mib_warm_fetched >> 20 )) | |"
   echo "| the same on a host with a cold cache: time (s) / uploaded (KiB) / fetched (MiB) | $(fmt "$mib_cold") / $(kib "$mib_cold_up") / $(( mib_cold_fetched >> 20 )) | |"
   echo "| commit of the 1 GiB layer file moved, cold cache: time (s) / uploaded (KiB) / fetched (MiB) | $(fmt "$moved") / $(kib "$moved_up") / $(( moved_fetched >> 20 )) | |"
+  echo "| fsync on a volume with 10,000 changed files: the first (syncs them all) / then per 4 KiB append + fsync (ms) | $(fmt "$vol_first_ms" 0) / $(fmt "$vol_fsync_ms") | ext4: $(fmt "$nat_first_ms" 0) / $(fmt "$nat_fsync_ms"); $(fmt "$(ratio "$vol_fsync_ms" "$nat_fsync_ms")")× |"
   echo "| mount of a volume with $long_commits commits: manifests cached / new host (s) | $(fmt "$long_warm" 3) / $(fmt "$long_cold" 3) | |"
   echo "| stat of its $plain_files files, new host (s) | $(fmt "$long_find" 3) | |"
   echo "| squash of those $long_commits commits (s) | $(fmt "$squash_s" 3) | |"
