@@ -93,6 +93,7 @@ fn a_run_sees_its_data_and_nothing_of_the_host() {
         echo 1 > /proc/sys/kernel/sysrq 2>/dev/null && echo LEAK-SYSCTL
         touch /usr/leak 2>/dev/null && echo LEAK-WRITE
         echo "fds=$(ls /proc/self/fd | wc -l)"
+        echo "shadow=$(cat /etc/shadow | wc -c)"
         echo changed > hello.txt
         exit 7"#,
         socket = d.socket.display(),
@@ -125,6 +126,8 @@ fn a_run_sees_its_data_and_nothing_of_the_host() {
     // listing's own descriptor) are open.
     assert!(stdout.contains("CapEff:\t0000000000000000"), "{stdout}");
     assert!(stdout.contains("fds=4\n"), "{stdout}");
+    // Not even uid 0 reads what only the host's root may read.
+    assert!(stdout.contains("shadow=0\n"), "{stdout}");
 
     // The write went to that run's scratch only.
     let out = run(&d, &store, &["--dataset", "base:v1"], "cat hello.txt");
