@@ -377,4 +377,42 @@ mod tests {
             let _ = Caller { uid: 0, gid: 0 };
         }
     }
+
+    #[tokio::test]
+    async fn hard_links_made_in_the_mount_are_committed_as_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, _) = tree(tmp.path()).await;
+        let caller = Caller { uid: 0, gid: 0 };
+        let a = t.create(ROOT_INO, b"a", 0o644, caller).unwrap();
+        t.open(a.ino, true).unwrap();
+        t.write(a.ino, 0, b"shared bytes").await.unwrap();
+        t.release(a.ino);
+        t.link(a.ino, ROOT_INO, b"b").unwrap();
+        let z = t.lookup(ROOT_INO, b"z.txt").unwrap();
+        t.link(z.ino, ROOT_INO, b"z2").unwrap();
+        let store = t.stack().cache().store().clone();
+        let changes = t.changes().unwrap();
+        let (_, _, delta) = publish_changes(&store, &t, &changes, &tmp.path().join("stage"))
+            .await
+            .unwrap();
+        let layers = vec![
+            Layer::load(&store, t.stack().layers()[0].digest, None)
+                .await
+                .unwrap(),
+            Layer::load(&store, delta, None).await.unwrap(),
+        ];
+        let s = LayerStack::new(layers, t.stack().cache().clone()).unwrap();
+        for (x, y, bytes) in [
+            (&b"a"[..], &b"b"[..], &b"shared bytes"[..]),
+            (b"z.txt", b"z2", b"zzz"),
+        ] {
+            let (x, y) = (
+                s.lookup(ROOT_INO, x).unwrap(),
+                s.lookup(ROOT_INO, y).unwrap(),
+            );
+            assert_eq!(x.ino, y.ino, "one inode");
+            assert_eq!(x.nlink, 2);
+            assert_eq!(&s.read(y.ino, 0, 100).await.unwrap()[..], bytes);
+        }
+    }
 }

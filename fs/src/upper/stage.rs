@@ -87,6 +87,14 @@ fn set_attrs(t: &MountTree, ino: u64, s: &Stat, path: &Path) -> FsResult<()> {
     Ok(())
 }
 
+/// What staging has written so far.
+#[derive(Default)]
+struct Staging {
+    lower_files: Vec<(PathBuf, LowerContent)>,
+    /// Files with several names: where the first was staged.
+    links: std::collections::HashMap<u64, PathBuf>,
+}
+
 /// What [`MountTree::stage_changes`] wrote.
 #[derive(Debug, Default)]
 pub struct Staged {
@@ -191,7 +199,7 @@ impl MountTree {
 
     /// Writes `changes` (from [`MountTree::changes`]) under `dest`.
     pub async fn stage(&self, dest: &Path, changes: &[Change]) -> FsResult<Staged> {
-        let mut lower_files = Vec::new();
+        let mut out = Staging::default();
         // Directories get their attributes last, children first: writing into a directory
         // changes its mtime. The root always: its entry in the delta is what a mount shows.
         let mut dirs = vec![(dest.to_path_buf(), ROOT_INO)];
@@ -213,7 +221,7 @@ impl MountTree {
                     ino, hides_lower, ..
                 } => {
                     let path = parent.join(std::ffi::OsStr::from_bytes(name));
-                    self.stage_node(*ino, &path, true, &mut dirs, &mut lower_files)
+                    self.stage_node(*ino, &path, true, &mut dirs, &mut out)
                         .await?;
                     if *hides_lower && self.getattr(*ino)?.kind == NodeKind::Dir {
                         let marker = path.join(".wh..wh..opq");
@@ -224,7 +232,7 @@ impl MountTree {
                 Change::Changed { ino, .. } => {
                     let path = parent.join(std::ffi::OsStr::from_bytes(name));
                     // A directory changed in place keeps its children from the layers.
-                    self.stage_node(*ino, &path, false, &mut dirs, &mut lower_files)
+                    self.stage_node(*ino, &path, false, &mut dirs, &mut out)
                         .await?;
                 }
             }
@@ -233,7 +241,8 @@ impl MountTree {
             let s = self.getattr(*ino)?;
             set_attrs(self, *ino, &s, path)?;
         }
-        let lower_files = lower_files
+        let lower_files = out
+            .lower_files
             .into_iter()
             .filter_map(|(p, src)| Some((p.strip_prefix(dest).ok()?.to_path_buf(), src)))
             .collect();
@@ -308,7 +317,7 @@ impl MountTree {
         path: &Path,
         subtree: bool,
         dirs: &mut Vec<(std::path::PathBuf, u64)>,
-        lower_files: &mut Vec<(PathBuf, LowerContent)>,
+        out: &mut Staging,
     ) -> FsResult<()> {
         let s = self.getattr(ino)?;
         match s.kind {
@@ -320,17 +329,32 @@ impl MountTree {
                 if subtree {
                     for (child, name, _) in self.readdir(ino)? {
                         let child_path = path.join(std::ffi::OsStr::from_bytes(&name));
-                        Box::pin(self.stage_node(child, &child_path, true, dirs, lower_files))
-                            .await?;
+                        Box::pin(self.stage_node(child, &child_path, true, dirs, out)).await?;
                     }
                 }
                 return Ok(());
             }
             NodeKind::File => {
                 use std::io::Write;
+                // A further name of a file staged already: a hard link, as in the mount.
+                if let Some(first) = out.links.get(&ino) {
+                    std::fs::hard_link(first, path).map_err(|e| io(path, e))?;
+                    let content = out
+                        .lower_files
+                        .iter()
+                        .find(|(p, _)| p == first)
+                        .map(|(_, c)| c.clone());
+                    if let Some(c) = content {
+                        out.lower_files.push((path.to_path_buf(), c));
+                    }
+                    return Ok(());
+                }
+                if s.nlink > 1 {
+                    out.links.insert(ino, path.to_path_buf());
+                }
                 let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
                 if let Some(content) = self.lower_content(ino, &s) {
-                    lower_files.push((path.to_path_buf(), content));
+                    out.lower_files.push((path.to_path_buf(), content));
                     drop(f);
                     return set_attrs(self, ino, &s, path);
                 }
