@@ -155,46 +155,85 @@ fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
     )
 }
 
-/// Masks, under the new root, the files of host tree `dir` that are not world-readable (with
-/// an empty file) and the directories not world-searchable (with an empty directory).
-fn mask_private(dir: &Path, root: &Path) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+/// Masks, under the new root, what in host tree `tree` not every user may read: files (and
+/// sockets, FIFOs, devices) with an empty one, directories not world-searchable with an empty
+/// directory. A tree that is a symlink is left alone (its target is bound elsewhere or not at
+/// all), and mounts below it (another file system) are masked or walked by the same rule only
+/// where they are files; their directories are not walked.
+fn mask_private(tree: &Path, root: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(tree) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let mut masks = 0;
+    walk_masks(tree, meta.dev(), root, &mut masks)
+}
+
+/// More masks than this: something is off with the host's tree; refuse rather than leak.
+const MAX_MASKS: usize = 512;
+
+fn walk_masks(dir: &Path, dev: u64, root: &Path, masks: &mut usize) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
     for e in entries.flatten() {
-        let Ok(meta) = e.path().symlink_metadata() else {
-            continue;
+        let path = e.path();
+        let Ok(meta) = path.symlink_metadata() else {
+            continue; // gone meanwhile
         };
         let mode = meta.permissions().mode();
-        let target = inside(root, &e.path());
-        if meta.is_dir() {
-            if mode & 0o005 != 0o005 {
-                mount(
-                    Some(Path::new("tmpfs")),
-                    &target,
-                    Some("tmpfs"),
-                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                    Some("mode=0755,size=4k"),
-                )?;
-            } else {
-                mask_private(&e.path(), root)?;
+        let private = if meta.is_dir() {
+            mode & 0o005 != 0o005
+        } else if meta.is_file() {
+            mode & 0o004 == 0
+        } else {
+            // Sockets, FIFOs and devices: a read-only mount does not stop a connect.
+            !meta.file_type().is_symlink()
+        };
+        if !private {
+            if meta.is_dir() && meta.dev() == dev {
+                walk_masks(&path, dev, root, masks)?;
             }
-        } else if meta.is_file() && mode & 0o004 == 0 {
+            continue;
+        }
+        *masks += 1;
+        if *masks > MAX_MASKS {
+            return Err(io::Error::other(format!(
+                "more than {MAX_MASKS} private entries to hide under {}",
+                dir.display()
+            )));
+        }
+        let target = inside(root, &path);
+        let masked = if meta.is_dir() {
+            mount(
+                Some(Path::new("tmpfs")),
+                &target,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=0755,size=4k"),
+            )
+        } else {
             mount(
                 Some(Path::new("/dev/null")),
                 &target,
                 None,
                 libc::MS_BIND,
                 None,
-            )?;
-            mount(
-                None,
-                &target,
-                None,
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                None,
-            )?;
+            )
+            .and_then(|()| {
+                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+                mount(None, &target, None, flags, None)
+            })
+        };
+        match masked {
+            Ok(()) => {}
+            // Removed between the listing and the mount: nothing left to hide.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -287,6 +326,15 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     }
     std::fs::create_dir_all(inside(root, Path::new("/proc")))?;
     for (host, path) in &spec.binds {
+        // The daemon's mount must still be there: binding the bare directory would let the
+        // command write into the host's run dir.
+        if !strata_fs::fuse::is_strata_mount(host).unwrap_or(false) {
+            return Err(io::Error::other(format!(
+                "{} is no longer mounted (for {})",
+                host.display(),
+                path.display()
+            )));
+        }
         let target = inside(root, path);
         std::fs::create_dir_all(&target)?;
         mount(Some(host), &target, None, libc::MS_BIND, None)?;
@@ -336,26 +384,29 @@ fn enter(
         check(libc::umount2(dot.as_ptr(), libc::MNT_DETACH), || {
             "detaching the host's root".into()
         })?;
-        // The kernel's knobs and the magic SysRq key stay out of reach.
-        for path in [c"/proc/sys", c"/proc/sysrq-trigger"] {
-            let ro = libc::MS_BIND | libc::MS_REC;
-            if libc::mount(
-                path.as_ptr(),
-                path.as_ptr(),
-                std::ptr::null(),
-                ro,
-                std::ptr::null(),
-            ) == 0
-            {
-                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
-                libc::mount(
-                    std::ptr::null(),
-                    path.as_ptr(),
-                    std::ptr::null(),
-                    flags,
-                    std::ptr::null(),
-                );
+        // The kernel's knobs stay out of reach: root-owned files there are writable by uid 0
+        // without any capability (IRQ affinity, for one). Docker's list.
+        for path in [
+            c"/proc/sys",
+            c"/proc/sysrq-trigger",
+            c"/proc/irq",
+            c"/proc/bus",
+            c"/proc/fs",
+            c"/proc/acpi",
+        ] {
+            if libc::access(path.as_ptr(), libc::F_OK) != 0 {
+                continue;
             }
+            let what = || format!("making {path:?} read-only");
+            let bind = libc::MS_BIND | libc::MS_REC;
+            let null = std::ptr::null();
+            let data = std::ptr::null();
+            check(
+                libc::mount(path.as_ptr(), path.as_ptr(), null, bind, data),
+                what,
+            )?;
+            let ro = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+            check(libc::mount(null, path.as_ptr(), null, ro, data), what)?;
         }
         if !network {
             loopback_up();

@@ -435,6 +435,15 @@ fn a_run_killed_outright_leaves_nothing_behind() {
         assert!(Instant::now() < deadline, "{}", d.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Runs sweep dead runs' dirs a minute after they were made: pretend that time passed.
+    for e in fs::read_dir(d.dir.join("runs")).unwrap().flatten() {
+        let ok = Command::new("touch")
+            .args(["-d", "2 minutes ago"])
+            .arg(e.path())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
     let out = run(&d, &store, &["--volume", "fn/killed"], "cat /persist/note");
     assert_eq!(text(&out.stdout), "kept\n", "{}", text(&out.stderr));
     // The next run swept the killed one's run dir.

@@ -201,7 +201,7 @@ async fn mount_through_daemon(
         read_only: a.read_only,
         scratch_size: a.scratch_size,
         volume: a.volume,
-        owner_pid: None,
+        unmount_with_client: false,
     });
     let info: MountInfo = protocol::call(&g.socket(), &request).await?;
     if a.json {

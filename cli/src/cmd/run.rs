@@ -209,7 +209,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 read_only: false,
                 scratch_size: a.scratch_size,
                 volume: p.volume.clone(),
-                owner_pid: Some(std::process::id()),
+                unmount_with_client: true,
             });
             let _: MountInfo = protocol::call(&socket, &request)
                 .await
@@ -274,7 +274,15 @@ fn sweep_run_dirs(socket: &Path) {
         let pid = name
             .to_str()
             .and_then(|n| n.split('-').next()?.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+        // A minute old at least: a run in another PID namespace looks gone from here, and
+        // its directories must not vanish while it sets up.
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if old && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
             remove_run_dir(&e.path());
         }
     }

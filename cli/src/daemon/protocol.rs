@@ -39,10 +39,10 @@ pub struct MountSpec {
     /// upper's changes are committed to it when the mount ends.
     #[serde(default)]
     pub volume: Option<String>,
-    /// Unmount when this process exits, however it exits (`strata run` killed with SIGKILL
-    /// leaves nothing mounted).
+    /// Unmount when the client that asked exits, however it exits (`strata run` killed with
+    /// SIGKILL leaves nothing mounted). The daemon learns the client from the socket.
     #[serde(default)]
-    pub owner_pid: Option<u32>,
+    pub unmount_with_client: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

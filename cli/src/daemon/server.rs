@@ -195,7 +195,7 @@ impl Daemon {
             .context("no request within 10 s")?
             .context("reading a request")?;
             match serde_json::from_str::<Request>(&line) {
-                Ok(request) => match self.answer(request).await {
+                Ok(request) => match self.answer(request, cred.pid()).await {
                     Ok(v) => Reply::Ok(v),
                     Err(e) => Reply::Error(format!("{e:#}")),
                 },
@@ -208,9 +208,14 @@ impl Daemon {
         Ok(())
     }
 
-    async fn answer(&self, request: Request) -> anyhow::Result<serde_json::Value> {
+    /// `client`: the pid of the process that sent it (as the kernel reports it).
+    async fn answer(
+        &self,
+        request: Request,
+        client: Option<libc::pid_t>,
+    ) -> anyhow::Result<serde_json::Value> {
         Ok(match request {
-            Request::Mount(spec) => serde_json::to_value(self.mount(spec).await?)?,
+            Request::Mount(spec) => serde_json::to_value(self.mount(spec, client).await?)?,
             Request::Unmount { mountpoint, lazy } => {
                 serde_json::to_value(self.unmount(&mountpoint, lazy).await?)?
             }
@@ -243,7 +248,11 @@ impl Daemon {
         Ok(store)
     }
 
-    async fn mount(&self, spec: MountSpec) -> anyhow::Result<MountInfo> {
+    async fn mount(
+        &self,
+        spec: MountSpec,
+        client: Option<libc::pid_t>,
+    ) -> anyhow::Result<MountInfo> {
         let mp = spec.mountpoint.clone();
         if !mp.is_absolute() {
             bail!("mountpoint {} must be an absolute path", mp.display());
@@ -259,12 +268,22 @@ impl Daemon {
         {
             bail!("{} is already mounted by this daemon", mp.display());
         }
-        let result = self.mount_reserved(spec).await;
+        let result = self.mount_reserved(spec, client).await;
         self.pending.lock().unwrap().remove(&mp);
         result
     }
 
-    async fn mount_reserved(&self, spec: MountSpec) -> anyhow::Result<MountInfo> {
+    async fn mount_reserved(
+        &self,
+        spec: MountSpec,
+        client: Option<libc::pid_t>,
+    ) -> anyhow::Result<MountInfo> {
+        // Watched from now on, so a pid reused later cannot stand in for the client.
+        let owner = match (spec.unmount_with_client, client) {
+            (true, Some(pid)) => watch_process(pid)?,
+            (true, None) => bail!("the daemon cannot tell which process asked for this mount"),
+            (false, _) => None,
+        };
         let mp = spec.mountpoint;
         strata_fs::fuse::check_mountpoint(&mp)?;
         let store = self.store(&spec.store, spec.endpoint_url.clone()).await?;
@@ -388,8 +407,8 @@ impl Daemon {
                 tracing::info!("unmounted {}", mp.display());
             })
             .context("starting the session watcher")?;
-        if let Some(pid) = spec.owner_pid {
-            self.unmount_when_gone(pid, info.mountpoint.clone(), id);
+        if let Some(pidfd) = owner {
+            self.unmount_when_gone(pidfd, info.mountpoint.clone(), id);
         }
         tracing::info!(
             "mounted {} at {}",
@@ -399,31 +418,18 @@ impl Daemon {
         Ok(info)
     }
 
-    /// Unmounts mount `id` at `mp` once process `pid` has exited (if the mount is still
-    /// there then): a client killed outright leaves nothing mounted.
-    fn unmount_when_gone(&self, pid: u32, mp: PathBuf, id: u64) {
+    /// Unmounts mount `id` at `mp` once the process behind `pidfd` has exited (if the mount
+    /// is still there then): a client killed outright leaves nothing mounted.
+    fn unmount_when_gone(&self, pidfd: std::os::fd::OwnedFd, mp: PathBuf, id: u64) {
         let mounts = Arc::clone(&self.mounts);
         tokio::spawn(async move {
-            // SAFETY: pidfd_open with a pid and no flags.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-            if fd < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    // Cannot watch it (an old kernel): the mount lives until unmounted.
-                    tracing::warn!("watching process {pid} for {}: {e}", mp.display());
+            // SAFETY: the OwnedFd keeps the pidfd open, unchanged, as long as the AsyncFd.
+            match unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
+                // Readable once the process has exited.
+                Ok(fd) => drop(fd.readable().await),
+                Err(e) => {
+                    tracing::warn!("watching the client of {}: {e}", mp.display());
                     return;
-                }
-            } else {
-                // SAFETY: a descriptor pidfd_open just returned, owned from here on.
-                let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-                // SAFETY: the OwnedFd keeps the pidfd open, unchanged, as long as the AsyncFd.
-                match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
-                    // Readable once the process has exited.
-                    Ok(fd) => drop(fd.readable().await),
-                    Err(e) => {
-                        tracing::warn!("watching process {pid} for {}: {e}", mp.display());
-                        return;
-                    }
                 }
             }
             let still = mounts
@@ -433,7 +439,7 @@ impl Daemon {
                 .is_some_and(|m| m.info.id == id);
             if still {
                 tracing::warn!(
-                    "{}: its owner (pid {pid}) is gone; unmounting",
+                    "{}: the client that mounted it is gone; unmounting",
                     mp.display()
                 );
                 if let Err(e) = strata_fs::fuse::unmount(&mp, true) {
@@ -601,6 +607,27 @@ impl Daemon {
             total: self.cache.stats(),
             manifest_bytes: dir_size(&self.config.cache_dir.join("layers")),
             mounts,
+        }
+    }
+}
+
+/// A pidfd for process `pid`; `None` where the kernel has no pidfds (the mount then lives
+/// until it is unmounted).
+fn watch_process(pid: libc::pid_t) -> anyhow::Result<Option<std::os::fd::OwnedFd>> {
+    // SAFETY: pidfd_open with a pid and no flags.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        // SAFETY: a descriptor pidfd_open just returned, owned from here on.
+        return Ok(Some(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+        }));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => bail!("the client (pid {pid}) is gone"),
+        _ => {
+            tracing::warn!("cannot watch process {pid} ({e}); its mounts stay until unmounted");
+            Ok(None)
         }
     }
 }

@@ -127,6 +127,7 @@ impl MountTree {
         }
         if write {
             tree.mark_unsynced(ino);
+            tree.dir_unsynced = true; // a copy-up may have made its data file
         }
         *tree.opens.entry(ino).or_insert(0) += 1;
         Ok(())
@@ -335,6 +336,7 @@ impl MountTree {
         self.settle(ino, reserved);
         result?;
         let mut tree = self.lock();
+        tree.mark_unsynced(ino);
         let n = tree.nodes.get_mut(&ino).ok_or(errno(libc::ENOENT))?;
         if let Body::File { data: d, .. } = &mut n.body {
             if let Data::Partial { lower_len, present } = d {

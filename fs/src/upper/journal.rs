@@ -98,12 +98,13 @@ impl MountTree {
         // is never older than a finished fsync.
         let mut state = self.journal.lock().unwrap();
         let next_ino = self.next_ino.load(std::sync::atomic::Ordering::Relaxed);
-        let (unsynced, doomed, dirty, frame, full) = {
+        let (unsynced, doomed, dirty, frame, full, sync_dir) = {
             let mut tree = self.lock();
             let dirty = tree.nodes.take_dirty();
             let full = state.snapshot == 0 || state.appended > APPEND_SLACK.max(2 * state.snapshot);
             let unsynced: Vec<(u64, u64)> = tree.unsynced.iter().map(|(i, g)| (*i, *g)).collect();
             let doomed = std::mem::take(&mut tree.doomed);
+            let sync_dir = std::mem::take(&mut tree.dir_unsynced);
             let frame = if dirty.is_empty() && !full {
                 Ok(None) // the records are as the journal has them
             } else if full {
@@ -128,10 +129,16 @@ impl MountTree {
                 })
                 .map(Some)
             };
-            (unsynced, doomed, dirty, frame, full)
+            (unsynced, doomed, dirty, frame, full, sync_dir)
         };
         let written = frame.and_then(|frame| {
             self.sync_data_files(&unsynced)?;
+            if sync_dir {
+                // New data files' names must be on disk before a journal names them.
+                std::fs::File::open(&upper.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| FsError::io(&upper.dir, e))?;
+            }
             let Some(frame) = frame else {
                 return Ok(());
             };
@@ -152,9 +159,14 @@ impl MountTree {
                 Ok(())
             }
             Err(e) => {
+                // A failed append may have left part of a frame (and a failed sync may have
+                // lost pages): the next update writes a whole new snapshot instead of
+                // appending after it.
+                state.snapshot = 0;
                 let mut tree = self.lock();
                 tree.doomed.extend(doomed);
                 tree.nodes.redirty(dirty);
+                tree.dir_unsynced |= sync_dir;
                 Err(e)
             }
         }
@@ -185,9 +197,8 @@ impl MountTree {
         }
         let mut tree = self.lock();
         for (ino, generation) in unsynced {
-            // Written again since it was synced, or still open (and so maybe written before
-            // the next update): it stays.
-            if !tree.opens.contains_key(ino) && tree.unsynced.get(ino) == Some(generation) {
+            // Written again since it was synced (every write counts): it stays.
+            if tree.unsynced.get(ino) == Some(generation) {
                 tree.unsynced.remove(ino);
             }
         }
@@ -302,12 +313,26 @@ impl MountTree {
         }
         // A data file made after the last directory sync may be missing: its file was never
         // fsync'ed, so it reads as zeros (the bytes after a data file's end do).
+        // Bytes written past the journaled size before the crash must not come back when
+        // the file grows again: data files are cut to their recorded size.
         for (ino, n) in &nodes {
             if let super::node::Body::File { data, .. } = &n.body {
+                if matches!(data, super::node::Data::Lower) {
+                    continue;
+                }
                 let path = upper.dir.join(format!("{ino:x}"));
-                if !matches!(data, super::node::Data::Lower) && !path.exists() {
+                if !path.exists() {
                     tracing::warn!("{}: missing after a crash; empty now", path.display());
-                    std::fs::File::create(&path).map_err(|e| FsError::io(&path, e))?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| FsError::io(&path, e))?;
+                let len = f.metadata().map_err(|e| FsError::io(&path, e))?.len();
+                if len > n.stat.size {
+                    f.set_len(n.stat.size).map_err(|e| FsError::io(&path, e))?;
                 }
             }
         }

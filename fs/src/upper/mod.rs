@@ -126,6 +126,8 @@ struct Tree {
     /// Data files of removed nodes that the last journal may still name: removed once a
     /// newer journal is written (journaled uppers only).
     doomed: Vec<PathBuf>,
+    /// A data file was made since the upper's directory was last synced.
+    dir_unsynced: bool,
 }
 
 impl Tree {
@@ -179,6 +181,7 @@ impl MountTree {
                 used: 0,
                 unsynced: Default::default(),
                 doomed: Vec::new(),
+                dir_unsynced: false,
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
             journal: Mutex::new(Default::default()),
@@ -674,6 +677,7 @@ impl MountTree {
             let _ = self.unlink(parent, name);
             return Err(FsError::io(path, e));
         }
+        self.lock().dir_unsynced = true;
         Ok(stat)
     }
 
