@@ -245,27 +245,15 @@ impl<'a> Uploader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::tests::{stack_of, write};
+    use crate::stack::tests::{pseudo_random, stack_of, write};
     use crate::stack::{LayerStack, ROOT_INO};
     use crate::upper::{Caller, SetAttr, UpperConfig};
-
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     /// A tree over a layer with `a.bin` and `big.bin` (4 MiB each, sharing chunks at their
     /// boundary) and `z.txt`.
     async fn tree(tmp: &std::path::Path) -> (MountTree, Vec<u8>) {
-        let big = noise(1, 4 << 20);
-        write(tmp, "lower/a.bin", &noise(2, 3 << 20));
+        let big = pseudo_random(1, 4 << 20);
+        write(tmp, "lower/a.bin", &pseudo_random(2, 3 << 20));
         write(tmp, "lower/big.bin", &big);
         write(tmp, "lower/z.txt", b"zzz");
         let stack = Arc::new(stack_of(tmp, &["lower"]).await);
@@ -277,8 +265,8 @@ mod tests {
         (MountTree::new(stack, Some(upper)).unwrap(), big)
     }
 
-    /// Publishes the changes and reads `name` back through the layer stacked with the delta.
-    async fn commit_and_read(t: &MountTree, tmp: &std::path::Path, name: &[u8]) -> (Vec<u8>, u64) {
+    /// Publishes the changes; the layer stacked with the delta, and the bytes uploaded.
+    async fn commit(t: &MountTree, tmp: &std::path::Path) -> (LayerStack, u64) {
         let store = t.stack().cache().store().clone();
         let (report, _, delta) =
             publish_changes(&store, t, &t.changes().unwrap(), &tmp.join("stage"))
@@ -291,9 +279,15 @@ mod tests {
             Layer::load(&store, delta, None).await.unwrap(),
         ];
         let s = LayerStack::new(layers, t.stack().cache().clone()).unwrap();
+        (s, report.bytes_uploaded)
+    }
+
+    /// Publishes the changes and reads `name` back through the layer stacked with the delta.
+    async fn commit_and_read(t: &MountTree, tmp: &std::path::Path, name: &[u8]) -> (Vec<u8>, u64) {
+        let (s, uploaded) = commit(t, tmp).await;
         let a = s.lookup(ROOT_INO, name).unwrap();
         let got = s.read(a.ino, 0, a.size as u32 + 1).await.unwrap().to_vec();
-        (got, report.bytes_uploaded)
+        (got, uploaded)
     }
 
     #[tokio::test]
@@ -390,18 +384,7 @@ mod tests {
         t.link(a.ino, ROOT_INO, b"b").unwrap();
         let z = t.lookup(ROOT_INO, b"z.txt").unwrap();
         t.link(z.ino, ROOT_INO, b"z2").unwrap();
-        let store = t.stack().cache().store().clone();
-        let changes = t.changes().unwrap();
-        let (_, _, delta) = publish_changes(&store, &t, &changes, &tmp.path().join("stage"))
-            .await
-            .unwrap();
-        let layers = vec![
-            Layer::load(&store, t.stack().layers()[0].digest, None)
-                .await
-                .unwrap(),
-            Layer::load(&store, delta, None).await.unwrap(),
-        ];
-        let s = LayerStack::new(layers, t.stack().cache().clone()).unwrap();
+        let (s, _) = commit(&t, tmp.path()).await;
         for (x, y, bytes) in [
             (&b"a"[..], &b"b"[..], &b"shared bytes"[..]),
             (b"z.txt", b"z2", b"zzz"),

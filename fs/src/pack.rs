@@ -237,18 +237,7 @@ mod tests {
     use super::*;
     use crate::publish::{publish, PublishOptions};
     use crate::refs::{self, DatasetRef};
-
-    fn random(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::stack::tests::pseudo_random;
 
     async fn publish_dir(
         store: &Arc<dyn Store>,
@@ -275,7 +264,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let shared = random(1, 40 << 20);
+        let shared = pseudo_random(1, 40 << 20);
         std::fs::create_dir_all(tmp.path().join("a")).unwrap();
         std::fs::write(tmp.path().join("a/big.bin"), &shared).unwrap();
         let first = publish_dir(&store, &tmp.path().join("a"), "a:v1").await;
@@ -286,7 +275,7 @@ mod tests {
         // are stored, found through the locators of the first publish.
         std::fs::create_dir_all(tmp.path().join("b")).unwrap();
         std::fs::write(tmp.path().join("b/big.bin"), &shared).unwrap();
-        std::fs::write(tmp.path().join("b/zz-new.bin"), random(2, 2 << 20)).unwrap();
+        std::fs::write(tmp.path().join("b/zz-new.bin"), pseudo_random(2, 2 << 20)).unwrap();
         let second = publish_dir(&store, &tmp.path().join("b"), "b:v1").await;
         assert!(
             second.chunks_new > 0 && second.chunks_new <= 12,

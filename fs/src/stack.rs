@@ -499,6 +499,19 @@ pub(crate) mod tests {
     use cache::{open_store, CacheConfig, ChunkCache, StoreOptions};
     use std::path::Path;
 
+    /// Bytes that do not compress and cut into content-defined chunks (xorshift).
+    pub(crate) fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     pub(crate) fn write(root: &Path, rel: &str, data: &[u8]) {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();

@@ -387,6 +387,31 @@ mod tests {
     use crate::stack::{LayerStack, ROOT_INO};
     use crate::upper::{Caller, UpperConfig};
 
+    /// A mount over `base`'s layer and `chain`, with a journaled upper in `dir`.
+    async fn mount_chain(
+        base: &LayerStack,
+        chain: Vec<Digest>,
+        dir: std::path::PathBuf,
+    ) -> MountTree {
+        let store = base.cache().store();
+        let mut layers = vec![Layer::load(store, base.layers()[0].digest, None)
+            .await
+            .unwrap()];
+        for d in chain {
+            layers.push(Layer::load(store, d, None).await.unwrap());
+        }
+        let upper = UpperConfig {
+            dir,
+            quota: None,
+            journal: true,
+        };
+        MountTree::new(
+            Arc::new(LayerStack::new(layers, base.cache().clone()).unwrap()),
+            Some(upper),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn volume_names_are_checked() {
         assert_eq!(
@@ -415,28 +440,9 @@ mod tests {
         let base = stack_of(tmp.path(), &["base"]).await;
         let store = base.cache().store().clone();
         let v = VolumeRef::parse("fn/state").unwrap();
-        let base_digest = base.layers()[0].digest;
         // A mount: the base layer, the volume's chain, and an upper in `upper`.
-        let mount = |chain: Vec<Digest>, upper: &str| {
-            let store = store.clone();
-            let cache = base.cache().clone();
-            let dir = tmp.path().join(upper);
-            async move {
-                let mut layers = vec![Layer::load(&store, base_digest, None).await.unwrap()];
-                for d in chain {
-                    layers.push(Layer::load(&store, d, None).await.unwrap());
-                }
-                MountTree::new(
-                    Arc::new(LayerStack::new(layers, cache).unwrap()),
-                    Some(UpperConfig {
-                        dir,
-                        quota: None,
-                        journal: true,
-                    }),
-                )
-                .unwrap()
-            }
-        };
+        let mount =
+            |chain: Vec<Digest>, upper: &str| mount_chain(&base, chain, tmp.path().join(upper));
 
         // First mount: nothing yet; write a file and commit.
         let (head0, version0) = read_head(&store, &v).await.unwrap();
@@ -518,28 +524,8 @@ mod tests {
         let base = stack_of(tmp.path(), &["base"]).await;
         let store = base.cache().store().clone();
         let v = VolumeRef::parse("fn/squashed").unwrap();
-        let base_digest = base.layers()[0].digest;
-        let mount = |chain: Vec<Digest>, upper: &str| {
-            let store = store.clone();
-            let cache = base.cache().clone();
-            let dir = tmp.path().join(upper);
-            async move {
-                let mut layers = vec![Layer::load(&store, base_digest, None).await.unwrap()];
-                for d in chain {
-                    layers.push(Layer::load(&store, d, None).await.unwrap());
-                }
-                let upper = UpperConfig {
-                    dir,
-                    quota: None,
-                    journal: false,
-                };
-                MountTree::new(
-                    Arc::new(LayerStack::new(layers, cache).unwrap()),
-                    Some(upper),
-                )
-                .unwrap()
-            }
-        };
+        let mount =
+            |chain: Vec<Digest>, upper: &str| mount_chain(&base, chain, tmp.path().join(upper));
         let caller = Caller { uid: 0, gid: 0 };
         let stage = tmp.path().join("stage");
         // Commits a new file `name` from a mount of the current head.

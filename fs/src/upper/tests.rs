@@ -30,6 +30,18 @@ fn lower_tree(tmp: &Path) -> Vec<u8> {
     big
 }
 
+/// A tree over `tmp/lower` whose upper keeps a journal: the stack and upper, to recover with.
+async fn journaled(tmp: &Path) -> (Arc<LayerStack>, UpperConfig, MountTree) {
+    let stack = Arc::new(stack_of(tmp, &["lower"]).await);
+    let upper = UpperConfig {
+        dir: tmp.join("upper"),
+        quota: None,
+        journal: true,
+    };
+    let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
+    (stack, upper, t)
+}
+
 async fn read_all(t: &MountTree, ino: u64) -> Vec<u8> {
     let size = t.getattr(ino).unwrap().size;
     t.read(ino, 0, size as u32 + 100).await.unwrap().to_vec()
@@ -260,13 +272,7 @@ async fn punching_a_hole_in_a_layer_file_reads_zeros_there_only() {
 async fn a_journaled_upper_recovers_what_was_fsynced() {
     let tmp = tempfile::tempdir().unwrap();
     let mut want = lower_tree(tmp.path());
-    let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
-    let upper = UpperConfig {
-        dir: tmp.path().join("upper"),
-        quota: None,
-        journal: true,
-    };
-    let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
+    let (stack, upper, t) = journaled(tmp.path()).await;
     // A new file, fsync'ed; a layer file partly rewritten and closed, never fsync'ed itself;
     // a removed layer file and a renamed directory.
     let log = t.create(ROOT, b"log", 0o600, caller()).unwrap();
@@ -345,13 +351,7 @@ async fn an_unreadable_journal_is_a_clear_error() {
 async fn a_rename_over_an_fsynced_file_after_the_last_fsync_keeps_the_old_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     lower_tree(tmp.path());
-    let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
-    let upper = UpperConfig {
-        dir: tmp.path().join("upper"),
-        quota: None,
-        journal: true,
-    };
-    let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
+    let (stack, upper, t) = journaled(tmp.path()).await;
     for (name, bytes) in [(&b"target"[..], &b"old"[..]), (b"target.tmp", b"new")] {
         let f = t.create(ROOT, name, 0o644, caller()).unwrap();
         t.open(f.ino, true).unwrap();
@@ -374,13 +374,7 @@ async fn a_rename_over_an_fsynced_file_after_the_last_fsync_keeps_the_old_bytes(
 async fn journal_appends_changes_survives_a_torn_tail_and_compacts() {
     let tmp = tempfile::tempdir().unwrap();
     lower_tree(tmp.path());
-    let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
-    let upper = UpperConfig {
-        dir: tmp.path().join("upper"),
-        quota: None,
-        journal: true,
-    };
-    let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
+    let (stack, upper, t) = journaled(tmp.path()).await;
     // Many files, then many small fsynced appends to one of them: each fsync appends the one
     // changed record, not the whole table.
     for i in 0..200 {
