@@ -97,6 +97,26 @@ fn mount(
     check(rc, || format!("mounting {}", target.display()))
 }
 
+/// Mounts a tmpfs at `target`.
+fn tmpfs(target: &Path, flags: libc::c_ulong, options: &str) -> io::Result<()> {
+    mount(
+        Some(Path::new("tmpfs")),
+        target,
+        Some("tmpfs"),
+        flags,
+        Some(options),
+    )
+}
+
+/// Hides directory `target` behind an empty read-only one.
+fn hide_dir(target: &Path) -> io::Result<()> {
+    tmpfs(
+        target,
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755,size=4k",
+    )
+}
+
 /// `path` (absolute, in the sandbox) under the new root.
 fn inside(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
@@ -209,13 +229,7 @@ fn walk_masks(dir: &Path, dev: u64, root: &Path, masks: &mut usize) -> io::Resul
         }
         let target = inside(root, &path);
         let masked = if meta.is_dir() {
-            mount(
-                Some(Path::new("tmpfs")),
-                &target,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                Some("mode=0755,size=4k"),
-            )
+            hide_dir(&target)
         } else {
             mount(
                 Some(Path::new("/dev/null")),
@@ -250,13 +264,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    mount(
-        Some(Path::new("tmpfs")),
-        root,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=0755,size=1m"),
-    )?;
+    tmpfs(root, libc::MS_NOSUID | libc::MS_NODEV, "mode=0755,size=1m")?;
     for dir in SYSTEM_DIRS {
         let host = Path::new(dir);
         let target = inside(root, host);
@@ -277,26 +285,15 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     for dir in HIDDEN_DIRS {
         let target = inside(root, Path::new(dir));
         if target.is_dir() {
-            mount(
-                Some(Path::new("tmpfs")),
-                &target,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                Some("mode=0755,size=4k"),
-            )?;
+            hide_dir(&target)?;
         }
     }
     let dev = inside(root, Path::new("/dev"));
     std::fs::create_dir_all(&dev)?;
-    mount(
-        Some(Path::new("tmpfs")),
-        &dev,
-        Some("tmpfs"),
-        // Its device nodes are binds of the host's (mounts of their own); nothing made here
-        // may act as a device.
-        libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
-        Some("mode=0755,size=64k"),
-    )?;
+    // Its device nodes are binds of the host's (mounts of their own); nothing made here may
+    // act as a device.
+    let flags = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
+    tmpfs(&dev, flags, "mode=0755,size=64k")?;
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
         if host.exists() {
@@ -316,13 +313,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     for (dir, options) in [("/dev/shm", "mode=1777"), ("/tmp", "mode=1777")] {
         let target = inside(root, Path::new(dir));
         std::fs::create_dir_all(&target)?;
-        mount(
-            Some(Path::new("tmpfs")),
-            &target,
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(options),
-        )?;
+        tmpfs(&target, libc::MS_NOSUID | libc::MS_NODEV, options)?;
     }
     std::fs::create_dir_all(inside(root, Path::new("/proc")))?;
     for (host, path) in &spec.binds {
@@ -443,6 +434,7 @@ fn drop_capabilities() -> io::Result<()> {
         pid: i32,
     }
     #[repr(C)]
+    #[derive(Clone, Copy)]
     struct Data {
         effective: u32,
         permitted: u32,
@@ -452,18 +444,11 @@ fn drop_capabilities() -> io::Result<()> {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3: two Data records
         pid: 0,
     };
-    let data = [
-        Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-        Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-    ];
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
     // SAFETY: capset with a version-3 header and its two data records.
     unsafe {
         libc::prctl(
