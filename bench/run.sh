@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
+source bench/lib/measure.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, dropping caches, loopback routes)" >&2; exit 1; }
 
 need=()
@@ -48,15 +49,6 @@ garage_start "$work/garage"
 quickack_on
 store=s3://bench
 
-now() { date +%s.%N; }
-# Runs a command with its output dropped; prints the seconds it took.
-timed() { local a b; a=$(now); "$@" > /dev/null; b=$(now); echo "$b - $a" | bc -l; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-fmt() { printf '%.*f' "${2:-2}" "$1"; }
-ratio() { echo "$1 / $2" | bc -l; }
-mibs() { echo "$1 / $2" | bc -l; }  # MiB, seconds
-max() { printf '%s\n' "$@" | sort -g | tail -1; }
-min() { printf '%s\n' "$@" | sort -g | head -1; }
 
 daemon_start() {
   "$strata" daemon --cache-dir "$work/cache" >> "$work/daemon.log" 2>&1 &

@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
+source bench/lib/measure.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, namespaces, dropping caches)" >&2; exit 1; }
 command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
 command -v bc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y bc >/dev/null
@@ -34,12 +35,6 @@ garage_start "$work/garage"
 quickack_on
 store=s3://bench
 
-now() { date +%s.%N; }
-timed() { local a b; a=$(now); "$@" > /dev/null; b=$(now); echo "$b - $a" | bc -l; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-fmt() { printf '%.*f' "${2:-2}" "$1"; }
-ratio() { echo "$1 / $2" | bc -l; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 kib() { echo "$1 / 1024" | bc; }
 
 daemon_start() { # extra daemon flags
