@@ -105,13 +105,21 @@ impl ChunkCache {
             return;
         }
         let id = file.id();
-        if !self.assembling.lock().unwrap().insert(id) {
+        if !self
+            .assembling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id)
+        {
             return;
         }
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let result = this.assemble_now(&id, &file);
-            this.assembling.lock().unwrap().remove(&id);
+            this.assembling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
             match result {
                 Ok(true) => tracing::debug!(file = %id, size = file.len, "assembled file ready"),
                 Ok(false) => {}
@@ -141,7 +149,13 @@ impl ChunkCache {
         }
         // A read that just ended may have chunks still on their way to disk: those come from
         // memory.
-        let in_memory = |d: &Digest| self.memory.lock().unwrap().lru.contains(d);
+        let in_memory = |d: &Digest| {
+            self.memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .lru
+                .contains(d)
+        };
         if !file
             .chunks
             .iter()
@@ -156,7 +170,12 @@ impl ChunkCache {
                 }
                 match disk.copy_chunk(&loc.digest, loc.len, part.clone(), out) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        let data = self.memory.lock().unwrap().get(&loc.digest).ok_or(e)?;
+                        let data = self
+                            .memory
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(&loc.digest)
+                            .ok_or(e)?;
                         if data.len() != loc.len as usize {
                             return Err(io::Error::other(format!(
                                 "chunk {} has {} bytes, the layer says {}",

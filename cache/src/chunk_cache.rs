@@ -182,7 +182,11 @@ struct LeaveInflight(Arc<ChunkCache>, Vec<Digest>);
 
 impl Drop for LeaveInflight {
     fn drop(&mut self) {
-        let mut inflight = self.0.inflight.lock().unwrap();
+        let mut inflight = self
+            .0
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for d in &self.1 {
             inflight.remove(d);
         }
@@ -275,8 +279,16 @@ impl ChunkReader {
             return None;
         }
         {
-            let inflight = self.cache.inflight.lock().unwrap();
-            let mut memory = self.cache.memory.lock().unwrap();
+            let inflight = self
+                .cache
+                .inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut memory = self
+                .cache
+                .memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(data) = memory.get(&loc.digest) {
                 if data.len() != loc.len as usize {
                     return None; // get_many reports the mismatch
@@ -303,7 +315,11 @@ impl ChunkReader {
         let mut wanted = Vec::new();
         let mut permits = Vec::new();
         {
-            let memory = self.cache.memory.lock().unwrap();
+            let memory = self
+                .cache
+                .memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for loc in locs {
                 if memory.lru.contains(&loc.digest) {
                     continue;
@@ -408,11 +424,17 @@ impl ChunkCache {
         }
         let mut slots = Vec::with_capacity(locs.len());
         let mut new: Vec<ChunkLoc> = Vec::new();
-        let mut inflight = self.inflight.lock().unwrap();
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         {
             // Memory is checked under the in-flight lock: a fetch inserts its chunks into
             // memory before it leaves the in-flight table.
-            let mut memory = self.memory.lock().unwrap();
+            let mut memory = self
+                .memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for loc in locs {
                 if counted {
                     reader.bump(|c| &c.chunk_requests, 1);
@@ -547,7 +569,10 @@ impl ChunkCache {
                 });
             }
         }
-        let mut memory = self.memory.lock().unwrap();
+        let mut memory = self
+            .memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         results
             .into_iter()
             .zip(&run)
@@ -683,7 +708,10 @@ impl ChunkCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        let memory = self.memory.lock().unwrap();
+        let memory = self
+            .memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         CacheStats {
             reads: self.counters.snapshot(),
             memory_used: memory.used,

@@ -191,7 +191,10 @@ impl DiskCache {
             temp_counter: AtomicU64::new(0),
         };
         {
-            let mut state = cache.state.lock().unwrap();
+            let mut state = cache
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             cache.evict_until(&mut state, 0);
         }
         Ok(cache)
@@ -245,7 +248,10 @@ impl DiskCache {
 
     /// Pins `key` if it is cached; returns whether it was verified since start.
     fn pin(&self, key: &Key) -> Option<bool> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let verified = state.lru.get(key)?.verified;
         *state.pinned.entry(*key).or_insert(0) += 1;
         Some(verified)
@@ -260,7 +266,10 @@ impl DiskCache {
     ) -> Option<Vec<u8>> {
         let key = Key::Chunk(*digest);
         {
-            let mut state = self.state.lock().unwrap();
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             match state.lru.get(&key) {
                 Some(e) if e.verified && range.end as u64 <= e.size => {}
                 _ => return None,
@@ -292,13 +301,16 @@ impl DiskCache {
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
         self.state
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .lru
             .contains(&Key::Chunk(*digest))
     }
 
     fn unpin(&self, key: &Key) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = state.pinned.get_mut(key) {
             *n -= 1;
             if *n == 0 {
@@ -333,7 +345,13 @@ impl DiskCache {
     }
 
     fn mark_verified(&self, key: &Key) {
-        if let Some(e) = self.state.lock().unwrap().lru.peek_mut(key) {
+        if let Some(e) = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lru
+            .peek_mut(key)
+        {
             e.verified = true;
         }
     }
@@ -417,7 +435,10 @@ impl DiskCache {
     }
 
     fn forget(&self, key: &Key) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(e) = state.lru.pop(key) {
             state.used -= e.size;
         }
@@ -431,7 +452,10 @@ impl DiskCache {
         if let Some(db) = &self.last_use {
             let now = nanos_since_epoch(std::time::SystemTime::now());
             {
-                let mut state = self.state.lock().unwrap();
+                let mut state = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 match state.lru.peek_mut(key) {
                     Some(e) if now.saturating_sub(e.recorded) < self.record_every_ns => return,
                     Some(e) => e.recorded = now,
@@ -484,7 +508,10 @@ impl DiskCache {
         write: impl FnOnce(&mut fs::File) -> io::Result<()>,
     ) -> io::Result<bool> {
         {
-            let mut state = self.state.lock().unwrap();
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if size > self.capacity || state.lru.contains(&key) || state.writing.contains(&key) {
                 return Ok(false);
             }
@@ -499,7 +526,10 @@ impl DiskCache {
             state.writing.insert(key);
         }
         let written = self.write_file(&key, size, write);
-        let mut state = self.state.lock().unwrap();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.writing.remove(&key);
         match written {
             Ok(()) => {
@@ -562,11 +592,17 @@ impl DiskCache {
     }
 
     pub(crate) fn used(&self) -> u64 {
-        self.state.lock().unwrap().used
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .used
     }
 
     pub(crate) fn chunks(&self) -> u64 {
-        let state = self.state.lock().unwrap();
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state
             .lru
             .iter()
@@ -575,7 +611,10 @@ impl DiskCache {
     }
 
     pub(crate) fn files(&self) -> u64 {
-        let state = self.state.lock().unwrap();
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state
             .lru
             .iter()
@@ -584,7 +623,10 @@ impl DiskCache {
     }
 
     pub(crate) fn evictions(&self) -> u64 {
-        self.state.lock().unwrap().evictions
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .evictions
     }
 
     pub(crate) fn capacity(&self) -> u64 {

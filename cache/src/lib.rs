@@ -2,7 +2,8 @@
 //!
 //! - [`Digest`]: the BLAKE3 name of a piece of content.
 //! - [`blob`]: the one-byte codec header every stored object carries (raw or zstd).
-//! - [`store`]: the [`Store`] trait and its backends (local directory, S3).
+//! - [`store`]: the [`Store`] trait, its backends (local directory, S3, memory), the counting
+//!   and fault-injecting wrappers, and the conformance suite they all pass.
 //! - [`ChunkCache`]: the host's chunk cache: memory LRU over a size-capped disk cache over the
 //!   store, with single-flight fetches and BLAKE3 verification; and [`AssembledFile`]s, whole
 //!   layer files built from cached chunks for the kernel to read directly.
@@ -23,7 +24,10 @@ pub use chunk_cache::{
 };
 pub use digest::{Digest, DigestParseError};
 pub use locator::Locator;
-pub use store::{open_store, Store, StoreError, StoreErrorKind, StoreOptions, Version};
+pub use store::{
+    open_store, CountingStore, FaultConfig, FaultCounts, FaultyStore, MemoryStore, Store,
+    StoreCounts, StoreError, StoreErrorKind, StoreOptions, Version,
+};
 
 /// Store key of a chunk's locator (where its bytes are): `chunks/<2 hex digits>/<64 hex digits>`.
 pub fn chunk_key(digest: &Digest) -> String {

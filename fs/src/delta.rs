@@ -1,13 +1,13 @@
 //! Publishing a mount's changes as a delta layer (what a volume commit uploads).
 //!
-//! The changes are staged as a directory and published like any tree, then the files whose
-//! bytes are the layers' are pointed at the layers' chunks ([`crate::squash::with_content_from`]):
-//! a moved or chmodded layer file costs no read and no upload, and a layer file rewritten in
-//! places costs the chunks its written blocks touch — only those byte ranges are read (through
-//! the tree), chunked and uploaded.
+//! The changes are staged as a tree in memory ([`MountTree::stage`]) and published like any
+//! tree, their new files' bytes read through the mount; then the files whose bytes are the
+//! layers' are pointed at the layers' chunks ([`crate::squash::with_content_from`]): a moved
+//! or chmodded layer file costs no read and no upload, and a layer file rewritten in places
+//! costs the chunks its written blocks touch — only those byte ranges are read (through the
+//! tree), chunked and uploaded.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 
 use cache::{Digest, Store};
@@ -16,7 +16,9 @@ use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
 use crate::manifest::{ChunkRef, Manifest};
 use crate::pack::{self, Lookup, Packer};
-use crate::publish::{publish, PublishOptions, PublishReport, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+use crate::publish::{
+    publish_walk, PublishOptions, PublishReport, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN,
+};
 use crate::squash::{Content, Piece};
 use crate::upper::{Change, LowerContent, MountTree, PartialFile, Segment};
 
@@ -25,70 +27,65 @@ const READ_STEP: u32 = 1 << 20;
 /// Buffered bytes after which the chunker cuts what it can.
 const CUT_WINDOW: usize = 8 << 20;
 
-/// Publishes `changes` of `tree` ([`MountTree::changes`]) as a delta layer (staged under
-/// `staging`, removed after): the publish report, the number of changes and the layer. The
-/// chunks it makes are kept in the tree's chunk cache, so this host reads the new state
-/// locally.
+/// Publishes `changes` of `tree` ([`MountTree::changes`]) as a delta layer: the publish
+/// report, the number of changes and the layer. The chunks it makes are kept in the tree's
+/// chunk cache, so this host reads the new state locally.
 pub async fn publish_changes(
     store: &Arc<dyn Store>,
     tree: &MountTree,
     changes: &[Change],
-    staging: &Path,
 ) -> FsResult<(PublishReport, usize, Digest)> {
-    let _ = std::fs::remove_dir_all(staging);
-    std::fs::create_dir_all(staging).map_err(|e| FsError::io(staging, e))?;
-    let published = async {
-        let staged = tree.stage(staging, changes).await?;
-        let options = PublishOptions {
-            keep_in: Some(tree.stack().cache().cache().clone()),
-            ..Default::default()
-        };
-        let mut report = publish(staging, store, None, &options, Default::default()).await?;
-        let mut layer = report
-            .layer
-            .ok_or_else(|| FsError::InvalidInput("publish returned no layer".into()))?;
-        if !staged.lower_files.is_empty() {
-            let (relinked, uploaded) =
-                point_at_layer_files(store, tree, layer, &staged.lower_files).await?;
-            layer = relinked;
-            report.bytes_uploaded += uploaded;
-        }
-        Ok::<_, FsError>((report, staged.changes, layer))
+    let started = std::time::Instant::now();
+    let staged = tree.stage(changes)?;
+    let options = PublishOptions {
+        keep_in: Some(tree.stack().cache().cache().clone()),
+        ..Default::default()
+    };
+    let (mut report, entries) = publish_walk(
+        staged.walk,
+        Some(tree),
+        store,
+        None,
+        &options,
+        Default::default(),
+        started,
+    )
+    .await?;
+    let mut layer = report
+        .layer
+        .ok_or_else(|| FsError::InvalidInput("publish returned no layer".into()))?;
+    if !staged.lower_files.is_empty() {
+        let lower_files: Vec<(u32, &LowerContent)> = staged
+            .lower_files
+            .iter()
+            .map(|(node, c)| (entries[*node], c))
+            .collect();
+        let (relinked, uploaded) = point_at_layer_files(store, tree, layer, &lower_files).await?;
+        layer = relinked;
+        report.bytes_uploaded += uploaded;
     }
-    .await;
-    let _ = std::fs::remove_dir_all(staging);
-    published
+    Ok((report, staged.changes, layer))
 }
 
-/// The delta layer `delta` with the files staged empty in `lower_files` pointing at the
-/// layers' chunks (and, for partly rewritten ones, at new chunks of their rewritten ranges).
-/// Returns the new layer and the bytes uploaded for it.
+/// The delta layer `delta` with the files staged empty in `lower_files` (by entry index)
+/// pointing at the layers' chunks (and, for partly rewritten ones, at new chunks of their
+/// rewritten ranges). Returns the new layer and the bytes uploaded for it.
 async fn point_at_layer_files(
     store: &Arc<dyn Store>,
     tree: &MountTree,
     delta: Digest,
-    lower_files: &[(std::path::PathBuf, LowerContent)],
+    lower_files: &[(u32, &LowerContent)],
 ) -> FsResult<(Digest, u64)> {
     let delta = Layer::load(store, delta, None).await?;
     let m = &delta.manifest;
     let mut uploader = Uploader::new(store, tree);
     let mut content = HashMap::new();
-    for (path, source) in lower_files {
-        let mut entry = m.root();
-        for name in path.iter() {
-            use std::os::unix::ffi::OsStrExt;
-            entry = m.lookup(&entry, name.as_bytes()).ok_or_else(|| {
-                FsError::InvalidInput(format!(
-                    "internal error: staged {} is not in the delta layer",
-                    path.display()
-                ))
-            })?;
-        }
+    for &(entry, source) in lower_files {
         let c = match source {
             LowerContent::File(layer, e) => Content::File(*layer, *e),
             LowerContent::Partial(p) => uploader.pieces(p).await?,
         };
-        content.insert(entry.index, c);
+        content.insert(entry, c);
     }
     let uploaded = uploader.finish(&mut content).await?;
     let sources: Vec<&Manifest> = tree.stack().layers().iter().map(|l| &l.manifest).collect();
@@ -260,18 +257,18 @@ mod tests {
         let upper = UpperConfig {
             dir: tmp.join("upper"),
             quota: None,
+            inodes: None,
             journal: false,
         };
         (MountTree::new(stack, Some(upper)).unwrap(), big)
     }
 
     /// Publishes the changes; the layer stacked with the delta, and the bytes uploaded.
-    async fn commit(t: &MountTree, tmp: &std::path::Path) -> (LayerStack, u64) {
+    async fn commit(t: &MountTree) -> (LayerStack, u64) {
         let store = t.stack().cache().store().clone();
-        let (report, _, delta) =
-            publish_changes(&store, t, &t.changes().unwrap(), &tmp.join("stage"))
-                .await
-                .unwrap();
+        let (report, _, delta) = publish_changes(&store, t, &t.changes().unwrap())
+            .await
+            .unwrap();
         let layers = vec![
             Layer::load(&store, t.stack().layers()[0].digest, None)
                 .await
@@ -283,8 +280,8 @@ mod tests {
     }
 
     /// Publishes the changes and reads `name` back through the layer stacked with the delta.
-    async fn commit_and_read(t: &MountTree, tmp: &std::path::Path, name: &[u8]) -> (Vec<u8>, u64) {
-        let (s, uploaded) = commit(t, tmp).await;
+    async fn commit_and_read(t: &MountTree, name: &[u8]) -> (Vec<u8>, u64) {
+        let (s, uploaded) = commit(t).await;
         let a = s.lookup(ROOT_INO, name).unwrap();
         let got = s.read(a.ino, 0, a.size as u32 + 1).await.unwrap().to_vec();
         (got, uploaded)
@@ -301,18 +298,13 @@ mod tests {
         t.release(f.ino);
         let before = t.stack().cache().stats().chunk_requests;
         let store = t.stack().cache().store().clone();
-        publish_changes(
-            &store,
-            &t,
-            &t.changes().unwrap(),
-            &tmp.path().join("stage0"),
-        )
-        .await
-        .unwrap();
+        publish_changes(&store, &t, &t.changes().unwrap())
+            .await
+            .unwrap();
         // The commit read the chunks around the written block, not the file's 16 or so.
         let read = t.stack().cache().stats().chunk_requests - before;
         assert!(read <= 3, "the commit read {read} chunks");
-        let (got, uploaded) = commit_and_read(&t, tmp.path(), b"big.bin").await;
+        let (got, uploaded) = commit_and_read(&t, b"big.bin").await;
         assert!(got == want, "bytes differ");
         assert!(
             uploaded < 1 << 20,
@@ -366,7 +358,7 @@ mod tests {
                 }
             }
             t.release(f.ino);
-            let (got, _) = commit_and_read(&t, tmp.path(), b"big.bin").await;
+            let (got, _) = commit_and_read(&t, b"big.bin").await;
             assert!(got == want, "case {case}: bytes differ");
             let _ = Caller { uid: 0, gid: 0 };
         }
@@ -384,7 +376,7 @@ mod tests {
         t.link(a.ino, ROOT_INO, b"b").unwrap();
         let z = t.lookup(ROOT_INO, b"z.txt").unwrap();
         t.link(z.ino, ROOT_INO, b"z2").unwrap();
-        let (s, _) = commit(&t, tmp.path()).await;
+        let (s, _) = commit(&t).await;
         for (x, y, bytes) in [
             (&b"a"[..], &b"b"[..], &b"shared bytes"[..]),
             (b"z.txt", b"z2", b"zzz"),
@@ -396,6 +388,114 @@ mod tests {
             assert_eq!(x.ino, y.ino, "one inode");
             assert_eq!(x.nlink, 2);
             assert_eq!(&s.read(y.ino, 0, 100).await.unwrap()[..], bytes);
+        }
+    }
+
+    /// `mkdir d; cd d` 20,000 times and a file at the bottom: the commit, a second commit on
+    /// top of it, and their squash all walk the tree without recursion (the test thread's
+    /// stack is 2 MiB; a frame per level overflowed it) and without paths the kernel sees.
+    #[tokio::test]
+    async fn a_20000_level_tree_commits_and_squashes() {
+        const DEPTH: usize = 20_000;
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, _) = tree(tmp.path()).await;
+        let caller = Caller { uid: 0, gid: 0 };
+        let mut dir = ROOT_INO;
+        for _ in 0..DEPTH {
+            dir = t.mkdir(dir, b"d", 0o755, caller).unwrap().ino;
+        }
+        let f = t.create(dir, b"bottom", 0o640, caller).unwrap();
+        t.open(f.ino, true).unwrap();
+        t.write(f.ino, 0, b"deep down").await.unwrap();
+        t.release(f.ino);
+        let (s, _) = commit(&t).await;
+        let walk_down = |s: &LayerStack| {
+            let mut ino = ROOT_INO;
+            for _ in 0..DEPTH {
+                ino = s.lookup(ino, b"d").unwrap().ino;
+            }
+            s.lookup(ino, b"bottom").unwrap()
+        };
+        let a = walk_down(&s);
+        assert_eq!(a.mode & 0o777, 0o640);
+        assert_eq!(&s.read(a.ino, 0, 100).await.unwrap()[..], b"deep down");
+
+        // A mount of that, changing the bottom file and a directory half-way down.
+        let store = t.stack().cache().store().clone();
+        let upper = UpperConfig {
+            dir: tmp.path().join("upper2"),
+            quota: None,
+            inodes: None,
+            journal: true,
+        };
+        let t2 = MountTree::new(Arc::new(s), Some(upper)).unwrap();
+        let mut ino = ROOT_INO;
+        for level in 0..DEPTH {
+            ino = t2.lookup(ino, b"d").unwrap().ino;
+            if level == DEPTH / 2 {
+                let mode = SetAttr {
+                    mode: Some(0o700),
+                    ..Default::default()
+                };
+                t2.setattr(ino, mode).await.unwrap();
+            }
+        }
+        let bottom = t2.lookup(ino, b"bottom").unwrap();
+        t2.open(bottom.ino, true).unwrap();
+        t2.write(bottom.ino, 0, b"DEEP").await.unwrap();
+        t2.release(bottom.ino);
+        t2.save_journal().unwrap();
+        let (_, _, delta2) = publish_changes(&store, &t2, &t2.changes().unwrap())
+            .await
+            .unwrap();
+        let layers = t2.stack().layers();
+        let chain = [
+            &layers[1].manifest,
+            &Layer::load(&store, delta2, None).await.unwrap().manifest,
+        ];
+        let squashed = crate::squash::merge(&chain).unwrap();
+        let squashed = crate::squash::store_manifest(&store, &squashed)
+            .await
+            .unwrap();
+        for top in [vec![delta2], vec![squashed]] {
+            let mut l = vec![Layer::load(&store, layers[0].digest, None).await.unwrap()];
+            if top[0] == delta2 {
+                l.push(Layer::load(&store, layers[1].digest, None).await.unwrap());
+            }
+            l.push(Layer::load(&store, top[0], None).await.unwrap());
+            let s = LayerStack::new(l, t.stack().cache().clone()).unwrap();
+            let a = walk_down(&s);
+            assert_eq!(&s.read(a.ino, 0, 100).await.unwrap()[..], b"DEEP down");
+            let mut ino = ROOT_INO;
+            for _ in 0..=DEPTH / 2 {
+                ino = s.lookup(ino, b"d").unwrap().ino;
+            }
+            assert_eq!(s.getattr(ino).unwrap().mode & 0o777, 0o700);
+        }
+    }
+
+    /// One directory of 1,000,000 entries (symlinks: no data file each) commits, and the
+    /// stacked layer lists them all.
+    #[tokio::test]
+    async fn a_directory_of_a_million_entries_commits() {
+        const N: usize = 1_000_000;
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, _) = tree(tmp.path()).await;
+        let caller = Caller { uid: 0, gid: 0 };
+        let d = t.mkdir(ROOT_INO, b"wide", 0o755, caller).unwrap();
+        for i in 0..N {
+            let name = format!("e{i:07}");
+            t.symlink(d.ino, name.as_bytes(), format!("t{i}").as_bytes(), caller)
+                .unwrap();
+        }
+        let (s, _) = commit(&t).await;
+        let wide = s.lookup(ROOT_INO, b"wide").unwrap();
+        let listing = s.readdir(wide.ino).unwrap();
+        assert_eq!(listing.len(), N);
+        for i in [0, 1, N / 2, N - 1] {
+            let e = &listing[i];
+            assert_eq!(e.name, format!("e{i:07}").into_bytes());
+            assert_eq!(s.readlink(e.ino).unwrap(), format!("t{i}").into_bytes());
         }
     }
 }

@@ -92,18 +92,35 @@ pub struct PublishReport {
     pub warnings: Vec<String>,
 }
 
-struct Node {
-    name: Vec<u8>,
-    spec: EntrySpec,
-    children: Vec<usize>,
-    path: PathBuf,
-    /// (dev, ino) of a regular file with more than one link.
-    link_key: Option<(u64, u64)>,
+/// Where a file's bytes come from.
+pub(crate) enum Source {
+    /// Nothing to read: a directory, symlink or whiteout, or a file whose entry a commit
+    /// points at the layers' chunks afterwards.
+    Empty,
+    /// A file on the local disk.
+    Path(PathBuf),
+    /// A node of a mount's tree, read through it ([`publish_walk`]'s `tree`).
+    Node(u64),
 }
 
-struct Walk {
-    nodes: Vec<Node>,
-    warnings: Vec<String>,
+/// One entry of the tree to publish.
+pub(crate) struct Node {
+    pub name: Vec<u8>,
+    pub spec: EntrySpec,
+    /// Indices into [`Walk::nodes`], in any order (sorted by name when laid out).
+    pub children: Vec<usize>,
+    pub source: Source,
+    /// One key per inode for regular files with more than one name.
+    pub link_key: Option<(u64, u64)>,
+}
+
+/// The tree to publish: node 0 is the root. Built from a local directory ([`walk_dir`]) or
+/// from a mount's changes ([`crate::upper::MountTree::stage`]), with no recursion, so a tree
+/// of any depth is walked in bounded stack.
+#[derive(Default)]
+pub(crate) struct Walk {
+    pub nodes: Vec<Node>,
+    pub warnings: Vec<String>,
 }
 
 fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -126,10 +143,22 @@ fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let c_name = CString::new(name).map_err(io::Error::other)?;
+        // One that vanished between the listing and now is skipped; any other failure is
+        // an error, not a silently dropped attribute.
+        let gone = |e: io::Error| -> io::Result<()> {
+            match e.raw_os_error() {
+                Some(libc::ENODATA) => Ok(()),
+                _ => Err(io::Error::new(
+                    e.kind(),
+                    format!("xattr {}: {e}", String::from_utf8_lossy(name)),
+                )),
+            }
+        };
         let len =
             unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
         if len < 0 {
-            continue; // removed meanwhile
+            gone(io::Error::last_os_error())?;
+            continue;
         }
         let mut value = vec![0u8; len as usize];
         let len = unsafe {
@@ -141,6 +170,7 @@ fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
             )
         };
         if len < 0 {
+            gone(io::Error::last_os_error())?;
             continue;
         }
         value.truncate(len as usize);
@@ -162,18 +192,45 @@ fn spec_from_meta(meta: &fs::Metadata, kind: Kind) -> EntrySpec {
     }
 }
 
+/// Walks the directory `root` (iteratively: a deep tree costs heap, not stack).
+pub(crate) fn walk_dir(root: &Path) -> FsResult<Walk> {
+    let mut walk = Walk::default();
+    let meta = fs::metadata(root).map_err(|e| FsError::io(root, e))?;
+    let mut spec = spec_from_meta(&meta, Kind::Dir);
+    spec.xattrs = read_xattrs(root).map_err(|e| FsError::io(root, e))?;
+    walk.push(Vec::new(), spec, Source::Empty, None);
+    let mut pending = vec![(0usize, root.to_path_buf())];
+    while let Some((index, path)) = pending.pop() {
+        walk.list_dir(index, &path, &mut pending)?;
+    }
+    Ok(walk)
+}
+
 impl Walk {
-    fn add_dir(&mut self, path: &Path, name: Vec<u8>, meta: &fs::Metadata) -> FsResult<usize> {
-        let mut spec = spec_from_meta(meta, Kind::Dir);
-        spec.xattrs = read_xattrs(path).map_err(|e| FsError::io(path, e))?;
-        let index = self.nodes.len();
+    pub(crate) fn push(
+        &mut self,
+        name: Vec<u8>,
+        spec: EntrySpec,
+        source: Source,
+        link_key: Option<(u64, u64)>,
+    ) -> usize {
         self.nodes.push(Node {
             name,
             spec,
             children: Vec::new(),
-            path: path.to_path_buf(),
-            link_key: None,
+            source,
+            link_key,
         });
+        self.nodes.len() - 1
+    }
+
+    /// Adds the entries of directory `index` (at `path`); subdirectories go to `pending`.
+    fn list_dir(
+        &mut self,
+        index: usize,
+        path: &Path,
+        pending: &mut Vec<(usize, PathBuf)>,
+    ) -> FsResult<()> {
         let mut listing: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(path)
             .map_err(|e| FsError::io(path, e))?
             .map(|d| d.map(|d| (d.file_name().as_bytes().to_vec(), d.path())))
@@ -205,45 +262,29 @@ impl Walk {
                     fs::symlink_metadata(&child_path).map_err(|e| FsError::io(&child_path, e))?;
                 let mut spec = spec_from_meta(&meta, Kind::Whiteout);
                 spec.mode = 0;
-                children.push(self.push_leaf(hidden.to_vec(), spec, &child_path, None));
+                children.push(self.push(hidden.to_vec(), spec, Source::Empty, None));
                 continue;
             }
             check_name(&child_name)
                 .map_err(|r| FsError::InvalidInput(format!("{}: {r}", child_path.display())))?;
-            if let Some(child) = self.add_path(&child_path, child_name)? {
+            if let Some((child, is_dir)) = self.add_path(&child_path, child_name)? {
                 children.push(child);
+                if is_dir {
+                    pending.push((child, child_path));
+                }
             }
         }
-        // Whiteout names may sort differently from their `.wh.` source names.
-        children.sort_by(|&a, &b| self.nodes[a].name.cmp(&self.nodes[b].name));
         self.nodes[index].children = children;
-        Ok(index)
+        Ok(())
     }
 
-    fn push_leaf(
-        &mut self,
-        name: Vec<u8>,
-        spec: EntrySpec,
-        path: &Path,
-        link_key: Option<(u64, u64)>,
-    ) -> usize {
-        self.nodes.push(Node {
-            name,
-            spec,
-            children: Vec::new(),
-            path: path.to_path_buf(),
-            link_key,
-        });
-        self.nodes.len() - 1
-    }
-
-    fn add_path(&mut self, path: &Path, name: Vec<u8>) -> FsResult<Option<usize>> {
+    /// Adds the entry at `path` (a directory without its children); `None` when skipped.
+    fn add_path(&mut self, path: &Path, name: Vec<u8>) -> FsResult<Option<(usize, bool)>> {
         let meta = fs::symlink_metadata(path).map_err(|e| FsError::io(path, e))?;
         let ft = meta.file_type();
-        if ft.is_dir() {
-            return self.add_dir(path, name, &meta).map(Some);
-        }
-        let kind = if ft.is_file() {
+        let kind = if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
             Kind::File
         } else if ft.is_symlink() {
             Kind::Symlink
@@ -262,12 +303,14 @@ impl Walk {
         let mut spec = spec_from_meta(&meta, kind);
         spec.xattrs = read_xattrs(path).map_err(|e| FsError::io(path, e))?;
         let mut link_key = None;
+        let mut source = Source::Empty;
         match kind {
             Kind::File => {
                 spec.size = meta.len();
                 if meta.nlink() > 1 {
                     link_key = Some((meta.dev(), meta.ino()));
                 }
+                source = Source::Path(path.to_path_buf());
             }
             Kind::Symlink => {
                 let target = fs::read_link(path).map_err(|e| FsError::io(path, e))?;
@@ -281,14 +324,27 @@ impl Walk {
             }
             _ => {}
         }
-        Ok(Some(self.push_leaf(name, spec, path, link_key)))
+        Ok(Some((
+            self.push(name, spec, source, link_key),
+            kind == Kind::Dir,
+        )))
     }
 }
 
-/// A file in the content stream: manifest index, source path, size.
+/// A file in the content stream.
 struct StreamFile {
-    path: PathBuf,
+    /// `None`: the bytes come from the feeder ([`feed_nodes`]).
+    path: Option<PathBuf>,
     size: u64,
+}
+
+/// Bytes of mount-tree files, in stream order, from the feeder to the chunker.
+type Fed = Result<Bytes, String>;
+
+/// Where the stream is in its current file.
+enum Current {
+    File(File, PathBuf),
+    Fed(Bytes),
 }
 
 /// The layer's content stream: the files' bytes back to back. A file that changes size while
@@ -296,35 +352,68 @@ struct StreamFile {
 struct ContentStream {
     files: Vec<StreamFile>,
     next: usize,
-    current: Option<(File, u64, PathBuf)>,
+    current: Option<(Current, u64)>,
+    fed: Option<tokio::sync::mpsc::Receiver<Fed>>,
     progress: Arc<PublishProgress>,
+}
+
+impl ContentStream {
+    fn next_fed(&mut self) -> io::Result<Bytes> {
+        let fed = self.fed.as_mut().and_then(|rx| rx.blocking_recv());
+        match fed {
+            Some(Ok(b)) => Ok(b),
+            Some(Err(e)) => Err(io::Error::other(e)),
+            None => Err(io::Error::other("the tree's reader stopped early")),
+        }
+    }
 }
 
 impl Read for ContentStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            if let Some((file, left, path)) = &mut self.current {
+            if let Some((current, left)) = &mut self.current {
                 if *left == 0 {
-                    let mut probe = [0u8; 1];
-                    if file.read(&mut probe)? != 0 {
-                        return Err(io::Error::other(format!(
-                            "{}: file grew while publishing",
-                            path.display()
-                        )));
+                    if let Current::File(file, path) = current {
+                        let mut probe = [0u8; 1];
+                        if file.read(&mut probe)? != 0 {
+                            return Err(io::Error::other(format!(
+                                "{}: file grew while publishing",
+                                path.display()
+                            )));
+                        }
                     }
                     self.current = None;
                     self.progress.files_done.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let want = buf.len().min(*left as usize);
-                let n = file.read(&mut buf[..want])?;
-                if n == 0 {
-                    return Err(io::Error::other(format!(
-                        "{}: file shrank while publishing",
-                        path.display()
-                    )));
+                let n = match current {
+                    Current::File(file, path) => {
+                        let n = file.read(&mut buf[..want])?;
+                        if n == 0 {
+                            return Err(io::Error::other(format!(
+                                "{}: file shrank while publishing",
+                                path.display()
+                            )));
+                        }
+                        n
+                    }
+                    Current::Fed(pending) => {
+                        if pending.is_empty() {
+                            let more = self.next_fed()?;
+                            if let Some((Current::Fed(p), _)) = &mut self.current {
+                                *p = more;
+                            }
+                            continue;
+                        }
+                        let n = want.min(pending.len());
+                        buf[..n].copy_from_slice(&pending.split_to(n));
+                        n
+                    }
+                };
+                if let Some((_, left)) = &mut self.current {
+                    *left -= n as u64;
                 }
-                *left -= n as u64;
                 self.progress
                     .bytes_done
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -334,15 +423,69 @@ impl Read for ContentStream {
                 return Ok(0);
             };
             self.next += 1;
-            let file = File::open(&f.path)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.path.display())))?;
-            self.current = Some((file, f.size, f.path.clone()));
+            let current = match &f.path {
+                Some(path) => {
+                    let file = File::open(path).map_err(|e| {
+                        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                    })?;
+                    Current::File(file, path.clone())
+                }
+                None => Current::Fed(Bytes::new()),
+            };
+            self.current = Some((current, f.size));
         }
     }
 }
 
+/// Reads the mount-tree files of the stream (`(inode, size)`, in stream order) and hands their
+/// bytes to the chunker. Each file gives exactly `size` bytes or an error.
+async fn feed_nodes(
+    tree: &crate::upper::MountTree,
+    files: Vec<(u64, u64)>,
+    tx: tokio::sync::mpsc::Sender<Fed>,
+) {
+    const STEP: u64 = 1 << 20;
+    for (ino, size) in files {
+        let mut offset = 0;
+        while offset < size {
+            let want = (size - offset).min(STEP) as u32;
+            let fed = match tree.read(ino, offset, want).await {
+                Ok(b) if b.is_empty() => Err(format!(
+                    "inode {ino}: {size} bytes expected, {offset} read: the file shrank while committing"
+                )),
+                Ok(mut b) => {
+                    b.truncate(want as usize);
+                    offset += b.len() as u64;
+                    Ok(b)
+                }
+                Err(e) => Err(format!("inode {ino}: {e}")),
+            };
+            let failed = fed.is_err();
+            if tx.send(fed).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// A walked tree numbered and laid out (see [`layout`]).
+struct Layout {
+    specs: Vec<EntrySpec>,
+    /// The content stream's files, in order.
+    files: Vec<StreamFile>,
+    /// The mount-tree files among them: (inode, size).
+    fed: Vec<(u64, u64)>,
+    /// Each walk node's entry index.
+    positions: Vec<u32>,
+}
+
 /// Numbers the walked tree breadth-first and lays out the content stream in sorted path order.
-fn layout(walk: &Walk) -> (Vec<EntrySpec>, Vec<StreamFile>) {
+fn layout(walk: &mut Walk) -> Layout {
+    for i in 0..walk.nodes.len() {
+        let mut children = std::mem::take(&mut walk.nodes[i].children);
+        children.sort_by(|&a, &b| walk.nodes[a].name.cmp(&walk.nodes[b].name));
+        walk.nodes[i].children = children;
+    }
     let n = walk.nodes.len();
     let mut order = Vec::with_capacity(n); // bfs position -> node
     let mut position = vec![0u32; n];
@@ -390,17 +533,27 @@ fn layout(walk: &Walk) -> (Vec<EntrySpec>, Vec<StreamFile>) {
     }
     // Content stream in sorted path order (depth-first), each inode once.
     let mut files = Vec::new();
+    let mut fed = Vec::new();
     let mut offset = 0u64;
     let mut stack = vec![0usize];
     while let Some(node) = stack.pop() {
         let pos = position[node] as usize;
         if specs[pos].kind == Some(Kind::File) && specs[pos].a == pos as u32 {
+            let size = specs[pos].size;
+            match &walk.nodes[node].source {
+                Source::Path(p) => files.push(StreamFile {
+                    path: Some(p.clone()),
+                    size,
+                }),
+                Source::Node(ino) if size > 0 => {
+                    fed.push((*ino, size));
+                    files.push(StreamFile { path: None, size });
+                }
+                // Staged empty (its entry is pointed at chunks later), or no bytes at all.
+                Source::Node(_) | Source::Empty => specs[pos].size = 0,
+            }
             specs[pos].data_off = offset;
             offset += specs[pos].size;
-            files.push(StreamFile {
-                path: walk.nodes[node].path.clone(),
-                size: specs[pos].size,
-            });
         }
         stack.extend(walk.nodes[node].children.iter().rev());
     }
@@ -408,9 +561,15 @@ fn layout(walk: &Walk) -> (Vec<EntrySpec>, Vec<StreamFile>) {
         let primary = specs[pos].a as usize;
         if specs[pos].kind == Some(Kind::File) && primary != pos {
             specs[pos].data_off = specs[primary].data_off;
+            specs[pos].size = specs[primary].size;
         }
     }
-    (specs, files)
+    Layout {
+        specs,
+        files,
+        fed,
+        positions: position,
+    }
 }
 
 /// Publishes `dir` and, if `target` is given, points that ref at the new layer.
@@ -431,27 +590,47 @@ pub async fn publish(
     }
     // Publishing through a symlink to a directory publishes the directory.
     let dir_owned = fs::canonicalize(dir).map_err(|e| FsError::io(dir, e))?;
-    let walk = tokio::task::spawn_blocking(move || {
-        let mut walk = Walk {
-            nodes: Vec::new(),
-            warnings: Vec::new(),
-        };
-        let meta = fs::metadata(&dir_owned).map_err(|e| FsError::io(&dir_owned, e))?;
-        walk.add_dir(&dir_owned, Vec::new(), &meta)?;
-        Ok::<_, FsError>(walk)
-    })
-    .await
-    .map_err(|e| FsError::InvalidInput(format!("walk task failed: {e}")))??;
+    let walk = tokio::task::spawn_blocking(move || walk_dir(&dir_owned))
+        .await
+        .map_err(|e| FsError::InvalidInput(format!("walk task failed: {e}")))??;
+    let (mut report, _) =
+        publish_walk(walk, None, store, target, options, progress, started).await?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Publishes a walked tree; files whose source is a mount-tree node are read through `tree`.
+/// Returns the report and, for each node of the walk, its entry index in the new layer.
+pub(crate) async fn publish_walk(
+    mut walk: Walk,
+    tree: Option<&crate::upper::MountTree>,
+    store: &Arc<dyn Store>,
+    target: Option<&DatasetRef>,
+    options: &PublishOptions,
+    progress: Arc<PublishProgress>,
+    started: Instant,
+) -> FsResult<(PublishReport, Vec<u32>)> {
     if walk.nodes.len() > u32::MAX as usize - 1 {
         return Err(FsError::InvalidInput(
             "too many entries for one layer".into(),
         ));
     }
-    let (specs, files) = layout(&walk);
+    let Layout {
+        specs,
+        files,
+        fed: fed_files,
+        positions,
+    } = layout(&mut walk);
     let mut report = PublishReport {
-        warnings: walk.warnings,
+        warnings: std::mem::take(&mut walk.warnings),
         ..Default::default()
     };
+    drop(walk);
+    if !fed_files.is_empty() && tree.is_none() {
+        return Err(FsError::InvalidInput(
+            "internal error: mount-tree files to publish without their tree".into(),
+        ));
+    }
     for (pos, s) in specs.iter().enumerate() {
         match s.kind {
             Some(Kind::Dir) => report.dirs += 1,
@@ -471,10 +650,12 @@ pub async fn publish(
     // Chunk on a blocking thread, upload from async tasks, with bounded buffering between.
     let concurrency = options.concurrency.clamp(1, 256);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Digest, Vec<u8>)>(concurrency * 2);
+    let (fed_tx, fed_rx) = tokio::sync::mpsc::channel::<Fed>(4);
     let stream = ContentStream {
         files,
         next: 0,
         current: None,
+        fed: Some(fed_rx),
         progress: progress.clone(),
     };
     let keep_in = options.keep_in.clone();
@@ -502,7 +683,9 @@ pub async fn publish(
     // Look chunks up in parallel but take the answers in stream order, so packs hold chunks
     // in the order a sequential read wants them.
     let mut seen = HashSet::new();
-    let lookups = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+    // The stream owns the receiver: when packing fails, dropping it stops the chunker, which
+    // stops the feeder.
+    let lookups = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
         .map(|(digest, data): (Digest, Vec<u8>)| {
             let first = seen.insert(digest);
             let store = Arc::clone(store);
@@ -518,16 +701,20 @@ pub async fn publish(
         })
         .buffered(concurrency);
     let mut packer = pack::Packer::new(Arc::clone(store), progress.clone());
-    let packed = async {
+    let packing = async {
         futures::pin_mut!(lookups);
         while let Some(next) = lookups.next().await {
             let (digest, len, found) = next?;
             packer.add(digest, len, found).await?;
         }
         packer.finish().await
-    }
-    .await;
-    drop(rx);
+    };
+    let feeding = async {
+        if let Some(tree) = tree {
+            feed_nodes(tree, fed_files, fed_tx).await;
+        }
+    };
+    let (packed, ()) = futures::join!(packing, feeding);
     let chunk_result = chunker
         .await
         .map_err(|e| FsError::InvalidInput(format!("chunker task failed: {e}")))?;
@@ -584,5 +771,5 @@ pub async fn publish(
     report.packs_new = packed.packs;
     report.bytes_uploaded = progress.bytes_uploaded.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
-    Ok(report)
+    Ok((report, positions))
 }

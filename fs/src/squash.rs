@@ -39,45 +39,57 @@ impl<'a> Merge<'a> {
     }
 
     /// Adds the node for a path whose entries are `run` (top first: the visible ones, the
-    /// first being what the path is); returns its index.
+    /// first being what the path is), with everything below it; returns its index. The walk
+    /// keeps its own stack: a chain may hold a tree of any depth.
     fn add(&mut self, run: &[Src]) -> usize {
-        let top = run[0];
-        let idx = self.nodes.len();
+        let root = self.push(run[0]);
+        let mut pending = vec![(root, run.to_vec())];
+        while let Some((idx, run)) = pending.pop() {
+            if self.entry(run[0]).kind != Kind::Dir {
+                continue;
+            }
+            // The directories this one merges, top first.
+            let mut dirs = Vec::new();
+            let mut opaque = false;
+            for &s in &run {
+                let e = self.entry(s);
+                if e.kind != Kind::Dir {
+                    opaque = true; // a whiteout or file below hid the base's directory
+                    break;
+                }
+                dirs.push(s);
+                if e.is_opaque() {
+                    opaque = true;
+                    break;
+                }
+            }
+            let mut by_name: BTreeMap<&'a [u8], Vec<Src>> = BTreeMap::new();
+            for &(l, e) in &dirs {
+                let dir = self.layers[l].entry(e as usize);
+                for c in dir.children() {
+                    let child = self.layers[l].entry(c as usize);
+                    by_name.entry(child.name).or_default().push((l, c));
+                }
+            }
+            let mut children = Vec::with_capacity(by_name.len());
+            for (_, child_run) in by_name {
+                let child = self.push(child_run[0]);
+                children.push(child);
+                pending.push((child, child_run));
+            }
+            self.nodes[idx].opaque = opaque;
+            self.nodes[idx].children = children;
+        }
+        root
+    }
+
+    fn push(&mut self, src: Src) -> usize {
         self.nodes.push(Node {
-            src: top,
+            src,
             opaque: false,
             children: Vec::new(),
         });
-        if self.entry(top).kind != Kind::Dir {
-            return idx;
-        }
-        // The directories this one merges, top first.
-        let mut dirs = Vec::new();
-        let mut opaque = false;
-        for &s in run {
-            let e = self.entry(s);
-            if e.kind != Kind::Dir {
-                opaque = true; // a whiteout or file below hid the base's directory
-                break;
-            }
-            dirs.push(s);
-            if e.is_opaque() {
-                opaque = true;
-                break;
-            }
-        }
-        let mut by_name: BTreeMap<&'a [u8], Vec<Src>> = BTreeMap::new();
-        for &(l, e) in &dirs {
-            let dir = self.layers[l].entry(e as usize);
-            for c in dir.children() {
-                let child = self.layers[l].entry(c as usize);
-                by_name.entry(child.name).or_default().push((l, c));
-            }
-        }
-        let children: Vec<usize> = by_name.values().map(|run| self.add(run)).collect();
-        self.nodes[idx].opaque = opaque;
-        self.nodes[idx].children = children;
-        idx
+        self.nodes.len() - 1
     }
 }
 

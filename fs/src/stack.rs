@@ -176,35 +176,50 @@ impl LayerStack {
             // Nothing lies below the bottom layer, and only directories merge.
             return Ok((vec![(layer as u16, entry as u32)], kind));
         }
-        if let Some(sources) = self.merged_dirs.lock().unwrap().get(&ino) {
+        if let Some(sources) = self
+            .merged_dirs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ino)
+        {
             return Ok(((**sources).clone(), kind));
         }
         let sources = self.resolve_path(layer, entry).ok_or_else(bad)?;
         self.merged_dirs
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .put(ino, Arc::new(sources.clone()));
         Ok((sources, kind))
     }
 
-    /// The names from the root down to `entry`, in its own layer.
-    fn path_in_layer(&self, layer: usize, entry: usize) -> Vec<&[u8]> {
+    /// Recomputes a directory's merged sources by resolving its path: from the nearest
+    /// ancestor (in its own layer) whose sources are remembered, else from the root. Starting
+    /// from a remembered ancestor keeps a walk down a deep tree linear even when the walk
+    /// outgrows the memo.
+    fn resolve_path(&self, layer: usize, entry: usize) -> Option<Vec<Source>> {
         let manifest = &self.layers[layer].manifest;
         let mut names = Vec::new();
+        let mut start = None;
         let mut at = entry;
         while at != 0 {
             let e = manifest.entry(at);
             names.push(e.name);
             at = e.parent as usize;
+            if at != 0 {
+                let remembered = self
+                    .merged_dirs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&self.ino_of((layer as u16, at as u32)))
+                    .cloned();
+                if let Some(sources) = remembered {
+                    start = Some((*sources).clone());
+                    break;
+                }
+            }
         }
-        names.reverse();
-        names
-    }
-
-    /// Recomputes a directory's merged sources by resolving its path from the root.
-    fn resolve_path(&self, layer: usize, entry: usize) -> Option<Vec<Source>> {
-        let mut sources = self.root_sources.clone();
-        for name in self.path_in_layer(layer, entry) {
+        let mut sources = start.unwrap_or_else(|| self.root_sources.clone());
+        for name in names.into_iter().rev() {
             sources = self.resolve(&sources, name)?.0;
         }
         // The path must lead back to the same entry, or the number was not one we gave out.
@@ -270,7 +285,17 @@ impl LayerStack {
             .resolve(&dir_sources, name)
             .ok_or_else(|| not_found(String::from_utf8_lossy(name)))?;
         let top = sources[0];
-        Ok(self.attr_of(self.ino_of(top), top, kind))
+        let ino = self.ino_of(top);
+        if kind == Kind::Dir && top.0 > 0 && ino != ROOT_INO {
+            // The kernel asks for this directory by number next; remembering its sources now
+            // spares resolving its whole path again, which in a deep tree makes a walk from
+            // the root quadratic.
+            self.merged_dirs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .put(ino, Arc::new(sources));
+        }
+        Ok(self.attr_of(ino, top, kind))
     }
 
     /// The merged listing of a directory, sorted by name (without `.` and `..`).
@@ -306,13 +331,20 @@ impl LayerStack {
         Ok(out)
     }
 
-    /// A path of `ino` in the layers (names from the root), as its topmost layer has it; a
-    /// file with hard links has others. `None` for the root or an unknown inode.
-    pub fn lower_path(&self, ino: u64) -> Option<Vec<Vec<u8>>> {
+    /// The topmost source of `ino` (layer, entry); `None` for the root or an unknown inode.
+    pub fn top_source(&self, ino: u64) -> Option<(u16, u32)> {
         let (sources, _) = self.sources(ino).ok()?;
-        let (layer, entry) = sources[0];
-        let names = self.path_in_layer(layer as usize, entry as usize);
-        (!names.is_empty()).then(|| names.into_iter().map(<[u8]>::to_vec).collect())
+        (sources[0].1 != 0).then_some(sources[0])
+    }
+
+    /// An entry's name and its parent entry in the entry's own layer (`None` for the root).
+    pub fn layer_parent(&self, (layer, entry): (u16, u32)) -> Option<(&[u8], u32)> {
+        let e = self
+            .layers
+            .get(layer as usize)?
+            .manifest
+            .entry(entry as usize);
+        (entry != 0).then_some((e.name, e.parent))
     }
 
     /// The layer and entry that define a node's attributes and content.
@@ -432,7 +464,10 @@ impl LayerStack {
     }
 
     fn readahead_window(&self, ino: u64, offset: u64, size: u32) -> usize {
-        let mut streams = self.streams.lock().unwrap();
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let next_offset = offset + size as u64;
         match streams.get_mut(&ino) {
             // The kernel issues readahead requests concurrently, so a sequential scan arrives
@@ -466,7 +501,10 @@ impl LayerStack {
     /// with readahead `window`: none until less than half the window lies ahead, then enough
     /// to fill it.
     fn readahead_batch(&self, ino: u64, window: usize, needed_end: usize) -> Option<Range<usize>> {
-        let mut streams = self.streams.lock().unwrap();
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = streams.get_mut(&ino)?;
         if window == 0 || s.prefetched_to < needed_end {
             s.prefetched_to = needed_end;

@@ -2,15 +2,15 @@
 //! `volumes/<scope>/<name>/head` (JSON) that moves only by compare-and-swap.
 //!
 //! A mount of a volume stacks the chain (bottom to top) on the mount's layers, with a fresh
-//! upper above; committing publishes the upper's changes ([`MountTree::stage_changes`]) as one
+//! upper above; committing publishes the upper's changes ([`MountTree::stage`]) as one
 //! more delta layer and moves the head from the version the mount started from. Chunks are
 //! content-addressed, so a commit uploads only chunks the store does not have: one changed
 //! MiB of a large file costs about that MiB.
 //!
 //! Two mounts of a volume may commit one after the other. The later one finds the head moved:
 //! if the commits made since its start touched none of its paths (a path, or one above or
-//! below it), its layer goes on top of the newer head (a rebase); otherwise its changes are
-//! kept as a conflict object `volumes/<scope>/<name>/conflicts/<id>` (its whole chain, and the
+//! below it; see [`clash`] for attribute-only changes), its layer goes on top of the newer
+//! head (a rebase); otherwise its changes are kept as a conflict object `volumes/<scope>/<name>/conflicts/<id>` (its whole chain, and the
 //! paths in conflict), and the commit fails naming those paths.
 
 use std::sync::Arc;
@@ -65,10 +65,16 @@ pub struct Commit {
     pub committed_at: u64,
     pub changes: u64,
     pub bytes_uploaded: u64,
-    /// The paths it created, replaced, removed or changed the bytes or attributes of (not
-    /// directories whose attributes only changed): what a concurrent commit conflicts on.
+    /// The paths it created, replaced or removed, or changed the bytes of: what a
+    /// concurrent commit conflicts on.
     #[serde(default)]
     pub paths: Vec<String>,
+    /// The paths whose attributes only it changed (mode, owner, times, xattrs; a directory
+    /// whose entries changed is one too): a concurrent commit conflicts on them only where it
+    /// replaced or removed them or a directory above them. Commits written before this field
+    /// have none (their attribute-only changes of directories were not recorded at all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attrs: Vec<String>,
     /// For a squash: the commits it replaced, bottom to top (their own `squashed` left
     /// out), so that a mount started from one of them can still rebase onto it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -105,10 +111,33 @@ pub struct ConflictRecord {
     pub committed_at: u64,
 }
 
-/// Whether two change paths collide: the same, or one inside the other.
-fn collide(a: &str, b: &str) -> bool {
-    let inside = |x: &str, y: &str| y.is_empty() || x.starts_with(&format!("{y}/"));
-    a == b || inside(a, b) || inside(b, a)
+/// Whether `x` is strictly inside directory `y` ("" is the root).
+fn inside(x: &str, y: &str) -> bool {
+    if y.is_empty() {
+        !x.is_empty()
+    } else {
+        x.len() > y.len() + 1 && x.starts_with(y) && x.as_bytes()[y.len()] == b'/'
+    }
+}
+
+/// Whether a change at `p` in a stale commit conflicts with a change at `q` in a commit
+/// that landed since (`*_attrs`: the change touched only attributes).
+///
+/// - Changes of the same path, or of one path inside the other, conflict.
+/// - Except that an attribute-only change of a directory does not conflict with changes
+///   inside it: adding and removing entries changes a directory's times and link count, and
+///   two commits that only added files in one directory must rebase.
+/// - Two attribute-only changes of one path do not conflict either: the later commit's
+///   attributes win, as they would on a local disk.
+///
+/// So a path that the newer commits removed, replaced or changed the kind of conflicts with
+/// any change to it (or inside it) in the stale commit, attribute-only ones included.
+fn clash(p: &str, p_attrs: bool, q: &str, q_attrs: bool) -> bool {
+    if p_attrs && q_attrs {
+        return false;
+    }
+    let collide = p == q || inside(p, q) || inside(q, p);
+    collide && !(p_attrs && inside(q, p)) && !(q_attrs && inside(p, q))
 }
 
 /// A volume's conflict objects, oldest first.
@@ -123,6 +152,70 @@ pub async fn conflicts(store: &Arc<dyn Store>, v: &VolumeRef) -> FsResult<Vec<Co
         out.push(record);
     }
     out.sort_by(|a, b| a.committed_at.cmp(&b.committed_at).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+/// A volume upper that a daemon keeps because its commit failed (the store down, a daemon
+/// crash, a bug): recorded in the store under `volumes/<scope>/<name>/kept/<id>` so that
+/// `strata volume show` lists it from any host and a garbage collector keeps the layers it
+/// was mounted on. The changes themselves stay on the host that keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptRecord {
+    /// `<host>-<directory name>`: unique per kept upper.
+    pub id: String,
+    pub host: String,
+    /// Where the host keeps the upper.
+    pub path: String,
+    /// Seconds since the epoch of the first failed commit.
+    pub since: u64,
+    pub attempts: u32,
+    pub last_error: String,
+    /// Given up on after repeated failures: it waits for an operator.
+    pub quarantined: bool,
+    /// Every layer under the upper (`blake3:<hex>`, bottom to top): the datasets', then
+    /// the volume's chain it started from.
+    pub layers: Vec<String>,
+}
+
+fn kept_prefix(v: &VolumeRef) -> String {
+    format!("volumes/{}/{}/kept/", v.scope, v.name)
+}
+
+/// Records (or updates) a kept upper of `v` in the store.
+pub async fn put_kept(store: &Arc<dyn Store>, v: &VolumeRef, r: &KeptRecord) -> FsResult<()> {
+    check_component("kept upper id", &r.id)?;
+    let body = Bytes::from(serde_json::to_vec_pretty(r).expect("serializable"));
+    store
+        .put(&format!("{}{}", kept_prefix(v), r.id), body)
+        .await?;
+    Ok(())
+}
+
+/// Removes the record of a kept upper that has been committed (or dropped).
+pub async fn delete_kept(store: &Arc<dyn Store>, v: &VolumeRef, id: &str) -> FsResult<()> {
+    store.delete(&format!("{}{id}", kept_prefix(v))).await?;
+    Ok(())
+}
+
+/// The kept uppers of `v` that daemons recorded, oldest first. An unreadable record is
+/// reported in its place rather than hiding the others.
+pub async fn kept(store: &Arc<dyn Store>, v: &VolumeRef) -> FsResult<Vec<KeptRecord>> {
+    let mut out = Vec::new();
+    for key in store.list(&kept_prefix(v)).await? {
+        let data = store.get(&key).await?;
+        let r = serde_json::from_slice(&data).unwrap_or_else(|e| KeptRecord {
+            id: key.rsplit('/').next().unwrap_or_default().to_string(),
+            host: String::new(),
+            path: String::new(),
+            since: 0,
+            attempts: 0,
+            last_error: format!("unreadable record {key:?}: {e}"),
+            quarantined: false,
+            layers: Vec::new(),
+        });
+        out.push(r);
+    }
+    out.sort_by(|a, b| a.since.cmp(&b.since).then(a.id.cmp(&b.id)));
     Ok(out)
 }
 
@@ -207,18 +300,76 @@ impl Committed {
     }
 }
 
-/// Publishes `tree`'s changes as a delta layer and moves the head of `v` from `base` (the
-/// head version the mount started from) to a chain with that layer on top, rebasing onto a
-/// newer head when the commits since touched other paths. When they touched the same ones,
-/// the changes are kept as a conflict (see [`Committed::conflict`]).
+/// What a mount's earlier commits leave for its next one. Each commit of a mount carries all
+/// the mount's changes since it was mounted, so the next one must be checked against every
+/// commit that landed since the mount started (its own excepted), not only since its last
+/// one: its earlier commits may have been rebased onto others' changes that the mount never
+/// saw.
+#[derive(Clone, Copy)]
+pub struct Earlier<'a> {
+    /// The head the mount started from.
+    pub origin: &'a VolumeHead,
+    /// The layers of the mount's commits that landed, oldest first.
+    pub own: &'a [String],
+    /// The manifest of the last of them: what it placed and the mount has removed since is
+    /// committed as removed.
+    pub last: &'a crate::manifest::Manifest,
+}
+
+/// The paths of `commit` that clash with commits in `head` that landed after `origin`, leaving
+/// out the layers in `own`; all of them when `origin` is no longer in `head` (the volume was
+/// removed, or squashed past what a squash remembers).
+fn clashes(origin: &VolumeHead, own: &[String], head: &VolumeHead, commit: &Commit) -> Vec<String> {
+    let (origin_chain, chain) = (expand(&origin.commits), expand(&head.commits));
+    let since = match origin_chain.last() {
+        None => Some(&chain[..]),
+        Some(tip) => chain
+            .iter()
+            .rposition(|c| c.layer == tip.layer)
+            .map(|i| &chain[i + 1..]),
+    };
+    let ours = commit
+        .paths
+        .iter()
+        .map(|p| (p, false))
+        .chain(commit.attrs.iter().map(|p| (p, true)));
+    let Some(since) = since else {
+        return ours.map(|(p, _)| p.clone()).collect();
+    };
+    let theirs: Vec<&Commit> = since
+        .iter()
+        .copied()
+        .filter(|c| !own.contains(&c.layer))
+        .collect();
+    ours.filter(|&(p, p_attrs)| {
+        theirs.iter().any(|c| {
+            c.paths
+                .iter()
+                .map(|q| (q, false))
+                .chain(c.attrs.iter().map(|q| (q, true)))
+                .any(|(q, q_attrs)| clash(p, p_attrs, q, q_attrs))
+        })
+    })
+    .map(|(p, _)| p.clone())
+    .collect()
+}
+
+/// Publishes `tree`'s changes as a delta layer and moves the head of `v` from `base` (the head
+/// version the mount's last commit wrote, or the one it started from) to a chain with that
+/// layer on top, rebasing onto a newer head when the commits since touched other paths. When
+/// they touched the same ones, the changes are kept as a conflict (see
+/// [`Committed::conflict`]). `earlier`: what the mount committed before, if anything.
 pub async fn commit(
     store: &Arc<dyn Store>,
     v: &VolumeRef,
     tree: &MountTree,
     base: (&VolumeHead, Option<&Version>),
-    staging: &std::path::Path,
+    earlier: Option<Earlier<'_>>,
 ) -> FsResult<Committed> {
-    let changed = tree.changes()?;
+    let changed = match earlier {
+        Some(e) => tree.with_removals_since(e.last, tree.changes()?)?,
+        None => tree.changes()?,
+    };
     if changed.is_empty() {
         return Ok(Committed {
             commit: None,
@@ -227,16 +378,25 @@ pub async fn commit(
             head: None,
         });
     }
-    let mut paths = Vec::new();
+    let (mut paths, mut attrs) = (Vec::new(), Vec::new());
     for c in &changed {
-        let attrs_of_a_dir = matches!(c, crate::upper::Change::Changed { ino, .. }
-            if tree.getattr(*ino).is_ok_and(|s| s.kind == crate::upper::NodeKind::Dir));
-        if !attrs_of_a_dir {
-            paths.push(String::from_utf8_lossy(c.path()).into_owned());
+        let path = String::from_utf8_lossy(c.path()).into_owned();
+        match c {
+            // Bytes untouched: a directory's or symlink's attributes, or a layer file's.
+            crate::upper::Change::Changed { ino, .. } if tree.reads_from_layers(*ino) => {
+                attrs.push(path)
+            }
+            crate::upper::Change::Changed { ino, .. }
+                if tree
+                    .getattr(*ino)
+                    .is_ok_and(|s| s.kind != crate::upper::NodeKind::File) =>
+            {
+                attrs.push(path)
+            }
+            _ => paths.push(path),
         }
     }
-    let (report, changes, layer) =
-        crate::delta::publish_changes(store, tree, &changed, staging).await?;
+    let (report, changes, layer) = crate::delta::publish_changes(store, tree, &changed).await?;
     let commit = Commit {
         layer: layer.to_string(),
         committed_at: std::time::SystemTime::now()
@@ -245,13 +405,41 @@ pub async fn commit(
         changes: changes as u64,
         bytes_uploaded: report.bytes_uploaded,
         paths,
+        attrs,
         squashed: Vec::new(),
     };
     let (base_head, base_version) = base;
+    let (origin, own) = match earlier {
+        Some(e) => (e.origin, e.own),
+        None => (base_head, &[][..]),
+    };
     let mut head = base_head.clone();
     let mut version = base_version.cloned();
     // A few rounds: each lost race re-reads the head and rebases when it may.
     for _ in 0..8 {
+        let clashing = clashes(origin, own, &head, &commit);
+        if !clashing.is_empty() {
+            let record = ConflictRecord {
+                id: format!("{}-{}", commit.committed_at, &layer.to_hex()[..12]),
+                layers: base_head
+                    .commits
+                    .iter()
+                    .map(|c| c.layer.clone())
+                    .chain([commit.layer.clone()])
+                    .collect(),
+                paths: clashing,
+                committed_at: commit.committed_at,
+            };
+            let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
+            let body = Bytes::from(serde_json::to_vec_pretty(&record).expect("serializable"));
+            store.put(&key, body).await?;
+            return Ok(Committed {
+                commit: None,
+                report: Some(report),
+                conflict: Some(record),
+                head: None,
+            });
+        }
         let mut next = head.clone();
         next.commits.push(commit.clone());
         let body = Bytes::from(serde_json::to_vec_pretty(&next).expect("serializable"));
@@ -270,52 +458,7 @@ pub async fn commit(
             Err(e) if e.kind == StoreErrorKind::Conflict => {}
             Err(e) => return Err(e.into()),
         }
-        let (newer, newer_version) = read_head(store, v).await?;
-        // The commits since the base: after the base's last commit in the newer chain, with
-        // squashes opened up (a squash of the base still holds the base's commits).
-        let (base_chain, newer_chain) = (expand(&base_head.commits), expand(&newer.commits));
-        let since = match base_chain.last() {
-            None => Some(&newer_chain[..]),
-            Some(tip) => newer_chain
-                .iter()
-                .rposition(|c| c.layer == tip.layer)
-                .map(|i| &newer_chain[i + 1..]),
-        };
-        let clashes: Vec<String> = if let Some(since) = since {
-            commit
-                .paths
-                .iter()
-                .filter(|p| since.iter().any(|c| c.paths.iter().any(|q| collide(p, q))))
-                .cloned()
-                .collect()
-        } else {
-            // The volume was removed or rewritten under us: everything is in question.
-            commit.paths.clone()
-        };
-        if !clashes.is_empty() {
-            let record = ConflictRecord {
-                id: format!("{}-{}", commit.committed_at, &layer.to_hex()[..12]),
-                layers: base_head
-                    .commits
-                    .iter()
-                    .map(|c| c.layer.clone())
-                    .chain([commit.layer.clone()])
-                    .collect(),
-                paths: clashes.clone(),
-                committed_at: commit.committed_at,
-            };
-            let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
-            let body = Bytes::from(serde_json::to_vec_pretty(&record).expect("serializable"));
-            store.put(&key, body).await?;
-            return Ok(Committed {
-                commit: None,
-                report: Some(report),
-                conflict: Some(record),
-                head: None,
-            });
-        }
-        head = newer;
-        version = newer_version;
+        (head, version) = read_head(store, v).await?;
     }
     Err(FsError::Conflict(format!(
         "volume {v}: the head kept moving while committing; the changes are in layer {layer}"
@@ -343,6 +486,10 @@ pub async fn squash(
     let mut paths: Vec<String> = head.commits.iter().flat_map(|c| c.paths.clone()).collect();
     paths.sort();
     paths.dedup();
+    let mut attrs: Vec<String> = head.commits.iter().flat_map(|c| c.attrs.clone()).collect();
+    attrs.sort();
+    attrs.dedup();
+    attrs.retain(|a| paths.binary_search(a).is_err());
     let squashed = Commit {
         layer: layer.to_string(),
         committed_at: std::time::SystemTime::now()
@@ -351,6 +498,7 @@ pub async fn squash(
         changes: head.commits.iter().map(|c| c.changes).sum(),
         bytes_uploaded: manifest_bytes,
         paths,
+        attrs,
         // Every commit it stands for (older squashes opened up), so that mounts started from
         // any of them can still rebase; the oldest are let go past a bound.
         squashed: {
@@ -380,6 +528,9 @@ pub async fn squash(
 }
 
 #[cfg(test)]
+mod model_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::layer::Layer;
@@ -403,6 +554,7 @@ mod tests {
         let upper = UpperConfig {
             dir,
             quota: None,
+            inodes: None,
             journal: true,
         };
         MountTree::new(
@@ -425,12 +577,29 @@ mod tests {
 
     #[test]
     fn paths_collide_when_one_holds_the_other() {
-        assert!(collide("a", "a"));
-        assert!(collide("a/b", "a"));
-        assert!(collide("a", "a/b/c"));
-        assert!(collide("", "x"));
-        assert!(!collide("a/b", "a/c"));
-        assert!(!collide("ab", "a"));
+        let structural = |a, b| clash(a, false, b, false);
+        assert!(structural("a", "a"));
+        assert!(structural("a/b", "a"));
+        assert!(structural("a", "a/b/c"));
+        assert!(structural("", "x"));
+        assert!(!structural("a/b", "a/c"));
+        assert!(!structural("ab", "a"));
+    }
+
+    #[test]
+    fn attribute_only_changes_conflict_where_the_path_was_replaced() {
+        // A chmod of d against a newer removal or replacement of d (or of a directory above).
+        assert!(clash("d", true, "d", false));
+        assert!(clash("a/d", true, "a", false));
+        assert!(clash("d", false, "d", true));
+        assert!(clash("d", false, "d/x", true));
+        // Entries added inside a directory whose attributes the other side changed: a rebase.
+        assert!(!clash("d", true, "d/x", false));
+        assert!(!clash("d/x", false, "d", true));
+        assert!(!clash("", true, "x", false));
+        // Both changed only attributes: the later commit's win.
+        assert!(!clash("d", true, "d", true));
+        assert!(!clash("d", true, "d/x", true));
     }
 
     #[tokio::test]
@@ -453,9 +622,7 @@ mod tests {
         t.open(f.ino, true).unwrap();
         t.write(f.ino, 0, b"epoch 1").await.unwrap();
         t.release(f.ino);
-        let c = commit(&store, &v, &t, (&head0, None), &tmp.path().join("stage"))
-            .await
-            .unwrap();
+        let c = commit(&store, &v, &t, (&head0, None), None).await.unwrap();
         assert!(c.commit.is_some());
 
         // Second mount: base + chain shows the commit.
@@ -466,23 +633,15 @@ mod tests {
         assert_eq!(&t2.read(got.ino, 0, 100).await.unwrap()[..], b"epoch 1");
         assert!(t2.lookup(ROOT_INO, b"data.txt").is_ok());
         // Nothing changed: nothing to commit.
-        let none = commit(
-            &store,
-            &v,
-            &t2,
-            (&head1, version1.as_ref()),
-            &tmp.path().join("stage"),
-        )
-        .await
-        .unwrap();
+        let none = commit(&store, &v, &t2, (&head1, version1.as_ref()), None)
+            .await
+            .unwrap();
         assert!(none.commit.is_none());
 
         // A mount that started before the first commit, touching other paths: rebased.
         let t3 = mount(Vec::new(), "upper3").await;
         t3.mkdir(ROOT_INO, b"other", 0o755, caller).unwrap();
-        commit(&store, &v, &t3, (&head0, None), &tmp.path().join("stage"))
-            .await
-            .unwrap();
+        commit(&store, &v, &t3, (&head0, None), None).await.unwrap();
         let (head2, _) = read_head(&store, &v).await.unwrap();
         assert_eq!(head2.commits.len(), 2);
         assert_eq!(head2.commits[0], head1.commits[0]);
@@ -496,9 +655,7 @@ mod tests {
         t5.open(f.ino, true).unwrap();
         t5.write(f.ino, 0, b"epoch 9").await.unwrap();
         t5.release(f.ino);
-        let lost = commit(&store, &v, &t5, (&head0, None), &tmp.path().join("stage"))
-            .await
-            .unwrap();
+        let lost = commit(&store, &v, &t5, (&head0, None), None).await.unwrap();
         assert!(lost.commit.is_none());
         let message = lost.conflict_message(&v).unwrap();
         assert!(message.contains("model.ckpt"), "{message}");
@@ -527,16 +684,15 @@ mod tests {
         let mount =
             |chain: Vec<Digest>, upper: &str| mount_chain(&base, chain, tmp.path().join(upper));
         let caller = Caller { uid: 0, gid: 0 };
-        let stage = tmp.path().join("stage");
         // Commits a new file `name` from a mount of the current head.
         let commit_file = |name: &'static str| {
-            let (store, v, stage) = (store.clone(), v.clone(), stage.clone());
+            let (store, v) = (store.clone(), v.clone());
             let mount = &mount;
             async move {
                 let (head, version) = read_head(&store, &v).await.unwrap();
                 let t = mount(head.layers().unwrap(), name).await;
                 t.create(ROOT_INO, name.as_bytes(), 0o644, caller).unwrap();
-                let c = commit(&store, &v, &t, (&head, version.as_ref()), &stage).await;
+                let c = commit(&store, &v, &t, (&head, version.as_ref()), None).await;
                 assert!(c.unwrap().commit.is_some());
             }
         };
@@ -551,7 +707,7 @@ mod tests {
         assert_eq!(squashed.commits.len(), 1);
         assert_eq!(squashed.commits[0].squashed.len(), 3, "a, b and c");
         // The mount from before both squashes touched other paths: it rebases.
-        let c = commit(&store, &v, &old, (&h1, v1.as_ref()), &stage)
+        let c = commit(&store, &v, &old, (&h1, v1.as_ref()), None)
             .await
             .unwrap();
         assert!(c.conflict.is_none() && c.commit.is_some());
@@ -563,7 +719,7 @@ mod tests {
         // One that changed what a squashed commit changed: a conflict.
         let late = mount(h1.layers().unwrap(), "late").await;
         late.create(ROOT_INO, b"b", 0o644, caller).unwrap();
-        let c = commit(&store, &v, &late, (&h1, v1.as_ref()), &stage)
+        let c = commit(&store, &v, &late, (&h1, v1.as_ref()), None)
             .await
             .unwrap();
         assert_eq!(c.conflict.unwrap().paths, ["b"]);

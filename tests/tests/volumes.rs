@@ -287,10 +287,16 @@ fn fsynced_writes_survive_a_daemon_killed_mid_loop() {
     let stopped = writer.join().unwrap();
     assert!(stopped.is_err(), "the writer should see the mount die");
     let acked = acked.load(Ordering::SeqCst);
-    std::mem::forget(m); // its daemon is gone; the restart cleans the dead mount
 
-    // The restarted daemon finds the upper and commits it.
+    // The restarted daemon finds the upper and commits it; it also detaches the dead mount
+    // (dropping `m` detaches it too, should it be left: no test leaves a mount behind).
     d.restart().unwrap();
+    drop(m);
+    assert!(
+        !strata_fs::fuse::is_strata_mount(&mp).unwrap(),
+        "the dead mount is still at {}",
+        mp.display()
+    );
     wait_for_commits(&d, &store, "fn/crash", 1);
     let m = d
         .mount_with(&store, &work.join("m2"), &["base:v1"], &vol)
@@ -597,6 +603,62 @@ fn moved_and_chmodded_layer_files_are_committed_without_their_bytes() {
     assert!(!m.path("models/big.bin").exists());
     let meta = fs::metadata(m.path("models/other.bin")).unwrap();
     assert_eq!((meta.mode() & 0o777, meta.len()), (0o600, 8 << 20));
+    drop(m);
+    drop((a, b));
+    let _ = fs::remove_dir_all(&work);
+}
+
+/// `mkdir d; cd d` 20,000 times in a volume mount and a file at the bottom: the unmount
+/// commits it (this crashed the daemon with a stack overflow, then again at every restart),
+/// and another host's mount shows the whole depth. A directory past the kernel's path
+/// length is reached by relative steps, as the function made it.
+#[test]
+fn a_20000_level_tree_commits_and_mounts_on_another_host() {
+    let work = strata_tests::scratch_dir("volume-deep");
+    let store = garage::bucket("volume-deep");
+    let src = work.join("src");
+    write_file(&src.join("readme"), b"base\n");
+    let a = Daemon::start(env(), &work.join("host-a"), &[]).unwrap();
+    let b = Daemon::start(env(), &work.join("host-b"), &[]).unwrap();
+    a.strata().publish(&src, &store, "base:v1");
+    let vol = ["--volume", "fn/deep"];
+    let depth = 20_000;
+    let script = |mp: &std::path::Path, make: bool| {
+        let body = if make {
+            "for _ in range(n):\n    os.mkdir('d')\n    os.chdir('d')\nopen('bottom', 'w').write('deep down')\nprint('ok')"
+        } else {
+            "for _ in range(n):\n    os.chdir('d')\nprint(open('bottom').read())"
+        };
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import os, sys\nn = {depth}\nos.chdir(sys.argv[1])\n{body}"
+            ))
+            .arg(mp)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    {
+        let m = a
+            .mount_with(&store, &work.join("a1"), &["base:v1"], &vol)
+            .unwrap();
+        assert_eq!(script(&m.mountpoint, true).trim(), "ok");
+        let out = a.strata().ok(&["unmount", m.mountpoint.to_str().unwrap()]);
+        println!("{out}");
+    }
+    // Daemon A still serves.
+    a.strata().ok(&["stats"]);
+    let m = b
+        .mount_with(&store, &work.join("b1"), &["base:v1"], &vol)
+        .unwrap();
+    assert_eq!(script(&m.mountpoint, false).trim(), "deep down");
+    assert_eq!(fs::read(m.path("readme")).unwrap(), b"base\n");
     drop(m);
     drop((a, b));
     let _ = fs::remove_dir_all(&work);

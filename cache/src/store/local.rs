@@ -94,15 +94,19 @@ impl LocalStore {
         Ok(tmp)
     }
 
+    /// Writes `key` durably: once this returns, a power cut leaves either the old object or the
+    /// new one, never a missing key. The data is synced before the rename, and the directory
+    /// holding the new name (and every directory this call created on the way) is synced after,
+    /// since a rename lives in the directory, not in the file.
     fn put_blocking(&self, key: &str, data: &[u8]) -> io::Result<()> {
         let dest = self.path(key);
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        create_dirs_durably(&parent)?;
         let tmp = self.write_temp(data)?;
         fs::rename(&tmp, &dest).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-        })
+        })?;
+        sync_dir(&parent)
     }
 
     fn lock(&self, key: &str) -> io::Result<File> {
@@ -130,6 +134,39 @@ impl LocalStore {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Creates `dir` and its missing ancestors, syncing the parent of each directory it creates so
+/// that the new entries survive a crash.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            // Another writer created it between our check and now.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(p) = d.parent() {
+            sync_dir(p)?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn list_recursive(dir: &Path, rel: &str, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {

@@ -2,12 +2,36 @@
 //! (chunks, layer manifests) and a few small mutable ones (refs) that move only by
 //! compare-and-swap.
 //!
-//! Backends: [`local::LocalStore`] (`file:///path`, the embedded default) and
-//! [`s3::S3Store`] (`s3://bucket/prefix`). Both pass the same conformance suite
-//! (`tests/tests/store_conformance.rs`).
+//! Backends:
+//! - [`local::LocalStore`] (`file:///path`, the embedded default);
+//! - [`s3::S3Store`] (`s3://bucket/prefix`);
+//! - [`memory::MemoryStore`] (`memory://NAME`, in process memory, for tests; not reachable
+//!   through [`open_store`]).
+//!
+//! Wrappers, which take any store and are themselves stores:
+//! - [`counting::CountingStore`] counts requests by kind and bytes moved
+//!   ([`counting::StoreCounts`]), for request-budget assertions;
+//! - [`faulty::FaultyStore`] injects seeded, replayable faults ([`faulty::FaultConfig`]):
+//!   errors, latency, truncated or corrupted bodies, lost compare-and-swap replies, and a crash
+//!   point after the k-th write; it reports what it injected ([`faulty::FaultCounts`]).
+//!
+//! Every backend and wrapper passes the same [`conformance`] suite: the unit tests of this
+//! crate run it on the memory and local stores and on both wrappers (with no faults asked for,
+//! a wrapper must be transparent); `tests/tests/store_conformance.rs` runs it on moto_server
+//! and Garage.
 
+pub mod conformance;
+pub mod counting;
+pub mod faulty;
 pub mod local;
+pub mod memory;
 pub mod s3;
+#[cfg(test)]
+mod tests;
+
+pub use counting::{CountingStore, StoreCounts};
+pub use faulty::{FaultConfig, FaultCounts, FaultyStore};
+pub use memory::MemoryStore;
 
 use std::fmt;
 use std::ops::Range;

@@ -21,7 +21,7 @@ impl Drop for ScratchDir {
     }
 }
 
-use crate::daemon::protocol::{self, MountInfo, MountSpec, Request};
+use crate::daemon::protocol::{self, MountInfo, MountSpec, Request, DEFAULT_SCRATCH_INODES};
 use crate::units::{parse_duration, parse_size};
 use crate::GlobalArgs;
 
@@ -50,6 +50,10 @@ pub struct MountArgs {
     /// Cap on the bytes the scratch upper takes on disk; writes past it answer ENOSPC.
     #[arg(long, value_parser = parse_size)]
     scratch_size: Option<u64>,
+    /// Cap on the inodes (files, directories, symlinks...) the upper makes, volumes too;
+    /// past it, making one answers ENOSPC [default: 2000000].
+    #[arg(long)]
+    scratch_inodes: Option<u64>,
     /// With --foreground: where the scratch upper lives [default: /var/lib/strata as root,
     /// else ~/.local/state/strata].
     #[arg(long, env = "STRATA_STATE_DIR")]
@@ -142,6 +146,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     let upper = scratch.as_ref().map(|s| UpperConfig {
         dir: s.0.clone(),
         quota: a.scratch_size,
+        inodes: Some(a.scratch_inodes.unwrap_or(DEFAULT_SCRATCH_INODES)),
         journal: false,
     });
     let tree = Arc::new(MountTree::new(stack, upper)?);
@@ -200,6 +205,7 @@ async fn mount_through_daemon(
         mountpoint,
         read_only: a.read_only,
         scratch_size: a.scratch_size,
+        scratch_inodes: a.scratch_inodes,
         volume: a.volume,
         unmount_with_client: false,
     });

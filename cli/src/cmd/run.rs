@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// Cap on the bytes each scratch upper (and the volume's upper) takes on disk.
     #[arg(long, value_parser = parse_size)]
     scratch_size: Option<u64>,
+    /// Cap on the inodes each upper makes [default: 2000000].
+    #[arg(long)]
+    scratch_inodes: Option<u64>,
     /// CMD's working directory [default: /data, or / without a dataset].
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -208,6 +211,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 mountpoint: mountpoint.clone(),
                 read_only: false,
                 scratch_size: a.scratch_size,
+                scratch_inodes: a.scratch_inodes,
                 volume: p.volume.clone(),
                 unmount_with_client: true,
             });

@@ -97,6 +97,19 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         row(&m.mount.mountpoint.display().to_string(), &m.stats);
     }
     row("total", &t.reads);
+    for k in &reply.kept {
+        let state = if k.quarantined {
+            "quarantined".to_string()
+        } else {
+            format!("{} failed attempts", k.attempts)
+        };
+        println!(
+            "kept upper of volume {} in {} ({state}): {}",
+            k.volume,
+            k.path.display(),
+            k.last_error
+        );
+    }
     Ok(())
 }
 

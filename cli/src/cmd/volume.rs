@@ -92,11 +92,13 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
         } => {
             let (s, v, head) = existing(g, &store, &name).await?;
             let conflicts = volume::conflicts(&s, &v).await?;
+            let kept = volume::kept(&s, &v).await?;
             if json {
                 let value = serde_json::json!({
                     "volume": v.to_string(),
                     "commits": head.commits,
                     "conflicts": conflicts,
+                    "kept": kept,
                 });
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
@@ -115,6 +117,17 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
                         c.id,
                         c.paths.join(", "),
                         layers.join(" ")
+                    );
+                }
+                for k in &kept {
+                    let state = if k.quarantined {
+                        "quarantined, waiting for an operator".to_string()
+                    } else {
+                        format!("{} failed commits so far, retried", k.attempts)
+                    };
+                    println!(
+                        "  kept upper {} on host {} in {} ({state}): {}",
+                        k.id, k.host, k.path, k.last_error
                     );
                 }
             }

@@ -19,6 +19,10 @@ pub enum Request {
     Stats,
 }
 
+/// Inodes a mount's upper may make unless the mount says otherwise: it bounds what one
+/// function can make the daemon remember.
+pub const DEFAULT_SCRATCH_INODES: u64 = 2_000_000;
+
 /// What to mount where. Store credentials are the daemon's own; only the endpoint may come from
 /// the client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +39,10 @@ pub struct MountSpec {
     /// Bytes the scratch upper may take on disk.
     #[serde(default)]
     pub scratch_size: Option<u64>,
+    /// Inodes the upper may make (files, directories, links...); the daemon's default
+    /// ([`DEFAULT_SCRATCH_INODES`]) when unset.
+    #[serde(default)]
+    pub scratch_inodes: Option<u64>,
     /// A persistent volume `SCOPE/NAME`: its committed chain is stacked on the layers, and the
     /// upper's changes are committed to it when the mount ends.
     #[serde(default)]
@@ -98,6 +106,21 @@ pub struct StatsReply {
     /// Cached layer manifests under the cache dir (outside the chunk budget).
     pub manifest_bytes: u64,
     pub mounts: Vec<MountStats>,
+    /// Volume uppers whose commit failed, kept on this host (retried, or quarantined).
+    #[serde(default)]
+    pub kept: Vec<KeptInfo>,
+}
+
+/// A kept volume upper, as the daemon lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeptInfo {
+    pub path: PathBuf,
+    pub volume: String,
+    pub attempts: u32,
+    pub last_error: String,
+    pub quarantined: bool,
+    /// Seconds since the epoch of its next try (none once quarantined).
+    pub next_try_at: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

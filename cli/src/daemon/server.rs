@@ -20,8 +20,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::protocol::{
-    CommitReply, LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply,
-    MAX_REQUEST,
+    CommitReply, KeptInfo, LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply,
+    DEFAULT_SCRATCH_INODES, MAX_REQUEST,
 };
 use super::volumes::{self, VolumeMount};
 
@@ -146,20 +146,144 @@ impl Daemon {
         Ok(())
     }
 
-    /// Commits the volume uppers kept by failed commits or a crash: now, then every
-    /// [`volumes::RETRY_EVERY`] while any are left.
+    /// Commits the volume uppers kept by failed commits or a crash: now, then again after
+    /// each failure with a growing delay; after [`volumes::QUARANTINE_AFTER`] failures one
+    /// is quarantined. Each try runs as its own task, so not even a bug in it (a panic) stops
+    /// the daemon or the other uppers; the store records every kept upper.
     async fn commit_kept_uppers(self: Arc<Self>) {
         loop {
             for dir in volumes::kept_uppers(&self.config.state_dir) {
-                if let Err(e) = self.commit_kept(&dir).await {
-                    tracing::warn!(
-                        "{e:#}; kept in {}, retrying in {}s",
-                        dir.display(),
-                        volumes::RETRY_EVERY.as_secs()
-                    );
+                let mut attempts = volumes::Attempts::read(&dir);
+                if !attempts.due() {
+                    continue;
+                }
+                let record = volumes::read_record(&dir);
+                if attempts.count >= volumes::QUARANTINE_AFTER {
+                    // Its last try stopped the daemon: do not try again.
+                    self.give_up_on(&dir, record.as_ref().ok(), &attempts).await;
+                    continue;
+                }
+                // Counted before the try: a try that takes the whole daemon down (the one
+                // thing a task cannot contain) still counts, so such an upper cannot make the
+                // daemon fail at every start forever.
+                let give_up = attempts.failed("the daemon stopped during the commit".into());
+                if let Err(e) = attempts.write(&dir) {
+                    tracing::warn!("{e:#}");
+                }
+                let this = Arc::clone(&self);
+                let try_dir = dir.clone();
+                let tried = tokio::spawn(async move { this.commit_kept(&try_dir).await }).await;
+                let error = match tried {
+                    Ok(Ok(())) => {
+                        if let Ok(record) = &record {
+                            self.forget_kept(&dir, record, &attempts).await;
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(e) => format!("internal error committing it: {e}"),
+                };
+                attempts.last_error = error.clone();
+                if let Err(e) = attempts.write(&dir) {
+                    tracing::warn!("{e:#}");
+                }
+                if give_up {
+                    self.give_up_on(&dir, record.as_ref().ok(), &attempts).await;
+                    continue;
+                }
+                tracing::warn!(
+                    "{error}; kept in {}, try {} of {} in {}s",
+                    dir.display(),
+                    attempts.count + 1,
+                    volumes::QUARANTINE_AFTER,
+                    attempts.next_try_at.saturating_sub(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs())
+                    )
+                );
+                if let Ok(record) = &record {
+                    self.record_kept(&dir, record, &attempts, false).await;
                 }
             }
             tokio::time::sleep(volumes::RETRY_EVERY).await;
+        }
+    }
+
+    /// Quarantines a kept upper that failed [`volumes::QUARANTINE_AFTER`] times.
+    async fn give_up_on(
+        &self,
+        dir: &Path,
+        record: Option<&volumes::VolumeRecord>,
+        attempts: &volumes::Attempts,
+    ) {
+        let error = &attempts.last_error;
+        let place = match volumes::quarantine(&self.config.state_dir, dir) {
+            Ok(to) => {
+                tracing::error!(
+                    "{error}; quarantined after {} failed commits in {} (an operator may move \
+                     it back to {} to retry, after deleting its attempts.json)",
+                    attempts.count,
+                    to.display(),
+                    dir.parent()
+                        .map_or(String::new(), |p| p.display().to_string())
+                );
+                to
+            }
+            Err(e) => {
+                tracing::error!("{error}; {e:#}");
+                dir.to_path_buf()
+            }
+        };
+        if let Some(record) = record {
+            self.record_kept(&place, record, attempts, true).await;
+        }
+    }
+
+    /// Writes the store's record of a kept upper (best effort: the store may be what fails).
+    async fn record_kept(
+        &self,
+        dir: &Path,
+        record: &volumes::VolumeRecord,
+        attempts: &volumes::Attempts,
+        quarantined: bool,
+    ) {
+        let kept = volumes::kept_record(dir, record, attempts, quarantined);
+        let done = async {
+            let v = VolumeRef::parse(&record.volume)?;
+            let store = self
+                .store(&record.store, record.endpoint_url.clone())
+                .await?;
+            volume::put_kept(&store, &v, &kept).await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = done.await {
+            tracing::warn!("recording kept upper {} in the store: {e:#}", dir.display());
+        }
+    }
+
+    /// Removes the store's record of a kept upper that is now committed.
+    async fn forget_kept(
+        &self,
+        dir: &Path,
+        record: &volumes::VolumeRecord,
+        attempts: &volumes::Attempts,
+    ) {
+        // The count includes the try that just worked; only an earlier failure recorded it.
+        if attempts.count <= 1 {
+            return;
+        }
+        let kept = volumes::kept_record(dir, record, attempts, false);
+        let done = async {
+            let v = VolumeRef::parse(&record.volume)?;
+            let store = self
+                .store(&record.store, record.endpoint_url.clone())
+                .await?;
+            volume::delete_kept(&store, &v, &kept.id).await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = done.await {
+            tracing::warn!("removing the record of kept upper {}: {e:#}", dir.display());
         }
     }
 
@@ -233,10 +357,11 @@ impl Daemon {
         endpoint_url: Option<String>,
     ) -> anyhow::Result<Arc<dyn Store>> {
         let key = (url.to_string(), endpoint_url.clone());
-        let mut stores = self.stores.lock().await;
-        if let Some(s) = stores.get(&key) {
+        if let Some(s) = self.stores.lock().await.get(&key) {
             return Ok(Arc::clone(s));
         }
+        // Opened without the lock held (it may wait on the network); if another request
+        // opened the same store meanwhile, its instance is kept.
         let mut options = self.config.store_options.clone();
         if endpoint_url.is_some() {
             options.endpoint_url = endpoint_url;
@@ -244,8 +369,9 @@ impl Daemon {
         let store = cache::open_store(url, &options)
             .await
             .with_context(|| format!("opening store {url}"))?;
-        stores.insert(key, Arc::clone(&store));
-        Ok(store)
+        Ok(Arc::clone(
+            self.stores.lock().await.entry(key).or_insert(store),
+        ))
     }
 
     async fn mount(
@@ -263,13 +389,24 @@ impl Daemon {
         if spec.volume.is_some() && spec.read_only {
             bail!("a volume mount is writable: --volume and --read-only exclude each other");
         }
-        if self.mounts.lock().unwrap().contains_key(&mp)
-            || !self.pending.lock().unwrap().insert(mp.clone())
+        if self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&mp)
+            || !self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(mp.clone())
         {
             bail!("{} is already mounted by this daemon", mp.display());
         }
         let result = self.mount_reserved(spec, client).await;
-        self.pending.lock().unwrap().remove(&mp);
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&mp);
         result
     }
 
@@ -332,6 +469,7 @@ impl Daemon {
         let upper = scratch.as_deref().map(|dir| Upper {
             dir,
             quota: spec.scratch_size,
+            inodes: spec.scratch_inodes.unwrap_or(DEFAULT_SCRATCH_INODES),
             volume: volume.as_deref(),
         });
         let mounted = self.mount_tree(stack, &mp, upper);
@@ -358,18 +496,21 @@ impl Daemon {
             commit_error: None,
         };
         let (ended_tx, ended) = watch::channel(None);
-        self.mounts.lock().unwrap().insert(
-            mp.clone(),
-            Mounted {
-                info: info.clone(),
-                reader,
-                volume: match (&volume, &scratch) {
-                    (Some(vm), Some(dir)) => Some((tree.clone(), vm.clone(), dir.clone())),
-                    _ => None,
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                mp.clone(),
+                Mounted {
+                    info: info.clone(),
+                    reader,
+                    volume: match (&volume, &scratch) {
+                        (Some(vm), Some(dir)) => Some((tree.clone(), vm.clone(), dir.clone())),
+                        _ => None,
+                    },
+                    ended,
                 },
-                ended,
-            },
-        );
+            );
         // The session ends when the mount goes away, whoever unmounted it; forget it then.
         let mounts = Arc::clone(&self.mounts);
         let runtime = tokio::runtime::Handle::current();
@@ -380,7 +521,9 @@ impl Daemon {
                 if let Err(e) = session.wait() {
                     tracing::warn!("mount {}: FUSE session ended with {e}", mp.display());
                 }
-                let mut mounts = mounts.lock().unwrap();
+                let mut mounts = mounts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if mounts.get(&mp).is_some_and(|m| m.info.id == id) {
                     mounts.remove(&mp);
                 }
@@ -434,7 +577,7 @@ impl Daemon {
             }
             let still = mounts
                 .lock()
-                .unwrap()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&mp)
                 .is_some_and(|m| m.info.id == id);
             if still {
@@ -482,6 +625,7 @@ impl Daemon {
                 Some(UpperConfig {
                     dir: u.dir.to_path_buf(),
                     quota: u.quota,
+                    inodes: Some(u.inodes),
                     journal,
                 })
             }
@@ -500,7 +644,10 @@ impl Daemon {
     /// `strata commit`: commits a volume mount's changes so far; the mount goes on.
     async fn commit(&self, mountpoint: &Path) -> anyhow::Result<CommitReply> {
         let (tree, vm, scratch) = {
-            let mounts = self.mounts.lock().unwrap();
+            let mounts = self
+                .mounts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(m) = mounts.get(mountpoint) else {
                 bail!("{} is not mounted by this daemon", mountpoint.display());
             };
@@ -524,7 +671,10 @@ impl Daemon {
 
     async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
         let (mut info, mut ended, commits) = {
-            let mounts = self.mounts.lock().unwrap();
+            let mounts = self
+                .mounts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(m) = mounts.get(mountpoint) else {
                 bail!("{} is not mounted by this daemon", mountpoint.display());
             };
@@ -539,10 +689,21 @@ impl Daemon {
         };
         match tokio::time::timeout(wait, ended.wait_for(|e| e.is_some())).await {
             Ok(Ok(end)) => info.commit_error = end.as_ref().and_then(|e| e.problem.clone()),
-            _ => tracing::warn!(
-                "{}: FUSE session still running {wait:?} after unmount",
-                mountpoint.display()
-            ),
+            _ => {
+                tracing::warn!(
+                    "{}: FUSE session still running {wait:?} after unmount",
+                    mountpoint.display()
+                );
+                // Never a success for a commit that has not landed.
+                if commits {
+                    info.commit_error = Some(format!(
+                        "the volume's commit had not finished {}s after the unmount; it goes \
+                         on in the daemon (if it fails, the changes are kept and retried: see \
+                         the daemon's log and `strata volume show`)",
+                        wait.as_secs()
+                    ));
+                }
+            }
         }
         Ok(info)
     }
@@ -551,7 +712,7 @@ impl Daemon {
         let all: Vec<(PathBuf, watch::Receiver<Option<Ended>>, bool)> = self
             .mounts
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .map(|(mp, m)| (mp.clone(), m.ended.clone(), m.volume.is_some()))
             .collect();
@@ -583,7 +744,7 @@ impl Daemon {
         let mut list: Vec<MountInfo> = self
             .mounts
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .map(|m| m.info.clone())
             .collect();
@@ -595,7 +756,7 @@ impl Daemon {
         let mut mounts: Vec<MountStats> = self
             .mounts
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .map(|m| MountStats {
                 mount: m.info.clone(),
@@ -603,10 +764,28 @@ impl Daemon {
             })
             .collect();
         mounts.sort_by_key(|m| m.mount.id);
+        let state = &self.config.state_dir;
+        let waiting = volumes::kept_uppers(state).into_iter().map(|d| (d, false));
+        let kept = waiting
+            .chain(volumes::quarantined(state).into_iter().map(|d| (d, true)))
+            .map(|(path, quarantined)| {
+                let a = volumes::Attempts::read(&path);
+                KeptInfo {
+                    volume: volumes::read_record(&path)
+                        .map_or_else(|e| format!("? ({e:#})"), |r| r.volume),
+                    attempts: a.count,
+                    last_error: a.last_error,
+                    quarantined,
+                    next_try_at: (!quarantined).then_some(a.next_try_at),
+                    path,
+                }
+            })
+            .collect();
         StatsReply {
             total: self.cache.stats(),
             manifest_bytes: dir_size(&self.config.cache_dir.join("layers")),
             mounts,
+            kept,
         }
     }
 }
@@ -643,6 +822,7 @@ struct Ended {
 struct Upper<'a> {
     dir: &'a Path,
     quota: Option<u64>,
+    inodes: u64,
     volume: Option<&'a VolumeMount>,
 }
 
@@ -677,10 +857,22 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
+    // The socket must never exist with a looser mode, not even for a moment: it is bound in
+    // a private (0700) directory beside it, restricted there, and renamed into place. (The
+    // umask would do it too, but it is process-wide in a threaded daemon.)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let private = tempfile::Builder::new()
+        .prefix(".strata-socket-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(dir)
+        .with_context(|| format!("making a private dir in {}", dir.display()))?;
+    let staged = private.path().join("sock");
     let listener =
-        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
+        UnixListener::bind(&staged).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", staged.display()))?;
+    std::fs::rename(&staged, path)
+        .with_context(|| format!("moving the socket to {}", path.display()))?;
     Ok(listener)
 }
 

@@ -23,8 +23,138 @@ use strata_fs::volume::{self, VolumeHead, VolumeRef};
 
 /// The record's file name in a volume mount's scratch (data files are named in hex).
 pub const RECORD_FILE: &str = "volume.json";
-/// How often kept uppers are tried again.
+/// How often the daemon looks for kept uppers to try again; each one waits longer after
+/// every failure (doubling, up to [`BACKOFF_MAX`]).
 pub const RETRY_EVERY: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(3600);
+/// Failed attempts after which a kept upper is quarantined: moved to
+/// `<state-dir>/quarantine/`, no longer retried, waiting for an operator.
+pub const QUARANTINE_AFTER: u32 = 8;
+/// A kept upper's record of its failed commits.
+const ATTEMPTS_FILE: &str = "attempts.json";
+
+/// The failed commits of a kept upper.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Attempts {
+    pub count: u32,
+    /// Seconds since the epoch.
+    pub first_failed_at: u64,
+    pub next_try_at: u64,
+    pub last_error: String,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Attempts {
+    pub fn read(dir: &Path) -> Attempts {
+        std::fs::read(dir.join(ATTEMPTS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn due(&self) -> bool {
+        now_secs() >= self.next_try_at
+    }
+
+    /// Counts a failure and schedules the next try; returns whether to quarantine.
+    pub fn failed(&mut self, why: String) -> bool {
+        let now = now_secs();
+        if self.count == 0 {
+            self.first_failed_at = now;
+        }
+        self.count += 1;
+        self.last_error = why;
+        let backoff = RETRY_EVERY
+            .saturating_mul(1 << (self.count - 1).min(16))
+            .min(BACKOFF_MAX);
+        self.next_try_at = now + backoff.as_secs();
+        self.count >= QUARANTINE_AFTER
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(ATTEMPTS_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Moves a kept upper out of the retry loop into `<state-dir>/quarantine/`.
+pub fn quarantine(state_dir: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let root = state_dir.join("quarantine");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let to = root.join(dir.file_name().unwrap_or_default());
+    std::fs::rename(dir, &to)
+        .with_context(|| format!("moving {} to {}", dir.display(), to.display()))?;
+    Ok(to)
+}
+
+/// The quarantined uppers, oldest first.
+pub fn quarantined(state_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(state_dir.join("quarantine"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// This host's name, for the kept-upper records in the store.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: a buffer and its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name: String = String::from_utf8_lossy(&buf[..end])
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if rc != 0 || name.is_empty() {
+        "host".into()
+    } else {
+        name
+    }
+}
+
+/// The store record of the kept upper in `dir`.
+pub fn kept_record(
+    dir: &Path,
+    record: &VolumeRecord,
+    attempts: &Attempts,
+    quarantined: bool,
+) -> volume::KeptRecord {
+    let name = dir
+        .file_name()
+        .map_or("kept".into(), |n| n.to_string_lossy().into_owned());
+    let host = host_name();
+    let mut id: String = format!("{host}-{name}");
+    id.truncate(128);
+    volume::KeptRecord {
+        id,
+        host,
+        path: dir.display().to_string(),
+        since: attempts.first_failed_at,
+        attempts: attempts.count,
+        last_error: attempts.last_error.clone(),
+        quarantined,
+        layers: record.layers.clone(),
+    }
+}
 
 /// What a volume mount's upper belongs to: enough to commit it without the mount.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +167,41 @@ pub struct VolumeRecord {
     pub version: Option<String>,
     /// Every layer under the upper, bottom to top (the datasets', then the volume's chain).
     pub layers: Vec<String>,
+    /// The head the mount started from, once it has committed (then `head` is the head its
+    /// last commit wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<VolumeHead>,
+    /// The layers of the mount's commits that landed, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub own: Vec<String>,
+}
+
+impl VolumeRecord {
+    /// What the mount's earlier commits leave for the next one (see [`volume::Earlier`]):
+    /// the origin head, its own layers, and the last one's manifest, loaded.
+    pub async fn earlier(
+        &self,
+        store: &Arc<dyn Store>,
+        cache_dir: Option<&Path>,
+    ) -> anyhow::Result<Option<(VolumeHead, Vec<String>, Layer)>> {
+        earlier_of(store, self.origin.as_ref(), &self.own, cache_dir).await
+    }
+}
+
+async fn earlier_of(
+    store: &Arc<dyn Store>,
+    origin: Option<&VolumeHead>,
+    own: &[String],
+    cache_dir: Option<&Path>,
+) -> anyhow::Result<Option<(VolumeHead, Vec<String>, Layer)>> {
+    let (Some(origin), Some(last)) = (origin, own.last()) else {
+        return Ok(None);
+    };
+    let digest = Digest::parse(last).with_context(|| format!("layer {last}"))?;
+    let layer = Layer::load(store, digest, cache_dir)
+        .await
+        .with_context(|| format!("loading the mount's last commit, layer {last}"))?;
+    Ok(Some((origin.clone(), own.to_vec(), layer)))
 }
 
 /// A mount of a persistent volume: what to commit to, from which head.
@@ -59,6 +224,10 @@ struct Base {
     /// The upper's state at its last commit (see `MountTree::fingerprint`): a commit finding
     /// the same has nothing new.
     committed: Option<blake3::Hash>,
+    /// The head the mount started from.
+    origin: VolumeHead,
+    /// The layers of the mount's commits that landed, oldest first.
+    own: Vec<String>,
 }
 
 impl VolumeMount {
@@ -75,9 +244,11 @@ impl VolumeMount {
             endpoint_url,
             layers: Vec::new(),
             base: tokio::sync::Mutex::new(Base {
+                origin: head.clone(),
                 head,
                 version,
                 committed: None,
+                own: Vec::new(),
             }),
             squash_after: 0,
             cache_dir: None,
@@ -113,6 +284,8 @@ impl VolumeMount {
             head: base.head.clone(),
             version: base.version.as_ref().map(|v| v.0.clone()),
             layers: self.layers.iter().map(|d| d.to_string()).collect(),
+            origin: (!base.own.is_empty()).then(|| base.origin.clone()),
+            own: base.own.clone(),
         };
         let path = scratch.join(RECORD_FILE);
         let tmp = scratch.join(format!("{RECORD_FILE}.tmp"));
@@ -147,20 +320,31 @@ impl VolumeMount {
                 head: None,
             });
         }
-        let staging = scratch.with_extension("stage");
+        let earlier = earlier_of(
+            &self.store,
+            Some(&base.origin),
+            &base.own,
+            self.cache_dir.as_deref(),
+        )
+        .await?;
         let committed = volume::commit(
             &self.store,
             &self.volume,
             tree,
             (&base.head, base.version.as_ref()),
-            &staging,
+            earlier.as_ref().map(|(origin, own, last)| volume::Earlier {
+                origin,
+                own,
+                last: &last.manifest,
+            }),
         )
         .await
         .with_context(|| format!("committing volume {}", self.volume))?;
         base.committed = Some(fingerprint);
-        if let Some((head, version)) = &committed.head {
+        if let (Some((head, version)), Some(c)) = (&committed.head, &committed.commit) {
             base.head = head.clone();
             base.version = Some(version.clone());
+            base.own.push(c.layer.clone());
             if self.squash_after > 0 && base.head.commits.len() > self.squash_after {
                 match volume::squash(&self.store, &self.volume, self.cache_dir.as_deref()).await {
                     Ok(Some((head, version))) => {
@@ -356,20 +540,20 @@ pub async fn commit_kept(
     let upper = UpperConfig {
         dir: dir.to_path_buf(),
         quota: None,
+        inodes: None,
         journal: true,
     };
     let tree = MountTree::recover(stack, upper)?;
     let version = record.version.clone().map(Version);
-    let staging = dir.with_extension("stage");
-    let committed = volume::commit(
-        &store,
-        &v,
-        &tree,
-        (&record.head, version.as_ref()),
-        &staging,
-    )
-    .await
-    .with_context(|| format!("committing volume {v} from {}", dir.display()))?;
+    let earlier = record.earlier(&store, Some(cache_dir)).await?;
+    let earlier = earlier.as_ref().map(|(origin, own, last)| volume::Earlier {
+        origin,
+        own,
+        last: &last.manifest,
+    });
+    let committed = volume::commit(&store, &v, &tree, (&record.head, version.as_ref()), earlier)
+        .await
+        .with_context(|| format!("committing volume {v} from {}", dir.display()))?;
     log_committed(&v, &committed);
     drop(tree);
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;

@@ -51,6 +51,20 @@ const FH_LAYERS: u64 = 0;
 const FH_PASSTHROUGH: u64 = 1;
 const FH_UPPER: u64 = 2;
 
+/// Runs the handler of one kernel request. A panic in it (a bug) is logged and costs that
+/// request alone: its reply, dropped while unwinding, answers EIO, and the session thread
+/// goes on serving the mount.
+fn guarded(op: &'static str, handler: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!("internal error in {op}: {why}; answered EIO");
+    }
+}
+
 /// A directory's entries as one open handle sees them: (inode, name, kind).
 type Listing = Arc<Vec<(u64, Vec<u8>, NodeKind)>>;
 
@@ -188,7 +202,10 @@ impl StrataFs {
         ino: u64,
     ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Opens>>> {
         for _ in 0..40 {
-            let opens = self.opens.lock().unwrap();
+            let opens = self
+                .opens
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if opens.get(&ino).is_none_or(|o| o.passthrough.is_none()) {
                 return Some(opens);
             }
@@ -263,7 +280,10 @@ impl StrataFs {
     fn open_for_read(&self, ino: u64, reply: ReplyOpen) {
         // One lock over the decision, so a writer cannot copy the file up between "its bytes
         // are the layer's" and "hand the layer's copy to the kernel".
-        let mut opens = self.opens.lock().unwrap();
+        let mut opens = self
+            .opens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = self.tree.open(ino, false) {
             return reply.error(errno(&e));
         }
@@ -284,7 +304,10 @@ impl StrataFs {
     }
 
     fn release_layer_file(&self, ino: u64, fh: u64) {
-        let mut opens = self.opens.lock().unwrap();
+        let mut opens = self
+            .opens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(o) = opens.get_mut(&ino) else {
             return;
         };
@@ -347,28 +370,32 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.tree.lookup(parent.0, name.as_bytes()) {
-            // A negative entry (inode 0): the kernel remembers the name is absent, so a
-            // program probing for files (Python's imports) asks once. Names only appear
-            // through this mount, and the kernel drops the entry when one does.
-            Err(e) if e.errno() == libc::ENOENT => {
-                let mut absent = file_attr(&Stat::absent());
-                absent.ino = INodeNo(0);
-                reply.entry(&TTL, &absent, Generation(0))
+        guarded("lookup", || {
+            match self.tree.lookup(parent.0, name.as_bytes()) {
+                // A negative entry (inode 0): the kernel remembers the name is absent, so a
+                // program probing for files (Python's imports) asks once. Names only appear
+                // through this mount, and the kernel drops the entry when one does.
+                Err(e) if e.errno() == libc::ENOENT => {
+                    let mut absent = file_attr(&Stat::absent());
+                    absent.ino = INodeNo(0);
+                    reply.entry(&TTL, &absent, Generation(0))
+                }
+                r => self.reply_entry(reply, r),
             }
-            r => self.reply_entry(reply, r),
-        }
+        })
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.tree.forget(ino.0, nlookup);
+        guarded("forget", || {
+            self.tree.forget(ino.0, nlookup);
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.tree.getattr(ino.0) {
+        guarded("getattr", || match self.tree.getattr(ino.0) {
             Ok(s) => reply.attr(&TTL, &file_attr(&s)),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn setattr(
@@ -389,34 +416,36 @@ impl Filesystem for StrataFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let changes = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: atime.map(time_set),
-            mtime: mtime.map(time_set),
-            ctime,
-        };
-        // A truncate changes the bytes: not under readers who read the layer's copy.
-        let _opens = match size {
-            Some(_) => match self.opens_without_passthrough(ino.0) {
-                Some(opens) => Some(opens),
-                None => return reply.error(Errno::from_i32(libc::ETXTBSY)),
-            },
-            None => None,
-        };
-        match self.runtime.block_on(self.tree.setattr(ino.0, changes)) {
-            Ok(s) => reply.attr(&TTL, &file_attr(&s)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("setattr", || {
+            let changes = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
+                ctime,
+            };
+            // A truncate changes the bytes: not under readers who read the layer's copy.
+            let _opens = match size {
+                Some(_) => match self.opens_without_passthrough(ino.0) {
+                    Some(opens) => Some(opens),
+                    None => return reply.error(Errno::from_i32(libc::ETXTBSY)),
+                },
+                None => None,
+            };
+            match self.runtime.block_on(self.tree.setattr(ino.0, changes)) {
+                Ok(s) => reply.attr(&TTL, &file_attr(&s)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.tree.readlink(ino.0) {
+        guarded("readlink", || match self.tree.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn mknod(
@@ -429,10 +458,12 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .tree
-            .mknod(parent.0, name.as_bytes(), mode, rdev, caller(req));
-        self.reply_entry(reply, r)
+        guarded("mknod", || {
+            let r = self
+                .tree
+                .mknod(parent.0, name.as_bytes(), mode, rdev, caller(req));
+            self.reply_entry(reply, r)
+        })
     }
 
     fn mkdir(
@@ -444,19 +475,25 @@ impl Filesystem for StrataFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            reply,
-            self.tree
-                .mkdir(parent.0, name.as_bytes(), mode, caller(req)),
-        )
+        guarded("mkdir", || {
+            self.reply_entry(
+                reply,
+                self.tree
+                    .mkdir(parent.0, name.as_bytes(), mode, caller(req)),
+            )
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.tree.unlink(parent.0, name.as_bytes()))
+        guarded("unlink", || {
+            reply_empty(reply, self.tree.unlink(parent.0, name.as_bytes()))
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.tree.rmdir(parent.0, name.as_bytes()))
+        guarded("rmdir", || {
+            reply_empty(reply, self.tree.rmdir(parent.0, name.as_bytes()))
+        })
     }
 
     fn symlink(
@@ -467,13 +504,15 @@ impl Filesystem for StrataFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.tree.symlink(
-            parent.0,
-            link_name.as_bytes(),
-            target.as_os_str().as_bytes(),
-            caller(req),
-        );
-        self.reply_entry(reply, r)
+        guarded("symlink", || {
+            let r = self.tree.symlink(
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                caller(req),
+            );
+            self.reply_entry(reply, r)
+        })
     }
 
     fn rename(
@@ -486,14 +525,16 @@ impl Filesystem for StrataFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.tree.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.bits(),
-        );
-        reply_empty(reply, r)
+        guarded("rename", || {
+            let r = self.tree.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            );
+            reply_empty(reply, r)
+        })
     }
 
     fn link(
@@ -504,18 +545,22 @@ impl Filesystem for StrataFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            reply,
-            self.tree.link(ino.0, newparent.0, newname.as_bytes()),
-        )
+        guarded("link", || {
+            self.reply_entry(
+                reply,
+                self.tree.link(ino.0, newparent.0, newname.as_bytes()),
+            )
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            self.open_for_write(ino.0, reply)
-        } else {
-            self.open_for_read(ino.0, reply)
-        }
+        guarded("open", || {
+            if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+                self.open_for_write(ino.0, reply)
+            } else {
+                self.open_for_read(ino.0, reply)
+            }
+        })
     }
 
     fn create(
@@ -528,23 +573,25 @@ impl Filesystem for StrataFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let made = self
-            .tree
-            .create(parent.0, name.as_bytes(), mode, caller(req))
-            .and_then(|s| self.tree.open(s.ino, true).map(|_| s));
-        match made {
-            Ok(s) => {
-                self.tree.remember(s.ino);
-                reply.created(
-                    &TTL,
-                    &file_attr(&s),
-                    Generation(0),
-                    FileHandle(FH_UPPER),
-                    FopenFlags::empty(),
-                )
+        guarded("create", || {
+            let made = self
+                .tree
+                .create(parent.0, name.as_bytes(), mode, caller(req))
+                .and_then(|s| self.tree.open(s.ino, true).map(|_| s));
+            match made {
+                Ok(s) => {
+                    self.tree.remember(s.ino);
+                    reply.created(
+                        &TTL,
+                        &file_attr(&s),
+                        Generation(0),
+                        FileHandle(FH_UPPER),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn read(
@@ -558,30 +605,33 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let ino = ino.0;
-        if !self.tree.reads_from_layers(ino) {
-            match self.tree.read_local(ino, offset, size) {
+        guarded("read", || {
+            let ino = ino.0;
+            if !self.tree.reads_from_layers(ino) {
+                match self.tree.read_local(ino, offset, size) {
+                    Some(Ok(data)) => return reply.data(&data),
+                    Some(Err(e)) => return reply.error(errno(&e)),
+                    None => {}
+                }
+                let tree = self.tree.clone();
+                return self
+                    .reply_when_read(reply, async move { tree.read(ino, offset, size).await });
+            }
+            // Data already here (memory, or a verified chunk file) is served from this thread; only
+            // reads that wait on the store go through the async runtime. Readahead spawns its
+            // fetches on the runtime, hence the enter.
+            let stack = self.tree.stack().clone();
+            let _runtime = self.runtime.enter();
+            match stack.read_local(ino, offset, size) {
                 Some(Ok(data)) => return reply.data(&data),
                 Some(Err(e)) => return reply.error(errno(&e)),
                 None => {}
             }
-            let tree = self.tree.clone();
-            return self.reply_when_read(reply, async move { tree.read(ino, offset, size).await });
-        }
-        // Data already here (memory, or a verified chunk file) is served from this thread; only
-        // reads that wait on the store go through the async runtime. Readahead spawns its
-        // fetches on the runtime, hence the enter.
-        let stack = self.tree.stack().clone();
-        let _runtime = self.runtime.enter();
-        match stack.read_local(ino, offset, size) {
-            Some(Ok(data)) => return reply.data(&data),
-            Some(Err(e)) => return reply.error(errno(&e)),
-            None => {}
-        }
-        self.reply_when_read(
-            reply,
-            async move { stack.read_fetch(ino, offset, size).await },
-        );
+            self.reply_when_read(
+                reply,
+                async move { stack.read_fetch(ino, offset, size).await },
+            );
+        })
     }
 
     fn write(
@@ -596,10 +646,12 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.runtime.block_on(self.tree.write(ino.0, offset, data)) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("write", || {
+            match self.runtime.block_on(self.tree.write(ino.0, offset, data)) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn fallocate(
@@ -612,10 +664,12 @@ impl Filesystem for StrataFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self
-            .runtime
-            .block_on(self.tree.fallocate(ino.0, offset, length, mode));
-        reply_empty(reply, r)
+        guarded("fallocate", || {
+            let r = self
+                .runtime
+                .block_on(self.tree.fallocate(ino.0, offset, length, mode));
+            reply_empty(reply, r)
+        })
     }
 
     fn flush(
@@ -626,7 +680,9 @@ impl Filesystem for StrataFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        guarded("flush", || {
+            reply.ok();
+        })
     }
 
     fn fsync(
@@ -637,7 +693,9 @@ impl Filesystem for StrataFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.tree.fsync(ino.0, datasync))
+        guarded("fsync", || {
+            reply_empty(reply, self.tree.fsync(ino.0, datasync))
+        })
     }
 
     fn release(
@@ -650,30 +708,37 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
-        if fh.0 != FH_UPPER {
-            self.release_layer_file(ino.0, fh.0);
-        }
-        self.tree.release(ino.0);
+        guarded("release", || {
+            reply.ok();
+            if fh.0 != FH_UPPER {
+                self.release_layer_file(ino.0, fh.0);
+            }
+            self.tree.release(ino.0);
+        })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // The listing is taken once per open (and again on a rewind), so offsets stay valid
-        // across readdir calls and no entry shows twice while the directory changes.
-        match self.listing(ino.0) {
-            Ok(entries) => {
-                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                self.dirs.lock().unwrap().insert(fh, entries);
-                // The kernel may keep listings: it drops one when the directory changes
-                // through this mount (and every change does), checked at each opendir and
-                // rewind.
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                );
+        guarded("opendir", || {
+            // The listing is taken once per open (and again on a rewind), so offsets stay valid
+            // across readdir calls and no entry shows twice while the directory changes.
+            match self.listing(ino.0) {
+                Ok(entries) => {
+                    let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                    self.dirs
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(fh, entries);
+                    // The kernel may keep listings: it drops one when the directory changes
+                    // through this mount (and every change does), checked at each opendir and
+                    // rewind.
+                    reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                    );
+                }
+                Err(e) => reply.error(errno(&e)),
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn readdir(
@@ -684,37 +749,49 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if offset == 0 && self.tree.is_writable() {
-            match self.listing(ino.0) {
-                Ok(fresh) => {
-                    self.dirs.lock().unwrap().insert(fh.0, fresh);
+        guarded("readdir", || {
+            if offset == 0 && self.tree.is_writable() {
+                match self.listing(ino.0) {
+                    Ok(fresh) => {
+                        self.dirs
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(fh.0, fresh);
+                    }
+                    Err(e) => return reply.error(errno(&e)),
                 }
-                Err(e) => return reply.error(errno(&e)),
             }
-        }
-        let Some(entries) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
-            return reply.error(Errno::from_i32(libc::EBADF));
-        };
-        // Offsets: 1 = ".", 2 = "..", 3 + i = entries[i]; each entry carries the next offset.
-        let mut position = offset;
-        while position < 2 {
-            let name = if position == 0 { "." } else { ".." };
-            if reply.add(ino, position + 1, FileType::Directory, name) {
-                return reply.ok();
+            let Some(entries) = self
+                .dirs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&fh.0)
+                .cloned()
+            else {
+                return reply.error(Errno::from_i32(libc::EBADF));
+            };
+            // Offsets: 1 = ".", 2 = "..", 3 + i = entries[i]; each entry carries the next offset.
+            let mut position = offset;
+            while position < 2 {
+                let name = if position == 0 { "." } else { ".." };
+                if reply.add(ino, position + 1, FileType::Directory, name) {
+                    return reply.ok();
+                }
+                position += 1;
             }
-            position += 1;
-        }
-        for (i, (child, name, kind)) in entries.iter().enumerate().skip((position - 2) as usize) {
-            if reply.add(
-                INodeNo(*child),
-                i as u64 + 3,
-                file_type(*kind),
-                OsStr::from_bytes(name),
-            ) {
-                break;
+            for (i, (child, name, kind)) in entries.iter().enumerate().skip((position - 2) as usize)
+            {
+                if reply.add(
+                    INodeNo(*child),
+                    i as u64 + 3,
+                    file_type(*kind),
+                    OsStr::from_bytes(name),
+                ) {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        })
     }
 
     fn releasedir(
@@ -725,8 +802,13 @@ impl Filesystem for StrataFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.dirs.lock().unwrap().remove(&fh.0);
-        reply.ok();
+        guarded("releasedir", || {
+            self.dirs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&fh.0);
+            reply.ok();
+        })
     }
 
     fn fsyncdir(
@@ -737,22 +819,24 @@ impl Filesystem for StrataFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.tree.fsyncdir())
+        guarded("fsyncdir", || reply_empty(reply, self.tree.fsyncdir()))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (total, free, files) = self.tree.statfs();
-        let b = BLOCK_SIZE as u64;
-        reply.statfs(
-            total.div_ceil(b),
-            free / b,
-            free / b,
-            files,
-            u32::MAX as u64,
-            BLOCK_SIZE,
-            255,
-            BLOCK_SIZE,
-        );
+        guarded("statfs", || {
+            let st = self.tree.statfs();
+            let b = BLOCK_SIZE as u64;
+            reply.statfs(
+                st.bytes.div_ceil(b),
+                st.free_bytes / b,
+                st.free_bytes / b,
+                st.files,
+                st.free_files,
+                BLOCK_SIZE,
+                255,
+                BLOCK_SIZE,
+            );
+        })
     }
 
     fn setxattr(
@@ -765,22 +849,26 @@ impl Filesystem for StrataFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.tree.setxattr(ino.0, name.as_bytes(), value, flags),
-        )
+        guarded("setxattr", || {
+            reply_empty(
+                reply,
+                self.tree.setxattr(ino.0, name.as_bytes(), value, flags),
+            )
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.tree.getxattr(ino.0, name.as_bytes()) {
-            Ok(Some(value)) => reply_xattr(reply, &value, size),
-            Ok(None) => reply.error(Errno::from_i32(libc::ENODATA)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("getxattr", || {
+            match self.tree.getxattr(ino.0, name.as_bytes()) {
+                Ok(Some(value)) => reply_xattr(reply, &value, size),
+                Ok(None) => reply.error(Errno::from_i32(libc::ENODATA)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.tree.listxattr(ino.0) {
+        guarded("listxattr", || match self.tree.listxattr(ino.0) {
             Ok(names) => {
                 let mut data = Vec::new();
                 for n in names {
@@ -790,20 +878,24 @@ impl Filesystem for StrataFs {
                 reply_xattr(reply, &data, size);
             }
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.tree.removexattr(ino.0, name.as_bytes()))
+        guarded("removexattr", || {
+            reply_empty(reply, self.tree.removexattr(ino.0, name.as_bytes()))
+        })
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) && !self.tree.is_writable() {
-            return reply.error(Errno::from_i32(libc::EROFS));
-        }
-        match self.tree.getattr(ino.0) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        guarded("access", || {
+            if mask.contains(AccessFlags::W_OK) && !self.tree.is_writable() {
+                return reply.error(Errno::from_i32(libc::EROFS));
+            }
+            match self.tree.getattr(ino.0) {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 }

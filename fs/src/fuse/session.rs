@@ -147,28 +147,137 @@ pub fn resolve_mountpoint(path: &Path) -> std::io::Result<std::path::PathBuf> {
 
 /// Every strata FUSE mount (live or stale) in this mount namespace, per /proc/self/mountinfo.
 pub fn strata_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
+    Ok(strata_mount_ids()?.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Every strata FUSE mount in this mount namespace: (mount id, mountpoint).
+fn strata_mount_ids() -> std::io::Result<Vec<(u64, std::path::PathBuf)>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-")?;
+            let id: u64 = fields.first()?.parse().ok()?;
             let (mp, fstype, source) = (fields.get(4)?, fields.get(sep + 1)?, fields.get(sep + 2)?);
             // Depending on how it was mounted the type is `fuse.strata`, or `fuse` with source
             // `strata`.
             let ours =
                 *fstype == "fuse.strata" || (fstype.starts_with("fuse") && *source == "strata");
             ours.then(|| {
-                std::path::PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(mp)))
+                let path = std::ffi::OsString::from_vec(unescape_mountinfo(mp));
+                (id, std::path::PathBuf::from(path))
             })
         })
         .collect())
+}
+
+/// Opens directory `path` (O_PATH) without following a symlink anywhere on the way.
+fn open_dir_no_symlinks(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: a valid C string and an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The id of the mount whose root is `name` in directory `dir`, without following `name` if
+/// it is a symlink and without asking the filesystem (`None`: `name` is not a mount's root).
+fn mount_root_id(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd, C string and statx buffer.
+    let rc = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let root = st.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
+    Ok(root.then_some(st.stx_mnt_id))
 }
 
 /// Whether `path` is a strata FUSE mount (live or stale).
 pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
     let wanted = resolve_mountpoint(path)?;
     Ok(strata_mounts()?.contains(&wanted))
+}
+
+fn unmount_as_root(path: &Path, lazy: bool) -> Result<(), FsError> {
+    use std::os::fd::AsRawFd;
+    let not_ours = || FsError::InvalidInput(format!("{} is not a strata mount", path.display()));
+    let abs = std::path::absolute(path).map_err(|e| FsError::io(path, e))?;
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
+        return Err(not_ours());
+    };
+    let dir = open_dir_no_symlinks(parent).map_err(|e| {
+        FsError::io(
+            path,
+            std::io::Error::new(
+                e.kind(),
+                format!("opening its parent without symlinks: {e}"),
+            ),
+        )
+    })?;
+    let c_name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| FsError::InvalidInput("mountpoint contains NUL".into()))?;
+    let mounts = strata_mount_ids().map_err(|e| FsError::io("/proc/self/mountinfo", e))?;
+    let ours = match mount_root_id(&dir, &c_name) {
+        Ok(Some(id)) => mounts.iter().any(|(m, _)| *m == id),
+        Ok(None) => false,
+        // A mount whose serving process is gone cannot be asked: mountinfo must list it at
+        // exactly this path (the unmount below still resolves it through the open parent).
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => mounts.iter().any(|(_, p)| *p == abs),
+        Err(e) => return Err(FsError::io(path, e)),
+    };
+    if !ours {
+        return Err(not_ours());
+    }
+    let via = format!("/proc/self/fd/{}/", dir.as_raw_fd());
+    let mut target = via.into_bytes();
+    target.extend_from_slice(name.as_bytes());
+    let target = std::ffi::CString::new(target)
+        .map_err(|_| FsError::InvalidInput("mountpoint contains NUL".into()))?;
+    let flags = libc::UMOUNT_NOFOLLOW | if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: a valid C string and flags.
+    if unsafe { libc::umount2(target.as_ptr(), flags) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+            " (files are open there; --lazy detaches it anyway)"
+        } else {
+            ""
+        };
+        return Err(FsError::io(
+            path,
+            std::io::Error::new(e.kind(), format!("unmount: {e}{hint}")),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the process serving the mount at `path` is gone ("transport endpoint is not
@@ -193,32 +302,21 @@ pub fn clean_stale_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
 }
 
 /// Unmounts a strata mount. `lazy` detaches it even while files are open (MNT_DETACH).
+///
+/// As root, nothing on the way is followed that a user could swap: the parent directory is
+/// opened without following symlinks, the entry there must be the root of a mount that
+/// /proc/self/mountinfo lists as strata's, and the unmount goes through that open directory
+/// (`/proc/self/fd/N/NAME`) with `UMOUNT_NOFOLLOW`.
 pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return unmount_as_root(path, lazy);
+    }
     if !is_strata_mount(path).map_err(|e| FsError::io(path, e))? {
         return Err(FsError::InvalidInput(format!(
             "{} is not a strata mount",
             path.display()
         )));
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| FsError::InvalidInput("mountpoint contains NUL".into()))?;
-        let flags = if lazy { libc::MNT_DETACH } else { 0 };
-        // SAFETY: a valid C string and flags.
-        if unsafe { libc::umount2(c_path.as_ptr(), flags) } != 0 {
-            let e = std::io::Error::last_os_error();
-            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
-                " (files are open there; --lazy detaches it anyway)"
-            } else {
-                ""
-            };
-            return Err(FsError::io(
-                path,
-                std::io::Error::new(e.kind(), format!("unmount: {e}{hint}")),
-            ));
-        }
-        return Ok(());
     }
     let mut cmd = std::process::Command::new("fusermount3");
     cmd.arg("-u");

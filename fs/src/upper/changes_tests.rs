@@ -280,7 +280,7 @@ proptest! {
             let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
             let t = MountTree::new(
                 stack,
-                Some(UpperConfig { dir: tmp.path().join("upper"), quota: None, journal: false }),
+                Some(UpperConfig { dir: tmp.path().join("upper"), quota: None, inodes: None, journal: false }),
             )
             .unwrap();
             let plain = tmp.path().join("plain");
@@ -298,7 +298,7 @@ proptest! {
             // the layer, it shows the same tree.
             let store = t.stack().cache().store().clone();
             let (_, _, delta) =
-                crate::delta::publish_changes(&store, &t, &t.changes().unwrap(), &tmp.path().join("staged"))
+                crate::delta::publish_changes(&store, &t, &t.changes().unwrap())
                     .await
                     .unwrap();
             let layers = vec![

@@ -96,7 +96,10 @@ impl MountTree {
         };
         // One writer at a time, each taking its changes after the one before it: the journal
         // is never older than a finished fsync.
-        let mut state = self.journal.lock().unwrap();
+        let mut state = self
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let next_ino = self.next_ino.load(std::sync::atomic::Ordering::Relaxed);
         let (unsynced, doomed, dirty, frame, full, sync_dir) = {
             let mut tree = self.lock();

@@ -59,10 +59,26 @@ pub struct UpperConfig {
     pub dir: PathBuf,
     /// Bytes the data files may take on disk; writes past it answer ENOSPC.
     pub quota: Option<u64>,
+    /// Records the upper may hold (nodes it made, and layer nodes it changed): making a node
+    /// past it answers ENOSPC. It bounds the daemon's memory for the mount.
+    pub inodes: Option<u64>,
     /// Keep a journal of the upper's records in `dir`, written on every fsync, so what was
     /// fsync'ed can be recovered after a crash ([`MountTree::recover`]). Persistent volumes
     /// need it; a scratch that dies with its mount does not.
     pub journal: bool,
+}
+
+/// A mount's capacity, as statfs reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    /// The layers' bytes plus what the upper may hold.
+    pub bytes: u64,
+    /// What the upper may still take (the quota's rest, or the disk's free space).
+    pub free_bytes: u64,
+    /// The layers' entries plus the upper's inode limit.
+    pub files: u64,
+    /// Inodes the upper may still make; 0 on a read-only mount.
+    pub free_files: u64,
 }
 
 /// The changes `setattr` asks for.
@@ -131,8 +147,12 @@ struct Tree {
 }
 
 impl Tree {
-    /// `ino`'s data file may now hold bytes that are not on disk.
+    /// `ino`'s data file may now hold bytes that are not on disk (tracked for the journal
+    /// only: a scratch upper is never synced, and must not remember every file it wrote).
     fn mark_unsynced(&mut self, ino: u64) {
+        if !self.nodes.journaled() {
+            return;
+        }
         *self.unsynced.entry(ino).or_insert(0) += 1;
     }
 }
@@ -171,11 +191,12 @@ impl MountTree {
         if let Some(u) = &upper {
             std::fs::create_dir_all(&u.dir).map_err(|e| FsError::io(&u.dir, e))?;
         }
+        let journaled = upper.as_ref().is_some_and(|u| u.journal);
         Ok(MountTree {
             stack,
             upper,
             tree: Mutex::new(Tree {
-                nodes: Default::default(),
+                nodes: node::Nodes::new(journaled),
                 opens: Default::default(),
                 lookups: Default::default(),
                 used: 0,
@@ -201,7 +222,9 @@ impl MountTree {
     }
 
     fn lock(&self) -> MutexGuard<'_, Tree> {
-        self.tree.lock().unwrap()
+        self.tree
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn data_path(&self, ino: u64) -> FsResult<PathBuf> {
@@ -353,21 +376,32 @@ impl MountTree {
         }
     }
 
-    /// (total bytes, free bytes, files) for statfs.
-    pub fn statfs(&self) -> (u64, u64, u64) {
+    /// What statfs reports.
+    pub fn statfs(&self) -> StatFs {
         let (lower_bytes, lower_files) = self.stack.totals();
         let Some(u) = &self.upper else {
-            return (lower_bytes, 0, lower_files);
+            return StatFs {
+                bytes: lower_bytes,
+                free_bytes: 0,
+                files: lower_files,
+                free_files: 0,
+            };
         };
-        let tree = self.lock();
-        let files = lower_files + tree.nodes.len() as u64;
+        let (used, records) = {
+            let tree = self.lock();
+            (tree.used, tree.nodes.len() as u64)
+        };
         let disk_free = disk_free(&u.dir).unwrap_or(0);
-        match u.quota {
-            Some(q) => {
-                let free = q.saturating_sub(tree.used).min(disk_free);
-                (lower_bytes + q, free, files)
-            }
-            None => (lower_bytes + tree.used + disk_free, disk_free, files),
+        let (bytes, free_bytes) = match u.quota {
+            Some(q) => (lower_bytes + q, q.saturating_sub(used).min(disk_free)),
+            None => (lower_bytes + used + disk_free, disk_free),
+        };
+        let inodes = u.inodes.unwrap_or(u32::MAX as u64);
+        StatFs {
+            bytes,
+            free_bytes,
+            files: lower_files + inodes,
+            free_files: inodes.saturating_sub(records),
         }
     }
 
@@ -572,6 +606,11 @@ impl MountTree {
         }
         if parent_stat.nlink == 0 {
             return Err(errno(libc::ENOENT)); // removed while a process is inside it
+        }
+        if let Some(limit) = self.upper()?.inodes {
+            if tree.nodes.len() as u64 >= limit {
+                return Err(errno(libc::ENOSPC));
+            }
         }
         let entries = self.entries_mut(&mut tree, parent)?;
         if entries.contains_key(name) {

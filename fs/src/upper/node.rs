@@ -152,30 +152,49 @@ impl Node {
 pub struct Nodes {
     map: std::collections::HashMap<u64, Node>,
     dirty: std::collections::HashSet<u64>,
+    /// Only a journaled upper drains `dirty`; a scratch one must not let it grow.
+    journaled: bool,
 }
 
 impl Nodes {
+    pub fn new(journaled: bool) -> Nodes {
+        Nodes {
+            journaled,
+            ..Default::default()
+        }
+    }
+
+    pub fn journaled(&self) -> bool {
+        self.journaled
+    }
+
+    fn touch(&mut self, ino: u64) {
+        if self.journaled {
+            self.dirty.insert(ino);
+        }
+    }
+
     pub fn get(&self, ino: &u64) -> Option<&Node> {
         self.map.get(ino)
     }
 
     pub fn get_mut(&mut self, ino: &u64) -> Option<&mut Node> {
-        self.dirty.insert(*ino);
+        self.touch(*ino);
         self.map.get_mut(ino)
     }
 
     pub fn entry(&mut self, ino: u64) -> std::collections::hash_map::Entry<'_, u64, Node> {
-        self.dirty.insert(ino);
+        self.touch(ino);
         self.map.entry(ino)
     }
 
     pub fn insert(&mut self, ino: u64, node: Node) {
-        self.dirty.insert(ino);
+        self.touch(ino);
         self.map.insert(ino, node);
     }
 
     pub fn remove(&mut self, ino: &u64) -> Option<Node> {
-        self.dirty.insert(*ino);
+        self.touch(*ino);
         self.map.remove(ino)
     }
 
@@ -210,6 +229,7 @@ impl Nodes {
         Nodes {
             map,
             dirty: Default::default(),
+            journaled: true,
         }
     }
 }

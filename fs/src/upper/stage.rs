@@ -1,107 +1,34 @@
-//! Writes a mount's changes ([`MountTree::changes`]) out as a directory in the layer
-//! convention `publish` reads: changed and new nodes with their attributes, `.wh.NAME` for a
-//! removed name, `.wh..wh..opq` in a directory that replaces the layers' one. Publishing that
-//! directory gives a delta layer: stacked on the mount's layers, it shows the mounted tree.
+//! Turns a mount's changes ([`MountTree::changes`]) into the tree a delta layer holds, in
+//! memory: changed and new nodes with their attributes, whiteouts for removed names, opaque
+//! directories where a directory replaces the layers' one. Published, it gives a delta layer:
+//! stacked on the mount's layers, it shows the mounted tree.
 //!
-//! The directories on the way to a change are written with their current attributes too
-//! (a layer's directory entry carries them). A file whose bytes are all or partly the
-//! layers' is staged empty and listed in [`Staged::lower_files`]: the commit points its entry
-//! at the layer's chunks instead of reading them again — all of them for a file moved or
-//! only changed in its attributes; for a file rewritten in places, the chunks no written
-//! block touches, with new chunks for the rest ([`PartialFile`]). Other files' bytes are
-//! read through the tree and chunked by publish.
+//! Nothing is written to disk and no path is ever handed to the kernel, so a tree of any depth
+//! or path length stages the same; every walk keeps its own stack on the heap.
+//!
+//! The directories on the way to a change are staged with their current attributes too (a
+//! layer's directory entry carries them). A file whose bytes are all or partly the layers' is
+//! staged empty and listed in [`Staged::lower_files`]: the commit points its entry at the
+//! layer's chunks instead of reading them again — all of them for a file moved or only changed
+//! in its attributes; for a file rewritten in places, the chunks no written block touches,
+//! with new chunks for the rest ([`PartialFile`]). Other files' bytes are read through the
+//! tree while publishing.
 
-use std::ffi::CString;
 use std::ops::Range;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 
 use super::node::{Body, Data};
 use super::{Change, MountTree, NodeKind, Stat, COPY_UP_BLOCK};
-use crate::error::{FsError, FsResult};
+use crate::error::FsResult;
+use crate::manifest::{EntrySpec, Kind, FLAG_OPAQUE};
+use crate::publish::{Source, Walk};
 use crate::stack::ROOT_INO;
 
-/// Bytes read from the tree at a time while staging a file.
-const STAGE_READ: u32 = 1 << 20;
-
-fn io(path: &Path, e: std::io::Error) -> FsError {
-    FsError::io(path, e)
-}
-
-fn c_path(path: &Path) -> FsResult<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| FsError::InvalidInput(format!("{}: NUL in path", path.display())))
-}
-
-/// Gives `path` (already made) the owner, mode, times and xattrs of `s` / `ino`.
-fn set_attrs(t: &MountTree, ino: u64, s: &Stat, path: &Path) -> FsResult<()> {
-    let c = c_path(path)?;
-    // SAFETY: a valid C string; lchown does not follow symlinks.
-    if unsafe { libc::lchown(c.as_ptr(), s.uid, s.gid) } != 0 {
-        return Err(io(path, std::io::Error::last_os_error()));
-    }
-    if s.kind != NodeKind::Symlink {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.perm))
-            .map_err(|e| io(path, e))?;
-    }
-    for name in t.listxattr(ino)? {
-        if let Some(value) = t.getxattr(ino, &name)? {
-            let n = CString::new(name)
-                .map_err(|_| FsError::InvalidInput("NUL in an xattr name".into()))?;
-            // SAFETY: valid C strings and a buffer of the given length.
-            let rc = unsafe {
-                libc::lsetxattr(
-                    c.as_ptr(),
-                    n.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            if rc != 0 {
-                return Err(io(path, std::io::Error::last_os_error()));
-            }
-        }
-    }
-    let ts = |t: std::time::SystemTime| {
-        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        libc::timespec {
-            tv_sec: d.as_secs() as i64,
-            tv_nsec: d.subsec_nanos() as i64,
-        }
-    };
-    let times = [ts(s.atime), ts(s.mtime)];
-    // SAFETY: a valid path and two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return Err(io(path, std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// What staging has written so far.
-#[derive(Default)]
-struct Staging {
-    lower_files: Vec<(PathBuf, LowerContent)>,
-    /// Files with several names: where the first was staged.
-    links: std::collections::HashMap<u64, PathBuf>,
-}
-
-/// What [`MountTree::stage_changes`] wrote.
-#[derive(Debug, Default)]
+/// What [`MountTree::stage`] made.
 pub struct Staged {
+    pub(crate) walk: Walk,
     pub changes: usize,
-    /// Files staged empty whose bytes are (mostly) a layer file's, by path under the staging
-    /// directory.
-    pub lower_files: Vec<(PathBuf, LowerContent)>,
+    /// Files staged empty whose bytes are (mostly) a layer file's, by node of the walk.
+    pub(crate) lower_files: Vec<(usize, LowerContent)>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,87 +119,56 @@ fn plan_partial(
 }
 
 impl MountTree {
-    /// Writes this mount's changes under `dest` (an empty directory) for `publish`.
-    pub async fn stage_changes(&self, dest: &Path) -> FsResult<Staged> {
-        self.stage(dest, &self.changes()?).await
-    }
-
-    /// Writes `changes` (from [`MountTree::changes`]) under `dest`.
-    pub async fn stage(&self, dest: &Path, changes: &[Change]) -> FsResult<Staged> {
-        let mut out = Staging::default();
-        // Directories get their attributes last, children first: writing into a directory
-        // changes its mtime. The root always: its entry in the delta is what a mount shows.
-        let mut dirs = vec![(dest.to_path_buf(), ROOT_INO)];
+    /// The delta tree of `changes` (from [`MountTree::changes`], in their order: parents
+    /// before children).
+    pub fn stage(&self, changes: &[Change]) -> FsResult<Staged> {
+        let mut st = Stager {
+            t: self,
+            walk: Walk::default(),
+            lower_files: Vec::new(),
+            // The directories from the root to the last change: (name, walk node, inode).
+            cursor: Vec::new(),
+        };
+        let root = st.spec_of(ROOT_INO, &self.getattr(ROOT_INO)?)?;
+        st.walk.push(Vec::new(), root, Source::Empty, None);
         for change in changes {
             let rel = change.path();
-            let (parent_rel, name) = match rel.iter().rposition(|&b| b == b'/') {
-                Some(i) => (&rel[..i], &rel[i + 1..]),
-                None => (&rel[..0], rel),
-            };
-            let parent = self.stage_parents(dest, parent_rel, &mut dirs)?;
+            if rel.is_empty() {
+                continue; // the root: staged above, with its current attributes
+            }
+            let mut names: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+            let name = names.pop().expect("split gives one part at least");
+            let parent = st.enter(&names)?;
             match change {
                 Change::Removed { .. } => {
-                    let marker = parent.join(std::ffi::OsStr::from_bytes(
-                        &[b".wh.".as_slice(), name].concat(),
-                    ));
-                    std::fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+                    let spec = EntrySpec {
+                        kind: Some(Kind::Whiteout),
+                        ..Default::default()
+                    };
+                    let w = st.walk.push(name.to_vec(), spec, Source::Empty, None);
+                    st.walk.nodes[parent].children.push(w);
                 }
                 Change::Placed {
                     ino, hides_lower, ..
                 } => {
-                    let path = parent.join(std::ffi::OsStr::from_bytes(name));
-                    self.stage_node(*ino, &path, true, &mut dirs, &mut out)
-                        .await?;
-                    if *hides_lower && self.getattr(*ino)?.kind == NodeKind::Dir {
-                        let marker = path.join(".wh..wh..opq");
-                        std::fs::write(&marker, b"").map_err(|e| io(&marker, e))?;
+                    if let Some(node) = st.add(parent, name, *ino)? {
+                        if *hides_lower && st.walk.nodes[node].spec.kind == Some(Kind::Dir) {
+                            st.walk.nodes[node].spec.flags |= FLAG_OPAQUE;
+                        }
+                        st.add_subtree(node, *ino)?;
                     }
                 }
-                Change::Changed { .. } if rel.is_empty() => {} // the root: below
+                // A directory changed in place keeps its children from the layers.
                 Change::Changed { ino, .. } => {
-                    let path = parent.join(std::ffi::OsStr::from_bytes(name));
-                    // A directory changed in place keeps its children from the layers.
-                    self.stage_node(*ino, &path, false, &mut dirs, &mut out)
-                        .await?;
+                    st.add(parent, name, *ino)?;
                 }
             }
         }
-        for (path, ino) in dirs.iter().rev() {
-            let s = self.getattr(*ino)?;
-            set_attrs(self, *ino, &s, path)?;
-        }
-        let lower_files = out
-            .lower_files
-            .into_iter()
-            .filter_map(|(p, src)| Some((p.strip_prefix(dest).ok()?.to_path_buf(), src)))
-            .collect();
         Ok(Staged {
+            walk: st.walk,
             changes: changes.len(),
-            lower_files,
+            lower_files: st.lower_files,
         })
-    }
-
-    /// Makes the directories of `rel` under `dest` (their attributes are set at the end).
-    fn stage_parents(
-        &self,
-        dest: &Path,
-        rel: &[u8],
-        dirs: &mut Vec<(std::path::PathBuf, u64)>,
-    ) -> FsResult<std::path::PathBuf> {
-        let mut path = dest.to_path_buf();
-        let mut ino = ROOT_INO;
-        if rel.is_empty() {
-            return Ok(path);
-        }
-        for name in rel.split(|&b| b == b'/') {
-            ino = self.lookup(ino, name)?.ino;
-            path.push(std::ffi::OsStr::from_bytes(name));
-            if !path.exists() {
-                std::fs::create_dir(&path).map_err(|e| io(&path, e))?;
-                dirs.push((path.clone(), ino));
-            }
-        }
-        Ok(path)
     }
 
     /// How a commit can reuse the layers' chunks for file `ino`, if it can.
@@ -309,74 +205,149 @@ impl MountTree {
             size: s.size,
         }))
     }
+}
 
-    /// Writes node `ino` at `path`; a directory with its whole subtree when `subtree`.
-    async fn stage_node(
-        &self,
-        ino: u64,
-        path: &Path,
-        subtree: bool,
-        dirs: &mut Vec<(std::path::PathBuf, u64)>,
-        out: &mut Staging,
-    ) -> FsResult<()> {
-        let s = self.getattr(ino)?;
-        match s.kind {
-            NodeKind::Dir => {
-                if !path.exists() {
-                    std::fs::create_dir(path).map_err(|e| io(path, e))?;
-                    dirs.push((path.to_path_buf(), ino));
+/// Builds the delta tree.
+struct Stager<'a> {
+    t: &'a MountTree,
+    walk: Walk,
+    lower_files: Vec<(usize, LowerContent)>,
+    cursor: Vec<(Vec<u8>, usize, u64)>,
+}
+
+impl Stager<'_> {
+    /// The layer entry of node `ino` (attributes `s`), without its children or bytes.
+    fn spec_of(&self, ino: u64, s: &Stat) -> FsResult<EntrySpec> {
+        let secs = |t: std::time::SystemTime| match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
                 }
-                if subtree {
-                    for (child, name, _) in self.readdir(ino)? {
-                        let child_path = path.join(std::ffi::OsStr::from_bytes(&name));
-                        Box::pin(self.stage_node(child, &child_path, true, dirs, out)).await?;
-                    }
-                }
-                return Ok(());
+                (sec, nsec)
             }
+        };
+        let (mtime_sec, mtime_nsec) = secs(s.mtime);
+        let mut xattrs = Vec::new();
+        for name in self.t.listxattr(ino)? {
+            if let Some(value) = self.t.getxattr(ino, &name)? {
+                xattrs.push((name, value));
+            }
+        }
+        xattrs.sort();
+        let mut spec = EntrySpec {
+            kind: None,
+            mode: s.perm & 0o7777,
+            uid: s.uid,
+            gid: s.gid,
+            mtime_sec,
+            mtime_nsec,
+            xattrs,
+            ..Default::default()
+        };
+        match s.kind {
+            NodeKind::Dir => spec.kind = Some(Kind::Dir),
             NodeKind::File => {
-                use std::io::Write;
-                // A further name of a file staged already: a hard link, as in the mount.
-                if let Some(first) = out.links.get(&ino) {
-                    std::fs::hard_link(first, path).map_err(|e| io(path, e))?;
-                    let content = out
-                        .lower_files
-                        .iter()
-                        .find(|(p, _)| p == first)
-                        .map(|(_, c)| c.clone());
-                    if let Some(c) = content {
-                        out.lower_files.push((path.to_path_buf(), c));
-                    }
-                    return Ok(());
-                }
-                if s.nlink > 1 {
-                    out.links.insert(ino, path.to_path_buf());
-                }
-                let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
-                if let Some(content) = self.lower_content(ino, &s) {
-                    out.lower_files.push((path.to_path_buf(), content));
-                    drop(f);
-                    return set_attrs(self, ino, &s, path);
-                }
-                let mut offset = 0;
-                while offset < s.size {
-                    let want = (s.size - offset).min(STAGE_READ as u64) as u32;
-                    let data = self.read(ino, offset, want).await?;
-                    if data.is_empty() {
-                        break;
-                    }
-                    f.write_all(&data).map_err(|e| io(path, e))?;
-                    offset += data.len() as u64;
-                }
+                spec.kind = Some(Kind::File);
+                spec.size = s.size;
             }
             NodeKind::Symlink => {
-                let target = self.readlink(ino)?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), path)
-                    .map_err(|e| io(path, e))?;
+                spec.kind = Some(Kind::Symlink);
+                spec.symlink_target = self.t.readlink(ino)?;
             }
             // Layers hold no FIFOs, sockets or devices: they are not committed.
-            _ => return Ok(()),
+            _ => {}
         }
-        set_attrs(self, ino, &s, path)
+        Ok(spec)
+    }
+
+    /// The walk node of the directory `names` (from the root), staging the directories on the
+    /// way that the last change did not. Changes come parents first and sorted, so the cursor
+    /// only moves a little between two of them.
+    fn enter(&mut self, names: &[&[u8]]) -> FsResult<usize> {
+        let common = self
+            .cursor
+            .iter()
+            .zip(names)
+            .take_while(|((have, ..), want)| have.as_slice() == **want)
+            .count();
+        self.cursor.truncate(common);
+        for name in &names[common..] {
+            let (parent, parent_ino) = self.cursor.last().map_or((0, ROOT_INO), |c| (c.1, c.2));
+            let ino = self.t.lookup(parent_ino, name)?.ino;
+            // A directory placed whole is in the walk already, with its subtree.
+            let existing = self.walk.nodes[parent]
+                .children
+                .iter()
+                .rev()
+                .copied()
+                .find(|&c| {
+                    self.walk.nodes[c].name == *name
+                        && self.walk.nodes[c].spec.kind == Some(Kind::Dir)
+                });
+            let node = match existing {
+                Some(n) => n,
+                None => {
+                    let spec = self.spec_of(ino, &self.t.getattr(ino)?)?;
+                    let n = self.walk.push(name.to_vec(), spec, Source::Empty, None);
+                    self.walk.nodes[parent].children.push(n);
+                    n
+                }
+            };
+            self.cursor.push((name.to_vec(), node, ino));
+        }
+        Ok(self.cursor.last().map_or(0, |c| c.1))
+    }
+
+    /// Adds node `ino` as `name` in walk directory `parent` (a directory without its
+    /// children); `None` for a kind layers do not hold.
+    fn add(&mut self, parent: usize, name: &[u8], ino: u64) -> FsResult<Option<usize>> {
+        let s = self.t.getattr(ino)?;
+        let mut spec = self.spec_of(ino, &s)?;
+        if spec.kind.is_none() {
+            return Ok(None);
+        }
+        let mut source = Source::Empty;
+        let mut link_key = None;
+        let mut lower = None;
+        if s.kind == NodeKind::File {
+            if s.nlink > 1 {
+                link_key = Some((0, ino));
+            }
+            match self.t.lower_content(ino, &s) {
+                Some(content) => {
+                    spec.size = 0;
+                    lower = Some(content);
+                }
+                None => source = Source::Node(ino),
+            }
+        }
+        let node = self.walk.push(name.to_vec(), spec, source, link_key);
+        self.walk.nodes[parent].children.push(node);
+        if let Some(content) = lower {
+            self.lower_files.push((node, content));
+        }
+        Ok(Some(node))
+    }
+
+    /// Adds the whole subtree of directory `ino` under walk node `node`.
+    fn add_subtree(&mut self, node: usize, ino: u64) -> FsResult<()> {
+        if self.walk.nodes[node].spec.kind != Some(Kind::Dir) {
+            return Ok(());
+        }
+        let mut pending = vec![(node, ino)];
+        while let Some((node, ino)) = pending.pop() {
+            for (child, name, kind) in self.t.readdir(ino)? {
+                if let Some(c) = self.add(node, &name, child)? {
+                    if kind == NodeKind::Dir {
+                        pending.push((c, child));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@ async fn tree_of(tmp: &Path, writable: bool) -> MountTree {
     let upper = writable.then(|| UpperConfig {
         dir: tmp.join("upper"),
         quota: None,
+        inodes: None,
         journal: false,
     });
     MountTree::new(stack, upper).unwrap()
@@ -36,6 +37,7 @@ async fn journaled(tmp: &Path) -> (Arc<LayerStack>, UpperConfig, MountTree) {
     let upper = UpperConfig {
         dir: tmp.join("upper"),
         quota: None,
+        inodes: None,
         journal: true,
     };
     let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
@@ -341,6 +343,7 @@ async fn an_unreadable_journal_is_a_clear_error() {
     let upper = UpperConfig {
         dir,
         quota: None,
+        inodes: None,
         journal: true,
     };
     let e = MountTree::recover(stack, upper).err().unwrap();
