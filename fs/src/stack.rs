@@ -379,6 +379,17 @@ impl LayerStack {
             .collect())
     }
 
+    /// Every extended attribute of a node, names with values.
+    pub fn xattrs(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let (layer, e) = self.top(ino)?;
+        Ok(layer
+            .manifest
+            .xattrs(&e)
+            .into_iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect())
+    }
+
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
         let (layer, e) = self.top(ino)?;
         Ok(layer

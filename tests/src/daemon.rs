@@ -84,6 +84,11 @@ impl Daemon {
         Strata::new(env)
     }
 
+    /// The daemon's control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

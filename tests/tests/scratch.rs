@@ -386,3 +386,95 @@ fn open_files_outlive_their_names() {
     drop((m, d));
     let _ = fs::remove_dir_all(&work);
 }
+
+fn statvfs(path: &Path) -> libc::statvfs {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a zeroed out-struct.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0, "statvfs {path:?}");
+        s
+    }
+}
+
+#[test]
+fn a_mount_cannot_make_more_nodes_than_its_inode_limit() {
+    let work = strata_tests::scratch_dir("scratch-inodes");
+    let store = garage::bucket("scratch-inodes");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    publish_base(&d, &work, &store);
+    let m = d
+        .mount_with(
+            &store,
+            &work.join("m"),
+            &["base:v1"],
+            &["--scratch-inodes", "50"],
+        )
+        .unwrap();
+    let before = statvfs(&m.path(""));
+    assert!(
+        before.f_ffree > 0 && before.f_ffree <= 50,
+        "free inodes {} with a limit of 50",
+        before.f_ffree
+    );
+    assert!(before.f_files >= before.f_ffree);
+    // Files one after another until the upper is full: ENOSPC, at the limit, not before.
+    let mut made = 0;
+    let err = loop {
+        match fs::write(m.path(&format!("f{made}")), b"x") {
+            Ok(()) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made <= 50, "the limit of 50 was not enforced");
+    };
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    assert!(
+        made >= 45,
+        "only {made} files before ENOSPC with a limit of 50"
+    );
+    let e = fs::create_dir(m.path("another-dir")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::ENOSPC, "{e}");
+    assert_eq!(statvfs(&m.path("")).f_ffree, 0);
+    // What was made is intact, and the layers are still read.
+    for i in 0..made {
+        assert_eq!(fs::read(m.path(&format!("f{i}"))).unwrap(), b"x");
+    }
+    assert!(m.path("etc/keep.txt").exists());
+    drop(m);
+    let _ = fs::remove_dir_all(&work);
+}
+
+#[test]
+fn a_bug_in_one_request_costs_that_request_alone() {
+    let work = strata_tests::scratch_dir("scratch-panic");
+    let store = garage::bucket("scratch-panic");
+    let mut env = garage::shared().env();
+    // Debug builds panic on a lookup of this name (a stand-in for any bug in a handler).
+    env.push(("STRATA_TEST_PANIC_LOOKUP".into(), "boom".into()));
+    let d = Daemon::start(env, &work.join("daemon"), &[]).unwrap();
+    // The control socket is born with its final mode: no window where others may connect.
+    let mode = fs::metadata(d.socket()).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    publish_base(&d, &work, &store);
+    let a = d.mount(&store, &work.join("a"), &["base:v1"]).unwrap();
+    let b = d.mount(&store, &work.join("b"), &["base:v1"]).unwrap();
+    for _ in 0..3 {
+        let e = fs::metadata(a.path("boom")).unwrap_err();
+        assert_eq!(errno_of(&e), libc::EIO, "{e}");
+    }
+    // The same mount, the other mount and the daemon go on.
+    assert_eq!(
+        fs::read(a.path("etc/keep.txt")).unwrap(),
+        fs::read(b.path("etc/keep.txt")).unwrap()
+    );
+    fs::write(a.path("after.txt"), b"still here").unwrap();
+    assert_eq!(fs::read(a.path("after.txt")).unwrap(), b"still here");
+    assert!(d.stats().is_object());
+    assert!(
+        d.log_text().contains("internal error in lookup"),
+        "the panic is not logged: {}",
+        d.log_text()
+    );
+    drop((a, b));
+    let _ = fs::remove_dir_all(&work);
+}

@@ -144,7 +144,8 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
     }
     let mut missing = Vec::new();
     let mut at = dir;
-    while !at.is_dir() {
+    // A relative root ends in "", which is the current directory.
+    while !at.as_os_str().is_empty() && !at.is_dir() {
         missing.push(at.to_path_buf());
         match at.parent() {
             Some(p) => at = p,
@@ -158,8 +159,9 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        if let Some(p) = d.parent() {
-            sync_dir(p)?;
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
         }
     }
     Ok(())

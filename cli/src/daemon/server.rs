@@ -168,7 +168,12 @@ impl Daemon {
                 // daemon fail at every start forever.
                 let give_up = attempts.failed("the daemon stopped during the commit".into());
                 if let Err(e) = attempts.write(&dir) {
-                    tracing::warn!("{e:#}");
+                    // Uncounted, a try that takes the daemon down could repeat at every start.
+                    tracing::error!(
+                        "{e:#}; not trying to commit {} until it can be counted",
+                        dir.display()
+                    );
+                    continue;
                 }
                 let this = Arc::clone(&self);
                 let try_dir = dir.clone();

@@ -76,10 +76,18 @@ impl Attempts {
         self.count >= QUARANTINE_AFTER
     }
 
+    /// Writes the record durably (temp file, sync, rename): the count must survive the
+    /// crash it exists to count.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let path = dir.join(ATTEMPTS_FILE);
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("writing {}", path.display()))
+        let tmp = dir.join(format!("{ATTEMPTS_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().with_context(|| format!("writing {}", path.display()))
     }
 }
 
@@ -142,8 +150,12 @@ pub fn kept_record(
         .file_name()
         .map_or("kept".into(), |n| n.to_string_lossy().into_owned());
     let host = host_name();
-    let mut id: String = format!("{host}-{name}");
-    id.truncate(128);
+    // At most 128 bytes, cut at a character (an operator may name a directory anything).
+    let id: String = format!("{host}-{name}")
+        .char_indices()
+        .take_while(|(i, c)| i + c.len_utf8() <= 128)
+        .map(|(_, c)| c)
+        .collect();
     volume::KeptRecord {
         id,
         host,
@@ -307,6 +319,8 @@ impl VolumeMount {
         scratch: &Path,
     ) -> anyhow::Result<volume::Committed> {
         let mut base = self.base.lock().await;
+        // One moment of the mount: changes wait until its bytes are read and uploaded.
+        let held = tree.hold_changes().await;
         // What is committed must be in the journal first: a crash after this commit must not
         // commit an older state on top of it.
         tree.save_journal()
@@ -340,6 +354,7 @@ impl VolumeMount {
         )
         .await
         .with_context(|| format!("committing volume {}", self.volume))?;
+        drop(held);
         base.committed = Some(fingerprint);
         if let (Some((head, version)), Some(c)) = (&committed.head, &committed.commit) {
             base.head = head.clone();
@@ -492,7 +507,7 @@ pub fn kept_uppers(state_dir: &Path) -> Vec<PathBuf> {
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .map(|e| e.path())
                 .filter(|p| {
-                    // A commit's staging dir left by a crash: nothing to keep.
+                    // A staging dir an older version left in a crash: nothing to keep.
                     let staging = p.extension().is_some_and(|x| x == "stage");
                     if staging {
                         let _ = std::fs::remove_dir_all(p);
@@ -558,4 +573,47 @@ pub async fn commit_kept(
     drop(tree);
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_upper_waits_longer_each_time_then_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let kept = state.join("uncommitted").join("1-abc");
+        std::fs::create_dir_all(&kept).unwrap();
+        std::fs::write(kept.join("journal"), b"records").unwrap();
+        let mut a = Attempts::read(&kept);
+        assert!(a.due(), "a new upper is tried at once");
+        let mut waits = Vec::new();
+        for n in 1..=QUARANTINE_AFTER {
+            let give_up = a.failed(format!("try {n}"));
+            a.write(&kept).unwrap();
+            waits.push(a.next_try_at.saturating_sub(now_secs()));
+            assert_eq!(give_up, n == QUARANTINE_AFTER, "try {n}");
+            assert!(
+                !Attempts::read(&kept).due(),
+                "try {n} is not due again at once"
+            );
+        }
+        // 30 s, 60 s, 120 s, … capped at an hour (a second of slack for the clock).
+        assert!((29..=30).contains(&waits[0]), "{waits:?}");
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert!(*waits.last().unwrap() <= 3600, "{waits:?}");
+        let read = Attempts::read(&kept);
+        assert_eq!(read.count, QUARANTINE_AFTER);
+        assert_eq!(read.last_error, format!("try {QUARANTINE_AFTER}"));
+
+        let to = quarantine(&state, &kept).unwrap();
+        assert!(!kept.exists());
+        assert_eq!(std::fs::read(to.join("journal")).unwrap(), b"records");
+        assert_eq!(quarantined(&state), vec![to.clone()]);
+        assert!(
+            kept_uppers(&state).is_empty(),
+            "a quarantined upper is not retried"
+        );
+    }
 }

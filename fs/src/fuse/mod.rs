@@ -65,6 +65,18 @@ fn guarded(op: &'static str, handler: impl FnOnce()) {
     }
 }
 
+/// Debug builds only: a lookup of the name in `STRATA_TEST_PANIC_LOOKUP` panics, so that the
+/// end-to-end tests can show what a bug costs (one request, answered EIO).
+fn panic_hook_for_tests(name: &OsStr) {
+    if cfg!(debug_assertions) {
+        static NAME: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+        let wanted = NAME.get_or_init(|| std::env::var_os("STRATA_TEST_PANIC_LOOKUP"));
+        if wanted.as_deref() == Some(name) {
+            panic!("test hook: lookup of {name:?}");
+        }
+    }
+}
+
 /// A directory's entries as one open handle sees them: (inode, name, kind).
 type Listing = Arc<Vec<(u64, Vec<u8>, NodeKind)>>;
 
@@ -371,6 +383,7 @@ impl Filesystem for StrataFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
+            panic_hook_for_tests(name);
             match self.tree.lookup(parent.0, name.as_bytes()) {
                 // A negative entry (inode 0): the kernel remembers the name is absent, so a
                 // program probing for files (Python's imports) asks once. Names only appear

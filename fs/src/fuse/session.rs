@@ -235,7 +235,11 @@ fn unmount_as_root(path: &Path, lazy: bool) -> Result<(), FsError> {
     let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Err(not_ours());
     };
-    let dir = open_dir_no_symlinks(parent).map_err(|e| {
+    // Symlinks in the path as given are the caller's to use; from here on nothing is
+    // followed, and the entry must still be a strata mount's root when it is unmounted.
+    let parent = std::fs::canonicalize(parent).map_err(|e| FsError::io(parent, e))?;
+    let abs = parent.join(name);
+    let dir = open_dir_no_symlinks(&parent).map_err(|e| {
         FsError::io(
             path,
             std::io::Error::new(

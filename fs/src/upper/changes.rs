@@ -256,7 +256,7 @@ impl MountTree {
                         }
                         continue;
                     }
-                    Err(_) => continue, // under a non-directory now: the changes place that
+                    Err(e) => return Err(e),
                 };
                 let is_dir = match tree.nodes.get(&ino) {
                     Some(n) => n.is_dir(),

@@ -260,6 +260,7 @@ impl MountTree {
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let _pass = self.gate.pass();
         self.upper()?;
         let end = offset
             .checked_add(data.len() as u64)
@@ -366,6 +367,7 @@ impl MountTree {
 
     /// chmod, chown, truncate, utimes.
     pub async fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Stat> {
+        let _pass = self.gate.pass();
         self.upper()?;
         let lock = match s.size {
             Some(_) => Some(self.write_lock(ino)?),
@@ -445,6 +447,7 @@ impl MountTree {
     /// fallocate: allocation (mode 0, or keeping the size), hole punching and zeroing a
     /// range (`FALLOC_FL_PUNCH_HOLE`, `FALLOC_FL_ZERO_RANGE`).
     pub async fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        let _pass = self.gate.pass();
         self.upper()?;
         let supported =
             libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;

@@ -21,6 +21,7 @@ mod changes;
 #[cfg(test)]
 mod changes_tests;
 mod data;
+pub mod gate;
 mod journal;
 mod node;
 mod stage;
@@ -165,6 +166,8 @@ pub struct MountTree {
     next_ino: AtomicU64,
     /// What the journal on disk holds (journaled uppers only); also serializes its writers.
     journal: Mutex<journal::JournalState>,
+    /// Every change passes it; a live commit closes it while it captures the mount.
+    gate: gate::Gate,
 }
 
 fn errno(e: i32) -> FsError {
@@ -206,7 +209,14 @@ impl MountTree {
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
             journal: Mutex::new(Default::default()),
+            gate: Default::default(),
         })
+    }
+
+    /// Holds back every change to the mount until the guard is dropped, once the changes
+    /// under way have finished: a commit captures one moment of the mount (see `gate`).
+    pub async fn hold_changes(&self) -> gate::Closed<'_> {
+        self.gate.close().await
     }
 
     pub fn stack(&self) -> &Arc<LayerStack> {
@@ -429,15 +439,7 @@ impl MountTree {
                     .count();
                 stat.nlink = 2 + subdirs as u32;
             }
-            let xattrs = self
-                .stack
-                .listxattr(ino)?
-                .into_iter()
-                .filter_map(|n| {
-                    let v = self.stack.getxattr(ino, &n).ok()??;
-                    Some((n, v))
-                })
-                .collect();
+            let xattrs = self.stack.xattrs(ino)?.into_iter().collect();
             let body = match stat.kind {
                 NodeKind::Dir => Body::Dir {
                     lower: Some(ino),
@@ -591,6 +593,7 @@ impl MountTree {
 
     /// Makes a new node `name` in `parent`.
     fn make(&self, parent: u64, name: &[u8], new: NewNode, caller: Caller) -> FsResult<Stat> {
+        let _pass = self.gate.pass();
         let NewNode {
             kind,
             mode,
@@ -740,6 +743,7 @@ impl MountTree {
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> FsResult<Stat> {
+        let _pass = self.gate.pass();
         self.upper()?;
         check_name(name)?;
         let mut tree = self.lock();
@@ -771,6 +775,7 @@ impl MountTree {
     }
 
     fn remove(&self, parent: u64, name: &[u8], dir: bool) -> FsResult<()> {
+        let _pass = self.gate.pass();
         self.upper()?;
         let mut tree = self.lock();
         let ino = self
@@ -821,6 +826,7 @@ impl MountTree {
         new_name: &[u8],
         flags: u32,
     ) -> FsResult<()> {
+        let _pass = self.gate.pass();
         self.upper()?;
         check_name(new_name)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
@@ -892,6 +898,7 @@ impl MountTree {
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        let _pass = self.gate.pass();
         self.upper()?;
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(errno(libc::ERANGE));
@@ -914,6 +921,7 @@ impl MountTree {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        let _pass = self.gate.pass();
         self.upper()?;
         let mut tree = self.lock();
         let n = self.node_mut(&mut tree, ino)?;

@@ -128,6 +128,7 @@ impl MountTree {
             lower_files: Vec::new(),
             // The directories from the root to the last change: (name, walk node, inode).
             cursor: Vec::new(),
+            dirs: Default::default(),
         };
         let root = st.spec_of(ROOT_INO, &self.getattr(ROOT_INO)?)?;
         st.walk.push(Vec::new(), root, Source::Empty, None);
@@ -156,6 +157,16 @@ impl MountTree {
                             st.walk.nodes[node].spec.flags |= FLAG_OPAQUE;
                         }
                         st.add_subtree(node, *ino)?;
+                    } else {
+                        // A FIFO, socket or device is not committed, but what it replaced
+                        // (in the layers, or in an earlier commit of the mount) is gone:
+                        // a whiteout says so, and hides nothing where nothing was.
+                        let spec = EntrySpec {
+                            kind: Some(Kind::Whiteout),
+                            ..Default::default()
+                        };
+                        let w = st.walk.push(name.to_vec(), spec, Source::Empty, None);
+                        st.walk.nodes[parent].children.push(w);
                     }
                 }
                 // A directory changed in place keeps its children from the layers.
@@ -213,6 +224,9 @@ struct Stager<'a> {
     walk: Walk,
     lower_files: Vec<(usize, LowerContent)>,
     cursor: Vec<(Vec<u8>, usize, u64)>,
+    /// The directories in the walk by (parent walk node, name): a change inside a directory
+    /// staged before (placed whole, or on the way) must go into that one.
+    dirs: std::collections::HashMap<(usize, Vec<u8>), usize>,
 }
 
 impl Stager<'_> {
@@ -279,21 +293,13 @@ impl Stager<'_> {
             let (parent, parent_ino) = self.cursor.last().map_or((0, ROOT_INO), |c| (c.1, c.2));
             let ino = self.t.lookup(parent_ino, name)?.ino;
             // A directory placed whole is in the walk already, with its subtree.
-            let existing = self.walk.nodes[parent]
-                .children
-                .iter()
-                .rev()
-                .copied()
-                .find(|&c| {
-                    self.walk.nodes[c].name == *name
-                        && self.walk.nodes[c].spec.kind == Some(Kind::Dir)
-                });
-            let node = match existing {
-                Some(n) => n,
+            let node = match self.dirs.get(&(parent, name.to_vec())) {
+                Some(&n) => n,
                 None => {
                     let spec = self.spec_of(ino, &self.t.getattr(ino)?)?;
                     let n = self.walk.push(name.to_vec(), spec, Source::Empty, None);
                     self.walk.nodes[parent].children.push(n);
+                    self.dirs.insert((parent, name.to_vec()), n);
                     n
                 }
             };
@@ -325,8 +331,12 @@ impl Stager<'_> {
                 None => source = Source::Node(ino),
             }
         }
+        let is_dir = spec.kind == Some(Kind::Dir);
         let node = self.walk.push(name.to_vec(), spec, source, link_key);
         self.walk.nodes[parent].children.push(node);
+        if is_dir {
+            self.dirs.insert((parent, name.to_vec()), node);
+        }
         if let Some(content) = lower {
             self.lower_files.push((node, content));
         }
