@@ -227,8 +227,10 @@ impl MountTree {
     fn write_lock(&self, ino: u64) -> FsResult<Arc<tokio::sync::Mutex<()>>> {
         let mut tree = self.lock();
         let n = self.node_mut(&mut tree, ino)?;
-        match &n.body {
-            Body::File { write_lock, .. } => Ok(write_lock.clone()),
+        match &mut n.body {
+            Body::File { write_lock, .. } => {
+                Ok(write_lock.get_or_insert_with(Default::default).clone())
+            }
             Body::Dir { .. } => Err(errno(libc::EISDIR)),
             _ => Err(errno(libc::EINVAL)),
         }
