@@ -22,4 +22,7 @@ pub mod stack;
 pub mod upper;
 pub mod volume;
 
+#[cfg(test)]
+mod fault_campaign;
+
 pub use error::{FsError, FsResult};
