@@ -24,5 +24,7 @@ pub mod volume;
 
 #[cfg(test)]
 mod fault_campaign;
+#[cfg(test)]
+mod fuzz_tests;
 
 pub use error::{FsError, FsResult};

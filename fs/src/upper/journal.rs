@@ -342,11 +342,18 @@ impl MountTree {
         let tree = MountTree::new(stack, Some(upper))?;
         {
             let mut t = tree.lock();
-            t.used = nodes.values().map(|n| n.charged).sum();
+            t.used = nodes
+                .values()
+                .fold(0u64, |sum, n| sum.saturating_add(n.charged));
             t.nodes = Nodes::from_recovered(nodes);
         }
         // Never below an inode the journal holds, whatever it says.
-        let highest = tree.lock().nodes.keys().max().map_or(0, |i| i + 1);
+        let highest = tree
+            .lock()
+            .nodes
+            .keys()
+            .max()
+            .map_or(0, |i| i.saturating_add(1));
         tree.next_ino.store(
             next_ino.max(highest).max(super::FIRST_UPPER_INO),
             std::sync::atomic::Ordering::Relaxed,
