@@ -128,6 +128,17 @@ async fn cold_reads_and_volume_commits_through_faults_never_see_a_wrong_byte() {
         let faulty = Arc::new(FaultyStore::new(clean_dyn.clone(), faults(seed)));
         let store: Arc<dyn Store> = faulty.clone();
 
+        // The ref, read through the faults: a damaged one is caught (its envelope's checksum)
+        // and fetched again, never believed.
+        let mut resolved = None;
+        for _ in 0..20 {
+            if let Ok(d) = refs::resolve(&store, &r).await {
+                resolved = Some(d);
+                break;
+            }
+        }
+        assert_eq!(resolved, Some(digest), "seed {seed}: the ref read wrong or never");
+
         // A cold read of every file, in 128 KiB reads, the manifest loaded through faults too
         // (a failed load is a failed mount: tried again, as a user would).
         let mut layer = None;

@@ -16,6 +16,7 @@ pub mod layer;
 pub mod manifest;
 pub mod pack;
 pub mod publish;
+pub mod record;
 pub mod refs;
 pub mod squash;
 pub mod stack;

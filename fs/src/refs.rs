@@ -1,10 +1,10 @@
 //! Dataset refs: `name:tag` → layer digest, stored at `refs/<name>/<tag>` as the text
-//! `blake3:<hex>\n`. Refs are the only mutable objects and move by compare-and-swap.
+//! `blake3:<hex>\n` in a checksummed envelope ([`crate::record`]). Refs (with volume heads)
+//! are the mutable objects and move by compare-and-swap.
 
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use cache::{Digest, Store, StoreErrorKind};
 
 use crate::error::{FsError, FsResult};
@@ -89,13 +89,13 @@ pub async fn resolve(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest>
     if let Some(d) = r.pinned {
         return Ok(d);
     }
-    match store.get(&r.key()).await {
+    match crate::record::get(store, &r.key()).await {
         Ok(data) => parse_ref_object(store.as_ref(), &r.key(), &data),
-        Err(e) if e.is_not_found() => Err(FsError::NotFound(format!(
+        Err(FsError::Store(e)) if e.is_not_found() => Err(FsError::NotFound(format!(
             "dataset {r} not found in {}",
             store.url()
         ))),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -111,7 +111,7 @@ pub async fn set(
         )));
     }
     let key = r.key();
-    let current = store.get_versioned(&key).await?;
+    let current = crate::record::get_versioned(store, &key).await?;
     let previous = match &current {
         Some((data, _)) => Some(parse_ref_object(store.as_ref(), &key, data)?),
         None => None,
@@ -119,7 +119,7 @@ pub async fn set(
     if previous == Some(*digest) {
         return Ok(previous);
     }
-    let body = Bytes::from(format!("{digest}\n"));
+    let body = crate::record::seal(format!("{digest}\n").as_bytes());
     match store
         .compare_and_swap(&key, current.as_ref().map(|(_, v)| v), body)
         .await

@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use cache::{Digest, Store, StoreErrorKind, Version};
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +147,7 @@ pub async fn conflicts(store: &Arc<dyn Store>, v: &VolumeRef) -> FsResult<Vec<Co
     let prefix = format!("volumes/{}/{}/conflicts/", v.scope, v.name);
     let mut out = Vec::new();
     for key in store.list(&prefix).await? {
-        let data = store.get(&key).await?;
+        let data = crate::record::get(store, &key).await?;
         let record: ConflictRecord = serde_json::from_slice(&data).map_err(|e| {
             FsError::InvalidInput(format!("{}: unreadable conflict {key:?}: {e}", store.url()))
         })?;
@@ -187,7 +186,7 @@ fn kept_prefix(v: &VolumeRef) -> String {
 /// Records (or updates) a kept upper of `v` in the store.
 pub async fn put_kept(store: &Arc<dyn Store>, v: &VolumeRef, r: &KeptRecord) -> FsResult<()> {
     check_component("kept upper id", &r.id)?;
-    let body = Bytes::from(serde_json::to_vec_pretty(r).expect("serializable"));
+    let body = crate::record::seal(&serde_json::to_vec_pretty(r).expect("serializable"));
     store
         .put(&format!("{}{}", kept_prefix(v), r.id), body)
         .await?;
@@ -205,7 +204,7 @@ pub async fn delete_kept(store: &Arc<dyn Store>, v: &VolumeRef, id: &str) -> FsR
 pub async fn kept(store: &Arc<dyn Store>, v: &VolumeRef) -> FsResult<Vec<KeptRecord>> {
     let mut out = Vec::new();
     for key in store.list(&kept_prefix(v)).await? {
-        let data = store.get(&key).await?;
+        let data = crate::record::get(store, &key).await?;
         let r = serde_json::from_slice(&data).unwrap_or_else(|e| KeptRecord {
             id: key.rsplit('/').next().unwrap_or_default().to_string(),
             host: String::new(),
@@ -248,7 +247,7 @@ pub async fn read_head(
     v: &VolumeRef,
 ) -> FsResult<(VolumeHead, Option<Version>)> {
     let key = v.head_key();
-    match store.get_versioned(&key).await? {
+    match crate::record::get_versioned(store, &key).await? {
         None => Ok((
             VolumeHead {
                 version: 1,
@@ -470,7 +469,8 @@ pub async fn commit(
                 committed_at: commit.committed_at,
             };
             let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
-            let body = Bytes::from(serde_json::to_vec_pretty(&record).expect("serializable"));
+            let body =
+                crate::record::seal(&serde_json::to_vec_pretty(&record).expect("serializable"));
             store.put(&key, body).await?;
             return Ok(Committed {
                 commit: None,
@@ -481,7 +481,7 @@ pub async fn commit(
         }
         let mut next = head.clone();
         next.commits.push(commit.clone());
-        let body = Bytes::from(serde_json::to_vec_pretty(&next).expect("serializable"));
+        let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
         match store
             .compare_and_swap(&v.head_key(), version.as_ref(), body)
             .await
@@ -566,7 +566,7 @@ pub async fn squash(
         version: 1,
         commits: vec![squashed],
     };
-    let body = Bytes::from(serde_json::to_vec_pretty(&next).expect("serializable"));
+    let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
     match store
         .compare_and_swap(&v.head_key(), Some(&version), body)
         .await

@@ -1,0 +1,158 @@
+//! The envelope of the store objects not named by their hash: refs, volume heads, conflict
+//! records and kept-upper records. Content-named objects are checked against their name;
+//! these cannot be, so each carries its own checksum, and a body damaged or cut short in
+//! transit is detected and fetched again instead of failing a mount or, worse, being believed.
+//!
+//! An enveloped object is one header line, then the body verbatim (a ref's digest, a head's
+//! JSON):
+//!
+//! ```text
+//! strata-record 1 <body length> blake3:<64 hex digits of the body's BLAKE3>\n<body>
+//! ```
+//!
+//! Readers ignore fields after these four, so a later version can add one (a publisher's
+//! signature) that older readers pass over. An object that does not start with
+//! `strata-record ` was written before the envelope existed and is read as its plain body.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cache::{Digest, Store, Version};
+
+use crate::error::{FsError, FsResult};
+
+const MAGIC: &str = "strata-record";
+const VERSION: u32 = 1;
+/// A header is far shorter; a longer first line is damage.
+const MAX_HEADER: usize = 1024;
+/// Fetches of an object that arrives damaged, in all.
+const TRIES: usize = 3;
+
+/// `body` in its envelope.
+pub fn seal(body: &[u8]) -> Bytes {
+    let mut out = format!("{MAGIC} {VERSION} {} {}\n", body.len(), Digest::of(body)).into_bytes();
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// The body of an object: checked when enveloped, as is when written before the envelope.
+pub fn open(data: &Bytes) -> Result<Bytes, String> {
+    let prefix = format!("{MAGIC} ");
+    if !data.starts_with(prefix.as_bytes()) {
+        return Ok(data.clone());
+    }
+    let end = data
+        .iter()
+        .take(MAX_HEADER)
+        .position(|&b| b == b'\n')
+        .ok_or("the header line is cut short")?;
+    let header = std::str::from_utf8(&data[..end]).map_err(|_| "the header is not text")?;
+    let mut fields = header.split(' ').skip(1);
+    let version: u32 = fields
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or("no version")?;
+    if version != VERSION {
+        return Err(format!(
+            "envelope version {version}, written by a newer strata (this one reads {VERSION})"
+        ));
+    }
+    let len: usize = fields
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or("no body length")?;
+    let digest = fields
+        .next()
+        .and_then(|d| Digest::parse(d).ok())
+        .ok_or("no checksum")?;
+    let body = data.slice(end + 1..);
+    if body.len() != len {
+        return Err(format!("{} body bytes, the header says {len}", body.len()));
+    }
+    if Digest::of(&body) != digest {
+        return Err("the body does not match its checksum".into());
+    }
+    Ok(body)
+}
+
+fn damaged(store: &dyn Store, key: &str, why: &str) -> FsError {
+    FsError::InvalidInput(format!(
+        "{}: {key:?} arrived damaged {TRIES} times: {why}",
+        store.url()
+    ))
+}
+
+/// Reads the record at `key` and opens its envelope, fetching again when it arrives damaged.
+pub async fn get(store: &Arc<dyn Store>, key: &str) -> FsResult<Bytes> {
+    let mut why = String::new();
+    for _ in 0..TRIES {
+        let data = store.get(key).await?;
+        match open(&data) {
+            Ok(body) => return Ok(body),
+            Err(e) => why = e,
+        }
+    }
+    Err(damaged(store.as_ref(), key, &why))
+}
+
+/// [`get`] with the store's version, for a compare-and-swap; `None` when there is none.
+pub async fn get_versioned(
+    store: &Arc<dyn Store>,
+    key: &str,
+) -> FsResult<Option<(Bytes, Version)>> {
+    let mut why = String::new();
+    for _ in 0..TRIES {
+        let Some((data, version)) = store.get_versioned(key).await? else {
+            return Ok(None);
+        };
+        match open(&data) {
+            Ok(body) => return Ok(Some((body, version))),
+            Err(e) => why = e,
+        }
+    }
+    Err(damaged(store.as_ref(), key, &why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_bodies_open_and_damage_is_caught() {
+        let body = br#"{"version":1,"commits":[]}"#;
+        let sealed = seal(body);
+        assert!(sealed.starts_with(b"strata-record 1 26 blake3:"));
+        assert_eq!(&open(&sealed).unwrap()[..], body);
+        // Every cut and every flipped byte of the body or the header is caught.
+        for cut in 1..sealed.len() {
+            let short = sealed.slice(..cut);
+            if short.starts_with(b"strata-record ") {
+                assert!(open(&short).is_err(), "cut at {cut}");
+            }
+        }
+        let header_len = sealed.iter().position(|&b| b == b'\n').unwrap();
+        for i in 0..sealed.len() {
+            let mut bad = sealed.to_vec();
+            bad[i] ^= 0x20;
+            let bad = Bytes::from(bad);
+            if i < "strata-record ".len() {
+                continue; // no longer an envelope: a legacy body, which the reader checks
+            }
+            let opened = open(&bad);
+            assert!(
+                opened.is_err() || (i <= header_len && opened.as_deref() == Ok(&body[..])),
+                "byte {i} flipped went unnoticed"
+            );
+        }
+        // Fields after the checksum are for later versions; this one passes over them.
+        let mut extra = format!("strata-record 1 26 {} sig:abc\n", Digest::of(body)).into_bytes();
+        extra.extend_from_slice(body);
+        assert_eq!(&open(&Bytes::from(extra)).unwrap()[..], body);
+        // Objects from before the envelope read as they are.
+        let legacy = Bytes::from_static(b"blake3:00\n");
+        assert_eq!(open(&legacy).unwrap(), legacy);
+        assert!(open(&Bytes::from_static(b"strata-record 2 0 x\n"))
+            .unwrap_err()
+            .contains("newer strata"));
+    }
+}
