@@ -137,7 +137,11 @@ async fn cold_reads_and_volume_commits_through_faults_never_see_a_wrong_byte() {
                 break;
             }
         }
-        assert_eq!(resolved, Some(digest), "seed {seed}: the ref read wrong or never");
+        assert_eq!(
+            resolved,
+            Some(digest),
+            "seed {seed}: the ref read wrong or never"
+        );
 
         // A cold read of every file, in 128 KiB reads, the manifest loaded through faults too
         // (a failed load is a failed mount: tried again, as a user would).
