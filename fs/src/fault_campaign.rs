@@ -266,8 +266,12 @@ async fn cold_reads_and_volume_commits_through_faults_never_see_a_wrong_byte() {
     );
     assert_eq!(wrong, 0);
     assert!(
-        total.total() > 0,
-        "no fault was injected: the campaign tested nothing"
+        reads > eios,
+        "no read got through: the campaign tested nothing"
+    );
+    assert!(
+        total.errors > 0 && total.truncated + total.corrupted > 0,
+        "too few faults injected to test anything: {total:?}"
     );
 }
 
@@ -335,4 +339,72 @@ async fn a_publish_killed_after_any_write_is_finished_by_the_next() {
         k += 1;
         assert!(k < 500, "the publish never got through");
     }
+}
+
+/// Every compare-and-swap reply lost: the commit still lands (found on the head), once.
+/// Every read of the ref damaged: an error naming the damage, never a wrong layer.
+#[tokio::test]
+async fn lost_replies_land_and_damaged_refs_are_never_believed() {
+    let tmp = tempfile::tempdir().unwrap();
+    rich_tree(&tmp.path().join("src"));
+    let clean: Arc<dyn Store> = Arc::new(MemoryStore::new("lost"));
+    let r = DatasetRef::parse("rich:v1").unwrap();
+    publish(
+        &tmp.path().join("src"),
+        &clean,
+        Some(&r),
+        &PublishOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let digest = refs::resolve(&clean, &r).await.unwrap();
+
+    let damaging: Arc<dyn Store> = Arc::new(FaultyStore::new(
+        clean.clone(),
+        FaultConfig {
+            corrupt: 1.0,
+            ..FaultConfig::default()
+        },
+    ));
+    let e = refs::resolve(&damaging, &r).await.unwrap_err();
+    assert!(e.to_string().contains("arrived damaged"), "{e}");
+
+    let losing = Arc::new(FaultyStore::new(
+        clean.clone(),
+        FaultConfig {
+            lost_cas_reply: 1.0,
+            ..FaultConfig::default()
+        },
+    ));
+    let store: Arc<dyn Store> = losing.clone();
+    let base = Layer::load(&clean, digest, None).await.unwrap();
+    let stack = Arc::new(LayerStack::new(vec![base], cache_over(clean.clone())).unwrap());
+    let t = MountTree::new(
+        stack,
+        Some(UpperConfig {
+            dir: tmp.path().join("upper"),
+            quota: None,
+            inodes: None,
+            journal: true,
+        }),
+    )
+    .unwrap();
+    let f = t
+        .create(ROOT_INO, b"x", 0o644, Caller { uid: 0, gid: 0 })
+        .unwrap();
+    t.release(f.ino);
+    let v = VolumeRef::parse("lost/replies").unwrap();
+    let (head0, version0) = read_head(&clean, &v).await.unwrap();
+    let c = commit(&store, &v, &t, (&head0, version0.as_ref()), None)
+        .await
+        .unwrap();
+    assert!(
+        c.conflict.is_none() && c.commit.is_some(),
+        "{:?}",
+        c.conflict
+    );
+    assert!(losing.counts().lost_cas_replies >= 1);
+    let (head, _) = read_head(&clean, &v).await.unwrap();
+    assert_eq!(head.commits.len(), 1, "landed once: {head:?}");
 }

@@ -39,7 +39,18 @@ pub fn seal(body: &[u8]) -> Bytes {
 pub fn open(data: &Bytes) -> Result<Bytes, String> {
     let prefix = format!("{MAGIC} ");
     if !data.starts_with(prefix.as_bytes()) {
-        return Ok(data.clone());
+        // Objects from before the envelope were a digest (`blake3:…`, or bare hex) or JSON;
+        // anything else is an envelope damaged at its start, to be fetched again.
+        let plain = match data.first() {
+            Some(b'{') | Some(b'b') => true,
+            Some(c) => c.is_ascii_hexdigit(),
+            None => false,
+        };
+        return if plain {
+            Ok(data.clone())
+        } else {
+            Err("neither a record envelope nor a plain record".into())
+        };
     }
     let end = data
         .iter()
@@ -135,8 +146,10 @@ mod tests {
             let mut bad = sealed.to_vec();
             bad[i] ^= 0x20;
             let bad = Bytes::from(bad);
-            if i < "strata-record ".len() {
-                continue; // no longer an envelope: a legacy body, which the reader checks
+            if i == 0 {
+                // 's' ^ 0x20 is 'S': neither an envelope nor a plain record.
+                assert!(open(&bad).is_err());
+                continue;
             }
             let opened = open(&bad);
             assert!(
@@ -148,9 +161,13 @@ mod tests {
         let mut extra = format!("strata-record 1 26 {} sig:abc\n", Digest::of(body)).into_bytes();
         extra.extend_from_slice(body);
         assert_eq!(&open(&Bytes::from(extra)).unwrap()[..], body);
-        // Objects from before the envelope read as they are.
+        // Objects from before the envelope read as they are; a damaged start is damage.
         let legacy = Bytes::from_static(b"blake3:00\n");
         assert_eq!(open(&legacy).unwrap(), legacy);
+        let json = Bytes::from_static(b"{\"version\":1}");
+        assert_eq!(open(&json).unwrap(), json);
+        assert!(open(&Bytes::from_static(b"strata-rec")).is_err());
+        assert!(open(&Bytes::new()).is_err());
         assert!(open(&Bytes::from_static(b"strata-record 2 0 x\n"))
             .unwrap_err()
             .contains("newer strata"));

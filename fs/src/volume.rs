@@ -386,6 +386,10 @@ pub async fn commit(
     base: (&VolumeHead, Option<&Version>),
     earlier: Option<Earlier<'_>>,
 ) -> FsResult<Committed> {
+    // One moment of the mount: changes wait until it is captured, journaled (a crash after
+    // this commit must not recommit an older state on top of it) and its bytes uploaded.
+    let held = tree.hold_changes().await;
+    tree.save_journal()?;
     let changed = match earlier {
         Some(e) => tree.with_removals_since(e.last, tree.changes()?)?,
         None => tree.changes()?,
@@ -417,6 +421,7 @@ pub async fn commit(
         }
     }
     let (report, changes, layer) = crate::delta::publish_changes(store, tree, &changed).await?;
+    drop(held);
     let commit = Commit {
         layer: layer.to_string(),
         committed_at: std::time::SystemTime::now()
@@ -440,11 +445,18 @@ pub async fn commit(
         // A compare-and-swap whose reply was lost, or a crash between it and the mount's
         // record: this very layer is on the head already. It landed; it is no conflict.
         if round > 0 {
-            if let Some(c) = expand(&head.commits)
-                .into_iter()
-                .find(|c| c.layer == commit.layer)
-            {
-                let landed = c.clone();
+            // Only after the tip this commit started from: the same layer further down is
+            // an earlier commit's (the same changes made again), not this one.
+            let chain = expand(&head.commits);
+            let after_base = match expand(&base_head.commits).last() {
+                None => &chain[..],
+                Some(tip) => chain
+                    .iter()
+                    .rposition(|c| c.layer == tip.layer)
+                    .map_or(&chain[..0], |i| &chain[i + 1..]),
+            };
+            if let Some(c) = after_base.iter().find(|c| c.layer == commit.layer) {
+                let landed: Commit = (*c).clone();
                 if let Some(version) = version.clone() {
                     return Ok(Committed {
                         commit: Some(landed),

@@ -39,8 +39,8 @@ pub struct MountSpec {
     /// Bytes the scratch upper may take on disk.
     #[serde(default)]
     pub scratch_size: Option<u64>,
-    /// Inodes the upper may make (files, directories, links...); the daemon's default
-    /// ([`DEFAULT_SCRATCH_INODES`]) when unset.
+    /// Records the upper may hold (nodes made or changed; hard links are not counted); the
+    /// daemon's default ([`DEFAULT_SCRATCH_INODES`]) when unset.
     #[serde(default)]
     pub scratch_inodes: Option<u64>,
     /// A persistent volume `SCOPE/NAME`: its committed chain is stacked on the layers, and the

@@ -319,8 +319,6 @@ impl VolumeMount {
         scratch: &Path,
     ) -> anyhow::Result<volume::Committed> {
         let mut base = self.base.lock().await;
-        // One moment of the mount: changes wait until its bytes are read and uploaded.
-        let held = tree.hold_changes().await;
         // What is committed must be in the journal first: a crash after this commit must not
         // commit an older state on top of it.
         tree.save_journal()
@@ -354,7 +352,6 @@ impl VolumeMount {
         )
         .await
         .with_context(|| format!("committing volume {}", self.volume))?;
-        drop(held);
         base.committed = Some(fingerprint);
         if let (Some((head, version)), Some(c)) = (&committed.head, &committed.commit) {
             base.head = head.clone();

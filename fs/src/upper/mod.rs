@@ -594,6 +594,19 @@ impl MountTree {
     /// Makes a new node `name` in `parent`.
     fn make(&self, parent: u64, name: &[u8], new: NewNode, caller: Caller) -> FsResult<Stat> {
         let _pass = self.gate.pass();
+        self.make_passed(parent, name, new, caller)
+    }
+
+    /// [`MountTree::make`] for a caller that holds a pass already (passes do not nest: a
+    /// commit closing the gate between two would wait on the first while the second waits
+    /// on it).
+    fn make_passed(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new: NewNode,
+        caller: Caller,
+    ) -> FsResult<Stat> {
         let NewNode {
             kind,
             mode,
@@ -708,7 +721,9 @@ impl MountTree {
             file: None,
             write_lock: Default::default(),
         };
-        let stat = self.make(
+        // One pass for the node and its data file: a commit must not find one without the other.
+        let _pass = self.gate.pass();
+        let stat = self.make_passed(
             parent,
             name,
             NewNode::new(NodeKind::File, mode, body),
@@ -716,7 +731,7 @@ impl MountTree {
         )?;
         let path = self.data_path(stat.ino)?;
         if let Err(e) = std::fs::File::create(&path) {
-            let _ = self.unlink(parent, name);
+            let _ = self.remove_passed(parent, name, false);
             return Err(FsError::io(path, e));
         }
         self.lock().dir_unsynced = true;
@@ -776,6 +791,11 @@ impl MountTree {
 
     fn remove(&self, parent: u64, name: &[u8], dir: bool) -> FsResult<()> {
         let _pass = self.gate.pass();
+        self.remove_passed(parent, name, dir)
+    }
+
+    /// [`MountTree::remove`] for a caller that holds a pass already.
+    fn remove_passed(&self, parent: u64, name: &[u8], dir: bool) -> FsResult<()> {
         self.upper()?;
         let mut tree = self.lock();
         let ino = self
