@@ -78,6 +78,19 @@ pub struct Commit {
     /// out), so that a mount started from one of them can still rebase onto it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub squashed: Vec<Commit>,
+    /// The BLAKE3 of the upper's state it captured (`MountTree::fingerprint`): a commit tried
+    /// again after its compare-and-swap reply was lost, or after a crash, recognizes itself
+    /// on the head by it even when its layer came out different (packs are cut as uploads
+    /// finish).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<String>,
+}
+
+impl Commit {
+    /// Whether `other` on a head is this commit, landed.
+    fn is(&self, other: &Commit) -> bool {
+        other.layer == self.layer || (self.upper.is_some() && other.upper == self.upper)
+    }
 }
 
 /// Commits a squash remembers: a mount that started before the last this many commits
@@ -390,6 +403,7 @@ pub async fn commit(
     // this commit must not recommit an older state on top of it) and its bytes uploaded.
     let held = tree.hold_changes().await;
     tree.save_journal()?;
+    let fingerprint = tree.fingerprint()?.to_hex().to_string();
     let changed = match earlier {
         Some(e) => tree.with_removals_since(e.last, tree.changes()?)?,
         None => tree.changes()?,
@@ -432,6 +446,7 @@ pub async fn commit(
         paths,
         attrs,
         squashed: Vec::new(),
+        upper: Some(fingerprint),
     };
     let (base_head, base_version) = base;
     let (origin, own) = match earlier {
@@ -455,7 +470,7 @@ pub async fn commit(
                     .rposition(|c| c.layer == tip.layer)
                     .map_or(&chain[..0], |i| &chain[i + 1..]),
             };
-            if let Some(c) = after_base.iter().find(|c| c.layer == commit.layer) {
+            if let Some(c) = after_base.iter().find(|c| commit.is(c)) {
                 let landed: Commit = (*c).clone();
                 if let Some(version) = version.clone() {
                     return Ok(Committed {
@@ -510,9 +525,7 @@ pub async fn commit(
             // The write may have landed with its reply lost: the next round finds out.
             Err(e) => match read_head(store, v).await {
                 Ok((newer, newer_version))
-                    if expand(&newer.commits)
-                        .iter()
-                        .any(|c| c.layer == commit.layer) =>
+                    if expand(&newer.commits).iter().any(|c| commit.is(c)) =>
                 {
                     (head, version) = (newer, newer_version);
                     continue;
@@ -573,6 +586,7 @@ pub async fn squash(
                 })
                 .collect()
         },
+        upper: None,
     };
     let next = VolumeHead {
         version: 1,
@@ -683,6 +697,7 @@ mod tests {
             paths,
             attrs,
             squashed: Vec::new(),
+            upper: None,
         };
         let empty = VolumeHead {
             version: 1,
