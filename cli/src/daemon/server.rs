@@ -572,13 +572,23 @@ impl Daemon {
         let mounts = Arc::clone(&self.mounts);
         tokio::spawn(async move {
             // SAFETY: the OwnedFd keeps the pidfd open, unchanged, as long as the AsyncFd.
-            match unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
-                // Readable once the process has exited.
-                Ok(fd) => drop(fd.readable().await),
+            let fd = match unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
+                Ok(fd) => fd,
                 Err(e) => {
                     tracing::warn!("watching the client of {}: {e}", mp.display());
                     return;
                 }
+            };
+            // Readable once the process has exited; a wakeup is only a hint (readiness may be
+            // spurious), so the process is asked before its mount is taken away.
+            loop {
+                let Ok(mut ready) = fd.readable().await else {
+                    return; // the runtime is going down: the daemon unmounts everything
+                };
+                if process_gone(fd.get_ref()) {
+                    break;
+                }
+                ready.clear_ready();
             }
             let still = mounts
                 .lock()
@@ -793,6 +803,22 @@ impl Daemon {
             kept,
         }
     }
+}
+
+/// Whether the process behind `pidfd` has exited (signal 0 finds no process).
+fn process_gone(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal with a pidfd we own, signal 0 (nothing is sent) and no info.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// A pidfd for process `pid`; `None` where the kernel has no pidfds (the mount then lives
