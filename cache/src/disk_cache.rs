@@ -87,6 +87,9 @@ struct State {
     writing: HashSet<Key>,
     /// Files being read right now, with their reader counts: eviction passes over them.
     pinned: HashMap<Key, u32>,
+    /// Files evicted or dropped whose unlink is under way (outside the lock): not written
+    /// again until it is done, so the unlink cannot take a new file with it.
+    removing: HashSet<Key>,
     used: u64,
     evictions: u64,
 }
@@ -168,6 +171,7 @@ impl DiskCache {
             lru: LruCache::unbounded(),
             writing: HashSet::new(),
             pinned: HashMap::new(),
+            removing: HashSet::new(),
             used: 0,
             evictions: 0,
         };
@@ -190,13 +194,8 @@ impl DiskCache {
             state: Mutex::new(state),
             temp_counter: AtomicU64::new(0),
         };
-        {
-            let mut state = cache
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            cache.evict_until(&mut state, 0);
-        }
+        let evicted = cache.evict_until(&mut cache.lock(), 0);
+        cache.unlink(evicted);
         Ok(cache)
     }
 
@@ -209,10 +208,20 @@ impl DiskCache {
         self.dir.join(subdir).join(&hex[..2]).join(hex)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Evicts least recently used files until `incoming` more bytes fit. Pinned ones (being
-    /// read) stay, at the cold end.
-    fn evict_until(&self, state: &mut State, incoming: u64) {
+    /// read) stay, at the cold end. Returns the evicted keys, to [`DiskCache::unlink`] once
+    /// the lock is released: every reader and writer of the cache waits on that lock, and an
+    /// unlink waits on the disk.
+    #[must_use]
+    fn evict_until(&self, state: &mut State, incoming: u64) -> Vec<Key> {
         let mut passed_over = Vec::new();
+        let mut evicted = Vec::new();
         while state.used + incoming > self.capacity {
             let Some((key, entry)) = state.lru.pop_lru() else {
                 break;
@@ -223,16 +232,33 @@ impl DiskCache {
             }
             state.used -= entry.size;
             state.evictions += 1;
-            self.forget_use(&key);
-            if let Err(e) = fs::remove_file(self.path(&key)) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!("evicting {key}: {e}");
-                }
-            }
+            state.removing.insert(key);
+            evicted.push(key);
         }
         for (key, entry) in passed_over {
             state.lru.push(key, entry);
             state.lru.demote(&key);
+        }
+        evicted
+    }
+
+    /// Removes the files of keys marked as being removed, and their last uses, without the
+    /// lock; then lets them be cached again.
+    fn unlink(&self, keys: Vec<Key>) {
+        if keys.is_empty() {
+            return;
+        }
+        for key in &keys {
+            self.forget_use(key);
+            if let Err(e) = fs::remove_file(self.path(key)) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("removing {key} from the cache: {e}");
+                }
+            }
+        }
+        let mut state = self.lock();
+        for key in &keys {
+            state.removing.remove(key);
         }
     }
 
@@ -435,12 +461,11 @@ impl DiskCache {
     }
 
     fn forget(&self, key: &Key) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(e) = state.lru.pop(key) {
-            state.used -= e.size;
+        {
+            let mut state = self.lock();
+            if let Some(e) = state.lru.pop(key) {
+                state.used -= e.size;
+            }
         }
         self.forget_use(key);
     }
@@ -475,8 +500,14 @@ impl DiskCache {
     }
 
     fn remove(&self, key: &Key) {
-        self.forget(key);
-        let _ = fs::remove_file(self.path(key));
+        {
+            let mut state = self.lock();
+            if let Some(e) = state.lru.pop(key) {
+                state.used -= e.size;
+            }
+            state.removing.insert(*key);
+        }
+        self.unlink(vec![*key]);
     }
 
     /// Stores a verified chunk. Chunks larger than the whole budget are not cached.
@@ -507,24 +538,29 @@ impl DiskCache {
         size: u64,
         write: impl FnOnce(&mut fs::File) -> io::Result<()>,
     ) -> io::Result<bool> {
-        {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if size > self.capacity || state.lru.contains(&key) || state.writing.contains(&key) {
+        let evicted = {
+            let mut state = self.lock();
+            if size > self.capacity
+                || state.lru.contains(&key)
+                || state.writing.contains(&key)
+                || state.removing.contains(&key)
+            {
                 return Ok(false);
             }
-            self.evict_until(&mut state, size);
+            let evicted = self.evict_until(&mut state, size);
             if state.used + size > self.capacity {
                 // Everything evictable is gone and writes in flight hold the rest: skip
                 // caching rather than go over the budget.
+                drop(state);
+                self.unlink(evicted);
                 return Ok(false);
             }
             // Reserve now; the entry is visible only once the file is in place (below).
             state.used += size;
             state.writing.insert(key);
-        }
+            evicted
+        };
+        self.unlink(evicted);
         let written = self.write_file(&key, size, write);
         let mut state = self
             .state
@@ -826,5 +862,41 @@ mod tests {
         assert!(cache.open_file(&other).is_none());
         let shard = tmp.path().join("files").join(&other.to_hex()[..2]);
         assert_eq!(fs::read_dir(shard).unwrap().count(), 0, "no temp file left");
+    }
+
+    /// Eviction unlinks outside the lock: racing inserts, reads and evictions of the same
+    /// few chunks must still leave the index and the files in agreement, within budget,
+    /// and every read a hit of the right bytes or a miss.
+    #[test]
+    fn racing_inserts_and_evictions_keep_files_and_index_in_agreement() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 5_000).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; 1000]).collect();
+        let digests: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let (cache, chunks, digests) = (&cache, &chunks, &digests);
+                s.spawn(move || {
+                    for round in 0..2000usize {
+                        let i = (round * 7 + t * 5) % chunks.len();
+                        cache.insert(&digests[i], &chunks[i]);
+                        let j = (round * 3 + t) % chunks.len();
+                        match cache.read(&digests[j]) {
+                            DiskRead::Hit(d) => assert_eq!(d, chunks[j]),
+                            DiskRead::Miss => {}
+                            DiskRead::Corrupt => panic!("chunk {j} read corrupt"),
+                        }
+                    }
+                });
+            }
+        });
+        assert!(du(tmp.path()) <= 5_000);
+        assert_eq!(cache.used(), du(tmp.path()), "index and files agree");
+        let state = cache.lock();
+        assert!(state.removing.is_empty());
+        for (key, entry) in state.lru.iter() {
+            let len = fs::metadata(cache.path(key)).map(|m| m.len());
+            assert_eq!(len.ok(), Some(entry.size), "{key} has its file");
+        }
     }
 }

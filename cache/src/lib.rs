@@ -15,7 +15,9 @@ pub mod blob;
 mod chunk_cache;
 mod digest;
 mod disk_cache;
+pub mod fuzz;
 pub mod locator;
+pub mod rng;
 pub mod store;
 
 pub use assembled::{AssembledFile, FileChunks};

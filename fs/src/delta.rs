@@ -36,7 +36,7 @@ pub async fn publish_changes(
     changes: &[Change],
 ) -> FsResult<(PublishReport, usize, Digest)> {
     let started = std::time::Instant::now();
-    let staged = tree.stage(changes)?;
+    let staged = crate::blocking::blocking(|| tree.stage(changes))?;
     let options = PublishOptions {
         keep_in: Some(tree.stack().cache().cache().clone()),
         ..Default::default()
@@ -254,12 +254,7 @@ mod tests {
         write(tmp, "lower/big.bin", &big);
         write(tmp, "lower/z.txt", b"zzz");
         let stack = Arc::new(stack_of(tmp, &["lower"]).await);
-        let upper = UpperConfig {
-            dir: tmp.join("upper"),
-            quota: None,
-            inodes: None,
-            journal: false,
-        };
+        let upper = UpperConfig::scratch(tmp.join("upper"));
         (MountTree::new(stack, Some(upper)).unwrap(), big)
     }
 
@@ -422,12 +417,7 @@ mod tests {
 
         // A mount of that, changing the bottom file and a directory half-way down.
         let store = t.stack().cache().store().clone();
-        let upper = UpperConfig {
-            dir: tmp.path().join("upper2"),
-            quota: None,
-            inodes: None,
-            journal: true,
-        };
+        let upper = UpperConfig::journaled(tmp.path().join("upper2"));
         let t2 = MountTree::new(Arc::new(s), Some(upper)).unwrap();
         let mut ino = ROOT_INO;
         for level in 0..DEPTH {

@@ -192,12 +192,7 @@ async fn cold_reads_and_volume_commits_through_faults_never_see_a_wrong_byte() {
         // faults; a failed commit is tried again, as the daemon does with a kept upper.
         let v = VolumeRef::parse(&format!("campaign/s{seed}")).unwrap();
         let base = Layer::load(&clean_dyn, digest, None).await.unwrap();
-        let upper = UpperConfig {
-            dir: tmp.path().join(format!("upper-{seed}")),
-            quota: None,
-            inodes: None,
-            journal: true,
-        };
+        let upper = UpperConfig::journaled(tmp.path().join(format!("upper-{seed}")));
         let stack = Arc::new(LayerStack::new(vec![base], cache_over(clean_dyn.clone())).unwrap());
         let t = MountTree::new(stack, Some(upper)).unwrap();
         let caller = Caller { uid: 0, gid: 0 };
@@ -389,12 +384,7 @@ async fn lost_replies_land_and_damaged_refs_are_never_believed() {
     let stack = Arc::new(LayerStack::new(vec![base], cache_over(clean.clone())).unwrap());
     let t = MountTree::new(
         stack,
-        Some(UpperConfig {
-            dir: tmp.path().join("upper"),
-            quota: None,
-            inodes: None,
-            journal: true,
-        }),
+        Some(UpperConfig::journaled(tmp.path().join("upper"))),
     )
     .unwrap();
     let f = t

@@ -1,15 +1,10 @@
 //! Bounded fuzzing of every decoder of bytes that come from the store or the disk: manifests,
-//! blob envelopes, chunk locators, volume heads and records, and upper journals. No nightly
-//! toolchain needed: a seeded mutator (bit flips, byte changes, cuts, splices, repeats) works
-//! on a corpus of valid encodings made here, and every decoder must answer `Ok` or `Err`,
-//! never panic. Journal frames are checksummed, so their mutated payloads get a fresh
-//! checksum, or only the checksum would ever be tested.
-//!
-//! The seed is printed; it is fixed unless `STRATA_FUZZ_SEED=random` (or `=N` to replay one
-//! run); `STRATA_FUZZ_ITERS=N` sets the inputs per target (default 3,000). An input that panics is printed in hex: it becomes a
-//! named regression test.
+//! blob envelopes, chunk locators, volume heads and records, and upper journals, through
+//! [`cache::fuzz`]: every decoder must answer `Ok` or `Err`, never panic. Each target's corpus
+//! is the valid encodings made here plus the inputs kept under `fs/fuzz/corpus/<target>/`.
+//! Journal frames are checksummed, so their mutated payloads get a fresh checksum, or only the
+//! checksum would ever be tested. Seeds and run lengths: see [`cache::fuzz`].
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cache::{blob, Digest};
@@ -20,104 +15,12 @@ use crate::stack::ROOT_INO;
 use crate::upper::{Caller, MountTree, UpperConfig};
 use crate::volume::{ConflictRecord, KeptRecord, VolumeHead};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// One to four random edits of `input`.
-fn mutate(rng: &mut Rng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
-    let mut b = input.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        let at = rng.below(b.len() + 1);
-        match rng.below(7) {
-            0 if !b.is_empty() => {
-                let i = rng.below(b.len());
-                b[i] ^= 1 << rng.below(8);
-            }
-            1 if !b.is_empty() => {
-                let i = rng.below(b.len());
-                b[i] = [0, 0xff, 0x7f, 0x80, 1][rng.below(5)];
-            }
-            2 => b.truncate(at),
-            3 if !b.is_empty() => {
-                let end = (at + rng.below(64)).min(b.len());
-                b.drain(at.min(end)..end);
-            }
-            4 => {
-                let other = &corpus[rng.below(corpus.len())];
-                let from = rng.below(other.len() + 1);
-                let end = (from + rng.below(128)).min(other.len());
-                b.splice(at..at, other[from..end].iter().copied());
-            }
-            5 if !b.is_empty() => {
-                // A little-endian field set to an extreme.
-                let i = rng.below(b.len());
-                let v = [u64::MAX, 0, u32::MAX as u64, 1 << 40][rng.below(4)];
-                for (k, byte) in v.to_le_bytes().iter().enumerate() {
-                    if let Some(x) = b.get_mut(i + k) {
-                        *x = *byte;
-                    }
-                }
-            }
-            _ => {
-                let end = (at + rng.below(32)).min(b.len());
-                let piece = b[at.min(end)..end].to_vec();
-                b.splice(at..at, piece);
-            }
-        }
-    }
-    b
-}
-
-fn seed_and_iters() -> (u64, usize) {
-    // A fixed seed by default, so that a CI run never fails at random; a long hunt sets
-    // STRATA_FUZZ_SEED=random (or a number) and STRATA_FUZZ_ITERS.
-    let seed = match std::env::var("STRATA_FUZZ_SEED").ok().as_deref() {
-        None => 20_261_204,
-        Some("random") => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        }
-        Some(n) => n.parse().expect("STRATA_FUZZ_SEED: a number or `random`"),
-    };
-    let iters = std::env::var("STRATA_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3000);
-    (seed, iters)
-}
-
-/// Runs `target` on `iters` mutations of the corpus; panics name the seed and the input.
-fn fuzz(name: &str, corpus: &[Vec<u8>], target: impl Fn(&[u8])) -> usize {
-    let (seed, iters) = seed_and_iters();
-    println!("fuzz {name}: seed {seed} (replay: STRATA_FUZZ_SEED={seed}), {iters} inputs");
-    let mut rng = Rng(seed ^ blake3::hash(name.as_bytes()).as_bytes()[0] as u64);
-    for input in corpus {
-        target(input);
-    }
-    for i in 0..iters {
-        let pick = rng.below(corpus.len());
-        let input = mutate(&mut rng, &corpus[pick], corpus);
-        if catch_unwind(AssertUnwindSafe(|| target(&input))).is_err() {
-            let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
-            panic!("fuzz {name}: seed {seed}, input {i} panicked: {hex}");
-        }
-    }
-    iters
+/// Runs one target with its kept corpus under `fs/fuzz/corpus/<name>`.
+fn fuzz(name: &str, made: &[Vec<u8>], target: impl Fn(&[u8])) -> usize {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(name.replace(' ', "-"));
+    cache::fuzz::run(name, &dir, made.to_vec(), target)
 }
 
 /// Uses every part of a manifest that parsed, as a mount would.
@@ -224,12 +127,7 @@ async fn journal_recovery_never_panics_on_damaged_frames() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), "l/a/b.txt", b"hello");
     let s = Arc::new(stack_of(tmp.path(), &["l"]).await);
-    let upper = |dir: &str| UpperConfig {
-        dir: tmp.path().join(dir),
-        quota: None,
-        inodes: None,
-        journal: true,
-    };
+    let upper = |dir: &str| UpperConfig::journaled(tmp.path().join(dir));
     // A journal with a snapshot and change frames: files, a directory, a symlink, xattrs.
     let t = MountTree::new(s.clone(), Some(upper("u"))).unwrap();
     let caller = Caller { uid: 0, gid: 0 };
@@ -255,15 +153,7 @@ async fn journal_recovery_never_panics_on_damaged_frames() {
         all[at] = payload.to_vec();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("journal"), journal_of(&all)).unwrap();
-        let _ = MountTree::recover(
-            s.clone(),
-            UpperConfig {
-                dir: dir.clone(),
-                quota: None,
-                inodes: None,
-                journal: true,
-            },
-        );
+        let _ = MountTree::recover(s.clone(), UpperConfig::journaled(dir.clone()));
         let _ = std::fs::remove_dir_all(&dir);
     });
     assert!(n > 0);
@@ -284,12 +174,7 @@ async fn a_journal_naming_the_last_inode_number_recovers_without_overflow() {
     // A snapshot frame from a real journal first, then the damaged changes frame.
     let t = MountTree::new(
         s.clone(),
-        Some(UpperConfig {
-            dir: tmp.path().join("u"),
-            quota: None,
-            inodes: None,
-            journal: true,
-        }),
+        Some(UpperConfig::journaled(tmp.path().join("u"))),
     )
     .unwrap();
     let f = t

@@ -9,6 +9,7 @@
 //! - [`volume`]: persistent volumes: chains of committed delta layers under a CAS'd head.
 //! - [`fuse`]: the thin `fuser` adapter over [`upper::MountTree`].
 
+pub mod blocking;
 pub mod delta;
 pub mod error;
 pub mod fuse;

@@ -123,58 +123,67 @@ pub(crate) struct Walk {
     pub warnings: Vec<String>,
 }
 
+/// Reads a value whose size is asked first (a null buffer), then read into a buffer of that
+/// size: `call(buf)` is the syscall. A value that grew in between (ERANGE) is asked again.
+fn read_sized(call: impl Fn(&mut [u8]) -> isize) -> io::Result<Vec<u8>> {
+    for _ in 0..8 {
+        let size = call(&mut []);
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; size as usize];
+        let got = call(&mut buf);
+        if got >= 0 {
+            buf.truncate(got as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::other("an xattr kept growing while read"))
+}
+
+/// A null pointer for an empty buffer: the size probe.
+fn buf_ptr(buf: &mut [u8]) -> *mut libc::c_void {
+    if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    }
+}
+
 fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: probing sizes with a null buffer, then reading into buffers of that size.
-    let size = unsafe { libc::llistxattr(c_path.as_ptr(), std::ptr::null_mut(), 0) };
-    if size < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENOTSUP) => Ok(Vec::new()),
-            _ => Err(e),
-        };
-    }
-    let mut names = vec![0u8; size as usize];
-    let size = unsafe { libc::llistxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if size < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    names.truncate(size as usize);
+    // SAFETY: c_path is a valid C string; the buffer pointer and length describe `buf`
+    // (a null pointer and 0 to ask the size).
+    let names = match read_sized(|buf| unsafe {
+        libc::llistxattr(c_path.as_ptr(), buf_ptr(buf).cast(), buf.len())
+    }) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let c_name = CString::new(name).map_err(io::Error::other)?;
-        // One that vanished between the listing and now is skipped; any other failure is
-        // an error, not a silently dropped attribute.
-        let gone = |e: io::Error| -> io::Result<()> {
-            match e.raw_os_error() {
-                Some(libc::ENODATA) => Ok(()),
-                _ => Err(io::Error::new(
+        // SAFETY: as above, with c_name a valid C string.
+        let value = read_sized(|buf| unsafe {
+            libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), buf_ptr(buf), buf.len())
+        });
+        match value {
+            Ok(value) => out.push((name.to_vec(), value)),
+            // One that vanished between the listing and now is skipped; any other failure
+            // is an error, not a silently dropped attribute.
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => {
+                return Err(io::Error::new(
                     e.kind(),
                     format!("xattr {}: {e}", String::from_utf8_lossy(name)),
-                )),
+                ))
             }
-        };
-        let len =
-            unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
-        if len < 0 {
-            gone(io::Error::last_os_error())?;
-            continue;
         }
-        let mut value = vec![0u8; len as usize];
-        let len = unsafe {
-            libc::lgetxattr(
-                c_path.as_ptr(),
-                c_name.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if len < 0 {
-            gone(io::Error::last_os_error())?;
-            continue;
-        }
-        value.truncate(len as usize);
-        out.push((name.to_vec(), value));
     }
     out.sort();
     Ok(out)
@@ -772,4 +781,43 @@ pub(crate) async fn publish_walk(
     report.bytes_uploaded = progress.bytes_uploaded.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
     Ok((report, positions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_sized;
+    use std::cell::Cell;
+
+    fn set_errno(e: i32) {
+        // SAFETY: errno is this thread's own.
+        unsafe { *libc::__errno_location() = e };
+    }
+
+    #[test]
+    fn a_value_that_grows_between_size_and_read_is_read_again() {
+        let calls = Cell::new(0);
+        let value = read_sized(|buf| {
+            calls.set(calls.get() + 1);
+            match (calls.get(), buf.len()) {
+                (1, 0) => 3,
+                (2, 3) => {
+                    set_errno(libc::ERANGE); // it grew to 5 bytes meanwhile
+                    -1
+                }
+                (3, 0) => 5,
+                (4, 5) => {
+                    buf.copy_from_slice(b"hello");
+                    5
+                }
+                other => panic!("unexpected call {other:?}"),
+            }
+        })
+        .unwrap();
+        assert_eq!(value, b"hello");
+        let failed = read_sized(|_| {
+            set_errno(libc::EACCES);
+            -1
+        });
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EACCES));
+    }
 }

@@ -95,15 +95,14 @@ fn damaged(store: &dyn Store, key: &str, why: &str) -> FsError {
 
 /// Reads the record at `key` and opens its envelope, fetching again when it arrives damaged.
 pub async fn get(store: &Arc<dyn Store>, key: &str) -> FsResult<Bytes> {
-    let mut why = String::new();
-    for _ in 0..TRIES {
-        let data = store.get(key).await?;
-        match open(&data) {
-            Ok(body) => return Ok(body),
-            Err(e) => why = e,
-        }
-    }
-    Err(damaged(store.as_ref(), key, &why))
+    let fetched = fetch_open(store, key, || async {
+        store.get(key).await.map(|data| Some((data, ())))
+    })
+    .await?;
+    // `get` answers a body or an error: no `None` comes back.
+    fetched
+        .map(|(body, ())| body)
+        .ok_or_else(|| damaged(store.as_ref(), key, "no body"))
 }
 
 /// [`get`] with the store's version, for a compare-and-swap; `None` when there is none.
@@ -111,13 +110,27 @@ pub async fn get_versioned(
     store: &Arc<dyn Store>,
     key: &str,
 ) -> FsResult<Option<(Bytes, Version)>> {
+    fetch_open(store, key, || store.get_versioned(key)).await
+}
+
+/// Fetches through `fetch` and opens the envelope, up to [`TRIES`] times while the body
+/// arrives damaged; `None` when there is no record.
+async fn fetch_open<T, F, Fut>(
+    store: &Arc<dyn Store>,
+    key: &str,
+    fetch: F,
+) -> FsResult<Option<(Bytes, T)>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = cache::store::StoreResult<Option<(Bytes, T)>>>,
+{
     let mut why = String::new();
     for _ in 0..TRIES {
-        let Some((data, version)) = store.get_versioned(key).await? else {
+        let Some((data, extra)) = fetch().await? else {
             return Ok(None);
         };
         match open(&data) {
-            Ok(body) => return Ok(Some((body, version))),
+            Ok(body) => return Ok(Some((body, extra))),
             Err(e) => why = e,
         }
     }

@@ -104,7 +104,34 @@ pub fn merge(chain: &[&Manifest]) -> FsResult<Vec<u8>> {
     };
     let roots: Vec<Src> = (0..chain.len()).rev().map(|l| (l, 0)).collect();
     let root = m.add(&roots);
-    emit(&m, root, &HashMap::new())
+    emit(&m, root, &HashMap::new(), &HashMap::new())
+}
+
+/// Attributes to set on an entry, field by field (`None`: as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttrsOverride {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl AttrsOverride {
+    pub fn is_empty(&self) -> bool {
+        *self == AttrsOverride::default()
+    }
+}
+
+/// `layer` with the attributes of some entries (by index) replaced: a commit rebasing over
+/// newer attribute changes takes them where it changed nothing itself.
+pub fn with_attrs(layer: &Manifest, attrs: &HashMap<u32, AttrsOverride>) -> FsResult<Vec<u8>> {
+    let mut m = Merge {
+        layers: vec![layer],
+        nodes: Vec::new(),
+    };
+    let root = m.add(&[(0, 0)]);
+    let attrs = attrs.iter().map(|(&e, a)| ((0, e), a.clone())).collect();
+    emit(&m, root, &HashMap::new(), &attrs)
 }
 
 /// Where a file's bytes come from, for [`with_content_from`].
@@ -194,7 +221,7 @@ pub fn with_content_from(
         };
         overrides.insert((0, e), o);
     }
-    emit(&m, root, &overrides)
+    emit(&m, root, &overrides, &HashMap::new())
 }
 
 /// A file's bytes as pieces: (hard-link key, size, pieces, skip). Files with the same key are
@@ -229,8 +256,14 @@ fn file_pieces(
     }
 }
 
-/// Encodes the merged tree under `root`; a file in `content` takes its bytes from there.
-fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Override>) -> FsResult<Vec<u8>> {
+/// Encodes the merged tree under `root`; a file in `content` takes its bytes from there, an
+/// entry in `attrs` the attributes it gives.
+fn emit(
+    m: &Merge<'_>,
+    root: usize,
+    content: &HashMap<Src, Override>,
+    attrs: &HashMap<Src, AttrsOverride>,
+) -> FsResult<Vec<u8>> {
     // Breadth-first order, each directory's children contiguous and sorted.
     let mut order = vec![root];
     let mut parent = vec![0u32];
@@ -288,6 +321,14 @@ fn emit(m: &Merge<'_>, root: usize, content: &HashMap<Src, Override>) -> FsResul
                 .collect(),
             ..Default::default()
         };
+        if let Some(a) = attrs.get(&node.src) {
+            spec.mode = a.mode.unwrap_or(spec.mode);
+            spec.uid = a.uid.unwrap_or(spec.uid);
+            spec.gid = a.gid.unwrap_or(spec.gid);
+            if let Some(x) = &a.xattrs {
+                spec.xattrs = x.clone();
+            }
+        }
         match e.kind {
             Kind::Dir => {
                 spec.size = 0;

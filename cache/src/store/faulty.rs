@@ -33,6 +33,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
+use crate::rng::SplitMix64;
 
 /// Which faults to inject, and how often. Probabilities are per request: 0 (or less) never,
 /// 1 (or more) always. The default injects nothing.
@@ -101,30 +102,6 @@ const ERROR_MESSAGES: [&str; 3] = [
     "500 Internal Error",
     "connection reset by peer",
 ];
-
-/// splitmix64: tiny, fast, and good enough to roll dice for faults; what matters here is that
-/// a seed replays exactly.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        self.next_f64() < p
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -207,7 +184,7 @@ impl FaultyStore {
         FaultyStore {
             inner,
             dice: Mutex::new(Dice {
-                rng: SplitMix64(config.seed),
+                rng: SplitMix64::new(config.seed),
                 writes: 0,
             }),
             config,
@@ -426,7 +403,7 @@ mod tests {
     #[test]
     fn splitmix64_is_the_standard_stream() {
         // Recorded seeds must keep replaying the same faults: pin the generator.
-        let mut rng = SplitMix64(0);
+        let mut rng = SplitMix64::new(0);
         assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
     }

@@ -3,3 +3,6 @@
 pub mod protocol;
 pub mod server;
 pub mod volumes;
+
+#[cfg(test)]
+mod fuzz_tests;

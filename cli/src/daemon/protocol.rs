@@ -53,6 +53,32 @@ pub struct MountSpec {
     pub unmount_with_client: bool,
 }
 
+impl MountSpec {
+    /// What can be checked of a request before anything is opened or mounted: a client's
+    /// mistake gets a clear error at once.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !self.mountpoint.is_absolute() {
+            bail!(
+                "mountpoint {} must be an absolute path",
+                self.mountpoint.display()
+            );
+        }
+        if self.layers.is_empty() && self.volume.is_none() {
+            bail!("a mount needs at least one --layer (or a --volume)");
+        }
+        if self.volume.is_some() && self.read_only {
+            bail!("a volume mount is writable: --volume and --read-only exclude each other");
+        }
+        for layer in &self.layers {
+            strata_fs::refs::DatasetRef::parse(layer)?;
+        }
+        if let Some(v) = &self.volume {
+            strata_fs::volume::VolumeRef::parse(v)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerInfo {
     pub dataset: String,
@@ -166,7 +192,12 @@ pub async fn call<T: serde::de::DeserializeOwned>(
     if reply.is_empty() {
         bail!("the daemon closed the connection without a reply (see its log)");
     }
-    match serde_json::from_str::<Reply>(&reply).context("parsing the daemon's reply")? {
+    decode_reply(&reply)
+}
+
+/// A reply line: the value asked for, or the daemon's error.
+pub fn decode_reply<T: serde::de::DeserializeOwned>(line: &str) -> anyhow::Result<T> {
+    match serde_json::from_str::<Reply>(line).context("parsing the daemon's reply")? {
         Reply::Ok(v) => serde_json::from_value(v).context("parsing the daemon's reply"),
         Reply::Error(e) => Err(anyhow::anyhow!(e)),
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use cache::{CacheConfig, ChunkCache, ChunkReader, Store, StoreOptions};
+use strata_fs::blocking::blocking;
 use strata_fs::layer::Layer;
 use strata_fs::stack::LayerStack;
 use strata_fs::upper::{MountTree, UpperConfig};
@@ -384,16 +385,8 @@ impl Daemon {
         spec: MountSpec,
         client: Option<libc::pid_t>,
     ) -> anyhow::Result<MountInfo> {
+        spec.check()?;
         let mp = spec.mountpoint.clone();
-        if !mp.is_absolute() {
-            bail!("mountpoint {} must be an absolute path", mp.display());
-        }
-        if spec.layers.is_empty() && spec.volume.is_none() {
-            bail!("a mount needs at least one --layer (or a --volume)");
-        }
-        if spec.volume.is_some() && spec.read_only {
-            bail!("a volume mount is writable: --volume and --read-only exclude each other");
-        }
         if self
             .mounts
             .lock()
@@ -477,7 +470,7 @@ impl Daemon {
             inodes: spec.scratch_inodes.unwrap_or(DEFAULT_SCRATCH_INODES),
             volume: volume.as_deref(),
         });
-        let mounted = self.mount_tree(stack, &mp, upper);
+        let mounted = blocking(|| self.mount_tree(stack, &mp, upper));
         let (session, tree) = match mounted {
             Ok(s) => s,
             Err(e) => {
@@ -695,7 +688,7 @@ impl Daemon {
             };
             (m.info.clone(), m.ended.clone(), m.volume.is_some())
         };
-        strata_fs::fuse::unmount(mountpoint, lazy)?;
+        blocking(|| strata_fs::fuse::unmount(mountpoint, lazy))?;
         // A volume mount's unmount returns once its changes are committed.
         let wait = if commits {
             COMMIT_WAIT
@@ -731,14 +724,16 @@ impl Daemon {
             .iter()
             .map(|(mp, m)| (mp.clone(), m.ended.clone(), m.volume.is_some()))
             .collect();
-        for (mp, ..) in &all {
-            if let Err(e) = strata_fs::fuse::unmount(mp, false) {
-                tracing::warn!("{e}; detaching {} instead", mp.display());
-                if let Err(e) = strata_fs::fuse::unmount(mp, true) {
-                    tracing::error!("cannot unmount {}: {e}", mp.display());
+        blocking(|| {
+            for (mp, ..) in &all {
+                if let Err(e) = strata_fs::fuse::unmount(mp, false) {
+                    tracing::warn!("{e}; detaching {} instead", mp.display());
+                    if let Err(e) = strata_fs::fuse::unmount(mp, true) {
+                        tracing::error!("cannot unmount {}: {e}", mp.display());
+                    }
                 }
             }
-        }
+        });
         for (mp, mut ended, commits) in all {
             // Volumes commit before their session counts as ended.
             let wait = if commits {

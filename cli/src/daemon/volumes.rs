@@ -235,7 +235,7 @@ struct Base {
     version: Option<Version>,
     /// The upper's state at its last commit (see `MountTree::fingerprint`): a commit finding
     /// the same has nothing new.
-    committed: Option<blake3::Hash>,
+    committed: Option<String>,
     /// The head the mount started from.
     origin: VolumeHead,
     /// The layers of the mount's commits that landed, oldest first.
@@ -319,19 +319,6 @@ impl VolumeMount {
         scratch: &Path,
     ) -> anyhow::Result<volume::Committed> {
         let mut base = self.base.lock().await;
-        // What is committed must be in the journal first: a crash after this commit must not
-        // commit an older state on top of it.
-        tree.save_journal()
-            .with_context(|| format!("journaling volume {}", self.volume))?;
-        let fingerprint = tree.fingerprint()?;
-        if base.committed == Some(fingerprint) {
-            return Ok(volume::Committed {
-                commit: None,
-                report: None,
-                conflict: None,
-                head: None,
-            });
-        }
         let earlier = earlier_of(
             &self.store,
             Some(&base.origin),
@@ -339,7 +326,7 @@ impl VolumeMount {
             self.cache_dir.as_deref(),
         )
         .await?;
-        let committed = volume::commit(
+        let committed = volume::commit_since(
             &self.store,
             &self.volume,
             tree,
@@ -349,10 +336,13 @@ impl VolumeMount {
                 own,
                 last: &last.manifest,
             }),
+            base.committed.as_deref(),
         )
         .await
         .with_context(|| format!("committing volume {}", self.volume))?;
-        base.committed = Some(fingerprint);
+        if let Some(upper) = &committed.upper {
+            base.committed = Some(upper.clone());
+        }
         if let (Some((head, version)), Some(c)) = (&committed.head, &committed.commit) {
             base.head = head.clone();
             base.version = Some(version.clone());
@@ -549,13 +539,8 @@ pub async fn commit_kept(
         layers.push(Layer::load(&store, digest, Some(cache_dir)).await?);
     }
     let stack = Arc::new(LayerStack::new(layers, reader)?);
-    let upper = UpperConfig {
-        dir: dir.to_path_buf(),
-        quota: None,
-        inodes: None,
-        journal: true,
-    };
-    let tree = MountTree::recover(stack, upper)?;
+    let upper = UpperConfig::journaled(dir.to_path_buf());
+    let tree = strata_fs::blocking::blocking(|| MountTree::recover(stack, upper))?;
     let version = record.version.clone().map(Version);
     let earlier = record.earlier(&store, Some(cache_dir)).await?;
     let earlier = earlier.as_ref().map(|(origin, own, last)| volume::Earlier {

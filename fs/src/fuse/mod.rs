@@ -439,18 +439,36 @@ impl Filesystem for StrataFs {
                 mtime: mtime.map(time_set),
                 ctime,
             };
-            // A truncate changes the bytes: not under readers who read the layer's copy.
-            let _opens = match size {
-                Some(_) => match self.opens_without_passthrough(ino.0) {
-                    Some(opens) => Some(opens),
-                    None => return reply.error(Errno::from_i32(libc::ETXTBSY)),
-                },
-                None => None,
-            };
-            match self.runtime.block_on(self.tree.setattr(ino.0, changes)) {
-                Ok(s) => reply.attr(&TTL, &file_attr(&s)),
-                Err(e) => reply.error(errno(&e)),
+            let ino = ino.0;
+            if size.is_none() {
+                return match self.runtime.block_on(self.tree.setattr(ino, changes)) {
+                    Ok(s) => reply.attr(&TTL, &file_attr(&s)),
+                    Err(e) => reply.error(errno(&e)),
+                };
             }
+            // A truncate changes the bytes: not under readers who read the layer's copy. It
+            // is an open for writing while it runs: the file is copied up under the open
+            // table's lock, so no passthrough open can begin after the check; the truncate
+            // itself may wait for a write that copies up blocks from the store, and waits
+            // off this thread.
+            {
+                let Some(_opens) = self.opens_without_passthrough(ino) else {
+                    return reply.error(Errno::from_i32(libc::ETXTBSY));
+                };
+                if let Err(e) = self.tree.open(ino, true) {
+                    return reply.error(errno(&e));
+                }
+            }
+            let tree = self.tree.clone();
+            let runtime = self.runtime.clone();
+            self.runtime.spawn_blocking(move || {
+                let done = runtime.block_on(tree.setattr(ino, changes));
+                tree.release(ino);
+                match done {
+                    Ok(s) => reply.attr(&TTL, &file_attr(&s)),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
         })
     }
 
@@ -660,10 +678,22 @@ impl Filesystem for StrataFs {
         reply: ReplyWrite,
     ) {
         guarded("write", || {
-            match self.runtime.block_on(self.tree.write(ino.0, offset, data)) {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
+            let ino = ino.0;
+            if !self.tree.write_copies_up(ino, offset, data.len() as u64) {
+                return match self.runtime.block_on(self.tree.write(ino, offset, data)) {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(errno(&e)),
+                };
             }
+            // Copying blocks up may wait on the store: not on a session thread, which the
+            // mount's other requests (reads of other files) are waiting for.
+            let (tree, runtime, data) = (self.tree.clone(), self.runtime.clone(), data.to_vec());
+            self.runtime.spawn_blocking(move || {
+                match runtime.block_on(tree.write(ino, offset, &data)) {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
         })
     }
 
@@ -678,10 +708,21 @@ impl Filesystem for StrataFs {
         reply: ReplyEmpty,
     ) {
         guarded("fallocate", || {
-            let r = self
-                .runtime
-                .block_on(self.tree.fallocate(ino.0, offset, length, mode));
-            reply_empty(reply, r)
+            let ino = ino.0;
+            if !self.tree.write_copies_up(ino, offset, length) {
+                let r = self
+                    .runtime
+                    .block_on(self.tree.fallocate(ino, offset, length, mode));
+                return reply_empty(reply, r);
+            }
+            // As for writes: a copy-up waits off the session thread.
+            let (tree, runtime) = (self.tree.clone(), self.runtime.clone());
+            self.runtime.spawn_blocking(move || {
+                reply_empty(
+                    reply,
+                    runtime.block_on(tree.fallocate(ino, offset, length, mode)),
+                )
+            });
         })
     }
 

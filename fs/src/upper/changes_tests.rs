@@ -280,7 +280,7 @@ proptest! {
             let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
             let t = MountTree::new(
                 stack,
-                Some(UpperConfig { dir: tmp.path().join("upper"), quota: None, inodes: None, journal: false }),
+                Some(UpperConfig::scratch(tmp.path().join("upper"))),
             )
             .unwrap();
             let plain = tmp.path().join("plain");

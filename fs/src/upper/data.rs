@@ -22,6 +22,19 @@ fn block_range(b: usize, lower_len: u64) -> Range<u64> {
     start..(start + COPY_UP_BLOCK).min(lower_len)
 }
 
+/// The lower blocks a change of `range` must copy up first: those it touches but does not
+/// cover and that are not copied up yet.
+/// `done(b)`: block `b` is copied up.
+fn fills(done: impl Fn(usize) -> bool, lower_len: u64, range: Range<u64>) -> Vec<Range<u64>> {
+    let first = (range.start / COPY_UP_BLOCK) as usize;
+    let last = blocks(range.end.min(lower_len));
+    (first..last)
+        .filter(|&b| !done(b))
+        .map(|b| block_range(b, lower_len))
+        .filter(|r| !(range.start <= r.start && range.end >= r.end))
+        .collect()
+}
+
 /// What a read of an upper file needs, taken under the tree lock.
 struct ReadPlan {
     file: Arc<std::fs::File>,
@@ -261,6 +274,37 @@ impl MountTree {
         }
     }
 
+    /// Whether a write of `len` bytes at `offset` must first copy up blocks of the layers'
+    /// bytes, which may wait on the store: such a write is better served off the thread that
+    /// took it, so the mount's other requests need not wait behind a fetch.
+    pub fn write_copies_up(&self, ino: u64, offset: u64, len: u64) -> bool {
+        if self.upper.is_none() {
+            return false;
+        }
+        let range = offset..offset.saturating_add(len);
+        let tree = self.lock();
+        let (size, body) = match tree.nodes.get(&ino) {
+            Some(n) => (n.stat.size, &n.body),
+            // Not recorded yet: a layer file, copied up on its first change.
+            None => return true,
+        };
+        match body {
+            Body::File {
+                data: Data::Lower, ..
+            } => !fills(|_| false, size, range).is_empty(),
+            Body::File {
+                data: Data::Partial { lower_len, present },
+                ..
+            } => !fills(
+                |b| present.get(b).copied().unwrap_or(true),
+                *lower_len,
+                range,
+            )
+            .is_empty(),
+            _ => false,
+        }
+    }
+
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let _pass = self.gate.pass();
         self.upper()?;
@@ -306,18 +350,14 @@ impl MountTree {
                     f
                 }
             };
-            let mut fills = Vec::new();
-            if let Data::Partial { lower_len, present } = d {
-                let first = (offset / COPY_UP_BLOCK) as usize;
-                let last = blocks(end.min(*lower_len));
-                for (b, done) in present.iter().enumerate().take(last).skip(first) {
-                    let r = block_range(b, *lower_len);
-                    let covered = offset <= r.start && end >= r.end;
-                    if !done && !covered {
-                        fills.push(r);
-                    }
-                }
-            }
+            let fills = match d {
+                Data::Partial { lower_len, present } => fills(
+                    |b| present.get(b).copied().unwrap_or(true),
+                    *lower_len,
+                    offset..end,
+                ),
+                _ => Vec::new(),
+            };
             let need = fills.iter().map(|r| r.end - r.start).sum::<u64>()
                 + holes_in(&file, offset..end)
                 + 4096;

@@ -69,6 +69,26 @@ pub struct UpperConfig {
     pub journal: bool,
 }
 
+impl UpperConfig {
+    /// An upper in `dir` with no limits and no journal (a scratch).
+    pub fn scratch(dir: impl Into<PathBuf>) -> UpperConfig {
+        UpperConfig {
+            dir: dir.into(),
+            quota: None,
+            inodes: None,
+            journal: false,
+        }
+    }
+
+    /// An upper in `dir` with no limits and a journal (a volume's).
+    pub fn journaled(dir: impl Into<PathBuf>) -> UpperConfig {
+        UpperConfig {
+            journal: true,
+            ..UpperConfig::scratch(dir)
+        }
+    }
+}
+
 /// A mount's capacity, as statfs reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatFs {

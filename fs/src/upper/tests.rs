@@ -14,12 +14,7 @@ fn caller() -> Caller {
 
 async fn tree_of(tmp: &Path, writable: bool) -> MountTree {
     let stack = Arc::new(stack_of(tmp, &["lower"]).await);
-    let upper = writable.then(|| UpperConfig {
-        dir: tmp.join("upper"),
-        quota: None,
-        inodes: None,
-        journal: false,
-    });
+    let upper = writable.then(|| UpperConfig::scratch(tmp.join("upper")));
     MountTree::new(stack, upper).unwrap()
 }
 
@@ -34,12 +29,7 @@ fn lower_tree(tmp: &Path) -> Vec<u8> {
 /// A tree over `tmp/lower` whose upper keeps a journal: the stack and upper, to recover with.
 async fn journaled(tmp: &Path) -> (Arc<LayerStack>, UpperConfig, MountTree) {
     let stack = Arc::new(stack_of(tmp, &["lower"]).await);
-    let upper = UpperConfig {
-        dir: tmp.join("upper"),
-        quota: None,
-        inodes: None,
-        journal: true,
-    };
+    let upper = UpperConfig::journaled(tmp.join("upper"));
     let t = MountTree::new(stack.clone(), Some(upper.clone())).unwrap();
     (stack, upper, t)
 }

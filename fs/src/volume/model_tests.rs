@@ -28,26 +28,7 @@ enum Node {
 
 type Tree = BTreeMap<String, Node>;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, of: &'a [&'a str]) -> &'a str {
-        of[self.below(of.len())]
-    }
-}
+type Rng = cache::rng::SplitMix64;
 
 const PATHS: &[&str] = &["d", "e", "f", "g", "d/x", "d/y", "d/n", "e/z", "e/n", "g/w"];
 const MODES: &[u32] = &[0o755, 0o700, 0o750, 0o644, 0o600];
@@ -127,7 +108,7 @@ fn rm_rf(t: &MountTree, path: &str) {
 
 /// One random change; one that the tree refuses (a missing parent, say) changes nothing.
 async fn random_op(t: &MountTree, rng: &mut Rng, what: &mut Vec<String>) {
-    let path = rng.pick(PATHS);
+    let path = *rng.pick(PATHS);
     let (parent, name) = split(path);
     let Some(p) = resolve(t, parent) else { return };
     let existing = resolve(t, path);
@@ -142,7 +123,7 @@ async fn random_op(t: &MountTree, rng: &mut Rng, what: &mut Vec<String>) {
                     Err(_) => return,
                 },
             };
-            let bytes = format!("{path} {}", rng.next()).into_bytes();
+            let bytes = format!("{path} {}", rng.next_u64()).into_bytes();
             t.open(ino, true).unwrap();
             let cut = SetAttr {
                 size: Some(0),
@@ -186,7 +167,7 @@ async fn random_op(t: &MountTree, rng: &mut Rng, what: &mut Vec<String>) {
             }
         }
         _ => {
-            let to = rng.pick(PATHS);
+            let to = *rng.pick(PATHS);
             let (to_parent, to_name) = split(to);
             let Some(tp) = resolve(t, to_parent) else {
                 return;
@@ -236,10 +217,47 @@ fn under(path: &str, dir: &str) -> bool {
     dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
 }
 
+/// What other mounts' commits that landed before this one left, for the model's attribute
+/// rule: their attribute-only paths, and what each of their layers carries (newest first).
+#[derive(Default)]
+struct Others {
+    attrs: std::collections::BTreeSet<String>,
+    carried: Vec<Tree>,
+}
+
+fn mode_of(n: &Node) -> u32 {
+    match n {
+        Node::Dir { mode } | Node::File { mode, .. } => *mode,
+    }
+}
+
+fn set_mode(n: &mut Node, m: u32) {
+    match n {
+        Node::Dir { mode } | Node::File { mode, .. } => *mode = m,
+    }
+}
+
+fn same_kind(a: &Node, b: &Node) -> bool {
+    matches!(
+        (a, b),
+        (Node::Dir { .. }, Node::Dir { .. }) | (Node::File { .. }, Node::File { .. })
+    )
+}
+
 /// What a landed commit does to the tree before it, in the model: its structural paths take
 /// the mount's state (a whole subtree for a directory); its attribute-only paths, and every
-/// directory on the way to a change, take the mount's mode.
-fn apply(reference: &mut Tree, seen: &Tree, paths: &[String], attrs: &[String]) {
+/// directory on the way to a change, take the mount's mode, unless the mount left the mode
+/// as it found it (`initial`) and another mount's commit changed the path's attributes: then
+/// the mode of the newest such layer that carries the path stays. Returns what the commit's
+/// layer carries, as the merged tree shows it afterwards.
+fn apply(
+    reference: &mut Tree,
+    seen: &Tree,
+    initial: &Tree,
+    others: &Others,
+    paths: &[String],
+    attrs: &[String],
+) -> Tree {
     let mut paths = paths.to_vec();
     paths.sort();
     for p in &paths {
@@ -248,21 +266,40 @@ fn apply(reference: &mut Tree, seen: &Tree, paths: &[String], attrs: &[String]) 
             reference.insert(k.clone(), v.clone());
         }
     }
+    let mut carried: Vec<&str> = Vec::new();
     for p in paths.iter().chain(attrs) {
         let own = attrs.contains(p).then_some(p.as_str());
         for q in parents(p).chain(own) {
-            if let (Some(Node::Dir { mode }), Some(Node::Dir { mode: m })) =
-                (reference.get_mut(q), seen.get(q))
-            {
-                *mode = *m;
+            carried.push(q);
+            let (Some(r), Some(s)) = (reference.get_mut(q), seen.get(q)) else {
+                continue;
+            };
+            if !same_kind(r, s) {
+                continue;
             }
-            if let (Some(Node::File { mode, .. }), Some(Node::File { mode: m, .. })) =
-                (reference.get_mut(q), seen.get(q))
-            {
-                *mode = *m;
+            let mut mode = mode_of(s);
+            let unchanged = initial
+                .get(q)
+                .is_some_and(|i| same_kind(i, s) && mode_of(i) == mode);
+            if unchanged && others.attrs.contains(q) {
+                let newest = others.carried.iter().find_map(|c| c.get(q));
+                if let Some(theirs) = newest.filter(|t| same_kind(t, s)) {
+                    mode = mode_of(theirs);
+                }
             }
+            set_mode(r, mode);
         }
     }
+    let mut out: Tree = carried
+        .into_iter()
+        .filter_map(|q| reference.get(q).map(|n| (q.to_string(), n.clone())))
+        .collect();
+    for p in &paths {
+        for (k, v) in reference.iter().filter(|(k, _)| under(k, p)) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 async fn chain_tree(base: &LayerStack, chain: &[Digest], tmp: &std::path::Path) -> Tree {
@@ -278,7 +315,7 @@ fn rand_name() -> u64 {
 
 /// One case: returns (commits landed, conflicts).
 async fn run_case(seed: u64, base: &LayerStack, tmp: &std::path::Path) -> (usize, usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let store = base.cache().store().clone();
     let v = VolumeRef::parse(&format!("model/case-{seed}")).unwrap();
     let mounts = 2 + rng.below(2);
@@ -315,6 +352,8 @@ async fn run_case(seed: u64, base: &LayerStack, tmp: &std::path::Path) -> (usize
     let initial = reference.clone();
     let (mut landed, mut conflicts) = (0, 0);
     let mut log = Vec::new();
+    // Each landed commit: its mount, its attribute-only paths, what its layer carries.
+    let mut carried: Vec<(usize, Vec<String>, Tree)> = Vec::new();
     for m in steps {
         let mut what = Vec::new();
         for _ in 0..1 + rng.below(6) {
@@ -369,7 +408,28 @@ async fn run_case(seed: u64, base: &LayerStack, tmp: &std::path::Path) -> (usize
                 "  landed: paths {:?} attrs {:?}",
                 commit.paths, commit.attrs
             ));
-            apply(&mut reference, &seen, &commit.paths, &commit.attrs);
+            let foreign = Others {
+                attrs: carried
+                    .iter()
+                    .filter(|(by, ..)| *by != m)
+                    .flat_map(|(_, attrs, _)| attrs.iter().cloned())
+                    .collect(),
+                carried: carried
+                    .iter()
+                    .rev()
+                    .filter(|(by, ..)| *by != m)
+                    .map(|(.., tree)| tree.clone())
+                    .collect(),
+            };
+            let layer_holds = apply(
+                &mut reference,
+                &seen,
+                &initial,
+                &foreign,
+                &commit.paths,
+                &commit.attrs,
+            );
+            carried.push((m, commit.attrs.clone(), layer_holds));
             bases[m] = (head, Some(version));
             let layer = Digest::parse(&commit.layer).unwrap();
             earlier[m] = Some(Layer::load(&store, layer, None).await.unwrap());

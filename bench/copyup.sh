@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Read latency while writers copy up (issue #11): one process reads 4 KiB at random offsets of
+# a cached layer file (O_DIRECT, so every read reaches strata), alone and then while 8 other
+# processes each write one byte into every 256 KiB block of their own 128 MiB layer file in
+# random order, each write copying a block up from the layers, mostly from chunks not cached
+# yet (fetched from Garage on loopback). Prints p50/p99/max read latency per phase.
+#
+#   sudo bench/copyup.sh                         # the strata built from this tree
+#   sudo BEFORE=/path/to/old/strata bench/copyup.sh   # and an older build, side by side
+#
+# Every figure is one run of BENCH_SECONDS (default 10) per phase; compare the ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib/garage.sh
+source bench/lib/measure.sh
+[ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, dropping caches, loopback routes)" >&2; exit 1; }
+command -v fusermount3 >/dev/null || apt-get install -y -qq fuse3 >/dev/null
+command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
+
+cargo build --release -p strata --locked
+after=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
+seconds=${BENCH_SECONDS:-10}
+work=$(mktemp -d /tmp/strata-copyup.XXXXXX)
+DAEMON_PID=
+cleanup() {
+  set +e
+  for mp in $(awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$mp" 2>/dev/null
+  done
+  [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null
+  quickack_off; garage_stop; rm -rf "$work"
+}
+trap cleanup EXIT
+garage_start "$work/garage"
+quickack_on
+store=s3://bench
+
+echo "== making and publishing the data (8 × 128 MiB, and a 512 KiB file to read)"
+mkdir -p "$work/data"
+for i in $(seq 0 7); do head -c $((128 << 20)) /dev/urandom > "$work/data/w$i"; done
+head -c $((512 << 10)) /dev/urandom > "$work/data/hot"
+"$after" publish "$work/data" $store copyup:v1 > /dev/null
+
+# One binary's run: a fresh daemon with an empty cache, a scratch mount, the hot file's
+# chunks cached, then the two phases. Prints "label phase reads p50 p99 max writes" lines.
+measure() {
+  local label=$1 strata=$2
+  export STRATA_SOCKET=$work/$label.sock
+  "$strata" daemon --cache-dir "$work/cache-$label" --state-dir "$work/state-$label" \
+    >> "$work/daemon-$label.log" 2>&1 &
+  DAEMON_PID=$!
+  until "$strata" mounts >/dev/null 2>&1; do sleep 0.05; done
+  mkdir -p "$work/m-$label"
+  "$strata" mount $store "$work/m-$label" --layer copyup:v1 > /dev/null
+  cat "$work/m-$label/hot" > /dev/null
+  drop_caches
+  python3 bench/lib/copyup_load.py "$work/m-$label/hot" "$seconds" \
+    $(for i in $(seq 0 7); do echo "$work/m-$label/w$i"; done) | sed "s/^/$label /"
+  "$strata" unmount "$work/m-$label"
+  kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true
+  DAEMON_PID=
+}
+
+results=$work/results
+: > "$results"
+[ -n "${BEFORE:-}" ] && measure before "$BEFORE" | tee -a "$results"
+measure after "$after" | tee -a "$results"
+
+out=bench/results/copyup-$(date +%Y%m%d-%H%M%S).md
+{
+  echo "# Read latency while 8 writers copy up ($(date -u +%F), $(nproc) cores, ${seconds}s per phase)"
+  echo
+  echo "| build | phase | reads | p50 µs | p99 µs | max µs | blocks copied up |"
+  echo "|---|---|---:|---:|---:|---:|---:|"
+  while read -r label phase reads p50 p99 mx writes; do
+    echo "| $label | $phase | $reads | $p50 | $p99 | $mx | $writes |"
+  done < "$results"
+} | tee "$out"

@@ -1,0 +1,142 @@
+//! Bounded fuzzing of the control protocol (see [`cache::fuzz`]): the daemon decodes and
+//! checks request lines from any local root process, and clients decode the daemon's reply
+//! lines. Neither may panic on any line. Kept inputs: `cli/fuzz/corpus/<target>/`.
+
+use std::path::{Path, PathBuf};
+
+use super::protocol::{
+    decode_reply, CommitReply, KeptInfo, LayerInfo, MountInfo, MountSpec, Reply, Request,
+    StatsReply,
+};
+
+fn fuzz(name: &str, made: Vec<Vec<u8>>, target: impl Fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(name);
+    cache::fuzz::run(name, &dir, made, target)
+}
+
+fn line(v: &impl serde::Serialize) -> Vec<u8> {
+    let mut l = serde_json::to_vec(v).unwrap();
+    l.push(b'\n');
+    l
+}
+
+fn spec() -> MountSpec {
+    MountSpec {
+        store: "s3://bucket/prefix".into(),
+        endpoint_url: Some("http://127.0.0.1:3900".into()),
+        layers: vec!["base:v1".into(), "delta:v2".into()],
+        mountpoint: PathBuf::from("/mnt/data"),
+        read_only: false,
+        scratch_size: Some(1 << 30),
+        scratch_inodes: Some(1000),
+        volume: Some("team/vol".into()),
+        unmount_with_client: true,
+    }
+}
+
+fn mount_info() -> MountInfo {
+    MountInfo {
+        id: 7,
+        mountpoint: PathBuf::from("/mnt/data"),
+        store: "file:///srv/store".into(),
+        layers: vec![LayerInfo {
+            dataset: "base:v1".into(),
+            digest: format!("{}", cache::Digest::of(b"layer")),
+        }],
+        mounted_at: 1_800_000_000,
+        writable: true,
+        scratch_size: None,
+        volume: Some("team/vol".into()),
+        commit_error: Some("conflict".into()),
+    }
+}
+
+#[test]
+fn request_lines_never_panic_the_daemon() {
+    let made = vec![
+        line(&Request::Mount(spec())),
+        line(&Request::Unmount {
+            mountpoint: "/mnt/data".into(),
+            lazy: true,
+        }),
+        line(&Request::Commit {
+            mountpoint: "/mnt/data".into(),
+        }),
+        line(&Request::Mounts),
+        line(&Request::Stats),
+    ];
+    let n = fuzz("control-request", made, |b| {
+        // The daemon reads one line of UTF-8 (read_line refuses anything else).
+        let Ok(text) = std::str::from_utf8(b) else {
+            return;
+        };
+        if let Ok(Request::Mount(spec)) = serde_json::from_str::<Request>(text) {
+            let _ = spec.check();
+        }
+    });
+    assert!(n > 0);
+}
+
+#[test]
+fn reply_lines_never_panic_a_client() {
+    let stats = StatsReply {
+        total: Default::default(),
+        manifest_bytes: 12,
+        mounts: Vec::new(),
+        kept: vec![KeptInfo {
+            path: "/var/lib/strata/kept/1".into(),
+            volume: "team/vol".into(),
+            attempts: 3,
+            last_error: "store unreachable".into(),
+            quarantined: false,
+            next_try_at: Some(1_800_000_000),
+        }],
+    };
+    let commit = CommitReply {
+        volume: "team/vol".into(),
+        layer: None,
+        changes: 3,
+        bytes_uploaded: 4096,
+        conflict: Some("team/vol conflict 1-ab".into()),
+    };
+    let ok = |v: serde_json::Value| line(&Reply::Ok(v));
+    let made = vec![
+        ok(serde_json::to_value(mount_info()).unwrap()),
+        ok(serde_json::to_value(vec![mount_info()]).unwrap()),
+        ok(serde_json::to_value(&stats).unwrap()),
+        ok(serde_json::to_value(&commit).unwrap()),
+        line(&Reply::Error("permission denied".into())),
+    ];
+    let n = fuzz("control-reply", made, |b| {
+        let Ok(text) = std::str::from_utf8(b) else {
+            return;
+        };
+        let _ = decode_reply::<MountInfo>(text);
+        let _ = decode_reply::<Vec<MountInfo>>(text);
+        let _ = decode_reply::<StatsReply>(text);
+        let _ = decode_reply::<CommitReply>(text);
+    });
+    assert!(n > 0);
+}
+
+/// What the daemon answers to the checks a request fails, before it opens anything.
+#[test]
+fn a_mount_request_is_checked_before_anything_is_opened() {
+    let errs = |f: fn(&mut MountSpec)| {
+        let mut s = spec();
+        f(&mut s);
+        s.check().map_err(|e| format!("{e:#}")).unwrap_err()
+    };
+    assert!(spec().check().is_ok());
+    assert!(errs(|s| s.mountpoint = "rel/dir".into()).contains("absolute"));
+    assert!(errs(|s| {
+        s.layers.clear();
+        s.volume = None
+    })
+    .contains("at least one"));
+    assert!(errs(|s| s.read_only = true).contains("exclude"));
+    assert!(errs(|s| s.layers[1] = "a/b:v1".into()).contains("a/b"));
+    assert!(errs(|s| s.volume = Some("../x".into())).contains("invalid volume scope"));
+}
