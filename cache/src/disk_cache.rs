@@ -89,7 +89,7 @@ struct State {
     pinned: HashMap<Key, u32>,
     /// Files evicted or dropped whose unlink is under way (outside the lock): not written
     /// again until it is done, so the unlink cannot take a new file with it.
-    removing: HashSet<Key>,
+    removing: HashMap<Key, u32>,
     used: u64,
     evictions: u64,
 }
@@ -171,7 +171,7 @@ impl DiskCache {
             lru: LruCache::unbounded(),
             writing: HashSet::new(),
             pinned: HashMap::new(),
-            removing: HashSet::new(),
+            removing: HashMap::new(),
             used: 0,
             evictions: 0,
         };
@@ -232,7 +232,7 @@ impl DiskCache {
             }
             state.used -= entry.size;
             state.evictions += 1;
-            state.removing.insert(key);
+            *state.removing.entry(key).or_insert(0) += 1;
             evicted.push(key);
         }
         for (key, entry) in passed_over {
@@ -258,7 +258,12 @@ impl DiskCache {
         }
         let mut state = self.lock();
         for key in &keys {
-            state.removing.remove(key);
+            if let Some(n) = state.removing.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    state.removing.remove(key);
+                }
+            }
         }
     }
 
@@ -505,7 +510,7 @@ impl DiskCache {
             if let Some(e) = state.lru.pop(key) {
                 state.used -= e.size;
             }
-            state.removing.insert(*key);
+            *state.removing.entry(*key).or_insert(0) += 1;
         }
         self.unlink(vec![*key]);
     }
@@ -543,7 +548,7 @@ impl DiskCache {
             if size > self.capacity
                 || state.lru.contains(&key)
                 || state.writing.contains(&key)
-                || state.removing.contains(&key)
+                || state.removing.contains_key(&key)
             {
                 return Ok(false);
             }

@@ -21,11 +21,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn other_tasks_run_while_a_worker_blocks() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // On the only worker: without block_in_place this task could never run while the
-        // closure below waits for it.
-        tokio::spawn(async move { tx.send(()).unwrap() });
-        let got = blocking(|| rx.recv_timeout(std::time::Duration::from_secs(10)));
+        // Both tasks on the only worker: without block_in_place the second could never run
+        // while the first waits for it.
+        let waiter = tokio::spawn(async {
+            let (tx, rx) = std::sync::mpsc::channel();
+            tokio::spawn(async move { tx.send(()).unwrap() });
+            blocking(|| rx.recv_timeout(std::time::Duration::from_secs(10)))
+        });
+        let got = waiter.await.unwrap();
         assert!(got.is_ok(), "the spawned task ran while the worker blocked");
     }
 

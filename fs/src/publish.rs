@@ -131,6 +131,9 @@ fn read_sized(call: impl Fn(&mut [u8]) -> isize) -> io::Result<Vec<u8>> {
         if size < 0 {
             return Err(io::Error::last_os_error());
         }
+        if size == 0 {
+            return Ok(Vec::new()); // empty when asked (a second probe would not read it)
+        }
         let mut buf = vec![0u8; size as usize];
         let got = call(&mut buf);
         if got >= 0 {

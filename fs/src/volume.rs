@@ -84,9 +84,24 @@ pub struct Commit {
     /// finish).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper: Option<String>,
+    /// The layer as its mount published it, when `layer` is that layer with attributes that
+    /// newer commits gave to paths it carries (see `volume::attrs`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<String>,
 }
 
 impl Commit {
+    /// The layer its mount published: what the mount's next commit compares itself with.
+    pub fn published(&self) -> &str {
+        self.delta.as_deref().unwrap_or(&self.layer)
+    }
+
+    /// Whether it is one of the mount commits `own` (published layers).
+    fn by(&self, own: &[String]) -> bool {
+        own.iter()
+            .any(|o| *o == self.layer || Some(o) == self.delta.as_ref())
+    }
+
     /// Whether `other` on a head is this commit, landed.
     fn is(&self, other: &Commit) -> bool {
         other.layer == self.layer || (self.upper.is_some() && other.upper == self.upper)
@@ -299,19 +314,18 @@ pub struct Committed {
     /// The head this commit wrote, and its store version: the base of the mount's next
     /// commit.
     pub head: Option<(VolumeHead, Version)>,
-    /// The upper's state this commit captured ([`MountTree::fingerprint`]); `None` when it
-    /// found nothing new.
+    /// The upper's state this commit captured ([`MountTree::fingerprint`]).
     pub upper: Option<String>,
 }
 
 impl Committed {
-    fn nothing() -> Committed {
+    fn nothing(upper: String) -> Committed {
         Committed {
             commit: None,
             report: None,
             conflict: None,
             head: None,
-            upper: None,
+            upper: Some(upper),
         }
     }
 }
@@ -339,10 +353,11 @@ impl Committed {
 pub struct Earlier<'a> {
     /// The head the mount started from.
     pub origin: &'a VolumeHead,
-    /// The layers of the mount's commits that landed, oldest first.
+    /// The layers the mount's commits that landed published ([`Commit::published`]), oldest
+    /// first.
     pub own: &'a [String],
     /// The manifest of the last of them: what it placed and the mount has removed since is
-    /// committed as removed.
+    /// committed as removed, and the attributes it carried are what the mount had then.
     pub last: &'a crate::manifest::Manifest,
 }
 
@@ -369,7 +384,7 @@ fn clashes(origin: &VolumeHead, own: &[String], head: &VolumeHead, commit: &Comm
         return ours.map(|(p, _)| p.clone()).collect();
     };
     let (mut structural, mut attrs) = (BTreeSet::new(), BTreeSet::new());
-    for c in since.iter().filter(|c| !own.contains(&c.layer)) {
+    for c in since.iter().filter(|c| !c.by(own)) {
         structural.extend(c.paths.iter().map(String::as_str));
         attrs.extend(c.attrs.iter().map(String::as_str));
     }
@@ -434,19 +449,17 @@ pub async fn commit_since(
         tree.save_journal()?;
         let fingerprint = tree.fingerprint()?.to_hex().to_string();
         if last == Some(fingerprint.as_str()) {
-            return Ok(None);
+            return Ok((fingerprint, Vec::new()));
         }
         let changed = match &earlier {
             Some(e) => tree.with_removals_since(e.last, tree.changes()?)?,
             None => tree.changes()?,
         };
-        Ok(Some((fingerprint, changed)))
+        Ok((fingerprint, changed))
     })?;
-    let Some((fingerprint, changed)) = captured else {
-        return Ok(Committed::nothing());
-    };
+    let (fingerprint, changed) = captured;
     if changed.is_empty() {
-        return Ok(Committed::nothing());
+        return Ok(Committed::nothing(fingerprint));
     }
     let (mut paths, mut attrs) = (Vec::new(), Vec::new());
     for c in &changed {
@@ -479,6 +492,7 @@ pub async fn commit_since(
         attrs,
         squashed: Vec::new(),
         upper: Some(fingerprint),
+        delta: None,
     };
     let (base_head, base_version) = base;
     let (origin, own) = match earlier {
@@ -546,17 +560,19 @@ pub async fn commit_since(
         let mut placed = commit.clone();
         if let Some(rewritten) = attrs::take_newer_attrs(
             store,
-            tree.stack(),
+            attrs::Mount {
+                stack: tree.stack(),
+                origin,
+                last: earlier.map(|e| e.last),
+            },
             layer,
-            origin,
-            own,
             &head,
-            &commit,
             &mut loaded,
         )
         .await?
         {
             placed.layer = rewritten.to_string();
+            placed.delta = Some(commit.layer.clone());
         }
         let mut next = head.clone();
         next.commits.push(placed.clone());
@@ -641,6 +657,7 @@ pub async fn squash(
                 .collect()
         },
         upper: None,
+        delta: None,
     };
     let next = VolumeHead {
         version: 1,
@@ -740,6 +757,7 @@ mod tests {
             attrs,
             squashed: Vec::new(),
             upper: None,
+            delta: None,
         };
         let empty = VolumeHead {
             version: 1,

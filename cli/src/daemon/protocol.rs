@@ -39,7 +39,7 @@ pub struct MountSpec {
     /// Bytes the scratch upper may take on disk.
     #[serde(default)]
     pub scratch_size: Option<u64>,
-    /// Records the upper may hold (nodes made or changed; hard links are not counted); the
+    /// Records the upper may hold (nodes made or changed, and names made by hard links); the
     /// daemon's default ([`DEFAULT_SCRATCH_INODES`]) when unset.
     #[serde(default)]
     pub scratch_inodes: Option<u64>,

@@ -238,8 +238,10 @@ struct Base {
     committed: Option<String>,
     /// The head the mount started from.
     origin: VolumeHead,
-    /// The layers of the mount's commits that landed, oldest first.
+    /// The layers the mount's commits that landed published, oldest first.
     own: Vec<String>,
+    /// The last of them, once loaded: a commit with nothing new needs no store.
+    last: Option<Layer>,
 }
 
 impl VolumeMount {
@@ -261,6 +263,7 @@ impl VolumeMount {
                 version,
                 committed: None,
                 own: Vec::new(),
+                last: None,
             }),
             squash_after: 0,
             cache_dir: None,
@@ -319,21 +322,24 @@ impl VolumeMount {
         scratch: &Path,
     ) -> anyhow::Result<volume::Committed> {
         let mut base = self.base.lock().await;
-        let earlier = earlier_of(
-            &self.store,
-            Some(&base.origin),
-            &base.own,
-            self.cache_dir.as_deref(),
-        )
-        .await?;
+        if base.last.is_none() && !base.own.is_empty() {
+            let loaded = earlier_of(
+                &self.store,
+                Some(&base.origin),
+                &base.own,
+                self.cache_dir.as_deref(),
+            )
+            .await?;
+            base.last = loaded.map(|(.., layer)| layer);
+        }
         let committed = volume::commit_since(
             &self.store,
             &self.volume,
             tree,
             (&base.head, base.version.as_ref()),
-            earlier.as_ref().map(|(origin, own, last)| volume::Earlier {
-                origin,
-                own,
+            base.last.as_ref().map(|last| volume::Earlier {
+                origin: &base.origin,
+                own: &base.own,
                 last: &last.manifest,
             }),
             base.committed.as_deref(),
@@ -346,7 +352,15 @@ impl VolumeMount {
         if let (Some((head, version)), Some(c)) = (&committed.head, &committed.commit) {
             base.head = head.clone();
             base.version = Some(version.clone());
-            base.own.push(c.layer.clone());
+            base.own.push(c.published().to_string());
+            // Loaded now, while the store answers, so that a later commit with nothing new
+            // (an unmount) needs none; else it is loaded then.
+            base.last = match Digest::parse(c.published()) {
+                Ok(d) => Layer::load(&self.store, d, self.cache_dir.as_deref())
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
             if self.squash_after > 0 && base.head.commits.len() > self.squash_after {
                 match volume::squash(&self.store, &self.volume, self.cache_dir.as_deref()).await {
                     Ok(Some((head, version))) => {

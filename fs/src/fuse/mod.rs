@@ -3,7 +3,9 @@
 //!
 //! Reads that wait on the store run as tasks on the tokio runtime and reply when their chunks
 //! arrive, so a slow fetch does not hold one of the session's threads; reads of local bytes
-//! are answered on the session thread. Changes (writes, truncates) run on the session thread.
+//! are answered on the session thread. Changes run on the session thread too, but for those
+//! that must first copy blocks of a layer file up (which may wait on the store): they run on
+//! the runtime's blocking pool and reply from there.
 //! The kernel sees every change go through it, so entries and attributes get long TTLs; files
 //! of the read-only layers keep the kernel's page cache across opens.
 //!
@@ -19,7 +21,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +52,19 @@ const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 const FH_LAYERS: u64 = 0;
 const FH_PASSTHROUGH: u64 = 1;
 const FH_UPPER: u64 = 2;
+
+/// Changes that wait on the store off their session thread, host-wide, at most (tokio's
+/// blocking pool has 512 threads for every mount and every upload).
+const MAX_OFFLOADED: usize = 64;
+
+/// An open for writing that a truncate takes while it runs; released when dropped.
+struct OpenForChange(Arc<MountTree>, u64);
+
+impl Drop for OpenForChange {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
+}
 
 /// Runs the handler of one kernel request. A panic in it (a bug) is logged and costs that
 /// request alone: its reply, dropped while unwinding, answers EIO, and the session thread
@@ -344,6 +359,31 @@ impl StrataFs {
         }
     }
 
+    /// Runs a change that may wait on the store (a copy-up) on the runtime's blocking pool,
+    /// which answers it, so the session thread goes on serving the mount. Past
+    /// [`MAX_OFFLOADED`] such changes under way on the host it runs here instead: the pool
+    /// is shared by every mount, and a volume commit that writers wait for (the commit gate)
+    /// needs threads of it to upload.
+    fn offload(&self, change: impl FnOnce(&tokio::runtime::Handle) + Send + 'static) {
+        static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
+        struct Slot;
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if UNDER_WAY.fetch_add(1, Ordering::Relaxed) >= MAX_OFFLOADED {
+            UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
+            return change(&self.runtime);
+        }
+        let slot = Slot;
+        let runtime = self.runtime.clone();
+        self.runtime.spawn_blocking(move || {
+            let _slot = slot;
+            change(&runtime)
+        });
+    }
+
     /// Answers a read once `read` (waiting on the store) is done, off the session thread.
     fn reply_when_read(
         &self,
@@ -459,11 +499,11 @@ impl Filesystem for StrataFs {
                     return reply.error(errno(&e));
                 }
             }
-            let tree = self.tree.clone();
-            let runtime = self.runtime.clone();
-            self.runtime.spawn_blocking(move || {
-                let done = runtime.block_on(tree.setattr(ino, changes));
-                tree.release(ino);
+            // Released however the truncate ends, a panic included.
+            let open = OpenForChange(self.tree.clone(), ino);
+            self.offload(move |runtime| {
+                let done = runtime.block_on(open.0.setattr(ino, changes));
+                drop(open);
                 match done {
                     Ok(s) => reply.attr(&TTL, &file_attr(&s)),
                     Err(e) => reply.error(errno(&e)),
@@ -687,13 +727,13 @@ impl Filesystem for StrataFs {
             }
             // Copying blocks up may wait on the store: not on a session thread, which the
             // mount's other requests (reads of other files) are waiting for.
-            let (tree, runtime, data) = (self.tree.clone(), self.runtime.clone(), data.to_vec());
-            self.runtime.spawn_blocking(move || {
-                match runtime.block_on(tree.write(ino, offset, &data)) {
+            let (tree, data) = (self.tree.clone(), data.to_vec());
+            self.offload(
+                move |runtime| match runtime.block_on(tree.write(ino, offset, &data)) {
                     Ok(n) => reply.written(n),
                     Err(e) => reply.error(errno(&e)),
-                }
-            });
+                },
+            );
         })
     }
 
@@ -716,8 +756,8 @@ impl Filesystem for StrataFs {
                 return reply_empty(reply, r);
             }
             // As for writes: a copy-up waits off the session thread.
-            let (tree, runtime) = (self.tree.clone(), self.runtime.clone());
-            self.runtime.spawn_blocking(move || {
+            let tree = self.tree.clone();
+            self.offload(move |runtime| {
                 reply_empty(
                     reply,
                     runtime.block_on(tree.fallocate(ino, offset, length, mode)),

@@ -345,6 +345,11 @@ impl MountTree {
             t.used = nodes
                 .values()
                 .fold(0u64, |sum, n| sum.saturating_add(n.charged));
+            // Extra names of files count against the inode limit again (a layer file's own
+            // links too: the count errs on the side of the limit).
+            t.links = nodes.values().filter(|n| !n.is_dir()).fold(0u64, |sum, n| {
+                sum.saturating_add(n.stat.nlink.saturating_sub(1) as u64)
+            });
             t.nodes = Nodes::from_recovered(nodes);
         }
         // Never below an inode the journal holds, whatever it says.

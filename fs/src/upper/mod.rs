@@ -165,9 +165,17 @@ struct Tree {
     doomed: Vec<PathBuf>,
     /// A data file was made since the upper's directory was last synced.
     dir_unsynced: bool,
+    /// Names made by `link` that still stand. They count against the inode limit with the
+    /// records: each is an entry the daemon keeps, and one file may have 65,000.
+    links: u64,
 }
 
 impl Tree {
+    /// What counts against the inode limit: records and extra names.
+    fn counted(&self) -> u64 {
+        self.nodes.len() as u64 + self.links
+    }
+
     /// `ino`'s data file may now hold bytes that are not on disk (tracked for the journal
     /// only: a scratch upper is never synced, and must not remember every file it wrote).
     fn mark_unsynced(&mut self, ino: u64) {
@@ -226,6 +234,7 @@ impl MountTree {
                 unsynced: Default::default(),
                 doomed: Vec::new(),
                 dir_unsynced: false,
+                links: 0,
             }),
             next_ino: AtomicU64::new(FIRST_UPPER_INO),
             journal: Mutex::new(Default::default()),
@@ -419,7 +428,7 @@ impl MountTree {
         };
         let (used, records) = {
             let tree = self.lock();
-            (tree.used, tree.nodes.len() as u64)
+            (tree.used, tree.counted())
         };
         let disk_free = disk_free(&u.dir).unwrap_or(0);
         let (bytes, free_bytes) = match u.quota {
@@ -643,11 +652,7 @@ impl MountTree {
         if parent_stat.nlink == 0 {
             return Err(errno(libc::ENOENT)); // removed while a process is inside it
         }
-        if let Some(limit) = self.upper()?.inodes {
-            if tree.nodes.len() as u64 >= limit {
-                return Err(errno(libc::ENOSPC));
-            }
-        }
+        self.room_for_one(&tree)?;
         let entries = self.entries_mut(&mut tree, parent)?;
         if entries.contains_key(name) {
             return Err(errno(libc::EEXIST));
@@ -777,6 +782,14 @@ impl MountTree {
         )
     }
 
+    /// ENOSPC when the upper holds as many records and names as its inode limit allows.
+    fn room_for_one(&self, tree: &Tree) -> FsResult<()> {
+        match self.upper()?.inodes {
+            Some(limit) if tree.counted() >= limit => Err(errno(libc::ENOSPC)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> FsResult<Stat> {
         let _pass = self.gate.pass();
         self.upper()?;
@@ -789,11 +802,13 @@ impl MountTree {
         if target.stat.nlink >= LINK_MAX {
             return Err(errno(libc::EMLINK));
         }
+        self.room_for_one(&tree)?;
         let entries = self.entries_mut(&mut tree, parent)?;
         if entries.contains_key(name) {
             return Err(errno(libc::EEXIST));
         }
         entries.insert(name.to_vec(), ino);
+        tree.links += 1;
         Self::touch_dir(&mut tree, parent);
         let n = tree.nodes.get_mut(&ino).expect("made above");
         n.stat.nlink += 1;
@@ -838,12 +853,16 @@ impl MountTree {
         let t = now();
         let n = self.node_mut(tree, ino)?;
         let was_dir = n.is_dir();
+        let other_names = !was_dir && n.stat.nlink > 1;
         if was_dir {
             n.stat.nlink = 0;
         } else {
             n.stat.nlink = n.stat.nlink.saturating_sub(1);
         }
         n.stat.ctime = t;
+        if other_names {
+            tree.links = tree.links.saturating_sub(1);
+        }
         let p = tree
             .nodes
             .get_mut(&parent)

@@ -438,3 +438,40 @@ async fn journal_appends_changes_survives_a_torn_tail_and_compacts() {
     let again = MountTree::recover(stack, upper).unwrap();
     assert!(again.lookup(ROOT, b"f199").is_ok());
 }
+
+/// Hard links make no records, but each name is an entry the daemon keeps: they count against
+/// the inode limit, and a removed link frees its place.
+#[tokio::test]
+async fn hard_links_count_against_the_inode_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    lower_tree(tmp.path());
+    let stack = Arc::new(stack_of(tmp.path(), &["lower"]).await);
+    let upper = UpperConfig {
+        inodes: Some(10),
+        ..UpperConfig::scratch(tmp.path().join("upper"))
+    };
+    let t = MountTree::new(stack, Some(upper)).unwrap();
+    let f = t.create(ROOT, b"f", 0o644, caller()).unwrap();
+    t.release(f.ino);
+    let records = 10 - t.statfs().free_files;
+    let mut made = 0;
+    let err = loop {
+        match t.link(f.ino, ROOT, format!("l{made}").as_bytes()) {
+            Ok(_) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made <= 10, "links past the limit");
+    };
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(made, 10 - records, "every free place taken by a name");
+    assert_eq!(t.statfs().free_files, 0);
+    assert_eq!(
+        t.create(ROOT, b"g", 0o644, caller())
+            .err()
+            .map(|e| e.errno()),
+        Some(libc::ENOSPC)
+    );
+    t.unlink(ROOT, b"l0").unwrap();
+    assert_eq!(t.statfs().free_files, 1);
+    t.link(f.ino, ROOT, b"again").unwrap();
+}

@@ -3,15 +3,16 @@
 //! mount saw. Rebased as they are over a newer commit that changed only the attributes of one
 //! of those paths (a `chmod 700` of a directory another mount merely added a file to), they
 //! would silently undo that change. So before it goes on top, each of mode, owner, group and
-//! xattrs that the mount left as it found them at mount time takes the value the newer
-//! commits gave it; the fields the mount changed keep its own (the later commit wins).
+//! xattrs that the mount left as it was (at its last commit, or else when it started) takes
+//! the value the newer commits gave it; the fields the mount changed keep its own (the later
+//! commit wins).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use cache::{Digest, Store};
 
-use super::{expand, Commit, VolumeHead};
+use super::{expand, VolumeHead};
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
 use crate::manifest::{Entry, Manifest};
@@ -47,8 +48,33 @@ fn resolve<'a>(m: &'a Manifest, path: &str) -> Option<Entry<'a>> {
     Some(e)
 }
 
-/// What the mount found at `path` when it started: (mode, uid, gid, xattrs).
+/// A path's (mode, uid, gid, xattrs).
 type Found = (u32, u32, u32, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// The committing mount, as far as attributes go.
+pub(super) struct Mount<'a> {
+    /// The layers it started with.
+    pub stack: &'a LayerStack,
+    /// The head it started from.
+    pub origin: &'a VolumeHead,
+    /// The layer its last commit published, if it committed before.
+    pub last: Option<&'a Manifest>,
+}
+
+impl Mount<'_> {
+    /// What the mount had at `path` before this commit: at its last commit if that carried
+    /// the path, else when it started.
+    fn before(&self, path: &str) -> Option<Found> {
+        if let Some(m) = self.last {
+            if let Some(e) = resolve(m, path) {
+                if e.kind != crate::manifest::Kind::Whiteout {
+                    return Some((e.mode, e.uid, e.gid, xattrs_of(m, &e)));
+                }
+            }
+        }
+        found_at_mount(self.stack, path)
+    }
+}
 
 fn found_at_mount(stack: &LayerStack, path: &str) -> Option<Found> {
     let mut ino = ROOT_INO;
@@ -72,20 +98,18 @@ fn xattrs_of(m: &Manifest, e: &Entry<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// The layer `delta` (the commit's, as published) with the attributes newer commits gave to
 /// paths it carries and its mount left unchanged; `None` when it needs none. `head`: the head
-/// it is about to go on; `origin`: the head its mount started from; `own`: the mount's landed
-/// commits; `stack`: the layers the mount started with.
-#[allow(clippy::too_many_arguments)]
+/// it is about to go on.
 pub(super) async fn take_newer_attrs(
     store: &Arc<dyn Store>,
-    stack: &LayerStack,
+    mount: Mount<'_>,
     delta: Digest,
-    origin: &VolumeHead,
-    own: &[String],
     head: &VolumeHead,
-    commit: &Commit,
     loaded: &mut Loaded,
 ) -> FsResult<Option<Digest>> {
-    // Paths whose attributes commits since the mount's start changed.
+    let origin = mount.origin;
+    // Paths whose attributes commits since the mount's start changed, its own included: a
+    // layer is known by its digest, and another mount's may be the very bytes of one of ours
+    // (or of this one); the merged view of a path only the mount changed is its own value.
     let (origin_chain, chain) = (expand(&origin.commits), expand(&head.commits));
     let since = match origin_chain.last() {
         None => &chain[..],
@@ -97,21 +121,18 @@ pub(super) async fn take_newer_attrs(
     };
     let theirs: BTreeSet<&str> = since
         .iter()
-        .filter(|c| !own.contains(&c.layer) && !c.is(commit))
         .flat_map(|c| c.attrs.iter().map(String::as_str))
         .collect();
     if theirs.is_empty() {
         return Ok(None);
     }
-    // Their layers, newest first, down to the head the mount started from.
+    // The layers since the mount started, newest first: the newest that carries a path
+    // holds its attributes as the volume shows them now.
     let stop = origin.commits.last().map(|c| c.layer.as_str());
     let mut newer = Vec::new();
     for c in head.commits.iter().rev() {
         if Some(c.layer.as_str()) == stop {
             break;
-        }
-        if own.contains(&c.layer) || c.is(commit) {
-            continue;
         }
         newer.push(load(store, &c.layer, loaded).await?);
     }
@@ -122,7 +143,7 @@ pub(super) async fn take_newer_attrs(
         let Some(ours) = resolve(delta, path) else {
             continue;
         };
-        let Some((mode, uid, gid, xattrs)) = found_at_mount(stack, path) else {
+        let Some((mode, uid, gid, xattrs)) = mount.before(path) else {
             continue; // new to the mount: its own
         };
         let Some((m, e)) = newer

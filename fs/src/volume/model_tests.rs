@@ -217,8 +217,8 @@ fn under(path: &str, dir: &str) -> bool {
     dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
 }
 
-/// What other mounts' commits that landed before this one left, for the model's attribute
-/// rule: their attribute-only paths, and what each of their layers carries (newest first).
+/// What the commits that landed before this one left, for the model's attribute rule: their
+/// attribute-only paths, and what each of their layers carries (newest first).
 #[derive(Default)]
 struct Others {
     attrs: std::collections::BTreeSet<String>,
@@ -247,17 +247,17 @@ fn same_kind(a: &Node, b: &Node) -> bool {
 /// What a landed commit does to the tree before it, in the model: its structural paths take
 /// the mount's state (a whole subtree for a directory); its attribute-only paths, and every
 /// directory on the way to a change, take the mount's mode, unless the mount left the mode
-/// as it found it (`initial`) and another mount's commit changed the path's attributes: then
-/// the mode of the newest such layer that carries the path stays. Returns what the commit's
-/// layer carries, as the merged tree shows it afterwards.
+/// as it was (`before`: at its last commit, or when it started) and a commit that landed
+/// since it started changed the path's attributes: then the mode of the newest layer that
+/// carries the path stays. Returns the paths the commit's layer carries.
 fn apply(
     reference: &mut Tree,
     seen: &Tree,
-    initial: &Tree,
+    before: impl Fn(&str) -> Option<Node>,
     others: &Others,
     paths: &[String],
     attrs: &[String],
-) -> Tree {
+) -> Vec<String> {
     let mut paths = paths.to_vec();
     paths.sort();
     for p in &paths {
@@ -278,9 +278,7 @@ fn apply(
                 continue;
             }
             let mut mode = mode_of(s);
-            let unchanged = initial
-                .get(q)
-                .is_some_and(|i| same_kind(i, s) && mode_of(i) == mode);
+            let unchanged = before(q).is_some_and(|i| same_kind(&i, s) && mode_of(&i) == mode);
             if unchanged && others.attrs.contains(q) {
                 let newest = others.carried.iter().find_map(|c| c.get(q));
                 if let Some(theirs) = newest.filter(|t| same_kind(t, s)) {
@@ -290,16 +288,19 @@ fn apply(
             set_mode(r, mode);
         }
     }
-    let mut out: Tree = carried
-        .into_iter()
-        .filter_map(|q| reference.get(q).map(|n| (q.to_string(), n.clone())))
-        .collect();
+    let mut out: Vec<String> = carried.into_iter().map(str::to_string).collect();
     for p in &paths {
-        for (k, v) in reference.iter().filter(|(k, _)| under(k, p)) {
-            out.insert(k.clone(), v.clone());
-        }
+        out.extend(reference.keys().filter(|k| under(k, p)).cloned());
     }
     out
+}
+
+/// The nodes at `paths` of `tree`.
+fn pick(tree: &Tree, paths: &[String]) -> Tree {
+    paths
+        .iter()
+        .filter_map(|q| tree.get(q).map(|n| (q.clone(), n.clone())))
+        .collect()
 }
 
 async fn chain_tree(base: &LayerStack, chain: &[Digest], tmp: &std::path::Path) -> Tree {
@@ -354,6 +355,8 @@ async fn run_case(seed: u64, base: &LayerStack, tmp: &std::path::Path) -> (usize
     let mut log = Vec::new();
     // Each landed commit: its mount, its attribute-only paths, what its layer carries.
     let mut carried: Vec<(usize, Vec<String>, Tree)> = Vec::new();
+    // What each mount's last landed commit carried, as the mount had it.
+    let mut published: Vec<Tree> = vec![Tree::new(); mounts];
     for m in steps {
         let mut what = Vec::new();
         for _ in 0..1 + rng.below(6) {
@@ -408,32 +411,33 @@ async fn run_case(seed: u64, base: &LayerStack, tmp: &std::path::Path) -> (usize
                 "  landed: paths {:?} attrs {:?}",
                 commit.paths, commit.attrs
             ));
-            let foreign = Others {
+            let landed_before = Others {
                 attrs: carried
                     .iter()
-                    .filter(|(by, ..)| *by != m)
                     .flat_map(|(_, attrs, _)| attrs.iter().cloned())
                     .collect(),
                 carried: carried
                     .iter()
                     .rev()
-                    .filter(|(by, ..)| *by != m)
                     .map(|(.., tree)| tree.clone())
                     .collect(),
             };
-            let layer_holds = apply(
+            let mount_had = &published[m];
+            let before = |q: &str| mount_had.get(q).or(initial.get(q)).cloned();
+            let holds = apply(
                 &mut reference,
                 &seen,
-                &initial,
-                &foreign,
+                before,
+                &landed_before,
                 &commit.paths,
                 &commit.attrs,
             );
-            carried.push((m, commit.attrs.clone(), layer_holds));
+            carried.push((m, commit.attrs.clone(), pick(&reference, &holds)));
+            published[m] = pick(&seen, &holds);
             bases[m] = (head, Some(version));
-            let layer = Digest::parse(&commit.layer).unwrap();
+            let layer = Digest::parse(commit.published()).unwrap();
             earlier[m] = Some(Layer::load(&store, layer, None).await.unwrap());
-            own[m].push(commit.layer.clone());
+            own[m].push(commit.published().to_string());
         }
     }
     let (head, _) = read_head(&store, &v).await.unwrap();
