@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Read latency while writers copy up (issue #11): one process reads 4 KiB at random offsets of
 # a cached layer file (O_DIRECT, so every read reaches strata), alone and then while 8 other
-# processes each write one byte into every 256 KiB block of their own 128 MiB layer file in
+# processes each write one byte into every 256 KiB block of their own 256 MiB layer file in
 # random order, each write copying a block up from the layers, mostly from chunks not cached
-# yet (fetched from Garage on loopback). Prints p50/p99/max read latency per phase.
+# yet (fetched from Garage on loopback); the reads count while the writers run. Prints
+# p50/p99/max read latency per phase.
 #
 #   sudo bench/copyup.sh                         # the strata built from this tree
 #   sudo BEFORE=/path/to/old/strata bench/copyup.sh   # and an older build, side by side
 #
-# Every figure is one run of BENCH_SECONDS (default 10) per phase; compare the ratios.
+# Every figure is one run of BENCH_SECONDS (default 20: the reader alone, and the most the
+# writers get) per phase; compare the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
@@ -19,7 +21,7 @@ command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
 
 cargo build --release -p strata --locked
 after=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
-seconds=${BENCH_SECONDS:-10}
+seconds=${BENCH_SECONDS:-20}
 work=$(mktemp -d /tmp/strata-copyup.XXXXXX)
 DAEMON_PID=
 cleanup() {
@@ -35,9 +37,9 @@ garage_start "$work/garage"
 quickack_on
 store=s3://bench
 
-echo "== making and publishing the data (8 × 128 MiB, and a 512 KiB file to read)"
+echo "== making and publishing the data (8 × 256 MiB, and a 512 KiB file to read)"
 mkdir -p "$work/data"
-for i in $(seq 0 7); do head -c $((128 << 20)) /dev/urandom > "$work/data/w$i"; done
+for i in $(seq 0 7); do head -c $((256 << 20)) /dev/urandom > "$work/data/w$i"; done
 head -c $((512 << 10)) /dev/urandom > "$work/data/hot"
 "$after" publish "$work/data" $store copyup:v1 > /dev/null
 
@@ -70,9 +72,9 @@ out=bench/results/copyup-$(date +%Y%m%d-%H%M%S).md
 {
   echo "# Read latency while 8 writers copy up ($(date -u +%F), $(nproc) cores, ${seconds}s per phase)"
   echo
-  echo "| build | phase | reads | p50 µs | p99 µs | max µs | blocks copied up |"
-  echo "|---|---|---:|---:|---:|---:|---:|"
-  while read -r label phase reads p50 p99 mx writes; do
-    echo "| $label | $phase | $reads | $p50 | $p99 | $mx | $writes |"
+  echo "| build | phase | reads | p50 µs | p99 µs | max µs | blocks copied up | seconds |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  while read -r label phase reads p50 p99 mx writes secs; do
+    echo "| $label | $phase | $reads | $p50 | $p99 | $mx | $writes | $secs |"
   done < "$results"
 } | tee "$out"

@@ -5,8 +5,9 @@
 Reads 4 KiB at random offsets of HOT with O_DIRECT (every read reaches the filesystem, not
 the page cache), first alone for SECONDS, then while one process per WRITER_FILE writes one
 byte into each 256 KiB block of its file in random order (each such write copies a block up
-from the layers, fetching its chunk from the store when it is not cached). Prints one line
-per phase: "phase reads p50_us p99_us max_us writes".
+from the layers, fetching its chunk from the store when it is not cached), until the writers
+are done (at most SECONDS). Prints one line per phase:
+"phase reads p50_us p99_us max_us blocks_copied_up seconds".
 """
 import mmap
 import multiprocessing as mp
@@ -53,25 +54,34 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
-def report(phase, lat, writes):
-    print(f"{phase} {len(lat)} {pct(lat, 0.5):.0f} {pct(lat, 0.99):.0f} {max(lat):.0f} {writes}",
-          flush=True)
+def report(phase, lat, writes, seconds):
+    print(f"{phase} {len(lat)} {pct(lat, 0.5):.0f} {pct(lat, 0.99):.0f} {max(lat):.0f} {writes} "
+          f"{seconds:.1f}", flush=True)
 
 
 def main():
     hot, seconds, files = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-    report("alone", reader(hot, seconds), 0)
-    done, stop = mp.Value("l", 0), mp.Event()
+    report("alone", reader(hot, seconds), 0, seconds)
+    done, stop, finished = mp.Value("l", 0), mp.Event(), mp.Event()
     procs = [mp.Process(target=writer, args=(f, i, done, stop)) for i, f in enumerate(files)]
+    start = time.monotonic()
     for p in procs:
         p.start()
+
+    def watch():
+        for p in procs:
+            p.join()
+        finished.set()
+
+    import threading
+    threading.Thread(target=watch, daemon=True).start()
     time.sleep(0.2)  # writers opened and under way
-    lat = reader(hot, seconds)
+    lat = reader(hot, seconds, finished)
     writes = done.value
     stop.set()
     for p in procs:
         p.join()
-    report("writers", lat, writes)
+    report("writers", lat, writes, time.monotonic() - start)
 
 
 if __name__ == "__main__":
