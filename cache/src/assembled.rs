@@ -13,7 +13,8 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
-use crate::{ChunkCache, ChunkLoc, Digest};
+use crate::ChunkCache;
+use strata_cache_format::{ChunkLoc, Digest};
 
 /// Where a file's bytes are in the chunk stream: its chunks in order, where it starts in the
 /// first one, and its length.

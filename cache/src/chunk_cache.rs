@@ -16,7 +16,8 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 
 use crate::disk_cache::{DiskCache, DiskRead};
-use crate::{blob, pack_key, ChunkLoc, Digest, Store, StoreError, StoreErrorKind};
+use strata_cache_format::{blob, pack_key, ChunkLoc, Digest};
+use strata_store::{Store, StoreError, StoreErrorKind};
 
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -745,7 +746,7 @@ fn check_len(reader: &ChunkReader, loc: &ChunkLoc, data: Bytes) -> Result<Bytes,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::local::LocalStore;
+    use strata_store::local::LocalStore;
 
     /// A local store holding `chunks` in one pack, and a reader through a fresh cache.
     async fn setup(chunks: &[Vec<u8>]) -> (tempfile::TempDir, ChunkReader, Vec<ChunkLoc>) {

@@ -27,9 +27,9 @@ use std::sync::Mutex;
 
 use lru::LruCache;
 
-use crate::Digest;
+use strata_cache_format::Digest;
 
-/// What a cache file holds: one chunk, or a whole layer file (named by [`crate::file_id`]).
+/// What a cache file holds: one chunk, or a whole layer file (named by its file id, see [`crate::AssembledFile`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
     Chunk(Digest),

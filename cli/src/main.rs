@@ -49,8 +49,8 @@ impl GlobalArgs {
             .unwrap_or_else(daemon::protocol::default_socket)
     }
 
-    fn store_options(&self) -> cache::StoreOptions {
-        cache::StoreOptions {
+    fn store_options(&self) -> strata_store::StoreOptions {
+        strata_store::StoreOptions {
             endpoint_url: self.endpoint_url.clone(),
             single_writer: self.single_writer,
             ..Default::default()

@@ -319,7 +319,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     for (host, path) in &spec.binds {
         // The daemon's mount must still be there: binding the bare directory would let the
         // command write into the host's run dir.
-        if !strata_fs::fuse::is_strata_mount(host).unwrap_or(false) {
+        if !strata_fuse::is_strata_mount(host).unwrap_or(false) {
             return Err(io::Error::other(format!(
                 "{} is no longer mounted (for {})",
                 host.display(),

@@ -10,7 +10,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use cache::{Digest, Store};
+use strata_cache_format::Digest;
+use strata_store::Store;
 
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;

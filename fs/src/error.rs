@@ -1,6 +1,8 @@
 use std::path::PathBuf;
 
-use cache::{ChunkError, Digest, StoreError};
+use cache::ChunkError;
+use strata_cache_format::Digest;
+use strata_store::StoreError;
 
 use crate::manifest::ManifestError;
 

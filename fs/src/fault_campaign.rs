@@ -1,5 +1,5 @@
 //! The fault campaign: for several seeds, a cold read of a rich layer and a volume round trip
-//! through [`cache::FaultyStore`] (errors, latency, truncated and corrupted bodies, lost
+//! through [`strata_store::FaultyStore`] (errors, latency, truncated and corrupted bodies, lost
 //! compare-and-swap replies). What must hold: not one wrong byte; every read completes or
 //! fails with EIO; every commit lands, or fails and lands when tried again (as the daemon's
 //! retry of a kept upper does), or is kept as a conflict.
@@ -11,7 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache::{CacheConfig, ChunkCache, FaultConfig, FaultCounts, FaultyStore, MemoryStore, Store};
+use cache::{CacheConfig, ChunkCache};
+use strata_store::{FaultConfig, FaultCounts, FaultyStore, MemoryStore, Store};
 
 use crate::layer::Layer;
 use crate::publish::{publish, PublishOptions};

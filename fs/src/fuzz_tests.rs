@@ -1,13 +1,13 @@
 //! Bounded fuzzing of every decoder of bytes that come from the store or the disk: manifests,
 //! blob envelopes, chunk locators, volume heads and records, and upper journals, through
-//! [`cache::fuzz`]: every decoder must answer `Ok` or `Err`, never panic. Each target's corpus
+//! [`strata_testkit::fuzz`]: every decoder must answer `Ok` or `Err`, never panic. Each target's corpus
 //! is the valid encodings made here plus the inputs kept under `fs/fuzz/corpus/<target>/`.
 //! Journal frames are checksummed, so their mutated payloads get a fresh checksum, or only the
-//! checksum would ever be tested. Seeds and run lengths: see [`cache::fuzz`].
+//! checksum would ever be tested. Seeds and run lengths: see [`strata_testkit::fuzz`].
 
 use std::sync::Arc;
 
-use cache::{blob, Digest};
+use strata_cache_format::{blob, Digest};
 
 use crate::manifest::{Manifest, ManifestBytes};
 use crate::stack::tests::{stack_of, write};
@@ -20,7 +20,7 @@ fn fuzz(name: &str, made: &[Vec<u8>], target: impl Fn(&[u8])) -> usize {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
         .join(name.replace(' ', "-"));
-    cache::fuzz::run(name, &dir, made.to_vec(), target)
+    strata_testkit::fuzz::run(name, &dir, made.to_vec(), target)
 }
 
 /// Uses every part of a manifest that parsed, as a mount would.
@@ -73,16 +73,20 @@ async fn decoders_of_store_bytes_never_panic() {
         let _ = blob::decode_verified(&bytes::Bytes::copy_from_slice(b), &Digest::of(b"short"), 5);
     });
 
-    let loc = cache::ChunkLoc {
+    let loc = strata_cache_format::ChunkLoc {
         digest: Digest::of(b"x"),
         pack: Digest::of(b"p"),
         pack_offset: 12,
         stored_len: 34,
         len: 56,
     };
-    fuzz("chunk locator", &[cache::Locator::encode(&loc)], |b| {
-        let _ = cache::Locator::parse(Digest::of(b"x"), b);
-    });
+    fuzz(
+        "chunk locator",
+        &[strata_cache_format::Locator::encode(&loc)],
+        |b| {
+            let _ = strata_cache_format::Locator::parse(Digest::of(b"x"), b);
+        },
+    );
 
     let head = br#"{"version":1,"commits":[{"layer":"blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262","committed_at":1,"changes":2,"bytes_uploaded":3,"paths":["a","b/c"],"attrs":[""],"squashed":[]}]}"#.to_vec();
     let conflict = br#"{"id":"1-ab","layers":["blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"],"paths":["a"],"committed_at":1}"#.to_vec();

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use cache::{blob, ChunkReader, Digest, Store};
+use cache::ChunkReader;
+use strata_cache_format::{blob, Digest};
+use strata_store::Store;
 
 use crate::error::{FsError, FsResult};
 use crate::manifest::{ChunkRef, Entry, Manifest, ManifestBytes, MAX_MANIFEST_LEN};

@@ -1,20 +1,19 @@
 //! strata-fs: everything about trees.
 //!
-//! - [`manifest`]: the layer format (fixed-layout records, validated once, used in place).
+//! - [`manifest`]: the layer format, which is the `strata-fs-format` crate (no I/O).
 //! - [`publish`]: walking a directory into a layer (FastCDC chunks, parallel deduped uploads).
 //! - [`refs`]: dataset refs `name:tag` → layer digest, moved by compare-and-swap.
 //! - [`layer`]: a layer opened for reading through the chunk cache.
 //! - [`stack`]: read-only layers stacked with overlay rules, as a plain API.
 //! - [`upper`]: the writable upper of a mount over its stack ([`upper::MountTree`]).
 //! - [`volume`]: persistent volumes: chains of committed delta layers under a CAS'd head.
-//! - [`fuse`]: the thin `fuser` adapter over [`upper::MountTree`].
+//!
+//! The FUSE adapter over [`upper::MountTree`] is the `strata-fuse` crate.
 
 pub mod blocking;
 pub mod delta;
 pub mod error;
-pub mod fuse;
 pub mod layer;
-pub mod manifest;
 pub mod pack;
 pub mod publish;
 pub mod record;
@@ -30,3 +29,4 @@ mod fault_campaign;
 mod fuzz_tests;
 
 pub use error::{FsError, FsResult};
+pub use strata_fs_format as manifest;

@@ -7,7 +7,7 @@
 //! length, and readers fetch runs of adjoining chunks with one ranged GET.
 //!
 //! Dedup stays store-wide: after a pack is stored, each of its chunks gets a small locator
-//! object (`chunks/<hex>`, see `cache::locator`) naming the pack. A publish looks each chunk
+//! object (`chunks/<hex>`, see `strata_cache_format::locator`) naming the pack. A publish looks each chunk
 //! up there first and reuses any stored copy. Locators are written only after their pack, so a
 //! locator never points at a pack that is not there.
 
@@ -16,8 +16,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cache::{blob, chunk_key, pack_key, ChunkLoc, Digest, Locator, Store, StoreErrorKind};
 use futures::StreamExt;
+use strata_cache_format::{blob, chunk_key, pack_key, ChunkLoc, Digest, Locator};
+use strata_store::{Store, StoreErrorKind};
 use tokio::task::JoinSet;
 
 use crate::error::{FsError, FsResult};
@@ -258,7 +259,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn chunks_anywhere_in_the_store_are_not_stored_again() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = cache::open_store(
+        let store = strata_store::open_store(
             tmp.path().join("store").to_str().unwrap(),
             &Default::default(),
         )

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cache::{blob, Digest, Store};
 use futures::StreamExt;
+use strata_cache_format::{blob, Digest};
+use strata_store::Store;
 
 use crate::error::{FsError, FsResult};
 use crate::manifest::{self, check_name, ChunkRef, EntrySpec, Kind, FLAG_OPAQUE};

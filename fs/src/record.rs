@@ -17,7 +17,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cache::{Digest, Store, Version};
+use strata_cache_format::Digest;
+use strata_store::{Store, Version};
 
 use crate::error::{FsError, FsResult};
 
@@ -122,7 +123,7 @@ async fn fetch_open<T, F, Fut>(
 ) -> FsResult<Option<(Bytes, T)>>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = cache::store::StoreResult<Option<(Bytes, T)>>>,
+    Fut: std::future::Future<Output = strata_store::StoreResult<Option<(Bytes, T)>>>,
 {
     let mut why = String::new();
     for _ in 0..TRIES {

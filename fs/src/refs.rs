@@ -5,7 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use cache::{Digest, Store, StoreErrorKind};
+use strata_cache_format::Digest;
+use strata_store::{Store, StoreErrorKind};
 
 use crate::error::{FsError, FsResult};
 

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use bytes::Bytes;
-use cache::{blob, Digest, Store};
+use strata_cache_format::{blob, Digest};
+use strata_store::Store;
 
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;

@@ -545,8 +545,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::publish::{publish, PublishOptions};
     use crate::refs::{self, DatasetRef};
-    use cache::{open_store, CacheConfig, ChunkCache, StoreOptions};
+    use cache::{CacheConfig, ChunkCache};
     use std::path::Path;
+    use strata_store::{open_store, StoreOptions};
 
     /// Bytes that do not compress and cut into content-defined chunks (xorshift).
     pub(crate) fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {

@@ -15,8 +15,9 @@
 
 use std::sync::Arc;
 
-use cache::{Digest, Store, StoreErrorKind, Version};
 use serde::{Deserialize, Serialize};
+use strata_cache_format::Digest;
+use strata_store::{Store, StoreErrorKind, Version};
 
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
@@ -736,9 +737,9 @@ mod tests {
 
     #[test]
     fn clashes_of_whole_commits_follow_the_rule_for_pairs() {
-        let seed = cache::rng::seed_from_env("STRATA_CLASH_SEED", 20_261_204);
+        let seed = strata_testkit::rng::seed_from_env("STRATA_CLASH_SEED", 20_261_204);
         println!("seed {seed} (replay: STRATA_CLASH_SEED={seed}; STRATA_CLASH_SEED=random hunts)");
-        let mut rng = cache::rng::SplitMix64::new(seed);
+        let mut rng = strata_testkit::rng::SplitMix64::new(seed);
         let mut next = |n: u64| rng.next_u64() % n;
         let names = ["a", "b", "ab", "a-b"];
         let path = |next: &mut dyn FnMut(u64) -> u64| {

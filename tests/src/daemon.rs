@@ -185,12 +185,12 @@ impl DaemonMount {
 
 impl Drop for DaemonMount {
     fn drop(&mut self) {
-        if strata_fs::fuse::is_strata_mount(&self.mountpoint).unwrap_or(false) {
+        if strata_fuse::is_strata_mount(&self.mountpoint).unwrap_or(false) {
             let out = self
                 .strata
                 .run(&["unmount", self.mountpoint.to_str().unwrap()]);
             if !out.status.success() {
-                let _ = strata_fs::fuse::unmount(&self.mountpoint, true);
+                let _ = strata_fuse::unmount(&self.mountpoint, true);
             }
         }
     }

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 
 /// Store options for an in-process client of a test server, from the environment the harness
 /// hands to the `strata` binary (`AWS_*`).
-pub fn store_options(env: &[(String, String)], single_writer: bool) -> cache::StoreOptions {
+pub fn store_options(env: &[(String, String)], single_writer: bool) -> strata_store::StoreOptions {
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    cache::StoreOptions {
+    strata_store::StoreOptions {
         endpoint_url: get("AWS_ENDPOINT_URL"),
         single_writer,
         credentials: get("AWS_ACCESS_KEY_ID").zip(get("AWS_SECRET_ACCESS_KEY")),

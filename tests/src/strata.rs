@@ -113,7 +113,7 @@ impl Strata {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if strata_fs::fuse::is_strata_mount(mountpoint)? {
+            if strata_fuse::is_strata_mount(mountpoint)? {
                 return Ok(m);
             }
             if let Some(status) = m.child.try_wait()? {
@@ -148,7 +148,7 @@ impl Mount {
     }
 
     fn unmount_inner(&mut self) -> Result<std::process::ExitStatus> {
-        if strata_fs::fuse::is_strata_mount(&self.mountpoint)? {
+        if strata_fuse::is_strata_mount(&self.mountpoint)? {
             let out = Command::new(strata_bin())
                 .args(["unmount", self.mountpoint.to_str().unwrap()])
                 .output()?;
@@ -166,7 +166,7 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if self.unmount_inner().is_err() {
-            let _ = strata_fs::fuse::unmount(&self.mountpoint, true);
+            let _ = strata_fuse::unmount(&self.mountpoint, true);
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cache::{blob, open_store, Digest, Store};
+use strata_cache_format::{blob, Digest};
+use strata_store::{open_store, Store};
 use strata_tests::garage;
 use strata_tests::strata::Strata;
 use strata_tests::tree::{pseudo_random, write_file};
@@ -237,7 +238,7 @@ fn sigterm_and_unmount_end_the_mount_cleanly() {
         strata_tests::strata::wait_timeout(&mut m.child, std::time::Duration::from_secs(20))
             .unwrap();
     assert!(status.success(), "{status}: {}", m.log_text());
-    assert!(!strata_fs::fuse::is_strata_mount(&mnt).unwrap());
+    assert!(!strata_fuse::is_strata_mount(&mnt).unwrap());
     drop(m);
 
     // fusermount3 -u works as well, and the mountpoint is reusable afterwards.
@@ -274,10 +275,7 @@ fn sigterm_and_unmount_end_the_mount_cleanly() {
         strata_tests::strata::wait_timeout(&mut m.child, std::time::Duration::from_secs(20))
             .unwrap();
     assert!(status.success(), "{status}: {}", m.log_text());
-    assert!(
-        !strata_fs::fuse::is_strata_mount(&mnt).unwrap(),
-        "left mounted"
-    );
+    assert!(!strata_fuse::is_strata_mount(&mnt).unwrap(), "left mounted");
     drop(m);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -109,7 +109,7 @@ fn two_mounts_sixteen_readers_fetch_each_chunk_once() {
 
     // Unmounting one mount leaves the other serving.
     d.strata().ok(&["unmount", a.mountpoint.to_str().unwrap()]);
-    assert!(!strata_fs::fuse::is_strata_mount(&a.mountpoint).unwrap());
+    assert!(!strata_fuse::is_strata_mount(&a.mountpoint).unwrap());
     assert!(std::fs::read(b.path("model.bin")).unwrap() == data);
     assert!(!d
         .strata()
@@ -304,7 +304,7 @@ fn a_killed_daemon_leaves_stale_mounts_that_the_next_start_cleans() {
     d.restart().unwrap();
     for mp in &mps {
         assert!(
-            !strata_fs::fuse::is_strata_mount(mp).unwrap(),
+            !strata_fuse::is_strata_mount(mp).unwrap(),
             "{} still mounted",
             mp.display()
         );

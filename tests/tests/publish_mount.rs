@@ -352,7 +352,9 @@ fn killed_publish_leaves_no_ref_and_a_rerun_finishes_the_job() {
     // finish.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let options = strata_tests::store_options(&garage::shared().env(), false);
-    let st = rt.block_on(cache::open_store(&store, &options)).unwrap();
+    let st = rt
+        .block_on(strata_store::open_store(&store, &options))
+        .unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let landed = rt.block_on(st.list("chunks/")).unwrap().len();

@@ -1,12 +1,12 @@
-//! The same `Store` cases (`cache::store::conformance`, also run by the cache crate's unit
+//! The same `Store` cases (`strata_store::conformance`, also run by the cache crate's unit
 //! tests on the memory store and the wrappers) against every backend: the local directory,
 //! Garage, and moto_server (which, unlike Garage, enforces conditional writes).
 
 use bytes::Bytes;
-use cache::store::conformance::{
+use strata_store::conformance::{
     basic_objects, cas_counter_loses_nothing, enforced_cas, replace_and_stale_writer_loses, run_all,
 };
-use cache::{open_store, StoreErrorKind, StoreOptions};
+use strata_store::{open_store, StoreErrorKind, StoreOptions};
 use strata_tests::{garage, moto};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

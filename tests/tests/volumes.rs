@@ -293,7 +293,7 @@ fn fsynced_writes_survive_a_daemon_killed_mid_loop() {
     d.restart().unwrap();
     drop(m);
     assert!(
-        !strata_fs::fuse::is_strata_mount(&mp).unwrap(),
+        !strata_fuse::is_strata_mount(&mp).unwrap(),
         "the dead mount is still at {}",
         mp.display()
     );

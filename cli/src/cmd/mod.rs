@@ -11,12 +11,12 @@ pub mod volume;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cache::Store;
+use strata_store::Store;
 
 use crate::GlobalArgs;
 
 pub async fn open_store(g: &GlobalArgs, url: &str) -> anyhow::Result<Arc<dyn Store>> {
-    cache::open_store(url, &g.store_options())
+    strata_store::open_store(url, &g.store_options())
         .await
         .with_context(|| format!("opening store {url}"))
 }

@@ -111,9 +111,9 @@ pub fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
 }
 
 pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
-    strata_fs::fuse::check_mountpoint(&a.mountpoint)?;
+    strata_fuse::check_mountpoint(&a.mountpoint)?;
     let mountpoint =
-        strata_fs::fuse::resolve_mountpoint(&a.mountpoint).context("resolving the mountpoint")?;
+        strata_fuse::resolve_mountpoint(&a.mountpoint).context("resolving the mountpoint")?;
     if !a.foreground {
         return mount_through_daemon(g, a, mountpoint).await;
     }
@@ -150,7 +150,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         journal: false,
     });
     let tree = Arc::new(MountTree::new(stack, upper)?);
-    let session = strata_fs::fuse::mount(
+    let session = strata_fuse::mount(
         tree,
         &mountpoint,
         tokio::runtime::Handle::current(),
@@ -182,9 +182,9 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         _ = sigint.recv() => {}
     }
     // Signalled: unmount; if something still has files open, detach so we can exit.
-    if let Err(e) = strata_fs::fuse::unmount(&mountpoint, false) {
+    if let Err(e) = strata_fuse::unmount(&mountpoint, false) {
         tracing::warn!("{e}; detaching the mount instead");
-        strata_fs::fuse::unmount(&mountpoint, true)?;
+        strata_fuse::unmount(&mountpoint, true)?;
     }
     match tokio::time::timeout(Duration::from_secs(5), done_rx).await {
         Ok(Ok(result)) => result.context("FUSE session failed")?,
@@ -226,7 +226,7 @@ async fn mount_through_daemon(
 /// Unmounts through the daemon when it holds the mount (so it forgets it at once), else
 /// directly (foreground mounts, or mounts of a daemon that is gone).
 pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
-    let mountpoint = strata_fs::fuse::resolve_mountpoint(&a.mountpoint)
+    let mountpoint = strata_fuse::resolve_mountpoint(&a.mountpoint)
         .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
     let socket = g.socket();
     // The daemon's own mounts go through it, so it forgets them at once; anything else (a
@@ -249,7 +249,7 @@ pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    strata_fs::fuse::unmount(&mountpoint, a.lazy)?;
+    strata_fuse::unmount(&mountpoint, a.lazy)?;
     Ok(())
 }
 
@@ -264,7 +264,7 @@ pub struct CommitArgs {
 
 /// Commits a volume mount's changes so far, through the daemon; the mount goes on.
 pub async fn commit(g: &GlobalArgs, a: CommitArgs) -> anyhow::Result<()> {
-    let mountpoint = strata_fs::fuse::resolve_mountpoint(&a.mountpoint)
+    let mountpoint = strata_fuse::resolve_mountpoint(&a.mountpoint)
         .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
     let request = Request::Commit { mountpoint };
     let reply: protocol::CommitReply = protocol::call(&g.socket(), &request).await?;

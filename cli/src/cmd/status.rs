@@ -56,7 +56,7 @@ pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
 pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
     let mut reply: StatsReply = protocol::call(&g.socket(), &Request::Stats).await?;
     if let Some(mp) = &a.mountpoint {
-        let mp = strata_fs::fuse::resolve_mountpoint(mp)?;
+        let mp = strata_fuse::resolve_mountpoint(mp)?;
         reply.mounts.retain(|m| m.mount.mountpoint == mp);
         if reply.mounts.is_empty() {
             bail!("{} is not mounted by the daemon", mp.display());

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::bail;
-use cache::Store;
 use clap::{Args, Subcommand};
 use strata_fs::volume::{self, VolumeRef};
+use strata_store::Store;
 
 use crate::units::human;
 use crate::GlobalArgs;

@@ -1,4 +1,4 @@
-//! Bounded fuzzing of the control protocol (see [`cache::fuzz`]): the daemon decodes and
+//! Bounded fuzzing of the control protocol (see [`strata_testkit::fuzz`]): the daemon decodes and
 //! checks request lines from any local root process, and clients decode the daemon's reply
 //! lines. Neither may panic on any line. Kept inputs: `cli/fuzz/corpus/<target>/`.
 
@@ -13,7 +13,7 @@ fn fuzz(name: &str, made: Vec<Vec<u8>>, target: impl Fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
         .join(name);
-    cache::fuzz::run(name, &dir, made, target)
+    strata_testkit::fuzz::run(name, &dir, made, target)
 }
 
 fn line(v: &impl serde::Serialize) -> Vec<u8> {
@@ -43,7 +43,7 @@ fn mount_info() -> MountInfo {
         store: "file:///srv/store".into(),
         layers: vec![LayerInfo {
             dataset: "base:v1".into(),
-            digest: format!("{}", cache::Digest::of(b"layer")),
+            digest: format!("{}", strata_cache_format::Digest::of(b"layer")),
         }],
         mounted_at: 1_800_000_000,
         writable: true,

@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use cache::{CacheConfig, ChunkCache, ChunkReader, Store, StoreOptions};
+use cache::{CacheConfig, ChunkCache, ChunkReader};
 use strata_fs::blocking::blocking;
 use strata_fs::layer::Layer;
 use strata_fs::stack::LayerStack;
 use strata_fs::upper::{MountTree, UpperConfig};
 use strata_fs::volume::{self, VolumeRef};
+use strata_store::{Store, StoreOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -78,7 +79,7 @@ const COMMIT_WAIT: Duration = Duration::from_secs(600);
 impl Daemon {
     /// Takes the cache dir, cleans up mounts a crashed daemon left behind and opens the cache.
     pub fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
-        for mp in strata_fs::fuse::clean_stale_mounts().context("looking for stale mounts")? {
+        for mp in strata_fuse::clean_stale_mounts().context("looking for stale mounts")? {
             tracing::warn!(
                 "cleaned up stale mount {} (its serving process is gone)",
                 mp.display()
@@ -372,7 +373,7 @@ impl Daemon {
         if endpoint_url.is_some() {
             options.endpoint_url = endpoint_url;
         }
-        let store = cache::open_store(url, &options)
+        let store = strata_store::open_store(url, &options)
             .await
             .with_context(|| format!("opening store {url}"))?;
         Ok(Arc::clone(
@@ -420,7 +421,7 @@ impl Daemon {
             (false, _) => None,
         };
         let mp = spec.mountpoint;
-        strata_fs::fuse::check_mountpoint(&mp)?;
+        strata_fuse::check_mountpoint(&mp)?;
         let store = self.store(&spec.store, spec.endpoint_url.clone()).await?;
         let mut layers =
             crate::cmd::load_layers(&store, &spec.layers, Some(&self.config.cache_dir)).await?;
@@ -593,7 +594,7 @@ impl Daemon {
                     "{}: the client that mounted it is gone; unmounting",
                     mp.display()
                 );
-                if let Err(e) = strata_fs::fuse::unmount(&mp, true) {
+                if let Err(e) = strata_fuse::unmount(&mp, true) {
                     tracing::error!("unmounting {}: {e}", mp.display());
                 }
             }
@@ -622,7 +623,7 @@ impl Daemon {
         stack: Arc<LayerStack>,
         mp: &Path,
         upper: Option<Upper<'_>>,
-    ) -> anyhow::Result<(strata_fs::fuse::MountedSession, Arc<MountTree>)> {
+    ) -> anyhow::Result<(strata_fuse::MountedSession, Arc<MountTree>)> {
         let upper = match upper {
             Some(u) => {
                 make_private_dir(u.dir)?;
@@ -640,7 +641,7 @@ impl Daemon {
             None => None,
         };
         let tree = Arc::new(MountTree::new(stack, upper)?);
-        let session = strata_fs::fuse::mount(
+        let session = strata_fuse::mount(
             tree.clone(),
             mp,
             tokio::runtime::Handle::current(),
@@ -688,7 +689,7 @@ impl Daemon {
             };
             (m.info.clone(), m.ended.clone(), m.volume.is_some())
         };
-        blocking(|| strata_fs::fuse::unmount(mountpoint, lazy))?;
+        blocking(|| strata_fuse::unmount(mountpoint, lazy))?;
         // A volume mount's unmount returns once its changes are committed.
         let wait = if commits {
             COMMIT_WAIT
@@ -726,9 +727,9 @@ impl Daemon {
             .collect();
         blocking(|| {
             for (mp, ..) in &all {
-                if let Err(e) = strata_fs::fuse::unmount(mp, false) {
+                if let Err(e) = strata_fuse::unmount(mp, false) {
                     tracing::warn!("{e}; detaching {} instead", mp.display());
-                    if let Err(e) = strata_fs::fuse::unmount(mp, true) {
+                    if let Err(e) = strata_fuse::unmount(mp, true) {
                         tracing::error!("cannot unmount {}: {e}", mp.display());
                     }
                 }

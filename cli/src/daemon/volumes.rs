@@ -14,12 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cache::{ChunkReader, Digest, Store, Version};
+use cache::ChunkReader;
 use serde::{Deserialize, Serialize};
+use strata_cache_format::Digest;
 use strata_fs::layer::Layer;
 use strata_fs::stack::LayerStack;
 use strata_fs::upper::{MountTree, UpperConfig};
 use strata_fs::volume::{self, VolumeHead, VolumeRef};
+use strata_store::{Store, Version};
 
 /// The record's file name in a volume mount's scratch (data files are named in hex).
 pub const RECORD_FILE: &str = "volume.json";

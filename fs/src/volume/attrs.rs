@@ -10,7 +10,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use cache::{Digest, Store};
+use strata_cache_format::Digest;
+use strata_store::Store;
 
 use super::{expand, VolumeHead};
 use crate::error::{FsError, FsResult};

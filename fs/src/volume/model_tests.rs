@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use cache::{Digest, Version};
+use strata_cache_format::Digest;
+use strata_store::Version;
 
 use super::{commit, read_head, Earlier, VolumeHead, VolumeRef};
 use crate::layer::Layer;
@@ -28,7 +29,7 @@ enum Node {
 
 type Tree = BTreeMap<String, Node>;
 
-type Rng = cache::rng::SplitMix64;
+type Rng = strata_testkit::rng::SplitMix64;
 
 const PATHS: &[&str] = &["d", "e", "f", "g", "d/x", "d/y", "d/n", "e/z", "e/n", "g/w"];
 const MODES: &[u32] = &[0o755, 0o700, 0o750, 0o644, 0o600];

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
+use crate::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
 
 #[derive(Debug)]
 struct Object {

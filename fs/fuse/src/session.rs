@@ -5,8 +5,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::FsError;
-use crate::upper::MountTree;
+use strata_fs::error::FsError;
+use strata_fs::upper::MountTree;
 
 use super::StrataFs;
 

@@ -37,8 +37,8 @@ pub use session::{
     resolve_mountpoint, strata_mounts, unmount, MountedSession,
 };
 
-use crate::error::{FsError, FsResult};
-use crate::upper::{Caller, MountTree, NodeKind, SetAttr, Stat, TimeSet};
+use strata_fs::error::{FsError, FsResult};
+use strata_fs::upper::{Caller, MountTree, NodeKind, SetAttr, Stat, TimeSet};
 
 /// The kernel sees every change to the tree, so it may cache what it learns for long.
 const TTL: Duration = Duration::from_secs(24 * 3600);

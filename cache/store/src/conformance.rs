@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Store, StoreErrorKind, StoreResult, Version};
+use crate::{Store, StoreErrorKind, StoreResult, Version};
 
 /// Unwraps a store result, panicking with the store's own message (which names store, operation
 /// and key) and what the case was doing.

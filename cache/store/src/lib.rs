@@ -1,4 +1,4 @@
-//! The network object store behind strata: a flat namespace of keys holding immutable objects
+//! strata-store: the network object store behind strata: a flat namespace of keys holding immutable objects
 //! (chunks, layer manifests) and a few small mutable ones (refs) that move only by
 //! compare-and-swap.
 //!

@@ -20,7 +20,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use super::{check_key, Store, StoreError, StoreErrorKind, StoreOptions, StoreResult, Version};
+use crate::{check_key, Store, StoreError, StoreErrorKind, StoreOptions, StoreResult, Version};
 
 #[derive(Debug)]
 pub struct S3Store {

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
-use crate::Digest;
+use crate::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
+use strata_cache_format::Digest;
 
 const TMP_DIR: &str = ".tmp";
 const LOCK_DIR: &str = ".locks";

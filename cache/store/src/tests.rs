@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::conformance::run_all;
-use super::local::LocalStore;
-use super::{CountingStore, FaultConfig, FaultyStore, MemoryStore, Store};
+use crate::conformance::run_all;
+use crate::local::LocalStore;
+use crate::{CountingStore, FaultConfig, FaultyStore, MemoryStore, Store};
 
 fn memory(name: &str) -> Arc<dyn Store> {
     Arc::new(MemoryStore::new(name))

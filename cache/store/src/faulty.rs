@@ -32,8 +32,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
-use crate::rng::SplitMix64;
+use crate::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
+use strata_testkit::rng::SplitMix64;
 
 /// Which faults to inject, and how often. Probabilities are per request: 0 (or less) never,
 /// 1 (or more) always. The default injects nothing.
@@ -389,7 +389,7 @@ impl Store for FaultyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::MemoryStore;
 
     fn over_memory(config: FaultConfig) -> (Arc<dyn Store>, FaultyStore) {
         let inner: Arc<dyn Store> = Arc::new(MemoryStore::new("inner"));

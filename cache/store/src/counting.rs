@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreResult, Version};
+use crate::{Store, StoreResult, Version};
 
 /// Request counts at one moment (see [`CountingStore::snapshot`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,7 +194,7 @@ impl<S: Store + ?Sized> Store for CountingStore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::MemoryStore;
 
     #[tokio::test]
     async fn counts_a_known_sequence() {

@@ -1,4 +1,5 @@
-//! The layer manifest: a versioned, fixed-layout binary format (see `docs/FORMAT.md`).
+//! strata-fs-format: the layer manifest, a versioned, fixed-layout binary format (see
+//! `docs/FORMAT.md`). No I/O and no runtime: this is the surface that decodes untrusted bytes.
 //!
 //! The decoded manifest is a flat buffer that is used in place: entries are fixed-size records
 //! addressed by index, so a manifest can be memory-mapped from the local cache and a layer of a
@@ -10,7 +11,7 @@
 
 use std::ops::{Deref, Range};
 
-use cache::Digest;
+use strata_cache_format::Digest;
 
 pub const MAGIC: &[u8; 8] = b"STRATALY";
 pub const VERSION: u32 = 2;
@@ -208,8 +209,8 @@ pub struct ChunkRef {
 
 impl ChunkRef {
     /// What the chunk cache needs to fetch this chunk.
-    pub fn location(&self) -> cache::ChunkLoc {
-        cache::ChunkLoc {
+    pub fn location(&self) -> strata_cache_format::ChunkLoc {
+        strata_cache_format::ChunkLoc {
             digest: self.digest,
             len: self.len,
             pack: self.pack,
@@ -772,10 +773,10 @@ mod tests {
             file("x", 1, 4, 10, 5),
         ];
         let chunks = vec![ChunkRef {
-            digest: cache::Digest::of(b"fifteen bytes!!"),
+            digest: strata_cache_format::Digest::of(b"fifteen bytes!!"),
             offset: 0,
             len: 15,
-            pack: cache::Digest::of(b"a pack"),
+            pack: strata_cache_format::Digest::of(b"a pack"),
             pack_offset: 0,
             stored_len: 16,
         }];
