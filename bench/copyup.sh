@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
 source bench/lib/measure.sh
+source bench/lib/daemon.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, dropping caches, loopback routes)" >&2; exit 1; }
 command -v fusermount3 >/dev/null || apt-get install -y -qq fuse3 >/dev/null
 command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
@@ -23,13 +24,10 @@ cargo build --release -p strata --locked
 after=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
 seconds=${BENCH_SECONDS:-20}
 work=$(mktemp -d /tmp/strata-copyup.XXXXXX)
-DAEMON_PID=
+bench_init "$work"
 cleanup() {
   set +e
-  for mp in $(awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
-    umount -l "$mp" 2>/dev/null
-  done
-  [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null
+  bench_cleanup
   quickack_off; garage_stop; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -45,13 +43,13 @@ head -c $((512 << 10)) /dev/urandom > "$work/data/hot"
 
 # One binary's run: a fresh daemon with an empty cache, a scratch mount, the hot file's
 # chunks cached, then the two phases. Prints "label phase reads p50 p99 max writes" lines.
+# It runs in a pipeline's subshell: the daemon's pid is recorded for the cleanup all the same.
 measure() {
   local label=$1 strata=$2
   export STRATA_SOCKET=$work/$label.sock
-  "$strata" daemon --cache-dir "$work/cache-$label" --state-dir "$work/state-$label" \
-    >> "$work/daemon-$label.log" 2>&1 &
-  DAEMON_PID=$!
-  until "$strata" mounts >/dev/null 2>&1; do sleep 0.05; done
+  DAEMON_BIN=$strata DAEMON_CACHE=$work/cache-$label DAEMON_STATE=$work/state-$label
+  DAEMON_LOG=$work/daemon-$label.log
+  daemon_start
   mkdir -p "$work/m-$label"
   "$strata" mount $store "$work/m-$label" --layer copyup:v1 > /dev/null
   cat "$work/m-$label/hot" > /dev/null
@@ -59,8 +57,7 @@ measure() {
   python3 bench/lib/copyup_load.py "$work/m-$label/hot" "$seconds" \
     $(for i in $(seq 0 7); do echo "$work/m-$label/w$i"; done) | sed "s/^/$label /"
   "$strata" unmount "$work/m-$label"
-  kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true
-  DAEMON_PID=
+  daemon_stop
 }
 
 results=$work/results

@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
 source bench/lib/measure.sh
+source bench/lib/daemon.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, dropping caches, loopback routes)" >&2; exit 1; }
 
 need=()
@@ -32,16 +33,14 @@ cargo build --release -p strata --locked
 strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
 work=$(mktemp -d /tmp/strata-bench.XXXXXX)
 export STRATA_SOCKET=$work/daemon.sock
-DAEMON_PID=
-PEAK_RSS_KB=0
+bench_init "$work"
+# The daemon (bench/lib/daemon.sh): cache in $work/cache, its default state dir; daemon_stop
+# keeps the peak RSS in PEAK_RSS_KB.
+DAEMON_BIN=$strata
 
-cleanup() {
+cleanup() { # unmounts, then ends the daemon, rclone and s3fs this run started (by pid)
   set +e
-  for mp in $(awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
-    umount -l "$mp" 2>/dev/null
-  done
-  [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null
-  pkill -f "rclone mount g:bench/plain" 2>/dev/null
+  bench_cleanup
   quickack_off; garage_stop; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -49,29 +48,6 @@ garage_start "$work/garage"
 quickack_on
 store=s3://bench
 
-
-daemon_start() {
-  "$strata" daemon --cache-dir "$work/cache" >> "$work/daemon.log" 2>&1 &
-  DAEMON_PID=$!
-  until "$strata" mounts >/dev/null 2>&1; do sleep 0.05; done
-}
-daemon_rss() {
-  local hwm
-  hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$DAEMON_PID/status")
-  [ "$hwm" -gt "$PEAK_RSS_KB" ] && PEAK_RSS_KB=$hwm
-  return 0
-}
-daemon_stop() {
-  daemon_rss
-  kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true
-  DAEMON_PID=
-}
-# A fresh daemon with an empty cache.
-daemon_cold() {
-  [ -n "$DAEMON_PID" ] && daemon_stop
-  rm -rf "$work/cache"
-  daemon_start
-}
 smount() { mkdir -p "$2"; "$strata" mount $store "$2" --layer "$1" > /dev/null; }
 sumount() { "$strata" unmount "$1"; }
 stat_total() { "$strata" stats --json | python3 -c "import json,sys; print(json.load(sys.stdin)['total']['$1'])"; }
@@ -291,21 +267,34 @@ if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
   raw1=$(python3 bench/lib/s3get.py bench plain/model.bin 1 1024)
   raw8=$(python3 bench/lib/s3get.py bench plain/model.bin 8 8)
 
+  # rclone and s3fs run in the foreground, in the background of this shell, so that $! is their
+  # own pid, recorded for the cleanup (rclone called as rcl would make $! a subshell's).
   rclone_mount() {
     mkdir -p "$work/m/rclone"
-    rcl mount g:bench/plain "$work/m/rclone" --vfs-cache-mode full --cache-dir "$work/rclone-cache" \
-      --read-only --daemon
-    until grep -qs " $work/m/rclone " /proc/mounts; do sleep 0.05; done
+    env -u AWS_CA_BUNDLE rclone mount g:bench/plain "$work/m/rclone" --vfs-cache-mode full \
+      --cache-dir "$work/rclone-cache" --read-only >> "$work/rclone.log" 2>&1 &
+    RCLONE_PID=$!
+    bench_track_pid "$RCLONE_PID"
+    bench_wait_mount "$work/m/rclone" "$RCLONE_PID" "$work/rclone.log"
   }
-  rclone_umount() { fusermount3 -u "$work/m/rclone" || umount -l "$work/m/rclone"; sleep 1; }
+  rclone_umount() {
+    fusermount3 -u "$work/m/rclone" || umount -l "$work/m/rclone"
+    bench_stop_pid "$RCLONE_PID"; RCLONE_PID=
+  }
   echo "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" > "$work/s3fs.passwd"; chmod 600 "$work/s3fs.passwd"
   s3fs_mount() {
     mkdir -p "$work/m/s3fs"
-    s3fs bench:/plain "$work/m/s3fs" -o passwd_file="$work/s3fs.passwd" -o url="$AWS_ENDPOINT_URL" \
-      -o use_path_request_style -o endpoint=garage -o use_cache="$work/s3fs-cache" -o ro
-    until grep -qs " $work/m/s3fs " /proc/mounts; do sleep 0.05; done
+    s3fs bench:/plain "$work/m/s3fs" -f -o passwd_file="$work/s3fs.passwd" -o url="$AWS_ENDPOINT_URL" \
+      -o use_path_request_style -o endpoint=garage -o use_cache="$work/s3fs-cache" -o ro \
+      >> "$work/s3fs.log" 2>&1 &
+    S3FS_PID=$!
+    bench_track_pid "$S3FS_PID"
+    bench_wait_mount "$work/m/s3fs" "$S3FS_PID" "$work/s3fs.log"
   }
-  s3fs_umount() { umount "$work/m/s3fs" || umount -l "$work/m/s3fs"; }
+  s3fs_umount() {
+    umount "$work/m/s3fs" || umount -l "$work/m/s3fs"
+    bench_stop_pid "$S3FS_PID"; S3FS_PID=
+  }
 
   # Sets NAME_cold, NAME_warm (MiB/s) and NAME_small_cold, NAME_small_warm (s) for the
   # filesystem NAME_mount mounts at $work/m/NAME, starting from an empty NAME-cache.

@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
 source bench/lib/measure.sh
+source bench/lib/daemon.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, namespaces, dropping caches)" >&2; exit 1; }
 command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
 command -v bc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y bc >/dev/null
@@ -20,14 +21,13 @@ cargo build --release -p strata --locked
 strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
 work=$(mktemp -d /tmp/strata-volbench.XXXXXX)
 export STRATA_SOCKET=$work/daemon.sock STRATA_SINGLE_WRITER=1
-DAEMON_PID=
+bench_init "$work"
+# daemon_cold (bench/lib/daemon.sh) is a new host: an empty cache, the page cache dropped.
+DAEMON_BIN=$strata DAEMON_STATE=$work/state DAEMON_COLD_DROP_CACHES=1
 
 cleanup() {
   set +e
-  for mp in $(awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r); do
-    umount -l "$mp" 2>/dev/null
-  done
-  [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null
+  bench_cleanup
   quickack_off; garage_stop; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -37,13 +37,6 @@ store=s3://bench
 
 kib() { echo "$1 / 1024" | bc; }
 
-daemon_start() { # extra daemon flags
-  "$strata" daemon --cache-dir "$work/cache" --state-dir "$work/state" "$@" >> "$work/daemon.log" 2>&1 &
-  DAEMON_PID=$!
-  until "$strata" mounts >/dev/null 2>&1; do sleep 0.05; done
-}
-daemon_stop() { kill -TERM "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" || true; DAEMON_PID=; }
-daemon_cold() { [ -n "$DAEMON_PID" ] && daemon_stop; rm -rf "$work/cache"; drop_caches; daemon_start "$@"; }
 total() { "$strata" stats --json | python3 -c "import json,sys; print(json.load(sys.stdin)['total']['$1'])"; }
 vmount() { mkdir -p "$2"; "$strata" mount $store "$2" --volume "$1" "${@:3}" > /dev/null; }
 last_upload() { "$strata" volume show $store "$1" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['commits'][-1]['bytes_uploaded'])"; }

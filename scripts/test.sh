@@ -44,10 +44,20 @@ cargo fmt --all -- --check
 log "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "layering"
+# The crates that decode untrusted bytes stay synchronous and free of I/O runtimes.
+for crate in strata-cache-format strata-fs-format; do
+  if cargo tree -p "$crate" -e normal --locked | grep -q tokio; then
+    echo "$crate must not depend on tokio" >&2; exit 1
+  fi
+done
+
 log "build"
-cargo build --workspace --bins --tests --locked
+cargo build --workspace --bins --tests --examples --locked
 
 log "tests"
 # The end-to-end tests mount real filesystems and share one Garage per test binary.
 RUST_BACKTRACE=1 cargo test --workspace --locked -- --test-threads="${STRATA_TEST_THREADS:-4}"
+log "example: a program embedding the daemon"
+cargo run -p strata-daemon --example embed --locked
 log "all tests passed"

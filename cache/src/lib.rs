@@ -11,8 +11,10 @@
 mod assembled;
 mod chunk_cache;
 mod disk_cache;
+mod lock;
 
 pub use assembled::{AssembledFile, FileChunks};
 pub use chunk_cache::{
     CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats, DEFAULT_FETCH_DEADLINE,
 };
+pub use lock::CacheDirLock;

@@ -2,8 +2,6 @@
 //! done by `strata-fs` and `strata-cache`.
 
 mod cmd;
-mod daemon;
-mod sandbox;
 mod units;
 
 use std::path::PathBuf;
@@ -46,7 +44,7 @@ impl GlobalArgs {
     fn socket(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(daemon::protocol::default_socket)
+            .unwrap_or_else(strata_daemon::config::default_socket)
     }
 
     fn store_options(&self) -> strata_store::StoreOptions {
@@ -109,8 +107,8 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     // The sandbox helper `strata run` starts: no runtime, no logging, a plain process.
     let args: Vec<String> = std::env::args().collect();
-    if args.len() == 3 && args[1] == sandbox::HELPER_ARG {
-        return ExitCode::from(sandbox::helper_main(&args[2]).clamp(0, 255) as u8);
+    if args.len() == 3 && args[1] == strata_sandbox::HELPER_ARG {
+        return ExitCode::from(strata_sandbox::helper_main(&args[2]).clamp(0, 255) as u8);
     }
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
@@ -153,32 +151,4 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where chunks and manifests are cached when `--cache-dir` is not given.
-/// Where the daemon keeps per-mount state (scratch uppers).
-pub fn default_state_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/strata");
-    }
-    if let Some(xdg) = std::env::var_os("XDG_STATE_HOME") {
-        return PathBuf::from(xdg).join("strata");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".local").join("state").join("strata")
-}
-
-pub fn default_cache_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/cache/strata");
-    }
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(xdg).join("strata");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache").join("strata")
-}
+pub use strata_daemon::config::{default_cache_dir, default_state_dir};

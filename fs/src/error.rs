@@ -40,6 +40,12 @@ pub enum FsError {
     /// A filesystem call refused for the reason its errno gives (EEXIST, ENOTEMPTY...).
     #[error("{}", std::io::Error::from_raw_os_error(*.0))]
     Errno(i32),
+    /// What was being done when `inner` happened; the kind (and errno) stay `inner`'s.
+    #[error("{context}: {inner}")]
+    Context {
+        context: String,
+        inner: Box<FsError>,
+    },
 }
 
 impl FsError {
@@ -58,8 +64,63 @@ impl FsError {
             FsError::Errno(e) => *e,
             FsError::InvalidInput(_) => libc::EINVAL,
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Context { inner, .. } => inner.errno(),
             _ => libc::EIO,
         }
+    }
+
+    /// How loudly a server logs this error when it answers a filesystem call with it: a
+    /// caller's own mistake (ENOENT, EEXIST, a full quota) is routine; store trouble that a
+    /// retry may fix is a warning; corrupt data, or a local disk failing, is an error.
+    pub fn level(&self) -> tracing::Level {
+        use tracing::Level;
+        match self {
+            FsError::Context { inner, .. } => inner.level(),
+            FsError::Errno(_)
+            | FsError::NotFound(_)
+            | FsError::InvalidInput(_)
+            | FsError::Conflict(_) => Level::DEBUG,
+            FsError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT | libc::ENOENT | libc::EEXIST) => Level::DEBUG,
+                _ => Level::ERROR,
+            },
+            FsError::Store(_) => Level::WARN,
+            FsError::Chunk(ChunkError::Store { .. } | ChunkError::Timeout { .. }) => Level::WARN,
+            FsError::Chunk(_) | FsError::Manifest { .. } | FsError::CorruptLayer { .. } => {
+                Level::ERROR
+            }
+        }
+    }
+
+    /// The error under any [`FsError::Context`] layers.
+    pub fn root(&self) -> &FsError {
+        match self {
+            FsError::Context { inner, .. } => inner.root(),
+            e => e,
+        }
+    }
+}
+
+/// Says what was being done when an error happened, as `anyhow::Context` does, keeping the
+/// error's kind.
+pub trait Context<T> {
+    fn context(self, context: impl std::fmt::Display) -> FsResult<T>;
+    fn with_context<C: std::fmt::Display>(self, f: impl FnOnce() -> C) -> FsResult<T>;
+}
+
+impl<T, E: Into<FsError>> Context<T> for Result<T, E> {
+    fn context(self, context: impl std::fmt::Display) -> FsResult<T> {
+        self.map_err(|e| FsError::Context {
+            context: context.to_string(),
+            inner: Box::new(e.into()),
+        })
+    }
+
+    fn with_context<C: std::fmt::Display>(self, f: impl FnOnce() -> C) -> FsResult<T> {
+        self.map_err(|e| FsError::Context {
+            context: f().to_string(),
+            inner: Box::new(e.into()),
+        })
     }
 }
 

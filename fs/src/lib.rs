@@ -7,13 +7,17 @@
 //! - [`stack`]: read-only layers stacked with overlay rules, as a plain API.
 //! - [`upper`]: the writable upper of a mount over its stack ([`upper::MountTree`]).
 //! - [`volume`]: persistent volumes: chains of committed delta layers under a CAS'd head.
+//!   Their commit lifecycle (records, kept uppers and their retry) is [`volume::lifecycle`].
+//! - [`mount`]: mount assembly (refs resolved, layers loaded, a volume stacked on top).
 //!
 //! The FUSE adapter over [`upper::MountTree`] is the `strata-fuse` crate.
 
 pub mod blocking;
 pub mod delta;
 pub mod error;
+pub mod handles;
 pub mod layer;
+pub mod mount;
 pub mod pack;
 pub mod publish;
 pub mod record;

@@ -571,6 +571,15 @@ pub(crate) mod tests {
     /// A stack of the directories `dirs` under `tmp` (bottom to top), each published to a
     /// local store.
     pub(crate) async fn stack_of(tmp: &Path, dirs: &[&str]) -> LayerStack {
+        stack_with_cache(tmp, dirs, None).await
+    }
+
+    /// [`stack_of`] with a disk cache in `disk` (which assembled files need).
+    pub(crate) async fn stack_with_cache(
+        tmp: &Path,
+        dirs: &[&str],
+        disk: Option<std::path::PathBuf>,
+    ) -> LayerStack {
         let store = open_store(
             tmp.join("store").to_str().unwrap(),
             &StoreOptions::default(),
@@ -593,8 +602,8 @@ pub(crate) mod tests {
             layers.push(Layer::load(&store, digest, None).await.unwrap());
         }
         let cache = ChunkCache::new(&CacheConfig {
-            disk_dir: None,
-            disk_capacity: 0,
+            disk_capacity: if disk.is_some() { 1 << 30 } else { 0 },
+            disk_dir: disk,
             memory_capacity: 1 << 20,
             fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
         })

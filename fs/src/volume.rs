@@ -676,6 +676,7 @@ pub async fn squash(
 }
 
 mod attrs;
+pub mod lifecycle;
 #[cfg(test)]
 mod model_tests;
 

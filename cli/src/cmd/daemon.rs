@@ -7,10 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
+use tokio::signal::unix::{signal, SignalKind};
 
-use crate::daemon::server::{Daemon, DaemonConfig};
 use crate::units::{parse_duration, parse_size};
 use crate::GlobalArgs;
+use strata_daemon::{Daemon, DaemonConfig};
 
 /// Flags win over the environment, which wins over the config file, which wins over defaults.
 #[derive(Args)]
@@ -120,7 +121,7 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
             .socket
             .clone()
             .or(file.socket)
-            .unwrap_or_else(crate::daemon::protocol::default_socket),
+            .unwrap_or_else(strata_daemon::config::default_socket),
         store_options,
     })
 }
@@ -128,10 +129,16 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
 pub async fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     let config = config(g, a)?;
     limit_malloc_arenas();
-    // One owner per cache dir: a foreground mount or a second daemon would fight over it.
-    let _lock = super::mount::lock_cache_dir(&config.cache_dir)?;
     let daemon = Arc::new(Daemon::start(config)?);
-    daemon.serve().await
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    Ok(daemon.serve(stop).await?)
 }
 
 /// Chunk buffers are allocated on some threads and freed on others. glibc gives each thread

@@ -1,14 +1,12 @@
-use std::fs::{self, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::fs;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cache::{CacheConfig, ChunkCache};
+use cache::{CacheConfig, CacheDirLock, ChunkCache};
 use clap::Args;
-use strata_fs::stack::LayerStack;
-use strata_fs::upper::{MountTree, UpperConfig};
+use strata_daemon::{Client, MountInfo, MountSpec};
+use strata_fs::mount::{StackSpec, UpperSpec};
 
 /// A foreground mount's scratch, removed when the process is done with it.
 struct ScratchDir(PathBuf);
@@ -21,7 +19,6 @@ impl Drop for ScratchDir {
     }
 }
 
-use crate::daemon::protocol::{self, MountInfo, MountSpec, Request, DEFAULT_SCRATCH_INODES};
 use crate::units::{parse_duration, parse_size};
 use crate::GlobalArgs;
 
@@ -89,27 +86,6 @@ pub struct UnmountArgs {
     lazy: bool,
 }
 
-/// One process per cache directory: the index lives in the process that owns it.
-pub fn lock_cache_dir(dir: &Path) -> anyhow::Result<fs::File> {
-    fs::create_dir_all(dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
-    let lock_path = dir.join("lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    // SAFETY: flock on an fd we own; released when the process exits.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "cache dir {} is in use by another strata process (a daemon, or a foreground mount); \
-             mount through the daemon, or give this process its own --cache-dir",
-            dir.display()
-        );
-    }
-    Ok(f)
-}
-
 pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     strata_fuse::check_mountpoint(&a.mountpoint)?;
     let mountpoint =
@@ -118,18 +94,22 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         return mount_through_daemon(g, a, mountpoint).await;
     }
     let cache_dir = a.cache_dir.clone().unwrap_or_else(crate::default_cache_dir);
-    let _lock = lock_cache_dir(&cache_dir)?;
+    let _lock = CacheDirLock::acquire(&cache_dir)?;
     let store = super::open_store(g, &a.store).await?;
-    let layers = super::load_layers(&store, &a.layers, Some(&cache_dir)).await?;
-    let cache = ChunkCache::new(&CacheConfig {
+    let reader = ChunkCache::new(&CacheConfig {
         disk_dir: Some(cache_dir.clone()),
         disk_capacity: a.cache_size,
         memory_capacity: a.memory_cache_size,
         fetch_deadline: a.read_timeout,
     })
     .with_context(|| format!("opening cache dir {}", cache_dir.display()))?
-    .reader(store);
-    let stack = Arc::new(LayerStack::new(layers, cache)?);
+    .reader(store.clone());
+    let spec = StackSpec {
+        datasets: a.layers.clone(),
+        cache_dir: Some(cache_dir.clone()),
+        ..Default::default()
+    };
+    let assembly = strata_fs::mount::assemble(&store, reader, &spec).await?;
     // The scratch of a foreground mount is this process's own, removed when it ends.
     let scratch = if a.read_only {
         None
@@ -143,13 +123,12 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         Some(ScratchDir(dir))
     };
-    let upper = scratch.as_ref().map(|s| UpperConfig {
+    let upper = scratch.as_ref().map(|s| UpperSpec {
         dir: s.0.clone(),
         quota: a.scratch_size,
-        inodes: Some(a.scratch_inodes.unwrap_or(DEFAULT_SCRATCH_INODES)),
-        journal: false,
+        inodes: a.scratch_inodes,
     });
-    let tree = Arc::new(MountTree::new(stack, upper)?);
+    let tree = assembly.tree(upper.as_ref())?;
     let session = strata_fuse::mount(
         tree,
         &mountpoint,
@@ -198,7 +177,7 @@ async fn mount_through_daemon(
     a: MountArgs,
     mountpoint: PathBuf,
 ) -> anyhow::Result<()> {
-    let request = Request::Mount(MountSpec {
+    let spec = MountSpec {
         store: a.store,
         endpoint_url: g.endpoint_url.clone(),
         layers: a.layers,
@@ -208,8 +187,8 @@ async fn mount_through_daemon(
         scratch_inodes: a.scratch_inodes,
         volume: a.volume,
         unmount_with_client: false,
-    });
-    let info: MountInfo = protocol::call(&g.socket(), &request).await?;
+    };
+    let info = Client::new(g.socket()).mount(spec).await?;
     if a.json {
         println!("{}", serde_json::to_string(&info)?);
     } else {
@@ -231,19 +210,16 @@ pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
     let socket = g.socket();
     // The daemon's own mounts go through it, so it forgets them at once; anything else (a
     // foreground mount, a mount of a daemon that is gone) is unmounted here.
-    let daemon_mounts: Vec<MountInfo> = match protocol::call(&socket, &Request::Mounts).await {
+    let client = Client::new(&socket);
+    let daemon_mounts: Vec<MountInfo> = match client.mounts().await {
         Ok(list) => list,
         Err(e) => {
-            tracing::debug!("{e:#}; unmounting directly");
+            tracing::debug!("{e}; unmounting directly");
             Vec::new()
         }
     };
     if daemon_mounts.iter().any(|m| m.mountpoint == mountpoint) {
-        let request = Request::Unmount {
-            mountpoint,
-            lazy: a.lazy,
-        };
-        let info: MountInfo = protocol::call(&socket, &request).await?;
+        let info = client.unmount(&mountpoint, a.lazy).await?;
         if let Some(problem) = info.commit_error {
             bail!("unmounted, but {problem}");
         }
@@ -266,8 +242,7 @@ pub struct CommitArgs {
 pub async fn commit(g: &GlobalArgs, a: CommitArgs) -> anyhow::Result<()> {
     let mountpoint = strata_fuse::resolve_mountpoint(&a.mountpoint)
         .with_context(|| format!("resolving {}", a.mountpoint.display()))?;
-    let request = Request::Commit { mountpoint };
-    let reply: protocol::CommitReply = protocol::call(&g.socket(), &request).await?;
+    let reply = Client::new(g.socket()).commit(&mountpoint).await?;
     if a.json {
         println!("{}", serde_json::to_string(&reply)?);
     }

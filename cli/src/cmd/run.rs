@@ -1,7 +1,7 @@
 //! `strata run`: one invocation of a command with its datasets and volume, in a sandbox.
 //!
 //! The daemon mounts the datasets (a scratch upper each) and the volume under a private run
-//! directory beside its socket; the command runs in the sandbox of [`crate::sandbox`] with
+//! directory beside its socket; the command runs in the sandbox of `strata-sandbox` with
 //! those mounts at their paths; afterwards the daemon unmounts them (the scratch goes, the
 //! volume commits) and the run directory is removed, whatever the command did.
 
@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::daemon::protocol::{self, MountInfo, MountSpec, Request};
-use crate::sandbox::{SandboxSpec, HELPER_ARG};
 use crate::units::parse_size;
 use crate::GlobalArgs;
+use strata_daemon::{Client, MountSpec};
+use strata_sandbox::{SandboxSpec, HELPER_ARG};
 
 const DEFAULT_DATA: &str = "/data";
 const DEFAULT_PERSIST: &str = "/persist";
@@ -204,7 +204,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
             let mountpoint = run_dir.join(format!("m{i}"));
             std::fs::create_dir(&mountpoint)
                 .with_context(|| format!("creating {}", mountpoint.display()))?;
-            let request = Request::Mount(MountSpec {
+            let spec = MountSpec {
                 store: a.store.clone(),
                 endpoint_url: g.endpoint_url.clone(),
                 layers: p.layers.clone(),
@@ -214,8 +214,9 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 scratch_inodes: a.scratch_inodes,
                 volume: p.volume.clone(),
                 unmount_with_client: true,
-            });
-            let _: MountInfo = protocol::call(&socket, &request)
+            };
+            Client::new(&socket)
+                .mount(spec)
                 .await
                 .with_context(|| format!("mounting {}", p.path.display()))?;
             mounted.push(mountpoint.clone());
@@ -240,11 +241,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
     // Teardown, whatever happened: scratch removed, volume committed, mounts gone.
     let mut teardown = Ok(());
     for mp in mounted.iter().rev() {
-        let request = Request::Unmount {
-            mountpoint: mp.clone(),
-            lazy: false,
-        };
-        match protocol::call::<MountInfo>(&socket, &request).await {
+        match Client::new(&socket).unmount(mp, false).await {
             // CMD's status stands; the volume's trouble is said, and its changes are kept.
             Ok(info) => {
                 if let Some(problem) = info.commit_error {
@@ -252,7 +249,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 }
             }
             Err(e) => {
-                tracing::error!("unmounting {}: {e:#}", mp.display());
+                tracing::error!("unmounting {}: {e}", mp.display());
                 teardown = Err(e).with_context(|| format!("unmounting {}", mp.display()));
             }
         }

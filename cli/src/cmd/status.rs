@@ -6,9 +6,9 @@ use anyhow::bail;
 use cache::ReadStats;
 use clap::Args;
 
-use crate::daemon::protocol::{self, MountInfo, Request, StatsReply};
 use crate::units::human;
 use crate::GlobalArgs;
+use strata_daemon::{Client, MountInfo, StatsReply};
 
 #[derive(Args)]
 pub struct MountsArgs {
@@ -27,7 +27,7 @@ pub struct StatsArgs {
 }
 
 pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
-    let mounts: Vec<MountInfo> = protocol::call(&g.socket(), &Request::Mounts).await?;
+    let mounts: Vec<MountInfo> = Client::new(g.socket()).mounts().await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&mounts)?);
         return Ok(());
@@ -54,7 +54,7 @@ pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
 }
 
 pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
-    let mut reply: StatsReply = protocol::call(&g.socket(), &Request::Stats).await?;
+    let mut reply: StatsReply = Client::new(g.socket()).stats().await?;
     if let Some(mp) = &a.mountpoint {
         let mp = strata_fuse::resolve_mountpoint(mp)?;
         reply.mounts.retain(|m| m.mount.mountpoint == mp);

@@ -1,5 +1,6 @@
-//! The FUSE adapter: translates kernel requests into [`MountTree`] calls and errors into
-//! errnos. It holds no filesystem logic of its own.
+//! strata-fuse: the FUSE adapter. It translates kernel requests into calls on a
+//! [`MountTree`] and its [`Handles`] (which hold the policies an embedder shares: read
+//! scheduling, passthrough opens, directory listings, absent names) and errors into errnos.
 //!
 //! Reads that wait on the store run as tasks on the tokio runtime and reply when their chunks
 //! arrive, so a slow fetch does not hold one of the session's threads; reads of local bytes
@@ -10,19 +11,18 @@
 //! of the read-only layers keep the kernel's page cache across opens.
 //!
 //! A large file of the layers whose whole content has been assembled in the disk cache is
-//! opened in passthrough mode: the kernel reads the local copy itself and strata sees none of
-//! the reads. The kernel refuses to mix passthrough and cached opens of one inode, so an inode
-//! goes passthrough only when none of its cached opens is left, and a passthrough file cannot
-//! be opened for writing until its readers are gone (ETXTBSY).
+//! opened in passthrough mode (see [`Handles`]): the kernel reads the local copy itself and
+//! strata sees none of the reads. An open for writing that waits for passthrough readers'
+//! releases waits on the runtime and answers when they arrive (or ETXTBSY after
+//! [`RELEASE_WAIT`]).
 
 mod session;
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -38,15 +38,12 @@ pub use session::{
 };
 
 use strata_fs::error::{FsError, FsResult};
+use strata_fs::handles::{Handles, OpenKind, Opened, Read, ENTRY_TTL, RELEASE_WAIT};
 use strata_fs::upper::{Caller, MountTree, NodeKind, SetAttr, Stat, TimeSet};
 
 /// The kernel sees every change to the tree, so it may cache what it learns for long.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+const TTL: Duration = ENTRY_TTL;
 const BLOCK_SIZE: u32 = 4096;
-
-/// Files smaller than this are never read in passthrough mode: a few FUSE reads cost less than
-/// a second copy of the file in the cache.
-const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 /// File handles: opens of unchanged layer files, passthrough opens, and opens the upper
 /// counts (its files, and layer files it has records of).
 const FH_LAYERS: u64 = 0;
@@ -92,39 +89,37 @@ fn panic_hook_for_tests(name: &OsStr) {
     }
 }
 
-/// A directory's entries as one open handle sees them: (inode, name, kind).
-type Listing = Arc<Vec<(u64, Vec<u8>, NodeKind)>>;
-
 pub struct StrataFs {
     tree: Arc<MountTree>,
     runtime: tokio::runtime::Handle,
-    dirs: Mutex<HashMap<u64, Listing>>,
-    next_handle: AtomicU64,
-    /// Whether opens may go passthrough: asked for, and the kernel and our privileges allow it.
-    passthrough: AtomicBool,
-    /// Open handles of large layer files, per inode.
-    opens: Mutex<HashMap<u64, Opens>>,
+    handles: Arc<Handles<BackingId>>,
 }
 
-#[derive(Default)]
-struct Opens {
-    /// Opens served through strata (the kernel's page cache over FUSE reads).
-    cached: u32,
-    passthrough: Option<Passthrough>,
+fn fh_of(kind: OpenKind) -> FileHandle {
+    FileHandle(match kind {
+        OpenKind::Layer => FH_LAYERS,
+        OpenKind::Passthrough => FH_PASSTHROUGH,
+        OpenKind::Upper => FH_UPPER,
+    })
 }
 
-struct Passthrough {
-    /// Registered with the kernel; dropping it unregisters the file.
-    id: BackingId,
-    /// Keeps the local copy in the cache (pinned) while the kernel reads it.
-    _file: cache::AssembledFile,
-    count: u32,
+fn kind_of(fh: FileHandle) -> OpenKind {
+    match fh.0 {
+        FH_LAYERS => OpenKind::Layer,
+        FH_PASSTHROUGH => OpenKind::Passthrough,
+        _ => OpenKind::Upper,
+    }
 }
 
+/// The errno the error carries, logged as loudly as the error says (the function sees only
+/// the errno; the log says what happened).
 fn errno(e: &FsError) -> Errno {
-    if e.errno() == libc::EIO {
-        // Store and integrity trouble: the function sees EIO, the log says what happened.
-        tracing::error!("{e}");
+    match e.level() {
+        tracing::Level::ERROR => tracing::error!("{e}"),
+        tracing::Level::WARN => tracing::warn!("{e}"),
+        tracing::Level::INFO => tracing::info!("{e}"),
+        tracing::Level::DEBUG => tracing::debug!("{e}"),
+        tracing::Level::TRACE => tracing::trace!("{e}"),
     }
     Errno::from_i32(e.errno())
 }
@@ -200,13 +195,11 @@ impl StrataFs {
         runtime: tokio::runtime::Handle,
         passthrough: bool,
     ) -> StrataFs {
+        let handles = Arc::new(Handles::new(tree.clone(), runtime.clone(), passthrough));
         StrataFs {
             tree,
             runtime,
-            dirs: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
-            passthrough: AtomicBool::new(passthrough),
-            opens: Mutex::new(HashMap::new()),
+            handles,
         }
     }
 
@@ -221,141 +214,36 @@ impl StrataFs {
         }
     }
 
-    /// Locks the open-handle table once `ino` has no passthrough readers: closed readers'
-    /// releases reach us a moment after `close` returned, so this waits a little for them.
-    /// `None`: readers still hold it open in passthrough mode.
-    fn opens_without_passthrough(
-        &self,
-        ino: u64,
-    ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Opens>>> {
-        for _ in 0..40 {
-            let opens = self
-                .opens
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if opens.get(&ino).is_none_or(|o| o.passthrough.is_none()) {
-                return Some(opens);
-            }
-            drop(opens);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        None
-    }
-
-    /// Opens a large, unchanged layer file: in passthrough mode if it can, else through
-    /// strata. The open is counted in the tree already.
-    fn open_large(&self, opens: &mut HashMap<u64, Opens>, ino: u64, reply: ReplyOpen) {
-        let stack = self.tree.stack();
-        let o = opens.entry(ino).or_default();
-        if let Some(p) = &mut o.passthrough {
-            p.count += 1;
-            stack.cache().record_passthrough_open();
-            return reply.opened_passthrough(
-                FileHandle(FH_PASSTHROUGH),
-                FopenFlags::empty(),
-                &p.id,
-            );
-        }
-        if o.cached == 0 && self.passthrough.load(Ordering::Relaxed) {
-            match stack.assembled(ino) {
-                Some(file) => match reply.open_backing(&file.file) {
-                    Ok(id) => {
-                        stack.cache().record_passthrough_open();
-                        reply.opened_passthrough(
-                            FileHandle(FH_PASSTHROUGH),
-                            FopenFlags::empty(),
-                            &id,
-                        );
-                        o.passthrough = Some(Passthrough {
-                            id,
-                            _file: file,
-                            count: 1,
-                        });
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::info!(
-                            "FUSE passthrough unavailable ({e}); all reads go through strata"
-                        );
-                        self.passthrough.store(false, Ordering::Relaxed);
-                    }
-                },
-                // Missing, or found at start and not verified yet: see to it.
-                None => {
-                    let _runtime = self.runtime.enter();
-                    stack.assemble(ino);
-                }
-            }
-        }
-        o.cached += 1;
-        reply.opened(FileHandle(FH_LAYERS), FopenFlags::FOPEN_KEEP_CACHE);
-    }
-
-    /// Opens for writing: the upper copies the file up. Not while readers hold it in
-    /// passthrough mode: the kernel reads the layer's copy for them and cannot switch them
-    /// over to the upper's.
+    /// Opens for writing: the upper copies the file up. Passthrough readers must let go of it
+    /// first (the kernel reads the layer's copy for them); their late releases are awaited on
+    /// the runtime, which answers.
     fn open_for_write(&self, ino: u64, reply: ReplyOpen) {
-        let Some(_opens) = self.opens_without_passthrough(ino) else {
-            return reply.error(Errno::from_i32(libc::ETXTBSY));
-        };
-        match self.tree.open(ino, true) {
-            Ok(()) => reply.opened(FileHandle(FH_UPPER), FopenFlags::empty()),
+        let answer = |reply: ReplyOpen, r: FsResult<()>| match r {
+            Ok(()) => reply.opened(fh_of(OpenKind::Upper), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
+        };
+        match self.handles.try_open_write(ino) {
+            Some(r) => answer(reply, r),
+            None => {
+                let handles = self.handles.clone();
+                self.runtime.spawn(async move {
+                    answer(reply, handles.open_write(ino, RELEASE_WAIT).await)
+                });
+            }
         }
     }
 
     fn open_for_read(&self, ino: u64, reply: ReplyOpen) {
-        // One lock over the decision, so a writer cannot copy the file up between "its bytes
-        // are the layer's" and "hand the layer's copy to the kernel".
-        let mut opens = self
-            .opens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = self.tree.open(ino, false) {
-            return reply.error(errno(&e));
-        }
-        if !self.tree.reads_from_layers(ino) {
-            return reply.opened(FileHandle(FH_UPPER), FopenFlags::empty());
-        }
-        match self.tree.getattr(ino) {
-            Ok(s) if s.kind == NodeKind::File && s.size >= PASSTHROUGH_MIN_SIZE => {
-                self.open_large(&mut opens, ino, reply)
+        match self.handles.open_read(ino, |file| reply.open_backing(file)) {
+            Ok(Opened::Passthrough(id)) => {
+                reply.opened_passthrough(fh_of(OpenKind::Passthrough), FopenFlags::empty(), &id)
             }
-            Ok(_) => reply.opened(FileHandle(FH_LAYERS), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => {
-                drop(opens);
-                self.tree.release(ino);
-                reply.error(errno(&e))
+            // Layer files keep the kernel's page cache across opens: their bytes never change.
+            Ok(Opened::Through(OpenKind::Layer)) => {
+                reply.opened(fh_of(OpenKind::Layer), FopenFlags::FOPEN_KEEP_CACHE)
             }
-        }
-    }
-
-    fn release_layer_file(&self, ino: u64, fh: u64) {
-        let mut opens = self
-            .opens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(o) = opens.get_mut(&ino) else {
-            return;
-        };
-        if fh == FH_PASSTHROUGH {
-            if let Some(p) = &mut o.passthrough {
-                p.count -= 1;
-                if p.count == 0 {
-                    o.passthrough = None;
-                }
-            }
-        } else {
-            o.cached = o.cached.saturating_sub(1);
-            if self.passthrough.load(Ordering::Relaxed) && self.tree.reads_from_layers(ino) {
-                // After a full read all the chunks are here: make the local copy the next open
-                // can hand to the kernel.
-                let _runtime = self.runtime.enter();
-                self.tree.stack().assemble(ino);
-            }
-        }
-        if o.cached == 0 && o.passthrough.is_none() {
-            opens.remove(&ino);
+            Ok(Opened::Through(kind)) => reply.opened(fh_of(kind), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -397,10 +285,6 @@ impl StrataFs {
             }
         });
     }
-
-    fn listing(&self, ino: u64) -> FsResult<Listing> {
-        Ok(Arc::new(self.tree.readdir(ino)?))
-    }
 }
 
 impl Filesystem for StrataFs {
@@ -408,14 +292,14 @@ impl Filesystem for StrataFs {
         // Large readahead lets the kernel ask for whole chunks' worth in one request.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
-        if self.passthrough.load(Ordering::Relaxed) {
+        if self.handles.passthrough() {
             // Depth 1: the cache dir must be on a plain filesystem, and strata itself may sit
             // under an overlayfs.
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if !ok {
                 tracing::info!("the kernel has no FUSE passthrough; all reads go through strata");
-                self.passthrough.store(false, Ordering::Relaxed);
+                self.handles.disable_passthrough();
             }
         }
         Ok(())
@@ -424,16 +308,15 @@ impl Filesystem for StrataFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
             panic_hook_for_tests(name);
-            match self.tree.lookup(parent.0, name.as_bytes()) {
-                // A negative entry (inode 0): the kernel remembers the name is absent, so a
-                // program probing for files (Python's imports) asks once. Names only appear
-                // through this mount, and the kernel drops the entry when one does.
-                Err(e) if e.errno() == libc::ENOENT => {
+            match self.handles.lookup(parent.0, name.as_bytes()) {
+                Ok(Some(s)) => reply.entry(&TTL, &file_attr(&s), Generation(0)),
+                // A negative entry (inode 0), kept as long as entries are (see `ENTRY_TTL`).
+                Ok(None) => {
                     let mut absent = file_attr(&Stat::absent());
                     absent.ino = INodeNo(0);
                     reply.entry(&TTL, &absent, Generation(0))
                 }
-                r => self.reply_entry(reply, r),
+                Err(e) => reply.error(errno(&e)),
             }
         })
     }
@@ -486,29 +369,42 @@ impl Filesystem for StrataFs {
                     Err(e) => reply.error(errno(&e)),
                 };
             }
-            // A truncate changes the bytes: not under readers who read the layer's copy. It
-            // is an open for writing while it runs: the file is copied up under the open
-            // table's lock, so no passthrough open can begin after the check; the truncate
-            // itself may wait for a write that copies up blocks from the store, and waits
-            // off this thread.
-            {
-                let Some(_opens) = self.opens_without_passthrough(ino) else {
-                    return reply.error(Errno::from_i32(libc::ETXTBSY));
+            // A truncate changes the bytes: it is an open for writing while it runs (see
+            // `open_for_write`), and may wait for a write that copies blocks up from the
+            // store, off this thread.
+            let truncate =
+                move |open: OpenForChange, runtime: &tokio::runtime::Handle, reply: ReplyAttr| {
+                    let done = runtime.block_on(open.0.setattr(ino, changes));
+                    drop(open);
+                    match done {
+                        Ok(s) => reply.attr(&TTL, &file_attr(&s)),
+                        Err(e) => reply.error(errno(&e)),
+                    }
                 };
-                if let Err(e) = self.tree.open(ino, true) {
-                    return reply.error(errno(&e));
+            match self.handles.try_open_write(ino) {
+                Some(Err(e)) => reply.error(errno(&e)),
+                Some(Ok(())) => {
+                    // Released however the truncate ends, a panic included.
+                    let open = OpenForChange(self.tree.clone(), ino);
+                    self.offload(move |runtime| truncate(open, runtime, reply));
+                }
+                None => {
+                    let (handles, tree) = (self.handles.clone(), self.tree.clone());
+                    self.runtime.spawn(async move {
+                        match handles.open_write(ino, RELEASE_WAIT).await {
+                            Ok(()) => {
+                                let open = OpenForChange(tree, ino);
+                                let runtime = tokio::runtime::Handle::current();
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    truncate(open, &runtime, reply)
+                                })
+                                .await;
+                            }
+                            Err(e) => reply.error(errno(&e)),
+                        }
+                    });
                 }
             }
-            // Released however the truncate ends, a panic included.
-            let open = OpenForChange(self.tree.clone(), ino);
-            self.offload(move |runtime| {
-                let done = runtime.block_on(open.0.setattr(ino, changes));
-                drop(open);
-                match done {
-                    Ok(s) => reply.attr(&TTL, &file_attr(&s)),
-                    Err(e) => reply.error(errno(&e)),
-                }
-            });
         })
     }
 
@@ -676,32 +572,10 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guarded("read", || {
-            let ino = ino.0;
-            if !self.tree.reads_from_layers(ino) {
-                match self.tree.read_local(ino, offset, size) {
-                    Some(Ok(data)) => return reply.data(&data),
-                    Some(Err(e)) => return reply.error(errno(&e)),
-                    None => {}
-                }
-                let tree = self.tree.clone();
-                return self
-                    .reply_when_read(reply, async move { tree.read(ino, offset, size).await });
-            }
-            // Data already here (memory, or a verified chunk file) is served from this thread; only
-            // reads that wait on the store go through the async runtime. Readahead spawns its
-            // fetches on the runtime, hence the enter.
-            let stack = self.tree.stack().clone();
-            let _runtime = self.runtime.enter();
-            match stack.read_local(ino, offset, size) {
-                Some(Ok(data)) => return reply.data(&data),
-                Some(Err(e)) => return reply.error(errno(&e)),
-                None => {}
-            }
-            self.reply_when_read(
-                reply,
-                async move { stack.read_fetch(ino, offset, size).await },
-            );
+        guarded("read", || match self.handles.read(ino.0, offset, size) {
+            Read::Ready(Ok(data)) => reply.data(&data),
+            Read::Ready(Err(e)) => reply.error(errno(&e)),
+            Read::Wait(read) => self.reply_when_read(reply, read),
         })
     }
 
@@ -804,34 +678,19 @@ impl Filesystem for StrataFs {
     ) {
         guarded("release", || {
             reply.ok();
-            if fh.0 != FH_UPPER {
-                self.release_layer_file(ino.0, fh.0);
-            }
-            self.tree.release(ino.0);
+            self.handles.release(ino.0, kind_of(fh));
         })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        guarded("opendir", || {
-            // The listing is taken once per open (and again on a rewind), so offsets stay valid
-            // across readdir calls and no entry shows twice while the directory changes.
-            match self.listing(ino.0) {
-                Ok(entries) => {
-                    let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                    self.dirs
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(fh, entries);
-                    // The kernel may keep listings: it drops one when the directory changes
-                    // through this mount (and every change does), checked at each opendir and
-                    // rewind.
-                    reply.opened(
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                    );
-                }
-                Err(e) => reply.error(errno(&e)),
-            }
+        guarded("opendir", || match self.handles.open_dir(ino.0) {
+            // The kernel may keep listings: it drops one when the directory changes through
+            // this mount (and every change does), checked at each opendir and rewind.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(errno(&e)),
         })
     }
 
@@ -844,25 +703,9 @@ impl Filesystem for StrataFs {
         mut reply: ReplyDirectory,
     ) {
         guarded("readdir", || {
-            if offset == 0 && self.tree.is_writable() {
-                match self.listing(ino.0) {
-                    Ok(fresh) => {
-                        self.dirs
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(fh.0, fresh);
-                    }
-                    Err(e) => return reply.error(errno(&e)),
-                }
-            }
-            let Some(entries) = self
-                .dirs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&fh.0)
-                .cloned()
-            else {
-                return reply.error(Errno::from_i32(libc::EBADF));
+            let entries = match self.handles.dir_listing(fh.0, ino.0, offset) {
+                Ok(l) => l,
+                Err(e) => return reply.error(errno(&e)),
             };
             // Offsets: 1 = ".", 2 = "..", 3 + i = entries[i]; each entry carries the next offset.
             let mut position = offset;
@@ -897,10 +740,7 @@ impl Filesystem for StrataFs {
         reply: ReplyEmpty,
     ) {
         guarded("releasedir", || {
-            self.dirs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&fh.0);
+            self.handles.release_dir(fh.0);
             reply.ok();
         })
     }

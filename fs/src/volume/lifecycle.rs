@@ -1,27 +1,30 @@
-//! Volume mounts in the daemon: committing a mount's changes when it ends, and keeping them
-//! when that cannot happen (a conflict, the store down, the daemon killed).
+//! The commit lifecycle of a volume mount: committing its changes when it ends, and keeping
+//! them when that cannot happen (a conflict, the store down, the host's process killed).
 //!
 //! - At mount, `<scratch>/volume.json` records what the upper belongs to: the store, the
 //!   volume, the head it started from and the exact layer stack. The upper keeps a journal
 //!   of its records, written on every fsync (see `MountTree::save_journal`).
 //! - A commit that fails moves the upper to `<state-dir>/uncommitted/<name>`. At start, the
-//!   daemon moves there the scratch of every volume mount a crash left behind.
+//!   daemon moves there the scratch of every volume mount a crash left behind
+//!   ([`clean_scratch`]).
 //! - [`commit_kept`] rebuilds such an upper from its journal over the same stack and commits
-//!   it; the daemon runs it at start and then every [`RETRY_EVERY`] until it lands.
+//!   it; the daemon runs it at start and then every [`RETRY_EVERY`] until it lands, and
+//!   quarantines it after [`QUARANTINE_AFTER`] failures ([`Attempts`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use cache::ChunkReader;
 use serde::{Deserialize, Serialize};
 use strata_cache_format::Digest;
-use strata_fs::layer::Layer;
-use strata_fs::stack::LayerStack;
-use strata_fs::upper::{MountTree, UpperConfig};
-use strata_fs::volume::{self, VolumeHead, VolumeRef};
 use strata_store::{Store, Version};
+
+use crate::error::{Context, FsError, FsResult};
+use crate::layer::Layer;
+use crate::stack::LayerStack;
+use crate::upper::{MountTree, UpperConfig};
+use crate::volume::{self, VolumeHead, VolumeRef};
 
 /// The record's file name in a volume mount's scratch (data files are named in hex).
 pub const RECORD_FILE: &str = "volume.json";
@@ -80,7 +83,7 @@ impl Attempts {
 
     /// Writes the record durably (temp file, sync, rename): the count must survive the
     /// crash it exists to count.
-    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn write(&self, dir: &Path) -> FsResult<()> {
         let path = dir.join(ATTEMPTS_FILE);
         let tmp = dir.join(format!("{ATTEMPTS_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
@@ -89,17 +92,18 @@ impl Attempts {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(dir)?.sync_all()
         };
-        write().with_context(|| format!("writing {}", path.display()))
+        write().map_err(|e| FsError::io(&path, e))
     }
 }
 
 /// Moves a kept upper out of the retry loop into `<state-dir>/quarantine/`.
-pub fn quarantine(state_dir: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn quarantine(state_dir: &Path, dir: &Path) -> FsResult<PathBuf> {
     let root = state_dir.join("quarantine");
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    std::fs::create_dir_all(&root).map_err(|e| FsError::io(&root, e))?;
     let to = root.join(dir.file_name().unwrap_or_default());
     std::fs::rename(dir, &to)
-        .with_context(|| format!("moving {} to {}", dir.display(), to.display()))?;
+        .map_err(|e| FsError::io(dir, e))
+        .with_context(|| format!("moving it to {}", to.display()))?;
     Ok(to)
 }
 
@@ -197,7 +201,7 @@ impl VolumeRecord {
         &self,
         store: &Arc<dyn Store>,
         cache_dir: Option<&Path>,
-    ) -> anyhow::Result<Option<(VolumeHead, Vec<String>, Layer)>> {
+    ) -> FsResult<Option<(VolumeHead, Vec<String>, Layer)>> {
         earlier_of(store, self.origin.as_ref(), &self.own, cache_dir).await
     }
 }
@@ -207,11 +211,12 @@ async fn earlier_of(
     origin: Option<&VolumeHead>,
     own: &[String],
     cache_dir: Option<&Path>,
-) -> anyhow::Result<Option<(VolumeHead, Vec<String>, Layer)>> {
+) -> FsResult<Option<(VolumeHead, Vec<String>, Layer)>> {
     let (Some(origin), Some(last)) = (origin, own.last()) else {
         return Ok(None);
     };
-    let digest = Digest::parse(last).with_context(|| format!("layer {last}"))?;
+    let digest = Digest::parse(last)
+        .map_err(|e| FsError::InvalidInput(format!("the mount's last commit: {e}")))?;
     let layer = Layer::load(store, digest, cache_dir)
         .await
         .with_context(|| format!("loading the mount's last commit, layer {last}"))?;
@@ -285,15 +290,16 @@ impl VolumeMount {
     }
 
     /// Writes the record into the mount's scratch, durably: the journal is useless without it.
-    pub fn write_record(&self, scratch: &Path) -> anyhow::Result<()> {
+    pub fn write_record(&self, scratch: &Path) -> FsResult<()> {
         let base = self
             .base
             .try_lock()
+            .map_err(|_| FsError::Errno(libc::EBUSY))
             .context("the volume is being committed")?;
         self.write_record_with(scratch, &base)
     }
 
-    fn write_record_with(&self, scratch: &Path, base: &Base) -> anyhow::Result<()> {
+    fn write_record_with(&self, scratch: &Path, base: &Base) -> FsResult<()> {
         let record = VolumeRecord {
             store: self.store.url().to_string(),
             endpoint_url: self.endpoint_url.clone(),
@@ -312,17 +318,13 @@ impl VolumeMount {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(scratch)?.sync_all()
         };
-        write().with_context(|| format!("writing {}", path.display()))
+        write().map_err(|e| FsError::io(&path, e))
     }
 
     /// Commits what the mount changed so far; the mount goes on. Each commit of a mount
     /// carries all its changes since it was mounted, on top of the head its previous commit
     /// wrote; one with nothing new since that commit does nothing.
-    pub async fn commit(
-        &self,
-        tree: &MountTree,
-        scratch: &Path,
-    ) -> anyhow::Result<volume::Committed> {
+    pub async fn commit(&self, tree: &MountTree, scratch: &Path) -> FsResult<volume::Committed> {
         let mut base = self.base.lock().await;
         if base.last.is_none() && !base.own.is_empty() {
             let loaded = earlier_of(
@@ -411,14 +413,14 @@ impl VolumeMount {
                     && std::fs::rename(scratch, &kept).is_ok();
                 let message = if moved {
                     format!(
-                        "volume {}: {e:#}; the upper is kept in {} and retried every {}s",
+                        "volume {}: {e}; the upper is kept in {} and retried every {}s",
                         self.volume,
                         kept.display(),
                         RETRY_EVERY.as_secs()
                     )
                 } else {
                     format!(
-                        "volume {}: {e:#}; the upper stays in {}",
+                        "volume {}: {e}; the upper stays in {}",
                         self.volume,
                         scratch.display()
                     )
@@ -470,7 +472,7 @@ fn uncommitted_dir(state_dir: &Path, scratch: &Path) -> PathBuf {
 
 /// At start: removes the scratch uppers a crashed daemon left behind (their mounts are gone),
 /// except volume uppers, which move to `uncommitted/` to be committed.
-pub fn clean_scratch(state_dir: &Path) -> anyhow::Result<()> {
+pub fn clean_scratch(state_dir: &Path) -> FsResult<()> {
     let root = state_dir.join("scratch");
     let Ok(entries) = std::fs::read_dir(&root) else {
         return Ok(());
@@ -482,7 +484,8 @@ pub fn clean_scratch(state_dir: &Path) -> anyhow::Result<()> {
             let kept = uncommitted_dir(state_dir, &path);
             std::fs::create_dir_all(state_dir.join("uncommitted"))
                 .and_then(|()| std::fs::rename(&path, &kept))
-                .with_context(|| format!("setting aside volume upper {}", path.display()))?;
+                .map_err(|e| FsError::io(&path, e))
+                .context("setting aside a volume upper")?;
             tracing::warn!(
                 "volume upper {} was left by an earlier run; committing it from {}",
                 path.display(),
@@ -496,7 +499,7 @@ pub fn clean_scratch(state_dir: &Path) -> anyhow::Result<()> {
         } else {
             std::fs::remove_file(&path)
         };
-        removed.with_context(|| format!("removing {}", path.display()))?;
+        removed.map_err(|e| FsError::io(&path, e))?;
     }
     Ok(())
 }
@@ -524,10 +527,15 @@ pub fn kept_uppers(state_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-pub fn read_record(dir: &Path) -> anyhow::Result<VolumeRecord> {
+pub fn read_record(dir: &Path) -> FsResult<VolumeRecord> {
     let path = dir.join(RECORD_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    let bytes = std::fs::read(&path).map_err(|e| FsError::io(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        FsError::io(
+            &path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
+    })
 }
 
 /// Commits a kept upper in `dir` (see the module docs) through `store`; on success (or when
@@ -538,25 +546,27 @@ pub async fn commit_kept(
     store: Arc<dyn Store>,
     reader: ChunkReader,
     cache_dir: &Path,
-) -> anyhow::Result<()> {
+) -> FsResult<()> {
     let v = VolumeRef::parse(&record.volume)?;
-    if !dir.join(strata_fs::upper::JOURNAL_FILE).exists() {
+    if !dir.join(crate::upper::JOURNAL_FILE).exists() {
         // Nothing was fsync'ed before the crash: there is nothing it promised to keep.
         tracing::warn!(
             "volume {v}: the upper in {} has no journal (nothing was fsync'ed); dropping it",
             dir.display()
         );
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        std::fs::remove_dir_all(dir).map_err(|e| FsError::io(dir, e))?;
         return Ok(());
     }
     let mut layers = Vec::new();
     for l in &record.layers {
-        let digest = Digest::parse(l).with_context(|| format!("{}: layer {l}", dir.display()))?;
+        let digest = Digest::parse(l).map_err(|e| {
+            FsError::InvalidInput(format!("{}: {e}", dir.join(RECORD_FILE).display()))
+        })?;
         layers.push(Layer::load(&store, digest, Some(cache_dir)).await?);
     }
     let stack = Arc::new(LayerStack::new(layers, reader)?);
     let upper = UpperConfig::journaled(dir.to_path_buf());
-    let tree = strata_fs::blocking::blocking(|| MountTree::recover(stack, upper))?;
+    let tree = crate::blocking::blocking(|| MountTree::recover(stack, upper))?;
     let version = record.version.clone().map(Version);
     let earlier = record.earlier(&store, Some(cache_dir)).await?;
     let earlier = earlier.as_ref().map(|(origin, own, last)| volume::Earlier {
@@ -569,7 +579,7 @@ pub async fn commit_kept(
         .with_context(|| format!("committing volume {v} from {}", dir.display()))?;
     log_committed(&v, &committed);
     drop(tree);
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    std::fs::remove_dir_all(dir).map_err(|e| FsError::io(dir, e))?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! The sandbox `strata run` puts a command in, built with Linux namespaces directly.
+//! strata-sandbox: the sandbox `strata run` puts a command in, built with Linux namespaces directly.
 //!
 //! `strata run` starts `strata __sandbox SPEC` in new mount, PID, IPC and UTS namespaces
 //! (`unshare` before exec). That helper, single-threaded, builds a new root on a tmpfs:

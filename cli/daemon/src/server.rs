@@ -1,48 +1,33 @@
 //! The host daemon: one chunk cache, any number of mounts (each its own FUSE session), and
-//! the control socket that `strata mount|unmount|mounts|stats` talk to.
+//! the control socket that `strata mount|unmount|mounts|stats` talk to. An embedder calls the
+//! same operations directly ([`Daemon::mount`], [`Daemon::unmount`], …).
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::FromRawFd;
+use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
-use cache::{CacheConfig, ChunkCache, ChunkReader};
+use cache::{CacheConfig, CacheDirLock, ChunkCache, ChunkReader};
 use strata_fs::blocking::blocking;
-use strata_fs::layer::Layer;
-use strata_fs::stack::LayerStack;
-use strata_fs::upper::{MountTree, UpperConfig};
+use strata_fs::mount::{StackSpec, UpperSpec};
+use strata_fs::upper::MountTree;
+use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
-use strata_store::{Store, StoreOptions};
+use strata_store::Store;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::protocol::{
-    CommitReply, KeptInfo, LayerInfo, MountInfo, MountSpec, MountStats, Reply, Request, StatsReply,
-    DEFAULT_SCRATCH_INODES, MAX_REQUEST,
+use crate::config::DaemonConfig;
+use crate::error::{Context, DaemonError, DaemonResult};
+use crate::protocol::{
+    decode_request, encode_reply, CommitReply, KeptInfo, LayerInfo, MountInfo, MountSpec,
+    MountStats, Request, StatsReply, MAX_REQUEST,
 };
-use super::volumes::{self, VolumeMount};
-
-/// Everything the daemon is started with, after flags, environment and config file are merged.
-#[derive(Debug, Clone)]
-pub struct DaemonConfig {
-    pub cache_dir: PathBuf,
-    /// Scratch uppers live under `<state_dir>/scratch/<mount id>`.
-    pub state_dir: PathBuf,
-    pub cache_size: u64,
-    pub memory_cache_size: u64,
-    pub read_timeout: Duration,
-    /// Open fully cached large files in FUSE passthrough mode where the kernel allows it.
-    pub passthrough: bool,
-    /// A volume with more commits than this is squashed after a commit (0: never).
-    pub squash_after: usize,
-    pub socket: PathBuf,
-    pub store_options: StoreOptions,
-}
 
 /// A store URL and the endpoint it was opened with.
 type StoreKey = (String, Option<String>);
@@ -58,8 +43,12 @@ struct Mounted {
     ended: watch::Receiver<Option<Ended>>,
 }
 
+/// The host daemon. Start it with [`Daemon::start`], then serve its socket
+/// ([`Daemon::serve`]) or call it directly; [`Daemon::shutdown`] unmounts everything.
 pub struct Daemon {
     config: DaemonConfig,
+    /// Held for the daemon's life: one owner per cache dir.
+    _cache_lock: CacheDirLock,
     cache: Arc<ChunkCache>,
     /// Stores are opened once per (URL, endpoint) and shared by the mounts that use them.
     stores: tokio::sync::Mutex<HashMap<StoreKey, Arc<dyn Store>>>,
@@ -78,7 +67,8 @@ const COMMIT_WAIT: Duration = Duration::from_secs(600);
 
 impl Daemon {
     /// Takes the cache dir, cleans up mounts a crashed daemon left behind and opens the cache.
-    pub fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
+    pub fn start(config: DaemonConfig) -> DaemonResult<Daemon> {
+        let cache_lock = CacheDirLock::acquire(&config.cache_dir)?;
         for mp in strata_fuse::clean_stale_mounts().context("looking for stale mounts")? {
             tracing::warn!(
                 "cleaned up stale mount {} (its serving process is gone)",
@@ -95,6 +85,7 @@ impl Daemon {
         .with_context(|| format!("opening cache dir {}", config.cache_dir.display()))?;
         Ok(Daemon {
             config,
+            _cache_lock: cache_lock,
             cache,
             stores: Default::default(),
             mounts: Default::default(),
@@ -103,8 +94,13 @@ impl Daemon {
         })
     }
 
-    /// Serves the control socket until SIGTERM or SIGINT, then unmounts everything.
-    pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+    pub fn config(&self) -> &DaemonConfig {
+        &self.config
+    }
+
+    /// Serves the control socket (and retries kept volume uppers) until `shutdown` completes,
+    /// then unmounts everything.
+    pub async fn serve(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> DaemonResult<()> {
         let listener = bind_socket(&self.config.socket)?;
         let stats = self.cache.stats();
         tracing::info!(
@@ -120,9 +116,7 @@ impl Daemon {
             self.config.socket.display()
         );
         let retries = tokio::spawn(Arc::clone(&self).commit_kept_uppers());
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -130,21 +124,20 @@ impl Daemon {
                         let this = Arc::clone(&self);
                         tokio::spawn(async move {
                             if let Err(e) = this.handle(stream).await {
-                                tracing::warn!("control connection: {e:#}");
+                                tracing::warn!("control connection: {e}");
                             }
                         });
                     }
                     Err(e) => tracing::warn!("accepting a control connection: {e}"),
                 },
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
+                _ = &mut shutdown => break,
             }
         }
         retries.abort();
         tracing::info!("shutting down: unmounting everything");
         drop(listener);
         let _ = std::fs::remove_file(&self.config.socket);
-        self.unmount_all().await;
+        self.shutdown().await;
         Ok(())
     }
 
@@ -187,7 +180,7 @@ impl Daemon {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => format!("{e:#}"),
+                    Ok(Err(e)) => e.to_string(),
                     Err(e) => format!("internal error committing it: {e}"),
                 };
                 attempts.last_error = error.clone();
@@ -238,7 +231,7 @@ impl Daemon {
                 to
             }
             Err(e) => {
-                tracing::error!("{error}; {e:#}");
+                tracing::error!("{error}; {e}");
                 dir.to_path_buf()
             }
         };
@@ -262,10 +255,10 @@ impl Daemon {
                 .store(&record.store, record.endpoint_url.clone())
                 .await?;
             volume::put_kept(&store, &v, &kept).await?;
-            anyhow::Ok(())
+            DaemonResult::Ok(())
         };
         if let Err(e) = done.await {
-            tracing::warn!("recording kept upper {} in the store: {e:#}", dir.display());
+            tracing::warn!("recording kept upper {} in the store: {e}", dir.display());
         }
     }
 
@@ -287,32 +280,32 @@ impl Daemon {
                 .store(&record.store, record.endpoint_url.clone())
                 .await?;
             volume::delete_kept(&store, &v, &kept.id).await?;
-            anyhow::Ok(())
+            DaemonResult::Ok(())
         };
         if let Err(e) = done.await {
-            tracing::warn!("removing the record of kept upper {}: {e:#}", dir.display());
+            tracing::warn!("removing the record of kept upper {}: {e}", dir.display());
         }
     }
 
-    async fn commit_kept(&self, dir: &Path) -> anyhow::Result<()> {
+    async fn commit_kept(&self, dir: &Path) -> DaemonResult<()> {
         let record = volumes::read_record(dir)?;
         let store = self
             .store(&record.store, record.endpoint_url.clone())
             .await?;
         let reader = self.cache.reader(store.clone());
-        volumes::commit_kept(dir, &record, store, reader, &self.config.cache_dir).await
+        Ok(volumes::commit_kept(dir, &record, store, reader, &self.config.cache_dir).await?)
     }
 
-    async fn handle(&self, stream: UnixStream) -> anyhow::Result<()> {
-        let cred = stream.peer_cred().context("reading peer credentials")?;
-        // SAFETY: geteuid has no preconditions.
-        let own = unsafe { libc::geteuid() };
+    async fn handle(&self, stream: UnixStream) -> std::io::Result<()> {
+        let cred = stream.peer_cred()?;
+        let own = rustix::process::geteuid().as_raw();
         let (read, mut write) = stream.into_split();
         let reply = if cred.uid() != 0 && cred.uid() != own {
             tracing::warn!(uid = cred.uid(), "refused a control connection");
-            Reply::Error(
-                "permission denied: the strata daemon takes requests from root only".into(),
-            )
+            Err(DaemonError::new(
+                crate::ErrorKind::Permission,
+                "permission denied: the strata daemon takes requests from root only",
+            ))
         } else {
             let mut line = String::new();
             // A client that connects and says nothing must not hold a task forever.
@@ -323,20 +316,15 @@ impl Daemon {
                     .read_line(&mut line),
             )
             .await
-            .context("no request within 10 s")?
-            .context("reading a request")?;
-            match serde_json::from_str::<Request>(&line) {
-                Ok(request) => match self.answer(request, cred.pid()).await {
-                    Ok(v) => Reply::Ok(v),
-                    Err(e) => Reply::Error(format!("{e:#}")),
-                },
-                Err(e) => Reply::Error(format!("malformed request: {e}")),
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s")
+            })??;
+            match decode_request(&line) {
+                Ok(request) => self.answer(request, cred.pid()).await,
+                Err(e) => Err(e),
             }
         };
-        let mut out = serde_json::to_vec(&reply)?;
-        out.push(b'\n');
-        write.write_all(&out).await.context("sending a reply")?;
-        Ok(())
+        write.write_all(&encode_reply(&reply)).await
     }
 
     /// `client`: the pid of the process that sent it (as the kernel reports it).
@@ -344,25 +332,20 @@ impl Daemon {
         &self,
         request: Request,
         client: Option<libc::pid_t>,
-    ) -> anyhow::Result<serde_json::Value> {
-        Ok(match request {
-            Request::Mount(spec) => serde_json::to_value(self.mount(spec, client).await?)?,
+    ) -> DaemonResult<serde_json::Value> {
+        let value = match request {
+            Request::Mount(spec) => serde_json::to_value(self.mount_for(spec, client).await?),
             Request::Unmount { mountpoint, lazy } => {
-                serde_json::to_value(self.unmount(&mountpoint, lazy).await?)?
+                serde_json::to_value(self.unmount(&mountpoint, lazy).await?)
             }
-            Request::Commit { mountpoint } => {
-                serde_json::to_value(self.commit(&mountpoint).await?)?
-            }
-            Request::Mounts => serde_json::to_value(self.list())?,
-            Request::Stats => serde_json::to_value(self.stats())?,
-        })
+            Request::Commit { mountpoint } => serde_json::to_value(self.commit(&mountpoint).await?),
+            Request::Mounts => serde_json::to_value(self.mounts()),
+            Request::Stats => serde_json::to_value(self.stats()),
+        };
+        value.map_err(|e| DaemonError::internal(format!("encoding the reply: {e}")))
     }
 
-    async fn store(
-        &self,
-        url: &str,
-        endpoint_url: Option<String>,
-    ) -> anyhow::Result<Arc<dyn Store>> {
+    async fn store(&self, url: &str, endpoint_url: Option<String>) -> DaemonResult<Arc<dyn Store>> {
         let key = (url.to_string(), endpoint_url.clone());
         if let Some(s) = self.stores.lock().await.get(&key) {
             return Ok(Arc::clone(s));
@@ -381,11 +364,18 @@ impl Daemon {
         ))
     }
 
-    async fn mount(
+    /// Mounts what `spec` says. (`unmount_with_client` needs a client on the socket: here
+    /// it is refused.)
+    pub async fn mount(&self, spec: MountSpec) -> DaemonResult<MountInfo> {
+        self.mount_for(spec, None).await
+    }
+
+    /// A mount asked for by process `client`.
+    async fn mount_for(
         &self,
         spec: MountSpec,
         client: Option<libc::pid_t>,
-    ) -> anyhow::Result<MountInfo> {
+    ) -> DaemonResult<MountInfo> {
         spec.check()?;
         let mp = spec.mountpoint.clone();
         if self
@@ -399,7 +389,10 @@ impl Daemon {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(mp.clone())
         {
-            bail!("{} is already mounted by this daemon", mp.display());
+            return Err(DaemonError::busy(format!(
+                "{} is already mounted by this daemon",
+                mp.display()
+            )));
         }
         let result = self.mount_reserved(spec, client).await;
         self.pending
@@ -413,65 +406,47 @@ impl Daemon {
         &self,
         spec: MountSpec,
         client: Option<libc::pid_t>,
-    ) -> anyhow::Result<MountInfo> {
+    ) -> DaemonResult<MountInfo> {
         // Watched from now on, so a pid reused later cannot stand in for the client.
         let owner = match (spec.unmount_with_client, client) {
             (true, Some(pid)) => watch_process(pid)?,
-            (true, None) => bail!("the daemon cannot tell which process asked for this mount"),
+            (true, None) => {
+                return Err(DaemonError::bad_request(
+                    "the daemon cannot tell which process asked for this mount",
+                ))
+            }
             (false, _) => None,
         };
         let mp = spec.mountpoint;
         strata_fuse::check_mountpoint(&mp)?;
         let store = self.store(&spec.store, spec.endpoint_url.clone()).await?;
-        let mut layers =
-            crate::cmd::load_layers(&store, &spec.layers, Some(&self.config.cache_dir)).await?;
-        let mut layer_info: Vec<LayerInfo> = spec
-            .layers
-            .iter()
-            .zip(&layers)
-            .map(|(dataset, layer)| LayerInfo {
-                dataset: dataset.clone(),
-                digest: layer.digest.to_string(),
-            })
-            .collect();
-        // A volume's committed chain goes on top of the layers.
-        let volume = match &spec.volume {
-            Some(name) => {
-                let v = VolumeRef::parse(name)?;
-                let (head, version) = volume::read_head(&store, &v).await?;
-                for (i, digest) in head.layers()?.into_iter().enumerate() {
-                    let layer = Layer::load(&store, digest, Some(&self.config.cache_dir))
-                        .await
-                        .with_context(|| format!("loading commit {} of volume {v}", i + 1))?;
-                    layer_info.push(LayerInfo {
-                        dataset: format!("{v} commit {}", i + 1),
-                        digest: digest.to_string(),
-                    });
-                    layers.push(layer);
-                }
-                if layers.is_empty() {
-                    // A volume on its own: its chain needs something to stand on.
-                    layers.push(self.empty_layer(&store).await?);
-                }
-                let mut vm =
-                    VolumeMount::new(v, store.clone(), spec.endpoint_url.clone(), head, version);
-                vm.set_layers(layers.iter().map(|l| l.digest).collect());
-                vm.squash_after(self.config.squash_after, self.config.cache_dir.clone());
-                Some(Arc::new(vm))
-            }
-            None => None,
+        let reader = self.cache.reader(store.clone());
+        let stack_spec = StackSpec {
+            datasets: spec.layers.clone(),
+            volume: spec.volume.as_deref().map(VolumeRef::parse).transpose()?,
+            endpoint_url: spec.endpoint_url.clone(),
+            cache_dir: Some(self.config.cache_dir.clone()),
+            squash_after: self.config.squash_after,
         };
-        let reader = self.cache.reader(store);
-        let stack = Arc::new(LayerStack::new(layers, reader.clone())?);
+        let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
+        let volume = assembly.volume.clone();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let scratch = (!spec.read_only).then(|| scratch_dir(&self.config.state_dir, id));
-        let upper = scratch.as_deref().map(|dir| Upper {
-            dir,
+        let upper = scratch.as_ref().map(|dir| UpperSpec {
+            dir: dir.clone(),
             quota: spec.scratch_size,
-            inodes: spec.scratch_inodes.unwrap_or(DEFAULT_SCRATCH_INODES),
-            volume: volume.as_deref(),
+            inodes: spec.scratch_inodes,
         });
-        let mounted = blocking(|| self.mount_tree(stack, &mp, upper));
+        let mounted = blocking(|| -> DaemonResult<_> {
+            let tree = assembly.tree(upper.as_ref())?;
+            let session = strata_fuse::mount(
+                tree.clone(),
+                &mp,
+                tokio::runtime::Handle::current(),
+                self.config.passthrough,
+            )?;
+            Ok((session, tree))
+        });
         let (session, tree) = match mounted {
             Ok(s) => s,
             Err(e) => {
@@ -481,6 +456,14 @@ impl Daemon {
                 return Err(e);
             }
         };
+        let layer_info = assembly
+            .layers
+            .iter()
+            .map(|l| LayerInfo {
+                dataset: l.name.clone(),
+                digest: l.digest.to_string(),
+            })
+            .collect();
         let info = MountInfo {
             id,
             mountpoint: mp.clone(),
@@ -548,7 +531,7 @@ impl Daemon {
                 let _ = ended_tx.send(Some(Ended { problem }));
                 tracing::info!("unmounted {}", mp.display());
             })
-            .context("starting the session watcher")?;
+            .map_err(|e| DaemonError::internal(format!("starting the session watcher: {e}")))?;
         if let Some(pidfd) = owner {
             self.unmount_when_gone(pidfd, info.mountpoint.clone(), id);
         }
@@ -601,74 +584,30 @@ impl Daemon {
         });
     }
 
-    /// A layer holding only an empty root (published once; it is content-addressed).
-    async fn empty_layer(&self, store: &Arc<dyn Store>) -> anyhow::Result<Layer> {
-        let dir = tempfile::tempdir().context("making an empty directory")?;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        let report = strata_fs::publish::publish(
-            dir.path(),
-            store,
-            None,
-            &Default::default(),
-            Default::default(),
-        )
-        .await?;
-        let digest = report.layer.context("publishing an empty layer")?;
-        Ok(Layer::load(store, digest, Some(&self.config.cache_dir)).await?)
-    }
-
-    /// Mounts `stack` with a scratch upper (in a new private directory), or read-only.
-    fn mount_tree(
-        &self,
-        stack: Arc<LayerStack>,
-        mp: &Path,
-        upper: Option<Upper<'_>>,
-    ) -> anyhow::Result<(strata_fuse::MountedSession, Arc<MountTree>)> {
-        let upper = match upper {
-            Some(u) => {
-                make_private_dir(u.dir)?;
-                let journal = u.volume.is_some();
-                if let Some(volume) = u.volume {
-                    volume.write_record(u.dir)?;
-                }
-                Some(UpperConfig {
-                    dir: u.dir.to_path_buf(),
-                    quota: u.quota,
-                    inodes: Some(u.inodes),
-                    journal,
-                })
-            }
-            None => None,
-        };
-        let tree = Arc::new(MountTree::new(stack, upper)?);
-        let session = strata_fuse::mount(
-            tree.clone(),
-            mp,
-            tokio::runtime::Handle::current(),
-            self.config.passthrough,
-        )?;
-        Ok((session, tree))
-    }
-
     /// `strata commit`: commits a volume mount's changes so far; the mount goes on.
-    async fn commit(&self, mountpoint: &Path) -> anyhow::Result<CommitReply> {
+    pub async fn commit(&self, mountpoint: &Path) -> DaemonResult<CommitReply> {
         let (tree, vm, scratch) = {
             let mounts = self
                 .mounts
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(m) = mounts.get(mountpoint) else {
-                bail!("{} is not mounted by this daemon", mountpoint.display());
+                return Err(not_mounted(mountpoint));
             };
             match &m.volume {
                 Some(v) => v.clone(),
-                None => bail!(
-                    "{} is not a volume mount: only a --volume mount commits",
-                    mountpoint.display()
-                ),
+                None => {
+                    return Err(DaemonError::bad_request(format!(
+                        "{} is not a volume mount: only a --volume mount commits",
+                        mountpoint.display()
+                    )))
+                }
             }
         };
         let committed = vm.commit(&tree, &scratch).await?;
+        if let Some(conflict) = committed.conflict_message(&vm.volume) {
+            tracing::info!("{conflict}");
+        }
         Ok(CommitReply {
             volume: vm.volume.to_string(),
             conflict: committed.conflict_message(&vm.volume),
@@ -678,14 +617,16 @@ impl Daemon {
         })
     }
 
-    async fn unmount(&self, mountpoint: &Path, lazy: bool) -> anyhow::Result<MountInfo> {
+    /// Unmounts; a volume mount's reply comes once its changes are committed (or kept, which
+    /// `commit_error` says).
+    pub async fn unmount(&self, mountpoint: &Path, lazy: bool) -> DaemonResult<MountInfo> {
         let (mut info, mut ended, commits) = {
             let mounts = self
                 .mounts
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(m) = mounts.get(mountpoint) else {
-                bail!("{} is not mounted by this daemon", mountpoint.display());
+                return Err(not_mounted(mountpoint));
             };
             (m.info.clone(), m.ended.clone(), m.volume.is_some())
         };
@@ -717,7 +658,8 @@ impl Daemon {
         Ok(info)
     }
 
-    async fn unmount_all(&self) {
+    /// Unmounts everything (volumes commit first), as the daemon does when it stops.
+    pub async fn shutdown(&self) {
         let all: Vec<(PathBuf, watch::Receiver<Option<Ended>>, bool)> = self
             .mounts
             .lock()
@@ -751,7 +693,8 @@ impl Daemon {
         }
     }
 
-    fn list(&self) -> Vec<MountInfo> {
+    /// The mounts, oldest first.
+    pub fn mounts(&self) -> Vec<MountInfo> {
         let mut list: Vec<MountInfo> = self
             .mounts
             .lock()
@@ -763,7 +706,8 @@ impl Daemon {
         list
     }
 
-    fn stats(&self) -> StatsReply {
+    /// Cache and per-mount read counters, and the kept volume uppers.
+    pub fn stats(&self) -> StatsReply {
         let mut mounts: Vec<MountStats> = self
             .mounts
             .lock()
@@ -783,7 +727,7 @@ impl Daemon {
                 let a = volumes::Attempts::read(&path);
                 KeptInfo {
                     volume: volumes::read_record(&path)
-                        .map_or_else(|e| format!("? ({e:#})"), |r| r.volume),
+                        .map_or_else(|e| format!("? ({e})"), |r| r.volume),
                     attempts: a.count,
                     last_error: a.last_error,
                     quarantined,
@@ -801,9 +745,18 @@ impl Daemon {
     }
 }
 
+fn not_mounted(mountpoint: &Path) -> DaemonError {
+    DaemonError::not_found(format!(
+        "{} is not mounted by this daemon",
+        mountpoint.display()
+    ))
+}
+
 /// Whether the process behind `pidfd` has exited (signal 0 finds no process).
-fn process_gone(pidfd: &std::os::fd::OwnedFd) -> bool {
+fn process_gone(pidfd: &OwnedFd) -> bool {
     use std::os::fd::AsRawFd;
+    // rustix's pidfd_send_signal takes only real signals, not 0 (which asks whether the
+    // process exists).
     // SAFETY: pidfd_send_signal with a pidfd we own, signal 0 (nothing is sent) and no info.
     let rc = unsafe {
         libc::syscall(
@@ -819,20 +772,23 @@ fn process_gone(pidfd: &std::os::fd::OwnedFd) -> bool {
 
 /// A pidfd for process `pid`; `None` where the kernel has no pidfds (the mount then lives
 /// until it is unmounted).
-fn watch_process(pid: libc::pid_t) -> anyhow::Result<Option<std::os::fd::OwnedFd>> {
-    // SAFETY: pidfd_open with a pid and no flags.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd >= 0 {
-        // SAFETY: a descriptor pidfd_open just returned, owned from here on.
-        return Ok(Some(unsafe {
-            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
-        }));
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ESRCH) => bail!("the client (pid {pid}) is gone"),
-        _ => {
-            tracing::warn!("cannot watch process {pid} ({e}); its mounts stay until unmounted");
+fn watch_process(pid: libc::pid_t) -> DaemonResult<Option<OwnedFd>> {
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return Err(DaemonError::bad_request(format!(
+            "no such client pid {pid}"
+        )));
+    };
+    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::SRCH) => Err(DaemonError::bad_request(format!(
+            "the client (pid {}) is gone",
+            pid.as_raw_nonzero()
+        ))),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch process {} ({e}); its mounts stay until unmounted",
+                pid.as_raw_nonzero()
+            );
             Ok(None)
         }
     }
@@ -845,41 +801,22 @@ struct Ended {
     problem: Option<String>,
 }
 
-/// A mount's upper: its directory, quota, and the volume it commits to.
-struct Upper<'a> {
-    dir: &'a Path,
-    quota: Option<u64>,
-    inodes: u64,
-    volume: Option<&'a VolumeMount>,
-}
-
 fn scratch_dir(state_dir: &Path, id: u64) -> PathBuf {
     state_dir.join("scratch").join(id.to_string())
 }
 
-/// Makes `dir` (and its parents) readable by its owner only: a scratch holds one invocation's
-/// files.
-fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating scratch dir {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("restricting {}", dir.display()))?;
-    Ok(())
-}
-
 /// Binds the control socket, refusing to take over one a live daemon still answers on.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+fn bind_socket(path: &Path) -> DaemonResult<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket dir {}", dir.display()))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another strata daemon is listening on {}", path.display());
+            return Err(DaemonError::busy(format!(
+                "another strata daemon is listening on {}",
+                path.display()
+            )));
         }
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
