@@ -6,6 +6,7 @@
 #
 #   sudo bench/run.sh            # everything (about 10 minutes on 2 cores)
 #   BENCH_SKIP_OTHERS=1 ...      # strata and native only (no rclone/s3fs rows)
+#   STRATA_BIN=/path/strata ...  # measure that binary instead of building this tree
 #
 # Cold = empty chunk cache and page cache dropped; warm = chunks (and, for files read whole,
 # their assembled copies, read by the kernel through FUSE passthrough) in the daemon's disk cache,
@@ -29,8 +30,13 @@ fi
 python3 -c 'import boto3' 2>/dev/null || pip3 install -q boto3
 command -v garage >/dev/null || cargo install garage --locked --version '^2.5'
 
-cargo build --release -p strata --locked
-strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
+# STRATA_BIN measures a strata binary built elsewhere (an older commit, for before/after).
+if [ -n "${STRATA_BIN:-}" ]; then
+  strata=$STRATA_BIN
+else
+  cargo build --release -p strata --locked
+  strata=${CARGO_TARGET_DIR:-$PWD/target}/release/strata
+fi
 work=$(mktemp -d /tmp/strata-bench.XXXXXX)
 export STRATA_SOCKET=$work/daemon.sock
 bench_init "$work"
