@@ -142,6 +142,21 @@ impl<B: Send + Sync + 'static> Handles<B> {
         }
     }
 
+    /// Whether `ino` exists and may be changed (when `write`); EROFS on a tree without an upper.
+    pub fn access(&self, ino: u64, write: bool) -> FsResult<()> {
+        if write && !self.tree.is_writable() {
+            return Err(FsError::Errno(libc::EROFS));
+        }
+        self.tree.getattr(ino).map(|_| ())
+    }
+
+    /// The value of extended attribute `name`; ENODATA when `ino` has none of that name.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.tree
+            .getxattr(ino, name)?
+            .ok_or(FsError::Errno(libc::ENODATA))
+    }
+
     /// Reads up to `size` bytes at `offset`: at once from what is here, else a future that
     /// waits on the store.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Read {

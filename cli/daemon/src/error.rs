@@ -138,10 +138,21 @@ impl From<StoreError> for DaemonError {
     }
 }
 
+fn io_kind(e: &std::io::Error) -> ErrorKind {
+    use std::io::ErrorKind as Io;
+    match (e.raw_os_error(), e.kind()) {
+        (Some(n), _) => errno_kind(n),
+        (None, Io::NotFound) => ErrorKind::NotFound,
+        (None, Io::PermissionDenied) => ErrorKind::Permission,
+        (None, Io::ResourceBusy | Io::AlreadyExists) => ErrorKind::Busy,
+        (None, Io::InvalidInput) => ErrorKind::BadRequest,
+        _ => ErrorKind::Internal,
+    }
+}
+
 impl From<std::io::Error> for DaemonError {
     fn from(e: std::io::Error) -> DaemonError {
-        let kind = e.raw_os_error().map_or(ErrorKind::Internal, errno_kind);
-        DaemonError::new(kind, e.to_string())
+        DaemonError::new(io_kind(&e), e.to_string())
     }
 }
 

@@ -793,9 +793,8 @@ impl Filesystem for StrataFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", || {
-            match self.tree.getxattr(ino.0, name.as_bytes()) {
-                Ok(Some(value)) => reply_xattr(reply, &value, size),
-                Ok(None) => reply.error(Errno::from_i32(libc::ENODATA)),
+            match self.handles.getxattr(ino.0, name.as_bytes()) {
+                Ok(value) => reply_xattr(reply, &value, size),
                 Err(e) => reply.error(errno(&e)),
             }
         })
@@ -823,13 +822,10 @@ impl Filesystem for StrataFs {
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         guarded("access", || {
-            if mask.contains(AccessFlags::W_OK) && !self.tree.is_writable() {
-                return reply.error(Errno::from_i32(libc::EROFS));
-            }
-            match self.tree.getattr(ino.0) {
-                Ok(_) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            reply_empty(
+                reply,
+                self.handles.access(ino.0, mask.contains(AccessFlags::W_OK)),
+            )
         })
     }
 }
