@@ -16,17 +16,17 @@ use crate::protocol::{
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answers on the socket, or it may not be used.
-    #[error("cannot reach the strata daemon at {}: {source}{hint}", socket.display())]
+    #[error("cannot reach the strata daemon at {}: {error}{hint}", socket.display())]
     Unreachable {
         socket: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
         hint: &'static str,
     },
     /// The connection failed half way.
-    #[error("talking to the strata daemon at {}: {source}", socket.display())]
+    #[error("talking to the strata daemon at {}: {error}", socket.display())]
     Io {
         socket: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The daemon closed the connection without a reply.
     #[error("the daemon closed the connection without a reply (see its log)")]
@@ -53,8 +53,8 @@ impl ClientError {
         match self {
             ClientError::Reply(ReplyError::Daemon(e)) => e.kind,
             ClientError::Reply(ReplyError::Version { .. }) => ErrorKind::UnsupportedVersion,
-            ClientError::Unreachable { source, .. }
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            ClientError::Unreachable { error, .. }
+                if error.kind() == std::io::ErrorKind::PermissionDenied =>
             {
                 ErrorKind::Permission
             }
@@ -118,8 +118,8 @@ impl Client {
         request: &Request,
     ) -> Result<T, ClientError> {
         let line = encode_request(request).map_err(|e| ClientError::Encode(e.to_string()))?;
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
-            let hint = match source.kind() {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|error| {
+            let hint = match error.kind() {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                     " (is `strata daemon` running? `strata mount --foreground` works without it)"
                 }
@@ -128,13 +128,13 @@ impl Client {
             };
             ClientError::Unreachable {
                 socket: self.socket.clone(),
-                source,
+                error,
                 hint,
             }
         })?;
-        let io = |source| ClientError::Io {
+        let io = |error| ClientError::Io {
             socket: self.socket.clone(),
-            source,
+            error,
         };
         let (read, mut write) = stream.into_split();
         write.write_all(&line).await.map_err(io)?;

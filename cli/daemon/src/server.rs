@@ -605,9 +605,6 @@ impl Daemon {
             }
         };
         let committed = vm.commit(&tree, &scratch).await?;
-        if let Some(conflict) = committed.conflict_message(&vm.volume) {
-            tracing::info!("{conflict}");
-        }
         Ok(CommitReply {
             volume: vm.volume.to_string(),
             conflict: committed.conflict_message(&vm.volume),
