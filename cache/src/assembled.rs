@@ -215,41 +215,16 @@ fn hash_file(f: &std::fs::File) -> io::Result<Digest> {
 }
 
 fn set_content_hash(f: &std::fs::File, d: &Digest) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let name = std::ffi::CString::new(CONTENT_XATTR).expect("no NUL");
-    // SAFETY: a valid fd, a C string and a buffer of the given length.
-    let rc = unsafe {
-        libc::fsetxattr(
-            f.as_raw_fd(),
-            name.as_ptr(),
-            d.0.as_ptr().cast(),
-            d.0.len(),
-            0,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("setting {CONTENT_XATTR}: {e}"),
-        ));
-    }
-    Ok(())
+    rustix::fs::fsetxattr(f, CONTENT_XATTR, &d.0, rustix::fs::XattrFlags::empty()).map_err(|e| {
+        let e = io::Error::from(e);
+        io::Error::new(e.kind(), format!("setting {CONTENT_XATTR}: {e}"))
+    })
 }
 
 fn content_hash(path: &std::path::Path) -> Option<Digest> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let name = std::ffi::CString::new(CONTENT_XATTR).expect("no NUL");
     let mut out = [0u8; 32];
-    // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe {
-        libc::getxattr(
-            c_path.as_ptr(),
-            name.as_ptr(),
-            out.as_mut_ptr().cast(),
-            out.len(),
-        )
-    };
+    let n = rustix::fs::getxattr(&c_path, CONTENT_XATTR, &mut out[..]).ok()?;
     (n == 32).then_some(Digest(out))
 }
 

@@ -124,47 +124,37 @@ pub(crate) struct Walk {
     pub warnings: Vec<String>,
 }
 
-/// Reads a value whose size is asked first (a null buffer), then read into a buffer of that
-/// size: `call(buf)` is the syscall. A value that grew in between (ERANGE) is asked again.
-fn read_sized(call: impl Fn(&mut [u8]) -> isize) -> io::Result<Vec<u8>> {
+/// Reads a value whose size is asked first (`query`, the syscall's size probe), then read into
+/// a buffer of that size (`read`). A value that grew in between (ERANGE) is asked again.
+fn read_sized(
+    query: impl Fn() -> io::Result<usize>,
+    read: impl Fn(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<Vec<u8>> {
     for _ in 0..8 {
-        let size = call(&mut []);
-        if size < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let size = query()?;
         if size == 0 {
             return Ok(Vec::new()); // empty when asked (a second probe would not read it)
         }
-        let mut buf = vec![0u8; size as usize];
-        let got = call(&mut buf);
-        if got >= 0 {
-            buf.truncate(got as usize);
-            return Ok(buf);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(e);
+        let mut buf = vec![0u8; size];
+        match read(&mut buf) {
+            Ok(got) => {
+                buf.truncate(got);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+            Err(e) => return Err(e),
         }
     }
     Err(io::Error::other("an xattr kept growing while read"))
 }
 
-/// A null pointer for an empty buffer: the size probe.
-fn buf_ptr(buf: &mut [u8]) -> *mut libc::c_void {
-    if buf.is_empty() {
-        std::ptr::null_mut()
-    } else {
-        buf.as_mut_ptr().cast()
-    }
-}
-
 fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use rustix::fs::{lgetxattr, lgetxattr_query, llistxattr, llistxattr_query};
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: c_path is a valid C string; the buffer pointer and length describe `buf`
-    // (a null pointer and 0 to ask the size).
-    let names = match read_sized(|buf| unsafe {
-        libc::llistxattr(c_path.as_ptr(), buf_ptr(buf).cast(), buf.len())
-    }) {
+    let names = match read_sized(
+        || Ok(llistxattr_query(&c_path)?),
+        |buf| Ok(llistxattr(&c_path, buf)?),
+    ) {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -172,10 +162,10 @@ fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let c_name = CString::new(name).map_err(io::Error::other)?;
-        // SAFETY: as above, with c_name a valid C string.
-        let value = read_sized(|buf| unsafe {
-            libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), buf_ptr(buf), buf.len())
-        });
+        let value = read_sized(
+            || Ok(lgetxattr_query(&c_path, &c_name)?),
+            |buf| Ok(lgetxattr(&c_path, &c_name, buf)?),
+        );
         match value {
             Ok(value) => out.push((name.to_vec(), value)),
             // One that vanished between the listing and now is skipped; any other failure
@@ -791,37 +781,75 @@ pub(crate) async fn publish_walk(
 mod tests {
     use super::read_sized;
     use std::cell::Cell;
+    use std::io;
 
-    fn set_errno(e: i32) {
-        // SAFETY: errno is this thread's own.
-        unsafe { *libc::__errno_location() = e };
+    fn errno(e: i32) -> io::Error {
+        io::Error::from_raw_os_error(e)
     }
 
     #[test]
     fn a_value_that_grows_between_size_and_read_is_read_again() {
         let calls = Cell::new(0);
-        let value = read_sized(|buf| {
+        let next = || {
             calls.set(calls.get() + 1);
-            match (calls.get(), buf.len()) {
-                (1, 0) => 3,
-                (2, 3) => {
-                    set_errno(libc::ERANGE); // it grew to 5 bytes meanwhile
-                    -1
-                }
-                (3, 0) => 5,
+            calls.get()
+        };
+        let value = read_sized(
+            || match next() {
+                1 => Ok(3),
+                3 => Ok(5),
+                other => panic!("unexpected size query (call {other})"),
+            },
+            |buf| match (next(), buf.len()) {
+                (2, 3) => Err(errno(libc::ERANGE)), // it grew to 5 bytes meanwhile
                 (4, 5) => {
                     buf.copy_from_slice(b"hello");
-                    5
+                    Ok(5)
                 }
-                other => panic!("unexpected call {other:?}"),
-            }
-        })
+                other => panic!("unexpected read {other:?}"),
+            },
+        )
         .unwrap();
         assert_eq!(value, b"hello");
-        let failed = read_sized(|_| {
-            set_errno(libc::EACCES);
-            -1
-        });
+        assert_eq!(calls.get(), 4);
+    }
+
+    #[test]
+    fn other_errors_are_returned_at_once() {
+        let failed = read_sized(
+            || Err(errno(libc::EACCES)),
+            |_| panic!("read after a failed query"),
+        );
         assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EACCES));
+        let reads = Cell::new(0);
+        let failed = read_sized(
+            || Ok(4),
+            |_| {
+                reads.set(reads.get() + 1);
+                Err(errno(libc::EIO))
+            },
+        );
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(reads.get(), 1, "only ERANGE is asked again");
+    }
+
+    #[test]
+    fn an_empty_value_is_not_read() {
+        let value = read_sized(|| Ok(0), |_| panic!("read of an empty value")).unwrap();
+        assert!(value.is_empty());
+    }
+
+    #[test]
+    fn a_value_that_keeps_growing_is_given_up_on() {
+        let size = Cell::new(0);
+        let failed = read_sized(
+            || {
+                size.set(size.get() + 1);
+                Ok(size.get())
+            },
+            |_| Err(errno(libc::ERANGE)),
+        );
+        assert!(failed.unwrap_err().raw_os_error().is_none());
+        assert_eq!(size.get(), 8);
     }
 }

@@ -149,8 +149,7 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             bail!("daemon not running");
         };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        crate::sigterm(&child);
         wait_timeout(&mut child, Duration::from_secs(30))
     }
 

@@ -76,13 +76,26 @@ pub fn on_lifetime_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'sta
     rx.recv().expect("lifetime thread result")
 }
 
+/// SIGTERM to `child`, a child of this process not yet waited for (so its pid is not reused);
+/// errors are ignored, like kill(2)'s return code was.
+pub fn sigterm(child: &std::process::Child) {
+    use rustix::process::{kill_process, Pid, Signal};
+    if let Some(pid) = Pid::from_raw(child.id() as i32) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+}
+
 /// `pre_exec` hook: the child gets SIGKILL when the spawning thread (and so the test) dies.
 pub fn die_with_parent(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe.
+    // SAFETY: pre_exec: the closure runs in the forked child, where only async-signal-safe
+    // calls are sound; it makes one prctl syscall (rustix's: the raw syscall, no allocation
+    // or lock) and ignores its result, as before.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let _ = rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ));
             Ok(())
         });
     }

@@ -2,9 +2,9 @@
 //! user would: every entry's type, mode, owner, size, mtime, symlink target, xattrs and bytes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -31,81 +31,47 @@ pub fn write_file(path: &Path, data: &[u8]) {
 }
 
 pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and a buffer of the given length.
-    let rc = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setxattr {name} on {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    if let Err(e) = rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()) {
+        panic!(
+            "setxattr {name} on {}: {}",
+            path.display(),
+            std::io::Error::from(e)
+        );
+    }
 }
 
 pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let times = [
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        },
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        },
-    ];
-    // SAFETY: valid path and two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            p.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
     };
-    assert_eq!(rc, 0, "utimensat {}", path.display());
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    let flags = rustix::fs::AtFlags::SYMLINK_NOFOLLOW;
+    if let Err(e) = rustix::fs::utimensat(rustix::fs::CWD, path, &times, flags) {
+        panic!("utimensat {}: {e}", path.display());
+    }
 }
 
 pub fn xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let mut out = BTreeMap::new();
     let mut names = vec![0u8; 65536];
-    // SAFETY: buffers of the given sizes.
-    let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n <= 0 {
-        return out;
-    }
-    for name in names[..n as usize]
-        .split(|&b| b == 0)
-        .filter(|n| !n.is_empty())
-    {
-        let cname = CString::new(name).unwrap();
+    let n = match rustix::fs::llistxattr(path, &mut names[..]) {
+        Ok(n) if n > 0 => n,
+        _ => return out,
+    };
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let mut value = vec![0u8; 65536];
-        let len = unsafe {
-            libc::lgetxattr(
-                p.as_ptr(),
-                cname.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
+        let len = rustix::fs::lgetxattr(path, name, &mut value[..]).unwrap_or_else(|e| {
+            panic!(
+                "getxattr {:?} on {}: {e}",
+                String::from_utf8_lossy(name),
+                path.display()
             )
-        };
-        assert!(
-            len >= 0,
-            "getxattr {:?} on {}",
-            String::from_utf8_lossy(name),
-            path.display()
-        );
-        value.truncate(len as usize);
+        });
+        value.truncate(len);
         out.insert(name.to_vec(), value);
     }
     out
@@ -175,9 +141,12 @@ pub fn build_rich_tree(root: &Path, big_file_bytes: usize, small_files: usize) -
     }
     // Special files that publish skips with a warning.
     let fifo = root.join("a-fifo");
-    let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: valid path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
     let sock = root.join("a-socket");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     vec![fifo, sock]

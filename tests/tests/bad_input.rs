@@ -232,8 +232,7 @@ fn sigterm_and_unmount_end_the_mount_cleanly() {
         .mount(&url, &mnt, &["s:v1"], &work.join("cache"), &[])
         .unwrap();
     assert_eq!(std::fs::read(m.path("a.txt")).unwrap(), b"a");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
+    strata_tests::sigterm(&m.child);
     let status =
         strata_tests::strata::wait_timeout(&mut m.child, std::time::Duration::from_secs(20))
             .unwrap();
@@ -269,8 +268,7 @@ fn sigterm_and_unmount_end_the_mount_cleanly() {
     let mut m = s
         .mount(&url, &linked, &["s:v1"], &work.join("cache"), &[])
         .unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
+    strata_tests::sigterm(&m.child);
     let status =
         strata_tests::strata::wait_timeout(&mut m.child, std::time::Duration::from_secs(20))
             .unwrap();

@@ -189,7 +189,8 @@ fn a_file_read_through_passthrough_is_written_once_its_readers_are_gone() {
         .and_then(|f| f.set_len(0));
     assert!(e.is_err());
     let c = std::ffi::CString::new(m.path("big.bin").to_str().unwrap()).unwrap();
-    // SAFETY: a valid path.
+    // SAFETY: truncate(2) with a NUL-terminated path that outlives the call (rustix has no
+    // truncate by path; std's set_len needs the file opened for writing, refused above).
     assert_eq!(unsafe { libc::truncate(c.as_ptr(), 0) }, -1);
     assert_eq!(
         std::io::Error::last_os_error().raw_os_error(),

@@ -131,9 +131,12 @@ fn scratch_has_overlay_semantics_over_a_layer() {
     std::os::unix::fs::symlink("data/keep.txt", p("sym")).unwrap();
     assert_eq!(fs::read_link(p("sym")).unwrap(), Path::new("data/keep.txt"));
     assert_eq!(fs::read(p("sym")).unwrap(), b"new");
-    let fifo = std::ffi::CString::new(p("fifo").to_str().unwrap()).unwrap();
-    // SAFETY: a valid C string.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        p("fifo"),
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(
         &fs::metadata(p("fifo")).unwrap().file_type()
     ));
@@ -167,15 +170,13 @@ fn scratch_has_overlay_semantics_over_a_layer() {
     f.write_all(b"record\n").unwrap();
     f.sync_all().unwrap();
     f.sync_data().unwrap();
-    // SAFETY: fallocate on an open fd.
+    // SAFETY: posix_fallocate takes plain integers, `f`'s fd open for the call. libc's, not
+    // rustix's fallocate: glibc falls back to writing zeros where fallocate(2) is refused.
     let rc = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 1 << 20) };
     assert_eq!(rc, 0);
     assert_eq!(f.metadata().unwrap().len(), 1 << 20);
     drop(f);
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let c = std::ffi::CString::new(m.mountpoint.to_str().unwrap()).unwrap();
-    // SAFETY: a valid path and a statvfs to fill.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    let st = statvfs(&m.mountpoint);
     assert!(st.f_bavail > 0 && st.f_namemax == 255);
 
     // A second mount of the same layer sees the layer as published, not this scratch.
@@ -387,14 +388,8 @@ fn open_files_outlive_their_names() {
     let _ = fs::remove_dir_all(&work);
 }
 
-fn statvfs(path: &Path) -> libc::statvfs {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path and a zeroed out-struct.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0, "statvfs {path:?}");
-        s
-    }
+fn statvfs(path: &Path) -> rustix::fs::StatVfs {
+    rustix::fs::statvfs(path).unwrap_or_else(|e| panic!("statvfs {path:?}: {e}"))
 }
 
 #[test]

@@ -6,12 +6,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use rustix::fs::{flock, FlockOperation};
 
 use crate::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
 use strata_cache_format::Digest;
@@ -117,10 +117,8 @@ impl LocalStore {
             .truncate(false)
             .write(true)
             .open(self.root.join(LOCK_DIR).join(name))?;
-        // SAFETY: flock on an fd we own; released when the file is closed.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Blocks until it is ours; released when the file is closed.
+        flock(&f, FlockOperation::LockExclusive)?;
         Ok(f)
     }
 

@@ -19,11 +19,14 @@
 //! Namespaces rather than bubblewrap: the daemon host needs nothing installed beyond strata,
 //! and the mounts are the daemon's FUSE mounts, which bubblewrap would only bind like this.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, MountPropagationFlags};
+use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
 use serde::{Deserialize, Serialize};
 
 /// The helper's argv[1].
@@ -63,56 +66,81 @@ fn cstr(p: impl AsRef<OsStr>) -> io::Result<CString> {
     CString::new(p.as_ref().as_bytes()).map_err(|_| io::Error::other("path with a NUL byte"))
 }
 
+fn context(e: io::Error, what: impl FnOnce() -> String) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", what()))
+}
+
+/// A libc call's return code: 0, or -1 with errno set.
 fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("{}: {e}", what())))
+        Err(context(io::Error::last_os_error(), what))
     }
 }
 
-fn mount(
-    source: Option<&Path>,
-    target: &Path,
-    fstype: Option<&str>,
+/// A rustix call's result, its error told as `what` failing.
+fn checked<T>(r: rustix::io::Result<T>, what: impl FnOnce() -> String) -> io::Result<T> {
+    r.map_err(|e| context(e.into(), what))
+}
+
+fn mounting(target: &Path) -> impl FnOnce() -> String + Copy + '_ {
+    move || format!("mounting {}", target.display())
+}
+
+/// Binds `source` at `target` (`MS_BIND`); `recursive`: the mounts below it too (`MS_REC`).
+fn bind(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
+    let (s, t) = (cstr(source)?, cstr(target)?);
+    let r = if recursive {
+        rustix::mount::mount_bind_recursive(s.as_c_str(), t.as_c_str())
+    } else {
+        rustix::mount::mount_bind(s.as_c_str(), t.as_c_str())
+    };
+    checked(r, mounting(target))
+}
+
+/// Remounts the bind mount at `target` with `MS_REMOUNT | MS_BIND | flags`: only its
+/// per-mount flags change. libc rather than rustix: rustix's `mount_remount` always passes a
+/// data string, where this call has always passed none (NULL).
+fn remount_bind(
+    target: &CStr,
     flags: libc::c_ulong,
-    data: Option<&str>,
+    what: impl FnOnce() -> String,
 ) -> io::Result<()> {
-    let source = source.map(cstr).transpose()?;
-    let t = cstr(target)?;
-    let fstype = fstype.map(cstr).transpose()?;
-    let data = data.map(cstr).transpose()?;
-    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null.
+    let null = std::ptr::null();
+    // SAFETY: `target` is a NUL-terminated string that outlives the call, and the source,
+    // type and data pointers are null, which mount(2) takes for a remount; the kernel only
+    // reads through them.
     let rc = unsafe {
         libc::mount(
-            ptr(&source),
-            t.as_ptr(),
-            ptr(&fstype),
-            flags,
-            ptr(&data).cast(),
+            null,
+            target.as_ptr(),
+            null,
+            libc::MS_REMOUNT | libc::MS_BIND | flags,
+            null.cast(),
         )
     };
-    check(rc, || format!("mounting {}", target.display()))
+    check(rc, what)
 }
 
 /// Mounts a tmpfs at `target`.
-fn tmpfs(target: &Path, flags: libc::c_ulong, options: &str) -> io::Result<()> {
-    mount(
-        Some(Path::new("tmpfs")),
-        target,
-        Some("tmpfs"),
+fn tmpfs(target: &Path, flags: MountFlags, options: &str) -> io::Result<()> {
+    let (t, options) = (cstr(target)?, cstr(options)?);
+    let r = rustix::mount::mount(
+        c"tmpfs",
+        t.as_c_str(),
+        c"tmpfs",
         flags,
-        Some(options),
-    )
+        Some(options.as_c_str()),
+    );
+    checked(r, mounting(target))
 }
 
 /// Hides directory `target` behind an empty read-only one.
 fn hide_dir(target: &Path) -> io::Result<()> {
     tmpfs(
         target,
-        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
         "mode=0755,size=4k",
     )
 }
@@ -137,13 +165,7 @@ const MOUNT_ATTR_NODEV: u64 = 0x4;
 /// Binds `source` at `target` read-only (and without setuid or devices), the mounts below it
 /// too (a host's `/usr/local` or `/etc/resolv.conf` may be mounts of their own).
 fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
-    mount(
-        Some(source),
-        target,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )?;
+    bind(source, target, true)?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         attr_clr: 0,
@@ -151,7 +173,9 @@ fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
         userns_fd: 0,
     };
     let t = cstr(target)?;
-    // SAFETY: a valid path and a mount_attr of the size given.
+    // SAFETY: mount_setattr(2), which neither libc nor rustix wraps: a NUL-terminated path and
+    // a `struct mount_attr` (repr(C), the kernel's layout) of the size passed, both outliving
+    // the call; the kernel only reads them.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
@@ -166,12 +190,10 @@ fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
         return Ok(());
     }
     // Kernels before 5.12: the top mount only.
-    mount(
-        None,
-        target,
-        None,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-        None,
+    remount_bind(
+        &t,
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        mounting(target),
     )
 }
 
@@ -231,17 +253,8 @@ fn walk_masks(dir: &Path, dev: u64, root: &Path, masks: &mut usize) -> io::Resul
         let masked = if meta.is_dir() {
             hide_dir(&target)
         } else {
-            mount(
-                Some(Path::new("/dev/null")),
-                &target,
-                None,
-                libc::MS_BIND,
-                None,
-            )
-            .and_then(|()| {
-                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
-                mount(None, &target, None, flags, None)
-            })
+            bind(Path::new("/dev/null"), &target, false)
+                .and_then(|()| remount_bind(&cstr(&target)?, libc::MS_RDONLY, mounting(&target)))
         };
         match masked {
             Ok(()) => {}
@@ -257,14 +270,16 @@ fn walk_masks(dir: &Path, dev: u64, root: &Path, masks: &mut usize) -> io::Resul
 fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     let root = &spec.root;
     // Nothing done here may reach the host, and nothing the host mounts later reaches here.
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
+    let private = MountPropagationFlags::REC | MountPropagationFlags::PRIVATE;
+    checked(
+        rustix::mount::mount_change(c"/", private),
+        mounting(Path::new("/")),
     )?;
-    tmpfs(root, libc::MS_NOSUID | libc::MS_NODEV, "mode=0755,size=1m")?;
+    tmpfs(
+        root,
+        MountFlags::NOSUID | MountFlags::NODEV,
+        "mode=0755,size=1m",
+    )?;
     for dir in SYSTEM_DIRS {
         let host = Path::new(dir);
         let target = inside(root, host);
@@ -292,14 +307,14 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     std::fs::create_dir_all(&dev)?;
     // Its device nodes are binds of the host's (mounts of their own); nothing made here may
     // act as a device.
-    let flags = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
+    let flags = MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NODEV;
     tmpfs(&dev, flags, "mode=0755,size=64k")?;
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
         if host.exists() {
             let target = dev.join(name);
             std::fs::File::create(&target)?;
-            mount(Some(&host), &target, None, libc::MS_BIND, None)?;
+            bind(&host, &target, false)?;
         }
     }
     for (name, target) in [
@@ -313,7 +328,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     for (dir, options) in [("/dev/shm", "mode=1777"), ("/tmp", "mode=1777")] {
         let target = inside(root, Path::new(dir));
         std::fs::create_dir_all(&target)?;
-        tmpfs(&target, libc::MS_NOSUID | libc::MS_NODEV, options)?;
+        tmpfs(&target, MountFlags::NOSUID | MountFlags::NODEV, options)?;
     }
     std::fs::create_dir_all(inside(root, Path::new("/proc")))?;
     for (host, path) in &spec.binds {
@@ -328,20 +343,23 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
         }
         let target = inside(root, path);
         std::fs::create_dir_all(&target)?;
-        mount(Some(host), &target, None, libc::MS_BIND, None)?;
+        bind(host, &target, false)?;
     }
     // The root itself: read-only from here on (its mountpoints are made).
-    mount(
-        None,
-        root,
-        None,
-        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=0755"),
+    let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+    checked(
+        rustix::mount::mount_remount(cstr(root)?.as_c_str(), flags, c"mode=0755"),
+        mounting(root),
     )
 }
 
 /// In the command's process (PID 1 of the new namespace), before exec: its `/proc`, the
 /// switch of root, and the drop of privileges.
+///
+/// This process is the child the single-threaded helper forked, and is single-threaded
+/// itself: rustix's per-thread credential calls (raw setgroups, setgid and setuid syscalls,
+/// changing the calling thread only) do here what glibc's do for a whole process, since glibc
+/// only adds the same change on every other thread, and there is none.
 fn enter(
     root: &CString,
     proc_dir: &CString,
@@ -350,117 +368,100 @@ fn enter(
     gid: u32,
     network: bool,
 ) -> io::Result<()> {
-    let proc_type = c"proc";
-    let dot = c".";
-    // SAFETY: plain syscalls on NUL-terminated strings made before the fork.
-    unsafe {
-        check(
-            libc::mount(
-                proc_type.as_ptr(),
-                proc_dir.as_ptr(),
-                proc_type.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ),
-            || "mounting /proc".into(),
-        )?;
-        check(libc::chdir(root.as_ptr()), || {
-            "entering the new root".into()
-        })?;
-        check(
-            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
-            || "pivot_root".into(),
-        )?;
-        // The old root is now stacked under the new one: detach it, and the host with it.
-        check(libc::umount2(dot.as_ptr(), libc::MNT_DETACH), || {
-            "detaching the host's root".into()
-        })?;
-        // The kernel's knobs stay out of reach: root-owned files there are writable by uid 0
-        // without any capability (IRQ affinity, for one). Docker's list.
-        for path in [
-            c"/proc/sys",
-            c"/proc/sysrq-trigger",
-            c"/proc/irq",
-            c"/proc/bus",
-            c"/proc/fs",
-            c"/proc/acpi",
-        ] {
-            if libc::access(path.as_ptr(), libc::F_OK) != 0 {
-                continue;
-            }
-            let what = || format!("making {path:?} read-only");
-            let bind = libc::MS_BIND | libc::MS_REC;
-            let null = std::ptr::null();
-            let data = std::ptr::null();
-            check(
-                libc::mount(path.as_ptr(), path.as_ptr(), null, bind, data),
-                what,
-            )?;
-            let ro = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
-            check(libc::mount(null, path.as_ptr(), null, ro, data), what)?;
+    use rustix::fs::Access;
+    use rustix::mount::UnmountFlags;
+    use rustix::thread::{CapabilitySet, Gid, Uid};
+    let proc_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    checked(
+        rustix::mount::mount(
+            c"proc",
+            proc_dir.as_c_str(),
+            c"proc",
+            proc_flags,
+            None::<&CStr>,
+        ),
+        || "mounting /proc".into(),
+    )?;
+    checked(rustix::process::chdir(root.as_c_str()), || {
+        "entering the new root".into()
+    })?;
+    checked(rustix::process::pivot_root(c".", c"."), || {
+        "pivot_root".into()
+    })?;
+    // The old root is now stacked under the new one: detach it, and the host with it.
+    checked(rustix::mount::unmount(c".", UnmountFlags::DETACH), || {
+        "detaching the host's root".into()
+    })?;
+    // The kernel's knobs stay out of reach: root-owned files there are writable by uid 0
+    // without any capability (IRQ affinity, for one). Docker's list.
+    for path in [
+        c"/proc/sys",
+        c"/proc/sysrq-trigger",
+        c"/proc/irq",
+        c"/proc/bus",
+        c"/proc/fs",
+        c"/proc/acpi",
+    ] {
+        if rustix::fs::access(path, Access::EXISTS).is_err() {
+            continue;
         }
-        if !network {
-            loopback_up();
-        }
-        check(libc::chdir(workdir.as_ptr()), || {
-            format!("entering the working directory {workdir:?}")
-        })?;
-        // No capabilities, ever: none kept, none to gain (setuid binaries, file caps). A
-        // command running as uid 0 can then not remount, mount, make devices or load modules.
-        for cap in 0..64 {
-            libc::prctl(libc::PR_CAPBSET_DROP, cap);
-        }
-        check(libc::setgroups(0, std::ptr::null()), || "setgroups".into())?;
-        check(libc::setgid(gid), || format!("setgid {gid}"))?;
-        check(libc::setuid(uid), || format!("setuid {uid}"))?;
-        drop_capabilities()?;
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), || {
-            "no_new_privs".into()
-        })?;
-        // Set after setuid, which clears it: the command dies with its helper.
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL), || {
-            "prctl".into()
-        })?;
+        let what = || format!("making {path:?} read-only");
+        checked(rustix::mount::mount_bind_recursive(path, path), what)?;
+        remount_bind(path, libc::MS_RDONLY, what)?;
     }
+    if !network {
+        loopback_up();
+    }
+    checked(rustix::process::chdir(workdir.as_c_str()), || {
+        format!("entering the working directory {workdir:?}")
+    })?;
+    // No capabilities, ever: none kept, none to gain (setuid binaries, file caps). A
+    // command running as uid 0 can then not remount, mount, make devices or load modules.
+    // Every number up to 63, not only the capabilities rustix names; the kernel refuses
+    // those past its last one (EINVAL), which is ignored.
+    for cap in 0..64 {
+        let cap = CapabilitySet::from_bits_retain(1 << cap);
+        let _ = rustix::thread::remove_capability_from_bounding_set(cap);
+    }
+    checked(rustix::thread::set_thread_groups(&[]), || {
+        "setgroups".into()
+    })?;
+    // `from_raw_unchecked`: every id is passed on as given (`from_raw` asserts it is not -1);
+    // the kernel refuses -1 with EINVAL, as before.
+    checked(
+        rustix::thread::set_thread_gid(Gid::from_raw_unchecked(gid)),
+        || format!("setgid {gid}"),
+    )?;
+    checked(
+        rustix::thread::set_thread_uid(Uid::from_raw_unchecked(uid)),
+        || format!("setuid {uid}"),
+    )?;
+    drop_capabilities()?;
+    checked(rustix::thread::set_no_new_privs(true), || {
+        "no_new_privs".into()
+    })?;
+    // Set after setuid, which clears it: the command dies with its helper.
+    checked(
+        rustix::process::set_parent_process_death_signal(Some(Signal::KILL)),
+        || "prctl".into(),
+    )?;
     Ok(())
 }
 
 /// Clears the effective, permitted, inheritable and ambient capability sets (setuid to a
 /// non-zero uid clears most of them already; uid 0 keeps them without this).
 fn drop_capabilities() -> io::Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let header = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3: two Data records
-        pid: 0,
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let _ = rustix::thread::clear_ambient_capability_set();
+    // capset with a version-3 header (this process) and its two data records, all zero.
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: capset with a version-3 header and its two data records.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
-        let rc = libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) as i32;
-        check(rc, || "dropping capabilities".into())
-    }
+    checked(rustix::thread::set_capabilities(None, none), || {
+        "dropping capabilities".into()
+    })
 }
 
 /// Brings up `lo` in a new network namespace (it starts down), so the command can still
@@ -478,7 +479,10 @@ fn loopback_up() {
         _rest: [0; 22],
     };
     req.name[..2].copy_from_slice(b"lo");
-    // SAFETY: a datagram socket and SIOC[GS]IFFLAGS on an ifreq-sized buffer.
+    // SAFETY: `fd` is a new socket, closed at the end and used for nothing else; SIOCGIFFLAGS
+    // and SIOCSIFFLAGS read and write one `struct ifreq` (16-byte name, then the flags, 40
+    // bytes in all), the layout of `req`, which outlives the calls. (rustix would not make
+    // this sound by itself: its ioctl takes the same buffer on the same terms.)
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
@@ -511,13 +515,11 @@ pub fn helper_main(spec_json: &str) -> i32 {
 }
 
 fn run_helper(spec: &SandboxSpec) -> io::Result<i32> {
-    // SAFETY: prctl and getppid with plain integers; the helper dies with `strata run`, and
-    // if that already happened (before the prctl), it stops here.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        if libc::getppid() as u32 != spec.parent {
-            return Err(io::Error::other("strata run is gone"));
-        }
+    // The helper dies with `strata run`, and if that already happened (before the prctl), it
+    // stops here.
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if Pid::as_raw(rustix::process::getppid()) as u32 != spec.parent {
+        return Err(io::Error::other("strata run is gone"));
     }
     build_root(spec)?;
     if spec.argv.is_empty() {
@@ -534,12 +536,17 @@ fn run_helper(spec: &SandboxSpec) -> io::Result<i32> {
         .map(|(k, v)| cstr(format!("{k}={v}")))
         .collect::<io::Result<_>>()?;
     let exec = Exec::new(&argv, &envp);
-    // SAFETY: the helper is single-threaded; the child only makes syscalls and runs `init`.
+    // SAFETY: fork (libc's, which runs the atfork handlers; rustix's only fork is the raw
+    // one of its runtime module) in a single-threaded process: `strata __sandbox` goes to
+    // `helper_main` before anything in it starts a thread (see the CLI's main), so no lock is
+    // held by a thread the child lacks, and the child may allocate. It only makes syscalls and
+    // runs `init`, and leaves through `_exit`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
-    if pid == 0 {
+    let Some(pid) = Pid::from_raw(pid) else {
+        // The child (fork returned 0).
         let code = match enter(&root, &proc_dir, &workdir, spec.uid, spec.gid, spec.network) {
             Ok(()) => init(&exec),
             Err(e) => {
@@ -547,9 +554,10 @@ fn run_helper(spec: &SandboxSpec) -> io::Result<i32> {
                 125
             }
         };
-        // SAFETY: leaving the forked child without running the helper's destructors.
+        // SAFETY: _exit only ends the process: the forked child leaves without running the
+        // helper's destructors or atexit handlers (std::process::exit would run them).
         unsafe { libc::_exit(code) };
-    }
+    };
     // A signal for the run goes to the sandbox's init, which passes it on to the command.
     forward_signals_to(pid);
     let status = wait_for(pid)?;
@@ -579,42 +587,49 @@ impl Exec {
 
 static FORWARD_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// The signal handler: async-signal-safe (an atomic load, and rustix's kill, one raw syscall
+/// that does not even touch errno).
 extern "C" fn forward(sig: libc::c_int) {
     let pid = FORWARD_TO.load(std::sync::atomic::Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
+    if pid <= 0 {
+        return;
+    }
+    // Installed for named signals only (see forward_signals_to).
+    if let (Some(pid), Some(sig)) = (Pid::from_raw(pid), Signal::from_named_raw(sig)) {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
-fn forward_signals_to(pid: libc::pid_t) {
-    FORWARD_TO.store(pid, std::sync::atomic::Ordering::SeqCst);
+fn forward_signals_to(pid: Pid) {
+    FORWARD_TO.store(
+        pid.as_raw_nonzero().get(),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-        // SAFETY: installing a handler that only calls kill.
+        // SAFETY: signal(2) installs `forward`, an extern "C" fn(c_int) that is
+        // async-signal-safe (above), for catchable signals. libc's, not rustix's: rustix's
+        // only sigaction is the raw one of its runtime module, without glibc's restorer and
+        // SA_RESTART semantics.
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
     }
 }
 
-fn wait_for(pid: libc::pid_t) -> io::Result<libc::c_int> {
-    let mut status = 0;
+fn wait_for(pid: Pid) -> io::Result<WaitStatus> {
     loop {
-        // SAFETY: waiting for our own child.
-        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if rc == pid {
-            return Ok(status);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+            Ok(Some((_, status))) => return Ok(status),
+            // None: only with WNOHANG.
+            Ok(None) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-fn exit_code(status: libc::c_int) -> i32 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
+fn exit_code(status: WaitStatus) -> i32 {
+    if let Some(code) = status.exit_status() {
+        code
+    } else if let Some(sig) = status.terminating_signal() {
+        128 + sig
     } else {
         125
     }
@@ -624,16 +639,22 @@ fn exit_code(status: libc::c_int) -> i32 {
 /// returns the command's status. Its exit ends the namespace: the kernel kills whatever is
 /// left in it.
 fn init(exec: &Exec) -> i32 {
-    // SAFETY: fork in a single-threaded process; the child execs or exits at once.
+    // SAFETY: fork in a single-threaded process (the helper's child, see `run_helper`); the
+    // child makes syscalls, then execs or exits at once.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return 125;
     }
-    if pid == 0 {
-        // SAFETY: pointers into arrays that live until exec; on failure report and exit.
+    let Some(pid) = Pid::from_raw(pid) else {
+        // The child (fork returned 0).
+        // A session of its own: no controlling terminal to push input into (TIOCSTI).
+        let _ = rustix::process::setsid();
+        // SAFETY: close_range (which rustix does not wrap) takes plain integers; execvpe
+        // (libc's: the PATH search is glibc's) gets null-terminated arrays of pointers to
+        // NUL-terminated strings, all of which live until the exec; after a failed exec,
+        // argv[0] is still such a string, and _exit ends the child without running the
+        // helper's destructors.
         unsafe {
-            // A session of its own: no controlling terminal to push input into (TIOCSTI).
-            libc::setsid();
             // Nothing inherited but stdin, stdout and stderr: a stray descriptor of a host
             // directory would be a way out of the new root.
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
@@ -647,17 +668,14 @@ fn init(exec: &Exec) -> i32 {
                 126
             });
         }
-    }
+    };
     forward_signals_to(pid);
     loop {
-        let mut status = 0;
-        // SAFETY: reaping any child of ours.
-        let rc = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if rc == pid {
-            return exit_code(status);
-        }
-        if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return 125;
+        // Any child of ours: the command, or an orphan of the namespace to reap.
+        match rustix::process::wait(WaitOptions::empty()) {
+            Ok(Some((reaped, status))) if reaped == pid => return exit_code(status),
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(_) => return 125,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use rustix::process::{Pid, Signal};
 
 use crate::units::parse_size;
 use crate::GlobalArgs;
@@ -178,8 +179,7 @@ fn make_run_dir(socket: &Path) -> anyhow::Result<PathBuf> {
 
 /// Runs CMD; returns its exit status (128 + N when a signal N ended it).
 pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("strata run needs root: it makes mount and PID namespaces");
     }
     let planned = plan(&a)?;
@@ -313,17 +313,22 @@ async fn run_sandbox(spec: &SandboxSpec) -> anyhow::Result<i32> {
         .env_clear()
         .kill_on_drop(true);
     let network = spec.network;
-    // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: pre_exec: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are sound; it makes one unshare syscall (rustix's is the raw
+    // syscall: no allocation, no lock) and builds its error from the errno alone.
+    // The one hazard rustix documents for unshare, UnshareFlags::FILES (threads seeing
+    // different descriptor tables), is not asked for; the child is single-threaded anyway.
     unsafe {
         cmd.pre_exec(move || {
-            let mut flags =
-                libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            use rustix::thread::UnshareFlags;
+            let mut flags = UnshareFlags::NEWNS
+                | UnshareFlags::NEWPID
+                | UnshareFlags::NEWIPC
+                | UnshareFlags::NEWUTS;
             if !network {
-                flags |= libc::CLONE_NEWNET;
+                flags |= UnshareFlags::NEWNET;
             }
-            if libc::unshare(flags) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::thread::unshare_unsafe(flags)?;
             Ok(())
         });
     }
@@ -334,10 +339,10 @@ async fn run_sandbox(spec: &SandboxSpec) -> anyhow::Result<i32> {
     let mut sigquit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit())?;
     let status = tokio::select! {
         status = child.wait() => status.context("waiting for the sandbox")?,
-        _ = sigterm.recv() => return stop(child, libc::SIGTERM).await,
-        _ = sigint.recv() => return stop(child, libc::SIGINT).await,
-        _ = sighup.recv() => return stop(child, libc::SIGHUP).await,
-        _ = sigquit.recv() => return stop(child, libc::SIGQUIT).await,
+        _ = sigterm.recv() => return stop(child, Signal::TERM).await,
+        _ = sigint.recv() => return stop(child, Signal::INT).await,
+        _ = sighup.recv() => return stop(child, Signal::HUP).await,
+        _ = sigquit.recv() => return stop(child, Signal::QUIT).await,
     };
     use std::os::unix::process::ExitStatusExt;
     Ok(match (status.code(), status.signal()) {
@@ -349,11 +354,12 @@ async fn run_sandbox(spec: &SandboxSpec) -> anyhow::Result<i32> {
 
 /// Passes `sig` on to the command (through the helper and the sandbox's init); after
 /// [`STOP_GRACE`] the sandbox is killed.
-async fn stop(mut child: tokio::process::Child, sig: i32) -> anyhow::Result<i32> {
+async fn stop(mut child: tokio::process::Child, signal: Signal) -> anyhow::Result<i32> {
+    let sig = signal.as_raw();
     tracing::warn!("signal {sig}: stopping the command");
-    if let Some(pid) = child.id() {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid as i32, sig) };
+    // Our own child, not reaped while `id()` still gives its pid (so it cannot be reused).
+    if let Some(pid) = child.id().and_then(|pid| Pid::from_raw(pid as i32)) {
+        let _ = rustix::process::kill_process(pid, signal);
     }
     match tokio::time::timeout(STOP_GRACE, child.wait()).await {
         Ok(status) => {

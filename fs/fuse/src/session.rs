@@ -90,8 +90,7 @@ pub fn mount(
         fuser::MountOption::DefaultPermissions,
     ];
     // Root mounts serve every user in the sandbox; the kernel still checks modes.
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         config.acl = fuser::SessionACL::All;
     }
     // Reads served from local chunk files block their thread on the disk; eight let 16
@@ -174,27 +173,16 @@ fn strata_mount_ids() -> std::io::Result<Vec<(u64, std::path::PathBuf)>> {
 
 /// Opens directory `path` (O_PATH) without following a symlink anywhere on the way.
 fn open_dir_no_symlinks(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_NO_SYMLINKS;
-    // SAFETY: a valid C string and an open_how of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd we own.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    Ok(rustix::fs::openat2(
+        rustix::fs::CWD,
+        c.as_c_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )?)
 }
 
 /// The id of the mount whose root is `name` in directory `dir`, without following `name` if
@@ -203,22 +191,14 @@ fn mount_root_id(
     dir: &std::os::fd::OwnedFd,
     name: &std::ffi::CStr,
 ) -> std::io::Result<Option<u64>> {
-    use std::os::fd::AsRawFd;
-    let mut st: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid fd, C string and statx buffer.
-    let rc = unsafe {
-        libc::statx(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_MNT_ID,
-            &mut st,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let root = st.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
+    use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
+    let st = rustix::fs::statx(
+        dir,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::STATX_DONT_SYNC,
+        StatxFlags::MNT_ID,
+    )?;
+    let root = st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
     Ok(root.then_some(st.stx_mnt_id))
 }
 
@@ -267,10 +247,12 @@ fn unmount_as_root(path: &Path, lazy: bool) -> Result<(), FsError> {
     target.extend_from_slice(name.as_bytes());
     let target = std::ffi::CString::new(target)
         .map_err(|_| FsError::InvalidInput("mountpoint contains NUL".into()))?;
-    let flags = libc::UMOUNT_NOFOLLOW | if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: a valid C string and flags.
-    if unsafe { libc::umount2(target.as_ptr(), flags) } != 0 {
-        let e = std::io::Error::last_os_error();
+    let mut flags = rustix::mount::UnmountFlags::NOFOLLOW;
+    if lazy {
+        flags |= rustix::mount::UnmountFlags::DETACH;
+    }
+    if let Err(e) = rustix::mount::unmount(target.as_c_str(), flags) {
+        let e = std::io::Error::from(e);
         let hint = if e.raw_os_error() == Some(libc::EBUSY) {
             " (files are open there; --lazy detaches it anyway)"
         } else {
@@ -312,8 +294,7 @@ pub fn clean_stale_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
 /// /proc/self/mountinfo lists as strata's, and the unmount goes through that open directory
 /// (`/proc/self/fd/N/NAME`) with `UMOUNT_NOFOLLOW`.
 pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if rustix::process::geteuid().is_root() {
         return unmount_as_root(path, lazy);
     }
     if !is_strata_mount(path).map_err(|e| FsError::io(path, e))? {

@@ -3,11 +3,11 @@
 //! blocks not written yet are read from the lower file.
 
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use rustix::fs::{FallocateFlags, SeekFrom};
 
 use super::node::{Body, Data, Node};
 use super::{errno, now, MountTree, SetAttr, Stat, TimeSet, Tree, COPY_UP_BLOCK};
@@ -55,19 +55,15 @@ fn holes_in(file: &std::fs::File, range: Range<u64>) -> u64 {
     let mut pos = range.start;
     let end = range.end.min(len);
     while pos < end {
-        // SAFETY: lseek on an fd we own.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_HOLE) };
-        if hole < 0 || hole as u64 >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), hole, libc::SEEK_DATA) };
-        let hole_end = if data < 0 {
-            end
-        } else {
-            (data as u64).min(end)
+        let hole = match rustix::fs::seek(file, SeekFrom::Hole(pos)) {
+            Ok(hole) if hole < end => hole,
+            _ => break,
         };
-        holes += hole_end - hole as u64;
+        let hole_end = match rustix::fs::seek(file, SeekFrom::Data(hole)) {
+            Ok(data) => data.min(end),
+            Err(_) => end,
+        };
+        holes += hole_end - hole;
         pos = hole_end;
     }
     holes
@@ -501,14 +497,11 @@ impl MountTree {
         // Plain allocation inside the file changes no bytes, and no times.
         let zeroes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
         let touches = zeroes || (grows && end > self.getattr(ino)?.size);
+        // The mode as the kernel gave it (checked above): its bits pass through unchanged.
+        let flags = FallocateFlags::from_bits_retain(mode as u32);
         self.change_range(ino, offset..end, grows, touches, |file| {
-            // SAFETY: fallocate on an fd we own.
-            let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io_err("fallocate", std::io::Error::last_os_error()))
-            }
+            rustix::fs::fallocate(file, flags, offset, len)
+                .map_err(|e| io_err("fallocate", e.into()))
         })
         .await
     }

@@ -184,10 +184,7 @@ impl MountTree {
             // far cheaper than a journal commit per file.
             let dir = &self.upper()?.dir;
             let f = std::fs::File::open(dir).map_err(|e| FsError::io(dir, e))?;
-            // SAFETY: syncfs on a descriptor we own.
-            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
-                return Err(FsError::io(dir, std::io::Error::last_os_error()));
-            }
+            rustix::fs::syncfs(&f).map_err(|e| FsError::io(dir, e.into()))?;
         } else {
             for (ino, _) in unsynced {
                 let path = self.data_path(*ino)?;

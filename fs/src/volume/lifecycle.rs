@@ -124,11 +124,10 @@ pub fn quarantined(state_dir: &Path) -> Vec<PathBuf> {
 
 /// This host's name, for the kept-upper records in the store.
 pub fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: a buffer and its length.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name: String = String::from_utf8_lossy(&buf[..end])
+    // The node name of this UTS namespace, which is what glibc's gethostname copies out of
+    // uname(2) (at most 64 bytes: no buffer to size, no truncation to handle).
+    let uname = rustix::system::uname();
+    let name: String = String::from_utf8_lossy(uname.nodename().to_bytes())
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -138,7 +137,7 @@ pub fn host_name() -> String {
             }
         })
         .collect();
-    if rc != 0 || name.is_empty() {
+    if name.is_empty() {
         "host".into()
     } else {
         name
