@@ -80,8 +80,29 @@ impl FsError {
             | FsError::NotFound(_)
             | FsError::InvalidInput(_)
             | FsError::Conflict(_) => Level::DEBUG,
+            // What the request itself asked wrongly, or a limit it ran into, as the upper's
+            // own filesystem answered it; anything else there is a disk failing.
             FsError::Io { source, .. } => match source.raw_os_error() {
-                Some(libc::ENOSPC | libc::EDQUOT | libc::ENOENT | libc::EEXIST) => Level::DEBUG,
+                Some(
+                    libc::ENOSPC
+                    | libc::EDQUOT
+                    | libc::ENOENT
+                    | libc::EEXIST
+                    | libc::EINVAL
+                    | libc::EOPNOTSUPP
+                    | libc::EFBIG
+                    | libc::EPERM
+                    | libc::EACCES
+                    | libc::ENOTEMPTY
+                    | libc::EXDEV
+                    | libc::ENAMETOOLONG
+                    | libc::ENOTDIR
+                    | libc::EISDIR
+                    | libc::ELOOP
+                    | libc::ERANGE
+                    | libc::E2BIG
+                    | libc::ENODATA,
+                ) => Level::DEBUG,
                 _ => Level::ERROR,
             },
             FsError::Store(_) => Level::WARN,

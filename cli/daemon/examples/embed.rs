@@ -9,7 +9,6 @@
 //! It exits non-zero if anything it checks is not as expected, so CI runs it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use strata_daemon::{Daemon, DaemonConfig, ErrorKind, MountSpec};
 use strata_fs::refs::DatasetRef;
@@ -49,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The daemon, with its cache, state and socket in the work directory.
     let config = DaemonConfig::new(at("cache"), at("state"), at("daemon.sock"));
-    let daemon = Arc::new(Daemon::start(config)?);
+    let daemon = Daemon::start(config)?;
 
     let mountpoint = at("mnt");
     std::fs::create_dir(&mountpoint)?;

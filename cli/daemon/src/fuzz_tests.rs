@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{DaemonError, ErrorKind};
 use crate::protocol::{
     decode_reply, decode_request, encode_reply, encode_request, CommitReply, KeptInfo, LayerInfo,
-    MountInfo, MountSpec, Request, StatsReply,
+    MountInfo, MountSpec, Request, StatsReply, PROTOCOL_VERSION,
 };
 
 fn fuzz(name: &str, made: Vec<Vec<u8>>, target: impl Fn(&[u8])) -> usize {
@@ -71,7 +71,7 @@ fn request_lines_never_panic_the_daemon() {
         let Ok(text) = std::str::from_utf8(b) else {
             return;
         };
-        if let Ok(Request::Mount(spec)) = decode_request(text) {
+        if let Ok(Request::Mount(spec)) = decode_request(text).request {
             let _ = spec.check();
         }
     });
@@ -100,16 +100,16 @@ fn reply_lines_never_panic_a_client() {
         bytes_uploaded: 4096,
         conflict: Some("team/vol conflict 1-ab".into()),
     };
-    let ok = |v: serde_json::Value| encode_reply(&Ok(v));
+    let ok = |v: serde_json::Value| encode_reply(PROTOCOL_VERSION, &Ok(v));
     let made = vec![
         ok(serde_json::to_value(mount_info()).unwrap()),
         ok(serde_json::to_value(vec![mount_info()]).unwrap()),
         ok(serde_json::to_value(&stats).unwrap()),
         ok(serde_json::to_value(&commit).unwrap()),
-        encode_reply(&Err(DaemonError::new(
-            ErrorKind::Permission,
-            "permission denied",
-        ))),
+        encode_reply(
+            PROTOCOL_VERSION,
+            &Err(DaemonError::new(ErrorKind::Permission, "permission denied")),
+        ),
         // What a daemon of version 0 sent.
         b"{\"error\":\"permission denied\"}\n".to_vec(),
     ];

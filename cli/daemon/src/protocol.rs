@@ -2,12 +2,14 @@
 //! JSON reply line per connection, on a unix socket that only root (or the daemon's own user)
 //! may use.
 //!
-//! A request is a [`Request`] with the protocol version beside its `op`:
-//! `{"version":1,"op":"unmount","mountpoint":"/mnt/x","lazy":false}`. A reply is
+//! A request is a [`Request`] under the protocol version:
+//! `{"version":1,"request":{"op":"unmount","mountpoint":"/mnt/x","lazy":false}}`. A reply is
 //! `{"version":1,"ok":VALUE}` or `{"version":1,"error":{"kind":"not_found","message":"…"}}`
 //! (see [`ErrorKind`](crate::ErrorKind)). A daemon answers a request of another version with an
 //! `unsupported_version` error and does nothing; a client refuses a reply of another version.
-//! Lines written before versions existed carry none and count as version 0.
+//! Lines written before versions existed carry none and count as version 0: such a client gets
+//! its refusal in its own shape (`{"error":"…"}`), and such a daemon refuses a nested request
+//! (it has no `op`), so neither side acts on a line it does not understand.
 
 use std::path::PathBuf;
 
@@ -162,42 +164,70 @@ pub struct KeptInfo {
     pub next_try_at: Option<u64>,
 }
 
-/// A request line, as a client sends it (an error only for a path that is not UTF-8).
+/// A request line, as a client sends it: `{"version":1,"request":{"op":…}}` (an error only for
+/// a path that is not UTF-8). The request is nested so that a daemon of version 0, which would
+/// ignore an unknown `version` field beside `op`, refuses the line instead of acting on it.
 pub fn encode_request(request: &Request) -> Result<Vec<u8>, serde_json::Error> {
-    let mut value = serde_json::to_value(request)?;
-    if let Some(map) = value.as_object_mut() {
-        map.insert("version".into(), PROTOCOL_VERSION.into());
-    }
-    Ok(line(&value))
+    let request = serde_json::to_value(request)?;
+    Ok(line(
+        &serde_json::json!({"version": PROTOCOL_VERSION, "request": request}),
+    ))
+}
+
+/// A request line as the daemon read it.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The version the client speaks: its reply is written in that version's shape where
+    /// this daemon knows it ([`encode_reply`]).
+    pub version: u32,
+    /// The request, or why it is refused (another version, a malformed line).
+    pub request: DaemonResult<Request>,
 }
 
 /// A request line, as the daemon reads it: the version first, so that a client of another
-/// version gets told so, whatever it asked.
-pub fn decode_request(line: &str) -> DaemonResult<Request> {
-    let mut value: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| DaemonError::bad_request(format!("malformed request: {e}")))?;
+/// version gets told so, whatever it asked, and nothing is done.
+pub fn decode_request(line: &str) -> Incoming {
+    let malformed =
+        |e: serde_json::Error| DaemonError::bad_request(format!("malformed request: {e}"));
+    let mut value: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return Incoming {
+                version: PROTOCOL_VERSION,
+                request: Err(malformed(e)),
+            }
+        }
+    };
     let version = version_of(&value);
     if version != PROTOCOL_VERSION {
-        return Err(DaemonError::new(
-            ErrorKind::UnsupportedVersion,
-            format!(
-                "the client speaks protocol version {version} and this daemon version \
-                 {PROTOCOL_VERSION}: use the strata client that matches the daemon"
-            ),
-        ));
+        return Incoming {
+            version,
+            request: Err(DaemonError::new(
+                ErrorKind::UnsupportedVersion,
+                format!(
+                    "the client speaks protocol version {version} and this daemon version \
+                     {PROTOCOL_VERSION}: use the strata client that matches the daemon"
+                ),
+            )),
+        };
     }
-    if let Some(map) = value.as_object_mut() {
-        map.remove("version");
-    }
-    serde_json::from_value(value)
-        .map_err(|e| DaemonError::bad_request(format!("malformed request: {e}")))
+    let request = match value.get_mut("request") {
+        Some(r) => serde_json::from_value(r.take()).map_err(malformed),
+        None => Err(DaemonError::bad_request(
+            "malformed request: no `request` in it",
+        )),
+    };
+    Incoming { version, request }
 }
 
-/// A reply line, as the daemon sends it.
-pub fn encode_reply(reply: &DaemonResult<serde_json::Value>) -> Vec<u8> {
-    let value = match reply {
-        Ok(v) => serde_json::json!({"version": PROTOCOL_VERSION, "ok": v}),
-        Err(e) => serde_json::json!({"version": PROTOCOL_VERSION, "error": e}),
+/// A reply line, as the daemon sends it to a client of `version`: version 0 clients (from
+/// before versions existed) only ever get a refusal, in their shape `{"error":"…"}`.
+pub fn encode_reply(version: u32, reply: &DaemonResult<serde_json::Value>) -> Vec<u8> {
+    let value = match (version, reply) {
+        (0, Err(e)) => serde_json::json!({"error": e.message}),
+        (0, Ok(_)) => serde_json::json!({"error": "unsupported protocol version 0"}),
+        (_, Ok(v)) => serde_json::json!({"version": PROTOCOL_VERSION, "ok": v}),
+        (_, Err(e)) => serde_json::json!({"version": PROTOCOL_VERSION, "error": e}),
     };
     line(&value)
 }
@@ -211,7 +241,7 @@ pub enum ReplyError {
     /// The line is not a reply of this protocol.
     #[error("the daemon's reply is not understood: {0}")]
     Malformed(String),
-    /// The daemon speaks another version.
+    /// The daemon speaks another version (and did nothing).
     #[error(
         "the daemon speaks protocol version {daemon} and this client version {client}: \
          use the strata client that matches the daemon (or restart the daemon from this one)"
@@ -224,24 +254,21 @@ pub fn decode_reply<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, Rep
     let malformed = |e: serde_json::Error| ReplyError::Malformed(e.to_string());
     let mut value: serde_json::Value = serde_json::from_str(line).map_err(malformed)?;
     let version = version_of(&value);
+    let error = value.get_mut("error").map(serde_json::Value::take);
     if version != PROTOCOL_VERSION {
-        // A daemon of version 0 sent its errors as plain strings: show it, it says why.
-        let said = value.get("error").and_then(|e| e.as_str()).unwrap_or("");
-        return Err(if said.is_empty() {
-            ReplyError::Version {
-                daemon: version,
-                client: PROTOCOL_VERSION,
-            }
-        } else {
-            ReplyError::Malformed(format!(
-                "{said} (the daemon speaks protocol version {version}, this client \
-                 {PROTOCOL_VERSION})"
-            ))
+        // A newer daemon's refusal says what it speaks; anything else (a version-0 daemon's
+        // "missing field `op`") is reported as the mismatch it is.
+        if let Some(Ok(e)) = error.map(serde_json::from_value::<DaemonError>) {
+            return Err(ReplyError::Daemon(e));
+        }
+        return Err(ReplyError::Version {
+            daemon: version,
+            client: PROTOCOL_VERSION,
         });
     }
-    if let Some(error) = value.get_mut("error") {
+    if let Some(error) = error {
         return Err(ReplyError::Daemon(
-            serde_json::from_value(error.take()).map_err(malformed)?,
+            serde_json::from_value(error).map_err(malformed)?,
         ));
     }
     match value.get_mut("ok") {

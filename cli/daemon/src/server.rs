@@ -56,6 +56,8 @@ pub struct Daemon {
     /// Mountpoints with a mount request being served, so two requests cannot race for one.
     pending: Mutex<HashSet<PathBuf>>,
     next_id: AtomicU64,
+    /// The loop that commits kept volume uppers; stopped by [`Daemon::shutdown`].
+    retries: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How long a client has to send its request.
@@ -66,8 +68,14 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 const COMMIT_WAIT: Duration = Duration::from_secs(600);
 
 impl Daemon {
-    /// Takes the cache dir, cleans up mounts a crashed daemon left behind and opens the cache.
-    pub fn start(config: DaemonConfig) -> DaemonResult<Daemon> {
+    /// Takes the cache dir, cleans up mounts a crashed daemon left behind, opens the cache and
+    /// starts committing the volume uppers that earlier runs kept (see
+    /// [`volumes::commit_kept`]). Call it within a multi-threaded tokio runtime, and
+    /// [`Daemon::shutdown`] before dropping it.
+    pub fn start(config: DaemonConfig) -> DaemonResult<Arc<Daemon>> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            DaemonError::internal("the daemon must be started within a tokio runtime")
+        })?;
         let cache_lock = CacheDirLock::acquire(&config.cache_dir)?;
         for mp in strata_fuse::clean_stale_mounts().context("looking for stale mounts")? {
             tracing::warn!(
@@ -83,7 +91,7 @@ impl Daemon {
             fetch_deadline: config.read_timeout,
         })
         .with_context(|| format!("opening cache dir {}", config.cache_dir.display()))?;
-        Ok(Daemon {
+        let daemon = Arc::new(Daemon {
             config,
             _cache_lock: cache_lock,
             cache,
@@ -91,7 +99,14 @@ impl Daemon {
             mounts: Default::default(),
             pending: Default::default(),
             next_id: AtomicU64::new(1),
-        })
+            retries: Mutex::new(None),
+        });
+        let retries = runtime.spawn(Arc::clone(&daemon).commit_kept_uppers());
+        *daemon
+            .retries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(retries);
+        Ok(daemon)
     }
 
     pub fn config(&self) -> &DaemonConfig {
@@ -115,7 +130,6 @@ impl Daemon {
             "strata: daemon listening on {}",
             self.config.socket.display()
         );
-        let retries = tokio::spawn(Arc::clone(&self).commit_kept_uppers());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -133,7 +147,6 @@ impl Daemon {
                 _ = &mut shutdown => break,
             }
         }
-        retries.abort();
         tracing::info!("shutting down: unmounting everything");
         drop(listener);
         let _ = std::fs::remove_file(&self.config.socket);
@@ -300,6 +313,7 @@ impl Daemon {
         let cred = stream.peer_cred()?;
         let own = rustix::process::geteuid().as_raw();
         let (read, mut write) = stream.into_split();
+        let mut version = crate::protocol::PROTOCOL_VERSION;
         let reply = if cred.uid() != 0 && cred.uid() != own {
             tracing::warn!(uid = cred.uid(), "refused a control connection");
             Err(DaemonError::new(
@@ -319,12 +333,14 @@ impl Daemon {
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s")
             })??;
-            match decode_request(&line) {
+            let incoming = decode_request(&line);
+            version = incoming.version;
+            match incoming.request {
                 Ok(request) => self.answer(request, cred.pid()).await,
                 Err(e) => Err(e),
             }
         };
-        write.write_all(&encode_reply(&reply)).await
+        write.write_all(&encode_reply(version, &reply)).await
     }
 
     /// `client`: the pid of the process that sent it (as the kernel reports it).
@@ -657,6 +673,14 @@ impl Daemon {
 
     /// Unmounts everything (volumes commit first), as the daemon does when it stops.
     pub async fn shutdown(&self) {
+        if let Some(retries) = self
+            .retries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            retries.abort();
+        }
         let all: Vec<(PathBuf, watch::Receiver<Option<Ended>>, bool)> = self
             .mounts
             .lock()
@@ -771,9 +795,12 @@ fn process_gone(pidfd: &OwnedFd) -> bool {
 /// until it is unmounted).
 fn watch_process(pid: libc::pid_t) -> DaemonResult<Option<OwnedFd>> {
     let Some(pid) = rustix::process::Pid::from_raw(pid) else {
-        return Err(DaemonError::bad_request(format!(
-            "no such client pid {pid}"
-        )));
+        // The kernel reports pid 0 for a client outside the daemon's pid namespace.
+        tracing::warn!(
+            "cannot watch a client outside the daemon's pid namespace; its mounts stay until \
+             unmounted"
+        );
+        return Ok(None);
     };
     match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
         Ok(fd) => Ok(Some(fd)),

@@ -1,10 +1,11 @@
 //! The control socket as a client program sees it: typed errors it can match on, and a clear
 //! refusal of another protocol version. No mount is made, so this runs without root or FUSE.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use strata_daemon::protocol::{decode_reply, PROTOCOL_VERSION};
+use strata_daemon::protocol::{
+    decode_reply, encode_request, ReplyError, Request, PROTOCOL_VERSION,
+};
 use strata_daemon::{Client, ClientError, Daemon, DaemonConfig, ErrorKind, MountSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -25,7 +26,7 @@ async fn clients_get_typed_errors_and_a_clear_version_mismatch() {
         tmp.path().join("state"),
         socket.clone(),
     );
-    let daemon = Arc::new(Daemon::start(config.clone()).unwrap());
+    let daemon = Daemon::start(config.clone()).unwrap();
     // One daemon per cache dir.
     let second = Daemon::start(config)
         .err()
@@ -76,27 +77,32 @@ async fn clients_get_typed_errors_and_a_clear_version_mismatch() {
     let e = client.mount(bad_name).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BadRequest, "{e}");
 
-    // A client of another version (or of none: lines from before versions existed) is told,
-    // and nothing is done.
-    for line in [
-        "{\"op\":\"mounts\"}\n".to_string(),
-        format!(
-            "{{\"version\":{},\"op\":\"mounts\"}}\n",
-            PROTOCOL_VERSION + 1
-        ),
-    ] {
-        let reply = raw(&socket, &line).await;
-        let e = decode_reply::<serde_json::Value>(&reply).unwrap_err();
-        let ClientError::Reply(e) = ClientError::from(e) else {
-            unreachable!()
-        };
-        let text = e.to_string();
-        assert!(text.contains("protocol version"), "{text}");
-        assert!(
-            matches!(&e, strata_daemon::protocol::ReplyError::Daemon(d) if d.kind == ErrorKind::UnsupportedVersion),
-            "{e:?}"
-        );
-    }
+    // A client of a newer version is told, in this version's shape, and nothing is done.
+    let newer = format!(
+        "{{\"version\":{},\"request\":{{\"op\":\"mounts\"}}}}\n",
+        PROTOCOL_VERSION + 1
+    );
+    let e = decode_reply::<serde_json::Value>(&raw(&socket, &newer).await).unwrap_err();
+    assert!(
+        matches!(&e, ReplyError::Daemon(d) if d.kind == ErrorKind::UnsupportedVersion),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("protocol version"), "{e}");
+    // A client from before versions existed gets its refusal in its own shape.
+    let old: serde_json::Value =
+        serde_json::from_str(&raw(&socket, "{\"op\":\"mounts\"}\n").await).unwrap();
+    let said = old["error"]
+        .as_str()
+        .expect("an error string, as version 0 replied");
+    assert!(said.contains("protocol version 0"), "{said}");
+    // And a daemon from before versions existed, which decoded `Request` from the line as
+    // it is, refuses this client's lines instead of acting on them.
+    let line = encode_request(&Request::Mounts).unwrap();
+    assert!(serde_json::from_slice::<Request>(&line).is_err());
+    let e =
+        decode_reply::<serde_json::Value>("{\"error\":\"malformed request: missing field `op`\"}")
+            .unwrap_err();
+    assert_eq!(ClientError::from(e).kind(), ErrorKind::UnsupportedVersion);
     // A reply of another version is refused by the client.
     let newer = format!("{{\"version\":{},\"ok\":[]}}\n", PROTOCOL_VERSION + 1);
     let e = decode_reply::<Vec<serde_json::Value>>(&newer).unwrap_err();

@@ -1,7 +1,6 @@
 //! `strata daemon`: flags, environment and config file merged, then the host daemon runs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -129,7 +128,7 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
 pub async fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
     let config = config(g, a)?;
     limit_malloc_arenas();
-    let daemon = Arc::new(Daemon::start(config)?);
+    let daemon = Daemon::start(config)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let stop = async move {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use cache::{CacheConfig, CacheDirLock, ChunkCache};
 use clap::Args;
-use strata_daemon::{Client, MountInfo, MountSpec};
+use strata_daemon::{Client, ClientError, MountInfo, MountSpec};
 use strata_fs::mount::{StackSpec, UpperSpec};
 
 /// A foreground mount's scratch, removed when the process is done with it.
@@ -213,10 +213,13 @@ pub async fn unmount(g: &GlobalArgs, a: UnmountArgs) -> anyhow::Result<()> {
     let client = Client::new(&socket);
     let daemon_mounts: Vec<MountInfo> = match client.mounts().await {
         Ok(list) => list,
-        Err(e) => {
+        // Only when no daemon answers: one that answers (a version mismatch, say) may hold
+        // a volume mount, whose unmount must wait for its commit.
+        Err(e @ ClientError::Unreachable { .. }) => {
             tracing::debug!("{e}; unmounting directly");
             Vec::new()
         }
+        Err(e) => return Err(e.into()),
     };
     if daemon_mounts.iter().any(|m| m.mountpoint == mountpoint) {
         let info = client.unmount(&mountpoint, a.lazy).await?;

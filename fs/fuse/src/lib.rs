@@ -54,6 +54,26 @@ const FH_UPPER: u64 = 2;
 /// blocking pool has 512 threads for every mount and every upload).
 const MAX_OFFLOADED: usize = 64;
 
+/// Changes under way on the blocking pool, host-wide (see `StrataFs::offload`).
+static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
+
+/// One change counted in [`UNDER_WAY`] until dropped.
+struct Slot;
+
+impl Slot {
+    /// Counted even past the cap: for a change that is already off the session thread.
+    fn take() -> Slot {
+        UNDER_WAY.fetch_add(1, Ordering::Relaxed);
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An open for writing that a truncate takes while it runs; released when dropped.
 struct OpenForChange(Arc<MountTree>, u64);
 
@@ -253,13 +273,6 @@ impl StrataFs {
     /// is shared by every mount, and a volume commit that writers wait for (the commit gate)
     /// needs threads of it to upload.
     fn offload(&self, change: impl FnOnce(&tokio::runtime::Handle) + Send + 'static) {
-        static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
-        struct Slot;
-        impl Drop for Slot {
-            fn drop(&mut self) {
-                UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
         if UNDER_WAY.fetch_add(1, Ordering::Relaxed) >= MAX_OFFLOADED {
             UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
             return change(&self.runtime);
@@ -395,7 +408,9 @@ impl Filesystem for StrataFs {
                             Ok(()) => {
                                 let open = OpenForChange(tree, ino);
                                 let runtime = tokio::runtime::Handle::current();
+                                let slot = Slot::take();
                                 let _ = tokio::task::spawn_blocking(move || {
+                                    let _slot = slot;
                                     truncate(open, &runtime, reply)
                                 })
                                 .await;
