@@ -327,7 +327,7 @@ rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 out=bench/results/run-$(date -u +%Y%m%d-%H%M%S).md
 na="n/a"
 {
-  echo "# strata read benchmark — $(date -u '+%F %H:%M') UTC, strata $rev"
+  echo "# strata read benchmark — $(date -u '+%F %H:%M') UTC, strata ${STRATA_BIN:+binary $STRATA_BIN, tree }$rev"
   echo
   echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk."
   echo "Store: Garage $(garage --version | awk '{print $2}') on loopback (quick ACKs on), sharing the cores."
