@@ -59,5 +59,6 @@ log "tests"
 # The end-to-end tests mount real filesystems and share one Garage per test binary.
 RUST_BACKTRACE=1 cargo test --workspace --locked -- --test-threads="${STRATA_TEST_THREADS:-4}"
 log "example: a program embedding the daemon"
-cargo run -p strata-daemon --example embed --locked
+# The build above made it with the workspace's features (`cargo run -p` would build it again).
+"${CARGO_TARGET_DIR:-target}/debug/examples/embed"
 log "all tests passed"

@@ -679,3 +679,25 @@ fn init(exec: &Exec) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_spec_is_refused_before_anything_is_made() {
+        // 125: what `strata run` reports as the sandbox failing to start.
+        assert_eq!(helper_main("not json"), 125);
+        assert_eq!(helper_main("{\"root\":\"/tmp\"}"), 125);
+    }
+
+    #[test]
+    fn paths_of_the_sandbox_land_under_its_root() {
+        let root = Path::new("/run/strata/r1/root");
+        assert_eq!(
+            inside(root, Path::new("/data/sub")),
+            Path::new("/run/strata/r1/root/data/sub")
+        );
+        assert_eq!(inside(root, Path::new("/")), root);
+    }
+}

@@ -321,3 +321,18 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), FsError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded_and_other_bytes_kept() {
+        assert_eq!(
+            unescape_mountinfo("/mnt/with\\040space\\011tab\\134back"),
+            b"/mnt/with space\ttab\\back"
+        );
+        // Not an escape: a backslash without three octal digits, or cut short.
+        assert_eq!(unescape_mountinfo("/a\\08b\\04"), b"/a\\08b\\04");
+    }
+}
