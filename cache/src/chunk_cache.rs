@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -171,6 +171,116 @@ enum Origin {
 type Loaded = Result<(Bytes, Origin), ChunkError>;
 type Fetch = Shared<BoxFuture<'static, Loaded>>;
 
+/// Who waits for a fetch, which decides how it shares the store with the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Priority {
+    /// A read a function waits on, or the readahead of one: never held back.
+    Foreground,
+    /// Work nobody waits on yet (prefetch from a start record, whole-file fetches): runs in
+    /// the connections foreground reads leave free (see [`Gate`]).
+    Background,
+}
+
+/// Why chunks are asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Asked {
+    /// A read waits on them: counted, foreground.
+    Read,
+    /// Readahead of a read: foreground (the reader will wait on it soon), not counted.
+    Readahead,
+    /// Nobody waits yet: background.
+    Background,
+}
+
+/// A fetch in flight, and whether a foreground read has joined it (so it no longer waits
+/// for a background slot).
+#[derive(Clone)]
+struct InFlight {
+    fetch: Fetch,
+    urgent: Arc<AtomicBool>,
+}
+
+/// The background budget: how many store GETs background fetches may have running. While
+/// any foreground read waits on the store, background work keeps [`BACKGROUND_MIN`] GETs
+/// (so it still progresses); when none waits, it grows to [`BACKGROUND_MAX`]. A background
+/// fetch that a foreground read joins stops waiting at once.
+#[derive(Default)]
+pub(crate) struct Gate {
+    foreground_waiting: AtomicUsize,
+    background_running: AtomicUsize,
+    changed: tokio::sync::Notify,
+    /// Background GETs that waited for a slot (for tests and stats).
+    background_waits: AtomicU64,
+}
+
+/// Background GETs while a foreground read waits.
+const BACKGROUND_MIN: usize = 1;
+/// Background GETs while no foreground read waits: about what saturates a store's bandwidth.
+const BACKGROUND_MAX: usize = 8;
+
+/// A background slot; gives it back on drop.
+struct BackgroundSlot<'a>(&'a Gate);
+
+impl Drop for BackgroundSlot<'_> {
+    fn drop(&mut self) {
+        self.0.background_running.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Counts a foreground read as waiting while it lives.
+struct ForegroundWait<'a>(&'a Gate);
+
+impl<'a> ForegroundWait<'a> {
+    fn new(gate: &'a Gate) -> Self {
+        gate.foreground_waiting.fetch_add(1, Ordering::AcqRel);
+        ForegroundWait(gate)
+    }
+}
+
+impl Drop for ForegroundWait<'_> {
+    fn drop(&mut self) {
+        if self.0.foreground_waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
+
+impl Gate {
+    /// Waits for a background slot (or for `urgent`: a foreground read joined the fetch).
+    async fn background_slot(&self, urgent: &AtomicBool) -> BackgroundSlot<'_> {
+        let mut waited = false;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let limit = if urgent.load(Ordering::Acquire) {
+                usize::MAX
+            } else if self.foreground_waiting.load(Ordering::Acquire) > 0 {
+                BACKGROUND_MIN
+            } else {
+                BACKGROUND_MAX
+            };
+            let running = self.background_running.load(Ordering::Acquire);
+            if running < limit
+                && self
+                    .background_running
+                    .compare_exchange(running, running + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                if waited {
+                    self.background_waits.fetch_add(1, Ordering::Relaxed);
+                }
+                return BackgroundSlot(self);
+            }
+            if running >= limit {
+                waited = true;
+                changed.await;
+            }
+        }
+    }
+}
+
 /// A chunk asked for: in memory already, or being fetched (by this call or an earlier one).
 enum Pending {
     Ready(Bytes),
@@ -201,7 +311,8 @@ pub struct ChunkCache {
     /// Files being assembled or verified (see [`ChunkCache::assemble`]).
     pub(crate) assembling: Mutex<std::collections::HashSet<Digest>>,
     pub(crate) memory: Mutex<MemoryLru>,
-    inflight: Mutex<HashMap<Digest, Fetch>>,
+    inflight: Mutex<HashMap<Digest, InFlight>>,
+    gate: Gate,
     counters: Counters,
     fetch_deadline: Duration,
     prefetch_budget: Arc<tokio::sync::Semaphore>,
@@ -241,7 +352,12 @@ impl ChunkReader {
     /// The plain bytes of several chunks, in order. Missing chunks stored next to each other
     /// in a pack are fetched together, with one ranged GET.
     pub async fn get_many(&self, locs: &[ChunkLoc]) -> Result<Vec<Bytes>, ChunkError> {
-        let pending = self.cache.start(self, locs, true);
+        let pending = self.cache.start(self, locs, Asked::Read);
+        // While this read waits on the store, background work shrinks to its minimum.
+        let _waiting = pending
+            .iter()
+            .any(|p| matches!(p, Pending::Fetching(_)))
+            .then(|| ForegroundWait::new(&self.cache.gate));
         let mut out = Vec::with_capacity(locs.len());
         for (loc, p) in locs.iter().zip(pending) {
             let data = match p {
@@ -335,7 +451,7 @@ impl ChunkReader {
         if wanted.is_empty() {
             return;
         }
-        let pending = self.cache.start(self, &wanted, false);
+        let pending = self.cache.start(self, &wanted, Asked::Readahead);
         tokio::spawn(async move {
             for p in pending {
                 if let Pending::Fetching(f) = p {
@@ -344,6 +460,47 @@ impl ChunkReader {
             }
             drop(permits);
         });
+    }
+
+    /// Fetches into the cache, as background work (see [`Gate`]), the chunks of `locs` that are
+    /// neither in memory nor on disk, and waits for them. Returns the stored bytes fetched
+    /// (what the store was asked for). Errors are not reported: a reader that needs a chunk
+    /// that failed fetches it again and sees the error.
+    pub async fn fetch_background(&self, locs: &[ChunkLoc]) -> u64 {
+        let wanted: Vec<ChunkLoc> = {
+            let memory = self
+                .cache
+                .memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let on_disk = |d: &Digest| {
+                self.cache
+                    .disk
+                    .as_ref()
+                    .is_some_and(|disk| disk.contains(d))
+            };
+            let mut seen = std::collections::HashSet::new();
+            locs.iter()
+                .filter(|l| seen.insert(l.digest))
+                .filter(|l| !memory.lru.contains(&l.digest) && !on_disk(&l.digest))
+                .copied()
+                .collect()
+        };
+        if wanted.is_empty() {
+            return 0;
+        }
+        let asked: u64 = wanted.iter().map(|l| l.stored_len as u64).sum();
+        for p in self.cache.start(self, &wanted, Asked::Background) {
+            if let Pending::Fetching(f) = p {
+                let _ = f.await;
+            }
+        }
+        asked
+    }
+
+    /// Background GETs that had to wait for a slot, since start (the whole cache's).
+    pub fn background_waits(&self) -> u64 {
+        self.cache.gate.background_waits.load(Ordering::Relaxed)
     }
 
     /// Counts one file read of `bytes` bytes answered.
@@ -388,6 +545,7 @@ impl ChunkCache {
                 capacity: config.memory_capacity,
             }),
             inflight: Mutex::new(HashMap::new()),
+            gate: Gate::default(),
             counters: Counters::default(),
             fetch_deadline: config.fetch_deadline,
             prefetch_budget: Arc::new(tokio::sync::Semaphore::new(PREFETCH_BUDGET)),
@@ -411,20 +569,26 @@ impl ChunkCache {
     }
 
     /// Finds each chunk in memory or in flight, and starts fetches for the rest: one task per
-    /// run of chunks that adjoin in a pack. `counted`: reads a function waits on (not
-    /// readahead) count as requests and memory hits.
+    /// run of chunks that adjoin in a pack. Reads a function waits on count as requests and
+    /// memory hits, and make a background fetch they join urgent.
     fn start(
         self: &Arc<Self>,
         reader: &ChunkReader,
         locs: &[ChunkLoc],
-        counted: bool,
+        asked: Asked,
     ) -> Vec<Pending> {
         enum Slot {
             Done(Pending),
             New(usize),
         }
+        let counted = asked == Asked::Read;
+        let priority = match asked {
+            Asked::Read | Asked::Readahead => Priority::Foreground,
+            Asked::Background => Priority::Background,
+        };
         let mut slots = Vec::with_capacity(locs.len());
         let mut new: Vec<ChunkLoc> = Vec::new();
+        let mut promoted = false;
         let mut inflight = self
             .inflight
             .lock()
@@ -446,7 +610,10 @@ impl ChunkCache {
                     }
                     slots.push(Slot::Done(Pending::Ready(data)));
                 } else if let Some(f) = inflight.get(&loc.digest) {
-                    slots.push(Slot::Done(Pending::Fetching(f.clone())));
+                    if priority == Priority::Foreground && !f.urgent.swap(true, Ordering::AcqRel) {
+                        promoted = true;
+                    }
+                    slots.push(Slot::Done(Pending::Fetching(f.fetch.clone())));
                 } else if let Some(i) = new.iter().position(|n| n.digest == loc.digest) {
                     slots.push(Slot::New(i));
                 } else {
@@ -454,6 +621,9 @@ impl ChunkCache {
                     new.push(*loc);
                 }
             }
+        }
+        if promoted {
+            self.gate.changed.notify_waiters();
         }
         let mut fetches: Vec<Fetch> = Vec::with_capacity(new.len());
         let mut i = 0;
@@ -471,7 +641,11 @@ impl ChunkCache {
             let this = Arc::clone(self);
             let leader = reader.clone();
             let digests: Vec<Digest> = run.iter().map(|l| l.digest).collect();
-            let task = tokio::spawn(async move { Arc::new(this.load_run(&leader, run).await) });
+            let urgent = Arc::new(AtomicBool::new(priority == Priority::Foreground));
+            let task = {
+                let urgent = urgent.clone();
+                tokio::spawn(async move { Arc::new(this.load_run(&leader, run, &urgent).await) })
+            };
             let run_fetch = async move {
                 task.await.unwrap_or_else(|e| {
                     let failed = |digest| ChunkError::Failed {
@@ -489,7 +663,13 @@ impl ChunkCache {
                     .map(move |r| r[k].clone())
                     .boxed()
                     .shared();
-                inflight.insert(loc.digest, fetch.clone());
+                inflight.insert(
+                    loc.digest,
+                    InFlight {
+                        fetch: fetch.clone(),
+                        urgent: urgent.clone(),
+                    },
+                );
                 fetches.push(fetch);
             }
             i = end;
@@ -505,9 +685,14 @@ impl ChunkCache {
     }
 
     /// Loads a run of chunks that adjoin in one pack: from the disk cache where it has them,
-    /// the rest with one ranged GET. Every chunk loaded goes into memory before the run
-    /// leaves the in-flight table.
-    async fn load_run(self: &Arc<Self>, reader: &ChunkReader, run: Vec<ChunkLoc>) -> Vec<Loaded> {
+    /// the rest with one ranged GET. Every chunk loaded goes into memory (or, for background
+    /// work nobody joined, onto disk) before the run leaves the in-flight table.
+    async fn load_run(
+        self: &Arc<Self>,
+        reader: &ChunkReader,
+        run: Vec<ChunkLoc>,
+        urgent: &AtomicBool,
+    ) -> Vec<Loaded> {
         let _leave = LeaveInflight(Arc::clone(self), run.iter().map(|l| l.digest).collect());
         let mut results: Vec<Option<Result<(Bytes, Origin), ChunkError>>> = vec![None; run.len()];
         // A cold read finds none of its chunks on disk: skip the hop to a blocking thread.
@@ -542,7 +727,15 @@ impl ChunkCache {
             }
         }
         let missing: Vec<usize> = (0..run.len()).filter(|&i| results[i].is_none()).collect();
+        let mut keep_in_memory = true;
         if let (Some(&first), Some(&last)) = (missing.first(), missing.last()) {
+            // Background work asks the gate for a slot (a foreground read that joins the run
+            // meanwhile lets it through at once); foreground runs go straight to the store.
+            let _slot = if urgent.load(Ordering::Acquire) {
+                None
+            } else {
+                Some(self.gate.background_slot(urgent).await)
+            };
             let fetched = self
                 .fetch_verified(
                     reader,
@@ -559,15 +752,23 @@ impl ChunkCache {
             }
             if self.disk.is_some() && !to_disk.is_empty() {
                 let this = Arc::clone(self);
-                // Caching is best effort and off the reader's path: the reader has its bytes,
-                // and the chunks stay in memory while the files are written.
-                tokio::task::spawn_blocking(move || {
+                let write = tokio::task::spawn_blocking(move || {
                     if let Some(disk) = &this.disk {
                         for (d, data) in to_disk {
                             disk.insert(&d, &data);
                         }
                     }
                 });
+                if urgent.load(Ordering::Acquire) {
+                    // Caching is best effort and off the reader's path: the reader has its
+                    // bytes, and the chunks stay in memory while the files are written.
+                    drop(write);
+                } else {
+                    // Background work nobody waits on is done once its chunks are on disk;
+                    // they stay out of memory, where they would push out what readers use.
+                    let _ = write.await;
+                    keep_in_memory = false;
+                }
             }
         }
         let mut memory = self
@@ -579,7 +780,7 @@ impl ChunkCache {
             .zip(&run)
             .map(|(r, loc)| {
                 let r = r.expect("every chunk of the run was loaded or failed");
-                if let Ok((data, _)) = &r {
+                if let (Ok((data, _)), true) = (&r, keep_in_memory) {
                     memory.insert(loc.digest, data.clone());
                 }
                 r
@@ -706,6 +907,11 @@ impl ChunkCache {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Bytes the disk cache may hold (0 without one).
+    pub fn disk_capacity(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.capacity())
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -863,6 +1069,138 @@ mod tests {
             fresh.get_local(&loc, 0..300_000).is_none(),
             "past the chunk"
         );
+    }
+
+    /// A store that answers each GET after `delay`, at most `connections` at a time (as a
+    /// client's connection pool does): work queued ahead of a read delays it.
+    #[derive(Debug)]
+    struct SlowStore {
+        inner: Arc<dyn Store>,
+        delay: Duration,
+        connections: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for SlowStore {
+        fn url(&self) -> &str {
+            self.inner.url()
+        }
+        async fn get(&self, key: &str) -> strata_store::StoreResult<Bytes> {
+            self.inner.get(key).await
+        }
+        async fn get_range(
+            &self,
+            key: &str,
+            range: std::ops::Range<u64>,
+        ) -> strata_store::StoreResult<Bytes> {
+            let _c = self.connections.acquire().await.unwrap();
+            tokio::time::sleep(self.delay).await;
+            self.inner.get_range(key, range).await
+        }
+        async fn head(&self, key: &str) -> strata_store::StoreResult<Option<u64>> {
+            self.inner.head(key).await
+        }
+        async fn put(&self, key: &str, data: Bytes) -> strata_store::StoreResult<()> {
+            self.inner.put(key, data).await
+        }
+        async fn get_versioned(
+            &self,
+            key: &str,
+        ) -> strata_store::StoreResult<Option<(Bytes, strata_store::Version)>> {
+            self.inner.get_versioned(key).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &str,
+            expected: Option<&strata_store::Version>,
+            data: Bytes,
+        ) -> strata_store::StoreResult<strata_store::Version> {
+            self.inner.compare_and_swap(key, expected, data).await
+        }
+        async fn list(&self, prefix: &str) -> strata_store::StoreResult<Vec<String>> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> strata_store::StoreResult<()> {
+            self.inner.delete(key).await
+        }
+    }
+
+    /// `n` chunks of 64 KiB, each in a pack of its own (one GET each), behind a [`SlowStore`].
+    async fn slow_setup(n: usize) -> (tempfile::TempDir, ChunkReader, Vec<ChunkLoc>, Vec<Vec<u8>>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let local = LocalStore::open("test", root.to_str().unwrap()).unwrap();
+        let mut locs = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..n {
+            let c: Vec<u8> = (0..65_536u32).map(|b| (b as usize * 7 + i) as u8).collect();
+            let stored = blob::encode(&c);
+            let pack = Digest::of(&stored);
+            local
+                .put(&pack_key(&pack), Bytes::from(stored.clone()))
+                .await
+                .unwrap();
+            locs.push(ChunkLoc {
+                digest: Digest::of(&c),
+                len: c.len() as u32,
+                pack,
+                pack_offset: 0,
+                stored_len: stored.len() as u32,
+            });
+            chunks.push(c);
+        }
+        let store = SlowStore {
+            inner: Arc::new(local),
+            delay: Duration::from_millis(30),
+            connections: tokio::sync::Semaphore::new(4),
+        };
+        let cache = ChunkCache::new(&CacheConfig {
+            disk_dir: Some(tmp.path().join("cache")),
+            disk_capacity: 64 << 20,
+            memory_capacity: 64 << 20,
+            fetch_deadline: DEFAULT_FETCH_DEADLINE,
+        })
+        .unwrap();
+        (tmp, cache.reader(Arc::new(store)), locs, chunks)
+    }
+
+    /// The background budget: a read a function waits on is not queued behind a large
+    /// prefetch (60 GETs on a store that serves 4 at a time would hold it ~450 ms), and a read
+    /// of a chunk the prefetch has not reached yet takes it over at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn foreground_reads_pass_a_large_background_fetch() {
+        let (_tmp, reader, locs, chunks) = slow_setup(64).await;
+        let background = {
+            let (reader, locs) = (reader.clone(), locs[..60].to_vec());
+            tokio::spawn(async move { reader.fetch_background(&locs).await })
+        };
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // A chunk the prefetch does not want, and one it wants last.
+        for (i, what) in [(62, "a chunk of its own"), (59, "a queued prefetch chunk")] {
+            let t = Instant::now();
+            assert_eq!(reader.get(&locs[i]).await.unwrap(), chunks[i]);
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_millis(250),
+                "{what}: the read waited {took:?} behind background work"
+            );
+        }
+        let asked = background.await.unwrap();
+        assert!(asked > 0);
+        assert!(
+            reader.background_waits() > 0,
+            "the budget held back some GETs"
+        );
+        for (loc, chunk) in locs[..60].iter().zip(&chunks) {
+            assert_eq!(&reader.get(loc).await.unwrap(), chunk);
+        }
+        assert_eq!(
+            reader.stats().store_gets,
+            61,
+            "every chunk fetched once, the read's own once"
+        );
+        // Everything is local now: a second background pass asks the store for nothing.
+        assert_eq!(reader.fetch_background(&locs[..60]).await, 0);
     }
 
     /// Regression: a manifest that gives one chunk two lengths got the cached bytes of the

@@ -213,6 +213,7 @@ impl<B: Send + Sync + 'static> Handles<B> {
         if let Some(p) = &mut o.passthrough {
             p.count += 1;
             stack.cache().record_passthrough_open();
+            stack.note_whole_file(ino);
             return Ok(Opened::Passthrough(p.backing.clone()));
         }
         if o.through == 0 && self.passthrough() {
@@ -220,6 +221,7 @@ impl<B: Send + Sync + 'static> Handles<B> {
                 Some(file) => match register(&file.file) {
                     Ok(backing) => {
                         stack.cache().record_passthrough_open();
+                        stack.note_whole_file(ino);
                         let backing = Arc::new(backing);
                         o.passthrough = Some(PassthroughOpens {
                             backing: backing.clone(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use cache::ChunkReader;
-use strata_cache_format::{blob, Digest};
+use strata_cache_format::{blob, ChunkLoc, Digest};
 use strata_store::Store;
 
 use crate::error::{FsError, FsResult};
@@ -128,6 +128,34 @@ impl Layer {
             start,
             len: file.end - file.start,
         }
+    }
+
+    /// The chunks holding bytes `ranges` of entry `entry`, if it is a file of this layer
+    /// (ranges are clipped to it); `None` for any other entry.
+    pub fn chunks_of(&self, entry: u32, ranges: &[[u64; 2]]) -> Option<Vec<ChunkLoc>> {
+        let m = &self.manifest;
+        if entry as usize >= m.entry_count() {
+            return None;
+        }
+        let e = m.entry(entry as usize);
+        if e.kind != crate::manifest::Kind::File {
+            return None;
+        }
+        let file = e.content_range();
+        let mut out: Vec<ChunkLoc> = Vec::new();
+        let mut last = None;
+        for &[start, end] in ranges {
+            let from = file.start.saturating_add(start).min(file.end);
+            let to = file.start.saturating_add(end).min(file.end);
+            for i in m.chunks_for(from..to) {
+                if last.is_some_and(|l| i <= l) {
+                    continue;
+                }
+                last = Some(i);
+                out.push(m.chunk(i).location());
+            }
+        }
+        Some(out)
     }
 
     /// Starts fetching chunks `indices` in the background, those of them inside file `e`.

@@ -19,6 +19,7 @@ pub mod handles;
 pub mod layer;
 pub mod mount;
 pub mod pack;
+pub mod prefetch;
 pub mod publish;
 pub mod record;
 pub mod refs;

@@ -12,6 +12,7 @@ use strata_store::Store;
 
 use crate::error::{Context, FsError, FsResult};
 use crate::layer::Layer;
+use crate::prefetch::{self, Recorder, ReplayProgress};
 use crate::refs::{self, DatasetRef};
 use crate::stack::LayerStack;
 use crate::upper::{MountTree, UpperConfig};
@@ -36,6 +37,9 @@ pub struct StackSpec {
     pub cache_dir: Option<PathBuf>,
     /// Squash the volume after a commit that leaves more commits than this (0: never).
     pub squash_after: usize,
+    /// Record what the mount's function reads first, for the layers' start records (see
+    /// [`crate::prefetch`]); [`Assembly::recorder`] has it.
+    pub record_start: bool,
 }
 
 /// A layer of an assembled stack, named as the mount asked for it.
@@ -127,11 +131,49 @@ pub async fn assemble(
             "a mount needs at least one layer (or a volume)".into(),
         ));
     }
+    let mut stack = LayerStack::new(layers, reader)?;
+    if spec.record_start {
+        stack = stack.with_recorder(Arc::new(Recorder::new()));
+    }
     Ok(Assembly {
-        stack: Arc::new(LayerStack::new(layers, reader)?),
+        stack: Arc::new(stack),
         layers: named,
         volume,
     })
+}
+
+/// A mount's start-record work (see [`Assembly::start_prefetch`]).
+pub struct StartTasks {
+    replay: Option<tokio::task::JoinHandle<()>>,
+    progress: Arc<ReplayProgress>,
+    recorder: Option<Arc<Recorder>>,
+    save: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl StartTasks {
+    /// How far the replay has come.
+    pub fn progress(&self) -> &Arc<ReplayProgress> {
+        &self.progress
+    }
+
+    /// Stops replaying, and ends the recording (which is then saved, in the background).
+    pub fn mount_ended(&self) {
+        if let Some(r) = &self.replay {
+            r.abort();
+        }
+        self.progress.finish();
+        if let Some(r) = &self.recorder {
+            r.finish();
+        }
+    }
+
+    /// Waits until the recording is saved (or was not kept); a process that is about to exit
+    /// calls it after [`StartTasks::mount_ended`].
+    pub async fn saved(self) {
+        if let Some(save) = self.save {
+            let _ = save.await;
+        }
+    }
 }
 
 /// A mount's writable upper.
@@ -146,6 +188,48 @@ pub struct UpperSpec {
 }
 
 impl Assembly {
+    /// The mount's recording of what its function reads first, if it records one.
+    pub fn recorder(&self) -> Option<&Arc<Recorder>> {
+        self.stack.recorder()
+    }
+
+    /// Starts, on the current runtime, what the mount does for the layers' start records:
+    /// fetching what they say starts read first (`replay`), and saving what this mount's
+    /// function reads first once its start is over (if it records). Call
+    /// [`StartTasks::mount_ended`] when the mount ends.
+    pub fn start_prefetch(&self, store: &Arc<dyn Store>, replay: bool) -> StartTasks {
+        let progress = Arc::new(ReplayProgress::default());
+        if !replay {
+            progress.finish();
+        }
+        let replay = replay.then(|| {
+            let (stack, store, progress) = (self.stack.clone(), store.clone(), progress.clone());
+            tokio::spawn(async move {
+                let report = prefetch::replay(stack, store, progress).await;
+                if report.records > 0 {
+                    tracing::info!(
+                        records = report.records,
+                        files = report.files,
+                        bytes = report.bytes_fetched,
+                        "start records replayed"
+                    );
+                }
+            })
+        });
+        let recorder = self.recorder().cloned();
+        let save = recorder.as_ref().map(|rec| {
+            let (rec, store) = (rec.clone(), store.clone());
+            let layers: Vec<Digest> = self.stack.layers().iter().map(|l| l.digest).collect();
+            tokio::spawn(prefetch::save_when_done(rec, store, layers))
+        });
+        StartTasks {
+            replay,
+            progress,
+            recorder,
+            save,
+        }
+    }
+
     /// The mount's tree: the stack with `upper` on it (read-only without one). A volume
     /// mount's upper is journaled, and its record written first, so a crash can commit it.
     pub fn tree(&self, upper: Option<&UpperSpec>) -> FsResult<Arc<MountTree>> {

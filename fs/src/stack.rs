@@ -25,6 +25,7 @@ use lru::LruCache;
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
 use crate::manifest::{Entry, Kind};
+use crate::prefetch::Recorder;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -88,6 +89,8 @@ pub struct LayerStack {
     merged_dirs: Mutex<LruCache<u64, Arc<Vec<Source>>>>,
     /// Per-file sequential-read detection for readahead (recently read files only).
     streams: Mutex<LruCache<u64, Stream>>,
+    /// Notes what the mount's function reads first, for the layers' start records.
+    recorder: Option<Arc<Recorder>>,
 }
 
 fn mtime(e: &Entry<'_>) -> SystemTime {
@@ -136,7 +139,28 @@ impl LayerStack {
             streams: Mutex::new(LruCache::new(
                 std::num::NonZeroUsize::new(STREAMS).expect("non-zero"),
             )),
+            recorder: None,
         })
+    }
+
+    /// Records what is read first (see [`crate::prefetch`]).
+    pub fn with_recorder(mut self, recorder: Arc<Recorder>) -> LayerStack {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    pub fn recorder(&self) -> Option<&Arc<Recorder>> {
+        self.recorder.as_ref()
+    }
+
+    /// Notes, for the start record, that the whole of file `ino` is read (by the kernel, from
+    /// a local copy, where strata does not see its reads).
+    pub fn note_whole_file(&self, ino: u64) {
+        if let (Some(rec), Ok((layer, entry, e))) = (&self.recorder, self.top_at(ino)) {
+            if e.kind == Kind::File {
+                rec.note(layer, entry, 0..e.size);
+            }
+        }
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -353,6 +377,12 @@ impl LayerStack {
         Ok((&self.layers[sources[0].0 as usize], self.entry(sources[0])))
     }
 
+    /// [`LayerStack::top`] by index: (layer index, entry index, entry).
+    fn top_at(&self, ino: u64) -> FsResult<(u16, u32, Entry<'_>)> {
+        let (sources, _) = self.sources(ino)?;
+        Ok((sources[0].0, sources[0].1, self.entry(sources[0])))
+    }
+
     /// The layer and entry a file's bytes come from (its topmost source).
     pub fn file_source(&self, ino: u64) -> Option<(usize, u32)> {
         let (sources, kind) = self.sources(ino).ok()?;
@@ -466,6 +496,15 @@ impl LayerStack {
     /// Finds the file and starts the readahead its read pattern calls for.
     fn start_read(&self, ino: u64, offset: u64, size: u32) -> FsResult<(&Layer, Entry<'_>)> {
         let (layer, e) = self.file(ino)?;
+        if let Some(rec) = &self.recorder {
+            if let Some((l, entry)) = self.file_source(ino) {
+                rec.note(
+                    l as u16,
+                    entry,
+                    offset..offset.saturating_add(size as u64).min(e.size),
+                );
+            }
+        }
         let needed = layer.chunks_for_read(&e, offset, size);
         let window = self.readahead_window(ino, offset, size);
         if let Some(ahead) = self.readahead_batch(ino, window, needed.end) {

@@ -62,6 +62,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         scratch_inodes: None,
         volume: None,
         unmount_with_client: false,
+        no_prefetch_record: false,
+        no_prefetch_replay: false,
     };
     let info = daemon.mount(spec.clone()).await?;
     println!(

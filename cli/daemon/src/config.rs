@@ -24,6 +24,12 @@ pub struct DaemonConfig {
     pub passthrough: bool,
     /// A volume with more commits than this is squashed after a commit (0: never).
     pub squash_after: usize,
+    /// Record what each mount's function reads first into the layers' start records in the
+    /// store (a mount may opt out).
+    pub record_starts: bool,
+    /// Fetch, at each mount, what the layers' start records say starts read first (a mount
+    /// may opt out).
+    pub replay_starts: bool,
     /// The control socket.
     pub socket: PathBuf,
     /// How stores are opened (credentials are the daemon's; a mount may name the endpoint).
@@ -41,6 +47,8 @@ impl DaemonConfig {
             read_timeout: cache::DEFAULT_FETCH_DEADLINE,
             passthrough: true,
             squash_after: 16,
+            record_starts: true,
+            replay_starts: true,
             socket,
             store_options: StoreOptions::default(),
         }

@@ -32,6 +32,8 @@ fn spec() -> MountSpec {
         scratch_inodes: Some(1000),
         volume: Some("team/vol".into()),
         unmount_with_client: true,
+        no_prefetch_record: false,
+        no_prefetch_replay: false,
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use cache::{CacheStats, ReadStats};
 use serde::{Deserialize, Serialize};
+use strata_fs::prefetch::ReplayReport;
 
 use crate::error::{DaemonError, DaemonResult, ErrorKind};
 
@@ -62,6 +63,13 @@ pub struct MountSpec {
     /// SIGKILL leaves nothing mounted). The daemon learns the client from the socket.
     #[serde(default)]
     pub unmount_with_client: bool,
+    /// Do not record what this mount's function reads first (the layers' start records stay
+    /// as they are).
+    #[serde(default)]
+    pub no_prefetch_record: bool,
+    /// Do not fetch what the layers' start records say starts read first.
+    #[serde(default)]
+    pub no_prefetch_replay: bool,
 }
 
 impl MountSpec {
@@ -139,6 +147,10 @@ pub struct MountStats {
     #[serde(flatten)]
     pub mount: MountInfo,
     pub stats: ReadStats,
+    /// What the mount fetched ahead from the layers' start records (its GETs and bytes are
+    /// in `stats` too).
+    #[serde(default)]
+    pub prefetch: ReplayReport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cache::{CacheConfig, CacheDirLock, ChunkCache, ChunkReader};
 use strata_fs::blocking::blocking;
 use strata_fs::mount::{StackSpec, UpperSpec};
+use strata_fs::prefetch::ReplayProgress;
 use strata_fs::upper::MountTree;
 use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
@@ -35,6 +36,7 @@ type StoreKey = (String, Option<String>);
 struct Mounted {
     info: MountInfo,
     reader: ChunkReader,
+    prefetch: Arc<ReplayProgress>,
     /// A volume mount: its tree, volume and scratch. It commits on `strata commit` and when
     /// its session ends (which may take a while).
     volume: Option<(Arc<MountTree>, Arc<VolumeMount>, PathBuf)>,
@@ -443,6 +445,7 @@ impl Daemon {
             endpoint_url: spec.endpoint_url.clone(),
             cache_dir: Some(self.config.cache_dir.clone()),
             squash_after: self.config.squash_after,
+            record_start: self.config.record_starts && !spec.no_prefetch_record,
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
         let volume = assembly.volume.clone();
@@ -472,6 +475,10 @@ impl Daemon {
                 return Err(e);
             }
         };
+        let starts = assembly.start_prefetch(
+            &store,
+            self.config.replay_starts && !spec.no_prefetch_replay,
+        );
         let layer_info = assembly
             .layers
             .iter()
@@ -502,6 +509,7 @@ impl Daemon {
                 Mounted {
                     info: info.clone(),
                     reader,
+                    prefetch: starts.progress().clone(),
                     volume: match (&volume, &scratch) {
                         (Some(vm), Some(dir)) => Some((tree.clone(), vm.clone(), dir.clone())),
                         _ => None,
@@ -519,6 +527,7 @@ impl Daemon {
                 if let Err(e) = session.wait() {
                     tracing::warn!("mount {}: FUSE session ended with {e}", mp.display());
                 }
+                starts.mount_ended();
                 let mut mounts = mounts
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -737,6 +746,7 @@ impl Daemon {
             .map(|m| MountStats {
                 mount: m.info.clone(),
                 stats: m.reader.stats(),
+                prefetch: m.prefetch.report(),
             })
             .collect();
         mounts.sort_by_key(|m| m.mount.id);

@@ -16,7 +16,8 @@ use strata_daemon::{Daemon, DaemonConfig};
 #[derive(Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
-    /// read_timeout, passthrough, squash_after, socket, endpoint_url.
+    /// read_timeout, passthrough, squash_after, prefetch_record, prefetch_replay, socket,
+    /// endpoint_url.
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -43,6 +44,12 @@ pub struct DaemonArgs {
     /// mounting it does not slow down with its history; 0 never squashes [default: 16].
     #[arg(long, env = "STRATA_SQUASH_AFTER")]
     squash_after: Option<usize>,
+    /// Never record what mounts' functions read first into the layers' start records.
+    #[arg(long, env = "STRATA_NO_PREFETCH_RECORD", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    no_prefetch_record: bool,
+    /// Never fetch, at a mount, what the layers' start records say starts read first.
+    #[arg(long, env = "STRATA_NO_PREFETCH_REPLAY", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    no_prefetch_replay: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -55,6 +62,8 @@ struct ConfigFile {
     read_timeout: Option<String>,
     passthrough: Option<bool>,
     squash_after: Option<usize>,
+    prefetch_record: Option<bool>,
+    prefetch_replay: Option<bool>,
     socket: Option<PathBuf>,
     endpoint_url: Option<String>,
 }
@@ -85,44 +94,52 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
     if store_options.endpoint_url.is_none() {
         store_options.endpoint_url = file.endpoint_url;
     }
-    Ok(DaemonConfig {
-        cache_dir: a
-            .cache_dir
+    let socket = g
+        .socket
+        .clone()
+        .or(file.socket)
+        .unwrap_or_else(strata_daemon::config::default_socket);
+    let mut config = DaemonConfig::new(
+        a.cache_dir
             .or(file.cache_dir)
             .unwrap_or_else(crate::default_cache_dir),
-        state_dir: a
-            .state_dir
+        a.state_dir
             .or(file.state_dir)
             .unwrap_or_else(crate::default_state_dir),
-        cache_size: a
-            .cache_size
-            .or(from_file(file.cache_size, "cache_size", parse_size)?)
-            .unwrap_or(10 << 30),
-        memory_cache_size: a
-            .memory_cache_size
-            .or(from_file(
-                file.memory_cache_size,
-                "memory_cache_size",
-                parse_size,
-            )?)
-            .unwrap_or(256 << 20),
-        read_timeout: a
-            .read_timeout
-            .or(from_file(
-                file.read_timeout,
-                "read_timeout",
-                parse_duration,
-            )?)
-            .unwrap_or(cache::DEFAULT_FETCH_DEADLINE),
-        passthrough: !a.no_passthrough && file.passthrough.unwrap_or(true),
-        squash_after: a.squash_after.or(file.squash_after).unwrap_or(16),
-        socket: g
-            .socket
-            .clone()
-            .or(file.socket)
-            .unwrap_or_else(strata_daemon::config::default_socket),
-        store_options,
-    })
+        socket,
+    );
+    let defaults = config.clone();
+    config.cache_size = a
+        .cache_size
+        .or(from_file(file.cache_size, "cache_size", parse_size)?)
+        .unwrap_or(defaults.cache_size);
+    config.memory_cache_size = a
+        .memory_cache_size
+        .or(from_file(
+            file.memory_cache_size,
+            "memory_cache_size",
+            parse_size,
+        )?)
+        .unwrap_or(defaults.memory_cache_size);
+    config.read_timeout = a
+        .read_timeout
+        .or(from_file(
+            file.read_timeout,
+            "read_timeout",
+            parse_duration,
+        )?)
+        .unwrap_or(defaults.read_timeout);
+    config.passthrough = !a.no_passthrough && file.passthrough.unwrap_or(defaults.passthrough);
+    config.squash_after = a
+        .squash_after
+        .or(file.squash_after)
+        .unwrap_or(defaults.squash_after);
+    config.record_starts =
+        !a.no_prefetch_record && file.prefetch_record.unwrap_or(defaults.record_starts);
+    config.replay_starts =
+        !a.no_prefetch_replay && file.prefetch_replay.unwrap_or(defaults.replay_starts);
+    config.store_options = store_options;
+    Ok(config)
 }
 
 pub async fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {

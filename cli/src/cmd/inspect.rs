@@ -2,6 +2,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use clap::Args;
 use strata_fs::manifest::{Entry, Kind, Manifest};
+use strata_fs::prefetch::StartRecord;
 
 use crate::units::human;
 use crate::GlobalArgs;
@@ -15,6 +16,10 @@ pub struct InspectArgs {
     /// Only the summary, not the tree.
     #[arg(long)]
     summary: bool,
+    /// The layer's start record instead of the tree: the files starts read first, in order
+    /// (those marked `*` are fetched at a cold mount).
+    #[arg(long, conflicts_with = "summary")]
+    prefetch: bool,
     #[arg(long)]
     json: bool,
 }
@@ -25,6 +30,102 @@ fn kind_char(e: &Entry<'_>) -> char {
         Kind::File => '-',
         Kind::Symlink => 'l',
         Kind::Whiteout => 'w',
+    }
+}
+
+/// The path of entry `i` in its layer.
+fn entry_path(m: &Manifest, mut i: usize) -> String {
+    let mut names = Vec::new();
+    while i != 0 && names.len() < 4096 {
+        let e = m.entry(i);
+        names.push(String::from_utf8_lossy(e.name).into_owned());
+        i = e.parent as usize;
+    }
+    names.reverse();
+    format!("/{}", names.join("/"))
+}
+
+/// What a start record says, with each file's path (`None` for an entry that is not a file of
+/// the layer: the record is only a hint, and replay skips those).
+struct RecordView {
+    record: StartRecord,
+    paths: Vec<Option<String>>,
+    replayed: Vec<bool>,
+    /// Bytes of each file the ranges cover (clipped to the file).
+    bytes: Vec<u64>,
+}
+
+impl RecordView {
+    fn new(record: StartRecord, m: &Manifest) -> RecordView {
+        let replay: std::collections::HashSet<u32> = record.replay().map(|f| f.entry).collect();
+        let paths = record
+            .files
+            .iter()
+            .map(|f| {
+                ((f.entry as usize) < m.entry_count()
+                    && m.entry(f.entry as usize).kind == Kind::File)
+                    .then(|| entry_path(m, f.entry as usize))
+            })
+            .collect();
+        let replayed = record
+            .files
+            .iter()
+            .map(|f| replay.contains(&f.entry))
+            .collect();
+        let bytes = record
+            .files
+            .iter()
+            .map(|f| {
+                let size = if (f.entry as usize) < m.entry_count() {
+                    m.entry(f.entry as usize).size
+                } else {
+                    0
+                };
+                f.ranges
+                    .iter()
+                    .map(|[s, e]| e.min(&size).saturating_sub(*s))
+                    .sum()
+            })
+            .collect();
+        RecordView {
+            record,
+            paths,
+            replayed,
+            bytes,
+        }
+    }
+
+    fn replayed_bytes(&self) -> u64 {
+        self.bytes
+            .iter()
+            .zip(&self.replayed)
+            .filter(|(_, r)| **r)
+            .map(|(b, _)| b)
+            .sum()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let files: Vec<_> = self
+            .record
+            .files
+            .iter()
+            .zip(&self.paths)
+            .zip(&self.replayed)
+            .zip(&self.bytes)
+            .map(|(((f, path), replayed), bytes)| {
+                serde_json::json!({
+                    "path": path, "entry": f.entry, "ranges": f.ranges, "bytes": bytes,
+                    "share": f.weight / self.record.starts.max(f64::MIN_POSITIVE),
+                    "rank": f.rank, "replayed": replayed,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "starts": self.record.starts,
+            "replayed_files": self.replayed.iter().filter(|r| **r).count(),
+            "replayed_bytes": self.replayed_bytes(),
+            "files": files,
+        })
     }
 }
 
@@ -69,7 +170,18 @@ pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
     } else {
         m.content_len() / chunk_lens.len() as u64
     };
-    let tree = if a.summary { Vec::new() } else { walk(m) };
+    let tree = if a.summary || a.prefetch {
+        Vec::new()
+    } else {
+        walk(m)
+    };
+    let record = match strata_fs::prefetch::load(&store, &layer.digest).await {
+        Ok(r) => r.map(|r| RecordView::new(r, m)),
+        Err(e) => {
+            eprintln!("strata: the layer's start record is not used: {e}");
+            None
+        }
+    };
     if a.json {
         let entries: Vec<_> = tree
             .iter()
@@ -104,6 +216,7 @@ pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
             "chunk_max": chunk_lens.iter().max().copied().unwrap_or(0),
             "packs": m.pack_count(),
             "manifest_bytes": m.as_bytes().len(),
+            "start_record": record.as_ref().map(RecordView::json),
             "tree": entries,
         });
         println!("{out}");
@@ -129,6 +242,32 @@ pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
     );
     println!("packs     {}", m.pack_count());
     println!("manifest  {}", human(m.as_bytes().len() as u64));
+    match &record {
+        Some(r) => println!(
+            "prefetch  {} files from {:.1} starts; {} fetched at a cold mount ({})",
+            r.record.files.len(),
+            r.record.starts,
+            r.replayed.iter().filter(|r| **r).count(),
+            human(r.replayed_bytes())
+        ),
+        None => println!("prefetch  no start record yet"),
+    }
+    if let (true, Some(r)) = (a.prefetch, &record) {
+        println!();
+        println!("  share   rank  bytes       path");
+        let rows = r.record.files.iter().zip(&r.paths).zip(&r.replayed);
+        for (((f, path), replayed), &bytes) in rows.zip(&r.bytes) {
+            println!(
+                "{} {:>5.0}% {:>5.3} {:>10}  {}",
+                if *replayed { '*' } else { ' ' },
+                100.0 * f.weight / r.record.starts.max(f64::MIN_POSITIVE),
+                f.rank,
+                human(bytes),
+                path.as_deref()
+                    .unwrap_or("(not a file of this layer: skipped)")
+            );
+        }
+    }
     if !tree.is_empty() {
         println!();
     }

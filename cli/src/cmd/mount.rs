@@ -76,6 +76,12 @@ pub struct MountArgs {
     /// passthrough).
     #[arg(long, env = "STRATA_NO_PASSTHROUGH", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     no_passthrough: bool,
+    /// Do not record what this mount's function reads first into the layers' start records.
+    #[arg(long)]
+    no_prefetch_record: bool,
+    /// Do not fetch what the layers' start records say starts read first.
+    #[arg(long)]
+    no_prefetch_replay: bool,
 }
 
 #[derive(Args)]
@@ -107,6 +113,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     let spec = StackSpec {
         datasets: a.layers.clone(),
         cache_dir: Some(cache_dir.clone()),
+        record_start: !a.no_prefetch_record,
         ..Default::default()
     };
     let assembly = strata_fs::mount::assemble(&store, reader, &spec).await?;
@@ -135,6 +142,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
         !a.no_passthrough,
     )?;
+    let starts = assembly.start_prefetch(&store, !a.no_prefetch_replay);
     tracing::info!(
         "mounted {} at {}",
         a.layers.join(" + "),
@@ -153,23 +161,37 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::pin!(done_rx);
-    tokio::select! {
-        result = &mut done_rx => {
-            return result.unwrap_or(Ok(())).context("FUSE session failed");
+    let ended = tokio::select! {
+        result = &mut done_rx => Some(result),
+        _ = sigterm.recv() => None,
+        _ = sigint.recv() => None,
+    };
+    let result = match ended {
+        Some(result) => result.unwrap_or(Ok(())).context("FUSE session failed"),
+        None => {
+            // Signalled: unmount; if something still has files open, detach so we can exit.
+            if let Err(e) = strata_fuse::unmount(&mountpoint, false) {
+                tracing::warn!("{e}; detaching the mount instead");
+                strata_fuse::unmount(&mountpoint, true)?;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), done_rx).await {
+                Ok(Ok(result)) => result.context("FUSE session failed"),
+                _ => {
+                    tracing::warn!("FUSE session did not end within 5s of unmount; exiting anyway");
+                    Ok(())
+                }
+            }
         }
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
+    };
+    // The start record is saved before the process goes.
+    starts.mount_ended();
+    if tokio::time::timeout(Duration::from_secs(5), starts.saved())
+        .await
+        .is_err()
+    {
+        tracing::warn!("saving the start record took over 5s; left unsaved");
     }
-    // Signalled: unmount; if something still has files open, detach so we can exit.
-    if let Err(e) = strata_fuse::unmount(&mountpoint, false) {
-        tracing::warn!("{e}; detaching the mount instead");
-        strata_fuse::unmount(&mountpoint, true)?;
-    }
-    match tokio::time::timeout(Duration::from_secs(5), done_rx).await {
-        Ok(Ok(result)) => result.context("FUSE session failed")?,
-        _ => tracing::warn!("FUSE session did not end within 5s of unmount; exiting anyway"),
-    }
-    Ok(())
+    result
 }
 
 async fn mount_through_daemon(
@@ -187,6 +209,8 @@ async fn mount_through_daemon(
         scratch_inodes: a.scratch_inodes,
         volume: a.volume,
         unmount_with_client: false,
+        no_prefetch_record: a.no_prefetch_record,
+        no_prefetch_replay: a.no_prefetch_replay,
     };
     let info = Client::new(g.socket()).mount(spec).await?;
     if a.json {

@@ -61,6 +61,12 @@ pub struct RunArgs {
     /// reach the host's network, its metadata service or its local services).
     #[arg(long)]
     no_network: bool,
+    /// Do not record what CMD reads first into the layers' start records.
+    #[arg(long)]
+    no_prefetch_record: bool,
+    /// Do not fetch what the layers' start records say starts read first.
+    #[arg(long)]
+    no_prefetch_replay: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -214,6 +220,8 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 scratch_inodes: a.scratch_inodes,
                 volume: p.volume.clone(),
                 unmount_with_client: true,
+                no_prefetch_record: a.no_prefetch_record,
+                no_prefetch_replay: a.no_prefetch_replay,
             };
             Client::new(&socket)
                 .mount(spec)

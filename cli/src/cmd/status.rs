@@ -97,6 +97,17 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         row(&m.mount.mountpoint.display().to_string(), &m.stats);
     }
     row("total", &t.reads);
+    for m in reply.mounts.iter().filter(|m| m.prefetch.records > 0) {
+        let p = &m.prefetch;
+        println!(
+            "{}: prefetch from {} start record(s): {} files, {} fetched{}",
+            m.mount.mountpoint.display(),
+            p.records,
+            p.files,
+            human(p.bytes_fetched),
+            if p.done { "" } else { " (running)" }
+        );
+    }
     for k in &reply.kept {
         let state = if k.quarantined {
             "quarantined".to_string()
