@@ -54,7 +54,13 @@ garage_start "$work/garage"
 quickack_on
 store=s3://bench
 
-smount() { mkdir -p "$2"; "$strata" mount $store "$2" --layer "$1" > /dev/null; }
+# Mounts neither record nor replay start records unless a row says so (smount_learning): a
+# record left by one row would otherwise fetch ahead for the next.
+smount() { mkdir -p "$2"; "$strata" mount $store "$2" --layer "$1" --no-prefetch-record --no-prefetch-replay > /dev/null; }
+smount_learning() { mkdir -p "$2"; "$strata" mount $store "$2" --layer "$1" "${@:3}" > /dev/null; }
+mount_stat() { # mountpoint field → a field of the mount's read stats
+  "$strata" stats --json | python3 -c "import json,sys; print(next(m for m in json.load(sys.stdin)['mounts'] if m['mountpoint'] == sys.argv[1])['stats'][sys.argv[2]])" "$1" "$2"
+}
 sumount() { "$strata" unmount "$1"; }
 stat_total() { "$strata" stats --json | python3 -c "import json,sys; print(json.load(sys.stdin)['total']['$1'])"; }
 
@@ -158,24 +164,60 @@ drop_caches
 restart_seq=$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")
 sumount "$work/m/big"
 
-echo "== first-touch amplification: 200 random 4 KiB reads on a cold mount"
-touch_reads() { # file → reads 200 random 4 KiB blocks
-  python3 - "$1" <<'PY'
-import os, random, sys
+echo "== cold random 4 KiB reads: 2,000 on a fresh mount of the 1 GiB file, then a second pass"
+rand_reads() { # file [n] → reads n (2,000) random 4 KiB blocks (same seed every time); prints p99 latency (ms)
+  python3 - "$1" "${2:-2000}" <<'PY'
+import os, random, sys, time
 fd = os.open(sys.argv[1], os.O_RDONLY)
 size = os.fstat(fd).st_size
 rnd = random.Random(3)
-for _ in range(200):
+lat = []
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter()
     os.pread(fd, 4096, rnd.randrange(0, size // 4096) * 4096)
+    lat.append(time.perf_counter() - t)
+lat.sort()
+print("%.2f" % (lat[int(len(lat) * 0.99)] * 1000))
 PY
 }
 daemon_cold
 smount big:v1 "$work/m/big"
 drop_caches
-touch_reads "$work/m/big/model.bin"
-st_touch_ratio=$(ratio "$(stat_total store_bytes)" $((200 * 4096)))
-st_touch_chunks=$(ratio "$(stat_total chunks_fetched)" 200)
+st_rand_cold=$(timed rand_reads "$work/m/big/model.bin")
+st_rand_store=$(stat_total store_bytes)
+drop_caches
+st_rand_second=$(timed rand_reads "$work/m/big/model.bin")
 sumount "$work/m/big"
+
+echo "== a reader's p99 latency with and without a large prefetch beside it"
+# 300 cold 4 KiB reads of small files (each waits on the store) while nothing else runs, then
+# while a mount of the 1 GiB file replays a start record that read it whole (a background
+# fetch of 1 GiB).
+p99_small() { # dir → p99 latency (ms) of 300 reads of random small files
+  python3 - "$1" <<'PY'
+import os, random, sys, time
+root = sys.argv[1]; rnd = random.Random(5); lat = []
+files = [os.path.join(root, d, f) for d in sorted(os.listdir(root))[:100] for f in sorted(os.listdir(os.path.join(root, d)))]
+for p in rnd.sample(files, 300):
+    t = time.perf_counter(); open(p, "rb").read(4096); lat.append(time.perf_counter() - t)
+lat.sort(); print("%.2f" % (lat[int(len(lat) * 0.99)] * 1000))
+PY
+}
+daemon_cold
+smount_learning big:v1 "$work/m/rec" --no-prefetch-replay
+cat "$work/m/rec/model.bin" > /dev/null   # records the model read whole (1 GiB: the record closes)
+for _ in $(seq 1 300); do "$strata" inspect $store big:v1 --json --summary | grep -q '"start_record":{' && break; sleep 0.1; done
+sumount "$work/m/rec"
+daemon_cold
+smount tree:v1 "$work/m/tree"
+drop_caches; p99_alone=$(p99_small "$work/m/tree")
+sumount "$work/m/tree"
+daemon_cold
+smount_learning big:v1 "$work/m/bg" --no-prefetch-record
+smount tree:v1 "$work/m/tree"
+drop_caches; p99_beside=$(p99_small "$work/m/tree")
+bg_fetched=$(mount_stat "$work/m/bg" store_bytes)
+sumount "$work/m/tree"; sumount "$work/m/bg"
 
 echo "== find + stat of 20,000 files, warm, vs native"
 find_stat() { find "$1" -printf '%s %T@ %m\n'; }
@@ -190,9 +232,16 @@ if [ -n "$py_import" ]; then
   echo "== Python import: $py_import"
   py_time() { PYTHONPATH=$1 PYTHONDONTWRITEBYTECODE=1 timed python3 -c "$py_import"; }
   native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
+  # The first start ever: nothing recorded yet; this start records.
   daemon_cold
-  smount py:v1 "$work/m/py"
+  smount_learning py:v1 "$work/m/py" --no-prefetch-replay
   drop_caches; cold_py=$(py_time "$work/m/py")
+  for _ in $(seq 1 300); do "$strata" inspect $store py:v1 --json --summary | grep -q '"start_record":{' && break; sleep 0.1; done
+  sumount "$work/m/py"
+  # Another host (an empty cache), after that start: the mount fetches ahead what it read.
+  daemon_cold
+  smount_learning py:v1 "$work/m/py" --no-prefetch-record
+  drop_caches; recorded_py=$(py_time "$work/m/py")
   sumount "$work/m/py"
   smount py:v1 "$work/m/py"
   drop_caches; warm_py=$(py_time "$work/m/py")
@@ -315,6 +364,11 @@ if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
     drop_caches
     printf -v "${name}_small_warm" '%s' "$(timed find_cat "$dir/small")"
     "${name}_umount"
+    rm -rf "$work/$name-cache"; "${name}_mount"; drop_caches
+    printf -v "${name}_rand_cold" '%s' "$(timed rand_reads "$dir/model.bin")"
+    drop_caches
+    printf -v "${name}_rand_second" '%s' "$(timed rand_reads "$dir/model.bin")"
+    "${name}_umount"
   }
   echo "== rclone: sequential 1 GiB cold/warm, small files cold/warm"
   measure_other rclone
@@ -351,10 +405,18 @@ na="n/a"
   echo "| random 4 KiB QD16 (16 jobs), warm: IOPS | $st_qd16_iops | $nat_qd16_iops | | | $(fmt "$(ratio "$st_qd16_iops" "$nat_qd16_iops")")× native |"
   echo "| random 4 KiB QD16, warm: p50 / p99 (µs) | $st_qd16_p50 / $st_qd16_p99 | $nat_qd16_p50 / $nat_qd16_p99 | | | p99 $(fmt "$(ratio "$st_qd16_p99" "$nat_qd16_p99")")× native |"
   echo "| random 4 KiB, warm: MiB read from the disk during the QD1 / QD16 runs (8 s each) | $st_qd1_disk / $st_qd16_disk | $nat_qd1_disk / $nat_qd16_disk | | | |"
-  echo "| first touch, cold (200 random 4 KiB reads): chunks fetched per read; bytes fetched / bytes asked | $(fmt "$st_touch_chunks" 2); $(fmt "$st_touch_ratio" 1)× | | | | rclone 337×, s3fs 131× (GARAGE.md) |"
+  if [ -n "$others" ]; then
+    echo "| random 4 KiB reads, cold: 2,000 on a fresh mount of the 1 GiB file (s) | $(fmt "$st_rand_cold" 2) | | $(fmt "$rclone_rand_cold" 2) | $(fmt "$s3fs_rand_cold" 2) | $(fmt "$(ratio "$st_rand_cold" "$s3fs_rand_cold")")× s3fs time |"
+    echo "| the same 2,000 reads again, page cache dropped (s) | $(fmt "$st_rand_second" 2) | | $(fmt "$rclone_rand_second" 2) | $(fmt "$s3fs_rand_second" 2) | |"
+  else
+    echo "| random 4 KiB reads, cold: 2,000 on a fresh mount of the 1 GiB file / again (s) | $(fmt "$st_rand_cold" 2) / $(fmt "$st_rand_second" 2) | | | | |"
+  fi
+  echo "| … store bytes fetched by the 2,000 cold reads (the file fetched whole in the background) | $(fmt "$(echo "$st_rand_store / 1048576" | bc -l)" 0) MiB | | | | |"
+  echo "| a reader's p99 (300 cold 4 KiB small-file reads), alone / beside a 1 GiB prefetch (ms) | $p99_alone / $p99_beside | | | | $(fmt "$(ratio "$p99_beside" "$p99_alone")")×; prefetch fetched $(fmt "$(echo "$bg_fetched / 1048576" | bc -l)" 0) MiB meanwhile |"
   echo "| find + stat 20,000 files, warm (s) | $(fmt "$st_find" 3) | $(fmt "$native_find" 3) | | | $(fmt "$(ratio "$st_find" "$native_find")")× native |"
   if [ -n "$py_import" ]; then
-    echo "| Python \`$py_import\` cold (s) | $(fmt "$cold_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_py")")× native |"
+    echo "| Python \`$py_import\` cold, first start ever (s) | $(fmt "$cold_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_py")")× native |"
+    echo "| Python import cold on another host, after one recorded start (s) | $(fmt "$recorded_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$recorded_py" "$native_py")")× native |"
     echo "| Python import warm (s) | $(fmt "$warm_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$warm_py" "$native_py")")× native |"
   fi
   if [ -n "$others" ]; then

@@ -50,7 +50,21 @@ struct Stream {
     /// Chunks before this index have been asked for (read or prefetched).
     prefetched_to: usize,
     window: usize,
+    /// Reads that were not where the previous one ended.
+    jumps: u32,
 }
+
+/// A file read at random this many times is fetched whole in the background (see
+/// [`LayerStack::fetch_whole`]): a program that reads a large file at random otherwise pays
+/// one store round trip per miss for ever.
+const JUMPS_FOR_WHOLE_FILE: u32 = 4;
+/// Files smaller than this are not fetched whole: readahead and a few misses cost less.
+const WHOLE_FILE_MIN: u64 = 1 << 20;
+/// A whole-file fetch keeps this many ranged GETs of its batches going (the background budget
+/// decides how many run).
+const WHOLE_FILE_BATCHES: usize = 8;
+/// And hands the cache this many stored bytes at a time.
+const WHOLE_FILE_BATCH: u64 = 4 << 20;
 
 /// Merged directories whose source lists are kept; beyond this they are recomputed.
 const MERGED_DIR_CACHE: usize = 16 * 1024;
@@ -530,7 +544,12 @@ impl LayerStack {
             Some(s) => {
                 s.window = 0;
                 s.next_offset = next_offset;
-                s.window
+                s.jumps = s.jumps.saturating_add(1);
+                if s.jumps == JUMPS_FOR_WHOLE_FILE {
+                    drop(streams);
+                    self.fetch_whole(ino);
+                }
+                0
             }
             None => {
                 let window = usize::from(offset == 0);
@@ -540,11 +559,57 @@ impl LayerStack {
                         next_offset,
                         prefetched_to: 0,
                         window,
+                        jumps: u32::from(offset != 0),
                     },
                 );
                 window
             }
         }
+    }
+
+    /// Fetches the whole of file `ino` into the disk cache in the background, in large ranged
+    /// GETs under the cache's background budget, if it fits a quarter of the disk cache; then
+    /// assembles it for passthrough. Within a tokio runtime.
+    fn fetch_whole(&self, ino: u64) {
+        let Ok((layer, e)) = self.top(ino) else {
+            return;
+        };
+        if e.kind != Kind::File || e.size < WHOLE_FILE_MIN {
+            return;
+        }
+        let file = layer.file_chunks(&e);
+        let stored: u64 = file.chunks.iter().map(|c| c.stored_len as u64).sum();
+        let reader = self.cache.clone();
+        if stored > reader.cache().disk_capacity() / 4 {
+            return;
+        }
+        tracing::debug!(
+            ino,
+            size = e.size,
+            "read at random: fetching the whole file"
+        );
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut batches: Vec<Vec<strata_cache_format::ChunkLoc>> = Vec::new();
+            let mut bytes = 0;
+            for loc in &file.chunks {
+                if bytes == 0 || bytes >= WHOLE_FILE_BATCH {
+                    batches.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += loc.stored_len as u64;
+                batches.last_mut().expect("pushed above").push(*loc);
+            }
+            futures::stream::iter(batches)
+                .map(|b| {
+                    let reader = reader.clone();
+                    async move { reader.fetch_background(&b).await }
+                })
+                .buffer_unordered(WHOLE_FILE_BATCHES)
+                .collect::<Vec<u64>>()
+                .await;
+            reader.cache().assemble(file);
+        });
     }
 
     /// The chunks to prefetch now for a read of `ino` that needs chunks up to `needed_end`
@@ -785,5 +850,62 @@ pub(crate) mod tests {
             assert!(got[..] == data[off as usize..end], "offset {off} len {len}");
         }
         assert_eq!(read_all(&s, ROOT_INO, "small").await, b"tail");
+    }
+
+    /// A file read at random is fetched whole in the background, so that later reads of any
+    /// part of it are local; a file read sequentially is not (readahead serves it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_read_at_random_is_fetched_whole_and_then_read_locally() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = pseudo_random(5, 24 << 20);
+        write(&tmp.path().join("l"), "random.bin", &data);
+        write(
+            &tmp.path().join("l"),
+            "sequential.bin",
+            &pseudo_random(6, 64 << 20),
+        );
+        let s = stack_with_cache(tmp.path(), &["l"], Some(tmp.path().join("cache"))).await;
+        let file = s.lookup(ROOT_INO, b"random.bin").unwrap();
+        let chunks = {
+            let (layer, e) = s.top(file.ino).unwrap();
+            layer.file_chunks(&e).chunks.len() as u64
+        };
+        // Far enough apart not to look like a scan that arrives out of order.
+        for off in [20u64 << 20, 2 << 20, 14 << 20, 7 << 20] {
+            let got = s.read(file.ino, off, 4096).await.unwrap();
+            assert!(got[..] == data[off as usize..off as usize + 4096]);
+        }
+        let t = std::time::Instant::now();
+        while s.cache.cache().stats().disk_chunks < chunks {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the file was not fetched whole"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let gets = s.cache.stats().store_gets;
+        for off in (0..data.len() as u64).step_by(300_000) {
+            let got = s.read(file.ino, off, 4096).await.unwrap();
+            let end = (off as usize + 4096).min(data.len());
+            assert!(got[..] == data[off as usize..end], "offset {off}");
+        }
+        assert_eq!(
+            s.cache.stats().store_gets,
+            gets,
+            "every later read is local"
+        );
+
+        let seq = s.lookup(ROOT_INO, b"sequential.bin").unwrap();
+        let before = s.cache.cache().stats().disk_chunks;
+        for i in 0..8u64 {
+            s.read(seq.ino, i * 131_072, 131_072).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Readahead fetches up to 128 chunks ahead (about 32 MiB), not the 64 MiB file.
+        let fetched = s.cache.cache().stats().disk_chunks - before;
+        assert!(
+            fetched < 180,
+            "a sequential read of 1 MiB fetched {fetched} chunks: the whole file?"
+        );
     }
 }
