@@ -247,13 +247,21 @@ impl Drop for ForegroundWait<'_> {
 }
 
 impl Gate {
-    /// Waits for a background slot (or for `urgent`: a foreground read joined the fetch).
-    async fn background_slot(&self, urgent: &AtomicBool) -> BackgroundSlot<'_> {
+    /// Waits for a background slot (or for `urgent`: a foreground read joined the fetch);
+    /// `None` once `cancelled` (and not urgent).
+    async fn background_slot(
+        &self,
+        urgent: &AtomicBool,
+        cancelled: &AtomicBool,
+    ) -> Option<BackgroundSlot<'_>> {
         let mut waited = false;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if cancelled.load(Ordering::Acquire) && !urgent.load(Ordering::Acquire) {
+                return None;
+            }
             let limit = if urgent.load(Ordering::Acquire) {
                 usize::MAX
             } else if self.foreground_waiting.load(Ordering::Acquire) > 0 {
@@ -271,7 +279,7 @@ impl Gate {
                 if waited {
                     self.background_waits.fetch_add(1, Ordering::Relaxed);
                 }
-                return BackgroundSlot(self);
+                return Some(BackgroundSlot(self));
             }
             if running >= limit {
                 waited = true;
@@ -316,7 +324,14 @@ pub struct ChunkCache {
     counters: Counters,
     fetch_deadline: Duration,
     prefetch_budget: Arc<tokio::sync::Semaphore>,
+    /// Whole files being fetched in the background, host-wide (see
+    /// [`ChunkCache::whole_file_slot`]).
+    whole_files: Arc<tokio::sync::Semaphore>,
 }
+
+/// Whole-file fetches (of files read at random) that run at once on a host: each is large,
+/// so a few keep the store busy and more would only push each other out of the cache.
+const WHOLE_FILES_AT_ONCE: usize = 2;
 
 /// Chunks being fetched in the background (readahead) at most: a full readahead window.
 const PREFETCH_BUDGET: usize = 128;
@@ -352,7 +367,7 @@ impl ChunkReader {
     /// The plain bytes of several chunks, in order. Missing chunks stored next to each other
     /// in a pack are fetched together, with one ranged GET.
     pub async fn get_many(&self, locs: &[ChunkLoc]) -> Result<Vec<Bytes>, ChunkError> {
-        let pending = self.cache.start(self, locs, Asked::Read);
+        let pending = self.cache.start(self, locs, Asked::Read, None);
         // While this read waits on the store, background work shrinks to its minimum.
         let _waiting = pending
             .iter()
@@ -451,7 +466,7 @@ impl ChunkReader {
         if wanted.is_empty() {
             return;
         }
-        let pending = self.cache.start(self, &wanted, Asked::Readahead);
+        let pending = self.cache.start(self, &wanted, Asked::Readahead, None);
         tokio::spawn(async move {
             for p in pending {
                 if let Pending::Fetching(f) = p {
@@ -466,7 +481,8 @@ impl ChunkReader {
     /// neither in memory nor on disk, and waits for them. Returns the stored bytes fetched
     /// (what the store was asked for). Errors are not reported: a reader that needs a chunk
     /// that failed fetches it again and sees the error.
-    pub async fn fetch_background(&self, locs: &[ChunkLoc]) -> u64 {
+    /// Runs that have not reached the store when `cancelled` is set end without fetching.
+    pub async fn fetch_background(&self, locs: &[ChunkLoc], cancelled: &Arc<AtomicBool>) -> u64 {
         let wanted: Vec<ChunkLoc> = {
             let memory = self
                 .cache
@@ -490,12 +506,20 @@ impl ChunkReader {
             return 0;
         }
         let asked: u64 = wanted.iter().map(|l| l.stored_len as u64).sum();
-        for p in self.cache.start(self, &wanted, Asked::Background) {
+        for p in self
+            .cache
+            .start(self, &wanted, Asked::Background, Some(cancelled))
+        {
             if let Pending::Fetching(f) = p {
                 let _ = f.await;
             }
         }
         asked
+    }
+
+    /// Wakes background fetches waiting for a slot, to see that they were cancelled.
+    pub fn wake_background(&self) {
+        self.cache.gate.changed.notify_waiters();
     }
 
     /// Background GETs that had to wait for a slot, since start (the whole cache's).
@@ -549,6 +573,7 @@ impl ChunkCache {
             counters: Counters::default(),
             fetch_deadline: config.fetch_deadline,
             prefetch_budget: Arc::new(tokio::sync::Semaphore::new(PREFETCH_BUDGET)),
+            whole_files: Arc::new(tokio::sync::Semaphore::new(WHOLE_FILES_AT_ONCE)),
         }))
     }
 
@@ -576,6 +601,7 @@ impl ChunkCache {
         reader: &ChunkReader,
         locs: &[ChunkLoc],
         asked: Asked,
+        cancelled: Option<&Arc<AtomicBool>>,
     ) -> Vec<Pending> {
         enum Slot {
             Done(Pending),
@@ -644,7 +670,10 @@ impl ChunkCache {
             let urgent = Arc::new(AtomicBool::new(priority == Priority::Foreground));
             let task = {
                 let urgent = urgent.clone();
-                tokio::spawn(async move { Arc::new(this.load_run(&leader, run, &urgent).await) })
+                let cancelled = cancelled.cloned().unwrap_or_default();
+                tokio::spawn(async move {
+                    Arc::new(this.load_run(&leader, run, &urgent, &cancelled).await)
+                })
             };
             let run_fetch = async move {
                 task.await.unwrap_or_else(|e| {
@@ -692,6 +721,7 @@ impl ChunkCache {
         reader: &ChunkReader,
         run: Vec<ChunkLoc>,
         urgent: &AtomicBool,
+        cancelled: &AtomicBool,
     ) -> Vec<Loaded> {
         let _leave = LeaveInflight(Arc::clone(self), run.iter().map(|l| l.digest).collect());
         let mut results: Vec<Option<Result<(Bytes, Origin), ChunkError>>> = vec![None; run.len()];
@@ -734,7 +764,22 @@ impl ChunkCache {
             let _slot = if urgent.load(Ordering::Acquire) {
                 None
             } else {
-                Some(self.gate.background_slot(urgent).await)
+                match self.gate.background_slot(urgent, cancelled).await {
+                    Some(slot) => Some(slot),
+                    // Nobody wants these any more (the mount is gone): the run ends unfetched,
+                    // and a later reader fetches afresh.
+                    None => {
+                        return run
+                            .iter()
+                            .map(|l| {
+                                Err(ChunkError::Failed {
+                                    digest: l.digest,
+                                    reason: "background fetch cancelled".into(),
+                                })
+                            })
+                            .collect()
+                    }
+                }
             };
             let fetched = self
                 .fetch_verified(
@@ -907,6 +952,12 @@ impl ChunkCache {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// A slot for fetching a whole file in the background, if one is free (held while it
+    /// runs).
+    pub fn whole_file_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.whole_files.clone().try_acquire_owned().ok()
     }
 
     /// Bytes the disk cache may hold (0 without one).
@@ -1172,7 +1223,7 @@ mod tests {
         let (_tmp, reader, locs, chunks) = slow_setup(64).await;
         let background = {
             let (reader, locs) = (reader.clone(), locs[..60].to_vec());
-            tokio::spawn(async move { reader.fetch_background(&locs).await })
+            tokio::spawn(async move { reader.fetch_background(&locs, &Default::default()).await })
         };
         tokio::time::sleep(Duration::from_millis(40)).await;
         // A chunk the prefetch does not want, and one it wants last.
@@ -1200,7 +1251,37 @@ mod tests {
             "every chunk fetched once, the read's own once"
         );
         // Everything is local now: a second background pass asks the store for nothing.
-        assert_eq!(reader.fetch_background(&locs[..60]).await, 0);
+        assert_eq!(
+            reader
+                .fetch_background(&locs[..60], &Default::default())
+                .await,
+            0
+        );
+    }
+
+    /// Background work of a mount that went away stops: runs that have not reached the store
+    /// end unfetched, and later readers fetch those chunks themselves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_background_work_stops_before_the_store() {
+        let (_tmp, reader, locs, chunks) = slow_setup(64).await;
+        let cancelled: Arc<AtomicBool> = Default::default();
+        let background = {
+            let (reader, locs, cancelled) = (reader.clone(), locs.clone(), cancelled.clone());
+            tokio::spawn(async move { reader.fetch_background(&locs, &cancelled).await })
+        };
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        cancelled.store(true, Ordering::Release);
+        reader.wake_background();
+        let t = Instant::now();
+        background.await.unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        let gets = reader.stats().store_gets;
+        assert!(gets < 30, "{gets} of 64 GETs after the cancel");
+        assert_eq!(reader.get(&locs[63]).await.unwrap(), chunks[63]);
     }
 
     /// Regression: a manifest that gives one chunk two lengths got the cached bytes of the

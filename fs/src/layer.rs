@@ -131,8 +131,9 @@ impl Layer {
     }
 
     /// The chunks holding bytes `ranges` of entry `entry`, if it is a file of this layer
-    /// (ranges are clipped to it); `None` for any other entry.
-    pub fn chunks_of(&self, entry: u32, ranges: &[[u64; 2]]) -> Option<Vec<ChunkLoc>> {
+    /// (ranges are clipped to it), up to about `limit` stored bytes; `None` for any other
+    /// entry.
+    pub fn chunks_of(&self, entry: u32, ranges: &[[u64; 2]], limit: u64) -> Option<Vec<ChunkLoc>> {
         let m = &self.manifest;
         if entry as usize >= m.entry_count() {
             return None;
@@ -144,6 +145,7 @@ impl Layer {
         let file = e.content_range();
         let mut out: Vec<ChunkLoc> = Vec::new();
         let mut last = None;
+        let mut stored = 0u64;
         for &[start, end] in ranges {
             let from = file.start.saturating_add(start).min(file.end);
             let to = file.start.saturating_add(end).min(file.end);
@@ -152,7 +154,12 @@ impl Layer {
                     continue;
                 }
                 last = Some(i);
-                out.push(m.chunk(i).location());
+                let loc = m.chunk(i).location();
+                stored += loc.stored_len as u64;
+                out.push(loc);
+                if stored >= limit {
+                    return Some(out);
+                }
             }
         }
         Some(out)

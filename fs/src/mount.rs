@@ -144,6 +144,7 @@ pub async fn assemble(
 
 /// A mount's start-record work (see [`Assembly::start_prefetch`]).
 pub struct StartTasks {
+    stack: Arc<LayerStack>,
     replay: Option<tokio::task::JoinHandle<()>>,
     progress: Arc<ReplayProgress>,
     recorder: Option<Arc<Recorder>>,
@@ -156,8 +157,10 @@ impl StartTasks {
         &self.progress
     }
 
-    /// Stops replaying, and ends the recording (which is then saved, in the background).
+    /// Stops replaying and the mount's other background fetches, and ends the recording
+    /// (which is then saved, in the background). Dropping the tasks does the same.
     pub fn mount_ended(&self) {
+        self.stack.close();
         if let Some(r) = &self.replay {
             r.abort();
         }
@@ -169,10 +172,16 @@ impl StartTasks {
 
     /// Waits until the recording is saved (or was not kept); a process that is about to exit
     /// calls it after [`StartTasks::mount_ended`].
-    pub async fn saved(self) {
-        if let Some(save) = self.save {
+    pub async fn saved(mut self) {
+        if let Some(save) = self.save.take() {
             let _ = save.await;
         }
+    }
+}
+
+impl Drop for StartTasks {
+    fn drop(&mut self) {
+        self.mount_ended();
     }
 }
 
@@ -223,6 +232,7 @@ impl Assembly {
             tokio::spawn(prefetch::save_when_done(rec, store, layers))
         });
         StartTasks {
+            stack: self.stack.clone(),
             replay,
             progress,
             recorder,

@@ -15,6 +15,7 @@
 //! bounded LRU.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +53,8 @@ struct Stream {
     window: usize,
     /// Reads that were not where the previous one ended.
     jumps: u32,
+    /// The whole file is being (or was) fetched.
+    whole: bool,
 }
 
 /// A file read at random this many times is fetched whole in the background (see
@@ -105,6 +108,10 @@ pub struct LayerStack {
     streams: Mutex<LruCache<u64, Stream>>,
     /// Notes what the mount's function reads first, for the layers' start records.
     recorder: Option<Arc<Recorder>>,
+    /// Set when the mount ends: its background work (replay, whole-file fetches) stops.
+    closed: Arc<AtomicBool>,
+    /// Stored bytes of the whole-file fetches this stack has started.
+    whole_file_bytes: AtomicU64,
 }
 
 fn mtime(e: &Entry<'_>) -> SystemTime {
@@ -154,7 +161,20 @@ impl LayerStack {
                 std::num::NonZeroUsize::new(STREAMS).expect("non-zero"),
             )),
             recorder: None,
+            closed: Default::default(),
+            whole_file_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// The mount is over: background work for it stops (fetches that reached the store finish).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.cache.wake_background();
+    }
+
+    /// Set once [`LayerStack::close`] is called; hand it to background fetches.
+    pub fn closed(&self) -> &Arc<AtomicBool> {
+        &self.closed
     }
 
     /// Records what is read first (see [`crate::prefetch`]).
@@ -510,7 +530,7 @@ impl LayerStack {
     /// Finds the file and starts the readahead its read pattern calls for.
     fn start_read(&self, ino: u64, offset: u64, size: u32) -> FsResult<(&Layer, Entry<'_>)> {
         let (layer, e) = self.file(ino)?;
-        if let Some(rec) = &self.recorder {
+        if let Some(rec) = self.recorder.as_ref().filter(|r| r.is_open()) {
             if let Some((l, entry)) = self.file_source(ino) {
                 rec.note(
                     l as u16,
@@ -545,9 +565,9 @@ impl LayerStack {
                 s.window = 0;
                 s.next_offset = next_offset;
                 s.jumps = s.jumps.saturating_add(1);
-                if s.jumps == JUMPS_FOR_WHOLE_FILE {
-                    drop(streams);
-                    self.fetch_whole(ino);
+                if s.jumps >= JUMPS_FOR_WHOLE_FILE && !s.whole {
+                    // Asked again at the next jump if it could not start now.
+                    s.whole = self.fetch_whole(ino);
                 }
                 0
             }
@@ -560,6 +580,7 @@ impl LayerStack {
                         prefetched_to: 0,
                         window,
                         jumps: u32::from(offset != 0),
+                        whole: false,
                     },
                 );
                 window
@@ -568,32 +589,40 @@ impl LayerStack {
     }
 
     /// Fetches the whole of file `ino` into the disk cache in the background, in large ranged
-    /// GETs under the cache's background budget, if it fits a quarter of the disk cache; then
-    /// assembles it for passthrough. Within a tokio runtime.
-    fn fetch_whole(&self, ino: u64) {
+    /// GETs under the cache's background budget, then assembles it for passthrough; whether it
+    /// started. A file starts if it fits a quarter of the disk cache together with the other
+    /// files this mount fetched whole, and one of the host's whole-file slots is free. Within
+    /// a tokio runtime.
+    fn fetch_whole(&self, ino: u64) -> bool {
         let Ok((layer, e)) = self.top(ino) else {
-            return;
+            return true; // nothing to fetch: do not ask again
         };
-        if e.kind != Kind::File || e.size < WHOLE_FILE_MIN {
-            return;
+        let share = self.cache.cache().disk_capacity() / 4;
+        if e.kind != Kind::File || e.size < WHOLE_FILE_MIN || e.size > share {
+            return true;
         }
+        let Some(slot) = self.cache.cache().whole_file_slot() else {
+            return false;
+        };
         let file = layer.file_chunks(&e);
         let stored: u64 = file.chunks.iter().map(|c| c.stored_len as u64).sum();
-        let reader = self.cache.clone();
-        if stored > reader.cache().disk_capacity() / 4 {
-            return;
+        if self.whole_file_bytes.fetch_add(stored, Ordering::Relaxed) + stored > share {
+            self.whole_file_bytes.fetch_sub(stored, Ordering::Relaxed);
+            return true;
         }
         tracing::debug!(
             ino,
             size = e.size,
             "read at random: fetching the whole file"
         );
+        let (reader, closed) = (self.cache.clone(), self.closed.clone());
         tokio::spawn(async move {
             use futures::StreamExt;
+            let _slot = slot;
             let mut batches: Vec<Vec<strata_cache_format::ChunkLoc>> = Vec::new();
             let mut bytes = 0;
             for loc in &file.chunks {
-                if bytes == 0 || bytes >= WHOLE_FILE_BATCH {
+                if batches.is_empty() || bytes >= WHOLE_FILE_BATCH {
                     batches.push(Vec::new());
                     bytes = 0;
                 }
@@ -602,14 +631,17 @@ impl LayerStack {
             }
             futures::stream::iter(batches)
                 .map(|b| {
-                    let reader = reader.clone();
-                    async move { reader.fetch_background(&b).await }
+                    let (reader, closed) = (reader.clone(), closed.clone());
+                    async move { reader.fetch_background(&b, &closed).await }
                 })
-                .buffer_unordered(WHOLE_FILE_BATCHES)
+                .buffered(WHOLE_FILE_BATCHES)
                 .collect::<Vec<u64>>()
                 .await;
-            reader.cache().assemble(file);
+            if !closed.load(Ordering::Acquire) {
+                reader.cache().assemble(file);
+            }
         });
+        true
     }
 
     /// The chunks to prefetch now for a read of `ino` that needs chunks up to `needed_end`

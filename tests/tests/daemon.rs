@@ -387,3 +387,73 @@ fn daemon_refuses_a_bad_config_and_a_second_instance() {
     drop(d);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// Read-only mounts of one stack are one FUSE session bound at several mountpoints (one kernel
+/// page cache); a scratch mount, or another stack, gets a session of its own. The session
+/// outlives any one of its mountpoints and ends with the last.
+#[test]
+fn read_only_mounts_of_one_stack_share_one_session() {
+    use std::os::unix::fs::MetadataExt;
+    let work = strata_tests::scratch_dir("shared-session");
+    let data = pseudo_random(21, 8 << 20);
+    write_file(&work.join("src/model.bin"), &data);
+    write_file(&work.join("other/x"), b"x");
+    let store = garage::bucket("shared");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    d.strata().publish(&work.join("src"), &store, "m:v1");
+    d.strata().publish(&work.join("other"), &store, "o:v1");
+    let ro = |name: &str, layer: &str| {
+        d.mount_with(&store, &work.join(name), &[layer], &["--read-only"])
+            .unwrap()
+    };
+    let a = ro("a", "m:v1");
+    let b = ro("b", "m:v1");
+    let c = d.mount(&store, &work.join("c"), &["m:v1"]).unwrap();
+    let e = ro("e", "o:v1");
+    let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+    assert_eq!(dev(&a.mountpoint), dev(&b.mountpoint), "one session");
+    assert_ne!(
+        dev(&a.mountpoint),
+        dev(&c.mountpoint),
+        "a scratch mount has its own"
+    );
+    assert_ne!(
+        dev(&a.mountpoint),
+        dev(&e.mountpoint),
+        "another stack has its own"
+    );
+    let mounts: serde_json::Value =
+        serde_json::from_str(&d.strata().ok(&["mounts", "--json"])).unwrap();
+    let of = |mp: &Path| {
+        mounts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountpoint"].as_str() == mp.to_str())
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(of(&b.mountpoint)["shared_with"], of(&a.mountpoint)["id"]);
+    assert!(of(&c.mountpoint)["shared_with"].is_null());
+    assert!(std::fs::read(a.path("model.bin")).unwrap() == data);
+    assert!(std::fs::read(b.path("model.bin")).unwrap() == data);
+
+    // The first mountpoint goes; the session goes on for the second, and a new one joins it.
+    d.strata().ok(&["unmount", a.mountpoint.to_str().unwrap()]);
+    assert!(!strata_fuse::is_strata_mount(&a.mountpoint).unwrap());
+    assert!(std::fs::read(b.path("model.bin")).unwrap() == data);
+    let f = ro("f", "m:v1");
+    assert_eq!(dev(&f.mountpoint), dev(&b.mountpoint));
+    // Unmounted behind the daemon's back: forgotten at the next listing.
+    rustix::mount::unmount(&f.mountpoint, rustix::mount::UnmountFlags::empty()).unwrap();
+    let listed = d.strata().ok(&["mounts"]);
+    assert!(!listed.contains(f.mountpoint.to_str().unwrap()), "{listed}");
+    assert!(std::fs::read(b.path("model.bin")).unwrap() == data);
+    // The last mountpoint: the session ends.
+    d.strata().ok(&["unmount", b.mountpoint.to_str().unwrap()]);
+    let listed = d.strata().ok(&["mounts"]);
+    assert!(!listed.contains(b.mountpoint.to_str().unwrap()), "{listed}");
+    assert!(listed.contains(c.mountpoint.to_str().unwrap()), "{listed}");
+    assert!(!strata_fuse::is_strata_mount(&b.mountpoint).unwrap());
+    drop((c, e));
+}

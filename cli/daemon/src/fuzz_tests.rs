@@ -51,6 +51,7 @@ fn mount_info() -> MountInfo {
         scratch_size: None,
         volume: Some("team/vol".into()),
         commit_error: Some("conflict".into()),
+        shared_with: Some(1),
     }
 }
 

@@ -128,6 +128,10 @@ pub struct MountInfo {
     /// upper kept for a retry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_error: Option<String>,
+    /// A read-only mount of the same stack as mount N shares its FUSE session (a bind mount:
+    /// one kernel page cache, one set of counters); this is N.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<u64>,
 }
 
 /// What `strata commit` did.

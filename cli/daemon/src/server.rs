@@ -33,8 +33,21 @@ use crate::protocol::{
 /// A store URL and the endpoint it was opened with.
 type StoreKey = (String, Option<String>);
 
+/// What makes two read-only mounts the same tree: the store and its endpoint, and the layer
+/// digests bottom to top.
+type ShareKey = (String, Option<String>, Vec<String>);
+
+/// A read-only FUSE session and the mountpoints it is mounted at.
+struct Shared {
+    session: u64,
+    mountpoints: Vec<PathBuf>,
+}
+
 struct Mounted {
     info: MountInfo,
+    /// The mount whose FUSE session serves this one: its own id, or, for a read-only mount
+    /// that shares the session of an earlier one of the same stack, that mount's.
+    session: u64,
     reader: ChunkReader,
     prefetch: Arc<ReplayProgress>,
     /// A volume mount: its tree, volume and scratch. It commits on `strata commit` and when
@@ -57,6 +70,8 @@ pub struct Daemon {
     mounts: Arc<Mutex<HashMap<PathBuf, Mounted>>>,
     /// Mountpoints with a mount request being served, so two requests cannot race for one.
     pending: Mutex<HashSet<PathBuf>>,
+    /// Read-only sessions other read-only mounts of the same stack may share (bind mounts).
+    shared: Arc<Mutex<HashMap<ShareKey, Shared>>>,
     next_id: AtomicU64,
     /// The loop that commits kept volume uppers; stopped by [`Daemon::shutdown`].
     retries: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -100,6 +115,7 @@ impl Daemon {
             stores: Default::default(),
             mounts: Default::default(),
             pending: Default::default(),
+            shared: Default::default(),
             next_id: AtomicU64::new(1),
             retries: Mutex::new(None),
         });
@@ -435,7 +451,7 @@ impl Daemon {
             }
             (false, _) => None,
         };
-        let mp = spec.mountpoint;
+        let mp = spec.mountpoint.clone();
         strata_fuse::check_mountpoint(&mp)?;
         let store = self.store(&spec.store, spec.endpoint_url.clone()).await?;
         let reader = self.cache.reader(store.clone());
@@ -448,6 +464,24 @@ impl Daemon {
             record_start: self.config.record_starts && !spec.no_prefetch_record,
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
+        // Read-only mounts of one stack share one FUSE session (one kernel page cache): the
+        // later ones are bind mounts of the first. A mount tied to its client's life is not
+        // shared, so its unmount never waits on another's.
+        let share = (spec.read_only && spec.volume.is_none() && !spec.unmount_with_client).then(
+            || -> ShareKey {
+                let digests = assembly.layers.iter().map(|l| l.digest.to_string());
+                (
+                    spec.store.clone(),
+                    spec.endpoint_url.clone(),
+                    digests.collect(),
+                )
+            },
+        );
+        if let Some(key) = &share {
+            if let Some(info) = self.join_shared(key, &mp, &spec, &assembly)? {
+                return Ok(info);
+            }
+        }
         let volume = assembly.volume.clone();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let scratch = (!spec.read_only).then(|| scratch_dir(&self.config.state_dir, id));
@@ -499,7 +533,20 @@ impl Daemon {
             scratch_size: spec.scratch_size.filter(|_| scratch.is_some()),
             volume: spec.volume.clone(),
             commit_error: None,
+            shared_with: None,
         };
+        if let Some(key) = share {
+            self.shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(
+                    key,
+                    Shared {
+                        session: id,
+                        mountpoints: vec![mp.clone()],
+                    },
+                );
+        }
         let (ended_tx, ended) = watch::channel(None);
         self.mounts
             .lock()
@@ -508,6 +555,7 @@ impl Daemon {
                 mp.clone(),
                 Mounted {
                     info: info.clone(),
+                    session: id,
                     reader,
                     prefetch: starts.progress().clone(),
                     volume: match (&volume, &scratch) {
@@ -517,8 +565,10 @@ impl Daemon {
                     ended,
                 },
             );
-        // The session ends when the mount goes away, whoever unmounted it; forget it then.
+        // The session ends when the mount goes away (all its mountpoints), whoever unmounted
+        // it; forget it then.
         let mounts = Arc::clone(&self.mounts);
+        let shared = Arc::clone(&self.shared);
         let runtime = tokio::runtime::Handle::current();
         let state_dir = self.config.state_dir.clone();
         std::thread::Builder::new()
@@ -528,13 +578,14 @@ impl Daemon {
                     tracing::warn!("mount {}: FUSE session ended with {e}", mp.display());
                 }
                 starts.mount_ended();
-                let mut mounts = mounts
+                mounts
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if mounts.get(&mp).is_some_and(|m| m.info.id == id) {
-                    mounts.remove(&mp);
-                }
-                drop(mounts);
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|_, m| m.session != id);
+                shared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|_, s| s.session != id);
                 // The session is over and its files closed: a volume's changes are committed;
                 // then the scratch goes, unless it holds changes that could not be committed.
                 let (remove, problem) = match (&volume, &scratch) {
@@ -566,6 +617,111 @@ impl Daemon {
             info.mountpoint.display()
         );
         Ok(info)
+    }
+
+    /// Mounts `mp` as another mountpoint of the read-only session of the same stack, if there
+    /// is one (`None`: there is none, or binding failed, and the caller mounts anew).
+    fn join_shared(
+        &self,
+        key: &ShareKey,
+        mp: &Path,
+        spec: &MountSpec,
+        assembly: &strata_fs::mount::Assembly,
+    ) -> DaemonResult<Option<MountInfo>> {
+        let Some((session, source)) = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .and_then(|s| Some((s.session, s.mountpoints.first()?.clone())))
+        else {
+            return Ok(None);
+        };
+        let Some((reader, prefetch, ended)) = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .find(|m| m.session == session)
+            .map(|m| (m.reader.clone(), m.prefetch.clone(), m.ended.clone()))
+        else {
+            return Ok(None);
+        };
+        if let Err(e) = blocking(|| strata_fuse::bind(&source, mp)) {
+            tracing::info!(
+                "{}: not sharing the session at {} ({e}); mounting anew",
+                mp.display(),
+                source.display()
+            );
+            return Ok(None);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = MountInfo {
+            id,
+            mountpoint: mp.to_path_buf(),
+            store: spec.store.clone(),
+            layers: assembly
+                .layers
+                .iter()
+                .map(|l| LayerInfo {
+                    dataset: l.name.clone(),
+                    digest: l.digest.to_string(),
+                })
+                .collect(),
+            mounted_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            writable: false,
+            scratch_size: None,
+            volume: None,
+            commit_error: None,
+            shared_with: Some(session),
+        };
+        if let Some(s) = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(key)
+        {
+            s.mountpoints.push(mp.to_path_buf());
+        }
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                mp.to_path_buf(),
+                Mounted {
+                    info: info.clone(),
+                    session,
+                    reader,
+                    prefetch,
+                    volume: None,
+                    ended,
+                },
+            );
+        tracing::info!(
+            "mounted {} at {} (sharing the session of mount {session})",
+            spec.layers.join(" + "),
+            mp.display()
+        );
+        Ok(Some(info))
+    }
+
+    /// Forgets `mp` as a mountpoint of its shared session; whether the session has others.
+    fn leave_shared(&self, mp: &Path, session: u64) -> bool {
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut others = false;
+        shared.retain(|_, s| {
+            if s.session == session {
+                s.mountpoints.retain(|m| m != mp);
+                others = !s.mountpoints.is_empty();
+            }
+            s.session != session || others
+        });
+        others
     }
 
     /// Unmounts mount `id` at `mp` once the process behind `pidfd` has exited (if the mount
@@ -642,7 +798,7 @@ impl Daemon {
     /// Unmounts; a volume mount's reply comes once its changes are committed (or kept, which
     /// `commit_error` says).
     pub async fn unmount(&self, mountpoint: &Path, lazy: bool) -> DaemonResult<MountInfo> {
-        let (mut info, mut ended, commits) = {
+        let (mut info, mut ended, commits, session) = {
             let mounts = self
                 .mounts
                 .lock()
@@ -650,9 +806,25 @@ impl Daemon {
             let Some(m) = mounts.get(mountpoint) else {
                 return Err(not_mounted(mountpoint));
             };
-            (m.info.clone(), m.ended.clone(), m.volume.is_some())
+            (
+                m.info.clone(),
+                m.ended.clone(),
+                m.volume.is_some(),
+                m.session,
+            )
         };
         blocking(|| strata_fuse::unmount(mountpoint, lazy))?;
+        // One mountpoint of a shared session: the session goes on for the others.
+        if self.leave_shared(mountpoint, session) {
+            let mut mounts = self
+                .mounts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if mounts.get(mountpoint).is_some_and(|m| m.info.id == info.id) {
+                mounts.remove(mountpoint);
+            }
+            return Ok(info);
+        }
         // A volume mount's unmount returns once its changes are committed.
         let wait = if commits {
             COMMIT_WAIT
@@ -723,8 +895,48 @@ impl Daemon {
         }
     }
 
+    /// Forgets the mountpoints of shared sessions that were unmounted behind the daemon's back
+    /// (a plain `umount` of one of them ends nothing the daemon would see).
+    fn prune_shared(&self) {
+        let sessions: HashSet<u64> = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|s| s.mountpoints.len() > 1)
+            .map(|s| s.session)
+            .collect();
+        if sessions.is_empty() {
+            return;
+        }
+        let members: Vec<(PathBuf, u64, u64)> = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(_, m)| sessions.contains(&m.session))
+            .map(|(mp, m)| (mp.clone(), m.session, m.info.id))
+            .collect();
+        for (mp, session, id) in members {
+            if strata_fuse::is_strata_mount(&mp).unwrap_or(true) {
+                continue;
+            }
+            tracing::info!("{} was unmounted behind the daemon's back", mp.display());
+            if self.leave_shared(&mp, session) {
+                let mut mounts = self
+                    .mounts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if mounts.get(&mp).is_some_and(|m| m.info.id == id) {
+                    mounts.remove(&mp);
+                }
+            }
+        }
+    }
+
     /// The mounts, oldest first.
     pub fn mounts(&self) -> Vec<MountInfo> {
+        self.prune_shared();
         let mut list: Vec<MountInfo> = self
             .mounts
             .lock()
@@ -738,6 +950,7 @@ impl Daemon {
 
     /// Cache and per-mount read counters, and the kept volume uppers.
     pub fn stats(&self) -> StatsReply {
+        self.prune_shared();
         let mut mounts: Vec<MountStats> = self
             .mounts
             .lock()

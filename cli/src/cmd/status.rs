@@ -39,6 +39,10 @@ pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
     for m in &mounts {
         let layers: Vec<&str> = m.layers.iter().map(|l| l.dataset.as_str()).collect();
         let upper = match (m.writable, m.scratch_size) {
+            (false, _) if m.shared_with.is_some() => format!(
+                "read-only, sharing the session of mount {}",
+                m.shared_with.unwrap_or_default()
+            ),
             (false, _) => "read-only".to_string(),
             (true, Some(size)) => format!("scratch ({})", human(size)),
             (true, None) => "scratch".to_string(),

@@ -33,7 +33,7 @@ use fuser::{
 };
 
 pub use session::{
-    check_mountpoint, clean_stale_mounts, is_stale_mount, is_strata_mount, mount,
+    bind, check_mountpoint, clean_stale_mounts, is_stale_mount, is_strata_mount, mount,
     resolve_mountpoint, strata_mounts, unmount, MountedSession,
 };
 
@@ -253,16 +253,20 @@ impl StrataFs {
         }
     }
 
+    /// Opens for reading. No read-only open asks for a FLUSH at close (strata has nothing to
+    /// flush for it): that spares every `close` a round trip through the daemon.
     fn open_for_read(&self, ino: u64, reply: ReplyOpen) {
+        let no_flush = FopenFlags::FOPEN_NOFLUSH;
         match self.handles.open_read(ino, |file| reply.open_backing(file)) {
             Ok(Opened::Passthrough(id)) => {
-                reply.opened_passthrough(fh_of(OpenKind::Passthrough), FopenFlags::empty(), &id)
+                reply.opened_passthrough(fh_of(OpenKind::Passthrough), no_flush, &id)
             }
             // Layer files keep the kernel's page cache across opens: their bytes never change.
-            Ok(Opened::Through(OpenKind::Layer)) => {
-                reply.opened(fh_of(OpenKind::Layer), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            Ok(Opened::Through(kind)) => reply.opened(fh_of(kind), FopenFlags::empty()),
+            Ok(Opened::Through(OpenKind::Layer)) => reply.opened(
+                fh_of(OpenKind::Layer),
+                FopenFlags::FOPEN_KEEP_CACHE | no_flush,
+            ),
+            Ok(Opened::Through(kind)) => reply.opened(fh_of(kind), no_flush),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -287,6 +287,24 @@ pub fn clean_stale_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
     Ok(cleaned)
 }
 
+/// Makes `target` a second mountpoint of the strata mount at `source` (a bind mount): both
+/// are then one FUSE session, with one kernel page cache and one set of inodes, and the
+/// session lives until the last of its mountpoints is unmounted. Root only. `source` must be
+/// a strata mount's root and `target` an empty directory (see [`check_mountpoint`]).
+pub fn bind(source: &Path, target: &Path) -> Result<(), FsError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(FsError::Errno(libc::EPERM));
+    }
+    if !is_strata_mount(source).map_err(|e| FsError::io(source, e))? {
+        return Err(FsError::InvalidInput(format!(
+            "{} is not a strata mount",
+            source.display()
+        )));
+    }
+    check_mountpoint(target)?;
+    rustix::mount::mount_bind(source, target).map_err(|e| FsError::io(target, e.into()))
+}
+
 /// Unmounts a strata mount. `lazy` detaches it even while files are open (MNT_DETACH).
 ///
 /// As root, nothing on the way is followed that a user could swap: the parent directory is

@@ -62,10 +62,6 @@ struct Recording {
 /// A file of the stack: (layer index, entry index).
 type FileKey = (u16, u32);
 
-fn covered(ranges: &[Range<u64>]) -> u64 {
-    ranges.iter().map(|r| r.end - r.start).sum()
-}
-
 impl Default for Recorder {
     fn default() -> Self {
         Recorder {
@@ -96,11 +92,21 @@ impl Recorder {
         let added = match s.index.get(&(layer, entry)) {
             Some(&i) => {
                 let ranges = &mut s.files[i].1;
-                let before = covered(ranges);
+                // New bytes are those of this read the file's ranges did not hold yet (before
+                // joining: past MAX_RANGES, joining fills gaps nobody read).
+                let overlap: u64 = ranges
+                    .iter()
+                    .map(|r| {
+                        r.end
+                            .min(range.end)
+                            .saturating_sub(r.start.max(range.start))
+                    })
+                    .sum();
+                let added = (range.end - range.start).saturating_sub(overlap);
                 let mut all = std::mem::take(ranges);
                 all.push(range);
                 *ranges = record::join_ranges(all);
-                covered(ranges).saturating_sub(before)
+                added
             }
             None if s.files.len() >= record::MAX_FILES => {
                 self.open.store(false, Ordering::Relaxed);
@@ -122,6 +128,11 @@ impl Recorder {
                 self.open.store(false, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Whether reads are still being noted (cheap: one atomic load).
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Whether the recording is over: idle, past its window or budget, or finished.
@@ -184,8 +195,9 @@ impl Recording {
 }
 
 /// Merges what one start read into the start records of the stack's layers (`layers`, by
-/// index) in `store`. A record that cannot be read is replaced; one that is settled and
-/// agrees with this start is left alone. Returns how many records were written.
+/// index) in `store`. A record that cannot be read (damaged, too large, another version) is
+/// replaced; one that is settled and agrees with this start is left alone; store trouble
+/// skips the layer (a record is a hint). Returns how many records were written.
 pub async fn save(
     store: &Arc<dyn Store>,
     layers: &[Digest],
@@ -197,23 +209,27 @@ pub async fn save(
             continue;
         };
         let key = record_key(layer);
-        let mut rec = match crate::record::get(store, &key).await {
-            Ok(body) => StartRecord::decode(&body, layer).unwrap_or_else(|e| {
+        let mut rec = match fetch_record(store, layer).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => StartRecord::new(layer),
+            Err(FsError::Store(e)) if e.is_not_found() => StartRecord::new(layer),
+            Err(FsError::Store(e)) => {
+                tracing::warn!(%layer, "start record not saved: {e}");
+                continue;
+            }
+            Err(e) => {
                 tracing::warn!(%layer, "replacing the layer's start record: {e}");
                 StartRecord::new(layer)
-            }),
-            Err(FsError::Store(e)) if e.is_not_found() => StartRecord::new(layer),
-            Err(e) => return Err(e),
+            }
         };
         if !rec.worth_merging(&start) {
             continue;
         }
         rec.merge(&start);
-        store
-            .put(&key, crate::record::seal(&rec.encode()))
-            .await
-            .map_err(FsError::from)?;
-        written += 1;
+        match store.put(&key, crate::record::seal(&rec.encode())).await {
+            Ok(()) => written += 1,
+            Err(e) => tracing::warn!(%layer, "start record not saved: {e}"),
+        }
     }
     Ok(written)
 }
@@ -236,13 +252,35 @@ pub async fn save_when_done(recorder: Arc<Recorder>, store: Arc<dyn Store>, laye
 
 /// Layer `layer`'s start record in `store`: `Ok(None)` when there is none.
 pub async fn load(store: &Arc<dyn Store>, layer: &Digest) -> FsResult<Option<StartRecord>> {
-    match crate::record::get(store, &record_key(layer)).await {
-        Ok(body) => StartRecord::decode(&body, layer)
-            .map(Some)
-            .map_err(|e| FsError::InvalidInput(format!("layer {layer}: {e}"))),
+    match fetch_record(store, layer).await {
         Err(FsError::Store(e)) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
+        other => other,
     }
+}
+
+/// The record object, fetched with a ranged GET no longer than a record may be (a huge object
+/// under the record's name costs one bounded GET, not its size), opened and decoded. A missing
+/// object is the store's not-found error.
+async fn fetch_record(store: &Arc<dyn Store>, layer: &Digest) -> FsResult<Option<StartRecord>> {
+    /// Room for the envelope's header line.
+    const HEADER: u64 = 256;
+    let data = store
+        .get_range(
+            &record_key(layer),
+            0..record::MAX_RECORD_BYTES as u64 + HEADER + 1,
+        )
+        .await?;
+    if data.len() as u64 > record::MAX_RECORD_BYTES as u64 + HEADER {
+        return Err(FsError::InvalidInput(format!(
+            "layer {layer}: start record is larger than {} bytes",
+            record::MAX_RECORD_BYTES
+        )));
+    }
+    let body = crate::record::open(&data)
+        .map_err(|e| FsError::InvalidInput(format!("layer {layer}: start record: {e}")))?;
+    StartRecord::decode(&body, layer)
+        .map(Some)
+        .map_err(|e| FsError::InvalidInput(format!("layer {layer}: {e}")))
 }
 
 /// What a replay did (so far).
@@ -322,6 +360,9 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
     plan.sort_by(|a, b| a.0.total_cmp(&b.0));
     let reader = stack.cache().clone();
     let budget = REPLAY_BYTES.min(reader.cache().disk_capacity() / 4);
+    if budget == 0 {
+        return; // no disk cache: fetched chunks would only crowd the memory cache
+    }
     // Batches of chunks in plan order, each about REPLAY_BATCH stored bytes.
     let mut batches: Vec<Vec<ChunkLoc>> = Vec::new();
     let mut batch: Vec<ChunkLoc> = Vec::new();
@@ -329,8 +370,9 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
     let mut planned = 0u64;
     // Small files share chunks: each chunk is planned once.
     let mut seen = std::collections::HashSet::new();
-    for (_, layer, entry, ranges) in &plan {
-        let Some(locs) = stack.layers()[*layer as usize].chunks_of(*entry, ranges) else {
+    'plan: for (_, layer, entry, ranges) in &plan {
+        let limit = budget.saturating_mul(4) - planned;
+        let Some(locs) = stack.layers()[*layer as usize].chunks_of(*entry, ranges, limit) else {
             continue;
         };
         progress.files.fetch_add(1, Ordering::Relaxed);
@@ -342,18 +384,18 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
                 batches.push(std::mem::take(&mut batch));
                 batch_bytes = 0;
             }
-        }
-        // What is cached already costs nothing, so more may be planned than the budget; the
-        // fetches below stop at it.
-        if planned >= budget.saturating_mul(4) {
-            break;
+            // What is cached already costs nothing, so more may be planned than the budget;
+            // the fetches below stop at it.
+            if planned >= budget.saturating_mul(4) {
+                break 'plan;
+            }
         }
     }
     batches.push(batch);
     let mut fetches = futures::stream::iter(batches)
         .map(|b| {
-            let reader = reader.clone();
-            async move { reader.fetch_background(&b).await }
+            let (reader, closed) = (reader.clone(), stack.closed().clone());
+            async move { reader.fetch_background(&b, &closed).await }
         })
         .buffered(REPLAY_BATCHES_IN_FLIGHT);
     while let Some(fetched) = fetches.next().await {
