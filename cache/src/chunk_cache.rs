@@ -49,6 +49,10 @@ pub enum ChunkError {
     },
     #[error("chunk {digest}: {reason}")]
     Failed { digest: Digest, reason: String },
+    /// A background fetch given up before it reached the store (its mount went away); whoever
+    /// else wants the chunk fetches it afresh.
+    #[error("chunk {digest}: background fetch cancelled")]
+    Cancelled { digest: Digest },
     #[error("chunk {digest} from {store} is corrupt: {reason}")]
     Corrupt {
         digest: Digest,
@@ -188,8 +192,20 @@ enum Asked {
     Read,
     /// Readahead of a read: foreground (the reader will wait on it soon), not counted.
     Readahead,
-    /// Nobody waits yet: background.
-    Background,
+    /// Nobody waits yet: background; `gated` work waits for a background slot (see
+    /// [`BackgroundKind`]).
+    Background { gated: bool },
+}
+
+/// How background work (cached on disk, not in memory; cancellable) shares the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackgroundKind {
+    /// Nobody waits on it (a start record's replay): it shrinks to its minimum while reads
+    /// wait (see [`Gate`]).
+    Deferred,
+    /// A reader waits on it soon (the rest of a file it reads at random): like readahead, it
+    /// is not held back, but it is cached like background work.
+    Bulk,
 }
 
 /// A fetch in flight, and whether a foreground read has joined it (so it no longer waits
@@ -204,17 +220,36 @@ struct InFlight {
 /// any foreground read waits on the store, background work keeps [`BACKGROUND_MIN`] GETs
 /// (so it still progresses); when none waits, it grows to [`BACKGROUND_MAX`]. A background
 /// fetch that a foreground read joins stops waiting at once.
-#[derive(Default)]
 pub(crate) struct Gate {
     foreground_waiting: AtomicUsize,
+    /// When a foreground wait last ended, in ms since `epoch`.
+    last_foreground: AtomicU64,
+    epoch: Instant,
     background_running: AtomicUsize,
     changed: tokio::sync::Notify,
     /// Background GETs that waited for a slot (for tests and stats).
     background_waits: AtomicU64,
 }
 
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            foreground_waiting: AtomicUsize::new(0),
+            last_foreground: AtomicU64::new(0),
+            epoch: Instant::now(),
+            background_running: AtomicUsize::new(0),
+            changed: tokio::sync::Notify::new(),
+            background_waits: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Background GETs while a foreground read waits.
 const BACKGROUND_MIN: usize = 1;
+/// Background work stays at its minimum this long after a foreground wait ended: a program
+/// reading one file after another waits again a moment later, and background GETs started
+/// in between would be ahead of its next read at the store.
+const FOREGROUND_HOLD: Duration = Duration::from_millis(100);
 /// Background GETs while no foreground read waits: about what saturates a store's bandwidth.
 const BACKGROUND_MAX: usize = 8;
 
@@ -240,6 +275,8 @@ impl<'a> ForegroundWait<'a> {
 
 impl Drop for ForegroundWait<'_> {
     fn drop(&mut self) {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.last_foreground.store(now, Ordering::Release);
         if self.0.foreground_waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.changed.notify_waiters();
         }
@@ -262,9 +299,15 @@ impl Gate {
             if cancelled.load(Ordering::Acquire) && !urgent.load(Ordering::Acquire) {
                 return None;
             }
+            let since_foreground = Duration::from_millis(
+                (self.epoch.elapsed().as_millis() as u64)
+                    .saturating_sub(self.last_foreground.load(Ordering::Acquire)),
+            );
+            let held = self.last_foreground.load(Ordering::Acquire) > 0
+                && since_foreground < FOREGROUND_HOLD;
             let limit = if urgent.load(Ordering::Acquire) {
                 usize::MAX
-            } else if self.foreground_waiting.load(Ordering::Acquire) > 0 {
+            } else if self.foreground_waiting.load(Ordering::Acquire) > 0 || held {
                 BACKGROUND_MIN
             } else {
                 BACKGROUND_MAX
@@ -283,7 +326,12 @@ impl Gate {
             }
             if running >= limit {
                 waited = true;
-                changed.await;
+                if held && self.foreground_waiting.load(Ordering::Acquire) == 0 {
+                    // Nothing may notify when the hold runs out: look again then.
+                    let _ = tokio::time::timeout(FOREGROUND_HOLD - since_foreground, changed).await;
+                } else {
+                    changed.await;
+                }
             }
         }
     }
@@ -375,6 +423,20 @@ impl ChunkReader {
             .then(|| ForegroundWait::new(&self.cache.gate));
         let mut out = Vec::with_capacity(locs.len());
         for (loc, p) in locs.iter().zip(pending) {
+            let mut p = p;
+            // A read that joined a background fetch as it was being cancelled (another
+            // mount's, gone) starts its own; a few times at most, in case of a race each time.
+            for _ in 0..3 {
+                let Pending::Fetching(fetch) = &p else { break };
+                if !matches!(fetch.clone().await, Err(ChunkError::Cancelled { .. })) {
+                    break;
+                }
+                p = self
+                    .cache
+                    .start(self, std::slice::from_ref(loc), Asked::Read, None)
+                    .pop()
+                    .expect("one chunk asked, one given");
+            }
             let data = match p {
                 Pending::Ready(data) => Ok(data),
                 Pending::Fetching(fetch) => match fetch.await {
@@ -482,7 +544,13 @@ impl ChunkReader {
     /// (what the store was asked for). Errors are not reported: a reader that needs a chunk
     /// that failed fetches it again and sees the error.
     /// Runs that have not reached the store when `cancelled` is set end without fetching.
-    pub async fn fetch_background(&self, locs: &[ChunkLoc], cancelled: &Arc<AtomicBool>) -> u64 {
+    /// A run another mount started and cancelled is started again.
+    pub async fn fetch_background(
+        &self,
+        locs: &[ChunkLoc],
+        kind: BackgroundKind,
+        cancelled: &Arc<AtomicBool>,
+    ) -> u64 {
         let wanted: Vec<ChunkLoc> = {
             let memory = self
                 .cache
@@ -506,13 +574,24 @@ impl ChunkReader {
             return 0;
         }
         let asked: u64 = wanted.iter().map(|l| l.stored_len as u64).sum();
-        for p in self
-            .cache
-            .start(self, &wanted, Asked::Background, Some(cancelled))
-        {
-            if let Pending::Fetching(f) = p {
-                let _ = f.await;
+        let asked_as = Asked::Background {
+            gated: kind == BackgroundKind::Deferred,
+        };
+        let mut todo = wanted;
+        for _ in 0..3 {
+            let pending = self.cache.start(self, &todo, asked_as, Some(cancelled));
+            let mut again = Vec::new();
+            for (loc, p) in todo.iter().zip(pending) {
+                if let Pending::Fetching(f) = p {
+                    if let Err(ChunkError::Cancelled { .. }) = f.await {
+                        again.push(*loc);
+                    }
+                }
             }
+            if again.is_empty() || cancelled.load(Ordering::Acquire) {
+                break;
+            }
+            todo = again;
         }
         asked
     }
@@ -608,9 +687,10 @@ impl ChunkCache {
             New(usize),
         }
         let counted = asked == Asked::Read;
+        let gated = matches!(asked, Asked::Background { gated: true });
         let priority = match asked {
             Asked::Read | Asked::Readahead => Priority::Foreground,
-            Asked::Background => Priority::Background,
+            Asked::Background { .. } => Priority::Background,
         };
         let mut slots = Vec::with_capacity(locs.len());
         let mut new: Vec<ChunkLoc> = Vec::new();
@@ -672,7 +752,10 @@ impl ChunkCache {
                 let urgent = urgent.clone();
                 let cancelled = cancelled.cloned().unwrap_or_default();
                 tokio::spawn(async move {
-                    Arc::new(this.load_run(&leader, run, &urgent, &cancelled).await)
+                    Arc::new(
+                        this.load_run(&leader, run, &urgent, &cancelled, gated)
+                            .await,
+                    )
                 })
             };
             let run_fetch = async move {
@@ -722,6 +805,7 @@ impl ChunkCache {
         run: Vec<ChunkLoc>,
         urgent: &AtomicBool,
         cancelled: &AtomicBool,
+        gated: bool,
     ) -> Vec<Loaded> {
         let _leave = LeaveInflight(Arc::clone(self), run.iter().map(|l| l.digest).collect());
         let mut results: Vec<Option<Result<(Bytes, Origin), ChunkError>>> = vec![None; run.len()];
@@ -761,24 +845,23 @@ impl ChunkCache {
         if let (Some(&first), Some(&last)) = (missing.first(), missing.last()) {
             // Background work asks the gate for a slot (a foreground read that joins the run
             // meanwhile lets it through at once); foreground runs go straight to the store.
+            let unwanted = || {
+                run.iter()
+                    .map(|l| Err(ChunkError::Cancelled { digest: l.digest }))
+            };
             let _slot = if urgent.load(Ordering::Acquire) {
+                None
+            } else if !gated {
+                if cancelled.load(Ordering::Acquire) {
+                    return unwanted().collect();
+                }
                 None
             } else {
                 match self.gate.background_slot(urgent, cancelled).await {
                     Some(slot) => Some(slot),
                     // Nobody wants these any more (the mount is gone): the run ends unfetched,
                     // and a later reader fetches afresh.
-                    None => {
-                        return run
-                            .iter()
-                            .map(|l| {
-                                Err(ChunkError::Failed {
-                                    digest: l.digest,
-                                    reason: "background fetch cancelled".into(),
-                                })
-                            })
-                            .collect()
-                    }
+                    None => return unwanted().collect(),
                 }
             };
             let fetched = self
@@ -1223,7 +1306,11 @@ mod tests {
         let (_tmp, reader, locs, chunks) = slow_setup(64).await;
         let background = {
             let (reader, locs) = (reader.clone(), locs[..60].to_vec());
-            tokio::spawn(async move { reader.fetch_background(&locs, &Default::default()).await })
+            tokio::spawn(async move {
+                reader
+                    .fetch_background(&locs, BackgroundKind::Deferred, &Default::default())
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(40)).await;
         // A chunk the prefetch does not want, and one it wants last.
@@ -1253,7 +1340,7 @@ mod tests {
         // Everything is local now: a second background pass asks the store for nothing.
         assert_eq!(
             reader
-                .fetch_background(&locs[..60], &Default::default())
+                .fetch_background(&locs[..60], BackgroundKind::Deferred, &Default::default())
                 .await,
             0
         );
@@ -1267,7 +1354,11 @@ mod tests {
         let cancelled: Arc<AtomicBool> = Default::default();
         let background = {
             let (reader, locs, cancelled) = (reader.clone(), locs.clone(), cancelled.clone());
-            tokio::spawn(async move { reader.fetch_background(&locs, &cancelled).await })
+            tokio::spawn(async move {
+                reader
+                    .fetch_background(&locs, BackgroundKind::Deferred, &cancelled)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(40)).await;
         cancelled.store(true, Ordering::Release);

@@ -15,6 +15,7 @@ mod lock;
 
 pub use assembled::{AssembledFile, FileChunks};
 pub use chunk_cache::{
-    CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats, DEFAULT_FETCH_DEADLINE,
+    BackgroundKind, CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats,
+    DEFAULT_FETCH_DEADLINE,
 };
 pub use lock::CacheDirLock;

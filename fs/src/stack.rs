@@ -632,7 +632,11 @@ impl LayerStack {
             futures::stream::iter(batches)
                 .map(|b| {
                     let (reader, closed) = (reader.clone(), closed.clone());
-                    async move { reader.fetch_background(&b, &closed).await }
+                    async move {
+                        reader
+                            .fetch_background(&b, cache::BackgroundKind::Bulk, &closed)
+                            .await
+                    }
                 })
                 .buffered(WHOLE_FILE_BATCHES)
                 .collect::<Vec<u64>>()

@@ -449,8 +449,21 @@ fn read_only_mounts_of_one_stack_share_one_session() {
     let listed = d.strata().ok(&["mounts"]);
     assert!(!listed.contains(f.mountpoint.to_str().unwrap()), "{listed}");
     assert!(std::fs::read(b.path("model.bin")).unwrap() == data);
-    // The last mountpoint: the session ends.
+    // Other start-record flags: a session of its own.
+    let g = d
+        .mount_with(
+            &store,
+            &work.join("g"),
+            &["m:v1"],
+            &["--read-only", "--no-prefetch-record"],
+        )
+        .unwrap();
+    assert_ne!(dev(&g.mountpoint), dev(&b.mountpoint));
+    drop(g);
+    // The last mountpoint: the session ends (at once: the unmount waits for it).
+    let t = std::time::Instant::now();
     d.strata().ok(&["unmount", b.mountpoint.to_str().unwrap()]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let listed = d.strata().ok(&["mounts"]);
     assert!(!listed.contains(b.mountpoint.to_str().unwrap()), "{listed}");
     assert!(listed.contains(c.mountpoint.to_str().unwrap()), "{listed}");

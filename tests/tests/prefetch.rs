@@ -170,7 +170,8 @@ fn a_start_recorded_on_one_host_is_fetched_ahead_on_another() {
     for f in &files[150..160] {
         std::fs::read(mc.path(f)).unwrap();
     }
-    std::thread::sleep(Duration::from_secs(3));
+    // Past the idle time that ends a recording (2 s) and the save that would follow.
+    std::thread::sleep(Duration::from_secs(4));
     drop(mc);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(

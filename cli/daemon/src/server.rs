@@ -33,13 +33,15 @@ use crate::protocol::{
 /// A store URL and the endpoint it was opened with.
 type StoreKey = (String, Option<String>);
 
-/// What makes two read-only mounts the same tree: the store and its endpoint, and the layer
-/// digests bottom to top.
-type ShareKey = (String, Option<String>, Vec<String>);
+/// What makes two read-only mounts the same tree: the store and its endpoint, the layer
+/// digests bottom to top, and what the mount does with start records (record, replay).
+type ShareKey = (String, Option<String>, Vec<String>, bool, bool);
 
 /// A read-only FUSE session and the mountpoints it is mounted at.
 struct Shared {
     session: u64,
+    /// The session's device number (see `strata_fuse::bind`).
+    dev: u64,
     mountpoints: Vec<PathBuf>,
 }
 
@@ -72,6 +74,9 @@ pub struct Daemon {
     pending: Mutex<HashSet<PathBuf>>,
     /// Read-only sessions other read-only mounts of the same stack may share (bind mounts).
     shared: Arc<Mutex<HashMap<ShareKey, Shared>>>,
+    /// Held while a mountpoint joins or leaves a shared session, so that a join never binds a
+    /// session its last mountpoint is leaving.
+    share_gate: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     /// The loop that commits kept volume uppers; stopped by [`Daemon::shutdown`].
     retries: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -116,6 +121,7 @@ impl Daemon {
             mounts: Default::default(),
             pending: Default::default(),
             shared: Default::default(),
+            share_gate: Default::default(),
             next_id: AtomicU64::new(1),
             retries: Mutex::new(None),
         });
@@ -467,17 +473,23 @@ impl Daemon {
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the
         // later ones are bind mounts of the first. A mount tied to its client's life is not
         // shared, so its unmount never waits on another's.
-        let share = (spec.read_only && spec.volume.is_none() && !spec.unmount_with_client).then(
-            || -> ShareKey {
-                let digests = assembly.layers.iter().map(|l| l.digest.to_string());
-                (
-                    spec.store.clone(),
-                    spec.endpoint_url.clone(),
-                    digests.collect(),
-                )
-            },
-        );
+        // (Binding takes root.)
+        let shareable = spec.read_only
+            && spec.volume.is_none()
+            && !spec.unmount_with_client
+            && rustix::process::geteuid().is_root();
+        let share = shareable.then(|| -> ShareKey {
+            let digests = assembly.layers.iter().map(|l| l.digest.to_string());
+            (
+                spec.store.clone(),
+                spec.endpoint_url.clone(),
+                digests.collect(),
+                spec.no_prefetch_record,
+                spec.no_prefetch_replay,
+            )
+        });
         if let Some(key) = &share {
+            let _gate = self.share_gate.lock().await;
             if let Some(info) = self.join_shared(key, &mp, &spec, &assembly)? {
                 return Ok(info);
             }
@@ -535,17 +547,23 @@ impl Daemon {
             commit_error: None,
             shared_with: None,
         };
+        // Offered for sharing unless another session of the stack already is (one mounted
+        // meanwhile): that one stays the one later mounts join.
         if let Some(key) = share {
-            self.shared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(
-                    key,
-                    Shared {
-                        session: id,
-                        mountpoints: vec![mp.clone()],
-                    },
-                );
+            match blocking(|| strata_fuse::mounted_dev(&mp)) {
+                Ok(dev) => {
+                    self.shared
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(key)
+                        .or_insert_with(|| Shared {
+                            session: id,
+                            dev,
+                            mountpoints: vec![mp.clone()],
+                        });
+                }
+                Err(e) => tracing::warn!("{}: not shared: {e}", mp.display()),
+            }
         }
         let (ended_tx, ended) = watch::channel(None);
         self.mounts
@@ -628,12 +646,12 @@ impl Daemon {
         spec: &MountSpec,
         assembly: &strata_fs::mount::Assembly,
     ) -> DaemonResult<Option<MountInfo>> {
-        let Some((session, source)) = self
+        let Some((session, dev, sources)) = self
             .shared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(key)
-            .and_then(|s| Some((s.session, s.mountpoints.first()?.clone())))
+            .map(|s| (s.session, s.dev, s.mountpoints.clone()))
         else {
             return Ok(None);
         };
@@ -647,12 +665,22 @@ impl Daemon {
         else {
             return Ok(None);
         };
-        if let Err(e) = blocking(|| strata_fuse::bind(&source, mp)) {
-            tracing::info!(
-                "{}: not sharing the session at {} ({e}); mounting anew",
-                mp.display(),
-                source.display()
-            );
+        let bound = blocking(|| {
+            sources
+                .iter()
+                .any(|source| match strata_fuse::bind(source, dev, mp) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::info!(
+                            "{}: not sharing the session at {}: {e}",
+                            mp.display(),
+                            source.display()
+                        );
+                        false
+                    }
+                })
+        });
+        if !bound {
             return Ok(None);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -813,6 +841,11 @@ impl Daemon {
                 m.session,
             )
         };
+        let gate = (!commits).then(|| self.share_gate.lock());
+        let _gate = match gate {
+            Some(g) => Some(g.await),
+            None => None,
+        };
         blocking(|| strata_fuse::unmount(mountpoint, lazy))?;
         // One mountpoint of a shared session: the session goes on for the others.
         if self.leave_shared(mountpoint, session) {
@@ -825,6 +858,7 @@ impl Daemon {
             }
             return Ok(info);
         }
+        drop(_gate);
         // A volume mount's unmount returns once its changes are committed.
         let wait = if commits {
             COMMIT_WAIT
@@ -917,8 +951,12 @@ impl Daemon {
             .filter(|(_, m)| sessions.contains(&m.session))
             .map(|(mp, m)| (mp.clone(), m.session, m.info.id))
             .collect();
+        let Ok(mounted) = blocking(strata_fuse::strata_mounts) else {
+            return;
+        };
+        let mounted: HashSet<PathBuf> = mounted.into_iter().collect();
         for (mp, session, id) in members {
-            if strata_fuse::is_strata_mount(&mp).unwrap_or(true) {
+            if mounted.contains(&mp) {
                 continue;
             }
             tracing::info!("{} was unmounted behind the daemon's back", mp.display());

@@ -34,7 +34,7 @@ use fuser::{
 
 pub use session::{
     bind, check_mountpoint, clean_stale_mounts, is_stale_mount, is_strata_mount, mount,
-    resolve_mountpoint, strata_mounts, unmount, MountedSession,
+    mounted_dev, resolve_mountpoint, strata_mounts, unmount, MountedSession,
 };
 
 use strata_fs::error::{FsError, FsResult};

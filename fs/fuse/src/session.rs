@@ -289,20 +289,60 @@ pub fn clean_stale_mounts() -> std::io::Result<Vec<std::path::PathBuf>> {
 
 /// Makes `target` a second mountpoint of the strata mount at `source` (a bind mount): both
 /// are then one FUSE session, with one kernel page cache and one set of inodes, and the
-/// session lives until the last of its mountpoints is unmounted. Root only. `source` must be
-/// a strata mount's root and `target` an empty directory (see [`check_mountpoint`]).
-pub fn bind(source: &Path, target: &Path) -> Result<(), FsError> {
+/// session lives until the last of its mountpoints is unmounted. Root only.
+///
+/// `dev` is the session's device number, taken when it was mounted: the mount found at
+/// `source` is cloned first (`open_tree`, which pins it) and used only if it is that session,
+/// so neither a path swapped by a user (a renamed parent, a symlink) nor a mountpoint
+/// unmounted meanwhile can make `target` show another tree. `target` must be an empty
+/// directory (see [`check_mountpoint`]); it is opened without following a symlink, and the
+/// clone is attached to what was opened.
+pub fn bind(source: &Path, dev: u64, target: &Path) -> Result<(), FsError> {
+    use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
     if !rustix::process::geteuid().is_root() {
         return Err(FsError::Errno(libc::EPERM));
     }
-    if !is_strata_mount(source).map_err(|e| FsError::io(source, e))? {
+    let clone = open_tree(
+        rustix::fs::CWD,
+        source,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| FsError::io(source, e.into()))?;
+    let found = rustix::fs::fstat(&clone).map_err(|e| FsError::io(source, e.into()))?;
+    if found.st_dev != dev {
         return Err(FsError::InvalidInput(format!(
-            "{} is not a strata mount",
+            "{} is no longer the session to share",
             source.display()
         )));
     }
     check_mountpoint(target)?;
-    rustix::mount::mount_bind(source, target).map_err(|e| FsError::io(target, e.into()))
+    let at = rustix::fs::open(
+        target,
+        rustix::fs::OFlags::PATH
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| FsError::io(target, e.into()))?;
+    move_mount(
+        &clone,
+        "",
+        &at,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(|e| FsError::io(target, e.into()))
+}
+
+/// The device number of the filesystem mounted at `path` (a session's, right after mounting),
+/// for [`bind`].
+pub fn mounted_dev(path: &Path) -> Result<u64, FsError> {
+    rustix::fs::stat(path)
+        .map(|st| st.st_dev)
+        .map_err(|e| FsError::io(path, e.into()))
 }
 
 /// Unmounts a strata mount. `lazy` detaches it even while files are open (MNT_DETACH).

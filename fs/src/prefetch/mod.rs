@@ -210,16 +210,20 @@ pub async fn save(
         };
         let key = record_key(layer);
         let mut rec = match fetch_record(store, layer).await {
-            Ok(Some(rec)) => rec,
-            Ok(None) => StartRecord::new(layer),
-            Err(FsError::Store(e)) if e.is_not_found() => StartRecord::new(layer),
-            Err(FsError::Store(e)) => {
-                tracing::warn!(%layer, "start record not saved: {e}");
+            Ok(Fetched::Record(rec)) => rec,
+            Ok(Fetched::Missing) => StartRecord::new(layer),
+            Ok(Fetched::Unusable(why)) => {
+                tracing::warn!(%layer, "replacing the layer's start record: {why}");
+                StartRecord::new(layer)
+            }
+            // A newer strata's record is left to it (a rolling upgrade must not flip-flop).
+            Ok(Fetched::Newer(why)) => {
+                tracing::debug!(%layer, "start record left as it is: {why}");
                 continue;
             }
             Err(e) => {
-                tracing::warn!(%layer, "replacing the layer's start record: {e}");
-                StartRecord::new(layer)
+                tracing::warn!(%layer, "start record not saved: {e}");
+                continue;
             }
         };
         if !rec.worth_merging(&start) {
@@ -250,37 +254,67 @@ pub async fn save_when_done(recorder: Arc<Recorder>, store: Arc<dyn Store>, laye
     }
 }
 
-/// Layer `layer`'s start record in `store`: `Ok(None)` when there is none.
+/// Layer `layer`'s start record in `store`: `Ok(None)` when there is none; an error when it
+/// cannot be used.
 pub async fn load(store: &Arc<dyn Store>, layer: &Digest) -> FsResult<Option<StartRecord>> {
-    match fetch_record(store, layer).await {
-        Err(FsError::Store(e)) if e.is_not_found() => Ok(None),
-        other => other,
+    match fetch_record(store, layer).await? {
+        Fetched::Record(r) => Ok(Some(r)),
+        Fetched::Missing => Ok(None),
+        Fetched::Unusable(why) | Fetched::Newer(why) => {
+            Err(FsError::InvalidInput(format!("layer {layer}: {why}")))
+        }
     }
 }
 
-/// The record object, fetched with a ranged GET no longer than a record may be (a huge object
-/// under the record's name costs one bounded GET, not its size), opened and decoded. A missing
-/// object is the store's not-found error.
-async fn fetch_record(store: &Arc<dyn Store>, layer: &Digest) -> FsResult<Option<StartRecord>> {
+/// A record object, as found.
+enum Fetched {
+    Record(StartRecord),
+    Missing,
+    /// Damaged (three times), too large, or not a record.
+    Unusable(String),
+    /// Written by a newer strata.
+    Newer(String),
+}
+
+/// Fetches the record object with a ranged GET no longer than a record may be (a huge object
+/// under the record's name costs one bounded GET, not its size), again when it arrives
+/// damaged (three tries, as for every enveloped object), and decodes it. Errors are store
+/// trouble.
+async fn fetch_record(store: &Arc<dyn Store>, layer: &Digest) -> FsResult<Fetched> {
     /// Room for the envelope's header line.
     const HEADER: u64 = 256;
-    let data = store
-        .get_range(
-            &record_key(layer),
-            0..record::MAX_RECORD_BYTES as u64 + HEADER + 1,
-        )
-        .await?;
-    if data.len() as u64 > record::MAX_RECORD_BYTES as u64 + HEADER {
-        return Err(FsError::InvalidInput(format!(
-            "layer {layer}: start record is larger than {} bytes",
-            record::MAX_RECORD_BYTES
-        )));
+    let limit = record::MAX_RECORD_BYTES as u64 + HEADER;
+    let mut why = String::new();
+    for _ in 0..3 {
+        let data = match store.get_range(&record_key(layer), 0..limit + 1).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(Fetched::Missing),
+            Err(e) => return Err(e.into()),
+        };
+        if data.len() as u64 > limit {
+            return Ok(Fetched::Unusable(format!(
+                "start record is larger than {} bytes",
+                record::MAX_RECORD_BYTES
+            )));
+        }
+        match crate::record::open(&data) {
+            Ok(body) => {
+                return Ok(match StartRecord::decode(&body, layer) {
+                    Ok(r) => Fetched::Record(r),
+                    Err(e @ record::RecordError::Unsupported { version, .. })
+                        if version > record::VERSION =>
+                    {
+                        Fetched::Newer(e.to_string())
+                    }
+                    Err(e) => Fetched::Unusable(e.to_string()),
+                })
+            }
+            Err(e) => why = e,
+        }
     }
-    let body = crate::record::open(&data)
-        .map_err(|e| FsError::InvalidInput(format!("layer {layer}: start record: {e}")))?;
-    StartRecord::decode(&body, layer)
-        .map(Some)
-        .map_err(|e| FsError::InvalidInput(format!("layer {layer}: {e}")))
+    Ok(Fetched::Unusable(format!(
+        "start record arrived damaged 3 times: {why}"
+    )))
 }
 
 /// What a replay did (so far).
@@ -395,7 +429,11 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
     let mut fetches = futures::stream::iter(batches)
         .map(|b| {
             let (reader, closed) = (reader.clone(), stack.closed().clone());
-            async move { reader.fetch_background(&b, &closed).await }
+            async move {
+                reader
+                    .fetch_background(&b, cache::BackgroundKind::Deferred, &closed)
+                    .await
+            }
         })
         .buffered(REPLAY_BATCHES_IN_FLIGHT);
     while let Some(fetched) = fetches.next().await {
