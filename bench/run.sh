@@ -105,6 +105,12 @@ for ds in big tree small py; do
 done
 
 # ---------------------------------------------------------------------------------------
+disk_dev=$(lsblk -no pkname "$(df --output=source "$work" | tail -1)" 2>/dev/null | head -1)
+[ -n "$disk_dev" ] || disk_dev=$(basename "$(df --output=source "$work" | tail -1)")
+disk_read_mib() { awk '{print int($3 * 512 / 1048576)}' "/sys/block/$disk_dev/stat"; }
+disk_written_mib() { sync; awk '{print int($7 * 512 / 1048576)}' "/sys/block/$disk_dev/stat"; }
+cpu_secs() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; } # pid → user+system CPU-seconds
+
 echo "== sequential read of 1 GiB"
 # This machine's disk varies a lot from run to run: native is the best of three.
 native_runs=()
@@ -116,7 +122,9 @@ native_seq=$(max "${native_runs[@]}")
 smount big:v1 "$work/m/big"
 drop_caches
 g0=$(garage_get_count)
+cpu0=$(cpu_secs "$DAEMON_PID"); w0=$(disk_written_mib)
 cold_seq=$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")
+cold_cpu=$(echo "$(cpu_secs "$DAEMON_PID") - $cpu0" | bc -l)
 cold_gets=$(( $(garage_get_count) - g0 ))
 cold_store_bytes=$(stat_total store_bytes)
 sumount "$work/m/big"
@@ -128,6 +136,7 @@ wait_assembled() { # up to 60 s: a full disk, say, leaves the file unassembled (
   echo "no local copy of the file after 60 s; warm reads go through strata" >&2
 }
 assembly_secs=$(timed wait_assembled)
+cold_written=$(( $(disk_written_mib) - w0 ))   # the chunks, and the assembled copy
 # Warm: the chunks (and the file's copy) are in the daemon's disk cache; page cache dropped,
 # mount made afresh. Best of two, like native.
 warm_runs=()
@@ -143,9 +152,6 @@ smount big:v1 "$work/m/big"
 echo "== random 4 KiB reads (fio), warm, vs native"
 # Bytes read from the disk during a run, beside the IOPS: readahead can turn random 4 KiB reads
 # into large ones that fill the page cache, and then most reads never reach the disk.
-disk_dev=$(lsblk -no pkname "$(df --output=source "$work" | tail -1)" 2>/dev/null | head -1)
-[ -n "$disk_dev" ] || disk_dev=$(basename "$(df --output=source "$work" | tail -1)")
-disk_read_mib() { awk '{print int($3 * 512 / 1048576)}' "/sys/block/$disk_dev/stat"; }
 fio_run() { # file qd → "iops p50_us p99_us disk_read_MiB"
   local jobs=$2 before
   before=$(disk_read_mib)
@@ -416,6 +422,7 @@ na="n/a"
   echo "| local copy of the 1 GiB file ready after the cold read (s) | $(fmt "$assembly_secs" 1) | | | | |"
   echo "| seq read 1 GiB warm after a daemon restart: through strata, verifying each chunk once (MiB/s) | $(fmt "$restart_seq" 0) | $(fmt "$native_seq" 0) | | | $(fmt "$(ratio "$restart_seq" "$native_seq")")× native |"
   echo "| cold 1 GiB read: store GETs / bytes fetched | $cold_gets / $(fmt "$(echo "$cold_store_bytes / 1048576" | bc -l)" 0) MiB | | | | |"
+  echo "| cold 1 GiB read: daemon CPU-seconds per GiB / disk MiB written per GiB read (chunks, then the assembled copy) | $(fmt "$cold_cpu" 2) / $cold_written | | | | |"
   echo "| random 4 KiB QD1, warm: IOPS | $st_qd1_iops | $nat_qd1_iops | | | $(fmt "$(ratio "$st_qd1_iops" "$nat_qd1_iops")")× native |"
   echo "| random 4 KiB QD1, warm: p50 / p99 (µs) | $st_qd1_p50 / $st_qd1_p99 | $nat_qd1_p50 / $nat_qd1_p99 | | | p99 $(fmt "$(ratio "$st_qd1_p99" "$nat_qd1_p99")")× native |"
   echo "| random 4 KiB QD16 (16 jobs), warm: IOPS | $st_qd16_iops | $nat_qd16_iops | | | $(fmt "$(ratio "$st_qd16_iops" "$nat_qd16_iops")")× native |"
