@@ -94,7 +94,9 @@ impl ChunkCache {
                 }
             },
         };
-        verified.then_some(assembled)
+        // Handed to the kernel only as verified: a copy changed on disk since (another
+        // process wrote to it) is verified again first (see `ChunkCache::assemble`).
+        (verified && disk.file_unchanged(&id, &assembled.file)).then_some(assembled)
     }
 
     /// In the background: assembles `file` if all of its chunks are on disk and it fits the
@@ -135,14 +137,15 @@ impl ChunkCache {
             let checked = if verified {
                 Ok(false)
             } else {
-                verify_file(&path).inspect(|&ok| {
+                verify_file(&path).map(|(ok, file)| {
                     if ok {
-                        disk.file_verified(id);
+                        disk.file_verified(id, &file);
                     } else {
                         tracing::error!(file = %id, path = %path.display(),
                             "assembled file is corrupt (hash mismatch); dropping it");
                         disk.remove_file(id);
                     }
+                    ok
                 })
             };
             disk.release_file(id);
@@ -228,10 +231,12 @@ fn content_hash(path: &std::path::Path) -> Option<Digest> {
     (n == 32).then_some(Digest(out))
 }
 
-/// Whether the file at `path` still holds the content it was assembled with.
-fn verify_file(path: &std::path::Path) -> io::Result<bool> {
+/// Whether the file at `path` still holds the content it was assembled with, and the file
+/// hashed (its identity is what was verified).
+fn verify_file(path: &std::path::Path) -> io::Result<(bool, std::fs::File)> {
+    let file = std::fs::File::open(path)?;
     let Some(expected) = content_hash(path) else {
-        return Ok(false);
+        return Ok((false, file));
     };
-    Ok(hash_file(&std::fs::File::open(path)?)? == expected)
+    Ok((hash_file(&file)? == expected, file))
 }

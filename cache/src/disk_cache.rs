@@ -77,6 +77,9 @@ struct Entry {
     size: u64,
     /// Checked against its digest since this process started.
     verified: bool,
+    /// The file as it was when verified (or written): a file that no longer matches was
+    /// changed behind the daemon's back, and is not trusted until verified again.
+    identity: Option<Identity>,
     /// When its last use was written to the index (ns since the epoch; 0: not by us).
     recorded: u64,
 }
@@ -95,6 +98,26 @@ struct State {
 }
 
 const RECORD_EVERY_NS: u64 = 60_000_000_000;
+
+/// Inode, size and ctime of a file: any write, truncate, rename over it or attribute change
+/// moves one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(m: &fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            ino: m.ino(),
+            size: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
 
 pub(crate) struct DiskCache {
     dir: PathBuf,
@@ -182,6 +205,7 @@ impl DiskCache {
                 Entry {
                     size,
                     verified: false,
+                    identity: None,
                     recorded: 0,
                 },
             );
@@ -307,18 +331,21 @@ impl DiskCache {
             }
             *state.pinned.entry(key).or_insert(0) += 1;
         }
-        let read = (|| -> io::Result<Vec<u8>> {
+        let read = (|| -> io::Result<Option<Vec<u8>>> {
             use std::os::unix::fs::FileExt;
             let f = fs::File::open(self.path(&key))?;
+            if !self.unchanged(&key, &f) {
+                return Ok(None);
+            }
             let mut buf = vec![0u8; range.len()];
             f.read_exact_at(&mut buf, range.start as u64)?;
-            Ok(buf)
+            Ok(Some(buf))
         })();
         self.unpin(&key);
         match read {
             Ok(buf) => {
                 self.record_use(&key);
-                Some(buf)
+                buf
             }
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -352,8 +379,15 @@ impl DiskCache {
 
     fn read_pinned(&self, digest: &Digest, verified: bool) -> DiskRead {
         let key = Key::Chunk(*digest);
-        let data = match fs::read(self.path(&key)) {
-            Ok(d) => d,
+        let opened = fs::File::open(self.path(&key)).and_then(|mut f| {
+            use std::io::Read;
+            let meta = f.metadata()?;
+            let mut data = Vec::with_capacity(meta.len() as usize);
+            f.read_to_end(&mut data)?;
+            Ok((data, meta))
+        });
+        let (data, identity) = match opened {
+            Ok((d, meta)) => (d, Identity::of(&meta)),
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(chunk = %digest, "reading cached chunk: {e}");
@@ -363,19 +397,19 @@ impl DiskCache {
             }
         };
         self.record_use(&key);
-        if !verified {
+        if !verified || !self.identity_is(&key, identity) {
             if Digest::of(&data) != *digest {
                 tracing::error!(chunk = %digest, path = %self.path(&key).display(),
                     "cached chunk file is corrupt (hash mismatch); dropping it and fetching again");
                 self.remove(&key);
                 return DiskRead::Corrupt;
             }
-            self.mark_verified(&key);
+            self.mark_verified(&key, Some(identity));
         }
         DiskRead::Hit(data)
     }
 
-    fn mark_verified(&self, key: &Key) {
+    fn mark_verified(&self, key: &Key, identity: Option<Identity>) {
         if let Some(e) = self
             .state
             .lock()
@@ -384,7 +418,49 @@ impl DiskCache {
             .peek_mut(key)
         {
             e.verified = true;
+            e.identity = identity;
         }
+    }
+
+    /// Whether `key`'s file is still as it was when verified.
+    fn identity_is(&self, key: &Key, found: Identity) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lru
+            .peek(key)
+            .is_some_and(|e| e.identity == Some(found))
+    }
+
+    /// Whether the open file `f` of `key` is the one verified; if not (it changed on disk
+    /// behind the daemon), `key` is no longer counted as verified, so it is hashed again
+    /// before its bytes are used.
+    pub(crate) fn unchanged(&self, key: &Key, f: &fs::File) -> bool {
+        let found = match f.metadata() {
+            Ok(m) => Identity::of(&m),
+            Err(_) => return false,
+        };
+        if self.identity_is(key, found) {
+            return true;
+        }
+        tracing::warn!(%key, path = %self.path(key).display(),
+            "cached file changed on disk since it was verified; verifying it again");
+        if let Some(e) = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lru
+            .peek_mut(key)
+        {
+            e.verified = false;
+            e.identity = None;
+        }
+        false
+    }
+
+    /// [`DiskCache::unchanged`] for an assembled file.
+    pub(crate) fn file_unchanged(&self, id: &Digest, f: &fs::File) -> bool {
+        self.unchanged(&Key::File(*id), f)
     }
 
     /// Copies bytes `part` of a chunk of `len` bytes to the end of `out` (in the kernel where
@@ -405,9 +481,13 @@ impl DiskCache {
             ));
         };
         let copied = (|| {
-            if verified {
+            let opened = if verified {
+                Some(fs::File::open(self.path(&key))?).filter(|f| self.unchanged(&key, f))
+            } else {
+                None
+            };
+            if let Some(mut f) = opened {
                 use std::io::{Read, Seek};
-                let mut f = fs::File::open(self.path(&key))?;
                 let size = f.metadata()?.len();
                 if size != len as u64 {
                     return Err(io::Error::other(format!(
@@ -456,8 +536,9 @@ impl DiskCache {
         self.unpin(&Key::File(*id));
     }
 
-    pub(crate) fn file_verified(&self, id: &Digest) {
-        self.mark_verified(&Key::File(*id));
+    /// An assembled file was hashed and found right; `f` is the file hashed.
+    pub(crate) fn file_verified(&self, id: &Digest, f: &fs::File) {
+        self.mark_verified(&Key::File(*id), f.metadata().ok().map(|m| Identity::of(&m)));
     }
 
     /// Drops an assembled file that failed verification.
@@ -567,6 +648,11 @@ impl DiskCache {
         };
         self.unlink(evicted);
         let written = self.write_file(&key, size, write);
+        let identity = written
+            .as_ref()
+            .ok()
+            .and_then(|()| fs::symlink_metadata(self.path(&key)).ok())
+            .map(|m| Identity::of(&m));
         let mut state = self
             .state
             .lock()
@@ -577,6 +663,7 @@ impl DiskCache {
                 let entry = Entry {
                     size,
                     verified: true,
+                    identity,
                     recorded: 0,
                 };
                 if let Some(old) = state.lru.put(key, entry) {
@@ -831,6 +918,56 @@ mod tests {
         }
         assert!(matches!(cache.read(&Digest::of(&b)), DiskRead::Corrupt));
         assert!(matches!(cache.read(&Digest::of(&b)), DiskRead::Miss));
+    }
+
+    /// A file verified (or written) by this process and changed on disk afterwards, behind
+    /// its back, is not trusted: its bytes are hashed again before use, and a chunk that no
+    /// longer matches is dropped, never served.
+    #[test]
+    fn a_file_changed_on_disk_after_verification_is_verified_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 10_000).unwrap();
+        let a = vec![1u8; 1000];
+        let d = Digest::of(&a);
+        cache.insert(&d, &a);
+        assert_eq!(cache.read_range(&d, 10..20).unwrap(), a[10..20]);
+        let hex = d.to_hex();
+        let path = tmp.path().join("chunks").join(&hex[..2]).join(&hex);
+        // Same size, other bytes, written in place (the inode stays; its ctime moves).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[9u8; 1000])
+            .unwrap();
+        assert!(
+            cache.read_range(&d, 10..20).is_none(),
+            "a changed file is not read in part"
+        );
+        assert!(matches!(cache.read(&d), DiskRead::Corrupt));
+        assert!(!path.exists());
+        // An assembled file changed behind the daemon's back is no longer counted verified.
+        let id = Digest::of(b"a file");
+        assert!(cache
+            .insert_file(&id, 100, |f| f.write_all(&[7u8; 100]))
+            .unwrap());
+        let (file_path, verified) = cache.open_file(&id).unwrap();
+        assert!(verified);
+        let f = fs::File::open(&file_path).unwrap();
+        assert!(cache.file_unchanged(&id, &f));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&file_path)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        assert!(!cache.file_unchanged(&id, &f));
+        cache.release_file(&id);
+        let (_, verified) = cache.open_file(&id).unwrap();
+        assert!(!verified, "to be verified again before it is handed out");
+        cache.release_file(&id);
     }
 
     #[test]

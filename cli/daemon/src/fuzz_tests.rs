@@ -95,6 +95,7 @@ fn reply_lines_never_panic_a_client() {
             quarantined: false,
             next_try_at: Some(1_800_000_000),
         }],
+        local_integrity: "x".into(),
     };
     let commit = CommitReply {
         volume: "team/vol".into(),

@@ -1023,6 +1023,7 @@ impl Daemon {
             manifest_bytes: dir_size(&self.config.cache_dir.join("layers")),
             mounts,
             kept,
+            local_integrity: crate::protocol::LOCAL_INTEGRITY.into(),
         }
     }
 }

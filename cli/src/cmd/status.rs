@@ -83,6 +83,9 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         human(t.memory_capacity),
         human(reply.manifest_bytes)
     );
+    if !reply.local_integrity.is_empty() {
+        println!("local copies: {}", reply.local_integrity);
+    }
     println!(
         "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7}",
         "mount",

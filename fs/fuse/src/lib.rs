@@ -113,6 +113,8 @@ pub struct StrataFs {
     tree: Arc<MountTree>,
     runtime: tokio::runtime::Handle,
     handles: Arc<Handles<BackingId>>,
+    /// Opens of files are not sent at all (see `init`).
+    zero_message_opens: bool,
 }
 
 fn fh_of(kind: OpenKind) -> FileHandle {
@@ -220,6 +222,7 @@ impl StrataFs {
             tree,
             runtime,
             handles,
+            zero_message_opens: false,
         }
     }
 
@@ -309,6 +312,19 @@ impl Filesystem for StrataFs {
         // Large readahead lets the kernel ask for whole chunks' worth in one request.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        // A read-only tree needs nothing from an open of a file: its bytes never change, and
+        // nothing can be opened for writing. Where the kernel allows it, opens then cost no
+        // round trip through strata at all (the kernel keeps the page cache across them); the
+        // price is passthrough, which needs an open to hand the kernel its local copy, so
+        // large files of read-only mounts are read through strata (and the page cache).
+        if !self.tree.is_writable()
+            && config
+                .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                .is_ok()
+        {
+            self.zero_message_opens = true;
+            self.handles.disable_passthrough();
+        }
         if self.handles.passthrough() {
             // Depth 1: the cache dir must be on a plain filesystem, and strata itself may sit
             // under an overlayfs.
@@ -541,6 +557,11 @@ impl Filesystem for StrataFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
+            if self.zero_message_opens {
+                // The kernel opens the file itself from now on (keeping the page cache) and
+                // sends no more opens; a write is refused later by the read-only mount.
+                return reply.error(Errno::ENOSYS);
+            }
             if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
                 self.open_for_write(ino.0, reply)
             } else {
