@@ -10,9 +10,9 @@
 //! against it before it is handed out, as chunk files are.
 
 use std::io::{self, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use crate::disk_cache::DiskCache;
 use crate::ChunkCache;
 use strata_cache_format::{ChunkLoc, Digest};
 
@@ -137,9 +137,9 @@ impl ChunkCache {
             let checked = if verified {
                 Ok(false)
             } else {
-                verify_file(&path).map(|(ok, file)| {
+                verify_file(&path).map(|(ok, before)| {
                     if ok {
-                        disk.file_verified(id, &file);
+                        disk.file_verified(id, &before);
                     } else {
                         tracing::error!(file = %id, path = %path.display(),
                             "assembled file is corrupt (hash mismatch); dropping it");
@@ -224,19 +224,21 @@ fn set_content_hash(f: &std::fs::File, d: &Digest) -> io::Result<()> {
     })
 }
 
-fn content_hash(path: &std::path::Path) -> Option<Digest> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+fn content_hash(f: &std::fs::File) -> Option<Digest> {
     let mut out = [0u8; 32];
-    let n = rustix::fs::getxattr(&c_path, CONTENT_XATTR, &mut out[..]).ok()?;
+    let n = rustix::fs::fgetxattr(f, CONTENT_XATTR, &mut out[..]).ok()?;
     (n == 32).then_some(Digest(out))
 }
 
-/// Whether the file at `path` still holds the content it was assembled with, and the file
-/// hashed (its identity is what was verified).
-fn verify_file(path: &std::path::Path) -> io::Result<(bool, std::fs::File)> {
+/// Whether the file at `path` still holds the content it was assembled with, with its stat
+/// from before hashing. Not if it was written while being hashed (its identity moved).
+fn verify_file(path: &std::path::Path) -> io::Result<(bool, std::fs::Metadata)> {
     let file = std::fs::File::open(path)?;
-    let Some(expected) = content_hash(path) else {
-        return Ok((false, file));
+    let before = file.metadata()?;
+    let Some(expected) = content_hash(&file) else {
+        return Ok((false, before));
     };
-    Ok((hash_file(&file)? == expected, file))
+    let hashed = hash_file(&file)?;
+    let steady = DiskCache::same_identity(&before, &file.metadata()?);
+    Ok((steady && hashed == expected, before))
 }

@@ -339,7 +339,8 @@ impl DiskCache {
             }
             let mut buf = vec![0u8; range.len()];
             f.read_exact_at(&mut buf, range.start as u64)?;
-            Ok(Some(buf))
+            // Written meanwhile? (A write moves the ctime before it copies its bytes.)
+            Ok(self.unchanged(&key, &f).then_some(buf))
         })();
         self.unpin(&key);
         match read {
@@ -381,13 +382,15 @@ impl DiskCache {
         let key = Key::Chunk(*digest);
         let opened = fs::File::open(self.path(&key)).and_then(|mut f| {
             use std::io::Read;
-            let meta = f.metadata()?;
-            let mut data = Vec::with_capacity(meta.len() as usize);
+            let before = Identity::of(&f.metadata()?);
+            let mut data = Vec::with_capacity(before.size as usize);
             f.read_to_end(&mut data)?;
-            Ok((data, meta))
+            // Written while read: not the file any identity vouches for.
+            let after = Identity::of(&f.metadata()?);
+            Ok((data, before, before == after))
         });
-        let (data, identity) = match opened {
-            Ok((d, meta)) => (d, Identity::of(&meta)),
+        let (data, identity, steady) = match opened {
+            Ok(read) => read,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(chunk = %digest, "reading cached chunk: {e}");
@@ -397,14 +400,14 @@ impl DiskCache {
             }
         };
         self.record_use(&key);
-        if !verified || !self.identity_is(&key, identity) {
+        if !verified || !steady || !self.identity_is(&key, identity) {
             if Digest::of(&data) != *digest {
                 tracing::error!(chunk = %digest, path = %self.path(&key).display(),
                     "cached chunk file is corrupt (hash mismatch); dropping it and fetching again");
                 self.remove(&key);
                 return DiskRead::Corrupt;
             }
-            self.mark_verified(&key, Some(identity));
+            self.mark_verified(&key, steady.then_some(identity));
         }
         DiskRead::Hit(data)
     }
@@ -495,10 +498,15 @@ impl DiskCache {
                     )));
                 }
                 f.seek(io::SeekFrom::Start(part.start))?;
-                let n = io::copy(&mut f.take(part.end - part.start), out)?;
+                let n = io::copy(&mut (&f).take(part.end - part.start), out)?;
                 if n != part.end - part.start {
                     return Err(io::Error::other(format!(
                         "chunk {digest} shrank while copied"
+                    )));
+                }
+                if !self.unchanged(&key, &f) {
+                    return Err(io::Error::other(format!(
+                        "chunk {digest} changed on disk while copied"
                     )));
                 }
                 self.record_use(&key);
@@ -536,9 +544,15 @@ impl DiskCache {
         self.unpin(&Key::File(*id));
     }
 
-    /// An assembled file was hashed and found right; `f` is the file hashed.
-    pub(crate) fn file_verified(&self, id: &Digest, f: &fs::File) {
-        self.mark_verified(&Key::File(*id), f.metadata().ok().map(|m| Identity::of(&m)));
+    /// An assembled file was hashed and found right, and its identity (inode, size, ctime)
+    /// was the same before and after.
+    pub(crate) fn file_verified(&self, id: &Digest, before: &fs::Metadata) {
+        self.mark_verified(&Key::File(*id), Some(Identity::of(before)));
+    }
+
+    /// Whether two stats of one file show the same identity (nothing written between them).
+    pub(crate) fn same_identity(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+        Identity::of(a) == Identity::of(b)
     }
 
     /// Drops an assembled file that failed verification.

@@ -174,8 +174,8 @@ pub struct StatsReply {
 /// What protects the cache's local copies: no fs-verity (strata does not use it), but a hash
 /// on first use and the file's identity afterwards.
 pub const LOCAL_INTEGRITY: &str = "BLAKE3 of each file on its first use after a start (or as \
-written), then its inode, size and ctime on every use; a file changed since is hashed again \
-before use; no fs-verity";
+written), then its inode, size and ctime around each read and when handed to the kernel; a \
+file changed since is hashed again before use; no fs-verity";
 
 /// A kept volume upper, as the daemon lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

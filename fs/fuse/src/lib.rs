@@ -557,12 +557,16 @@ impl Filesystem for StrataFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
+            let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            if write && !self.tree.is_writable() {
+                return reply.error(Errno::EROFS);
+            }
             if self.zero_message_opens {
                 // The kernel opens the file itself from now on (keeping the page cache) and
                 // sends no more opens; a write is refused later by the read-only mount.
                 return reply.error(Errno::ENOSYS);
             }
-            if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            if write {
                 self.open_for_write(ino.0, reply)
             } else {
                 self.open_for_read(ino.0, reply)
