@@ -413,6 +413,11 @@ impl DiskCache {
     }
 
     fn mark_verified(&self, key: &Key, identity: Option<Identity>) {
+        self.set_verified(key, true, identity);
+    }
+
+    /// Sets whether `key`'s file counts as verified, and as which file.
+    fn set_verified(&self, key: &Key, verified: bool, identity: Option<Identity>) {
         if let Some(e) = self
             .state
             .lock()
@@ -420,7 +425,7 @@ impl DiskCache {
             .lru
             .peek_mut(key)
         {
-            e.verified = true;
+            e.verified = verified;
             e.identity = identity;
         }
     }
@@ -448,16 +453,7 @@ impl DiskCache {
         }
         tracing::warn!(%key, path = %self.path(key).display(),
             "cached file changed on disk since it was verified; verifying it again");
-        if let Some(e) = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .lru
-            .peek_mut(key)
-        {
-            e.verified = false;
-            e.identity = None;
-        }
+        self.set_verified(key, false, None);
         false
     }
 
