@@ -180,6 +180,13 @@ impl DaemonMount {
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mountpoint.join(rel)
     }
+
+    /// `strata unmount` through the daemon, for a test that checks what it says (a volume
+    /// whose commit failed, say).
+    pub fn unmount(self) -> std::process::Output {
+        self.strata
+            .run(&["unmount", self.mountpoint.to_str().unwrap()])
+    }
 }
 
 impl Drop for DaemonMount {
@@ -189,6 +196,11 @@ impl Drop for DaemonMount {
                 .strata
                 .run(&["unmount", self.mountpoint.to_str().unwrap()]);
             if !out.status.success() {
+                eprintln!(
+                    "strata unmount {} failed ({}); detaching it",
+                    self.mountpoint.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
                 let _ = strata_fuse::unmount(&self.mountpoint, true);
             }
         }

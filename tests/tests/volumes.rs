@@ -362,10 +362,17 @@ fn a_commit_while_the_store_is_down_is_kept_and_retried() {
     let m = d.mount_with(&store, &work.join("m1"), &[], &vol).unwrap();
     fs::write(m.path("kept.txt"), b"not lost").unwrap();
     proxy.stop();
-    drop(m); // the commit fails: the store is unreachable
+    // The commit fails (the store is unreachable), and the unmount says where the upper is.
+    let out = m.unmount();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("kept"),
+        "strata unmount: {said}\ndaemon log:\n{}",
+        d.log_text()
+    );
     let kept = fs::read_dir(d.state_dir.join("uncommitted"))
-        .unwrap()
-        .count();
+        .map(|e| e.count())
+        .unwrap_or(0);
     assert_eq!(kept, 1, "{}", d.log_text());
     assert!(
         d.log_text().contains("the upper is kept in"),
