@@ -1,18 +1,20 @@
-//! Assembled files: the whole content of a layer file in one local file, built from its cached
-//! chunks, so that opens of a hot file can be handed to the kernel (FUSE passthrough) and read
+//! Local copies of large layer files: the whole content of a layer file in one sparse local
+//! file, so that opens of a hot file can be handed to the kernel (FUSE passthrough) and read
 //! at the speed of the local disk with no trip through the daemon.
 //!
-//! A file is assembled in the background once all of its chunks are in the disk cache (after
-//! a full read); it lives in the disk cache's budget and LRU like a chunk, and is pinned while
-//! open. Chunks ignore file boundaries, so a file's first and last chunks may hold bytes of
-//! its neighbours: only the file's own part of them is copied. The BLAKE3 of the content is
-//! kept in an extended attribute of the file, and an assembled file found at start is checked
-//! against it before it is handed out, as chunk files are.
+//! The copy *is* where the file's chunks are cached: a read of a large file hands the cache
+//! its [`FileLayout`], and each chunk fetched for it is written straight into its place in
+//! the copy (see the disk cache), so its bytes reach the disk once. Chunks ignore file
+//! boundaries: a chunk wholly inside the file lives only in the copy (and is read from there
+//! by digest, whichever file asks for it); the first and last chunks may hold neighbours'
+//! bytes, so they are also kept whole as chunk files and only the file's own part of them is
+//! in the copy. A copy is handed to the kernel once every part is in place and verified.
 
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::io;
 use std::sync::Arc;
 
-use crate::disk_cache::DiskCache;
+use crate::disk_cache::DiskRead;
 use crate::ChunkCache;
 use strata_cache_format::{ChunkLoc, Digest};
 
@@ -29,38 +31,136 @@ impl FileChunks {
     /// The name of the file's content. Chunks are content-addressed, so two files with the same
     /// chunks and bounds have the same content, whatever layer or store they come from.
     pub fn id(&self) -> Digest {
-        let mut h = blake3::Hasher::new();
-        h.update(b"strata file v1\0");
-        h.update(&self.start.to_le_bytes());
-        h.update(&self.len.to_le_bytes());
-        for loc in &self.chunks {
-            h.update(&loc.digest.0);
-            h.update(&loc.len.to_le_bytes());
-        }
-        Digest(*h.finalize().as_bytes())
-    }
-
-    /// The part of each chunk that belongs to the file, in chunk offsets.
-    fn parts(&self) -> impl Iterator<Item = (&ChunkLoc, std::ops::Range<u64>)> {
-        let mut chunk_start = 0u64; // of each chunk, relative to the file's first chunk
-        let file = self.start..self.start + self.len;
-        self.chunks.iter().map(move |loc| {
-            let lo = file.start.max(chunk_start) - chunk_start;
-            let hi = file.end.min(chunk_start + loc.len as u64).max(chunk_start) - chunk_start;
-            chunk_start += loc.len as u64;
-            (loc, lo..hi.max(lo))
-        })
+        file_id(
+            self.start,
+            self.len,
+            self.chunks.iter().map(|l| (&l.digest, l.len)),
+        )
     }
 }
 
-/// The extended attribute holding the BLAKE3 of an assembled file's content.
-const CONTENT_XATTR: &str = "user.strata.blake3";
+pub(crate) fn file_id<'a>(
+    start: u64,
+    len: u64,
+    chunks: impl Iterator<Item = (&'a Digest, u32)>,
+) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"strata file v1\0");
+    h.update(&start.to_le_bytes());
+    h.update(&len.to_le_bytes());
+    for (digest, len) in chunks {
+        h.update(&digest.0);
+        h.update(&len.to_le_bytes());
+    }
+    Digest(*h.finalize().as_bytes())
+}
 
-/// Files larger than this share of the disk budget are not assembled: one file should not
+/// A file's chunks with where each one's bytes go in the file's local copy: what the cache
+/// needs to write a chunk fetched for the file into its place.
+#[derive(Debug)]
+pub struct FileLayout {
+    id: Digest,
+    start: u64,
+    len: u64,
+    /// Digest and plain length of each chunk, in file order.
+    chunks: Vec<(Digest, u32)>,
+    /// Where each chunk starts in the chunk stream, relative to the first chunk.
+    offsets: Vec<u64>,
+    /// The positions of each chunk (a file may hold one chunk several times).
+    at: HashMap<Digest, Vec<u32>>,
+}
+
+impl FileLayout {
+    /// The layout of `file`; `None` if its bounds do not fit its chunks (a layer whose
+    /// manifest lies about them).
+    pub fn new(file: &FileChunks) -> Option<Arc<FileLayout>> {
+        Self::from_parts(
+            file.start,
+            file.len,
+            file.chunks.iter().map(|l| (l.digest, l.len)).collect(),
+        )
+        .map(Arc::new)
+    }
+
+    pub(crate) fn from_parts(
+        start: u64,
+        len: u64,
+        chunks: Vec<(Digest, u32)>,
+    ) -> Option<FileLayout> {
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut at: HashMap<Digest, Vec<u32>> = HashMap::new();
+        let mut total = 0u64;
+        for (i, (digest, l)) in chunks.iter().enumerate() {
+            offsets.push(total);
+            total += *l as u64;
+            at.entry(*digest).or_default().push(i as u32);
+        }
+        // Every chunk holds some of the file's bytes: the first one its start, the last its end.
+        let fits = !chunks.is_empty()
+            && len > 0
+            && start < chunks[0].1 as u64
+            && start
+                .checked_add(len)
+                .is_some_and(|end| end <= total && end > offsets[offsets.len() - 1]);
+        fits.then(|| FileLayout {
+            id: file_id(start, len, chunks.iter().map(|(d, l)| (d, *l))),
+            start,
+            len,
+            chunks,
+            offsets,
+            at,
+        })
+    }
+
+    /// The file's content name (see [`FileChunks::id`]).
+    pub fn id(&self) -> &Digest {
+        &self.id
+    }
+
+    /// The file's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn start(&self) -> u64 {
+        self.start
+    }
+
+    pub(crate) fn chunks(&self) -> &[(Digest, u32)] {
+        &self.chunks
+    }
+
+    /// The positions of chunk `digest` in the file (none if it is not one of its chunks).
+    pub(crate) fn positions(&self, digest: &Digest) -> &[u32] {
+        self.at.get(digest).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Chunk `i`'s part of the file: the range of the chunk's bytes that belong to the file,
+    /// and where the first of them goes in the file.
+    pub(crate) fn part(&self, i: usize) -> (std::ops::Range<u64>, u64) {
+        let chunk_start = self.offsets[i];
+        let chunk_end = chunk_start + self.chunks[i].1 as u64;
+        let lo = self.start.max(chunk_start);
+        let hi = (self.start + self.len).min(chunk_end).max(lo);
+        (lo - chunk_start..hi - chunk_start, lo - self.start)
+    }
+
+    /// Whether all of chunk `i` lies inside the file (the copy then holds it whole).
+    pub(crate) fn whole(&self, i: usize) -> bool {
+        let (range, _) = self.part(i);
+        range.start == 0 && range.end == self.chunks[i].1 as u64
+    }
+}
+
+/// Files larger than this share of the disk budget get no local copy: one file should not
 /// push the rest of the cache out.
-const MAX_SHARE_OF_BUDGET: u64 = 4;
+pub(crate) const MAX_SHARE_OF_BUDGET: u64 = 4;
 
-/// An assembled file, open; the cache keeps it (no eviction) while this lives.
+/// A file's complete local copy, open; the cache keeps it (no eviction) while this lives.
 pub struct AssembledFile {
     cache: Arc<ChunkCache>,
     id: Digest,
@@ -76,11 +176,12 @@ impl Drop for AssembledFile {
 }
 
 impl ChunkCache {
-    /// The assembled copy of `file`, if there is one verified since start. One that is not
-    /// verified yet is verified by [`ChunkCache::assemble`]; until then, `None`.
-    pub fn assembled(self: &Arc<Self>, file: &FileChunks) -> Option<AssembledFile> {
+    /// The complete local copy of a file, if every part of it is in place and verified since
+    /// start. One that is not verified yet is verified by [`ChunkCache::assemble`]; until
+    /// then, `None`.
+    pub fn assembled(self: &Arc<Self>, layout: &FileLayout) -> Option<AssembledFile> {
         let disk = self.disk.as_ref()?;
-        let id = file.id();
+        let id = *layout.id();
         let (path, verified) = disk.open_file(&id)?;
         let assembled = AssembledFile {
             cache: Arc::clone(self),
@@ -88,7 +189,7 @@ impl ChunkCache {
             file: match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!("opening assembled file {}: {e}", path.display());
+                    tracing::warn!("opening local copy {}: {e}", path.display());
                     disk.release_file(&id);
                     return None;
                 }
@@ -99,15 +200,16 @@ impl ChunkCache {
         (verified && disk.file_unchanged(&id, &assembled.file)).then_some(assembled)
     }
 
-    /// In the background: assembles `file` if all of its chunks are on disk and it fits the
-    /// budget, or verifies the copy found at start. Does nothing if either is under way
-    /// already. Must be called within a tokio runtime.
-    pub fn assemble(self: &Arc<Self>, file: FileChunks) {
+    /// In the background: completes a file's local copy with the chunks it misses, if all of
+    /// them are cached elsewhere (in memory, as chunk files or in other copies: chunks shared
+    /// with other files), or verifies the parts of a copy found at start. Does nothing if
+    /// either is under way already. Must be called within a tokio runtime.
+    pub fn assemble(self: &Arc<Self>, layout: Arc<FileLayout>) {
         let Some(disk) = &self.disk else { return };
-        if file.len == 0 || file.len > disk.capacity() / MAX_SHARE_OF_BUDGET {
+        if layout.len() > disk.capacity() / MAX_SHARE_OF_BUDGET {
             return;
         }
-        let id = file.id();
+        let id = *layout.id();
         if !self
             .assembling
             .lock()
@@ -118,127 +220,61 @@ impl ChunkCache {
         }
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let result = this.assemble_now(&id, &file);
+            let result = this.assemble_now(&layout);
             this.assembling
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&id);
             match result {
-                Ok(true) => tracing::debug!(file = %id, size = file.len, "assembled file ready"),
+                Ok(true) => {
+                    tracing::debug!(file = %id, size = layout.len(), "local copy ready")
+                }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(file = %id, "assembling a file from its chunks: {e}"),
+                Err(e) => tracing::warn!(file = %id, "completing a local copy: {e}"),
             }
         });
     }
 
-    fn assemble_now(&self, id: &Digest, file: &FileChunks) -> io::Result<bool> {
+    fn assemble_now(&self, layout: &Arc<FileLayout>) -> io::Result<bool> {
         let disk = self.disk.as_ref().expect("checked by assemble");
-        if let Some((path, verified)) = disk.open_file(id) {
-            let checked = if verified {
-                Ok(false)
-            } else {
-                verify_file(&path).map(|(ok, before)| {
-                    if ok {
-                        disk.file_verified(id, &before);
-                    } else {
-                        tracing::error!(file = %id, path = %path.display(),
-                            "assembled file is corrupt (hash mismatch); dropping it");
-                        disk.remove_file(id);
-                    }
-                    ok
-                })
-            };
-            disk.release_file(id);
-            return checked;
+        let id = layout.id();
+        if let Some(copy) = disk.copy_state(id) {
+            if copy.complete {
+                if copy.verified {
+                    return Ok(true);
+                }
+                let (verified, dropped) = disk.verify_copy(id)?;
+                self.count_corrupt(dropped);
+                if verified || dropped == 0 {
+                    return Ok(verified);
+                }
+            }
         }
-        // A read that just ended may have chunks still on their way to disk: those come from
-        // memory.
         let in_memory = |d: &Digest| {
             self.memory
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .lru
-                .contains(d)
+                .get(d)
         };
-        if !file
-            .chunks
+        let missing = disk.missing_parts(layout);
+        if !missing
             .iter()
-            .all(|l| disk.contains(&l.digest) || in_memory(&l.digest))
+            .all(|d| disk.contains(d) || in_memory(d).is_some())
         {
             return Ok(false);
         }
-        disk.insert_file(id, file.len, |out| {
-            for (loc, part) in file.parts() {
-                if part.is_empty() {
-                    continue;
-                }
-                match disk.copy_chunk(&loc.digest, loc.len, part.clone(), out) {
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        let data = self
-                            .memory
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .get(&loc.digest)
-                            .ok_or(e)?;
-                        if data.len() != loc.len as usize {
-                            return Err(io::Error::other(format!(
-                                "chunk {} has {} bytes, the layer says {}",
-                                loc.digest,
-                                data.len(),
-                                loc.len
-                            )));
-                        }
-                        io::Write::write_all(out, &data[part.start as usize..part.end as usize])?;
-                    }
-                    other => other?,
-                }
-            }
-            // The copies come from verified chunks; the hash of the whole lets the file be
-            // checked after a restart without its neighbours' bytes.
-            let content = hash_file(out)?;
-            set_content_hash(out, &content)
-        })
-    }
-}
-
-fn hash_file(f: &std::fs::File) -> io::Result<Digest> {
-    use std::io::Seek;
-    let mut f = f;
-    f.seek(io::SeekFrom::Start(0))?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+        for digest in missing {
+            let data = match in_memory(&digest) {
+                Some(data) => data.to_vec(),
+                None => match disk.read(&digest) {
+                    DiskRead::Hit(data) => data,
+                    DiskRead::Miss | DiskRead::Corrupt => return Ok(false),
+                },
+            };
+            disk.store_part(layout, &digest, &data);
         }
-        h.update(&buf[..n]);
+        Ok(disk
+            .copy_state(id)
+            .is_some_and(|c| c.complete && c.verified))
     }
-    Ok(Digest(*h.finalize().as_bytes()))
-}
-
-fn set_content_hash(f: &std::fs::File, d: &Digest) -> io::Result<()> {
-    rustix::fs::fsetxattr(f, CONTENT_XATTR, &d.0, rustix::fs::XattrFlags::empty()).map_err(|e| {
-        let e = io::Error::from(e);
-        io::Error::new(e.kind(), format!("setting {CONTENT_XATTR}: {e}"))
-    })
-}
-
-fn content_hash(f: &std::fs::File) -> Option<Digest> {
-    let mut out = [0u8; 32];
-    let n = rustix::fs::fgetxattr(f, CONTENT_XATTR, &mut out[..]).ok()?;
-    (n == 32).then_some(Digest(out))
-}
-
-/// Whether the file at `path` still holds the content it was assembled with, with its stat
-/// from before hashing. Not if it was written while being hashed (its identity moved).
-fn verify_file(path: &std::path::Path) -> io::Result<(bool, std::fs::Metadata)> {
-    let file = std::fs::File::open(path)?;
-    let before = file.metadata()?;
-    let Some(expected) = content_hash(&file) else {
-        return Ok((false, before));
-    };
-    let hashed = hash_file(&file)?;
-    let steady = DiskCache::same_identity(&before, &file.metadata()?);
-    Ok((steady && hashed == expected, before))
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 
+use crate::assembled::FileLayout;
 use crate::disk_cache::{DiskCache, DiskRead};
 use strata_cache_format::{blob, pack_key, ChunkLoc, Digest};
 use strata_store::{Store, StoreError, StoreErrorKind};
@@ -415,7 +416,17 @@ impl ChunkReader {
     /// The plain bytes of several chunks, in order. Missing chunks stored next to each other
     /// in a pack are fetched together, with one ranged GET.
     pub async fn get_many(&self, locs: &[ChunkLoc]) -> Result<Vec<Bytes>, ChunkError> {
-        let pending = self.cache.start(self, locs, Asked::Read, None);
+        self.get_many_for(locs, None).await
+    }
+
+    /// [`ChunkReader::get_many`] for a read of the file of `home`: chunks fetched are cached in
+    /// its local copy (see [`FileLayout`]).
+    pub async fn get_many_for(
+        &self,
+        locs: &[ChunkLoc],
+        home: Option<&Arc<FileLayout>>,
+    ) -> Result<Vec<Bytes>, ChunkError> {
+        let pending = self.cache.start(self, locs, Asked::Read, None, home);
         // While this read waits on the store, background work shrinks to its minimum.
         let _waiting = pending
             .iter()
@@ -433,7 +444,7 @@ impl ChunkReader {
                 }
                 p = self
                     .cache
-                    .start(self, std::slice::from_ref(loc), Asked::Read, None)
+                    .start(self, std::slice::from_ref(loc), Asked::Read, None, home)
                     .pop()
                     .expect("one chunk asked, one given");
             }
@@ -504,8 +515,8 @@ impl ChunkReader {
     /// Starts fetching chunks in the background (readahead); errors are left for the reader
     /// that eventually asks for them. Background fetches have a budget of their own: when it is
     /// spent the rest is skipped, so readahead never queues ahead of reads a function is
-    /// waiting on.
-    pub fn prefetch(&self, locs: &[ChunkLoc]) {
+    /// waiting on. Chunks of the file of `home` are cached in its local copy.
+    pub fn prefetch(&self, locs: &[ChunkLoc], home: Option<&Arc<FileLayout>>) {
         let mut wanted = Vec::new();
         let mut permits = Vec::new();
         {
@@ -528,7 +539,9 @@ impl ChunkReader {
         if wanted.is_empty() {
             return;
         }
-        let pending = self.cache.start(self, &wanted, Asked::Readahead, None);
+        let pending = self
+            .cache
+            .start(self, &wanted, Asked::Readahead, None, home);
         tokio::spawn(async move {
             for p in pending {
                 if let Pending::Fetching(f) = p {
@@ -544,10 +557,12 @@ impl ChunkReader {
     /// (what the store was asked for). Errors are not reported: a reader that needs a chunk
     /// that failed fetches it again and sees the error.
     /// Runs that have not reached the store when `cancelled` is set end without fetching.
-    /// A run another mount started and cancelled is started again.
+    /// A run another mount started and cancelled is started again. Chunks of the file of
+    /// `home` are cached in its local copy.
     pub async fn fetch_background(
         &self,
         locs: &[ChunkLoc],
+        home: Option<&Arc<FileLayout>>,
         kind: BackgroundKind,
         cancelled: &Arc<AtomicBool>,
     ) -> u64 {
@@ -579,7 +594,9 @@ impl ChunkReader {
         };
         let mut todo = wanted;
         for _ in 0..3 {
-            let pending = self.cache.start(self, &todo, asked_as, Some(cancelled));
+            let pending = self
+                .cache
+                .start(self, &todo, asked_as, Some(cancelled), home);
             let mut again = Vec::new();
             for (loc, p) in todo.iter().zip(pending) {
                 if let Pending::Fetching(f) = p {
@@ -681,6 +698,7 @@ impl ChunkCache {
         locs: &[ChunkLoc],
         asked: Asked,
         cancelled: Option<&Arc<AtomicBool>>,
+        home: Option<&Arc<FileLayout>>,
     ) -> Vec<Pending> {
         enum Slot {
             Done(Pending),
@@ -751,9 +769,10 @@ impl ChunkCache {
             let task = {
                 let urgent = urgent.clone();
                 let cancelled = cancelled.cloned().unwrap_or_default();
+                let home = home.cloned();
                 tokio::spawn(async move {
                     Arc::new(
-                        this.load_run(&leader, run, &urgent, &cancelled, gated)
+                        this.load_run(&leader, run, &urgent, &cancelled, gated, home)
                             .await,
                     )
                 })
@@ -798,7 +817,9 @@ impl ChunkCache {
 
     /// Loads a run of chunks that adjoin in one pack: from the disk cache where it has them,
     /// the rest with one ranged GET. Every chunk loaded goes into memory (or, for background
-    /// work nobody joined, onto disk) before the run leaves the in-flight table.
+    /// work nobody joined, onto disk) before the run leaves the in-flight table. Chunks
+    /// fetched go to disk once: into the local copy of `home`'s file where it has a place for
+    /// them, else as chunk files.
     async fn load_run(
         self: &Arc<Self>,
         reader: &ChunkReader,
@@ -806,6 +827,7 @@ impl ChunkCache {
         urgent: &AtomicBool,
         cancelled: &AtomicBool,
         gated: bool,
+        home: Option<Arc<FileLayout>>,
     ) -> Vec<Loaded> {
         let _leave = LeaveInflight(Arc::clone(self), run.iter().map(|l| l.digest).collect());
         let mut results: Vec<Option<Result<(Bytes, Origin), ChunkError>>> = vec![None; run.len()];
@@ -883,7 +905,10 @@ impl ChunkCache {
                 let write = tokio::task::spawn_blocking(move || {
                     if let Some(disk) = &this.disk {
                         for (d, data) in to_disk {
-                            disk.insert(&d, &data);
+                            match &home {
+                                Some(home) => disk.store_part(home, &d, &data),
+                                None => disk.insert(&d, &data),
+                            }
                         }
                     }
                 });
@@ -1037,6 +1062,11 @@ impl ChunkCache {
         }
     }
 
+    /// Counts cached chunks (or parts of local copies) found corrupt outside any read.
+    pub(crate) fn count_corrupt(&self, n: u64) {
+        self.counters.corrupt_chunks.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// A slot for fetching a whole file in the background, if one is free (held while it
     /// runs).
     pub fn whole_file_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -1152,7 +1182,7 @@ mod tests {
             1,
             "three adjoining chunks, one GET"
         );
-        cache.prefetch(&locs[3..]);
+        cache.prefetch(&locs[3..], None);
         // The prefetch is in flight or done; asking joins it rather than fetching again.
         let got = cache.get_many(&locs[3..]).await.unwrap();
         assert_eq!(got, chunks[3..].to_vec());
@@ -1308,7 +1338,7 @@ mod tests {
             let (reader, locs) = (reader.clone(), locs[..60].to_vec());
             tokio::spawn(async move {
                 reader
-                    .fetch_background(&locs, BackgroundKind::Deferred, &Default::default())
+                    .fetch_background(&locs, None, BackgroundKind::Deferred, &Default::default())
                     .await
             })
         };
@@ -1340,7 +1370,12 @@ mod tests {
         // Everything is local now: a second background pass asks the store for nothing.
         assert_eq!(
             reader
-                .fetch_background(&locs[..60], BackgroundKind::Deferred, &Default::default())
+                .fetch_background(
+                    &locs[..60],
+                    None,
+                    BackgroundKind::Deferred,
+                    &Default::default()
+                )
                 .await,
             0
         );
@@ -1356,7 +1391,7 @@ mod tests {
             let (reader, locs, cancelled) = (reader.clone(), locs.clone(), cancelled.clone());
             tokio::spawn(async move {
                 reader
-                    .fetch_background(&locs, BackgroundKind::Deferred, &cancelled)
+                    .fetch_background(&locs, None, BackgroundKind::Deferred, &cancelled)
                     .await
             })
         };

@@ -2,8 +2,8 @@
 //!
 //! [`ChunkCache`]: a memory LRU over a size-capped disk cache over a [`Store`], with
 //! single-flight fetches and BLAKE3 verification of every byte before a reader sees it; and
-//! [`AssembledFile`]s, whole layer files built from cached chunks for the kernel to read
-//! directly. The disk cache holds the cache directory's lock, so two daemons never share one.
+//! local copies of large layer files, filled in place as their chunks arrive, that the kernel
+//! reads directly once complete ([`AssembledFile`]). The disk cache holds the cache directory's lock, so two daemons never share one.
 //!
 //! How chunks are named and encoded is `strata-cache-format`; where they are stored is
 //! `strata-store`. This crate knows nothing about files, trees or FUSE.
@@ -13,7 +13,7 @@ mod chunk_cache;
 mod disk_cache;
 mod lock;
 
-pub use assembled::{AssembledFile, FileChunks};
+pub use assembled::{AssembledFile, FileChunks, FileLayout};
 pub use chunk_cache::{
     BackgroundKind, CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats,
     DEFAULT_FETCH_DEADLINE,

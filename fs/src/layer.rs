@@ -165,8 +165,15 @@ impl Layer {
         Some(out)
     }
 
-    /// Starts fetching chunks `indices` in the background, those of them inside file `e`.
-    pub fn prefetch(&self, cache: &ChunkReader, e: &Entry<'_>, indices: Range<usize>) {
+    /// Starts fetching chunks `indices` in the background, those of them inside file `e`
+    /// (cached in its local copy, `home`, if it has one).
+    pub fn prefetch(
+        &self,
+        cache: &ChunkReader,
+        e: &Entry<'_>,
+        indices: Range<usize>,
+        home: Option<&std::sync::Arc<cache::FileLayout>>,
+    ) {
         let file = e.content_range();
         let locs: Vec<_> = indices
             .take_while(|&i| i < self.manifest.chunk_count())
@@ -176,7 +183,7 @@ impl Layer {
             .map(|c| c.location())
             .collect();
         if !locs.is_empty() {
-            cache.prefetch(&locs);
+            cache.prefetch(&locs, home);
         }
     }
 
@@ -203,13 +210,14 @@ impl Layer {
     }
 
     /// Reads up to `size` bytes at `offset` of file entry `e`, fetching only the chunks that
-    /// cover that range.
+    /// cover that range (cached in the file's local copy, `home`, if it has one).
     pub async fn read(
         &self,
         cache: &ChunkReader,
         e: &Entry<'_>,
         offset: u64,
         size: u32,
+        home: Option<&std::sync::Arc<cache::FileLayout>>,
     ) -> FsResult<Bytes> {
         let span = Self::span(e, offset, size);
         let chunks: Vec<_> = self
@@ -218,7 +226,7 @@ impl Layer {
             .map(|i| self.manifest.chunk(i))
             .collect();
         let locs: Vec<_> = chunks.iter().map(|c| c.location()).collect();
-        let fetched = cache.get_many(&locs).await?;
+        let fetched = cache.get_many_for(&locs, home).await?;
         let pieces = chunks
             .iter()
             .zip(fetched)

@@ -397,9 +397,11 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
     if budget == 0 {
         return; // no disk cache: fetched chunks would only crowd the memory cache
     }
-    // Batches of chunks in plan order, each about REPLAY_BATCH stored bytes.
-    let mut batches: Vec<Vec<ChunkLoc>> = Vec::new();
-    let mut batch: Vec<ChunkLoc> = Vec::new();
+    // Batches of chunks in plan order, each about REPLAY_BATCH stored bytes, in groups by
+    // file: a large file's chunks are cached in its local copy.
+    type Group = (Option<Arc<cache::FileLayout>>, Vec<ChunkLoc>);
+    let mut batches: Vec<Vec<Group>> = Vec::new();
+    let mut batch: Vec<Group> = Vec::new();
     let mut batch_bytes = 0u64;
     let mut planned = 0u64;
     // Small files share chunks: each chunk is planned once.
@@ -410,10 +412,14 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
             continue;
         };
         progress.files.fetch_add(1, Ordering::Relaxed);
+        let home = stack.home_of(*layer, *entry);
         for loc in locs.into_iter().filter(|l| seen.insert(l.digest)) {
             batch_bytes += loc.stored_len as u64;
             planned += loc.stored_len as u64;
-            batch.push(loc);
+            match batch.last_mut() {
+                Some((h, group)) if same_home(h, &home) => group.push(loc),
+                _ => batch.push((home.clone(), vec![loc])),
+            }
             if batch_bytes >= REPLAY_BATCH {
                 batches.push(std::mem::take(&mut batch));
                 batch_bytes = 0;
@@ -430,9 +436,18 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
         .map(|b| {
             let (reader, closed) = (reader.clone(), stack.closed().clone());
             async move {
-                reader
-                    .fetch_background(&b, cache::BackgroundKind::Deferred, &closed)
+                let groups = b.iter().map(|(home, locs)| {
+                    reader.fetch_background(
+                        locs,
+                        home.as_ref(),
+                        cache::BackgroundKind::Deferred,
+                        &closed,
+                    )
+                });
+                futures::future::join_all(groups)
                     .await
+                    .into_iter()
+                    .sum::<u64>()
             }
         })
         .buffered(REPLAY_BATCHES_IN_FLIGHT);
@@ -441,6 +456,14 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
         if total >= budget {
             break;
         }
+    }
+}
+
+fn same_home(a: &Option<Arc<cache::FileLayout>>, b: &Option<Arc<cache::FileLayout>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

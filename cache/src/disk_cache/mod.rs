@@ -1,9 +1,10 @@
 //! The on-disk chunk cache: one file per chunk (plain bytes) under `<dir>/chunks/xx/<hex>`,
 //! with a hard byte budget.
 //!
-//! It also keeps *assembled files* under `<dir>/files/xx/<id>`: the whole content of a layer
-//! file, built from its cached chunks, so the kernel can read it directly (FUSE passthrough).
-//! They share the budget, the LRU, the pins and the index with the chunks.
+//! It also keeps *local copies* of large layer files under `<dir>/files/xx/<id>`, filled in
+//! place as their chunks arrive so the kernel can read a complete one directly (FUSE
+//! passthrough); chunks wholly inside such a file live only there (see [`copies`]). Copies
+//! share the budget, the LRU, the pins and the index with the chunks.
 //!
 //! Space is reserved under the lock *before* a file is written and the least recently used
 //! chunks are evicted to make room; a chunk that does not fit even then is not cached. So the
@@ -29,7 +30,10 @@ use lru::LruCache;
 
 use strata_cache_format::Digest;
 
-/// What a cache file holds: one chunk, or a whole layer file (named by its file id, see [`crate::AssembledFile`]).
+mod copies;
+
+/// What a cache file holds: one chunk, or a local copy of a layer file (named by its file id,
+/// see [`crate::FileChunks::id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
     Chunk(Digest),
@@ -64,14 +68,10 @@ impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Key::Chunk(d) => write!(f, "chunk {d}"),
-            Key::File(d) => write!(f, "assembled file {d}"),
+            Key::File(d) => write!(f, "local copy {d}"),
         }
     }
 }
-
-/// The cache's subdirectory for each kind of key.
-type KeyOf = fn(Digest) -> Key;
-const KINDS: [(&str, KeyOf); 2] = [("chunks", Key::Chunk), ("files", Key::File)];
 
 struct Entry {
     size: u64,
@@ -93,6 +93,10 @@ struct State {
     /// Files evicted or dropped whose unlink is under way (outside the lock): not written
     /// again until it is done, so the unlink cannot take a new file with it.
     removing: HashMap<Key, u32>,
+    /// The local copies (each also a `Key::File` entry of `lru`).
+    copies: HashMap<Digest, copies::Copy>,
+    /// Chunks held whole by a copy: the copy and the chunk's position in it.
+    slots: HashMap<Digest, (Digest, u32)>,
     used: u64,
     evictions: u64,
 }
@@ -145,39 +149,43 @@ impl DiskCache {
             fs::remove_dir_all(&legacy_tmp)?;
         }
         let last_use = open_index(&dir.join("index"));
+        let used_at = |key: &Key, meta: &fs::Metadata| {
+            let recorded = last_use
+                .as_ref()
+                .and_then(|db| db.get(key.index_key()).ok().flatten());
+            match recorded {
+                Some(v) if v.len() == 8 => u64::from_be_bytes(v[..].try_into().unwrap()),
+                _ => meta.modified().map(nanos_since_epoch).unwrap_or(0),
+            }
+        };
         let mut found = Vec::new();
-        for (subdir, key_of) in KINDS {
-            fs::create_dir_all(dir.join(subdir))?;
-            for shard in fs::read_dir(dir.join(subdir))? {
-                let shard = shard?;
-                if !shard.file_type()?.is_dir() {
-                    continue;
-                }
-                for file in fs::read_dir(shard.path())? {
-                    let file = file?;
-                    let name = file.file_name();
-                    let digest = name.to_str().and_then(|n| Digest::parse(n).ok());
-                    let meta = file.metadata()?;
-                    match digest {
-                        Some(d) if meta.is_file() => {
-                            let key = key_of(d);
-                            let recorded = last_use
-                                .as_ref()
-                                .and_then(|db| db.get(key.index_key()).ok().flatten());
-                            let used = match recorded {
-                                Some(v) if v.len() == 8 => {
-                                    u64::from_be_bytes(v[..].try_into().unwrap())
-                                }
-                                _ => meta.modified().map(nanos_since_epoch).unwrap_or(0),
-                            };
-                            found.push((used, key, meta.len()));
-                        }
-                        _ => {
-                            let _ = fs::remove_file(file.path());
-                        }
+        fs::create_dir_all(dir.join("chunks"))?;
+        for shard in fs::read_dir(dir.join("chunks"))? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(shard.path())? {
+                let file = file?;
+                let name = file.file_name();
+                let digest = name.to_str().and_then(|n| Digest::parse(n).ok());
+                let meta = file.metadata()?;
+                match digest {
+                    Some(d) if meta.is_file() => {
+                        let key = Key::Chunk(d);
+                        found.push((used_at(&key, &meta), key, meta.len()));
+                    }
+                    _ => {
+                        let _ = fs::remove_file(file.path());
                     }
                 }
             }
+        }
+        fs::create_dir_all(dir.join("files"))?;
+        let mut copies_found = Vec::new();
+        for (used, id, size, copy) in copies::scan(&dir.join("files"), used_at)? {
+            found.push((used, Key::File(id), size));
+            copies_found.push((id, copy));
         }
         // Oldest first, so the most recently used end up at the front of the LRU.
         found.sort_by_key(|(used, _, _)| *used);
@@ -195,9 +203,14 @@ impl DiskCache {
             writing: HashSet::new(),
             pinned: HashMap::new(),
             removing: HashMap::new(),
+            copies: HashMap::new(),
+            slots: HashMap::new(),
             used: 0,
             evictions: 0,
         };
+        for (id, copy) in copies_found {
+            copies::adopt(&mut state, id, copy);
+        }
         for (_, key, size) in found {
             state.used += size;
             state.lru.put(
@@ -256,6 +269,9 @@ impl DiskCache {
             }
             state.used -= entry.size;
             state.evictions += 1;
+            if let Key::File(id) = &key {
+                copies::drop_copy(state, id);
+            }
             *state.removing.entry(key).or_insert(0) += 1;
             evicted.push(key);
         }
@@ -279,6 +295,9 @@ impl DiskCache {
                     tracing::warn!("removing {key} from the cache: {e}");
                 }
             }
+            if let Key::File(id) = key {
+                let _ = fs::remove_file(self.map_path(id));
+            }
         }
         let mut state = self.lock();
         for key in &keys {
@@ -294,7 +313,7 @@ impl DiskCache {
     pub(crate) fn read(&self, digest: &Digest) -> DiskRead {
         let key = Key::Chunk(*digest);
         let Some(verified) = self.pin(&key) else {
-            return DiskRead::Miss;
+            return self.read_from_copy(digest);
         };
         let result = self.read_pinned(digest, verified);
         self.unpin(&key);
@@ -327,7 +346,11 @@ impl DiskCache {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             match state.lru.get(&key) {
                 Some(e) if e.verified && range.end as u64 <= e.size => {}
-                _ => return None,
+                Some(_) => return None,
+                None => {
+                    drop(state);
+                    return self.read_range_from_copy(digest, range);
+                }
             }
             *state.pinned.entry(key).or_insert(0) += 1;
         }
@@ -357,12 +380,10 @@ impl DiskCache {
         }
     }
 
+    /// Whether chunk `digest` is on disk, as a chunk file or whole in a local copy.
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .lru
-            .contains(&Key::Chunk(*digest))
+        let state = self.lock();
+        state.lru.contains(&Key::Chunk(*digest)) || state.slots.contains_key(digest)
     }
 
     fn unpin(&self, key: &Key) {
@@ -457,81 +478,11 @@ impl DiskCache {
         false
     }
 
-    /// [`DiskCache::unchanged`] for an assembled file.
-    pub(crate) fn file_unchanged(&self, id: &Digest, f: &fs::File) -> bool {
-        self.unchanged(&Key::File(*id), f)
-    }
-
-    /// Copies bytes `part` of a chunk of `len` bytes to the end of `out` (in the kernel where
-    /// it can; the chunk is verified on first load, as for any read); `NotFound` if it is not
-    /// cached.
-    pub(crate) fn copy_chunk(
-        &self,
-        digest: &Digest,
-        len: u32,
-        part: std::ops::Range<u64>,
-        out: &mut fs::File,
-    ) -> io::Result<()> {
-        let key = Key::Chunk(*digest);
-        let Some(verified) = self.pin(&key) else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("chunk {digest} left the cache"),
-            ));
-        };
-        let copied = (|| {
-            let opened = if verified {
-                Some(fs::File::open(self.path(&key))?).filter(|f| self.unchanged(&key, f))
-            } else {
-                None
-            };
-            if let Some(mut f) = opened {
-                use std::io::{Read, Seek};
-                let size = f.metadata()?.len();
-                if size != len as u64 {
-                    return Err(io::Error::other(format!(
-                        "chunk {digest} has {size} bytes, the layer says {len}"
-                    )));
-                }
-                f.seek(io::SeekFrom::Start(part.start))?;
-                let n = io::copy(&mut (&f).take(part.end - part.start), out)?;
-                if n != part.end - part.start {
-                    return Err(io::Error::other(format!(
-                        "chunk {digest} shrank while copied"
-                    )));
-                }
-                if !self.unchanged(&key, &f) {
-                    return Err(io::Error::other(format!(
-                        "chunk {digest} changed on disk while copied"
-                    )));
-                }
-                self.record_use(&key);
-                Ok(())
-            } else {
-                match self.read_pinned(digest, false) {
-                    DiskRead::Hit(data) if data.len() == len as usize => {
-                        out.write_all(&data[part.start as usize..part.end as usize])
-                    }
-                    DiskRead::Hit(data) => Err(io::Error::other(format!(
-                        "chunk {digest} has {} bytes, the layer says {len}",
-                        data.len()
-                    ))),
-                    DiskRead::Miss | DiskRead::Corrupt => Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("chunk {digest} left the cache"),
-                    )),
-                }
-            }
-        })();
-        self.unpin(&key);
-        copied
-    }
-
-    /// An assembled file, pinned until [`DiskCache::release_file`]: its path, and whether it
-    /// was verified since start. `None` if it is not cached.
+    /// A complete local copy, pinned until [`DiskCache::release_file`]: its path, and whether
+    /// all of it was verified since start. `None` if there is no complete copy.
     pub(crate) fn open_file(&self, id: &Digest) -> Option<(PathBuf, bool)> {
         let key = Key::File(*id);
-        let verified = self.pin(&key)?;
+        let verified = self.pin_complete(id)?;
         self.record_use(&key);
         Some((self.path(&key), verified))
     }
@@ -540,27 +491,14 @@ impl DiskCache {
         self.unpin(&Key::File(*id));
     }
 
-    /// An assembled file was hashed and found right, and its identity (inode, size, ctime)
-    /// was the same before and after.
-    pub(crate) fn file_verified(&self, id: &Digest, before: &fs::Metadata) {
-        self.mark_verified(&Key::File(*id), Some(Identity::of(before)));
-    }
-
-    /// Whether two stats of one file show the same identity (nothing written between them).
-    pub(crate) fn same_identity(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-        Identity::of(a) == Identity::of(b)
-    }
-
-    /// Drops an assembled file that failed verification.
-    pub(crate) fn remove_file(&self, id: &Digest) {
-        self.remove(&Key::File(*id));
-    }
-
     fn forget(&self, key: &Key) {
         {
             let mut state = self.lock();
             if let Some(e) = state.lru.pop(key) {
                 state.used -= e.size;
+            }
+            if let Key::File(id) = key {
+                copies::drop_copy(&mut state, id);
             }
         }
         self.forget_use(key);
@@ -601,6 +539,9 @@ impl DiskCache {
             if let Some(e) = state.lru.pop(key) {
                 state.used -= e.size;
             }
+            if let Key::File(id) = key {
+                copies::drop_copy(&mut state, id);
+            }
             *state.removing.entry(*key).or_insert(0) += 1;
         }
         self.unlink(vec![*key]);
@@ -613,17 +554,6 @@ impl DiskCache {
         }) {
             tracing::warn!(chunk = %digest, "caching chunk on disk failed: {e}");
         }
-    }
-
-    /// Assembles a layer file of `size` bytes from what `write` puts in it. `Ok(false)`: it is
-    /// there already, being built, or does not fit the budget.
-    pub(crate) fn insert_file(
-        &self,
-        id: &Digest,
-        size: u64,
-        write: impl FnOnce(&mut fs::File) -> io::Result<()>,
-    ) -> io::Result<bool> {
-        self.insert_with(Key::File(*id), size, write)
     }
 
     /// Reserves `size` bytes (evicting to make room), writes the file through `write` and
@@ -748,18 +678,6 @@ impl DiskCache {
             .count() as u64
     }
 
-    pub(crate) fn files(&self) -> u64 {
-        let state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state
-            .lru
-            .iter()
-            .filter(|(k, _)| matches!(k, Key::File(_)))
-            .count() as u64
-    }
-
     pub(crate) fn evictions(&self) -> u64 {
         self.state
             .lock()
@@ -775,6 +693,7 @@ impl DiskCache {
 impl Drop for DiskCache {
     /// A clean stop keeps the last uses recorded (sled writes them out in the background).
     fn drop(&mut self) {
+        self.save_maps();
         if let Some(db) = &self.last_use {
             if let Err(e) = db.flush() {
                 tracing::debug!("flushing the chunk cache index: {e}");
@@ -957,63 +876,6 @@ mod tests {
         );
         assert!(matches!(cache.read(&d), DiskRead::Corrupt));
         assert!(!path.exists());
-        // An assembled file changed behind the daemon's back is no longer counted verified.
-        let id = Digest::of(b"a file");
-        assert!(cache
-            .insert_file(&id, 100, |f| f.write_all(&[7u8; 100]))
-            .unwrap());
-        let (file_path, verified) = cache.open_file(&id).unwrap();
-        assert!(verified);
-        let f = fs::File::open(&file_path).unwrap();
-        assert!(cache.file_unchanged(&id, &f));
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&file_path)
-            .unwrap()
-            .write_all(b"x")
-            .unwrap();
-        assert!(!cache.file_unchanged(&id, &f));
-        cache.release_file(&id);
-        let (_, verified) = cache.open_file(&id).unwrap();
-        assert!(!verified, "to be verified again before it is handed out");
-        cache.release_file(&id);
-    }
-
-    #[test]
-    fn assembled_files_share_the_budget_and_stay_while_open() {
-        let tmp = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(tmp.path(), 3000).unwrap();
-        let id = Digest::of(b"a file");
-        assert!(cache
-            .insert_file(&id, 1500, |f| f.write_all(&[7u8; 1500]))
-            .unwrap());
-        let (path, verified) = cache.open_file(&id).unwrap();
-        assert!(verified);
-        assert_eq!(fs::read(&path).unwrap(), vec![7u8; 1500]);
-        // Open (pinned): chunks that need room evict each other, not the file.
-        for i in 0..3u8 {
-            let c = vec![i; 1000];
-            cache.insert(&Digest::of(&c), &c);
-            assert!(cache.used() <= 3000);
-        }
-        assert!(path.exists());
-        assert_eq!(cache.files(), 1);
-        cache.release_file(&id);
-        let c = vec![9u8; 1000];
-        cache.insert(&Digest::of(&c), &c);
-        assert!(!path.exists(), "released and least recently used: evicted");
-        assert_eq!(cache.files(), 0);
-        // A writer that does not write what it reserved leaves nothing behind.
-        let used = cache.used();
-        let other = Digest::of(b"other");
-        assert!(cache
-            .insert_file(&other, 100, |f| f.write_all(&[1u8; 50]))
-            .is_err());
-        assert_eq!(cache.used(), used);
-        assert!(cache.open_file(&other).is_none());
-        let shard = tmp.path().join("files").join(&other.to_hex()[..2]);
-        assert_eq!(fs::read_dir(shard).unwrap().count(), 0, "no temp file left");
     }
 
     /// Eviction unlinks outside the lock: racing inserts, reads and evictions of the same
