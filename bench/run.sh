@@ -136,7 +136,7 @@ wait_assembled() { # up to 60 s: a full disk, say, leaves the file unassembled (
   echo "no local copy of the file after 60 s; warm reads go through strata" >&2
 }
 assembly_secs=$(timed wait_assembled)
-cold_written=$(( $(disk_written_mib) - w0 ))   # the chunks, and the assembled copy
+cold_written=$(( $(disk_written_mib) - w0 ))   # the file's local copy (its chunks, written once)
 # Warm: the chunks (and the file's copy) are in the daemon's disk cache; page cache dropped,
 # mount made afresh. Best of two, like native.
 warm_runs=()
@@ -430,7 +430,7 @@ na="n/a"
   echo "| local copy of the 1 GiB file ready after the cold read (s) | $(fmt "$assembly_secs" 1) | | | | |"
   echo "| seq read 1 GiB warm after a daemon restart: through strata, verifying each chunk once (MiB/s) | $(fmt "$restart_seq" 0) | $(fmt "$native_seq" 0) | | | $(fmt "$(ratio "$restart_seq" "$native_seq")")× native |"
   echo "| cold 1 GiB read: store GETs / bytes fetched | $cold_gets / $(fmt "$(echo "$cold_store_bytes / 1048576" | bc -l)" 0) MiB | | | | |"
-  echo "| cold 1 GiB read: daemon CPU-seconds per GiB / disk MiB written per GiB read (chunks, then the assembled copy) | $(fmt "$cold_cpu" 2) / $cold_written | | | | |"
+  echo "| cold 1 GiB read: daemon CPU-seconds per GiB / disk MiB written per GiB read (chunks written once, into the file's local copy) | $(fmt "$cold_cpu" 2) / $cold_written | | | | |"
   echo "| random 4 KiB QD1, warm: IOPS | $st_qd1_iops | $nat_qd1_iops | | | $(fmt "$(ratio "$st_qd1_iops" "$nat_qd1_iops")")× native |"
   echo "| random 4 KiB QD1, warm: p50 / p99 (µs) | $st_qd1_p50 / $st_qd1_p99 | $nat_qd1_p50 / $nat_qd1_p99 | | | p99 $(fmt "$(ratio "$st_qd1_p99" "$nat_qd1_p99")")× native |"
   echo "| random 4 KiB QD16 (16 jobs), warm: IOPS | $st_qd16_iops | $nat_qd16_iops | | | $(fmt "$(ratio "$st_qd16_iops" "$nat_qd16_iops")")× native |"

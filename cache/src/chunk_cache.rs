@@ -97,7 +97,7 @@ pub struct CacheStats {
     pub disk_used: u64,
     pub disk_capacity: u64,
     pub disk_chunks: u64,
-    /// Assembled files (whole layer files, for passthrough) in the disk cache.
+    /// Complete local copies of large layer files (for passthrough) in the disk cache.
     #[serde(default)]
     pub disk_files: u64,
     pub disk_evictions: u64,

@@ -166,16 +166,17 @@ pub struct StatsReply {
     /// Volume uppers whose commit failed, kept on this host (retried, or quarantined).
     #[serde(default)]
     pub kept: Vec<KeptInfo>,
-    /// How the local copies (chunk files, assembled files) are protected.
+    /// How the cache's files (chunk files, local copies of large files) are protected.
     #[serde(default)]
     pub local_integrity: String,
 }
 
 /// What protects the cache's local copies: no fs-verity (strata does not use it), but a hash
 /// on first use and the file's identity afterwards.
-pub const LOCAL_INTEGRITY: &str = "BLAKE3 of each file on its first use after a start (or as \
-written), then its inode, size and ctime around each read and when handed to the kernel; a \
-file changed since is hashed again before use; no fs-verity";
+pub const LOCAL_INTEGRITY: &str = "BLAKE3 of each chunk file, and of each part of a local copy, \
+on its first use after a start (or as written), then the file's inode, size and ctime around \
+each read and when a copy is handed to the kernel; a file changed since is hashed again before \
+use; no fs-verity";
 
 /// A kept volume upper, as the daemon lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

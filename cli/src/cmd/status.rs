@@ -72,7 +72,7 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
     }
     let t = &reply.total;
     println!(
-        "cache: disk {} of {} ({} chunks, {} assembled files, {} evicted), memory {} of {}, \
+        "cache: disk {} of {} ({} chunk files, {} complete local copies, {} evicted), memory {} of {}, \
          manifests {}",
         human(t.disk_used),
         human(t.disk_capacity),
