@@ -389,6 +389,10 @@ const PREFETCH_BUDGET: usize = 128;
 /// Measured against Garage on loopback (cold 1 GiB read): 2 MiB 318 MiB/s, 4 MiB 366-392,
 /// 8 MiB 327.
 const MAX_RUN_BYTES: u64 = 4 << 20;
+/// The most bytes one GET of deferred background work (a start record's replay) asks for:
+/// less than a read's, so that the GET such work keeps while a read waits holds the store and
+/// the cores only briefly.
+const BACKGROUND_RUN_BYTES: u64 = 1 << 20;
 
 /// One mount's way into the shared cache: the store its chunks come from and its own counters.
 #[derive(Clone)]
@@ -750,13 +754,18 @@ impl ChunkCache {
             self.gate.changed.notify_waiters();
         }
         let mut fetches: Vec<Fetch> = Vec::with_capacity(new.len());
+        let run_bytes = if gated {
+            BACKGROUND_RUN_BYTES
+        } else {
+            MAX_RUN_BYTES
+        };
         let mut i = 0;
         while i < new.len() {
             let mut end = i + 1;
             let mut bytes = new[i].stored_len as u64;
             while end < new.len()
                 && new[end - 1].adjoins(&new[end])
-                && bytes + new[end].stored_len as u64 <= MAX_RUN_BYTES
+                && bytes + new[end].stored_len as u64 <= run_bytes
             {
                 bytes += new[end].stored_len as u64;
                 end += 1;

@@ -531,15 +531,17 @@ impl LayerStack {
         if e.kind != Kind::File || e.size < crate::handles::PASSTHROUGH_MIN_SIZE || e.size > share {
             return None;
         }
-        let mut homes = self
-            .homes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(home) = homes.get(&(layer, entry)) {
+        let homes = || {
+            self.homes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(home) = homes().get(&(layer, entry)) {
             return Some(Arc::clone(home));
         }
+        // Built outside the lock: a large file has thousands of chunks.
         let home = cache::FileLayout::new(&self.layers.get(layer as usize)?.file_chunks(e))?;
-        homes.put((layer, entry), Arc::clone(&home));
+        homes().put((layer, entry), Arc::clone(&home));
         Some(home)
     }
 

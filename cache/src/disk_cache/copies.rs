@@ -1,22 +1,24 @@
 //! Local copies of large files in the disk cache (`<dir>/files/xx/<id>`): sparse files the
-//! size of a layer file, filled chunk by chunk as its chunks are fetched, with a *map* beside
-//! each (`<id>.map`) that says which parts are in place so the copy survives a restart.
+//! size of a layer file, filled in place as its chunks are fetched, with a *map* beside each
+//! (`<id>.map`) that says which parts are in place, so the copy survives a restart.
 //!
-//! A copy is one entry of the cache's LRU and budget, counted by the bytes in place. A chunk
-//! wholly inside the file is kept only in the copy and found there by digest (`slots`); the
-//! file's first and last chunks may also hold neighbours' bytes, so they stay whole as chunk
-//! files too, and only the BLAKE3 of the file's part of them (in the map) can check that part.
+//! A copy is one entry of the cache's LRU and budget, counted by the bytes in place (a part
+//! dropped, or a write that failed, has its blocks punched out). A chunk wholly inside the
+//! file is kept only in the copy and found there by digest (`slots`); the file's first and
+//! last chunks may also hold neighbours' bytes, so they stay whole as chunk files too, and the
+//! copy's part of such an *edge* chunk is checked against that (verified) chunk file.
 //!
 //! Parts written by this process are verified (they come from verified chunks); after a
-//! restart every part is checked again before use. The daemon's own writes to a copy are
-//! serialized, and each one compares the copy's identity (inode, size, ctime) with the one
-//! left by the previous write: a copy written behind the daemon's back has all its parts
-//! checked again.
+//! restart every part is checked before use. The daemon's own changes to a copy (writes,
+//! punched parts) are serialized by the copy's `writer` lock, and each compares the copy's
+//! identity (inode, size, ctime) with the one the previous change left: a copy changed behind
+//! the daemon's back has every part checked again. Readers tell the daemon's own changes from
+//! others' by the copy's `writes` and `distrusts` counters.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -39,14 +41,19 @@ enum Part {
 pub(super) struct Copy {
     layout: Arc<FileLayout>,
     parts: Vec<Part>,
-    /// BLAKE3 of the file's part of its first and last chunks when they are not wholly inside
-    /// it (their digests cover neighbours' bytes too).
-    edges: [Option<Digest>; 2],
-    /// Parts not in place yet (absent or being written).
+    /// Parts not in place (absent or being written).
     missing: usize,
-    /// A write of this process is under way (they take `writer` one at a time).
+    /// Parts in place but not verified.
+    unverified: usize,
+    /// A change of this process is under way (they take `writer` one at a time).
     writing: bool,
+    /// Changes of this process done (writes, punched parts).
+    writes: u64,
+    /// Changes behind the daemon's back found (each made every part be checked again).
+    distrusts: u64,
     writer: Arc<Mutex<()>>,
+    /// Bytes put in place since the map was last saved.
+    unsaved: u64,
     /// The map on disk says what the parts say.
     saved: bool,
 }
@@ -57,10 +64,13 @@ impl Copy {
         Copy {
             layout,
             parts: vec![Part::Absent; n],
-            edges: [None; 2],
             missing: n,
+            unverified: 0,
             writing: false,
+            writes: 0,
+            distrusts: 0,
             writer: Arc::default(),
+            unsaved: 0,
             saved: false,
         }
     }
@@ -70,32 +80,40 @@ impl Copy {
     }
 
     fn verified(&self) -> bool {
-        self.complete() && self.parts.iter().all(|p| *p == Part::Verified)
+        self.missing == 0 && self.unverified == 0
     }
 
-    /// Which of the two edge hashes checks part `i` (`None`: the chunk's digest does).
-    fn edge_of(&self, i: usize) -> Option<usize> {
-        if self.layout.whole(i) {
-            None
-        } else if i == 0 {
-            Some(0)
-        } else {
-            Some(1)
+    fn in_place(&self, i: usize) -> bool {
+        matches!(self.parts[i], Part::Present | Part::Verified)
+    }
+
+    /// Moves part `i` to `new`, keeping the counts.
+    fn set(&mut self, i: usize, new: Part) {
+        match self.parts[i] {
+            Part::Absent | Part::Writing => self.missing -= 1,
+            Part::Present => self.unverified -= 1,
+            Part::Verified => {}
         }
+        match new {
+            Part::Absent | Part::Writing => self.missing += 1,
+            Part::Present => self.unverified += 1,
+            Part::Verified => {}
+        }
+        self.parts[i] = new;
     }
 
     fn part_len(&self, i: usize) -> u64 {
-        let (range, _) = self.layout.part(i);
-        range.end - range.start
+        part_len(&self.layout, i)
     }
 
     /// After a change behind the daemon's back: every part in place is checked again.
     fn distrust(&mut self) {
-        for p in &mut self.parts {
-            if *p == Part::Verified {
-                *p = Part::Present;
+        for i in 0..self.parts.len() {
+            if self.parts[i] == Part::Verified {
+                self.set(i, Part::Present);
             }
         }
+        self.distrusts += 1;
     }
 }
 
@@ -107,6 +125,28 @@ pub(crate) struct CopyState {
 }
 
 const MAP_MAGIC: &[u8; 8] = b"STRATAC1";
+/// A copy's map is saved again once this many bytes were put in place since the last save
+/// (and when it is complete, and at a clean stop), so a crash loses little of a large copy.
+const SAVE_EVERY: u64 = 64 << 20;
+/// Chunk lengths a map may give (chunks are far smaller): a hostile map cannot make a read
+/// allocate more.
+const MAX_MAP_CHUNK: u32 = 64 << 20;
+
+/// A read of a chunk in a copy.
+struct SlotRead {
+    id: Digest,
+    index: usize,
+    data: Vec<u8>,
+    /// The part was verified and the copy is as it was then: the bytes need no check.
+    trusted: bool,
+    /// The copy is as the recorded identity says (nothing wrote to it during the read): bytes
+    /// found right may mark the part verified.
+    settled: bool,
+}
+
+/// What a check of a copy's parts found: each part's verdict, if nothing else wrote to the
+/// copy meanwhile.
+type Checked = Option<Vec<(usize, bool)>>;
 
 impl DiskCache {
     pub(super) fn map_path(&self, id: &Digest) -> PathBuf {
@@ -129,37 +169,43 @@ impl DiskCache {
             self.insert(digest, data);
             return;
         }
-        if positions.iter().any(|&i| !layout.whole(i as usize)) {
+        let placed = match self.write_parts(layout, digest, data) {
+            Ok(placed) => placed,
+            Err(e) => {
+                tracing::warn!(file = %layout.id(), chunk = %digest,
+                    "writing into a local copy: {e}");
+                false
+            }
+        };
+        // An edge chunk's neighbours need all of it; a chunk the copy could not take is kept
+        // as a chunk file instead. (After the copy's write: the copy, just used, is not what
+        // this insert evicts.)
+        if !placed || positions.iter().any(|&i| !layout.whole(i as usize)) {
             self.insert(digest, data);
-        }
-        if let Err(e) = self.write_parts(layout, digest, data) {
-            tracing::warn!(file = %layout.id(), chunk = %digest, "writing into a local copy: {e}");
         }
     }
 
+    /// Puts `data` (chunk `digest`) in every place it has in `layout`'s copy; whether the
+    /// copy holds it now.
     fn write_parts(
         &self,
         layout: &Arc<FileLayout>,
         digest: &Digest,
         data: &[u8],
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let id = *layout.id();
         let key = Key::File(id);
         let positions = layout.positions(digest);
         // Claim the parts this chunk fills and reserve their bytes.
-        let (todo, writer, evicted) = {
-            let mut state = self.lock();
+        let (todo, size, evicted) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
             if state.removing.contains_key(&key) {
-                drop(state);
-                if positions.iter().all(|&i| layout.whole(i as usize)) {
-                    self.insert(digest, data);
-                }
-                return Ok(());
+                return Ok(false);
             }
-            let st = &mut *state;
-            if let std::collections::hash_map::Entry::Vacant(v) = st.copies.entry(id) {
+            if let std::collections::hash_map::Entry::Vacant(v) = state.copies.entry(id) {
                 v.insert(Copy::new(Arc::clone(layout)));
-                st.lru.put(
+                state.lru.put(
                     key,
                     Entry {
                         size: 0,
@@ -169,112 +215,76 @@ impl DiskCache {
                     },
                 );
             }
+            state.lru.promote(&key);
             let copy = state.copies.get_mut(&id).expect("inserted above");
             let mut todo = Vec::new();
             let mut size = 0;
             for &i in positions {
                 let i = i as usize;
-                if copy.parts[i] == Part::Absent {
-                    copy.parts[i] = Part::Writing;
-                    size += copy.part_len(i);
-                    todo.push(i);
+                match copy.parts[i] {
+                    Part::Absent => {
+                        copy.set(i, Part::Writing);
+                        size += copy.part_len(i);
+                        todo.push(i);
+                    }
+                    // In place already (the digest may have lost its slot to another copy
+                    // that was evicted): readable by digest from here.
+                    Part::Present | Part::Verified if layout.whole(i) => {
+                        state.slots.entry(*digest).or_insert((id, i as u32));
+                    }
+                    _ => {}
                 }
             }
             if todo.is_empty() {
-                return Ok(());
+                return Ok(true);
             }
-            let writer = Arc::clone(&copy.writer);
             *state.pinned.entry(key).or_insert(0) += 1;
-            let evicted = self.evict_until(&mut state, size);
+            let evicted = self.evict_until(state, size);
             if state.used + size > self.capacity {
-                release_parts(&mut state, &id, &todo);
-                unpin(&mut state, &key);
-                drop(state);
+                release_parts(state, &id, &todo);
+                unpin(state, &key);
+                discard_if_empty(state, &id);
+                drop(guard);
                 self.unlink(evicted);
-                return Ok(());
+                return Ok(false);
             }
             state.used += size;
             if let Some(e) = state.lru.peek_mut(&key) {
                 e.size += size;
             }
-            (todo, writer, evicted)
+            (todo, size, evicted)
         };
         self.unlink(evicted);
-        let edges: Vec<(usize, Digest)> = todo
-            .iter()
-            .filter(|&&i| !layout.whole(i))
-            .map(|&i| {
-                let (range, _) = layout.part(i);
-                (
-                    i,
-                    Digest::of(&data[range.start as usize..range.end as usize]),
-                )
-            })
-            .collect();
-        let _one_writer = writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let path = self.path(&key);
-        let written = (|| -> io::Result<(Identity, Identity)> {
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            let f = fs::File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            let before = Identity::of(&f.metadata()?);
-            {
-                let mut state = self.lock();
-                let recorded = state.lru.peek(&key).and_then(|e| e.identity);
-                if recorded.is_some_and(|r| r != before) {
-                    tracing::warn!(file = %id, path = %path.display(),
-                        "local copy changed on disk behind the daemon; checking it again");
-                    if let Some(c) = state.copies.get_mut(&id) {
-                        c.distrust();
-                    }
-                }
-                if let Some(c) = state.copies.get_mut(&id) {
-                    c.writing = true;
-                }
-            }
-            if before.size != layout.len() {
+        let written = self.own_change(&id, |f| {
+            if f.metadata()?.len() != layout.len() {
                 f.set_len(layout.len())?;
             }
-            for &i in &todo {
+            let result = todo.iter().try_for_each(|&i| {
                 let (range, at) = layout.part(i);
-                f.write_all_at(&data[range.start as usize..range.end as usize], at)?;
-            }
-            Ok((before, Identity::of(&f.metadata()?)))
-        })();
-        let completed = {
-            let mut state = self.lock();
-            let identity = written.as_ref().ok().map(|(_, after)| *after);
-            let settled = match state.copies.get_mut(&id) {
-                Some(copy) => {
-                    copy.writing = false;
-                    if identity.is_some() {
-                        for &i in &todo {
-                            copy.parts[i] = Part::Verified;
-                            copy.missing -= 1;
-                        }
-                        for &(i, h) in &edges {
-                            if let Some(e) = copy.edge_of(i) {
-                                copy.edges[e] = Some(h);
-                            }
-                        }
-                        copy.saved = false;
-                    }
-                    Some((copy.complete(), copy.verified()))
+                f.write_all_at(&data[range.start as usize..range.end as usize], at)
+            });
+            if result.is_err() {
+                // Whatever got written of the claimed parts leaves no blocks behind.
+                for &i in &todo {
+                    let _ = punch(f, layout, i);
                 }
-                None => None,
-            };
-            match (settled, identity) {
-                (Some((complete, verified)), Some(identity)) => {
+            }
+            result
+        });
+        let mut completed = false;
+        {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            match (&written, state.copies.get_mut(&id)) {
+                (Ok(()), Some(copy)) => {
+                    for &i in &todo {
+                        copy.set(i, Part::Verified);
+                    }
+                    copy.unsaved += size;
+                    copy.saved = false;
+                    completed = copy.complete() || copy.unsaved >= SAVE_EVERY;
+                    let verified = copy.verified();
                     if let Some(e) = state.lru.peek_mut(&key) {
-                        e.identity = Some(identity);
                         e.verified = verified;
                     }
                     for &i in &todo {
@@ -282,28 +292,80 @@ impl DiskCache {
                             state.slots.entry(*digest).or_insert((id, i as u32));
                         }
                     }
-                    unpin(&mut state, &key);
-                    complete
                 }
                 _ => {
-                    // The write failed: give the reservation back.
-                    release_parts(&mut state, &id, &todo);
-                    let size: u64 = todo.iter().map(|&i| part_len(layout, i)).sum();
-                    if let Some(e) = state.lru.peek_mut(&key) {
-                        e.size -= size;
-                        state.used -= size;
-                    }
-                    unpin(&mut state, &key);
-                    false
+                    // The write failed (or the copy went meanwhile): the reservation goes back.
+                    release_parts(state, &id, &todo);
+                    shrink(state, &key, size);
                 }
             }
-        };
-        drop(_one_writer);
+            unpin(state, &key);
+        }
         if completed {
             self.save_map(&id);
         }
         self.record_use(&key);
-        written.map(|_| ())
+        written.map(|()| true)
+    }
+
+    /// Runs `change` on copy `id`'s file as the daemon's own change: one at a time per copy,
+    /// after checking that the file is as the last change left it (if not, every part is
+    /// checked again), and recording the identity it leaves.
+    fn own_change<R>(
+        &self,
+        id: &Digest,
+        change: impl FnOnce(&fs::File) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let key = Key::File(*id);
+        let writer = match self.lock().copies.get(id) {
+            Some(c) => Arc::clone(&c.writer),
+            None => return Err(io::Error::other("the copy left the cache")),
+        };
+        let _one_at_a_time = writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = self.path(&key);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let f = fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)?;
+        let before = Identity::of(&f.metadata()?);
+        {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let recorded = state.lru.peek(&key).and_then(|e| e.identity);
+            let Some(copy) = state.copies.get_mut(id) else {
+                return Err(io::Error::other("the copy left the cache"));
+            };
+            if recorded != Some(before) && copy.missing < copy.parts.len() {
+                if recorded.is_some() {
+                    tracing::warn!(file = %id, path = %path.display(),
+                        "local copy changed on disk behind the daemon; checking it again");
+                }
+                copy.distrust();
+                if let Some(e) = state.lru.peek_mut(&key) {
+                    e.verified = false;
+                }
+            }
+            copy.writing = true;
+        }
+        let result = change(&f);
+        let after = f.metadata().map(|m| Identity::of(&m)).ok();
+        let mut state = self.lock();
+        if let Some(copy) = state.copies.get_mut(id) {
+            copy.writing = false;
+            copy.writes += 1;
+        }
+        if let Some(e) = state.lru.peek_mut(&key) {
+            e.identity = after;
+        }
+        result
     }
 
     /// Whether `layout`'s copy is complete and verified; `None` if there is none.
@@ -330,69 +392,40 @@ impl DiskCache {
             .collect()
     }
 
-    /// Checks every part of a complete copy not verified since start (a copy found at start,
-    /// or changed behind the daemon): a part that does not match is dropped (fetched again
-    /// when read). Whether the whole copy is verified now, and how many parts were dropped.
+    /// Checks every part in place of a complete copy (one found at start, or changed behind
+    /// the daemon): a whole chunk against its digest, an edge part against its chunk file
+    /// (verified against its own digest); a part that does not match, or whose chunk file is
+    /// gone, is dropped (fetched again when read). Whether the whole copy is verified now, and
+    /// how many parts were dropped.
     pub(crate) fn verify_copy(&self, id: &Digest) -> io::Result<(bool, u64)> {
         let key = Key::File(*id);
-        let (layout, todo, writer) = {
+        let layout = {
             let mut state = self.lock();
             let Some(copy) = state.copies.get(id) else {
                 return Ok((false, 0));
             };
-            let todo: Vec<(usize, Option<Digest>)> = (0..copy.parts.len())
-                .filter(|&i| copy.parts[i] == Part::Present)
-                .map(|i| (i, copy.edge_of(i).and_then(|e| copy.edges[e])))
-                .collect();
-            let found = (Arc::clone(&copy.layout), todo, Arc::clone(&copy.writer));
+            let layout = Arc::clone(&copy.layout);
             *state.pinned.entry(key).or_insert(0) += 1;
-            found
+            layout
         };
-        let _one_writer = writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let checked = (|| -> io::Result<Checked> {
-            let f = fs::File::open(self.path(&key))?;
-            let before = Identity::of(&f.metadata()?);
-            let mut results = Vec::with_capacity(todo.len());
-            let mut buf = Vec::new();
-            for &(i, edge) in &todo {
-                let (range, at) = layout.part(i);
-                buf.resize((range.end - range.start) as usize, 0);
-                let ok = match f.read_exact_at(&mut buf, at) {
-                    Ok(()) => {
-                        let got = Digest::of(&buf);
-                        match edge {
-                            _ if layout.whole(i) => got == layout.chunks()[i].0,
-                            Some(h) => got == h,
-                            None => false,
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
-                    Err(e) => return Err(e),
-                };
-                results.push((i, ok));
-            }
-            let after = Identity::of(&f.metadata()?);
-            Ok((before == after).then_some((after, results)))
-        })();
-        let mut state = self.lock();
-        unpin(&mut state, &key);
-        let Some((identity, results)) = checked? else {
-            return Ok((false, 0)); // written meanwhile: checked again later
+        let checked = self.own_change(id, |f| self.check_parts(id, &layout, f));
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        unpin(state, &key);
+        let Some(results) = checked? else {
+            return Ok((false, 0)); // changed meanwhile: checked again later
         };
         let mut dropped = Vec::new();
         let verified = match state.copies.get_mut(id) {
             Some(copy) => {
                 for (i, ok) in results {
-                    if copy.parts[i] != Part::Present {
+                    if !copy.in_place(i) {
                         continue;
                     }
                     if ok {
-                        copy.parts[i] = Part::Verified;
+                        copy.set(i, Part::Verified);
                     } else {
-                        copy.parts[i] = Part::Absent;
-                        copy.missing += 1;
+                        copy.set(i, Part::Absent);
                         copy.saved = false;
                         dropped.push(i);
                     }
@@ -406,19 +439,57 @@ impl DiskCache {
                 "local copy is corrupt: parts do not match their chunks; dropped them (fetched \
                  again when read)");
             let size: u64 = dropped.iter().map(|&i| part_len(&layout, i)).sum();
-            if let Some(e) = state.lru.peek_mut(&key) {
-                e.size -= size;
-                state.used -= size;
-            }
+            shrink(state, &key, size);
             for &i in &dropped {
-                forget_slot(&mut state, &layout.chunks()[i].0, id);
+                forget_slot(state, &layout.chunks()[i].0, id, i);
             }
         }
         if let Some(e) = state.lru.peek_mut(&key) {
-            e.identity = Some(identity);
             e.verified = verified;
         }
         Ok((verified, dropped.len() as u64))
+    }
+
+    /// The verdict on each part in place of copy `id` (open as `f`, under its writer lock);
+    /// parts found wrong are punched out. `None` if the file changed while it was read.
+    fn check_parts(&self, id: &Digest, layout: &FileLayout, f: &fs::File) -> io::Result<Checked> {
+        let todo: Vec<usize> = {
+            let state = self.lock();
+            let Some(copy) = state.copies.get(id) else {
+                return Ok(None);
+            };
+            (0..copy.parts.len())
+                .filter(|&i| copy.in_place(i))
+                .collect()
+        };
+        let before = Identity::of(&f.metadata()?);
+        let mut results = Vec::with_capacity(todo.len());
+        let mut buf = Vec::new();
+        for i in todo {
+            let (range, at) = layout.part(i);
+            buf.resize((range.end - range.start) as usize, 0);
+            let ok = match f.read_exact_at(&mut buf, at) {
+                Ok(()) if layout.whole(i) => Digest::of(&buf) == layout.chunks()[i].0,
+                Ok(()) => match self.read_chunk_file(&layout.chunks()[i].0) {
+                    DiskRead::Hit(chunk) => {
+                        chunk.get(range.start as usize..range.end as usize) == Some(&buf[..])
+                    }
+                    DiskRead::Miss | DiskRead::Corrupt => false,
+                },
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+                Err(e) => return Err(e),
+            };
+            results.push((i, ok));
+        }
+        if Identity::of(&f.metadata()?) != before {
+            return Ok(None);
+        }
+        for &(i, ok) in &results {
+            if !ok {
+                punch(f, layout, i)?;
+            }
+        }
+        Ok(Some(results))
     }
 
     /// Whether a complete copy of `id` is here; pins it if so.
@@ -437,54 +508,34 @@ impl DiskCache {
     /// Reads chunk `digest` whole from a copy that holds it, checked against its digest unless
     /// its part is verified and the copy unchanged. A part that does not match is dropped.
     pub(super) fn read_from_copy(&self, digest: &Digest) -> DiskRead {
-        let Some(found) = self.slot_read(digest, None) else {
+        let Some(read) = self.slot_read(digest, None) else {
             return DiskRead::Miss;
         };
-        let SlotRead {
-            id,
-            index,
-            data,
-            trusted,
-        } = found;
-        if trusted {
-            return DiskRead::Hit(data);
+        if read.trusted {
+            return DiskRead::Hit(read.data);
         }
-        let good = Digest::of(&data) == *digest;
-        let mut state = self.lock();
-        let key = Key::File(id);
-        let mut dropped = false;
-        if let Some(copy) = state.copies.get_mut(&id) {
-            match copy.parts[index] {
-                Part::Present | Part::Verified if good => copy.parts[index] = Part::Verified,
-                Part::Present | Part::Verified => {
-                    copy.parts[index] = Part::Absent;
-                    copy.missing += 1;
-                    copy.saved = false;
-                    dropped = true;
+        if Digest::of(&read.data) == *digest {
+            if read.settled {
+                let mut state = self.lock();
+                if let Some(copy) = state.copies.get_mut(&read.id) {
+                    if copy.parts[read.index] == Part::Present {
+                        copy.set(read.index, Part::Verified);
+                    }
+                    let verified = copy.verified();
+                    if let Some(e) = state.lru.peek_mut(&Key::File(read.id)) {
+                        e.verified = verified;
+                    }
                 }
-                _ => {}
             }
-            let verified = copy.verified();
-            if dropped {
-                let size = copy.part_len(index);
-                if let Some(e) = state.lru.peek_mut(&key) {
-                    e.size -= size;
-                    state.used -= size;
-                }
-                forget_slot(&mut state, digest, &id);
-            }
-            if let Some(e) = state.lru.peek_mut(&key) {
-                e.verified = verified;
-            }
+            return DiskRead::Hit(read.data);
         }
-        if good {
-            DiskRead::Hit(data)
-        } else {
-            tracing::error!(chunk = %digest, file = %id,
-                "local copy is corrupt: a chunk does not match its digest; dropping it and \
-                 fetching again");
-            DiskRead::Corrupt
+        if !self.drop_part(&read.id, read.index) {
+            return DiskRead::Miss; // dropped already (and counted) by whoever found it first
         }
+        tracing::error!(chunk = %digest, file = %read.id,
+            "local copy is corrupt: a chunk does not match its digest; dropped it, fetching \
+             again");
+        DiskRead::Corrupt
     }
 
     /// Bytes `range` of chunk `digest` from a copy that holds it verified and unchanged.
@@ -493,116 +544,183 @@ impl DiskCache {
         digest: &Digest,
         range: std::ops::Range<usize>,
     ) -> Option<Vec<u8>> {
-        let found = self.slot_read(digest, Some(range))?;
-        found.trusted.then_some(found.data)
+        let read = self.slot_read(digest, Some(range))?;
+        read.trusted.then_some(read.data)
     }
 
-    /// Reads chunk `digest` (or `range` of it) from the copy the slot index names, with
-    /// whether the bytes can be used without checking them.
+    /// Reads chunk `digest` (or `range` of it) from the copy the slot index names, and says
+    /// whether the bytes can be used unchecked. A part that cannot be read is dropped.
     fn slot_read(
         &self,
         digest: &Digest,
         range: Option<std::ops::Range<usize>>,
     ) -> Option<SlotRead> {
-        let (id, index, at, len, verified, writing, recorded) = {
-            let mut state = self.lock();
+        let key_of = |id| Key::File(id);
+        let (id, index, at, len, seen) = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
             let &(id, index) = state.slots.get(digest)?;
             let index = index as usize;
             let copy = state.copies.get(&id)?;
-            let part = copy.parts[index];
-            if !matches!(part, Part::Present | Part::Verified) || !copy.layout.whole(index) {
+            if !copy.in_place(index) || !copy.layout.whole(index) {
                 return None;
             }
             let (_, at) = copy.layout.part(index);
+            let seen = Seen {
+                verified: copy.parts[index] == Part::Verified,
+                writing: copy.writing,
+                writes: copy.writes,
+                distrusts: copy.distrusts,
+                recorded: state.lru.peek(&key_of(id)).and_then(|e| e.identity),
+            };
             let len = copy.part_len(index) as usize;
-            let found = (
-                id,
-                index,
-                at,
-                len,
-                part == Part::Verified,
-                copy.writing,
-                state.lru.peek(&Key::File(id)).and_then(|e| e.identity),
-            );
-            *state.pinned.entry(Key::File(id)).or_insert(0) += 1;
-            found
+            state.lru.promote(&key_of(id));
+            *state.pinned.entry(key_of(id)).or_insert(0) += 1;
+            (id, index, at, len, seen)
         };
-        let key = Key::File(id);
+        let key = key_of(id);
         let range = range.unwrap_or(0..len);
         let read = (|| -> io::Result<(Vec<u8>, Identity, Identity)> {
             if range.end > len {
                 return Err(io::Error::other("range past the chunk"));
             }
-            let f = fs::File::open(self.path(&key))?;
+            let f = fs::File::options()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(self.path(&key))?;
             let before = Identity::of(&f.metadata()?);
             let mut buf = vec![0u8; range.len()];
             f.read_exact_at(&mut buf, at + range.start as u64)?;
             Ok((buf, before, Identity::of(&f.metadata()?)))
         })();
         let mut guard = self.lock();
-        unpin(&mut guard, &key);
+        let state = &mut *guard;
+        unpin(state, &key);
         let (data, before, after) = match read {
             Ok(r) => r,
             Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(chunk = %digest, file = %id, "reading a local copy: {e}");
+                drop(guard);
+                tracing::warn!(chunk = %digest, file = %id, "reading a local copy: {e}");
+                if e.kind() == io::ErrorKind::NotFound {
+                    self.remove(&key);
+                } else {
+                    let _ = self.drop_part(&id, index);
                 }
                 return None;
             }
         };
-        let state = &mut *guard;
         let copy = state.copies.get_mut(&id)?;
-        let now_writing = copy.writing;
-        let recorded_now = state.lru.peek(&key).and_then(|e| e.identity);
-        // The daemon's own write into another part moves the identity: that is no change
-        // behind its back, and the parts it did not write are as they were.
-        let own_write = writing || now_writing || recorded != recorded_now;
-        let steady = before == after && Some(before) == recorded;
-        if !steady && !own_write {
-            // No identity yet (found at start): nothing was verified against one.
-            if recorded.is_some() {
+        // The daemon's own change to another part moves the identity: no change behind its
+        // back, and the parts it did not touch are as they were. A change found by another
+        // reader meanwhile leaves nothing to trust.
+        let own_change = seen.writing || copy.writing || copy.writes != seen.writes;
+        let found_changed = copy.distrusts != seen.distrusts;
+        let recorded = state.lru.peek(&key).and_then(|e| e.identity);
+        let steady = before == after && seen.recorded == Some(before) && recorded == seen.recorded;
+        if !steady && !own_change && !found_changed {
+            // Changed behind the daemon, or no identity yet (a copy found at start).
+            if seen.recorded.is_some() {
                 tracing::warn!(file = %id, path = %self.path(&key).display(),
                     "local copy changed on disk since it was verified; checking it again");
-                copy.distrust();
             }
+            copy.distrust();
             if let Some(e) = state.lru.peek_mut(&key) {
                 e.verified = false;
                 e.identity = (before == after).then_some(after);
             }
         }
+        let copy = state.copies.get(&id)?;
+        let trusted = seen.verified
+            && copy.parts[index] == Part::Verified
+            && !found_changed
+            && (steady || own_change);
+        let settled = before == after
+            && !own_change
+            && state.lru.peek(&key).and_then(|e| e.identity) == Some(after);
         drop(guard);
         self.record_use(&key);
         Some(SlotRead {
             id,
             index,
             data,
-            trusted: verified && (steady || own_write),
+            trusted,
+            settled,
         })
     }
 
-    /// [`DiskCache::unchanged`] for a complete copy about to be handed to the kernel; a copy
-    /// that changed has all its parts checked again first.
+    /// Drops part `index` of copy `id` (found corrupt or unreadable): its blocks are punched
+    /// out and it is fetched again when read. Whether this call dropped it.
+    fn drop_part(&self, id: &Digest, index: usize) -> bool {
+        let key = Key::File(*id);
+        let layout = match self.lock().copies.get(id) {
+            Some(c) if c.in_place(index) => Arc::clone(&c.layout),
+            _ => return false,
+        };
+        let punched = self.own_change(id, |f| punch(f, &layout, index));
+        if let Err(e) = punched {
+            tracing::warn!(file = %id, "punching out a dropped part of a local copy: {e}");
+        }
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(copy) = state.copies.get_mut(id) else {
+            return false;
+        };
+        if !copy.in_place(index) {
+            return false;
+        }
+        copy.set(index, Part::Absent);
+        copy.saved = false;
+        let verified = copy.verified();
+        shrink(state, &key, part_len(&layout, index));
+        if let Some(e) = state.lru.peek_mut(&key) {
+            e.verified = verified;
+        }
+        forget_slot(state, &layout.chunks()[index].0, id, index);
+        true
+    }
+
+    /// Whether the open file `f` of complete copy `id` is the verified one, about to be
+    /// handed to the kernel: the copy is verified and `f` is as the recorded identity says,
+    /// both under one lock. A copy that changed has every part checked again first.
     pub(crate) fn file_unchanged(&self, id: &Digest, f: &fs::File) -> bool {
         let key = Key::File(*id);
-        if self.unchanged(&key, f) {
-            return true;
+        let Ok(found) = f.metadata().map(|m| Identity::of(&m)) else {
+            return false;
+        };
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let recorded = state.lru.peek(&key).and_then(|e| e.identity);
+        let Some(copy) = state.copies.get_mut(id) else {
+            return false;
+        };
+        if recorded == Some(found) {
+            return copy.verified();
         }
-        if let Some(c) = self.lock().copies.get_mut(id) {
-            c.distrust();
+        if !copy.writing {
+            tracing::warn!(file = %id, path = %self.path(&key).display(),
+                "local copy changed on disk since it was verified; checking it again");
+            copy.distrust();
+            if let Some(e) = state.lru.peek_mut(&key) {
+                e.verified = false;
+                e.identity = None;
+            }
         }
         false
     }
 
     /// Writes the map of copy `id` (temp file and rename).
     pub(super) fn save_map(&self, id: &Digest) {
-        let bytes = {
+        let (layout, present) = {
             let mut state = self.lock();
             let Some(copy) = state.copies.get_mut(id) else {
                 return;
             };
             copy.saved = true;
-            encode_map(copy)
+            copy.unsaved = 0;
+            let present: Vec<bool> = (0..copy.parts.len()).map(|i| copy.in_place(i)).collect();
+            (Arc::clone(&copy.layout), present)
         };
+        let bytes = encode_map(&layout, &present);
         let path = self.map_path(id);
         let n = self
             .temp_counter
@@ -612,6 +730,9 @@ impl DiskCache {
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             tracing::warn!(file = %id, "saving a local copy's map: {e}");
+            if let Some(c) = self.lock().copies.get_mut(id) {
+                c.saved = false;
+            }
         }
     }
 
@@ -621,7 +742,7 @@ impl DiskCache {
             .lock()
             .copies
             .iter()
-            .filter(|(_, c)| !c.saved)
+            .filter(|(_, c)| !c.saved && c.missing < c.parts.len())
             .map(|(id, _)| *id)
             .collect();
         for id in unsaved {
@@ -635,20 +756,33 @@ impl DiskCache {
     }
 }
 
-/// What a check of a copy's parts found: the copy's identity and each part's verdict, if
-/// nothing wrote to it meanwhile.
-type Checked = Option<(Identity, Vec<(usize, bool)>)>;
-
-struct SlotRead {
-    id: Digest,
-    index: usize,
-    data: Vec<u8>,
-    trusted: bool,
+/// What a reader saw of a copy before reading it.
+struct Seen {
+    verified: bool,
+    writing: bool,
+    writes: u64,
+    distrusts: u64,
+    recorded: Option<Identity>,
 }
 
 fn part_len(layout: &FileLayout, i: usize) -> u64 {
     let (range, _) = layout.part(i);
     range.end - range.start
+}
+
+/// Frees the blocks of part `i` (the file keeps its length).
+fn punch(f: &fs::File, layout: &FileLayout, i: usize) -> io::Result<()> {
+    let (range, at) = layout.part(i);
+    if range.is_empty() {
+        return Ok(());
+    }
+    rustix::fs::fallocate(
+        f,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        at,
+        range.end - range.start,
+    )
+    .map_err(io::Error::from)
 }
 
 fn unpin(state: &mut State, key: &Key) {
@@ -660,21 +794,57 @@ fn unpin(state: &mut State, key: &Key) {
     }
 }
 
+/// Takes `bytes` off copy `key`'s size and the cache's use.
+fn shrink(state: &mut State, key: &Key, bytes: u64) {
+    if let Some(e) = state.lru.peek_mut(key) {
+        e.size -= bytes;
+        state.used -= bytes;
+    }
+}
+
 /// Gives parts claimed for a write that did not happen back.
 fn release_parts(state: &mut State, id: &Digest, parts: &[usize]) {
     if let Some(copy) = state.copies.get_mut(id) {
         for &i in parts {
             if copy.parts[i] == Part::Writing {
-                copy.parts[i] = Part::Absent;
+                copy.set(i, Part::Absent);
             }
         }
     }
 }
 
-/// Forgets that `digest` can be read from copy `id`.
-fn forget_slot(state: &mut State, digest: &Digest, id: &Digest) {
-    if state.slots.get(digest).is_some_and(|(c, _)| c == id) {
-        state.slots.remove(digest);
+/// Forgets a copy that holds nothing and nobody uses (one whose first write found no room).
+fn discard_if_empty(state: &mut State, id: &Digest) {
+    let key = Key::File(*id);
+    let empty = state
+        .copies
+        .get(id)
+        .is_some_and(|c| c.missing == c.parts.len() && !c.parts.contains(&Part::Writing));
+    if empty && !state.pinned.contains_key(&key) {
+        if let Some(e) = state.lru.pop(&key) {
+            state.used -= e.size;
+        }
+        state.copies.remove(id);
+    }
+}
+
+/// Forgets that `digest` can be read from part `index` of copy `id`; another place of the
+/// digest in that copy takes the slot if it is in place.
+fn forget_slot(state: &mut State, digest: &Digest, id: &Digest, index: usize) {
+    if state.slots.get(digest) != Some(&(*id, index as u32)) {
+        return;
+    }
+    state.slots.remove(digest);
+    if let Some(copy) = state.copies.get(id) {
+        let other = copy
+            .layout
+            .positions(digest)
+            .iter()
+            .map(|&i| i as usize)
+            .find(|&i| i != index && copy.in_place(i) && copy.layout.whole(i));
+        if let Some(i) = other {
+            state.slots.insert(*digest, (*id, i as u32));
+        }
     }
 }
 
@@ -682,26 +852,23 @@ fn forget_slot(state: &mut State, digest: &Digest, id: &Digest) {
 pub(super) fn drop_copy(state: &mut State, id: &Digest) {
     if let Some(copy) = state.copies.remove(id) {
         for (d, _) in copy.layout.chunks() {
-            forget_slot(state, d, id);
+            if state.slots.get(d).is_some_and(|(c, _)| c == id) {
+                state.slots.remove(d);
+            }
         }
     }
 }
 
-fn encode_map(copy: &Copy) -> Vec<u8> {
-    let layout = &copy.layout;
-    let mut out = Vec::with_capacity(32 + layout.chunks().len() * 37 + 100);
+fn encode_map(layout: &FileLayout, present: &[bool]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(60 + layout.chunks().len() * 37);
     out.extend_from_slice(MAP_MAGIC);
     out.extend_from_slice(&layout.start().to_le_bytes());
     out.extend_from_slice(&layout.len().to_le_bytes());
     out.extend_from_slice(&(layout.chunks().len() as u32).to_le_bytes());
-    for ((digest, len), part) in layout.chunks().iter().zip(&copy.parts) {
+    for ((digest, len), present) in layout.chunks().iter().zip(present) {
         out.extend_from_slice(&digest.0);
         out.extend_from_slice(&len.to_le_bytes());
-        out.push(u8::from(matches!(part, Part::Present | Part::Verified)));
-    }
-    for edge in &copy.edges {
-        out.push(u8::from(edge.is_some()));
-        out.extend_from_slice(&edge.map_or([0; 32], |d| d.0));
+        out.push(u8::from(*present));
     }
     let check = Digest::of(&out);
     out.extend_from_slice(&check.0);
@@ -718,17 +885,17 @@ fn decode_map(id: &Digest, bytes: &[u8]) -> Option<Copy> {
     let u64_at = |at: usize| Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?));
     let (start, len) = (u64_at(8)?, u64_at(16)?);
     let n = u32::from_le_bytes(body.get(24..28)?.try_into().ok()?) as usize;
-    let parts_end = 28usize.checked_add(n.checked_mul(37)?)?;
-    if body.len() != parts_end + 2 * 33 {
+    if body.len() != 28usize.checked_add(n.checked_mul(37)?)? {
         return None;
     }
     let mut chunks = Vec::with_capacity(n);
     let mut present = Vec::with_capacity(n);
-    for rec in body[28..parts_end].chunks_exact(37) {
-        chunks.push((
-            Digest(rec[..32].try_into().ok()?),
-            u32::from_le_bytes(rec[32..36].try_into().ok()?),
-        ));
+    for rec in body[28..].chunks_exact(37) {
+        let len = u32::from_le_bytes(rec[32..36].try_into().ok()?);
+        if len > MAX_MAP_CHUNK {
+            return None;
+        }
+        chunks.push((Digest(rec[..32].try_into().ok()?), len));
         present.push(rec[36] == 1);
     }
     let layout = FileLayout::from_parts(start, len, chunks)?;
@@ -738,13 +905,7 @@ fn decode_map(id: &Digest, bytes: &[u8]) -> Option<Copy> {
     let mut copy = Copy::new(Arc::new(layout));
     for (i, p) in present.into_iter().enumerate() {
         if p {
-            copy.parts[i] = Part::Present;
-            copy.missing -= 1;
-        }
-    }
-    for (e, rec) in body[parts_end..].chunks_exact(33).enumerate() {
-        if rec[0] == 1 {
-            copy.edges[e] = Some(Digest(rec[1..].try_into().ok()?));
+            copy.set(i, Part::Present);
         }
     }
     copy.saved = true;
@@ -753,7 +914,8 @@ fn decode_map(id: &Digest, bytes: &[u8]) -> Option<Copy> {
 
 /// The copies found in `<dir>/files` at start, with their sizes in place and last-use
 /// times; anything else there (copies without a usable map, maps without a copy, temp files,
-/// whole files of older versions) is removed.
+/// whole files of older versions, symlinks) is removed. Blocks of parts the map does not
+/// count (written after its last save, before a crash) are punched out.
 pub(super) fn scan(
     files_dir: &Path,
     last_use: impl Fn(&Key, &fs::Metadata) -> u64,
@@ -775,7 +937,7 @@ pub(super) fn scan(
                 continue;
             };
             let map_path = path.with_file_name(format!("{name}.map"));
-            let (Ok(meta), Ok(map)) = (fs::metadata(path), fs::read(&map_path)) else {
+            let (Ok(meta), Ok(map)) = (fs::symlink_metadata(path), fs::read(&map_path)) else {
                 continue;
             };
             let Some(copy) = decode_map(&id, &map) else {
@@ -785,8 +947,22 @@ pub(super) fn scan(
             if !meta.is_file() || meta.len() != copy.layout.len() {
                 continue;
             }
+            let absent: Vec<usize> = (0..copy.parts.len())
+                .filter(|&i| !copy.in_place(i))
+                .collect();
+            if !absent.is_empty() {
+                let punched = fs::File::options()
+                    .write(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(path)
+                    .and_then(|f| absent.iter().try_for_each(|&i| punch(&f, &copy.layout, i)));
+                if let Err(e) = punched {
+                    tracing::warn!(file = %id, "local copy: {e}; removing it");
+                    continue;
+                }
+            }
             let size = (0..copy.parts.len())
-                .filter(|&i| copy.parts[i] == Part::Present)
+                .filter(|&i| copy.in_place(i))
                 .map(|i| copy.part_len(i))
                 .sum();
             found.push((last_use(&Key::File(id), &meta), id, size, copy));
@@ -805,7 +981,7 @@ pub(super) fn scan(
 /// Registers a copy found at start: its whole parts in place can be read by digest.
 pub(super) fn adopt(state: &mut State, id: Digest, copy: Copy) {
     for (i, (d, _)) in copy.layout.chunks().iter().enumerate() {
-        if copy.parts[i] == Part::Present && copy.layout.whole(i) {
+        if copy.in_place(i) && copy.layout.whole(i) {
             state.slots.entry(*d).or_insert((id, i as u32));
         }
     }
@@ -940,7 +1116,7 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), content);
         drop(cache);
 
-        // An edge part changed: caught by the hash the map keeps of it.
+        // An edge part changed: caught against its (verified) chunk file.
         let mut bytes = fs::read(&path).unwrap();
         bytes[3] ^= 1;
         fs::write(&path, &bytes).unwrap();
@@ -1035,5 +1211,116 @@ mod tests {
         assert!(cache.copy_state(layout.id()).is_none());
         assert!(!shard.join(&hex).exists() && !old_shard.join(&old).exists());
         assert_eq!(cache.used(), 2000, "the edge chunk files stay");
+    }
+
+    /// Four 64 KiB chunks and a file of exactly them (every part whole, block-aligned).
+    fn aligned() -> (Vec<Vec<u8>>, Arc<FileLayout>) {
+        let chunks: Vec<Vec<u8>> = (0..4u32)
+            .map(|i| (0..65536u32).map(|b| (b * 13 + i * 7) as u8).collect())
+            .collect();
+        let layout = FileLayout::from_parts(
+            0,
+            4 << 16,
+            chunks.iter().map(|c| (Digest::of(c), 65536)).collect(),
+        )
+        .unwrap();
+        (chunks, Arc::new(layout))
+    }
+
+    fn allocated(path: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::blocks(&fs::metadata(path).unwrap()) * 512
+    }
+
+    /// A part dropped as corrupt gives its blocks back, and so does a part written after the
+    /// map was last saved (a crash), at the next start: the budget counts what is on disk.
+    #[test]
+    fn dropped_and_unsaved_parts_leave_no_blocks_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (chunks, layout) = aligned();
+        let hex = layout.id().to_hex();
+        let path = tmp.path().join("files").join(&hex[..2]).join(&hex);
+        {
+            let cache = DiskCache::open(tmp.path(), 10 << 20).unwrap();
+            fill(&cache, &layout, &chunks, &[0, 1, 2, 3]);
+            assert!(allocated(&path) >= 4 << 16);
+            let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            io::Write::write_all(&mut f, b"X").unwrap();
+            assert!(matches!(
+                cache.read(&Digest::of(&chunks[0])),
+                DiskRead::Corrupt
+            ));
+            assert_eq!(cache.used(), 3 << 16);
+            assert!(
+                allocated(&path) <= 3 << 16,
+                "{} allocated",
+                allocated(&path)
+            );
+        }
+        // The map says parts 1-3; part 0 is written behind its back before the next start.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&chunks[0], 0)
+            .unwrap();
+        let cache = DiskCache::open(tmp.path(), 10 << 20).unwrap();
+        assert_eq!(cache.used(), 3 << 16);
+        assert!(
+            allocated(&path) <= 3 << 16,
+            "{} allocated",
+            allocated(&path)
+        );
+        assert_eq!(cache.missing_parts(&layout), vec![Digest::of(&chunks[0])]);
+    }
+
+    /// A part verified by a read after a start and changed behind the daemon afterwards is
+    /// caught when the whole copy is checked (before it goes to the kernel), not absorbed.
+    #[test]
+    fn a_part_changed_after_it_was_read_is_caught_by_the_check_of_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (chunks, layout) = aligned();
+        let hex = layout.id().to_hex();
+        let path = tmp.path().join("files").join(&hex[..2]).join(&hex);
+        drop({
+            let cache = DiskCache::open(tmp.path(), 10 << 20).unwrap();
+            fill(&cache, &layout, &chunks, &[0, 1, 2, 3]);
+            cache
+        });
+        let cache = DiskCache::open(tmp.path(), 10 << 20).unwrap();
+        assert_eq!(hit(cache.read(&Digest::of(&chunks[2]))), chunks[2]);
+        assert_eq!(hit(cache.read(&Digest::of(&chunks[2]))), chunks[2]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"changed", (2 << 16) + 10)
+            .unwrap();
+        assert_eq!(cache.verify_copy(layout.id()).unwrap(), (false, 1));
+        assert!(matches!(
+            cache.read(&Digest::of(&chunks[2])),
+            DiskRead::Miss
+        ));
+        assert_eq!(hit(cache.read(&Digest::of(&chunks[1]))), chunks[1]);
+    }
+
+    /// Two files share a chunk; the copy that held its slot goes: the next time the chunk is
+    /// fetched for the other file, its copy (which has it in place) serves it again.
+    #[test]
+    fn a_chunk_shared_by_two_copies_stays_readable_when_one_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 10 << 20).unwrap();
+        let (chunks, _) = aligned();
+        let d: Vec<(Digest, u32)> = chunks.iter().map(|c| (Digest::of(c), 65536)).collect();
+        let a = Arc::new(FileLayout::from_parts(0, 2 << 16, vec![d[0], d[1]]).unwrap());
+        let b = Arc::new(FileLayout::from_parts(0, 2 << 16, vec![d[0], d[2]]).unwrap());
+        fill(&cache, &a, &chunks, &[0, 1]);
+        fill(&cache, &b, &chunks, &[0, 2]);
+        cache.remove(&Key::File(*a.id()));
+        assert!(matches!(cache.read(&d[0].0), DiskRead::Miss));
+        fill(&cache, &b, &chunks, &[0]);
+        assert_eq!(hit(cache.read(&d[0].0)), chunks[0]);
+        assert_eq!(cache.used(), 2 << 16, "b's copy only");
     }
 }

@@ -8,11 +8,12 @@
 //!
 //! Space is reserved under the lock *before* a file is written and the least recently used
 //! chunks are evicted to make room; a chunk that does not fit even then is not cached. So the
-//! files on disk never exceed the budget, however many inserts run at once. Files are
+//! files on disk never exceed the budget, however many inserts run at once. Chunk files are
 //! written to a temp file beside their final name and renamed into place, so a crash never
-//! leaves a half-written chunk under its name; leftover temp files are removed at start. The files on disk are the truth: the index is
-//! rebuilt from them at start, and a chunk found there is verified against its name the first
-//! time it is read.
+//! leaves a half-written chunk under its name; leftover temp files are removed at start (copies
+//! are written in place: see [`copies`] for how a crash is survived). The files on disk are the
+//! truth: the index is rebuilt from them at start, and a chunk found there is verified against
+//! its name the first time it is read.
 //!
 //! When each chunk was last used is kept in a `sled` tree under `<dir>/index`, so the LRU order
 //! survives restarts (file access times cannot be trusted: `relatime` and `noatime` mounts).
@@ -310,10 +311,19 @@ impl DiskCache {
         }
     }
 
+    /// Chunk `digest`, from its chunk file or a local copy that holds it.
     pub(crate) fn read(&self, digest: &Digest) -> DiskRead {
+        match self.read_chunk_file(digest) {
+            DiskRead::Miss => self.read_from_copy(digest),
+            found => found,
+        }
+    }
+
+    /// Chunk `digest` from its chunk file only.
+    pub(crate) fn read_chunk_file(&self, digest: &Digest) -> DiskRead {
         let key = Key::Chunk(*digest);
         let Some(verified) = self.pin(&key) else {
-            return self.read_from_copy(digest);
+            return DiskRead::Miss;
         };
         let result = self.read_pinned(digest, verified);
         self.unpin(&key);
