@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use crate::disk_cache::DiskRead;
@@ -186,7 +187,11 @@ impl ChunkCache {
         let assembled = AssembledFile {
             cache: Arc::clone(self),
             id,
-            file: match std::fs::File::open(&path) {
+            file: match std::fs::File::options()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&path)
+            {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!("opening local copy {}: {e}", path.display());

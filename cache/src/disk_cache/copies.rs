@@ -10,10 +10,13 @@
 //!
 //! Parts written by this process are verified (they come from verified chunks); after a
 //! restart every part is checked before use. The daemon's own changes to a copy (writes,
-//! punched parts) are serialized by the copy's `writer` lock, and each compares the copy's
-//! identity (inode, size, ctime) with the one the previous change left: a copy changed behind
-//! the daemon's back has every part checked again. Readers tell the daemon's own changes from
-//! others' by the copy's `writes` and `distrusts` counters.
+//! punched parts, checks) are serialized by the copy's `writer` lock, and each compares the
+//! copy's identity (inode, size, ctime) with the one the previous change left: a copy changed
+//! behind the daemon's back has every part checked again. A read uses a verified part's bytes
+//! unchecked only if the copy's identity was the recorded one before and after it; otherwise
+//! it hashes them. What is not caught: a write by another process during one of the daemon's
+//! own changes (its identity is recorded as the daemon's), or within one ctime tick of a check
+//! (see SEMANTICS: keep the cache dir writable by the daemon only).
 
 use std::collections::HashSet;
 use std::fs;
@@ -32,6 +35,9 @@ enum Part {
     Absent,
     /// Being written by this process.
     Writing,
+    /// Being punched out by this process (found corrupt or unreadable): not readable, not
+    /// claimable, still counted until its blocks are freed.
+    Dropping,
     /// On disk, not checked since start (or since the copy changed behind the daemon).
     Present,
     /// On disk and checked (or written by this process from verified bytes).
@@ -40,6 +46,9 @@ enum Part {
 
 pub(super) struct Copy {
     layout: Arc<FileLayout>,
+    /// Tells this copy from a later one of the same file (after an eviction): work that
+    /// started on one never settles on the other.
+    gen: u64,
     parts: Vec<Part>,
     /// Parts not in place (absent or being written).
     missing: usize,
@@ -60,9 +69,11 @@ pub(super) struct Copy {
 
 impl Copy {
     fn new(layout: Arc<FileLayout>) -> Copy {
+        static NEXT_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let n = layout.chunks().len();
         Copy {
             layout,
+            gen: NEXT_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             parts: vec![Part::Absent; n],
             missing: n,
             unverified: 0,
@@ -90,12 +101,12 @@ impl Copy {
     /// Moves part `i` to `new`, keeping the counts.
     fn set(&mut self, i: usize, new: Part) {
         match self.parts[i] {
-            Part::Absent | Part::Writing => self.missing -= 1,
+            Part::Absent | Part::Writing | Part::Dropping => self.missing -= 1,
             Part::Present => self.unverified -= 1,
             Part::Verified => {}
         }
         match new {
-            Part::Absent | Part::Writing => self.missing += 1,
+            Part::Absent | Part::Writing | Part::Dropping => self.missing += 1,
             Part::Present => self.unverified += 1,
             Part::Verified => {}
         }
@@ -135,18 +146,32 @@ const MAX_MAP_CHUNK: u32 = 64 << 20;
 /// A read of a chunk in a copy.
 struct SlotRead {
     id: Digest,
+    gen: u64,
     index: usize,
     data: Vec<u8>,
     /// The part was verified and the copy is as it was then: the bytes need no check.
     trusted: bool,
-    /// The copy is as the recorded identity says (nothing wrote to it during the read): bytes
-    /// found right may mark the part verified.
-    settled: bool,
+    /// The copy was as the recorded identity says, `identity`, during the read and no change
+    /// of the daemon ran: bytes found right may mark the part verified if the copy is still
+    /// so (same `writes`, `distrusts` and identity).
+    settled: Option<Identity>,
+    writes: u64,
+    distrusts: u64,
 }
 
-/// What a check of a copy's parts found: each part's verdict, if nothing else wrote to the
-/// copy meanwhile.
-type Checked = Option<Vec<(usize, bool)>>;
+/// What a check of a copy's parts found: each part's verdict (`None`: cannot tell, an edge
+/// whose chunk file is gone), if nothing else wrote to the copy meanwhile.
+type Checked = Option<Vec<(usize, Option<bool>)>>;
+
+/// How a change of the daemon to a copy ended, for its caller to settle under the lock.
+struct Ended<'a> {
+    state: &'a mut State,
+    /// The copy the change was made to, if it is still there (not evicted, not replaced).
+    live: bool,
+    /// Another reader found the copy changed behind the daemon while this change ran: what it
+    /// wrote is not vouched for.
+    distrusted: bool,
+}
 
 impl DiskCache {
     pub(super) fn map_path(&self, id: &Digest) -> PathBuf {
@@ -186,7 +211,7 @@ impl DiskCache {
     }
 
     /// Puts `data` (chunk `digest`) in every place it has in `layout`'s copy; whether the
-    /// copy holds it now.
+    /// copy holds it (or is about to).
     fn write_parts(
         &self,
         layout: &Arc<FileLayout>,
@@ -197,7 +222,7 @@ impl DiskCache {
         let key = Key::File(id);
         let positions = layout.positions(digest);
         // Claim the parts this chunk fills and reserve their bytes.
-        let (todo, size, evicted) = {
+        let (todo, size, gen, evicted) = {
             let mut guard = self.lock();
             let state = &mut *guard;
             if state.removing.contains_key(&key) {
@@ -217,6 +242,7 @@ impl DiskCache {
             }
             state.lru.promote(&key);
             let copy = state.copies.get_mut(&id).expect("inserted above");
+            let gen = copy.gen;
             let mut todo = Vec::new();
             let mut size = 0;
             for &i in positions {
@@ -241,7 +267,7 @@ impl DiskCache {
             *state.pinned.entry(key).or_insert(0) += 1;
             let evicted = self.evict_until(state, size);
             if state.used + size > self.capacity {
-                release_parts(state, &id, &todo);
+                release_parts(state, &id, gen, &todo);
                 unpin(state, &key);
                 discard_if_empty(state, &id);
                 drop(guard);
@@ -252,52 +278,78 @@ impl DiskCache {
             if let Some(e) = state.lru.peek_mut(&key) {
                 e.size += size;
             }
-            (todo, size, evicted)
+            (todo, size, gen, evicted)
         };
         self.unlink(evicted);
-        let written = self.own_change(&id, |f| {
-            if f.metadata()?.len() != layout.len() {
-                f.set_len(layout.len())?;
-            }
-            let result = todo.iter().try_for_each(|&i| {
-                let (range, at) = layout.part(i);
-                f.write_all_at(&data[range.start as usize..range.end as usize], at)
-            });
-            if result.is_err() {
-                // Whatever got written of the claimed parts leaves no blocks behind.
-                for &i in &todo {
-                    let _ = punch(f, layout, i);
-                }
-            }
-            result
-        });
         let mut completed = false;
-        {
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            match (&written, state.copies.get_mut(&id)) {
-                (Ok(()), Some(copy)) => {
+        let mut settled = false;
+        let written = self.own_change(
+            &id,
+            gen,
+            |f| {
+                if f.metadata()?.len() != layout.len() {
+                    f.set_len(layout.len())?;
+                }
+                let result = todo.iter().try_for_each(|&i| {
+                    let (range, at) = layout.part(i);
+                    f.write_all_at(&data[range.start as usize..range.end as usize], at)
+                });
+                if result.is_err() {
+                    // What got written of the claimed parts leaves no blocks behind.
                     for &i in &todo {
-                        copy.set(i, Part::Verified);
-                    }
-                    copy.unsaved += size;
-                    copy.saved = false;
-                    completed = copy.complete() || copy.unsaved >= SAVE_EVERY;
-                    let verified = copy.verified();
-                    if let Some(e) = state.lru.peek_mut(&key) {
-                        e.verified = verified;
-                    }
-                    for &i in &todo {
-                        if layout.whole(i) {
-                            state.slots.entry(*digest).or_insert((id, i as u32));
+                        if let Err(e) = punch(f, layout, i) {
+                            tracing::warn!(file = %id, "freeing a failed write's blocks: {e}");
                         }
                     }
                 }
-                _ => {
-                    // The write failed (or the copy went meanwhile): the reservation goes back.
-                    release_parts(state, &id, &todo);
-                    shrink(state, &key, size);
+                result
+            },
+            |ended, result| {
+                settled = true;
+                let state = &mut *ended.state;
+                match (result.is_ok() && ended.live, state.copies.get_mut(&id)) {
+                    (true, Some(copy)) => {
+                        // Found changed behind the daemon meanwhile: the parts are checked
+                        // when read, like the rest.
+                        let part = if ended.distrusted {
+                            Part::Present
+                        } else {
+                            Part::Verified
+                        };
+                        for &i in &todo {
+                            copy.set(i, part);
+                        }
+                        copy.unsaved += size;
+                        copy.saved = false;
+                        completed = copy.complete() || copy.unsaved >= SAVE_EVERY;
+                        let verified = copy.verified();
+                        if let Some(e) = state.lru.peek_mut(&key) {
+                            e.verified = verified;
+                        }
+                        for &i in &todo {
+                            if layout.whole(i) {
+                                state.slots.entry(*digest).or_insert((id, i as u32));
+                            }
+                        }
+                    }
+                    _ if ended.live => {
+                        release_parts(state, &id, gen, &todo);
+                        shrink(state, &key, size);
+                    }
+                    // The copy went (its size with it) or is another one now.
+                    _ => {}
                 }
+                unpin(state, &key);
+                true
+            },
+        );
+        if !settled {
+            // The change never started: the copy left, or its file could not be opened.
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            if state.copies.get(&id).is_some_and(|c| c.gen == gen) {
+                release_parts(state, &id, gen, &todo);
+                shrink(state, &key, size);
             }
             unpin(state, &key);
         }
@@ -308,18 +360,24 @@ impl DiskCache {
         written.map(|()| true)
     }
 
-    /// Runs `change` on copy `id`'s file as the daemon's own change: one at a time per copy,
-    /// after checking that the file is as the last change left it (if not, every part is
-    /// checked again), and recording the identity it leaves.
+    /// Runs `change` on the file of copy `id` (generation `gen`) as the daemon's own change:
+    /// one at a time per copy, after checking that the file is as the last change left it (if
+    /// not, every part is checked again). `settle` then runs under the cache's lock together
+    /// with recording the identity the change left (if `settle` says it is known: `false`
+    /// records none, so the next reader checks what it reads). `settle` does not run if the
+    /// change could not start.
     fn own_change<R>(
         &self,
         id: &Digest,
+        gen: u64,
         change: impl FnOnce(&fs::File) -> io::Result<R>,
+        settle: impl FnOnce(Ended<'_>, &io::Result<R>) -> bool,
     ) -> io::Result<R> {
         let key = Key::File(*id);
+        let gone = || io::Error::other("the local copy left the cache");
         let writer = match self.lock().copies.get(id) {
-            Some(c) => Arc::clone(&c.writer),
-            None => return Err(io::Error::other("the copy left the cache")),
+            Some(c) if c.gen == gen => Arc::clone(&c.writer),
+            _ => return Err(gone()),
         };
         let _one_at_a_time = writer
             .lock()
@@ -336,12 +394,13 @@ impl DiskCache {
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)?;
         let before = Identity::of(&f.metadata()?);
-        {
+        let distrusts = {
             let mut guard = self.lock();
             let state = &mut *guard;
             let recorded = state.lru.peek(&key).and_then(|e| e.identity);
-            let Some(copy) = state.copies.get_mut(id) else {
-                return Err(io::Error::other("the copy left the cache"));
+            let copy = match state.copies.get_mut(id) {
+                Some(c) if c.gen == gen => c,
+                _ => return Err(gone()),
             };
             if recorded != Some(before) && copy.missing < copy.parts.len() {
                 if recorded.is_some() {
@@ -354,16 +413,32 @@ impl DiskCache {
                 }
             }
             copy.writing = true;
-        }
+            copy.distrusts
+        };
         let result = change(&f);
         let after = f.metadata().map(|m| Identity::of(&m)).ok();
-        let mut state = self.lock();
-        if let Some(copy) = state.copies.get_mut(id) {
-            copy.writing = false;
-            copy.writes += 1;
-        }
-        if let Some(e) = state.lru.peek_mut(&key) {
-            e.identity = after;
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let (live, distrusted) = match state.copies.get_mut(id) {
+            Some(c) if c.gen == gen => {
+                c.writing = false;
+                c.writes += 1;
+                (true, c.distrusts != distrusts)
+            }
+            _ => (false, false),
+        };
+        let known = settle(
+            Ended {
+                state,
+                live,
+                distrusted,
+            },
+            &result,
+        );
+        if live {
+            if let Some(e) = state.lru.peek_mut(&key) {
+                e.identity = if known { after } else { None };
+            }
         }
         result
     }
@@ -394,60 +469,78 @@ impl DiskCache {
 
     /// Checks every part in place of a complete copy (one found at start, or changed behind
     /// the daemon): a whole chunk against its digest, an edge part against its chunk file
-    /// (verified against its own digest); a part that does not match, or whose chunk file is
-    /// gone, is dropped (fetched again when read). Whether the whole copy is verified now, and
-    /// how many parts were dropped.
+    /// (verified against its own digest; an edge whose chunk file is gone stays unchecked
+    /// until the chunk is fetched again); a part that does not match is dropped (fetched again
+    /// when read). Whether the whole copy is verified now, and how many parts were dropped.
     pub(crate) fn verify_copy(&self, id: &Digest) -> io::Result<(bool, u64)> {
         let key = Key::File(*id);
-        let layout = {
+        let (layout, gen) = {
             let mut state = self.lock();
             let Some(copy) = state.copies.get(id) else {
                 return Ok((false, 0));
             };
-            let layout = Arc::clone(&copy.layout);
+            let found = (Arc::clone(&copy.layout), copy.gen);
             *state.pinned.entry(key).or_insert(0) += 1;
-            layout
+            found
         };
-        let checked = self.own_change(id, |f| self.check_parts(id, &layout, f));
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        unpin(state, &key);
-        let Some(results) = checked? else {
-            return Ok((false, 0)); // changed meanwhile: checked again later
-        };
+        let mut outcome = (false, 0u64);
         let mut dropped = Vec::new();
-        let verified = match state.copies.get_mut(id) {
-            Some(copy) => {
-                for (i, ok) in results {
+        let checked = self.own_change(
+            id,
+            gen,
+            |f| self.check_parts(id, &layout, f),
+            |ended, result| {
+                let state = &mut *ended.state;
+                let Some(copy) = state.copies.get_mut(id).filter(|_| ended.live) else {
+                    return true;
+                };
+                let results = match result {
+                    Ok(Some(results)) if !ended.distrusted => results,
+                    // Changed while it was read, or found changed by a reader meanwhile: every
+                    // part is checked again, and the identity the check left vouches for none.
+                    Ok(_) => {
+                        copy.distrust();
+                        if let Some(e) = state.lru.peek_mut(&key) {
+                            e.verified = false;
+                        }
+                        return false;
+                    }
+                    Err(_) => return true,
+                };
+                for &(i, verdict) in results {
                     if !copy.in_place(i) {
                         continue;
                     }
-                    if ok {
-                        copy.set(i, Part::Verified);
-                    } else {
-                        copy.set(i, Part::Absent);
-                        copy.saved = false;
-                        dropped.push(i);
+                    match verdict {
+                        Some(true) => copy.set(i, Part::Verified),
+                        Some(false) => {
+                            copy.set(i, Part::Absent);
+                            copy.saved = false;
+                            dropped.push(i);
+                        }
+                        None => copy.set(i, Part::Present),
                     }
                 }
-                copy.verified()
-            }
-            None => false,
-        };
+                outcome.0 = copy.verified();
+                outcome.1 = dropped.len() as u64;
+                let size: u64 = dropped.iter().map(|&i| part_len(&layout, i)).sum();
+                shrink(state, &key, size);
+                for &i in &dropped {
+                    forget_slot(state, &layout.chunks()[i].0, id, i);
+                }
+                if let Some(e) = state.lru.peek_mut(&key) {
+                    e.verified = outcome.0;
+                }
+                true
+            },
+        );
+        unpin(&mut self.lock(), &key);
         if !dropped.is_empty() {
             tracing::error!(file = %id, parts = dropped.len(),
                 "local copy is corrupt: parts do not match their chunks; dropped them (fetched \
                  again when read)");
-            let size: u64 = dropped.iter().map(|&i| part_len(&layout, i)).sum();
-            shrink(state, &key, size);
-            for &i in &dropped {
-                forget_slot(state, &layout.chunks()[i].0, id, i);
-            }
         }
-        if let Some(e) = state.lru.peek_mut(&key) {
-            e.verified = verified;
-        }
-        Ok((verified, dropped.len() as u64))
+        checked.map(|_| outcome)
     }
 
     /// The verdict on each part in place of copy `id` (open as `f`, under its writer lock);
@@ -468,25 +561,29 @@ impl DiskCache {
         for i in todo {
             let (range, at) = layout.part(i);
             buf.resize((range.end - range.start) as usize, 0);
-            let ok = match f.read_exact_at(&mut buf, at) {
-                Ok(()) if layout.whole(i) => Digest::of(&buf) == layout.chunks()[i].0,
+            let verdict = match f.read_exact_at(&mut buf, at) {
+                Ok(()) if layout.whole(i) => Some(Digest::of(&buf) == layout.chunks()[i].0),
                 Ok(()) => match self.read_chunk_file(&layout.chunks()[i].0) {
                     DiskRead::Hit(chunk) => {
-                        chunk.get(range.start as usize..range.end as usize) == Some(&buf[..])
+                        Some(chunk.get(range.start as usize..range.end as usize) == Some(&buf[..]))
                     }
-                    DiskRead::Miss | DiskRead::Corrupt => false,
+                    DiskRead::Miss | DiskRead::Corrupt => None,
                 },
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(file = %id, "reading a local copy: {e}");
+                    Some(false)
+                }
             };
-            results.push((i, ok));
+            results.push((i, verdict));
         }
         if Identity::of(&f.metadata()?) != before {
             return Ok(None);
         }
-        for &(i, ok) in &results {
-            if !ok {
-                punch(f, layout, i)?;
+        for &(i, verdict) in &results {
+            if verdict == Some(false) {
+                if let Err(e) = punch(f, layout, i) {
+                    tracing::warn!(file = %id, "freeing a corrupt part's blocks: {e}");
+                }
             }
         }
         Ok(Some(results))
@@ -515,27 +612,47 @@ impl DiskCache {
             return DiskRead::Hit(read.data);
         }
         if Digest::of(&read.data) == *digest {
-            if read.settled {
-                let mut state = self.lock();
-                if let Some(copy) = state.copies.get_mut(&read.id) {
-                    if copy.parts[read.index] == Part::Present {
-                        copy.set(read.index, Part::Verified);
-                    }
-                    let verified = copy.verified();
-                    if let Some(e) = state.lru.peek_mut(&Key::File(read.id)) {
-                        e.verified = verified;
-                    }
-                }
+            if let Some(identity) = read.settled {
+                self.mark_verified_if_still(&read, identity);
             }
             return DiskRead::Hit(read.data);
         }
-        if !self.drop_part(&read.id, read.index) {
-            return DiskRead::Miss; // dropped already (and counted) by whoever found it first
+        // Dropped only if no change of the daemon ran since the read began (a part rewritten
+        // meanwhile is not the one read).
+        if !self.drop_part(&read.id, read.gen, read.index, Some(read.writes)) {
+            return DiskRead::Miss;
         }
         tracing::error!(chunk = %digest, file = %read.id,
             "local copy is corrupt: a chunk does not match its digest; dropped it, fetching \
              again");
         DiskRead::Corrupt
+    }
+
+    /// Marks the part `read` found right verified, if the copy is still as it was during the
+    /// read: same copy, no change of the daemon or found behind its back since, and still the
+    /// identity the read saw.
+    fn mark_verified_if_still(&self, read: &SlotRead, identity: Identity) {
+        let key = Key::File(read.id);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let recorded = state.lru.peek(&key).and_then(|e| e.identity);
+        let Some(copy) = state.copies.get_mut(&read.id) else {
+            return;
+        };
+        if copy.gen != read.gen
+            || copy.writes != read.writes
+            || copy.distrusts != read.distrusts
+            || copy.writing
+            || recorded != Some(identity)
+            || copy.parts[read.index] != Part::Present
+        {
+            return;
+        }
+        copy.set(read.index, Part::Verified);
+        let verified = copy.verified();
+        if let Some(e) = state.lru.peek_mut(&key) {
+            e.verified = verified;
+        }
     }
 
     /// Bytes `range` of chunk `digest` from a copy that holds it verified and unchanged.
@@ -555,35 +672,36 @@ impl DiskCache {
         digest: &Digest,
         range: Option<std::ops::Range<usize>>,
     ) -> Option<SlotRead> {
-        let key_of = |id| Key::File(id);
-        let (id, index, at, len, seen) = {
+        let (id, index, at, range, seen) = {
             let mut guard = self.lock();
             let state = &mut *guard;
             let &(id, index) = state.slots.get(digest)?;
             let index = index as usize;
+            let key = Key::File(id);
             let copy = state.copies.get(&id)?;
             if !copy.in_place(index) || !copy.layout.whole(index) {
                 return None;
             }
+            let len = copy.part_len(index) as usize;
+            let range = range.unwrap_or(0..len);
+            if range.start > range.end || range.end > len {
+                return None; // asked by a layer that disagrees about the chunk's length
+            }
             let (_, at) = copy.layout.part(index);
             let seen = Seen {
+                gen: copy.gen,
                 verified: copy.parts[index] == Part::Verified,
                 writing: copy.writing,
                 writes: copy.writes,
                 distrusts: copy.distrusts,
-                recorded: state.lru.peek(&key_of(id)).and_then(|e| e.identity),
+                recorded: state.lru.peek(&key).and_then(|e| e.identity),
             };
-            let len = copy.part_len(index) as usize;
-            state.lru.promote(&key_of(id));
-            *state.pinned.entry(key_of(id)).or_insert(0) += 1;
-            (id, index, at, len, seen)
+            state.lru.promote(&key);
+            *state.pinned.entry(key).or_insert(0) += 1;
+            (id, index, at, range, seen)
         };
-        let key = key_of(id);
-        let range = range.unwrap_or(0..len);
+        let key = Key::File(id);
         let read = (|| -> io::Result<(Vec<u8>, Identity, Identity)> {
-            if range.end > len {
-                return Err(io::Error::other("range past the chunk"));
-            }
             let f = fs::File::options()
                 .read(true)
                 .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
@@ -601,21 +719,17 @@ impl DiskCache {
             Err(e) => {
                 drop(guard);
                 tracing::warn!(chunk = %digest, file = %id, "reading a local copy: {e}");
-                if e.kind() == io::ErrorKind::NotFound {
-                    self.remove(&key);
-                } else {
-                    let _ = self.drop_part(&id, index);
-                }
+                let _ = self.drop_part(&id, seen.gen, index, None);
                 return None;
             }
         };
-        let copy = state.copies.get_mut(&id)?;
-        // The daemon's own change to another part moves the identity: no change behind its
-        // back, and the parts it did not touch are as they were. A change found by another
-        // reader meanwhile leaves nothing to trust.
+        let recorded = state.lru.peek(&key).and_then(|e| e.identity);
+        let copy = state.copies.get_mut(&id).filter(|c| c.gen == seen.gen)?;
+        // The daemon's own change to another part moves the identity: that is no change behind
+        // its back (nothing is distrusted for it), but the bytes are then checked. A change
+        // found by another reader meanwhile leaves nothing to trust either.
         let own_change = seen.writing || copy.writing || copy.writes != seen.writes;
         let found_changed = copy.distrusts != seen.distrusts;
-        let recorded = state.lru.peek(&key).and_then(|e| e.identity);
         let steady = before == after && seen.recorded == Some(before) && recorded == seen.recorded;
         if !steady && !own_change && !found_changed {
             // Changed behind the daemon, or no identity yet (a copy found at start).
@@ -629,53 +743,79 @@ impl DiskCache {
                 e.identity = (before == after).then_some(after);
             }
         }
-        let copy = state.copies.get(&id)?;
-        let trusted = seen.verified
+        let trusted = steady
+            && seen.verified
             && copy.parts[index] == Part::Verified
             && !found_changed
-            && (steady || own_change);
-        let settled = before == after
-            && !own_change
-            && state.lru.peek(&key).and_then(|e| e.identity) == Some(after);
+            && !own_change;
+        let settled = (before == after && !own_change).then_some(after);
+        let (writes, distrusts) = (copy.writes, copy.distrusts);
         drop(guard);
         self.record_use(&key);
         Some(SlotRead {
             id,
+            gen: seen.gen,
             index,
             data,
             trusted,
             settled,
+            writes,
+            distrusts,
         })
     }
 
-    /// Drops part `index` of copy `id` (found corrupt or unreadable): its blocks are punched
-    /// out and it is fetched again when read. Whether this call dropped it.
-    fn drop_part(&self, id: &Digest, index: usize) -> bool {
+    /// Drops part `index` of copy `id` (generation `gen`; found corrupt or unreadable): its
+    /// blocks are punched out and it is fetched again when read. With `unless_changed`, not
+    /// if a change of the daemon ran since (the part may be another one now). Whether this
+    /// call dropped it.
+    fn drop_part(&self, id: &Digest, gen: u64, index: usize, unless_changed: Option<u64>) -> bool {
         let key = Key::File(*id);
-        let layout = match self.lock().copies.get(id) {
-            Some(c) if c.in_place(index) => Arc::clone(&c.layout),
-            _ => return false,
+        let layout = {
+            let mut state = self.lock();
+            let Some(copy) = state.copies.get_mut(id) else {
+                return false;
+            };
+            if copy.gen != gen
+                || !copy.in_place(index)
+                || unless_changed.is_some_and(|w| w != copy.writes)
+            {
+                return false;
+            }
+            copy.set(index, Part::Dropping);
+            copy.saved = false;
+            let layout = Arc::clone(&copy.layout);
+            let verified = copy.verified();
+            if let Some(e) = state.lru.peek_mut(&key) {
+                e.verified = verified;
+            }
+            forget_slot(&mut state, &layout.chunks()[index].0, id, index);
+            layout
         };
-        let punched = self.own_change(id, |f| punch(f, &layout, index));
+        let finish = |state: &mut State| {
+            if let Some(copy) = state.copies.get_mut(id).filter(|c| c.gen == gen) {
+                if copy.parts[index] == Part::Dropping {
+                    copy.set(index, Part::Absent);
+                    shrink(state, &key, part_len(&layout, index));
+                }
+            }
+        };
+        let mut finished = false;
+        let punched = self.own_change(
+            id,
+            gen,
+            |f| punch(f, &layout, index),
+            |ended, _| {
+                finished = true;
+                finish(ended.state);
+                true
+            },
+        );
+        if !finished {
+            finish(&mut self.lock());
+        }
         if let Err(e) = punched {
-            tracing::warn!(file = %id, "punching out a dropped part of a local copy: {e}");
+            tracing::warn!(file = %id, "freeing a dropped part's blocks: {e}");
         }
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let Some(copy) = state.copies.get_mut(id) else {
-            return false;
-        };
-        if !copy.in_place(index) {
-            return false;
-        }
-        copy.set(index, Part::Absent);
-        copy.saved = false;
-        let verified = copy.verified();
-        shrink(state, &key, part_len(&layout, index));
-        if let Some(e) = state.lru.peek_mut(&key) {
-            e.verified = verified;
-        }
-        forget_slot(state, &layout.chunks()[index].0, id, index);
         true
     }
 
@@ -758,6 +898,7 @@ impl DiskCache {
 
 /// What a reader saw of a copy before reading it.
 struct Seen {
+    gen: u64,
     verified: bool,
     writing: bool,
     writes: u64,
@@ -803,8 +944,8 @@ fn shrink(state: &mut State, key: &Key, bytes: u64) {
 }
 
 /// Gives parts claimed for a write that did not happen back.
-fn release_parts(state: &mut State, id: &Digest, parts: &[usize]) {
-    if let Some(copy) = state.copies.get_mut(id) {
+fn release_parts(state: &mut State, id: &Digest, gen: u64, parts: &[usize]) {
+    if let Some(copy) = state.copies.get_mut(id).filter(|c| c.gen == gen) {
         for &i in parts {
             if copy.parts[i] == Part::Writing {
                 copy.set(i, Part::Absent);
@@ -816,10 +957,13 @@ fn release_parts(state: &mut State, id: &Digest, parts: &[usize]) {
 /// Forgets a copy that holds nothing and nobody uses (one whose first write found no room).
 fn discard_if_empty(state: &mut State, id: &Digest) {
     let key = Key::File(*id);
-    let empty = state
-        .copies
-        .get(id)
-        .is_some_and(|c| c.missing == c.parts.len() && !c.parts.contains(&Part::Writing));
+    let empty = state.copies.get(id).is_some_and(|c| {
+        c.missing == c.parts.len()
+            && !c
+                .parts
+                .iter()
+                .any(|p| matches!(p, Part::Writing | Part::Dropping))
+    });
     if empty && !state.pinned.contains_key(&key) {
         if let Some(e) = state.lru.pop(&key) {
             state.used -= e.size;
@@ -932,8 +1076,11 @@ pub(super) fn scan(
             names.push((file.path(), file.file_name().to_string_lossy().into_owned()));
         }
         let mut keep: HashSet<PathBuf> = HashSet::new();
+        let shard_name = shard.file_name().to_string_lossy().into_owned();
         for (path, name) in &names {
-            let Ok(id) = Digest::parse(name) else {
+            // Only the name the cache gives a copy (lowercase hex, in its own shard): another
+            // spelling of the same id would count its bytes twice.
+            let Some(id) = canonical(name, &shard_name) else {
                 continue;
             };
             let map_path = path.with_file_name(format!("{name}.map"));
@@ -976,6 +1123,14 @@ pub(super) fn scan(
         }
     }
     Ok(found)
+}
+
+/// The digest a cache file's `name` spells, if it is spelled as the cache spells it (lowercase
+/// hex) and lies in its shard `shard`.
+pub(super) fn canonical(name: &str, shard: &str) -> Option<Digest> {
+    let d = Digest::parse(name).ok()?;
+    let hex = d.to_hex();
+    (hex == name && hex[..2] == *shard).then_some(d)
 }
 
 /// Registers a copy found at start: its whole parts in place can be read by digest.
@@ -1322,5 +1477,100 @@ mod tests {
         fill(&cache, &b, &chunks, &[0]);
         assert_eq!(hit(cache.read(&d[0].0)), chunks[0]);
         assert_eq!(cache.used(), 2 << 16, "b's copy only");
+    }
+
+    /// An edge part whose chunk file is gone cannot be checked: it stays (unchecked, so the
+    /// copy does not go to the kernel) until the chunk is fetched again, then checks out.
+    #[test]
+    fn an_edge_without_its_chunk_file_waits_for_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (chunks, layout, content) = file();
+        drop({
+            let cache = DiskCache::open(tmp.path(), 100_000).unwrap();
+            fill(&cache, &layout, &chunks, &[0, 1, 2, 3, 4]);
+            cache
+        });
+        let hex = Digest::of(&chunks[4]).to_hex();
+        fs::remove_file(tmp.path().join("chunks").join(&hex[..2]).join(&hex)).unwrap();
+        let cache = DiskCache::open(tmp.path(), 100_000).unwrap();
+        assert_eq!(cache.verify_copy(layout.id()).unwrap(), (false, 0));
+        assert!(cache.missing_parts(&layout).is_empty());
+        assert!(!cache.copy_state(layout.id()).unwrap().verified);
+        fill(&cache, &layout, &chunks, &[4]);
+        assert_eq!(cache.verify_copy(layout.id()).unwrap(), (true, 0));
+        let (path, verified) = cache.open_file(layout.id()).unwrap();
+        assert!(verified);
+        assert_eq!(fs::read(path).unwrap(), content);
+        cache.release_file(layout.id());
+    }
+
+    /// Fills, reads, checks, opens and evictions of several copies racing on four threads:
+    /// every read is a miss or the right bytes, and afterwards the accounts agree with the
+    /// parts in place.
+    #[test]
+    fn racing_fills_reads_and_evictions_of_copies_keep_the_accounts() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Room for about three of the four files: copies evict each other.
+        let cache = DiskCache::open(tmp.path(), 3 << 18).unwrap();
+        let files: Vec<(Vec<Vec<u8>>, Arc<FileLayout>)> = (0..4u32)
+            .map(|f| {
+                let chunks: Vec<Vec<u8>> = (0..4u32)
+                    .map(|i| {
+                        (0..49152u32)
+                            .map(|b| (b * 31 + i * 7 + f * 101) as u8)
+                            .collect()
+                    })
+                    .collect();
+                let layout = FileLayout::from_parts(
+                    100,
+                    4 * 49152 - 300,
+                    chunks.iter().map(|c| (Digest::of(c), 49152)).collect(),
+                )
+                .unwrap();
+                (chunks, Arc::new(layout))
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let (cache, files) = (&cache, &files);
+                s.spawn(move || {
+                    for round in 0..400usize {
+                        let (chunks, layout) = &files[(round * 3 + t) % 4];
+                        let c = &chunks[(round * 7 + t * 3) % 4];
+                        cache.store_part(layout, &Digest::of(c), c);
+                        let (chunks, layout) = &files[(round + t * 5) % 4];
+                        let c = &chunks[(round * 5 + t) % 4];
+                        match cache.read(&Digest::of(c)) {
+                            DiskRead::Hit(d) => assert!(d == *c, "wrong bytes"),
+                            DiskRead::Miss => {}
+                            DiskRead::Corrupt => panic!("read corrupt"),
+                        }
+                        if round % 50 == t {
+                            let _ = cache.verify_copy(layout.id());
+                        }
+                        if let Some((path, _)) = cache.open_file(layout.id()) {
+                            assert_eq!(fs::metadata(path).unwrap().len(), layout.len());
+                            cache.release_file(layout.id());
+                        }
+                    }
+                });
+            }
+        });
+        let state = cache.lock();
+        let total: u64 = state.lru.iter().map(|(_, e)| e.size).sum();
+        assert_eq!(state.used, total);
+        assert!(state.used <= 3 << 18);
+        for (id, copy) in &state.copies {
+            let in_place: u64 = (0..copy.parts.len())
+                .filter(|&i| copy.in_place(i))
+                .map(|i| copy.part_len(i))
+                .sum();
+            assert_eq!(state.lru.peek(&Key::File(*id)).unwrap().size, in_place);
+            assert!(!copy
+                .parts
+                .iter()
+                .any(|p| matches!(p, Part::Writing | Part::Dropping)));
+        }
+        assert!(state.pinned.is_empty());
     }
 }

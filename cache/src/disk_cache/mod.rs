@@ -166,10 +166,13 @@ impl DiskCache {
             if !shard.file_type()?.is_dir() {
                 continue;
             }
+            let shard_name = shard.file_name().to_string_lossy().into_owned();
             for file in fs::read_dir(shard.path())? {
                 let file = file?;
                 let name = file.file_name();
-                let digest = name.to_str().and_then(|n| Digest::parse(n).ok());
+                let digest = name
+                    .to_str()
+                    .and_then(|n| copies::canonical(n, &shard_name));
                 let meta = file.metadata()?;
                 match digest {
                     Some(d) if meta.is_file() => {
