@@ -9,7 +9,7 @@
 #   STRATA_BIN=/path/strata ...  # measure that binary instead of building this tree
 #
 # Cold = empty chunk cache and page cache dropped; warm = chunks (and, for files read whole,
-# their assembled copies, read by the kernel through FUSE passthrough) in the daemon's disk cache,
+# their local copies, read by the kernel through FUSE passthrough) in the daemon's disk cache,
 # page cache dropped. Every figure is one run; compare the ratios, not the absolute numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +110,9 @@ disk_dev=$(lsblk -no pkname "$(df --output=source "$work" | tail -1)" 2>/dev/nul
 disk_read_mib() { awk '{print int($3 * 512 / 1048576)}' "/sys/block/$disk_dev/stat"; }
 disk_written_mib() { sync; awk '{print int($7 * 512 / 1048576)}' "/sys/block/$disk_dev/stat"; }
 cpu_secs() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; } # pid → user+system CPU-seconds
+# CPU-seconds the whole machine has been busy (every process and the kernel: the store, the
+# client, strata, page-cache copies), to tell whether a run is bounded by the cores.
+machine_busy() { awk '/^cpu /{printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / 100}' /proc/stat; }
 
 echo "== sequential read of 1 GiB"
 # This machine's disk varies a lot from run to run: native is the best of three.
@@ -122,8 +125,10 @@ native_seq=$(max "${native_runs[@]}")
 smount big:v1 "$work/m/big"
 drop_caches
 g0=$(garage_get_count)
-cpu0=$(cpu_secs "$DAEMON_PID"); w0=$(disk_written_mib)
-cold_seq=$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")
+cpu0=$(cpu_secs "$DAEMON_PID"); w0=$(disk_written_mib); busy0=$(machine_busy)
+cold_seq_s=$(timed cat "$work/m/big/model.bin")
+cold_busy=$(echo "$(machine_busy) - $busy0" | bc -l)
+cold_seq=$(mibs 1024 "$cold_seq_s")
 cold_cpu=$(echo "$(cpu_secs "$DAEMON_PID") - $cpu0" | bc -l)
 cold_gets=$(( $(garage_get_count) - g0 ))
 cold_store_bytes=$(stat_total store_bytes)
@@ -349,7 +354,8 @@ if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
   rcl copy --transfers 32 "$data/small" g:bench/plain/small
 
   raw1=$(python3 bench/lib/s3get.py bench plain/model.bin 1 1024)
-  raw8=$(python3 bench/lib/s3get.py bench plain/model.bin 8 8)
+  raw8=$(S3GET_BUSY_FILE=$work/raw8.busy python3 bench/lib/s3get.py bench plain/model.bin 8 8)
+  read -r raw8_busy raw8_s < "$work/raw8.busy"
 
   # rclone and s3fs run in the foreground, in the background of this shell, so that $! is their
   # own pid, recorded for the cleanup (rclone called as rcl would make $! a subshell's).
@@ -422,6 +428,8 @@ na="n/a"
   if [ -n "$others" ]; then
     echo "| raw download of the 1 GiB object: 1 GET / 8 parallel 8 MiB ranged GETs (MiB/s) | | | | | $(fmt "$raw1" 0) / $(fmt "$raw8" 0) |"
     echo "| seq read 1 GiB cold (MiB/s) | $(fmt "$cold_seq" 0) | | $(fmt "$rclone_cold" 0) | $(fmt "$s3fs_cold" 0) | $(fmt "$(ratio "$cold_seq" "$raw8")")× raw 8-GET, $(fmt "$(ratio "$cold_seq" "$s3fs_cold")")× s3fs |"
+    ncpu=$(nproc)
+    echo "| whole machine busy (store, client, kernel, strata) per GiB: strata cold read / raw 8-GET download (CPU-s; share of the $ncpu cores busy) | $(fmt "$cold_busy" 2) ($(fmt "$(echo "100 * $cold_busy / ($ncpu * $cold_seq_s)" | bc -l)" 0)%) | | | | raw $(fmt "$raw8_busy" 2) ($(fmt "$(echo "100 * $raw8_busy / ($ncpu * $raw8_s)" | bc -l)" 0)%) |"
     echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_seq" 0) | $(fmt "$rclone_warm" 0) | $(fmt "$s3fs_warm" 0) | $(fmt "$(ratio "$warm_seq" "$native_seq")")× native, $(fmt "$(ratio "$warm_seq" "$s3fs_warm")")× s3fs |"
   else
     echo "| seq read 1 GiB cold (MiB/s) | $(fmt "$cold_seq" 0) | | | | |"

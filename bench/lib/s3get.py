@@ -3,6 +3,8 @@ allows, and print MiB/s. Bytes are read and dropped, nothing is written.
 
 usage: s3get.py BUCKET KEY [PARALLEL] [PART_MIB]
 Endpoint and credentials come from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+With S3GET_BUSY_FILE set, also writes there the CPU-seconds the whole machine was busy during
+the transfer (every process and the kernel) and the transfer's seconds.
 """
 
 import os
@@ -12,6 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 from botocore.config import Config
+
+
+def machine_busy():
+    """CPU-seconds the whole machine has been busy (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8)) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
@@ -36,10 +45,13 @@ def main():
                 return n
             n += len(b)
 
-    t0 = time.monotonic()
+    busy0, t0 = machine_busy(), time.monotonic()
     with ThreadPoolExecutor(parallel) as pool:
         got = sum(pool.map(fetch, ranges))
     secs = time.monotonic() - t0
+    if os.environ.get("S3GET_BUSY_FILE"):
+        with open(os.environ["S3GET_BUSY_FILE"], "w") as f:
+            f.write(f"{machine_busy() - busy0:.2f} {secs:.3f}\n")
     if got != size:
         sys.exit(f"got {got} bytes of {size}")
     print(f"{size / secs / (1 << 20):.1f}")

@@ -81,7 +81,7 @@ pub struct ReadStats {
     pub chunks_fetched: u64,
     pub corrupt_chunks: u64,
     pub errors: u64,
-    /// Opens handed to the kernel to read an assembled file directly (their reads are not
+    /// Opens handed to the kernel to read a file's local copy directly (their reads are not
     /// counted above: they never reach strata).
     #[serde(default)]
     pub passthrough_opens: u64,
@@ -365,7 +365,7 @@ impl Drop for LeaveInflight {
 /// named by their content, so a chunk fetched for one store serves any other that names it.
 pub struct ChunkCache {
     pub(crate) disk: Option<DiskCache>,
-    /// Files being assembled or verified (see [`ChunkCache::assemble`]).
+    /// Local copies being completed or checked (see [`ChunkCache::assemble`]).
     pub(crate) assembling: Mutex<std::collections::HashSet<Digest>>,
     pub(crate) memory: Mutex<MemoryLru>,
     inflight: Mutex<HashMap<Digest, InFlight>>,

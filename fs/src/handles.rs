@@ -5,7 +5,7 @@
 //! - **Reads**: bytes already here (the upper's data, a chunk in memory or a verified chunk
 //!   file) are answered at once ([`Read::Ready`]); only reads that wait on the store are
 //!   futures ([`Read::Wait`]), for the caller to run where waiting costs nothing.
-//! - **Opens of layer files**: a large file whose whole content is assembled in the disk cache
+//! - **Opens of layer files**: a large file whose local copy is complete in the disk cache
 //!   may be handed to the kernel to read itself (passthrough). The kernel refuses to mix that
 //!   with reads through strata on one inode, so a file goes passthrough only when none of its
 //!   other opens is left; and it cannot be opened for writing (or truncated) while passthrough
@@ -374,7 +374,7 @@ mod tests {
         }
     }
 
-    /// Reads `big.bin` whole through strata so that its local copy gets assembled, then
+    /// Reads `big.bin` whole through strata so that its local copy is complete, then
     /// opens it in passthrough mode (backing 7).
     async fn passthrough_open(h: &Handles<u32>) -> u64 {
         let ino = h.lookup(ROOT_INO, b"big.bin").unwrap().unwrap().ino;
@@ -386,7 +386,7 @@ mod tests {
         while h.tree().stack().assembled(ino).is_none() {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
-                "never assembled"
+                "its local copy never completed"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

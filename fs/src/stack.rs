@@ -631,7 +631,7 @@ impl LayerStack {
     }
 
     /// Fetches the whole of file `ino` into the disk cache in the background, in large ranged
-    /// GETs under the cache's background budget, then assembles it for passthrough; whether it
+    /// GETs under the cache's background budget, into its local copy (for passthrough); whether it
     /// started. A file starts if it fits a quarter of the disk cache together with the other
     /// files this mount fetched whole, and one of the host's whole-file slots is free. Within
     /// a tokio runtime.
@@ -759,7 +759,7 @@ pub(crate) mod tests {
         stack_with_cache(tmp, dirs, None).await
     }
 
-    /// [`stack_of`] with a disk cache in `disk` (which assembled files need).
+    /// [`stack_of`] with a disk cache in `disk` (which local copies need).
     pub(crate) async fn stack_with_cache(
         tmp: &Path,
         dirs: &[&str],

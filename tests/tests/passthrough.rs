@@ -17,7 +17,7 @@ fn total(stats: &serde_json::Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("stats has no total.{field}: {stats}"))
 }
 
-/// Waits until the daemon reports `want` assembled files.
+/// Waits until the daemon reports `want` complete local copies.
 fn wait_for_files(d: &Daemon, want: u64) {
     let start = Instant::now();
     loop {
@@ -27,7 +27,7 @@ fn wait_for_files(d: &Daemon, want: u64) {
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "expected {want} assembled files: {stats}\n{}",
+            "expected {want} complete local copies: {stats}\n{}",
             d.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));

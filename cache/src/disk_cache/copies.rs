@@ -965,10 +965,7 @@ fn discard_if_empty(state: &mut State, id: &Digest) {
                 .any(|p| matches!(p, Part::Writing | Part::Dropping))
     });
     if empty && !state.pinned.contains_key(&key) {
-        if let Some(e) = state.lru.pop(&key) {
-            state.used -= e.size;
-        }
-        state.copies.remove(id);
+        super::take_out(state, &key);
     }
 }
 

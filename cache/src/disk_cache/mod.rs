@@ -505,15 +505,7 @@ impl DiskCache {
     }
 
     fn forget(&self, key: &Key) {
-        {
-            let mut state = self.lock();
-            if let Some(e) = state.lru.pop(key) {
-                state.used -= e.size;
-            }
-            if let Key::File(id) = key {
-                copies::drop_copy(&mut state, id);
-            }
-        }
+        take_out(&mut self.lock(), key);
         self.forget_use(key);
     }
 
@@ -549,12 +541,7 @@ impl DiskCache {
     fn remove(&self, key: &Key) {
         {
             let mut state = self.lock();
-            if let Some(e) = state.lru.pop(key) {
-                state.used -= e.size;
-            }
-            if let Key::File(id) = key {
-                copies::drop_copy(&mut state, id);
-            }
+            take_out(&mut state, key);
             *state.removing.entry(*key).or_insert(0) += 1;
         }
         self.unlink(vec![*key]);
@@ -601,22 +588,17 @@ impl DiskCache {
         };
         self.unlink(evicted);
         let written = self.write_file(&key, size, write);
-        let identity = written
-            .as_ref()
-            .ok()
-            .and_then(|()| fs::symlink_metadata(self.path(&key)).ok())
-            .map(|m| Identity::of(&m));
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.writing.remove(&key);
         match written {
-            Ok(()) => {
+            Ok(identity) => {
                 let entry = Entry {
                     size,
                     verified: true,
-                    identity,
+                    identity: Some(identity),
                     recorded: 0,
                 };
                 if let Some(old) = state.lru.put(key, entry) {
@@ -638,7 +620,7 @@ impl DiskCache {
         key: &Key,
         size: u64,
         write: impl FnOnce(&mut fs::File) -> io::Result<()>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Identity> {
         let dest = self.path(key);
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
@@ -664,7 +646,10 @@ impl DiskCache {
                     "wrote {written} bytes where {size} were reserved"
                 )));
             }
-            fs::rename(&tmp, &dest)
+            fs::rename(&tmp, &dest)?;
+            // The file as written, from its own handle (a rename moves its ctime): not
+            // whatever the path holds by now.
+            Ok(Identity::of(&f.metadata()?))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -712,6 +697,16 @@ impl Drop for DiskCache {
                 tracing::debug!("flushing the chunk cache index: {e}");
             }
         }
+    }
+}
+
+/// Takes `key` out of the index: its bytes out of the budget (a copy's slots with it).
+fn take_out(state: &mut State, key: &Key) {
+    if let Some(e) = state.lru.pop(key) {
+        state.used -= e.size;
+    }
+    if let Key::File(id) = key {
+        copies::drop_copy(state, id);
     }
 }
 

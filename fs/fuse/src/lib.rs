@@ -10,7 +10,7 @@
 //! The kernel sees every change go through it, so entries and attributes get long TTLs; files
 //! of the read-only layers keep the kernel's page cache across opens.
 //!
-//! A large file of the layers whose whole content has been assembled in the disk cache is
+//! A large file of the layers whose local copy in the disk cache is complete is
 //! opened in passthrough mode (see [`Handles`]): the kernel reads the local copy itself and
 //! strata sees none of the reads. An open for writing that waits for passthrough readers'
 //! releases waits on the runtime and answers when they arrive (or ETXTBSY after
