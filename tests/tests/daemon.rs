@@ -236,6 +236,65 @@ fn cache_stays_within_its_budget_under_four_readers() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// Large files cached as local copies under a small budget: copies evict each other (whole,
+/// never the one being read), the cache dir never holds more than the budget, every byte read
+/// is right, and after a restart the copies left are checked and serve reads again.
+#[test]
+fn local_copies_share_a_small_budget_and_survive_a_restart() {
+    let work = strata_tests::scratch_dir("copies");
+    let files: Vec<Vec<u8>> = (0..6u64).map(|i| pseudo_random(300 + i, 10 << 20)).collect();
+    for (i, f) in files.iter().enumerate() {
+        write_file(&work.join(format!("src/f{i}.bin")), f);
+    }
+    let store = garage::bucket("copies");
+    // 48 MiB: each 10 MiB file fits a quarter of it (a copy), four do not fit at once.
+    let mut d = Daemon::start(
+        garage::shared().env(),
+        &work.join("daemon"),
+        &["--cache-size", "48M"],
+    )
+    .unwrap();
+    d.strata().publish(&work.join("src"), &store, "c:v1");
+    let m = d.mount(&store, &work.join("mnt"), &["c:v1"]).unwrap();
+    for round in 0..2 {
+        for (i, f) in files.iter().enumerate() {
+            let got = std::fs::read(m.path(&format!("f{i}.bin"))).unwrap();
+            assert!(got == *f, "f{i}.bin differs in round {round}");
+        }
+    }
+    let stats = d.stats();
+    assert!(total(&stats, "disk_used") <= 48 << 20, "{stats}");
+    assert!(total(&stats, "disk_evictions") > 0, "{stats}");
+    assert!(total(&stats, "disk_files") >= 1, "{stats}");
+    let mut settled = cache_bytes(&d.cache_dir);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = cache_bytes(&d.cache_dir);
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    assert!(settled <= 48 << 20, "{settled} bytes in the cache dir");
+    drop(m);
+    assert!(d.stop().unwrap().success(), "{}", d.log_text());
+
+    d.restart().unwrap();
+    let before = total(&d.stats(), "disk_used");
+    assert!(before > 0, "the copies survived the restart");
+    let m = d.mount(&store, &work.join("mnt"), &["c:v1"]).unwrap();
+    for (i, f) in files.iter().enumerate().rev() {
+        let got = std::fs::read(m.path(&format!("f{i}.bin"))).unwrap();
+        assert!(got == *f, "f{i}.bin differs after the restart");
+    }
+    let stats = d.stats();
+    assert_eq!(total(&stats, "corrupt_chunks"), 0, "{stats}");
+    assert!(total(&stats, "disk_hits") + total(&stats, "memory_hits") > 0, "{stats}");
+    assert!(total(&stats, "disk_used") <= 48 << 20, "{stats}");
+    drop((m, d));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 #[test]
 fn restart_serves_warm_chunks_and_replaces_a_corrupt_one() {
     let work = strata_tests::scratch_dir("restart");
