@@ -180,9 +180,9 @@ impl ChunkCache {
     /// The complete local copy of a file, if every part of it is in place and verified since
     /// start. One that is not verified yet is verified by [`ChunkCache::assemble`]; until
     /// then, `None`.
-    pub fn assembled(self: &Arc<Self>, layout: &FileLayout) -> Option<AssembledFile> {
+    pub fn assembled(self: &Arc<Self>, id: &Digest) -> Option<AssembledFile> {
         let disk = self.disk.as_ref()?;
-        let id = *layout.id();
+        let id = *id;
         let (path, verified) = disk.open_file(&id)?;
         let assembled = AssembledFile {
             cache: Arc::clone(self),
@@ -225,7 +225,7 @@ impl ChunkCache {
         }
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let result = this.assemble_now(&layout);
+            let result = this.assemble_now(&layout, false);
             this.assembling
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -240,7 +240,34 @@ impl ChunkCache {
         });
     }
 
-    fn assemble_now(&self, layout: &Arc<FileLayout>) -> io::Result<bool> {
+    /// Completes a file's local copy now (as [`ChunkCache::assemble`] does in the
+    /// background), and returns the chunks it still misses: those cached nowhere.
+    pub async fn complete_copy(
+        self: &Arc<Self>,
+        layout: Arc<FileLayout>,
+    ) -> std::collections::HashSet<Digest> {
+        let Some(disk_capacity) = self.disk.as_ref().map(|d| d.capacity()) else {
+            return Default::default();
+        };
+        if layout.len() > disk_capacity / MAX_SHARE_OF_BUDGET {
+            return Default::default();
+        }
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = this.assemble_now(&layout, true) {
+                tracing::warn!(file = %layout.id(), "completing a local copy: {e}");
+            }
+            let disk = this.disk.as_ref().expect("checked above");
+            disk.missing_parts(&layout).into_iter().collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Completes (or checks) `layout`'s copy from what is cached; with `partial`, puts in
+    /// whatever is cached even if that does not complete it. Whether it is complete and
+    /// verified.
+    fn assemble_now(&self, layout: &Arc<FileLayout>, partial: bool) -> io::Result<bool> {
         let disk = self.disk.as_ref().expect("checked by assemble");
         let id = layout.id();
         if let Some(copy) = disk.copy_state(id) {
@@ -255,16 +282,20 @@ impl ChunkCache {
                 }
             }
         }
+        // Peeked: completing a copy is not a use of the chunks it takes from memory.
         let in_memory = |d: &Digest| {
             self.memory
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(d)
+                .lru
+                .peek(d)
+                .cloned()
         };
         let missing = disk.missing_parts(layout);
-        if !missing
-            .iter()
-            .all(|d| disk.contains(d) || in_memory(d).is_some())
+        if !partial
+            && !missing
+                .iter()
+                .all(|d| disk.contains(d) || in_memory(d).is_some())
         {
             return Ok(false);
         }
@@ -273,6 +304,7 @@ impl ChunkCache {
                 Some(data) => data.to_vec(),
                 None => match disk.read(&digest) {
                     DiskRead::Hit(data) => data,
+                    DiskRead::Miss | DiskRead::Corrupt if partial => continue,
                     DiskRead::Miss | DiskRead::Corrupt => return Ok(false),
                 },
             };

@@ -55,6 +55,9 @@ struct Stream {
     jumps: u32,
     /// The whole file is being (or was) fetched.
     whole: bool,
+    /// Read from its start, or in order at least once (two reads in a row): its chunks go
+    /// to its local copy.
+    in_order: bool,
 }
 
 /// A file read at random this many times is fetched whole in the background (see
@@ -73,7 +76,7 @@ const WHOLE_FILE_BATCH: u64 = 4 << 20;
 const MERGED_DIR_CACHE: usize = 16 * 1024;
 /// Layouts of large files (where their chunks go in their local copies) kept for files read
 /// lately; beyond this they are computed again from the manifest.
-const HOMES: usize = 256;
+const HOMES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -508,9 +511,12 @@ impl LayerStack {
     /// The complete local copy of a file (see [`cache::AssembledFile`]), if the cache has a
     /// verified one.
     pub fn assembled(&self, ino: u64) -> Option<cache::AssembledFile> {
-        let (layer, entry, e) = self.top_at(ino).ok()?;
-        let home = self.home(layer, entry, &e)?;
-        self.cache.cache().assembled(&home)
+        let (layer, e) = self.top(ino).ok()?;
+        if e.kind != Kind::File || e.size < crate::handles::PASSTHROUGH_MIN_SIZE {
+            return None;
+        }
+        // By the content's id: no layout is built for a file that has no complete copy.
+        self.cache.cache().assembled(&layer.file_chunks(&e).id())
     }
 
     /// Starts completing a file's local copy in the background from chunks cached elsewhere,
@@ -545,17 +551,25 @@ impl LayerStack {
         Some(home)
     }
 
-    /// [`LayerStack::home`] of entry `entry` of layer `layer`, if it is a file (for a start
-    /// record's entries, which may name anything).
-    pub fn home_of(&self, layer: u16, entry: u32) -> Option<Arc<cache::FileLayout>> {
+    /// [`LayerStack::home`] of entry `entry` of layer `layer`, if it is a file of which
+    /// `covered` bytes are to be fetched, at least half of it (for a start record's entries,
+    /// which may name anything).
+    pub fn home_of(&self, layer: u16, entry: u32, covered: u64) -> Option<Arc<cache::FileLayout>> {
         let m = &self.layers.get(layer as usize)?.manifest;
         if entry as usize >= m.entry_count() {
             return None;
         }
-        self.home(layer, entry, &m.entry(entry as usize))
+        let e = m.entry(entry as usize);
+        if covered < e.size / 2 {
+            return None;
+        }
+        self.home(layer, entry, &e)
     }
 
-    /// A file's layer and entry, and the layout of its local copy if it gets one.
+    /// A file's layer and entry, and the layout of its local copy if its chunks go there: a
+    /// file read in order, or fetched whole. (A file only sampled at random keeps its chunks
+    /// as chunk files: a copy of it would hold little and its layout would cost memory for
+    /// all of its chunks.)
     fn file(&self, ino: u64) -> FsResult<(&Layer, Entry<'_>, Option<Arc<cache::FileLayout>>)> {
         let (l, entry, e) = self.top_at(ino)?;
         if e.kind != Kind::File {
@@ -565,13 +579,23 @@ impl LayerStack {
                 std::io::Error::from_raw_os_error(libc::EISDIR),
             ));
         }
-        let home = self.home(l, entry, &e);
+        let wanted = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .peek(&ino)
+            .is_some_and(|s| s.in_order || s.whole);
+        let home = if wanted {
+            self.home(l, entry, &e)
+        } else {
+            None
+        };
         Ok((&self.layers[l as usize], e, home))
     }
 
     /// Finds the file and starts the readahead its read pattern calls for.
     fn start_read(&self, ino: u64, offset: u64, size: u32) -> FsResult<(&Layer, Entry<'_>)> {
-        let (layer, e, home) = self.file(ino)?;
+        let (layer, e, _) = self.file(ino)?;
         if let Some(rec) = self.recorder.as_ref().filter(|r| r.is_open()) {
             if let Some((l, entry)) = self.file_source(ino) {
                 rec.note(
@@ -584,6 +608,8 @@ impl LayerStack {
         let needed = layer.chunks_for_read(&e, offset, size);
         let window = self.readahead_window(ino, offset, size);
         if let Some(ahead) = self.readahead_batch(ino, window, needed.end) {
+            // Asked after the bookkeeping above: a file now read in order has a copy.
+            let (_, _, home) = self.file(ino)?;
             layer.prefetch(&self.cache, &e, ahead, home.as_ref());
         }
         Ok((layer, e))
@@ -600,6 +626,7 @@ impl LayerStack {
             // slightly out of order: anything near the last position counts as continuing.
             Some(s) if offset.abs_diff(s.next_offset) <= SEQUENTIAL_SLACK => {
                 s.window = (s.window * 2).clamp(1, READAHEAD_MAX);
+                s.in_order = true;
                 s.next_offset = s.next_offset.max(next_offset);
                 s.window
             }
@@ -623,6 +650,8 @@ impl LayerStack {
                         window,
                         jumps: u32::from(offset != 0),
                         whole: false,
+                        // A read from the start is most likely the first of a whole read.
+                        in_order: offset == 0,
                     },
                 );
                 window
@@ -664,30 +693,51 @@ impl LayerStack {
         tokio::spawn(async move {
             use futures::StreamExt;
             let _slot = slot;
-            let mut batches: Vec<Vec<strata_cache_format::ChunkLoc>> = Vec::new();
-            let mut bytes = 0;
-            for loc in &file.chunks {
-                if batches.is_empty() || bytes >= WHOLE_FILE_BATCH {
-                    batches.push(Vec::new());
-                    bytes = 0;
-                }
-                bytes += loc.stored_len as u64;
-                batches.last_mut().expect("pushed above").push(*loc);
-            }
-            futures::stream::iter(batches)
-                .map(|b| {
-                    let (reader, closed, home) = (reader.clone(), closed.clone(), home.clone());
-                    async move {
-                        reader
-                            .fetch_background(&b, Some(&home), cache::BackgroundKind::Bulk, &closed)
-                            .await
+            let mut todo = file.chunks.clone();
+            // Chunks cached before (as chunk files, or in memory) are not fetched again but
+            // copied into the copy; one whose write was still on its way, and that left memory
+            // meanwhile, is looked for again (a few rounds at most).
+            for _ in 0..3 {
+                let mut batches: Vec<Vec<strata_cache_format::ChunkLoc>> = Vec::new();
+                let mut bytes = 0;
+                for loc in &todo {
+                    if batches.is_empty() || bytes >= WHOLE_FILE_BATCH {
+                        batches.push(Vec::new());
+                        bytes = 0;
                     }
-                })
-                .buffered(WHOLE_FILE_BATCHES)
-                .collect::<Vec<u64>>()
-                .await;
-            if !closed.load(Ordering::Acquire) {
-                reader.cache().assemble(home);
+                    bytes += loc.stored_len as u64;
+                    batches.last_mut().expect("pushed above").push(*loc);
+                }
+                futures::stream::iter(batches)
+                    .map(|b| {
+                        let (reader, closed, home) = (reader.clone(), closed.clone(), home.clone());
+                        async move {
+                            reader
+                                .fetch_background(
+                                    &b,
+                                    Some(&home),
+                                    cache::BackgroundKind::Bulk,
+                                    &closed,
+                                )
+                                .await
+                        }
+                    })
+                    .buffered(WHOLE_FILE_BATCHES)
+                    .collect::<Vec<u64>>()
+                    .await;
+                if closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let missing = reader.cache().complete_copy(Arc::clone(&home)).await;
+                if missing.is_empty() {
+                    return;
+                }
+                todo = file
+                    .chunks
+                    .iter()
+                    .filter(|c| missing.contains(&c.digest))
+                    .copied()
+                    .collect();
             }
         });
         true

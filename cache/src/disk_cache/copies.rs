@@ -142,6 +142,8 @@ const SAVE_EVERY: u64 = 64 << 20;
 /// Chunk lengths a map may give (chunks are far smaller): a hostile map cannot make a read
 /// allocate more.
 const MAX_MAP_CHUNK: u32 = 64 << 20;
+/// Chunks of all incomplete copies together at most (about 100 bytes of memory each).
+const MAX_PARTIAL_PARTS: usize = 1 << 20;
 
 /// A read of a chunk in a copy.
 struct SlotRead {
@@ -228,6 +230,19 @@ impl DiskCache {
             if state.removing.contains_key(&key) {
                 return Ok(false);
             }
+            if !state.copies.contains_key(&id) {
+                // Layouts of incomplete copies cost memory for all their chunks, whatever they
+                // hold: past a bound, chunks go to chunk files instead.
+                let partial: usize = state
+                    .copies
+                    .values()
+                    .filter(|c| !c.complete())
+                    .map(|c| c.parts.len())
+                    .sum();
+                if partial + layout.chunks().len() > MAX_PARTIAL_PARTS {
+                    return Ok(false);
+                }
+            }
             if let std::collections::hash_map::Entry::Vacant(v) = state.copies.entry(id) {
                 v.insert(Copy::new(Arc::clone(layout)));
                 state.lru.put(
@@ -245,6 +260,7 @@ impl DiskCache {
             let gen = copy.gen;
             let mut todo = Vec::new();
             let mut size = 0;
+            let mut dropping = false;
             for &i in positions {
                 let i = i as usize;
                 match copy.parts[i] {
@@ -258,11 +274,13 @@ impl DiskCache {
                     Part::Present | Part::Verified if layout.whole(i) => {
                         state.slots.entry(*digest).or_insert((id, i as u32));
                     }
+                    // Being punched out: it will not hold this chunk.
+                    Part::Dropping => dropping = true,
                     _ => {}
                 }
             }
             if todo.is_empty() {
-                return Ok(true);
+                return Ok(!dropping);
             }
             *state.pinned.entry(key).or_insert(0) += 1;
             let evicted = self.evict_until(state, size);

@@ -412,7 +412,8 @@ async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &R
             continue;
         };
         progress.files.fetch_add(1, Ordering::Relaxed);
-        let home = stack.home_of(*layer, *entry);
+        let covered = ranges.iter().map(|[a, b]| b.saturating_sub(*a)).sum();
+        let home = stack.home_of(*layer, *entry, covered);
         for loc in locs.into_iter().filter(|l| seen.insert(l.digest)) {
             batch_bytes += loc.stored_len as u64;
             planned += loc.stored_len as u64;
