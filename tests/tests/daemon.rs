@@ -146,6 +146,21 @@ fn cache_bytes(cache: &Path) -> u64 {
     total
 }
 
+/// [`cache_bytes`] once the cache writes behind the reads have settled (two walks 100 ms apart
+/// agree; 5 s at most).
+fn settled_cache_bytes(cache: &Path) -> u64 {
+    let mut settled = cache_bytes(cache);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = cache_bytes(cache);
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    settled
+}
+
 #[test]
 fn cache_stays_within_its_budget_under_four_readers() {
     let work = strata_tests::scratch_dir("budget");
@@ -218,15 +233,7 @@ fn cache_stays_within_its_budget_under_four_readers() {
     assert!(total(&stats, "disk_used") <= 64 << 20, "{stats}");
     // Once the cache writes behind the reads have settled, a walk is exact: the files on disk
     // fit the budget, with no slack at all.
-    let mut settled = cache_bytes(&d.cache_dir);
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = cache_bytes(&d.cache_dir);
-        if now == settled {
-            break;
-        }
-        settled = now;
-    }
+    let settled = settled_cache_bytes(&d.cache_dir);
     assert!(
         settled <= 64 << 20,
         "{settled} bytes of chunk files on disk after the run"
@@ -268,15 +275,7 @@ fn local_copies_share_a_small_budget_and_survive_a_restart() {
     assert!(total(&stats, "disk_used") <= 48 << 20, "{stats}");
     assert!(total(&stats, "disk_evictions") > 0, "{stats}");
     assert!(total(&stats, "disk_files") >= 1, "{stats}");
-    let mut settled = cache_bytes(&d.cache_dir);
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = cache_bytes(&d.cache_dir);
-        if now == settled {
-            break;
-        }
-        settled = now;
-    }
+    let settled = settled_cache_bytes(&d.cache_dir);
     assert!(settled <= 48 << 20, "{settled} bytes in the cache dir");
     drop(m);
     assert!(d.stop().unwrap().success(), "{}", d.log_text());
