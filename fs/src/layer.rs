@@ -187,6 +187,23 @@ impl Layer {
         }
     }
 
+    /// Starts fetching in the background the chunks of the stream from index `from` on, up to
+    /// about `limit` stored bytes, whatever files they belong to (cached as chunk files).
+    pub fn prefetch_after(&self, cache: &ChunkReader, from: usize, limit: u64) {
+        let mut stored = 0u64;
+        let locs: Vec<_> = (from..self.manifest.chunk_count())
+            .map(|i| self.manifest.chunk(i).location())
+            .take_while(|loc| {
+                let more = stored < limit;
+                stored += loc.stored_len as u64;
+                more
+            })
+            .collect();
+        if !locs.is_empty() {
+            cache.prefetch_nearby(&locs);
+        }
+    }
+
     /// Reads up to `size` bytes at `offset` of file entry `e` from local copies only (memory,
     /// or verified chunk files, reading just the bytes asked for); `None` if a chunk must be
     /// fetched.

@@ -72,6 +72,19 @@ const WHOLE_FILE_BATCHES: usize = 8;
 /// And hands the cache this many stored bytes at a time.
 const WHOLE_FILE_BATCH: u64 = 4 << 20;
 
+/// Small files a function reads one after another are mostly neighbours in their layer (a
+/// package's modules, published in directory order), so their bytes lie close together in the
+/// layer's chunk stream. A miss on a small file within [`NEIGHBOUR_DISTANCE`] chunks of a
+/// recent miss in the same layer shows that pattern: the chunks that follow the file in the
+/// stream, up to this many stored bytes, are then fetched as readahead beside the read, so
+/// the next files read are local instead of one store round trip each. A function that
+/// samples files at random misses far apart and fetches nothing extra.
+const NEIGHBOURS_BYTES: u64 = 4 << 20;
+/// How close (in chunks of a layer's stream) two misses must be to count as neighbours.
+const NEIGHBOUR_DISTANCE: usize = 32;
+/// Recent misses on small files remembered for that test.
+const RECENT_MISSES: usize = 8;
+
 /// Merged directories whose source lists are kept; beyond this they are recomputed.
 const MERGED_DIR_CACHE: usize = 16 * 1024;
 /// Layouts of large files (where their chunks go in their local copies) kept for files read
@@ -120,6 +133,9 @@ pub struct LayerStack {
     whole_file_bytes: AtomicU64,
     /// Layouts of the local copies of large files read lately, by (layer, entry).
     homes: Mutex<LruCache<(u16, u32), Arc<cache::FileLayout>>>,
+    /// The last chunk (layer, index) of recent misses on small files, newest last (see
+    /// [`NEIGHBOURS_BYTES`]).
+    recent_misses: Mutex<std::collections::VecDeque<(u16, usize)>>,
 }
 
 fn mtime(e: &Entry<'_>) -> SystemTime {
@@ -174,6 +190,7 @@ impl LayerStack {
             homes: Mutex::new(LruCache::new(
                 std::num::NonZeroUsize::new(HOMES).expect("non-zero"),
             )),
+            recent_misses: Default::default(),
         })
     }
 
@@ -498,6 +515,9 @@ impl LayerStack {
     /// [`LayerStack::read_local`]).
     pub async fn read_fetch(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let (layer, e, home) = self.file(ino)?;
+        if e.size < WHOLE_FILE_MIN {
+            self.fetch_neighbours(ino, layer, &e, offset, size);
+        }
         let data = layer
             .read(&self.cache, &e, offset, size, home.as_ref())
             .await;
@@ -506,6 +526,35 @@ impl LayerStack {
             Err(_) => self.cache.record_error(),
         }
         data
+    }
+
+    /// Notes a miss on small file `e` (inode `ino`) and, if a recent miss was near it in the
+    /// same layer, starts fetching the chunks that follow it (see [`NEIGHBOURS_BYTES`]).
+    fn fetch_neighbours(&self, ino: u64, layer: &Layer, e: &Entry<'_>, offset: u64, size: u32) {
+        let Ok((l, _, _)) = self.top_at(ino) else {
+            return;
+        };
+        let needed = layer.chunks_for_read(e, offset, size);
+        let Some(last) = needed.end.checked_sub(1) else {
+            return;
+        };
+        let near = {
+            let mut recent = self
+                .recent_misses
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let near = recent
+                .iter()
+                .any(|&(rl, ri)| rl == l && ri.abs_diff(last) <= NEIGHBOUR_DISTANCE);
+            if recent.len() == RECENT_MISSES {
+                recent.pop_front();
+            }
+            recent.push_back((l, last));
+            near
+        };
+        if near {
+            layer.prefetch_after(&self.cache, needed.end, NEIGHBOURS_BYTES);
+        }
     }
 
     /// The complete local copy of a file (see [`cache::AssembledFile`]), if the cache has a
@@ -1040,6 +1089,73 @@ pub(crate) mod tests {
         assert!(
             fetched < 48 << 20,
             "a sequential read of 1 MiB put {fetched} bytes on disk: the whole file?"
+        );
+    }
+
+    /// Stored bytes fetched by `s` once its fetches have settled (no change for 200 ms).
+    async fn settled_store_bytes(s: &LayerStack) -> u64 {
+        let mut last = s.cache.stats().store_bytes;
+        let t = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = s.cache.stats().store_bytes;
+            if now == last || t.elapsed() > Duration::from_secs(20) {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Small files read one after another from one part of a layer bring the chunks that
+    /// follow them in the layer along; misses far apart fetch only what they read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn misses_on_neighbouring_small_files_fetch_what_follows_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let l = tmp.path().join("l");
+        // 24 MiB of incompressible 16 KiB files: about 96 chunks, in name order.
+        let files: Vec<(String, Vec<u8>)> = (0..1536u64)
+            .map(|i| (format!("p/f{i:04}"), pseudo_random(100 + i, 16 << 10)))
+            .collect();
+        for (name, data) in &files {
+            write(&l, name, data);
+        }
+        let read_file = |s: &LayerStack, i: usize| {
+            let dir = s.lookup(ROOT_INO, b"p").unwrap().ino;
+            let f = s.lookup(dir, &files[i].0.as_bytes()[2..]).unwrap();
+            (f.ino, files[i].1.clone())
+        };
+
+        let s = stack_with_cache(tmp.path(), &["l"], Some(tmp.path().join("cache1"))).await;
+        // Two misses a few chunks apart: the second fetches up to 4 MiB beyond itself.
+        let mut alone = 0;
+        for i in [0usize, 40] {
+            let (ino, data) = read_file(&s, i);
+            assert_eq!(s.read(ino, 0, 1 << 20).await.unwrap(), data);
+            alone += 2 * (256 << 10); // a chunk (or two) per read
+        }
+        let fetched = settled_store_bytes(&s).await;
+        assert!(
+            fetched > alone + (2 << 20) && fetched <= alone + NEIGHBOURS_BYTES + (1 << 20),
+            "{fetched} bytes fetched for two neighbouring misses"
+        );
+        // The files that follow are then read without the store.
+        let gets = s.cache.stats().store_gets;
+        for i in 41..60 {
+            let (ino, data) = read_file(&s, i);
+            assert_eq!(s.read(ino, 0, 1 << 20).await.unwrap(), data);
+        }
+        assert_eq!(s.cache.stats().store_gets, gets, "the next files are local");
+
+        // Misses far apart in the layer (more than NEIGHBOUR_DISTANCE chunks) fetch nothing else.
+        let s = stack_with_cache(tmp.path(), &["l"], Some(tmp.path().join("cache2"))).await;
+        for i in [0usize, 1535, 700] {
+            let (ino, data) = read_file(&s, i);
+            assert_eq!(s.read(ino, 0, 1 << 20).await.unwrap(), data);
+        }
+        let fetched = settled_store_bytes(&s).await;
+        assert!(
+            fetched <= 3 * 2 * (256 << 10) + (1 << 20),
+            "{fetched} bytes fetched for three far-apart misses"
         );
     }
 }

@@ -57,6 +57,29 @@ pub fn decode(object: &[u8], limit: usize) -> Result<Vec<u8>, BlobError> {
             Ok(payload.to_vec())
         }
         ZSTD => {
+            // A frame that says its size (every frame strata writes does) is decoded in one
+            // pass into a buffer of exactly that size; a frame that says it is larger than
+            // it is fails there. Others are streamed, up to the limit.
+            match zstd::zstd_safe::get_frame_content_size(payload) {
+                Ok(Some(size)) if size > limit as u64 => {
+                    return Err(BlobError::TooLarge { limit });
+                }
+                Ok(Some(size)) => {
+                    return zstd::bulk::decompress(payload, size as usize)
+                        .map_err(|e| BlobError::Corrupt(e.to_string()))
+                        .and_then(|out| {
+                            if out.len() as u64 == size {
+                                Ok(out)
+                            } else {
+                                Err(BlobError::Corrupt(format!(
+                                    "the frame says {size} bytes but holds {}",
+                                    out.len()
+                                )))
+                            }
+                        });
+                }
+                _ => {}
+            }
             use std::io::Read;
             let decoder = zstd::stream::read::Decoder::new(payload)
                 .map_err(|e| BlobError::Corrupt(e.to_string()))?;
@@ -131,6 +154,35 @@ mod tests {
         let obj = encode(&plain);
         assert_eq!(obj[0], RAW);
         assert_eq!(decode(&obj, 1 << 20).unwrap(), plain);
+    }
+
+    /// A frame whose header names another size than it holds is refused, whichever way.
+    #[test]
+    fn a_frame_that_lies_about_its_size_is_corrupt() {
+        let plain = vec![5u8; 200];
+        let obj = encode(&plain);
+        assert_eq!(obj[0], ZSTD);
+        // One-segment frame of a small input: magic (4), header byte, then a 1-byte size.
+        let size_at = 1 + 5;
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&obj[1..]).ok(),
+            Some(Some(200))
+        );
+        for claimed in [100u8, 250] {
+            let mut lying = obj.clone();
+            lying[size_at] = claimed;
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(&lying[1..]).ok(),
+                Some(Some(claimed as u64))
+            );
+            assert!(
+                matches!(decode(&lying, 1 << 20), Err(BlobError::Corrupt(_))),
+                "claimed {claimed}"
+            );
+        }
+        // A size over the limit is refused before any decoding.
+        assert_eq!(decode(&obj, 199), Err(BlobError::TooLarge { limit: 199 }));
+        assert_eq!(decode(&obj, 200).unwrap(), plain);
     }
 
     #[test]
