@@ -17,6 +17,7 @@ use lru::LruCache;
 
 use crate::assembled::FileLayout;
 use crate::disk_cache::{DiskCache, DiskRead};
+use crate::low_priority::LowPriorityPool;
 use strata_cache_format::{blob, pack_key, ChunkLoc, Digest};
 use strata_store::{Store, StoreError, StoreErrorKind};
 
@@ -193,9 +194,6 @@ enum Asked {
     Read,
     /// Readahead of a read: foreground (the reader will wait on it soon), not counted.
     Readahead,
-    /// Chunks near a read's that a reader may want next (neighbouring files): like
-    /// readahead, in smaller GETs, so that a read that joins one waits for little.
-    Nearby,
     /// Nobody waits yet: background; `gated` work waits for a background slot (see
     /// [`BackgroundKind`]).
     Background { gated: bool },
@@ -379,6 +377,8 @@ pub struct ChunkCache {
     /// Whole files being fetched in the background, host-wide (see
     /// [`ChunkCache::whole_file_slot`]).
     whole_files: Arc<tokio::sync::Semaphore>,
+    /// Where background work nobody waits on decodes and writes its chunks.
+    low_priority: LowPriorityPool,
 }
 
 /// Whole-file fetches (of files read at random) that run at once on a host: each is large,
@@ -392,8 +392,6 @@ const PREFETCH_BUDGET: usize = 128;
 /// Measured against Garage on loopback (cold 1 GiB read): 2 MiB 318 MiB/s, 4 MiB 366-392,
 /// 8 MiB 327.
 const MAX_RUN_BYTES: u64 = 4 << 20;
-/// The most bytes one GET of chunks fetched because they lie near a read's asks for.
-const NEARBY_RUN_BYTES: u64 = 1 << 20;
 /// The most bytes one GET of deferred background work (a start record's replay) asks for:
 /// less than a read's, so that the GET such work keeps while a read waits holds the store and
 /// the cores only briefly.
@@ -526,16 +524,6 @@ impl ChunkReader {
     /// spent the rest is skipped, so readahead never queues ahead of reads a function is
     /// waiting on. Chunks of the file of `home` are cached in its local copy.
     pub fn prefetch(&self, locs: &[ChunkLoc], home: Option<&Arc<FileLayout>>) {
-        self.prefetch_as(locs, home, Asked::Readahead)
-    }
-
-    /// [`ChunkReader::prefetch`] of chunks a reader may want next, near those it reads (in
-    /// smaller GETs), cached as chunk files.
-    pub fn prefetch_nearby(&self, locs: &[ChunkLoc]) {
-        self.prefetch_as(locs, None, Asked::Nearby)
-    }
-
-    fn prefetch_as(&self, locs: &[ChunkLoc], home: Option<&Arc<FileLayout>>, asked: Asked) {
         let mut wanted = Vec::new();
         let mut permits = Vec::new();
         {
@@ -558,7 +546,9 @@ impl ChunkReader {
         if wanted.is_empty() {
             return;
         }
-        let pending = self.cache.start(self, &wanted, asked, None, home);
+        let pending = self
+            .cache
+            .start(self, &wanted, Asked::Readahead, None, home);
         tokio::spawn(async move {
             for p in pending {
                 if let Pending::Fetching(f) = p {
@@ -687,6 +677,9 @@ impl ChunkCache {
             fetch_deadline: config.fetch_deadline,
             prefetch_budget: Arc::new(tokio::sync::Semaphore::new(PREFETCH_BUDGET)),
             whole_files: Arc::new(tokio::sync::Semaphore::new(WHOLE_FILES_AT_ONCE)),
+            low_priority: LowPriorityPool::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            )?,
         }))
     }
 
@@ -724,7 +717,7 @@ impl ChunkCache {
         let counted = asked == Asked::Read;
         let gated = matches!(asked, Asked::Background { gated: true });
         let priority = match asked {
-            Asked::Read | Asked::Readahead | Asked::Nearby => Priority::Foreground,
+            Asked::Read | Asked::Readahead => Priority::Foreground,
             Asked::Background { .. } => Priority::Background,
         };
         let mut slots = Vec::with_capacity(locs.len());
@@ -769,8 +762,6 @@ impl ChunkCache {
         let mut fetches: Vec<Fetch> = Vec::with_capacity(new.len());
         let run_bytes = if gated {
             BACKGROUND_RUN_BYTES
-        } else if asked == Asked::Nearby {
-            NEARBY_RUN_BYTES
         } else {
             MAX_RUN_BYTES
         };
@@ -915,6 +906,8 @@ impl ChunkCache {
                     reader,
                     &run[first..=last],
                     &missing.iter().map(|i| i - first).collect::<Vec<_>>(),
+                    gated,
+                    urgent,
                 )
                 .await;
             let mut to_disk = Vec::new();
@@ -926,7 +919,7 @@ impl ChunkCache {
             }
             if self.disk.is_some() && !to_disk.is_empty() {
                 let this = Arc::clone(self);
-                let write = tokio::task::spawn_blocking(move || {
+                let write = move || {
                     if let Some(disk) = &this.disk {
                         for (d, data) in to_disk {
                             match &home {
@@ -935,15 +928,19 @@ impl ChunkCache {
                             }
                         }
                     }
-                });
+                };
                 if urgent.load(Ordering::Acquire) {
                     // Caching is best effort and off the reader's path: the reader has its
                     // bytes, and the chunks stay in memory while the files are written.
-                    drop(write);
+                    drop(tokio::task::spawn_blocking(write));
                 } else {
                     // Background work nobody waits on is done once its chunks are on disk;
                     // they stay out of memory, where they would push out what readers use.
-                    let _ = write.await;
+                    if gated {
+                        self.low_priority.run(write).await;
+                    } else {
+                        let _ = tokio::task::spawn_blocking(write).await;
+                    }
                     keep_in_memory = false;
                 }
             }
@@ -967,12 +964,15 @@ impl ChunkCache {
 
     /// GETs the stored bytes of `span` (chunks adjoining in one pack) with one ranged GET and
     /// verifies the chunks at positions `wanted`, trying once more if any are wrong (a corrupt
-    /// object in the store stays corrupt, but a damaged transfer does not).
+    /// object in the store stays corrupt, but a damaged transfer does not). Verified at low
+    /// CPU priority if `gated` (deferred background work) and not `urgent` (no reader joined).
     async fn fetch_verified(
         &self,
         reader: &ChunkReader,
         span: &[ChunkLoc],
         wanted: &[usize],
+        gated: bool,
+        urgent: &AtomicBool,
     ) -> Vec<Result<Bytes, ChunkError>> {
         let first = span[0];
         let start = first.pack_offset;
@@ -991,7 +991,7 @@ impl ChunkCache {
             };
             reader.bump(|c| &c.store_bytes, object.len() as u64);
             let locs: Vec<ChunkLoc> = wanted.iter().map(|&i| span[i]).collect();
-            let verified = tokio::task::spawn_blocking(move || {
+            let verify = move || {
                 locs.iter()
                     .map(|loc| {
                         let from = (loc.pack_offset - start) as usize;
@@ -1018,8 +1018,19 @@ impl ChunkCache {
                         })
                     })
                     .collect::<Vec<_>>()
-            })
-            .await
+            };
+            // Deferred background work nobody waits on yields the cores to work that someone
+            // does (a whole-file fetch has a reader waiting soon: it keeps normal priority).
+            let verified = if !gated || urgent.load(Ordering::Acquire) {
+                tokio::task::spawn_blocking(verify)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                self.low_priority
+                    .run(verify)
+                    .await
+                    .ok_or_else(|| "it panicked".to_string())
+            }
             .unwrap_or_else(|e| vec![Err(format!("verification task failed: {e}")); wanted.len()]);
             let bad = verified.iter().filter(|r| r.is_err()).count();
             reader.bump(|c| &c.chunks_fetched, (verified.len() - bad) as u64);

@@ -12,6 +12,7 @@ mod assembled;
 mod chunk_cache;
 mod disk_cache;
 mod lock;
+mod low_priority;
 
 pub use assembled::{AssembledFile, FileChunks, FileLayout};
 pub use chunk_cache::{

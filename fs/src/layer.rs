@@ -187,21 +187,18 @@ impl Layer {
         }
     }
 
-    /// Starts fetching in the background the chunks of the stream from index `from` on, up to
-    /// about `limit` stored bytes, whatever files they belong to (cached as chunk files).
-    pub fn prefetch_after(&self, cache: &ChunkReader, from: usize, limit: u64) {
+    /// The chunks of the stream from index `from` on, up to about `limit` stored bytes,
+    /// whatever files they belong to.
+    pub fn chunks_after(&self, from: usize, limit: u64) -> Vec<ChunkLoc> {
         let mut stored = 0u64;
-        let locs: Vec<_> = (from..self.manifest.chunk_count())
+        (from..self.manifest.chunk_count())
             .map(|i| self.manifest.chunk(i).location())
             .take_while(|loc| {
                 let more = stored < limit;
                 stored += loc.stored_len as u64;
                 more
             })
-            .collect();
-        if !locs.is_empty() {
-            cache.prefetch_nearby(&locs);
-        }
+            .collect()
     }
 
     /// Reads up to `size` bytes at `offset` of file entry `e` from local copies only (memory,

@@ -15,7 +15,7 @@
 //! bounded LRU.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -76,14 +76,18 @@ const WHOLE_FILE_BATCH: u64 = 4 << 20;
 /// package's modules, published in directory order), so their bytes lie close together in the
 /// layer's chunk stream. A miss on a small file within [`NEIGHBOUR_DISTANCE`] chunks of a
 /// recent miss in the same layer shows that pattern: the chunks that follow the file in the
-/// stream, up to this many stored bytes, are then fetched as readahead beside the read, so
-/// the next files read are local instead of one store round trip each. A function that
-/// samples files at random misses far apart and fetches nothing extra.
+/// stream, up to this many stored bytes, are then fetched as background work (a read that
+/// needs one of them takes its fetch over at once), so the next files read are local instead
+/// of one store round trip each. Being background work, a guess that turns out wrong (files
+/// sampled at random, close together only by chance) costs the reads a function waits on
+/// little; misses far apart fetch nothing extra.
 const NEIGHBOURS_BYTES: u64 = 4 << 20;
 /// How close (in chunks of a layer's stream) two misses must be to count as neighbours.
 const NEIGHBOUR_DISTANCE: usize = 32;
 /// Recent misses on small files remembered for that test.
 const RECENT_MISSES: usize = 8;
+/// Neighbour fetches a mount has under way at most; a miss beyond that fetches only itself.
+const NEIGHBOUR_FETCHES: usize = 4;
 
 /// Merged directories whose source lists are kept; beyond this they are recomputed.
 const MERGED_DIR_CACHE: usize = 16 * 1024;
@@ -136,6 +140,8 @@ pub struct LayerStack {
     /// The last chunk (layer, index) of recent misses on small files, newest last (see
     /// [`NEIGHBOURS_BYTES`]).
     recent_misses: Mutex<std::collections::VecDeque<(u16, usize)>>,
+    /// Neighbour fetches under way (see [`NEIGHBOUR_FETCHES`]).
+    neighbour_fetches: Arc<AtomicUsize>,
 }
 
 fn mtime(e: &Entry<'_>) -> SystemTime {
@@ -191,6 +197,7 @@ impl LayerStack {
                 std::num::NonZeroUsize::new(HOMES).expect("non-zero"),
             )),
             recent_misses: Default::default(),
+            neighbour_fetches: Default::default(),
         })
     }
 
@@ -552,9 +559,28 @@ impl LayerStack {
             recent.push_back((l, last));
             near
         };
-        if near {
-            layer.prefetch_after(&self.cache, needed.end, NEIGHBOURS_BYTES);
+        if !near || self.neighbour_fetches.fetch_add(1, Ordering::AcqRel) >= NEIGHBOUR_FETCHES {
+            if near {
+                self.neighbour_fetches.fetch_sub(1, Ordering::AcqRel);
+            }
+            return;
         }
+        /// Counts a neighbour fetch as under way while it lives.
+        struct Running(Arc<AtomicUsize>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let running = Running(Arc::clone(&self.neighbour_fetches));
+        let locs = layer.chunks_after(needed.end, NEIGHBOURS_BYTES);
+        let (reader, closed) = (self.cache.clone(), self.closed.clone());
+        tokio::spawn(async move {
+            let _running = running;
+            reader
+                .fetch_background(&locs, None, cache::BackgroundKind::Deferred, &closed)
+                .await;
+        });
     }
 
     /// The complete local copy of a file (see [`cache::AssembledFile`]), if the cache has a
