@@ -882,6 +882,9 @@ impl ChunkCache {
         if let (Some(&first), Some(&last)) = (missing.first(), missing.last()) {
             // Background work asks the gate for a slot (a foreground read that joins the run
             // meanwhile lets it through at once); foreground runs go straight to the store.
+            // The slot is held until the run's chunks are checked and written: background
+            // work whose decoding falls behind (at low priority, on a busy host) then fetches
+            // no more than it can decode.
             let unwanted = || {
                 run.iter()
                     .map(|l| Err(ChunkError::Cancelled { digest: l.digest }))
@@ -936,11 +939,7 @@ impl ChunkCache {
                 } else {
                     // Background work nobody waits on is done once its chunks are on disk;
                     // they stay out of memory, where they would push out what readers use.
-                    if gated {
-                        self.low_priority.run(write).await;
-                    } else {
-                        let _ = tokio::task::spawn_blocking(write).await;
-                    }
+                    let _ = tokio::task::spawn_blocking(write).await;
                     keep_in_memory = false;
                 }
             }
@@ -965,7 +964,8 @@ impl ChunkCache {
     /// GETs the stored bytes of `span` (chunks adjoining in one pack) with one ranged GET and
     /// verifies the chunks at positions `wanted`, trying once more if any are wrong (a corrupt
     /// object in the store stays corrupt, but a damaged transfer does not). Verified at low
-    /// CPU priority if `gated` (deferred background work) and not `urgent` (no reader joined).
+    /// CPU priority if `gated` (deferred background work) and not `urgent` (no reader joined,
+    /// or not before the verification started).
     async fn fetch_verified(
         &self,
         reader: &ChunkReader,
@@ -1027,7 +1027,7 @@ impl ChunkCache {
                     .map_err(|e| e.to_string())
             } else {
                 self.low_priority
-                    .run(verify)
+                    .run_unless(verify, urgent, &self.gate.changed)
                     .await
                     .ok_or_else(|| "it panicked".to_string())
             }

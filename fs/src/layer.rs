@@ -187,16 +187,16 @@ impl Layer {
         }
     }
 
-    /// The chunks of the stream from index `from` on, up to about `limit` stored bytes,
-    /// whatever files they belong to.
+    /// The chunks of the stream from index `from` on, up to `limit` stored bytes (at least
+    /// one), whatever files they belong to.
     pub fn chunks_after(&self, from: usize, limit: u64) -> Vec<ChunkLoc> {
         let mut stored = 0u64;
         (from..self.manifest.chunk_count())
             .map(|i| self.manifest.chunk(i).location())
             .take_while(|loc| {
-                let more = stored < limit;
-                stored += loc.stored_len as u64;
-                more
+                let first = stored == 0;
+                stored = stored.saturating_add(loc.stored_len as u64);
+                first || stored <= limit
             })
             .collect()
     }

@@ -137,9 +137,9 @@ pub struct LayerStack {
     whole_file_bytes: AtomicU64,
     /// Layouts of the local copies of large files read lately, by (layer, entry).
     homes: Mutex<LruCache<(u16, u32), Arc<cache::FileLayout>>>,
-    /// The last chunk (layer, index) of recent misses on small files, newest last (see
-    /// [`NEIGHBOURS_BYTES`]).
-    recent_misses: Mutex<std::collections::VecDeque<(u16, usize)>>,
+    /// Recent misses on small files, newest last: layer, entry and the last chunk they
+    /// needed (see [`NEIGHBOURS_BYTES`]).
+    recent_misses: Mutex<std::collections::VecDeque<(u16, u32, usize)>>,
     /// Neighbour fetches under way (see [`NEIGHBOUR_FETCHES`]).
     neighbour_fetches: Arc<AtomicUsize>,
 }
@@ -502,7 +502,7 @@ impl LayerStack {
     /// Reads a file's bytes; fetches only the chunks covering the range.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         self.start_read(ino, offset, size)?;
-        self.read_fetch(ino, offset, size).await
+        self.fetch_range(ino, offset, size).await
     }
 
     /// The first half of a read that may not block on the store: readahead bookkeeping, then
@@ -518,13 +518,19 @@ impl LayerStack {
         Some(Ok(data))
     }
 
-    /// Reads a file's bytes, fetching what is missing; no readahead bookkeeping (see
-    /// [`LayerStack::read_local`]).
+    /// The second half of a read whose [`LayerStack::read_local`] found bytes missing: fetches
+    /// them, then, for a small file, maybe its neighbours (see [`NEIGHBOURS_BYTES`]).
     pub async fn read_fetch(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let (layer, e, home) = self.file(ino)?;
-        if e.size < WHOLE_FILE_MIN {
-            self.fetch_neighbours(ino, layer, &e, offset, size);
+        let data = self.fetch_range(ino, offset, size).await;
+        if data.is_ok() {
+            self.fetch_neighbours(ino, offset, size);
         }
+        data
+    }
+
+    /// Reads a file's bytes, fetching what is missing; no readahead bookkeeping.
+    async fn fetch_range(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let (layer, e, home) = self.file(ino)?;
         let data = layer
             .read(&self.cache, &e, offset, size, home.as_ref())
             .await;
@@ -535,13 +541,18 @@ impl LayerStack {
         data
     }
 
-    /// Notes a miss on small file `e` (inode `ino`) and, if a recent miss was near it in the
-    /// same layer, starts fetching the chunks that follow it (see [`NEIGHBOURS_BYTES`]).
-    fn fetch_neighbours(&self, ino: u64, layer: &Layer, e: &Entry<'_>, offset: u64, size: u32) {
-        let Ok((l, _, _)) = self.top_at(ino) else {
+    /// Notes a miss on file `ino` if it is small and, if a recent miss on another file was
+    /// near it in the same layer, starts fetching the chunks that follow it (see
+    /// [`NEIGHBOURS_BYTES`]). Called after the read's own fetch, so that it goes first.
+    fn fetch_neighbours(&self, ino: u64, offset: u64, size: u32) {
+        let Ok((l, entry, e)) = self.top_at(ino) else {
             return;
         };
-        let needed = layer.chunks_for_read(e, offset, size);
+        if e.kind != Kind::File || e.size >= WHOLE_FILE_MIN {
+            return;
+        }
+        let layer = &self.layers[l as usize];
+        let needed = layer.chunks_for_read(&e, offset, size);
         let Some(last) = needed.end.checked_sub(1) else {
             return;
         };
@@ -550,19 +561,26 @@ impl LayerStack {
                 .recent_misses
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let near = recent
-                .iter()
-                .any(|&(rl, ri)| rl == l && ri.abs_diff(last) <= NEIGHBOUR_DISTANCE);
+            // Two misses in one file (a file of several chunks read in pieces) say nothing
+            // about its neighbours.
+            let near = recent.iter().any(|&(rl, re, ri)| {
+                rl == l && re != entry && ri.abs_diff(last) <= NEIGHBOUR_DISTANCE
+            });
             if recent.len() == RECENT_MISSES {
                 recent.pop_front();
             }
-            recent.push_back((l, last));
+            recent.push_back((l, entry, last));
             near
         };
-        if !near || self.neighbour_fetches.fetch_add(1, Ordering::AcqRel) >= NEIGHBOUR_FETCHES {
-            if near {
-                self.neighbour_fetches.fetch_sub(1, Ordering::AcqRel);
-            }
+        if !near {
+            return;
+        }
+        let locs = layer.chunks_after(needed.end, NEIGHBOURS_BYTES);
+        if locs.is_empty() {
+            return;
+        }
+        if self.neighbour_fetches.fetch_add(1, Ordering::AcqRel) >= NEIGHBOUR_FETCHES {
+            self.neighbour_fetches.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         /// Counts a neighbour fetch as under way while it lives.
@@ -573,7 +591,6 @@ impl LayerStack {
             }
         }
         let running = Running(Arc::clone(&self.neighbour_fetches));
-        let locs = layer.chunks_after(needed.end, NEIGHBOURS_BYTES);
         let (reader, closed) = (self.cache.clone(), self.closed.clone());
         tokio::spawn(async move {
             let _running = running;
@@ -1152,31 +1169,62 @@ pub(crate) mod tests {
         };
 
         let s = stack_with_cache(tmp.path(), &["l"], Some(tmp.path().join("cache1"))).await;
+        // As the FUSE adapter reads: what is here at once, else a fetch.
+        let read = |s: &LayerStack, i: usize| {
+            let (ino, data) = read_file(s, i);
+            let local = s.read_local(ino, 0, 1 << 20).map(|r| r.unwrap());
+            (ino, data, local)
+        };
         // Two misses a few chunks apart: the second fetches up to 4 MiB beyond itself.
         let mut alone = 0;
         for i in [0usize, 40] {
-            let (ino, data) = read_file(&s, i);
-            assert_eq!(s.read(ino, 0, 1 << 20).await.unwrap(), data);
+            let (ino, data, local) = read(&s, i);
+            assert!(local.is_none(), "file {i} is not cached yet");
+            assert_eq!(s.read_fetch(ino, 0, 1 << 20).await.unwrap(), data);
             alone += 2 * (256 << 10); // a chunk (or two) per read
         }
         let fetched = settled_store_bytes(&s).await;
         assert!(
-            fetched > alone + (2 << 20) && fetched <= alone + NEIGHBOURS_BYTES + (1 << 20),
+            fetched > alone + (2 << 20) && fetched <= alone + NEIGHBOURS_BYTES,
             "{fetched} bytes fetched for two neighbouring misses"
         );
-        // The files that follow are then read without the store.
+        // The files that follow are then here when read.
         let gets = s.cache.stats().store_gets;
         for i in 41..60 {
-            let (ino, data) = read_file(&s, i);
-            assert_eq!(s.read(ino, 0, 1 << 20).await.unwrap(), data);
+            let (_, data, local) = read(&s, i);
+            assert_eq!(local, Some(Bytes::from(data)), "file {i} is local");
         }
         assert_eq!(s.cache.stats().store_gets, gets, "the next files are local");
+
+        // Two misses in one file (of several chunks, read in pieces) fetch nothing else.
+        write(&tmp.path().join("m"), "a/big", &pseudo_random(9, 900 << 10));
+        for i in 0..24u64 {
+            write(
+                &tmp.path().join("m"),
+                &format!("b/f{i:02}"),
+                &pseudo_random(200 + i, 256 << 10),
+            );
+        }
+        let s = stack_with_cache(tmp.path(), &["m"], Some(tmp.path().join("cache3"))).await;
+        let a = s.lookup(ROOT_INO, b"a").unwrap();
+        let big = s.lookup(a.ino, b"big").unwrap();
+        for off in [0u64, 600 << 10] {
+            assert!(s.read_local(big.ino, off, 4096).is_none());
+            s.read_fetch(big.ino, off, 4096).await.unwrap();
+        }
+        let fetched = settled_store_bytes(&s).await;
+        // The file's chunks at most (one may reach into the files after it), not 4 MiB more.
+        assert!(
+            fetched <= 2 << 20,
+            "{fetched} bytes fetched for two reads of one file"
+        );
 
         // Misses far apart in the layer (more than NEIGHBOUR_DISTANCE chunks) fetch nothing else.
         let s = stack_with_cache(tmp.path(), &["l"], Some(tmp.path().join("cache2"))).await;
         for i in [0usize, 1535, 700] {
             let (ino, data) = read_file(&s, i);
-            assert_eq!(s.read(ino, 0, 1 << 20).await.unwrap(), data);
+            assert!(s.read_local(ino, 0, 1 << 20).is_none());
+            assert_eq!(s.read_fetch(ino, 0, 1 << 20).await.unwrap(), data);
         }
         let fetched = settled_store_bytes(&s).await;
         assert!(
