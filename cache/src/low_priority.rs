@@ -146,6 +146,10 @@ mod tests {
             Some((base + NICE).min(19)),
             "the pool's threads run {NICE} steps nicer"
         );
+        assert!(
+            base < 19,
+            "a test run at nice 19 cannot tell the priorities apart"
+        );
         assert_eq!(run(&pool, || 6 * 7).await, Some(42));
         assert_eq!(run(&pool, || -> u32 { panic!("a bad job") }).await, None);
         // The threads survive a panicking job.
@@ -161,10 +165,18 @@ mod tests {
         let base = nice();
         // Keep the only pool thread busy until told.
         let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
         let busy = {
             let pool = Arc::clone(&pool);
-            tokio::spawn(async move { run(&pool, move || held.recv().is_ok()).await })
+            tokio::spawn(async move {
+                run(&pool, move || {
+                    let _ = started_tx.send(());
+                    held.recv().is_ok()
+                })
+                .await
+            })
         };
+        started.await.unwrap();
         let urgent = Arc::new(AtomicBool::new(false));
         let changed = Arc::new(tokio::sync::Notify::new());
         let queued = {

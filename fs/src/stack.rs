@@ -142,6 +142,8 @@ pub struct LayerStack {
     recent_misses: Mutex<std::collections::VecDeque<(u16, u32, usize)>>,
     /// Neighbour fetches under way (see [`NEIGHBOUR_FETCHES`]).
     neighbour_fetches: Arc<AtomicUsize>,
+    /// Neighbour fetches started since the mount began.
+    neighbour_fetches_started: AtomicU64,
 }
 
 fn mtime(e: &Entry<'_>) -> SystemTime {
@@ -198,6 +200,7 @@ impl LayerStack {
             )),
             recent_misses: Default::default(),
             neighbour_fetches: Default::default(),
+            neighbour_fetches_started: AtomicU64::new(0),
         })
     }
 
@@ -579,10 +582,16 @@ impl LayerStack {
         if locs.is_empty() {
             return;
         }
-        if self.neighbour_fetches.fetch_add(1, Ordering::AcqRel) >= NEIGHBOUR_FETCHES {
-            self.neighbour_fetches.fetch_sub(1, Ordering::AcqRel);
+        let room = self
+            .neighbour_fetches
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < NEIGHBOUR_FETCHES).then_some(n + 1)
+            });
+        if room.is_err() {
             return;
         }
+        self.neighbour_fetches_started
+            .fetch_add(1, Ordering::Relaxed);
         /// Counts a neighbour fetch as under way while it lives.
         struct Running(Arc<AtomicUsize>);
         impl Drop for Running {
@@ -1135,18 +1144,17 @@ pub(crate) mod tests {
         );
     }
 
-    /// Stored bytes fetched by `s` once its fetches have settled (no change for 200 ms).
+    /// Stored bytes fetched by `s` once its neighbour fetches are done (their chunks on disk).
     async fn settled_store_bytes(s: &LayerStack) -> u64 {
-        let mut last = s.cache.stats().store_bytes;
         let t = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let now = s.cache.stats().store_bytes;
-            if now == last || t.elapsed() > Duration::from_secs(20) {
-                return now;
-            }
-            last = now;
+        while s.neighbour_fetches.load(Ordering::Acquire) > 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "neighbour fetches did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        s.cache.stats().store_bytes
     }
 
     /// Small files read one after another from one part of a layer bring the chunks that
@@ -1184,6 +1192,7 @@ pub(crate) mod tests {
             alone += 2 * (256 << 10); // a chunk (or two) per read
         }
         let fetched = settled_store_bytes(&s).await;
+        assert_eq!(s.neighbour_fetches_started.load(Ordering::Relaxed), 1);
         assert!(
             fetched > alone + (2 << 20) && fetched <= alone + NEIGHBOURS_BYTES,
             "{fetched} bytes fetched for two neighbouring misses"
@@ -1213,6 +1222,7 @@ pub(crate) mod tests {
             s.read_fetch(big.ino, off, 4096).await.unwrap();
         }
         let fetched = settled_store_bytes(&s).await;
+        assert_eq!(s.neighbour_fetches_started.load(Ordering::Relaxed), 0);
         // The file's chunks at most (one may reach into the files after it), not 4 MiB more.
         assert!(
             fetched <= 2 << 20,
@@ -1227,6 +1237,7 @@ pub(crate) mod tests {
             assert_eq!(s.read_fetch(ino, 0, 1 << 20).await.unwrap(), data);
         }
         let fetched = settled_store_bytes(&s).await;
+        assert_eq!(s.neighbour_fetches_started.load(Ordering::Relaxed), 0);
         assert!(
             fetched <= 3 * 2 * (256 << 10) + (1 << 20),
             "{fetched} bytes fetched for three far-apart misses"
