@@ -188,15 +188,14 @@ enum Priority {
 }
 
 /// Why chunks are asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 enum Asked {
     /// A read waits on them: counted, foreground.
     Read,
     /// Readahead of a read: foreground (the reader will wait on it soon), not counted.
     Readahead,
-    /// Nobody waits yet: background; `gated` work waits for a background slot (see
-    /// [`BackgroundKind`]).
-    Background { gated: bool },
+    /// Nobody waits yet: background, waiting as `Gating` says.
+    Background(Gating),
 }
 
 /// How background work (cached on disk, not in memory; cancellable) shares the store.
@@ -205,9 +204,36 @@ pub enum BackgroundKind {
     /// Nobody waits on it (a start record's replay): it shrinks to its minimum while reads
     /// wait (see [`Gate`]).
     Deferred,
-    /// A reader waits on it soon (the rest of a file it reads at random): like readahead, it
-    /// is not held back, but it is cached like background work.
+    /// A reader waits on it soon (the rest of a file it reads at random): it keeps
+    /// [`BULK_GETS`] GETs running whether or not reads wait, in the order it asked for its
+    /// chunks, and a read that needs a chunk still queued lets that chunk's GET go at once.
     Bulk,
+}
+
+/// How a run of chunks waits before it goes to the store.
+#[derive(Clone)]
+enum Gating {
+    /// It does not: reads and readahead.
+    Open,
+    /// For a slot of the background budget (see [`Gate`]); decoded at low CPU priority.
+    Deferred,
+    /// For one of its whole-file fetch's GET permits, first come first served.
+    Bulk(Arc<tokio::sync::Semaphore>),
+}
+
+/// GETs one whole-file fetch keeps running: with [`MAX_RUN_BYTES`] each, about what saturates
+/// a store's bandwidth.
+const BULK_GETS: usize = 16;
+
+/// What a run going to the store holds until its chunks are checked and written.
+enum Held<'a> {
+    Nothing,
+    Background {
+        _slot: BackgroundSlot<'a>,
+    },
+    Bulk {
+        _permit: tokio::sync::SemaphorePermit<'a>,
+    },
 }
 
 /// A fetch in flight, and whether a foreground read has joined it (so it no longer waits
@@ -334,6 +360,36 @@ impl Gate {
                 } else {
                     changed.await;
                 }
+            }
+        }
+    }
+}
+
+impl Gate {
+    /// Waits for one of `permits` (in the order runs asked for them) or for `urgent`;
+    /// `Err(())` once `cancelled` (and not urgent). `Ok(None)`: urgent, no permit taken.
+    async fn bulk_permit<'p>(
+        &self,
+        permits: &'p tokio::sync::Semaphore,
+        urgent: &AtomicBool,
+        cancelled: &AtomicBool,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'p>>, ()> {
+        // One acquire for the whole wait keeps this run's place in the queue.
+        let acquire = permits.acquire();
+        tokio::pin!(acquire);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if urgent.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            if cancelled.load(Ordering::Acquire) {
+                return Err(());
+            }
+            tokio::select! {
+                permit = &mut acquire => return permit.map(Some).map_err(|_| ()),
+                () = &mut changed => {}
             }
         }
     }
@@ -596,14 +652,19 @@ impl ChunkReader {
             return 0;
         }
         let asked: u64 = wanted.iter().map(|l| l.stored_len as u64).sum();
-        let asked_as = Asked::Background {
-            gated: kind == BackgroundKind::Deferred,
+        let gating = match kind {
+            BackgroundKind::Deferred => Gating::Deferred,
+            BackgroundKind::Bulk => Gating::Bulk(Arc::new(tokio::sync::Semaphore::new(BULK_GETS))),
         };
         let mut todo = wanted;
         for _ in 0..3 {
-            let pending = self
-                .cache
-                .start(self, &todo, asked_as, Some(cancelled), home);
+            let pending = self.cache.start(
+                self,
+                &todo,
+                Asked::Background(gating.clone()),
+                Some(cancelled),
+                home,
+            );
             let mut again = Vec::new();
             for (loc, p) in todo.iter().zip(pending) {
                 if let Pending::Fetching(f) = p {
@@ -714,11 +775,10 @@ impl ChunkCache {
             Done(Pending),
             New(usize),
         }
-        let counted = asked == Asked::Read;
-        let gated = matches!(asked, Asked::Background { gated: true });
-        let priority = match asked {
-            Asked::Read | Asked::Readahead => Priority::Foreground,
-            Asked::Background { .. } => Priority::Background,
+        let counted = matches!(asked, Asked::Read);
+        let (priority, gating) = match asked {
+            Asked::Read | Asked::Readahead => (Priority::Foreground, Gating::Open),
+            Asked::Background(gating) => (Priority::Background, gating),
         };
         let mut slots = Vec::with_capacity(locs.len());
         let mut new: Vec<ChunkLoc> = Vec::new();
@@ -760,7 +820,7 @@ impl ChunkCache {
             self.gate.changed.notify_waiters();
         }
         let mut fetches: Vec<Fetch> = Vec::with_capacity(new.len());
-        let run_bytes = if gated {
+        let run_bytes = if matches!(gating, Gating::Deferred) {
             BACKGROUND_RUN_BYTES
         } else {
             MAX_RUN_BYTES
@@ -785,9 +845,10 @@ impl ChunkCache {
                 let urgent = urgent.clone();
                 let cancelled = cancelled.cloned().unwrap_or_default();
                 let home = home.cloned();
+                let gating = gating.clone();
                 tokio::spawn(async move {
                     Arc::new(
-                        this.load_run(&leader, run, &urgent, &cancelled, gated, home)
+                        this.load_run(&leader, run, &urgent, &cancelled, gating, home)
                             .await,
                     )
                 })
@@ -841,7 +902,7 @@ impl ChunkCache {
         run: Vec<ChunkLoc>,
         urgent: &AtomicBool,
         cancelled: &AtomicBool,
-        gated: bool,
+        gating: Gating,
         home: Option<Arc<FileLayout>>,
     ) -> Vec<Loaded> {
         let _leave = LeaveInflight(Arc::clone(self), run.iter().map(|l| l.digest).collect());
@@ -880,28 +941,36 @@ impl ChunkCache {
         let missing: Vec<usize> = (0..run.len()).filter(|&i| results[i].is_none()).collect();
         let mut keep_in_memory = true;
         if let (Some(&first), Some(&last)) = (missing.first(), missing.last()) {
-            // Background work asks the gate for a slot (a foreground read that joins the run
-            // meanwhile lets it through at once); foreground runs go straight to the store.
-            // The slot is held until the run's chunks are checked and written: background
-            // work whose decoding falls behind (at low priority, on a busy host) then fetches
-            // no more than it can decode.
+            // Background work waits for a slot or a permit (a foreground read that joins the
+            // run meanwhile lets it through at once); foreground runs go straight to the
+            // store. What it holds is held until the run's chunks are checked and written:
+            // background work whose decoding falls behind (at low priority, on a busy host)
+            // then fetches no more than it can decode.
             let unwanted = || {
                 run.iter()
                     .map(|l| Err(ChunkError::Cancelled { digest: l.digest }))
             };
-            let _slot = if urgent.load(Ordering::Acquire) {
-                None
-            } else if !gated {
-                if cancelled.load(Ordering::Acquire) {
-                    return unwanted().collect();
-                }
-                None
+            // Nobody wants these any more (the mount is gone): the run ends unfetched, and a
+            // later reader fetches afresh.
+            let _held = if urgent.load(Ordering::Acquire) {
+                Held::Nothing
             } else {
-                match self.gate.background_slot(urgent, cancelled).await {
-                    Some(slot) => Some(slot),
-                    // Nobody wants these any more (the mount is gone): the run ends unfetched,
-                    // and a later reader fetches afresh.
-                    None => return unwanted().collect(),
+                match &gating {
+                    Gating::Open if cancelled.load(Ordering::Acquire) => {
+                        return unwanted().collect()
+                    }
+                    Gating::Open => Held::Nothing,
+                    Gating::Deferred => match self.gate.background_slot(urgent, cancelled).await {
+                        Some(slot) => Held::Background { _slot: slot },
+                        None => return unwanted().collect(),
+                    },
+                    Gating::Bulk(permits) => {
+                        match self.gate.bulk_permit(permits, urgent, cancelled).await {
+                            Ok(Some(permit)) => Held::Bulk { _permit: permit },
+                            Ok(None) => Held::Nothing,
+                            Err(()) => return unwanted().collect(),
+                        }
+                    }
                 }
             };
             let fetched = self
@@ -909,7 +978,7 @@ impl ChunkCache {
                     reader,
                     &run[first..=last],
                     &missing.iter().map(|i| i - first).collect::<Vec<_>>(),
-                    gated,
+                    matches!(gating, Gating::Deferred),
                     urgent,
                 )
                 .await;
@@ -964,14 +1033,14 @@ impl ChunkCache {
     /// GETs the stored bytes of `span` (chunks adjoining in one pack) with one ranged GET and
     /// verifies the chunks at positions `wanted`, trying once more if any are wrong (a corrupt
     /// object in the store stays corrupt, but a damaged transfer does not). Verified at low
-    /// CPU priority if `gated` (deferred background work) and not `urgent` (no reader joined,
-    /// or not before the verification started).
+    /// CPU priority if `low_priority` (deferred background work) and not `urgent` (no reader
+    /// joined, or not before the verification started).
     async fn fetch_verified(
         &self,
         reader: &ChunkReader,
         span: &[ChunkLoc],
         wanted: &[usize],
-        gated: bool,
+        low_priority: bool,
         urgent: &AtomicBool,
     ) -> Vec<Result<Bytes, ChunkError>> {
         let first = span[0];
@@ -1021,7 +1090,7 @@ impl ChunkCache {
             };
             // Deferred background work nobody waits on yields the cores to work that someone
             // does (a whole-file fetch has a reader waiting soon: it keeps normal priority).
-            let verified = if !gated || urgent.load(Ordering::Acquire) {
+            let verified = if !low_priority || urgent.load(Ordering::Acquire) {
                 tokio::task::spawn_blocking(verify)
                     .await
                     .map_err(|e| e.to_string())
@@ -1277,6 +1346,11 @@ mod tests {
         inner: Arc<dyn Store>,
         delay: Duration,
         connections: tokio::sync::Semaphore,
+        /// The ranges asked for, in order, with their keys.
+        ranges: std::sync::Mutex<Vec<(String, std::ops::Range<u64>)>>,
+        /// GETs under way, and the most there were at once.
+        under_way: AtomicUsize,
+        most_at_once: AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -1292,9 +1366,17 @@ mod tests {
             key: &str,
             range: std::ops::Range<u64>,
         ) -> strata_store::StoreResult<Bytes> {
+            self.ranges
+                .lock()
+                .unwrap()
+                .push((key.to_string(), range.clone()));
+            let now = self.under_way.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_at_once.fetch_max(now, Ordering::SeqCst);
             let _c = self.connections.acquire().await.unwrap();
             tokio::time::sleep(self.delay).await;
-            self.inner.get_range(key, range).await
+            let got = self.inner.get_range(key, range).await;
+            self.under_way.fetch_sub(1, Ordering::SeqCst);
+            got
         }
         async fn head(&self, key: &str) -> strata_store::StoreResult<Option<u64>> {
             self.inner.head(key).await
@@ -1326,33 +1408,60 @@ mod tests {
 
     /// `n` chunks of 64 KiB, each in a pack of its own (one GET each), behind a [`SlowStore`].
     async fn slow_setup(n: usize) -> (tempfile::TempDir, ChunkReader, Vec<ChunkLoc>, Vec<Vec<u8>>) {
+        let (tmp, reader, locs, chunks, _) = packed_slow_setup(n, 1).await;
+        (tmp, reader, locs, chunks)
+    }
+
+    /// `packs` packs of `per_pack` chunks of 64 KiB behind a [`SlowStore`] (returned too).
+    async fn packed_slow_setup(
+        packs: usize,
+        per_pack: usize,
+    ) -> (
+        tempfile::TempDir,
+        ChunkReader,
+        Vec<ChunkLoc>,
+        Vec<Vec<u8>>,
+        Arc<SlowStore>,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("store");
         let local = LocalStore::open("test", root.to_str().unwrap()).unwrap();
         let mut locs = Vec::new();
         let mut chunks = Vec::new();
-        for i in 0..n {
-            let c: Vec<u8> = (0..65_536u32).map(|b| (b as usize * 7 + i) as u8).collect();
-            let stored = blob::encode(&c);
-            let pack = Digest::of(&stored);
+        for p in 0..packs {
+            let mut pack = Vec::new();
+            let first = locs.len();
+            for k in 0..per_pack {
+                let i = p * per_pack + k;
+                let c: Vec<u8> = (0..65_536u32).map(|b| (b as usize * 7 + i) as u8).collect();
+                let stored = blob::encode(&c);
+                locs.push(ChunkLoc {
+                    digest: Digest::of(&c),
+                    len: c.len() as u32,
+                    pack: Digest([0; 32]),
+                    pack_offset: pack.len() as u64,
+                    stored_len: stored.len() as u32,
+                });
+                pack.extend_from_slice(&stored);
+                chunks.push(c);
+            }
+            let digest = Digest::of(&pack);
+            for l in &mut locs[first..] {
+                l.pack = digest;
+            }
             local
-                .put(&pack_key(&pack), Bytes::from(stored.clone()))
+                .put(&pack_key(&digest), Bytes::from(pack))
                 .await
                 .unwrap();
-            locs.push(ChunkLoc {
-                digest: Digest::of(&c),
-                len: c.len() as u32,
-                pack,
-                pack_offset: 0,
-                stored_len: stored.len() as u32,
-            });
-            chunks.push(c);
         }
-        let store = SlowStore {
+        let store = Arc::new(SlowStore {
             inner: Arc::new(local),
             delay: Duration::from_millis(30),
             connections: tokio::sync::Semaphore::new(4),
-        };
+            ranges: Default::default(),
+            under_way: Default::default(),
+            most_at_once: Default::default(),
+        });
         let cache = ChunkCache::new(&CacheConfig {
             disk_dir: Some(tmp.path().join("cache")),
             disk_capacity: 64 << 20,
@@ -1360,7 +1469,66 @@ mod tests {
             fetch_deadline: DEFAULT_FETCH_DEADLINE,
         })
         .unwrap();
-        (tmp, cache.reader(Arc::new(store)), locs, chunks)
+        let reader = cache.reader(store.clone());
+        (tmp, reader, locs, chunks, store)
+    }
+
+    /// A whole-file fetch (of a file read at random) asks for all its chunks at once, runs
+    /// [`BULK_GETS`] GETs of them at a time, and a read of a chunk whose GET is still queued
+    /// starts that GET at once and waits on it: the store is never asked for that chunk alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_joins_the_queued_get_of_a_whole_file_fetch() {
+        let packs = BULK_GETS + 8;
+        let (_tmp, reader, locs, chunks, store) = packed_slow_setup(packs, 4).await;
+        let background = {
+            let (reader, locs) = (reader.clone(), locs.clone());
+            tokio::spawn(async move {
+                reader
+                    .fetch_background(&locs, None, BackgroundKind::Bulk, &Default::default())
+                    .await
+            })
+        };
+        // Wait until the first GETs went out: the last pack's is queued behind them.
+        let t = Instant::now();
+        while store.ranges.lock().unwrap().len() < BULK_GETS {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the fetch never started"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let last = locs.len() - 2;
+        assert_eq!(reader.get(&locs[last]).await.unwrap(), chunks[last]);
+        let asked = background.await.unwrap();
+        assert_eq!(asked, locs.iter().map(|l| l.stored_len as u64).sum::<u64>());
+        // The read's run went without waiting for a permit: one more than the fetch keeps.
+        let most = store.most_at_once.load(Ordering::SeqCst);
+        assert!(
+            (BULK_GETS..=BULK_GETS + 1).contains(&most),
+            "{most} GETs at once"
+        );
+        let whole_packs: HashMap<String, std::ops::Range<u64>> = locs
+            .chunks(4)
+            .map(|p| {
+                (
+                    pack_key(&p[0].pack),
+                    0..p[3].pack_offset + p[3].stored_len as u64,
+                )
+            })
+            .collect();
+        let ranges = store.ranges.lock().unwrap().clone();
+        assert_eq!(
+            ranges.len(),
+            packs,
+            "one GET per pack, none for the read: {ranges:?}"
+        );
+        for (key, range) in &ranges {
+            assert_eq!(Some(range), whole_packs.get(key), "a GET of part of a pack");
+        }
+        for (loc, chunk) in locs.iter().zip(&chunks) {
+            assert_eq!(&reader.get(loc).await.unwrap(), chunk);
+        }
+        assert_eq!(reader.stats().store_gets, packs as u64);
     }
 
     /// The background budget: a read a function waits on is not queued behind a large

@@ -66,11 +66,6 @@ struct Stream {
 const JUMPS_FOR_WHOLE_FILE: u32 = 4;
 /// Files smaller than this are not fetched whole: readahead and a few misses cost less.
 const WHOLE_FILE_MIN: u64 = 1 << 20;
-/// A whole-file fetch keeps this many ranged GETs of its batches going (the background budget
-/// decides how many run).
-const WHOLE_FILE_BATCHES: usize = 8;
-/// And hands the cache this many stored bytes at a time.
-const WHOLE_FILE_BATCH: u64 = 4 << 20;
 
 /// Small files a function reads one after another are mostly neighbours in their layer (a
 /// package's modules, published in directory order), so their bytes lie close together in the
@@ -761,8 +756,8 @@ impl LayerStack {
     }
 
     /// Fetches the whole of file `ino` into the disk cache in the background, in large ranged
-    /// GETs under the cache's background budget, into its local copy (for passthrough); whether it
-    /// started. A file starts if it fits a quarter of the disk cache together with the other
+    /// GETs (see [`cache::BackgroundKind::Bulk`]), into its local copy (for passthrough); whether
+    /// it started. A file starts if it fits a quarter of the disk cache together with the other
     /// files this mount fetched whole, and one of the host's whole-file slots is free. Within
     /// a tokio runtime.
     fn fetch_whole(&self, ino: u64) -> bool {
@@ -792,39 +787,16 @@ impl LayerStack {
         );
         let (reader, closed) = (self.cache.clone(), self.closed.clone());
         tokio::spawn(async move {
-            use futures::StreamExt;
             let _slot = slot;
             let mut todo = file.chunks.clone();
             // Chunks cached before (as chunk files, or in memory) are not fetched again but
             // copied into the copy; one whose write was still on its way, and that left memory
-            // meanwhile, is looked for again (a few rounds at most).
+            // meanwhile, is looked for again (a few rounds at most). Every chunk is asked for
+            // at once, so a read that needs one joins its GET (or starts it, if still queued)
+            // instead of asking the store for it alone.
             for _ in 0..3 {
-                let mut batches: Vec<Vec<strata_cache_format::ChunkLoc>> = Vec::new();
-                let mut bytes = 0;
-                for loc in &todo {
-                    if batches.is_empty() || bytes >= WHOLE_FILE_BATCH {
-                        batches.push(Vec::new());
-                        bytes = 0;
-                    }
-                    bytes += loc.stored_len as u64;
-                    batches.last_mut().expect("pushed above").push(*loc);
-                }
-                futures::stream::iter(batches)
-                    .map(|b| {
-                        let (reader, closed, home) = (reader.clone(), closed.clone(), home.clone());
-                        async move {
-                            reader
-                                .fetch_background(
-                                    &b,
-                                    Some(&home),
-                                    cache::BackgroundKind::Bulk,
-                                    &closed,
-                                )
-                                .await
-                        }
-                    })
-                    .buffered(WHOLE_FILE_BATCHES)
-                    .collect::<Vec<u64>>()
+                reader
+                    .fetch_background(&todo, Some(&home), cache::BackgroundKind::Bulk, &closed)
                     .await;
                 if closed.load(Ordering::Acquire) {
                     return;
