@@ -9,14 +9,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// The daemon moves every fetched byte through buffers of a few MiB that live as long as the
-/// memory cache keeps their chunks. glibc's malloc hands such buffers back to the kernel when
-/// they are freed, so each new one costs page faults and zeroing (about an eighth of the
-/// daemon's CPU on a cold read); jemalloc keeps freed memory for reuse a while (and returns it
-/// when it stays unused).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[derive(Parser)]
 #[command(
     name = "strata",
