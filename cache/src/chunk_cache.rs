@@ -1405,6 +1405,12 @@ mod tests {
         async fn list(&self, prefix: &str) -> strata_store::StoreResult<Vec<String>> {
             self.inner.list(prefix).await
         }
+        async fn list_info(
+            &self,
+            prefix: &str,
+        ) -> strata_store::StoreResult<Vec<strata_store::ObjectInfo>> {
+            self.inner.list_info(prefix).await
+        }
         async fn delete(&self, key: &str) -> strata_store::StoreResult<()> {
             self.inner.delete(key).await
         }

@@ -81,6 +81,9 @@ enum Command {
     Stats(cmd::status::StatsArgs),
     /// Persistent volumes in a store: ls, show, history, rm.
     Volume(cmd::volume::VolumeArgs),
+    /// What a store holds: objects and bytes by kind, what each dataset and volume keeps
+    /// alive, dead bytes, and an estimate of the monthly cost.
+    Du(cmd::du::DuArgs),
     /// Run CMD as one invocation: datasets and a volume mounted through the daemon, in a
     /// sandbox of its own (mount, PID, IPC and UTS namespaces); its exit status is returned.
     Run(cmd::run::RunArgs),
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
             Command::Mounts(a) => cmd::status::mounts(&g, a).await,
             Command::Stats(a) => cmd::status::stats(&g, a).await,
             Command::Volume(a) => cmd::volume::run(&g, a).await,
+            Command::Du(a) => cmd::du::run(&g, a).await,
             Command::Run(a) => return cmd::run::run(&g, a).await,
         }
         .map(|()| 0)

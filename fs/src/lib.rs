@@ -15,6 +15,7 @@
 pub mod blocking;
 pub mod delta;
 pub mod error;
+pub mod gc;
 pub mod handles;
 pub mod layer;
 pub mod mount;

@@ -185,6 +185,11 @@ impl<S: Store + ?Sized> Store for CountingStore<S> {
         self.inner.list(prefix).await
     }
 
+    async fn list_info(&self, prefix: &str) -> StoreResult<Vec<crate::ObjectInfo>> {
+        bump(&self.counters.list, 1);
+        self.inner.list_info(prefix).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         bump(&self.counters.delete, 1);
         self.inner.delete(key).await

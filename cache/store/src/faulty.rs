@@ -380,6 +380,11 @@ impl Store for FaultyStore {
         self.inner.list(prefix).await
     }
 
+    async fn list_info(&self, prefix: &str) -> StoreResult<Vec<crate::ObjectInfo>> {
+        self.before(Op::List, prefix).await?;
+        self.inner.list_info(prefix).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.before(Op::Delete, key).await?;
         self.inner.delete(key).await

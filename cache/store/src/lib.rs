@@ -40,6 +40,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+/// An object as a listing shows it: its key, size and when it was last written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written, by the store's clock (S3's `LastModified`, a local
+    /// file's mtime): what garbage collection's grace period is measured against.
+    pub modified: std::time::SystemTime,
+}
+
 /// An opaque version of a mutable object, used for compare-and-swap (an ETag on S3, a content
 /// hash on the local store).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,6 +138,10 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// All keys starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> StoreResult<Vec<String>>;
+
+    /// All objects whose keys start with `prefix`, sorted by key, with sizes and times. An
+    /// object deleted while the listing runs may be left out.
+    async fn list_info(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>>;
 
     /// Deletes the object; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> StoreResult<()>;

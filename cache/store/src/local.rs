@@ -325,6 +325,31 @@ impl Store for LocalStore {
         .await
     }
 
+    async fn list_info(&self, prefix: &str) -> StoreResult<Vec<crate::ObjectInfo>> {
+        let this = self.clone_handle();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            let mut keys = Vec::new();
+            list_recursive(&this.root, "", &prefix, &mut keys)
+                .map_err(|e| this.error("list", &prefix, e))?;
+            keys.sort();
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                match fs::metadata(this.path(&key)) {
+                    Ok(m) => out.push(crate::ObjectInfo {
+                        size: m.len(),
+                        modified: m.modified().map_err(|e| this.error("list", &key, e))?,
+                        key,
+                    }),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {} // deleted meanwhile
+                    Err(e) => return Err(this.error("list", &key, e)),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         check_key(&self.url, "delete", key)?;
         match tokio::fs::remove_file(self.path(key)).await {

@@ -12,12 +12,13 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{check_key, Store, StoreError, StoreErrorKind, StoreResult, Version};
+use crate::{check_key, ObjectInfo, Store, StoreError, StoreErrorKind, StoreResult, Version};
 
 #[derive(Debug)]
 struct Object {
     data: Bytes,
     version: u64,
+    written: std::time::SystemTime,
 }
 
 #[derive(Debug, Default)]
@@ -31,8 +32,15 @@ impl Objects {
     fn write(&mut self, key: &str, data: Bytes) -> Version {
         self.last_version += 1;
         let version = self.last_version;
-        self.by_key
-            .insert(key.to_string(), Object { data, version });
+        let written = std::time::SystemTime::now();
+        self.by_key.insert(
+            key.to_string(),
+            Object {
+                data,
+                version,
+                written,
+            },
+        );
         version_of(version)
     }
 }
@@ -156,6 +164,20 @@ impl Store for MemoryStore {
             .map(|(k, _)| k)
             .take_while(|k| k.starts_with(prefix))
             .cloned()
+            .collect())
+    }
+
+    async fn list_info(&self, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
+        Ok(self
+            .objects()
+            .by_key
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, o)| ObjectInfo {
+                key: k.clone(),
+                size: o.data.len() as u64,
+                modified: o.written,
+            })
             .collect())
     }
 

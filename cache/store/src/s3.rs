@@ -391,6 +391,48 @@ impl Store for S3Store {
         Ok(out)
     }
 
+    async fn list_info(&self, prefix: &str) -> StoreResult<Vec<crate::ObjectInfo>> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(prefix))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("list", prefix, e))?;
+            for obj in page.contents() {
+                let Some(key) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                // A listing without a size or time is the server's fault; say so rather than
+                // guess (a guessed time could make garbage collection sweep a fresh object).
+                let missing = |what| {
+                    StoreError::new(
+                        &self.url,
+                        "list",
+                        key,
+                        StoreErrorKind::Io,
+                        format!("the listing gave no {what}"),
+                    )
+                };
+                let size = obj.size().ok_or_else(|| missing("size"))?;
+                let modified = obj
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                    .ok_or_else(|| missing("time"))?;
+                out.push(crate::ObjectInfo {
+                    key: key.to_string(),
+                    size: u64::try_from(size).map_err(|_| missing("valid size"))?,
+                    modified,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         check_key(&self.url, "delete", key)?;
         self.client

@@ -1,5 +1,6 @@
 pub mod cat;
 pub mod daemon;
+pub mod du;
 pub mod inspect;
 pub mod ls;
 pub mod mount;
