@@ -39,6 +39,7 @@ fn two_mounts_sixteen_readers_fetch_each_chunk_once() {
     );
 
     let before = g.get_object_count().unwrap();
+    let requests_before = d.stats()["store_requests"].clone();
     let readers: Vec<_> = (0..16)
         .map(|i| {
             let path = if i % 2 == 0 {
@@ -81,8 +82,33 @@ fn two_mounts_sixteen_readers_fetch_each_chunk_once() {
         gets,
         "strata's count and the store's agree"
     );
+    // The daemon's count of its requests by kind agrees with the server's too.
+    let gets_of = |r: &serde_json::Value| {
+        ["get", "get_range", "get_versioned"]
+            .iter()
+            .map(|k| r[k].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let requests = &stats["store_requests"];
+    assert_eq!(
+        gets_of(requests) - gets_of(&requests_before),
+        gets,
+        "GETs by strata's count and the store's: {requests} {requests_before}"
+    );
+    assert!(
+        requests["bytes_read"].as_u64().unwrap() >= fetched,
+        "{requests}"
+    );
     let mounts = stats["mounts"].as_array().unwrap();
     assert_eq!(mounts.len(), 2, "{stats}");
+    let per_mount: u64 = mounts
+        .iter()
+        .map(|m| m["store_requests"]["get_range"].as_u64().unwrap())
+        .sum();
+    assert!(
+        per_mount >= total(&stats, "store_gets"),
+        "the mounts' ranged GETs cover their chunk fetches: {stats}"
+    );
     for m in mounts {
         let s = &m["stats"];
         assert!(s["reads"].as_u64().unwrap() > 0, "{m}");

@@ -47,6 +47,22 @@ impl StoreCounts {
             + self.delete
     }
 
+    /// These counts and `other`'s together.
+    pub fn plus(&self, other: &StoreCounts) -> StoreCounts {
+        StoreCounts {
+            get: self.get + other.get,
+            get_range: self.get_range + other.get_range,
+            head: self.head + other.head,
+            put: self.put + other.put,
+            get_versioned: self.get_versioned + other.get_versioned,
+            compare_and_swap: self.compare_and_swap + other.compare_and_swap,
+            list: self.list + other.list,
+            delete: self.delete + other.delete,
+            bytes_read: self.bytes_read + other.bytes_read,
+            bytes_written: self.bytes_written + other.bytes_written,
+        }
+    }
+
     /// What happened between `earlier` and this snapshot.
     pub fn since(&self, earlier: &StoreCounts) -> StoreCounts {
         StoreCounts {

@@ -85,6 +85,7 @@ fn request_lines_never_panic_the_daemon() {
 fn reply_lines_never_panic_a_client() {
     let stats = StatsReply {
         total: Default::default(),
+        store_requests: Default::default(),
         manifest_bytes: 12,
         mounts: Vec::new(),
         kept: vec![KeptInfo {

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use cache::{CacheStats, ReadStats};
 use serde::{Deserialize, Serialize};
 use strata_fs::prefetch::ReplayReport;
+use strata_store::StoreCounts;
 
 use crate::error::{DaemonError, DaemonResult, ErrorKind};
 
@@ -155,11 +156,19 @@ pub struct MountStats {
     /// in `stats` too).
     #[serde(default)]
     pub prefetch: ReplayReport,
+    /// Every request the mount sent its store, by kind, with the bytes moved: reads, fetches
+    /// ahead, start records, volume commits.
+    #[serde(default)]
+    pub store_requests: StoreCounts,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsReply {
     pub total: CacheStats,
+    /// Every request the daemon sent any store since it started, by kind, with the bytes
+    /// moved (mounts gone since included).
+    #[serde(default)]
+    pub store_requests: StoreCounts,
     /// Cached layer manifests under the cache dir (outside the chunk budget).
     pub manifest_bytes: u64,
     pub mounts: Vec<MountStats>,

@@ -18,7 +18,7 @@ use strata_fs::prefetch::ReplayProgress;
 use strata_fs::upper::MountTree;
 use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
-use strata_store::Store;
+use strata_store::{CountingStore, Store, StoreCounts};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -52,6 +52,8 @@ struct Mounted {
     session: u64,
     reader: ChunkReader,
     prefetch: Arc<ReplayProgress>,
+    /// The mount's requests to its store (the session's, for a mount that shares one).
+    requests: Arc<CountingStore>,
     /// A volume mount: its tree, volume and scratch. It commits on `strata commit` and when
     /// its session ends (which may take a while).
     volume: Option<(Arc<MountTree>, Arc<VolumeMount>, PathBuf)>,
@@ -67,8 +69,11 @@ pub struct Daemon {
     /// Held for the daemon's life: one owner per cache dir.
     _cache_lock: CacheDirLock,
     cache: Arc<ChunkCache>,
-    /// Stores are opened once per (URL, endpoint) and shared by the mounts that use them.
-    stores: tokio::sync::Mutex<HashMap<StoreKey, Arc<dyn Store>>>,
+    /// Stores are opened once per (URL, endpoint) and shared by the mounts that use them,
+    /// each counting the requests sent to it (see [`StatsReply::store_requests`]).
+    stores: tokio::sync::Mutex<HashMap<StoreKey, Arc<CountingStore>>>,
+    /// The same counting stores, for [`Daemon::stats`], which cannot wait for `stores`.
+    store_counts: Mutex<Vec<Arc<CountingStore>>>,
     mounts: Arc<Mutex<HashMap<PathBuf, Mounted>>>,
     /// Mountpoints with a mount request being served, so two requests cannot race for one.
     pending: Mutex<HashSet<PathBuf>>,
@@ -118,6 +123,7 @@ impl Daemon {
             _cache_lock: cache_lock,
             cache,
             stores: Default::default(),
+            store_counts: Default::default(),
             mounts: Default::default(),
             pending: Default::default(),
             shared: Default::default(),
@@ -388,7 +394,7 @@ impl Daemon {
     async fn store(&self, url: &str, endpoint_url: Option<String>) -> DaemonResult<Arc<dyn Store>> {
         let key = (url.to_string(), endpoint_url.clone());
         if let Some(s) = self.stores.lock().await.get(&key) {
-            return Ok(Arc::clone(s));
+            return Ok(Arc::clone(s) as Arc<dyn Store>);
         }
         // Opened without the lock held (it may wait on the network); if another request
         // opened the same store meanwhile, its instance is kept.
@@ -399,9 +405,16 @@ impl Daemon {
         let store = strata_store::open_store(url, &options)
             .await
             .with_context(|| format!("opening store {url}"))?;
-        Ok(Arc::clone(
-            self.stores.lock().await.entry(key).or_insert(store),
-        ))
+        let mut stores = self.stores.lock().await;
+        let counted = stores.entry(key).or_insert_with(|| {
+            let counted = Arc::new(CountingStore::new(store));
+            self.store_counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(counted.clone());
+            counted
+        });
+        Ok(Arc::clone(counted) as Arc<dyn Store>)
     }
 
     /// Mounts what `spec` says. (`unmount_with_client` needs a client on the socket: here
@@ -459,7 +472,10 @@ impl Daemon {
         };
         let mp = spec.mountpoint.clone();
         strata_fuse::check_mountpoint(&mp)?;
-        let store = self.store(&spec.store, spec.endpoint_url.clone()).await?;
+        let requests = Arc::new(CountingStore::new(
+            self.store(&spec.store, spec.endpoint_url.clone()).await?,
+        ));
+        let store: Arc<dyn Store> = requests.clone();
         let reader = self.cache.reader(store.clone());
         let stack_spec = StackSpec {
             datasets: spec.layers.clone(),
@@ -576,6 +592,7 @@ impl Daemon {
                     session: id,
                     reader,
                     prefetch: starts.progress().clone(),
+                    requests,
                     volume: match (&volume, &scratch) {
                         (Some(vm), Some(dir)) => Some((tree.clone(), vm.clone(), dir.clone())),
                         _ => None,
@@ -655,13 +672,20 @@ impl Daemon {
         else {
             return Ok(None);
         };
-        let Some((reader, prefetch, ended)) = self
+        let Some((reader, prefetch, ended, requests)) = self
             .mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .find(|m| m.session == session)
-            .map(|m| (m.reader.clone(), m.prefetch.clone(), m.ended.clone()))
+            .map(|m| {
+                (
+                    m.reader.clone(),
+                    m.prefetch.clone(),
+                    m.ended.clone(),
+                    m.requests.clone(),
+                )
+            })
         else {
             return Ok(None);
         };
@@ -723,6 +747,7 @@ impl Daemon {
                     session,
                     reader,
                     prefetch,
+                    requests,
                     volume: None,
                     ended,
                 },
@@ -998,6 +1023,7 @@ impl Daemon {
                 mount: m.info.clone(),
                 stats: m.reader.stats(),
                 prefetch: m.prefetch.report(),
+                store_requests: m.requests.snapshot(),
             })
             .collect();
         mounts.sort_by_key(|m| m.mount.id);
@@ -1018,8 +1044,16 @@ impl Daemon {
                 }
             })
             .collect();
+        let store_requests = self
+            .store_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|s| s.snapshot())
+            .fold(StoreCounts::default(), |a, b| a.plus(&b));
         StatsReply {
             total: self.cache.stats(),
+            store_requests,
             manifest_bytes: dir_size(&self.config.cache_dir.join("layers")),
             mounts,
             kept,

@@ -9,6 +9,7 @@ use clap::Args;
 use crate::units::human;
 use crate::GlobalArgs;
 use strata_daemon::{Client, MountInfo, StatsReply};
+use strata_store::StoreCounts;
 
 #[derive(Args)]
 pub struct MountsArgs {
@@ -104,6 +105,15 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         row(&m.mount.mountpoint.display().to_string(), &m.stats);
     }
     row("total", &t.reads);
+    println!();
+    println!(
+        "{:<32} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>10} {:>10}",
+        "store requests", "GET", "ranged", "HEAD", "PUT", "LIST", "DELETE", "read", "written"
+    );
+    for m in &reply.mounts {
+        requests(&m.mount.mountpoint.display().to_string(), &m.store_requests);
+    }
+    requests("total (since the daemon started)", &reply.store_requests);
     for m in reply.mounts.iter().filter(|m| m.prefetch.records > 0) {
         let p = &m.prefetch;
         println!(
@@ -129,6 +139,23 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// GETs of whole objects and of versioned ones (refs, heads) count as GET, conditional
+/// writes as PUT.
+fn requests(name: &str, c: &StoreCounts) {
+    println!(
+        "{:<32} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>10} {:>10}",
+        name,
+        c.get + c.get_range + c.get_versioned,
+        c.get_range,
+        c.head,
+        c.put + c.compare_and_swap,
+        c.list,
+        c.delete,
+        human(c.bytes_read),
+        human(c.bytes_written)
+    );
 }
 
 fn row(name: &str, s: &ReadStats) {
