@@ -62,6 +62,11 @@ enum Command {
     Publish(cmd::publish::PublishArgs),
     /// List datasets (NAME:TAG → layer) in a store.
     Ls(cmd::ls::LsArgs),
+    /// Point tag TARGET (NAME:TAG) at the layer SOURCE names (NAME:TAG or NAME@blake3:…).
+    Tag(cmd::tag::TagArgs),
+    /// Remove a tag (NAME:TAG) or every tag of a dataset (NAME); the layers stay until
+    /// garbage collection.
+    Rm(cmd::tag::RmArgs),
     /// Show a layer: summary, chunk statistics and its tree.
     Inspect(cmd::inspect::InspectArgs),
     /// Print one file of a dataset to stdout, without mounting.
@@ -130,6 +135,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Publish(a) => cmd::publish::run(&g, a).await,
             Command::Ls(a) => cmd::ls::run(&g, a).await,
+            Command::Tag(a) => cmd::tag::tag(&g, a).await,
+            Command::Rm(a) => cmd::tag::rm(&g, a).await,
             Command::Inspect(a) => cmd::inspect::run(&g, a).await,
             Command::Cat(a) => cmd::cat::run(&g, a).await,
             Command::Mount(a) => cmd::mount::run(&g, a).await,

@@ -67,6 +67,12 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Seconds since the epoch as a person reads them: `2026-12-05T15:57:21Z` (UTC).
+pub fn when(unix_secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +91,11 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn times_read_as_utc() {
+        assert_eq!(when(0), "1970-01-01T00:00:00Z");
+        assert_eq!(when(1_764_950_241), "2025-12-05T15:57:21Z");
     }
 }

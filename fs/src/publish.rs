@@ -766,7 +766,7 @@ pub(crate) async fn publish_walk(
         store.put(&layer_key, Bytes::from(encoded)).await?;
     }
     if let Some(target) = target {
-        refs::set(store, target, &layer).await?;
+        refs::set(store, target, &layer, "publish").await?;
     }
     report.layer = Some(layer);
     report.chunks_total = chunks.len() as u64;

@@ -11,10 +11,30 @@ pub struct LsArgs {
     filter: Option<String>,
     #[arg(long)]
     json: bool,
+    /// Show where the tag NAME:TAG pointed over time (publishes, `strata tag`, `strata rm`),
+    /// oldest first.
+    #[arg(long)]
+    history: bool,
 }
 
 pub async fn run(g: &GlobalArgs, a: LsArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
+    if a.history {
+        let Some(r) = a.filter.as_deref().filter(|f| f.contains(':')) else {
+            anyhow::bail!("--history needs a tag: NAME:TAG");
+        };
+        let r = DatasetRef::parse(r)?;
+        let h = refs::history::read(&store, &r).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&h)?);
+        } else {
+            for m in &h.moves {
+                let to = m.layer.as_deref().unwrap_or("(removed)");
+                println!("{}\t{to}\t{}", crate::units::when(m.at), m.by);
+            }
+        }
+        return Ok(());
+    }
     let (name, tag) = match &a.filter {
         Some(f) if f.contains(':') => {
             let r = DatasetRef::parse(f)?;

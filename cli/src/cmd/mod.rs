@@ -7,6 +7,7 @@ pub mod mount;
 pub mod publish;
 pub mod run;
 pub mod status;
+pub mod tag;
 pub mod volume;
 
 use std::sync::Arc;

@@ -145,7 +145,7 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
                 println!(
                     "#{}\t{}\t{} changes\t{} uploaded\t{}{squashed}",
                     i + 1,
-                    c.committed_at,
+                    crate::units::when(c.committed_at),
                     c.changes,
                     human(c.bytes_uploaded),
                     c.layer

@@ -65,12 +65,31 @@ impl Roots {
 /// Reads every root of `store`.
 pub async fn roots(store: &Arc<dyn Store>) -> FsResult<Roots> {
     let mut roots = Roots::default();
-    for (r, digest) in refs::list(store, None).await? {
-        roots
-            .layers
-            .entry(digest)
-            .or_default()
-            .insert(Owner::Dataset(r.name));
+    // Every ref key, not only those `refs::list` understands: one it cannot read names
+    // something unknown, which must not then look dead.
+    for key in store.list("refs/").await? {
+        let parsed = match key.split('/').collect::<Vec<_>>().as_slice() {
+            ["refs", name, tag] => refs::DatasetRef::parse(&format!("{name}:{tag}")).ok(),
+            _ => None,
+        };
+        let Some(r) = parsed else {
+            roots
+                .unreadable
+                .push(format!("{key}: not a ref this strata version knows"));
+            continue;
+        };
+        match refs::resolve(store, &r).await {
+            Ok(digest) => {
+                roots
+                    .layers
+                    .entry(digest)
+                    .or_default()
+                    .insert(Owner::Dataset(r.name));
+            }
+            Err(FsError::NotFound(_)) => {} // removed, or deleted while listing
+            Err(FsError::Store(e)) => return Err(e.into()),
+            Err(e) => roots.unreadable.push(format!("{key}: {e}")),
+        }
     }
     for key in store.list("volumes/").await? {
         let parts: Vec<&str> = key.split('/').collect();
@@ -91,7 +110,11 @@ pub async fn roots(store: &Arc<dyn Store>) -> FsResult<Roots> {
         let unreadable = |e: serde_json::Error| format!("{key}: unreadable: {e}");
         match rest {
             ["head"] => match serde_json::from_slice::<VolumeHead>(&body) {
-                Ok(head) => roots.add_commits(&head.commits, &owner, &key),
+                Ok(head) if head.version == 1 => roots.add_commits(&head.commits, &owner, &key),
+                Ok(head) => roots.unreadable.push(format!(
+                    "{key}: head version {} is not one this strata reads",
+                    head.version
+                )),
                 Err(e) => roots.unreadable.push(unreadable(e)),
             },
             ["conflicts", _] => match serde_json::from_slice::<ConflictRecord>(&body) {
@@ -122,7 +145,8 @@ pub struct LiveChunk {
 /// What the roots keep alive.
 #[derive(Debug, Default)]
 pub struct Marked {
-    /// Live layers, with their owners.
+    /// Live layers, with their owners: every layer a root names, even one that could not
+    /// be read (its manifest and start record stay; see `broken_layers`).
     pub layers: BTreeMap<Digest, BTreeSet<Owner>>,
     /// Live chunks by digest.
     pub chunks: HashMap<Digest, LiveChunk>,
@@ -149,6 +173,7 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
         ..Marked::default()
     };
     for (digest, owners) in roots.layers {
+        marked.layers.insert(digest, owners.clone());
         let layer = match Layer::load(store, digest, None).await {
             Ok(l) => l,
             Err(e @ (FsError::NotFound(_) | FsError::CorruptLayer { .. })) => {
@@ -184,7 +209,6 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
                 .or_default()
                 .insert(c.pack_offset, c.stored_len);
         }
-        marked.layers.insert(digest, owners);
     }
     Ok(marked)
 }

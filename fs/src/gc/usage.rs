@@ -36,9 +36,10 @@ pub struct Tally {
 }
 
 impl Tally {
+    // Saturating: sizes come from the store's listing.
     fn add(&mut self, bytes: u64) {
-        self.objects += 1;
-        self.bytes += bytes;
+        self.objects = self.objects.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(bytes);
     }
 }
 
@@ -50,7 +51,8 @@ pub struct OwnerUsage {
     pub layers: u64,
     /// Stored bytes of the chunks its layers use: `unique` + `shared`.
     pub referenced: u64,
-    /// Of those, the bytes no one else uses: what removing it would free.
+    /// Of those, the bytes no one else uses: about what removing it would free (a pack that
+    /// also holds others' chunks stays whole).
     pub unique: u64,
     /// The bytes others use too.
     pub shared: u64,
@@ -79,7 +81,8 @@ pub struct Cost {
     pub prices: Prices,
     /// Storing everything the store holds, per month.
     pub storage_per_month: f64,
-    /// Of that, what deleting the dead objects would save per month.
+    /// Of that, what deleting the dead objects would save per month (bytes unused inside
+    /// live packs not counted: freeing them takes rewriting the packs).
     pub dead_per_month: f64,
     /// The PUTs that wrote the objects held (one each).
     pub puts_to_write: f64,
@@ -142,8 +145,9 @@ pub fn account<'a>(
                     match marked.packs.get(&d) {
                         Some(regions) => {
                             let used: u64 = regions.values().map(|&l| l as u64).sum();
-                            live_pack_bytes += size;
-                            dead.in_live_packs += size.saturating_sub(used);
+                            live_pack_bytes = live_pack_bytes.saturating_add(size);
+                            dead.in_live_packs =
+                                dead.in_live_packs.saturating_add(size.saturating_sub(used));
                         }
                         None => dead.packs.add(size),
                     }
@@ -177,8 +181,14 @@ pub fn account<'a>(
             }
         }
     }
-    dead.freeable =
-        dead.packs.bytes + dead.layers.bytes + dead.locators.bytes + dead.start_records.bytes;
+    dead.freeable = [
+        dead.packs.bytes,
+        dead.layers.bytes,
+        dead.locators.bytes,
+        dead.start_records.bytes,
+    ]
+    .iter()
+    .fold(0u64, |a, &b| a.saturating_add(b));
 
     let mut owners: HashMap<&Owner, OwnerUsage> = HashMap::new();
     for layer_owners in marked.layers.values() {
@@ -191,11 +201,11 @@ pub fn account<'a>(
         let alone = chunk.owners.len() == 1;
         for o in &chunk.owners {
             let u = owners.entry(o).or_insert_with(|| empty_usage(o));
-            u.referenced += bytes;
+            u.referenced = u.referenced.saturating_add(bytes);
             if alone {
-                u.unique += bytes;
+                u.unique = u.unique.saturating_add(bytes);
             } else {
-                u.shared += bytes;
+                u.shared = u.shared.saturating_add(bytes);
             }
         }
     }
@@ -206,7 +216,7 @@ pub fn account<'a>(
     let cost = Cost {
         prices,
         storage_per_month: gb(total.bytes) * prices.per_gb_month,
-        dead_per_month: gb(dead.freeable + dead.in_live_packs) * prices.per_gb_month,
+        dead_per_month: gb(dead.freeable) * prices.per_gb_month,
         puts_to_write: total.objects as f64 / 1000.0 * prices.per_1000_puts,
         gets_to_read_all: (marked.layers.len() as u64 + live_pack_bytes.div_ceil(4 << 20)) as f64
             / 1000.0
@@ -411,9 +421,31 @@ mod tests {
             )
             .await
             .unwrap();
+        store
+            .put(
+                &format!("prefetch/{}", Digest([7; 32]).to_hex()),
+                crate::record::seal(b"{}"),
+            )
+            .await
+            .unwrap();
         let u = usage(&store, Prices::default()).await.unwrap();
         assert!(
             u.problems.iter().any(|p| p.contains("dataset gone")),
+            "{:?}",
+            u.problems
+        );
+        assert_eq!(
+            u.dead.start_records.objects, 1,
+            "b's record is dead; the record of the layer a ref names, missing or not, is not"
+        );
+        // So is a ref this version cannot parse.
+        store
+            .put("refs/deep/er/key", crate::record::seal(b"x"))
+            .await
+            .unwrap();
+        let u = usage(&store, Prices::default()).await.unwrap();
+        assert!(
+            u.problems.iter().any(|p| p.contains("refs/deep/er/key")),
             "{:?}",
             u.problems
         );

@@ -1,6 +1,9 @@
 //! Dataset refs: `name:tag` → layer digest, stored at `refs/<name>/<tag>` as the text
-//! `blake3:<hex>\n` in a checksummed envelope ([`crate::record`]). Refs (with volume heads)
-//! are the mutable objects and move by compare-and-swap.
+//! `blake3:<hex>\n` in a checksummed envelope ([`crate::record`]), or `removed\n` once
+//! `strata rm` removed the tag. Refs (with volume heads) are the mutable objects and move by
+//! compare-and-swap; every move is logged in the tag's history ([`history`]).
+
+pub mod history;
 
 use std::fmt;
 use std::sync::Arc;
@@ -73,10 +76,18 @@ impl fmt::Display for DatasetRef {
     }
 }
 
-fn parse_ref_object(store: &dyn Store, key: &str, data: &[u8]) -> FsResult<Digest> {
-    std::str::from_utf8(data)
-        .ok()
-        .and_then(|s| Digest::parse(s.trim()).ok())
+/// The body of a removed tag: a compare-and-swap can replace it (a publish brings the tag
+/// back), where a deleted object could not be guarded against a racing writer.
+const REMOVED: &str = "removed";
+
+/// What a ref object holds: the layer the tag points at, or `None` for a removed tag.
+fn parse_ref_object(store: &dyn Store, key: &str, data: &[u8]) -> FsResult<Option<Digest>> {
+    let text = std::str::from_utf8(data).ok().map(str::trim);
+    if text == Some(REMOVED) {
+        return Ok(None);
+    }
+    text.and_then(|s| Digest::parse(s).ok())
+        .map(Some)
         .ok_or_else(|| {
             FsError::InvalidInput(format!(
                 "{}: ref {key:?} does not hold a layer digest",
@@ -90,21 +101,21 @@ pub async fn resolve(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest>
     if let Some(d) = r.pinned {
         return Ok(d);
     }
+    let not_found = || FsError::NotFound(format!("dataset {r} not found in {}", store.url()));
     match crate::record::get(store, &r.key()).await {
-        Ok(data) => parse_ref_object(store.as_ref(), &r.key(), &data),
-        Err(FsError::Store(e)) if e.is_not_found() => Err(FsError::NotFound(format!(
-            "dataset {r} not found in {}",
-            store.url()
-        ))),
+        Ok(data) => parse_ref_object(store.as_ref(), &r.key(), &data)?.ok_or_else(not_found),
+        Err(FsError::Store(e)) if e.is_not_found() => Err(not_found()),
         Err(e) => Err(e),
     }
 }
 
-/// Points `name:tag` at `digest` with compare-and-swap. Returns the previous digest.
+/// Points `name:tag` at `digest` with compare-and-swap, and logs the move (made by `by`:
+/// `publish`, `tag`) in the tag's history. Returns the previous digest.
 pub async fn set(
     store: &Arc<dyn Store>,
     r: &DatasetRef,
     digest: &Digest,
+    by: &str,
 ) -> FsResult<Option<Digest>> {
     if r.pinned.is_some() {
         return Err(FsError::InvalidInput(format!(
@@ -114,7 +125,7 @@ pub async fn set(
     let key = r.key();
     let current = crate::record::get_versioned(store, &key).await?;
     let previous = match &current {
-        Some((data, _)) => Some(parse_ref_object(store.as_ref(), &key, data)?),
+        Some((data, _)) => parse_ref_object(store.as_ref(), &key, data)?,
         None => None,
     };
     if previous == Some(*digest) {
@@ -125,12 +136,51 @@ pub async fn set(
         .compare_and_swap(&key, current.as_ref().map(|(_, v)| v), body)
         .await
     {
-        Ok(_) => Ok(previous),
+        Ok(_) => {
+            log_move(store, r, Some(digest), by).await;
+            Ok(previous)
+        }
         Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
-            "dataset {r} was moved by another writer while publishing; the layer {digest} is \
-             uploaded, publish again to point the ref at it ({e})"
+            "dataset {r} was moved by another writer meanwhile; the layer {digest} is \
+             uploaded: try again to point the ref at it ({e})"
         ))),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes tag `r` by compare-and-swap (a publish racing it either lands first, and is
+/// removed, or lands after and brings the tag back; never lost half-way). Returns the layer it
+/// pointed at, which stays in the store.
+pub async fn remove(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> {
+    if r.pinned.is_some() {
+        return Err(FsError::InvalidInput(format!(
+            "{r} is a pinned layer, not a tag: nothing to remove"
+        )));
+    }
+    let key = r.key();
+    let not_found = || FsError::NotFound(format!("dataset {r} not found in {}", store.url()));
+    let (data, version) = crate::record::get_versioned(store, &key)
+        .await?
+        .ok_or_else(not_found)?;
+    let previous = parse_ref_object(store.as_ref(), &key, &data)?.ok_or_else(not_found)?;
+    let body = crate::record::seal(format!("{REMOVED}\n").as_bytes());
+    match store.compare_and_swap(&key, Some(&version), body).await {
+        Ok(_) => {
+            log_move(store, r, None, "rm").await;
+            Ok(previous)
+        }
+        Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
+            "dataset {r} was moved by another writer meanwhile; nothing was removed ({e})"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Appends a move that happened to the tag's history. The move stands if that fails (the
+/// ref is the truth): it is only left out of the history, and said so.
+async fn log_move(store: &Arc<dyn Store>, r: &DatasetRef, layer: Option<&Digest>, by: &str) {
+    if let Err(e) = history::append(store, r, layer, by).await {
+        tracing::warn!("{r} moved, but its history could not be appended to: {e}");
     }
 }
 
@@ -159,7 +209,7 @@ pub async fn list(
         };
         match resolve(store, &r).await {
             Ok(d) => out.push((r, d)),
-            Err(FsError::NotFound(_)) => {} // deleted while listing
+            Err(FsError::NotFound(_)) => {} // removed, or deleted while listing
             Err(e) => return Err(e),
         }
     }
@@ -195,5 +245,51 @@ mod tests {
                 "{bad:?} should be rejected"
             );
         }
+    }
+
+    /// A removed tag is gone for readers and listings, comes back with the next publish, and
+    /// both moves are in its history.
+    #[tokio::test]
+    async fn a_removed_tag_is_gone_until_set_again() {
+        let store: Arc<dyn Store> = Arc::new(strata_store::MemoryStore::new("refs"));
+        let (r, other) = (
+            DatasetRef::parse("d:v1").unwrap(),
+            DatasetRef::parse("d:v2").unwrap(),
+        );
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        assert!(matches!(
+            remove(&store, &r).await,
+            Err(FsError::NotFound(_))
+        ));
+        set(&store, &r, &a, "publish").await.unwrap();
+        set(&store, &other, &b, "publish").await.unwrap();
+        assert_eq!(remove(&store, &r).await.unwrap(), a);
+        assert!(matches!(
+            resolve(&store, &r).await,
+            Err(FsError::NotFound(_))
+        ));
+        assert!(matches!(
+            remove(&store, &r).await,
+            Err(FsError::NotFound(_))
+        ));
+        let listed: Vec<_> = list(&store, Some("d")).await.unwrap();
+        assert_eq!(listed, vec![(other.clone(), b)]);
+        assert_eq!(set(&store, &r, &b, "publish").await.unwrap(), None);
+        assert_eq!(resolve(&store, &r).await.unwrap(), b);
+        let moves: Vec<_> = history::read(&store, &r)
+            .await
+            .unwrap()
+            .moves
+            .into_iter()
+            .map(|m| (m.layer, m.by))
+            .collect();
+        assert_eq!(
+            moves,
+            vec![
+                (Some(a.to_string()), "publish".to_string()),
+                (None, "rm".to_string()),
+                (Some(b.to_string()), "publish".to_string()),
+            ]
+        );
     }
 }

@@ -1,0 +1,88 @@
+//! `strata tag` and `strata rm`: move and remove tags, by compare-and-swap.
+
+use clap::Args;
+use strata_fs::refs::{self, DatasetRef};
+
+use crate::GlobalArgs;
+
+#[derive(Args)]
+pub struct TagArgs {
+    /// Store URL.
+    store: String,
+    /// The layer to point at: NAME:TAG (where that tag points now) or NAME@blake3:<hex>.
+    source: String,
+    /// The tag to point at it: NAME:TAG (made if new, moved if not).
+    target: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
+    let store = super::open_store(g, &a.store).await?;
+    let source = DatasetRef::parse(&a.source)?;
+    let target = DatasetRef::parse(&a.target)?;
+    if target.pinned.is_some() {
+        anyhow::bail!("{}: a tag is NAME:TAG, not a pinned layer", a.target);
+    }
+    let layer = refs::resolve(&store, &source).await?;
+    // A tag must never name a layer a reader would not find.
+    if store
+        .head(&format!("layers/{}", layer.to_hex()))
+        .await?
+        .is_none()
+    {
+        anyhow::bail!("layer {layer} ({source}) is not in {}", a.store);
+    }
+    let previous = refs::set(&store, &target, &layer, "tag").await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"tag": target.to_string(), "layer": layer.to_string(),
+                "previous": previous.map(|d| d.to_string())})
+        );
+    } else {
+        match previous {
+            Some(p) if p == layer => println!("{target} already points at {layer}"),
+            Some(p) => println!("{target} -> {layer} (was {p})"),
+            None => println!("{target} -> {layer}"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    /// Store URL.
+    store: String,
+    /// NAME:TAG, or NAME for every tag of the dataset.
+    dataset: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
+    let store = super::open_store(g, &a.store).await?;
+    let tags: Vec<DatasetRef> = if a.dataset.contains(':') || a.dataset.contains('@') {
+        vec![DatasetRef::parse(&a.dataset)?]
+    } else {
+        let found = refs::list(&store, Some(&a.dataset)).await?;
+        if found.is_empty() {
+            anyhow::bail!("no dataset {} in {}", a.dataset, a.store);
+        }
+        found.into_iter().map(|(r, _)| r).collect()
+    };
+    let mut removed = Vec::new();
+    for r in &tags {
+        let layer = refs::remove(&store, r).await?;
+        if !a.json {
+            println!(
+                "removed {r} (it pointed at {layer}; the layer stays until garbage collection)"
+            );
+        }
+        removed.push(serde_json::json!({"tag": r.to_string(), "layer": layer.to_string()}));
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(removed));
+    }
+    Ok(())
+}
