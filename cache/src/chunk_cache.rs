@@ -1657,6 +1657,42 @@ mod tests {
         assert_eq!(reader.get(&locs[63]).await.unwrap(), chunks[63]);
     }
 
+    /// A whole-file fetch of a mount that went away: the GETs under way finish, the queued
+    /// runs drop out as their turn comes without reaching the store, and a later read fetches
+    /// such a chunk itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_whole_file_fetch_stops_before_its_queued_gets() {
+        let packs = BULK_GETS * 3;
+        let (_tmp, reader, locs, chunks, store) =
+            packed_slow_setup(packs, 4, Duration::from_millis(100)).await;
+        let cancelled: Arc<AtomicBool> = Default::default();
+        let background = {
+            let (reader, locs, cancelled) = (reader.clone(), locs.clone(), cancelled.clone());
+            tokio::spawn(async move {
+                reader
+                    .fetch_background(&locs, None, BackgroundKind::Bulk, &cancelled)
+                    .await
+            })
+        };
+        let t = Instant::now();
+        while store.ranges.lock().unwrap().len() < BULK_GETS {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the fetch never started"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cancelled.store(true, Ordering::Release);
+        tokio::time::timeout(Duration::from_secs(10), background)
+            .await
+            .expect("the cancelled fetch ends")
+            .unwrap();
+        let gets = store.ranges.lock().unwrap().len();
+        assert!(gets < packs, "{gets} of {packs} GETs after the cancel");
+        let last = locs.len() - 1;
+        assert_eq!(reader.get(&locs[last]).await.unwrap(), chunks[last]);
+    }
+
     /// Regression: a manifest that gives one chunk two lengths got the cached bytes of the
     /// first length and sliced past their end.
     #[tokio::test]

@@ -67,8 +67,14 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// Seconds since the epoch as a person reads them: `2026-12-05T15:57:21Z` (UTC).
+/// Seconds since the epoch as a person reads them: `2026-12-05T15:57:21Z` (UTC). Times come
+/// from the store, written by other hosts' clocks: one past the year 9999 is shown as the
+/// number it is.
 pub fn when(unix_secs: u64) -> String {
+    const YEAR_10000: u64 = 253_402_300_800;
+    if unix_secs >= YEAR_10000 {
+        return format!("{unix_secs} s after the epoch");
+    }
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs);
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -97,5 +103,6 @@ mod tests {
     fn times_read_as_utc() {
         assert_eq!(when(0), "1970-01-01T00:00:00Z");
         assert_eq!(when(1_764_950_241), "2025-12-05T15:57:21Z");
+        assert_eq!(when(u64::MAX), format!("{} s after the epoch", u64::MAX));
     }
 }

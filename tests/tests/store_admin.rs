@@ -78,8 +78,12 @@ fn tags_move_and_go_by_compare_and_swap_with_their_history_and_du_follows() {
     assert!(s
         .ok(&["ls", &store, "d:stable", "--history"])
         .contains("(removed)\trm"));
+    // A bare NAME is NAME:latest, as everywhere: it does not remove every tag.
+    let err = s.fails(&["rm", &store, "d"]);
+    assert!(err.contains("not found"), "{err}");
+    assert!(s.ok(&["ls", &store]).contains("d:v1"));
     // Every tag of the dataset: both layers are dead now, and du says what that frees.
-    s.ok(&["rm", &store, "d"]);
+    s.ok(&["rm", &store, "--all", "d"]);
     assert!(s.ok(&["ls", &store]).trim().is_empty());
     let du = json(&s.ok(&["du", "--json", &store]));
     assert!(owner(&du, "d").is_none(), "{du}");

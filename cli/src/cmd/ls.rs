@@ -20,17 +20,38 @@ pub struct LsArgs {
 pub async fn run(g: &GlobalArgs, a: LsArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
     if a.history {
-        let Some(r) = a.filter.as_deref().filter(|f| f.contains(':')) else {
+        let Some(r) = a.filter.as_deref() else {
             anyhow::bail!("--history needs a tag: NAME:TAG");
         };
         let r = DatasetRef::parse(r)?;
+        if r.pinned.is_some() {
+            anyhow::bail!("{r} is a pinned layer: only a tag (NAME:TAG) has a history");
+        }
         let h = refs::history::read(&store, &r).await?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&h)?);
-        } else {
-            for m in &h.moves {
-                let to = m.layer.as_deref().unwrap_or("(removed)");
-                println!("{}\t{to}\t{}", crate::units::when(m.at), m.by);
+            return Ok(());
+        }
+        if h.moves.is_empty() {
+            println!("{r}: no moves recorded in {}", a.store);
+        }
+        for m in &h.moves {
+            let to = m.layer.as_deref().unwrap_or("(removed)");
+            println!("{}\t{to}\t{}", crate::units::when(m.at), m.by);
+        }
+        // The ref is the truth; a writer that died between moving it and appending leaves
+        // the history behind.
+        let now = match refs::resolve(&store, &r).await {
+            Ok(d) => Some(d.to_string()),
+            Err(strata_fs::error::FsError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(last) = h.moves.last() {
+            if last.layer != now {
+                println!(
+                    "(the tag now points at {}: a move since is not in the history)",
+                    now.as_deref().unwrap_or("nothing: it is removed")
+                );
             }
         }
         return Ok(());

@@ -54,30 +54,47 @@ pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
 pub struct RmArgs {
     /// Store URL.
     store: String,
-    /// NAME:TAG, or NAME for every tag of the dataset.
+    /// NAME:TAG (NAME alone is NAME:latest), or with --all a dataset NAME.
     dataset: String,
+    /// Remove every tag of the dataset NAME.
+    #[arg(long)]
+    all: bool,
     #[arg(long)]
     json: bool,
 }
 
 pub async fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
-    let tags: Vec<DatasetRef> = if a.dataset.contains(':') || a.dataset.contains('@') {
-        vec![DatasetRef::parse(&a.dataset)?]
-    } else {
+    let tags: Vec<DatasetRef> = if a.all {
+        if a.dataset.contains([':', '@']) {
+            anyhow::bail!("--all takes a dataset NAME, not {}", a.dataset);
+        }
         let found = refs::list(&store, Some(&a.dataset)).await?;
         if found.is_empty() {
             anyhow::bail!("no dataset {} in {}", a.dataset, a.store);
         }
         found.into_iter().map(|(r, _)| r).collect()
+    } else {
+        vec![DatasetRef::parse(&a.dataset)?]
     };
     let mut removed = Vec::new();
     for r in &tags {
-        let layer = refs::remove(&store, r).await?;
+        let layer = match refs::remove(&store, r).await {
+            Ok(layer) => layer,
+            // Removed by someone else since the listing: what was asked for is done.
+            Err(strata_fs::error::FsError::NotFound(_)) if a.all => continue,
+            Err(e) => {
+                if !removed.is_empty() {
+                    eprintln!(
+                        "strata: removed before the error: {}",
+                        serde_json::Value::Array(removed)
+                    );
+                }
+                return Err(e.into());
+            }
+        };
         if !a.json {
-            println!(
-                "removed {r} (it pointed at {layer}; the layer stays until garbage collection)"
-            );
+            println!("removed {r} (it pointed at {layer}; the layer stays in the store: see `strata du`)");
         }
         removed.push(serde_json::json!({"tag": r.to_string(), "layer": layer.to_string()}));
     }

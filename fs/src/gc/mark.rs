@@ -68,6 +68,9 @@ pub async fn roots(store: &Arc<dyn Store>) -> FsResult<Roots> {
     // Every ref key, not only those `refs::list` understands: one it cannot read names
     // something unknown, which must not then look dead.
     for key in store.list("refs/").await? {
+        if key.ends_with('/') {
+            continue; // a "folder" marker some S3 consoles make
+        }
         let parsed = match key.split('/').collect::<Vec<_>>().as_slice() {
             ["refs", name, tag] => refs::DatasetRef::parse(&format!("{name}:{tag}")).ok(),
             _ => None,
@@ -92,6 +95,9 @@ pub async fn roots(store: &Arc<dyn Store>) -> FsResult<Roots> {
         }
     }
     for key in store.list("volumes/").await? {
+        if key.ends_with('/') {
+            continue;
+        }
         let parts: Vec<&str> = key.split('/').collect();
         let (scope, name, rest) = match parts.as_slice() {
             ["volumes", scope, name, rest @ ..] => (*scope, *name, rest),

@@ -97,8 +97,8 @@ pub struct Usage {
     pub store: String,
     /// Everything the store holds.
     pub total: Tally,
-    /// By kind of object: `packs`, `locators`, `layers`, `refs`, `volumes`, `start records`,
-    /// `other` (what this version does not know; never counted dead).
+    /// By kind of object: `packs`, `locators`, `layers`, `refs`, `tag histories`, `volumes`,
+    /// `start records`, `other` (what this version does not know; never counted dead).
     pub by_kind: BTreeMap<String, Tally>,
     pub owners: Vec<OwnerUsage>,
     pub dead: Dead,
@@ -168,6 +168,7 @@ pub fn account<'a>(
                 None => ("other", true),
             },
             "refs" => ("refs", true),
+            "history" => ("tag histories", true),
             "volumes" => ("volumes", true),
             _ => ("other", true),
         };

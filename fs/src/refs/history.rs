@@ -3,8 +3,10 @@
 //! back, garbage collection keeps) reads it; people read it with `strata ls --history`.
 //!
 //! The ref is the truth and moves first; the history is appended right after, by
-//! compare-and-swap. A writer that dies in between leaves that one move out of the history
-//! (the ref still says where the tag points).
+//! compare-and-swap. A writer that dies in between leaves that move out of the history
+//! (the ref still says where the tag points). Each move names the layer it moved the tag
+//! from, so two writers whose appends land in the other order than their moves still leave
+//! the moves in order.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +30,9 @@ pub struct Move {
     pub at: u64,
     /// What moved it: `publish`, `tag` or `rm`.
     pub by: String,
+    /// The layer it moved the tag from (`None`: the tag was new or removed).
+    #[serde(default)]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +67,18 @@ pub async fn read(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<History> {
     Ok(read_versioned(store, r).await?.0)
 }
 
+/// Where `m` goes in `moves`: after the last move that led to the layer it moved from (a
+/// writer whose append lost a race to a later move's), else at the end.
+fn place(moves: &[Move], m: &Move) -> usize {
+    match moves.last() {
+        Some(last) if last.layer != m.from => moves
+            .iter()
+            .rposition(|x| x.layer == m.from)
+            .map_or(moves.len(), |i| i + 1),
+        _ => moves.len(),
+    }
+}
+
 async fn read_versioned(
     store: &Arc<dyn Store>,
     r: &DatasetRef,
@@ -94,10 +111,11 @@ async fn read_versioned(
     }
 }
 
-/// Appends a move of tag `r` to `layer` (`None`: removed) by `by`, now.
+/// Appends a move of tag `r` from `from` to `layer` (`None`: removed) by `by`, now.
 pub async fn append(
     store: &Arc<dyn Store>,
     r: &DatasetRef,
+    from: Option<&Digest>,
     layer: Option<&Digest>,
     by: &str,
 ) -> FsResult<()> {
@@ -105,14 +123,37 @@ pub async fn append(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let key = key(r);
+    let m = Move {
+        layer: layer.map(|d| d.to_string()),
+        at,
+        by: by.to_string(),
+        from: from.map(|d| d.to_string()),
+    };
     // Writers of one tag append one after another; a lost race is read again and retried.
     for _ in 0..16 {
-        let (mut h, version) = read_versioned(store, r).await?;
-        h.moves.push(Move {
-            layer: layer.map(|d| d.to_string()),
-            at,
-            by: by.to_string(),
-        });
+        let (mut h, version) = match read_versioned(store, r).await {
+            Ok(read) => read,
+            // A history that cannot be read would block every later append: start afresh
+            // (one of a newer version is left alone).
+            Err(FsError::InvalidInput(why)) if !why.contains("not one this strata reads") => {
+                tracing::warn!("{r}: replacing its unreadable history: {why}");
+                let version = store.get_versioned(&key).await?.map(|(_, v)| v);
+                (
+                    History {
+                        version: 1,
+                        moves: Vec::new(),
+                    },
+                    version,
+                )
+            }
+            Err(e) => return Err(e),
+        };
+        // A write whose reply was lost and that the client sent again lands once.
+        if h.moves.iter().rev().take(16).any(|x| *x == m) {
+            return Ok(());
+        }
+        let at = place(&h.moves, &m);
+        h.moves.insert(at, m.clone());
         let excess = h.moves.len().saturating_sub(MAX_MOVES);
         h.moves.drain(..excess);
         let body = crate::record::seal(&serde_json::to_vec(&h).expect("serializable"));
@@ -139,9 +180,9 @@ mod tests {
         let r = DatasetRef::parse("d:v1").unwrap();
         assert!(read(&store, &r).await.unwrap().moves.is_empty());
         let (a, b) = (Digest([1; 32]), Digest([2; 32]));
-        append(&store, &r, Some(&a), "publish").await.unwrap();
-        append(&store, &r, Some(&b), "tag").await.unwrap();
-        append(&store, &r, None, "rm").await.unwrap();
+        append(&store, &r, None, Some(&a), "publish").await.unwrap();
+        append(&store, &r, Some(&a), Some(&b), "tag").await.unwrap();
+        append(&store, &r, Some(&b), None, "rm").await.unwrap();
         let h = read(&store, &r).await.unwrap();
         let by: Vec<_> = h.moves.iter().map(|m| m.by.as_str()).collect();
         assert_eq!(by, ["publish", "tag", "rm"]);
@@ -156,7 +197,8 @@ mod tests {
         );
 
         for i in 0..MAX_MOVES + 5 {
-            append(&store, &r, Some(&Digest([i as u8; 32])), "publish")
+            let (from, to) = (Digest([i as u8; 32]), Digest([(i + 1) as u8; 32]));
+            append(&store, &r, Some(&from), Some(&to), "publish")
                 .await
                 .unwrap();
         }
@@ -164,7 +206,7 @@ mod tests {
         assert_eq!(h.moves.len(), MAX_MOVES);
         assert_eq!(
             h.moves.last().unwrap().layer,
-            Some(Digest([(MAX_MOVES + 4) as u8; 32]).to_string())
+            Some(Digest([(MAX_MOVES + 5) as u8; 32]).to_string())
         );
     }
 
@@ -176,9 +218,9 @@ mod tests {
         let writers: Vec<_> = (0..8u8)
             .map(|i| {
                 let (store, r) = (store.clone(), r.clone());
-                tokio::spawn(
-                    async move { append(&store, &r, Some(&Digest([i; 32])), "publish").await },
-                )
+                tokio::spawn(async move {
+                    append(&store, &r, None, Some(&Digest([i; 32])), "publish").await
+                })
             })
             .collect();
         for w in writers {
@@ -190,5 +232,42 @@ mod tests {
         let mut want: Vec<_> = (0..8u8).map(|i| Digest([i; 32]).to_string()).collect();
         want.sort();
         assert_eq!(layers, want);
+    }
+
+    /// Moves P→X and X→Y whose appends land Y first still read P, X, Y; the same move sent
+    /// twice lands once; a damaged history is replaced rather than blocking every later move.
+    #[tokio::test]
+    async fn late_appends_go_in_move_order_and_damage_is_replaced() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new("history-order"));
+        let r = DatasetRef::parse("d:v1").unwrap();
+        let (p, x, y) = (Digest([1; 32]), Digest([2; 32]), Digest([3; 32]));
+        append(&store, &r, None, Some(&p), "publish").await.unwrap();
+        append(&store, &r, Some(&x), Some(&y), "publish")
+            .await
+            .unwrap();
+        append(&store, &r, Some(&p), Some(&x), "publish")
+            .await
+            .unwrap();
+        let layers: Vec<_> = read(&store, &r)
+            .await
+            .unwrap()
+            .moves
+            .into_iter()
+            .map(|m| m.layer.unwrap())
+            .collect();
+        assert_eq!(layers, [p, x, y].map(|d| d.to_string()));
+        append(&store, &r, Some(&y), None, "rm").await.unwrap();
+        append(&store, &r, Some(&y), None, "rm").await.unwrap();
+        assert_eq!(read(&store, &r).await.unwrap().moves.len(), 4);
+
+        store
+            .put(&key(&r), crate::record::seal(b"{not json"))
+            .await
+            .unwrap();
+        assert!(read(&store, &r).await.is_err());
+        append(&store, &r, None, Some(&p), "publish").await.unwrap();
+        let h = read(&store, &r).await.unwrap();
+        assert_eq!(h.moves.len(), 1);
+        assert_eq!(h.moves[0].layer, Some(p.to_string()));
     }
 }

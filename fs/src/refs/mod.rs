@@ -137,7 +137,13 @@ pub async fn set(
         .await
     {
         Ok(_) => {
-            log_move(store, r, Some(digest), by).await;
+            log_move(store, r, previous.as_ref(), Some(digest), by).await;
+            Ok(previous)
+        }
+        // The client sends a write again when its reply is lost; the first one may have
+        // landed: then the ref holds what this writer put there.
+        Err(e) if e.kind == StoreErrorKind::Conflict && holds(store, &key, Some(digest)).await => {
+            log_move(store, r, previous.as_ref(), Some(digest), by).await;
             Ok(previous)
         }
         Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
@@ -148,9 +154,9 @@ pub async fn set(
     }
 }
 
-/// Removes tag `r` by compare-and-swap (a publish racing it either lands first, and is
-/// removed, or lands after and brings the tag back; never lost half-way). Returns the layer it
-/// pointed at, which stays in the store.
+/// Removes tag `r` by compare-and-swap: a publish racing it lands first (and is removed), or
+/// after (and brings the tag back), or read the ref before the removal (and fails with a
+/// conflict); never lost half-way. Returns the layer it pointed at, which stays in the store.
 pub async fn remove(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> {
     if r.pinned.is_some() {
         return Err(FsError::InvalidInput(format!(
@@ -166,7 +172,11 @@ pub async fn remove(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> 
     let body = crate::record::seal(format!("{REMOVED}\n").as_bytes());
     match store.compare_and_swap(&key, Some(&version), body).await {
         Ok(_) => {
-            log_move(store, r, None, "rm").await;
+            log_move(store, r, Some(&previous), None, "rm").await;
+            Ok(previous)
+        }
+        Err(e) if e.kind == StoreErrorKind::Conflict && holds(store, &key, None).await => {
+            log_move(store, r, Some(&previous), None, "rm").await;
             Ok(previous)
         }
         Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
@@ -176,10 +186,24 @@ pub async fn remove(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> 
     }
 }
 
+/// Whether the ref at `key` now holds `want` (`None`: removed).
+async fn holds(store: &Arc<dyn Store>, key: &str, want: Option<&Digest>) -> bool {
+    match crate::record::get(store, key).await {
+        Ok(data) => parse_ref_object(store.as_ref(), key, &data).ok() == Some(want.copied()),
+        Err(_) => false,
+    }
+}
+
 /// Appends a move that happened to the tag's history. The move stands if that fails (the
 /// ref is the truth): it is only left out of the history, and said so.
-async fn log_move(store: &Arc<dyn Store>, r: &DatasetRef, layer: Option<&Digest>, by: &str) {
-    if let Err(e) = history::append(store, r, layer, by).await {
+async fn log_move(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    from: Option<&Digest>,
+    layer: Option<&Digest>,
+    by: &str,
+) {
+    if let Err(e) = history::append(store, r, from, layer, by).await {
         tracing::warn!("{r} moved, but its history could not be appended to: {e}");
     }
 }
