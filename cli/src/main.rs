@@ -64,8 +64,8 @@ enum Command {
     Ls(cmd::ls::LsArgs),
     /// Point tag TARGET (NAME:TAG) at the layer SOURCE names (NAME:TAG or NAME@blake3:…).
     Tag(cmd::tag::TagArgs),
-    /// Remove a tag (NAME:TAG) or every tag of a dataset (NAME); the layers stay until
-    /// garbage collection.
+    /// Remove a tag (NAME:TAG), or with --all every tag of a dataset NAME; the layers stay in
+    /// the store (see `strata du`).
     Rm(cmd::tag::RmArgs),
     /// Show a layer: summary, chunk statistics and its tree.
     Inspect(cmd::inspect::InspectArgs),

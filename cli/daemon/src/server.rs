@@ -70,10 +70,9 @@ pub struct Daemon {
     _cache_lock: CacheDirLock,
     cache: Arc<ChunkCache>,
     /// Stores are opened once per (URL, endpoint) and shared by the mounts that use them,
-    /// each counting the requests sent to it (see [`StatsReply::store_requests`]).
-    stores: tokio::sync::Mutex<HashMap<StoreKey, Arc<CountingStore>>>,
-    /// The same counting stores, for [`Daemon::stats`], which cannot wait for `stores`.
-    store_counts: Mutex<Vec<Arc<CountingStore>>>,
+    /// each counting the requests sent to it (see [`StatsReply::store_requests`]). A std
+    /// mutex, never held across an await: opening a store happens without it.
+    stores: Mutex<HashMap<StoreKey, Arc<CountingStore>>>,
     mounts: Arc<Mutex<HashMap<PathBuf, Mounted>>>,
     /// Mountpoints with a mount request being served, so two requests cannot race for one.
     pending: Mutex<HashSet<PathBuf>>,
@@ -123,7 +122,6 @@ impl Daemon {
             _cache_lock: cache_lock,
             cache,
             stores: Default::default(),
-            store_counts: Default::default(),
             mounts: Default::default(),
             pending: Default::default(),
             shared: Default::default(),
@@ -393,7 +391,12 @@ impl Daemon {
 
     async fn store(&self, url: &str, endpoint_url: Option<String>) -> DaemonResult<Arc<dyn Store>> {
         let key = (url.to_string(), endpoint_url.clone());
-        if let Some(s) = self.stores.lock().await.get(&key) {
+        let stores = || {
+            self.stores
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(s) = stores().get(&key) {
             return Ok(Arc::clone(s) as Arc<dyn Store>);
         }
         // Opened without the lock held (it may wait on the network); if another request
@@ -405,16 +408,12 @@ impl Daemon {
         let store = strata_store::open_store(url, &options)
             .await
             .with_context(|| format!("opening store {url}"))?;
-        let mut stores = self.stores.lock().await;
-        let counted = stores.entry(key).or_insert_with(|| {
-            let counted = Arc::new(CountingStore::new(store));
-            self.store_counts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(counted.clone());
-            counted
-        });
-        Ok(Arc::clone(counted) as Arc<dyn Store>)
+        let counted = Arc::clone(
+            stores()
+                .entry(key)
+                .or_insert_with(|| Arc::new(CountingStore::new(store))),
+        );
+        Ok(counted as Arc<dyn Store>)
     }
 
     /// Mounts what `spec` says. (`unmount_with_client` needs a client on the socket: here
@@ -1045,10 +1044,10 @@ impl Daemon {
             })
             .collect();
         let store_requests = self
-            .store_counts
+            .stores
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
+            .values()
             .map(|s| s.snapshot())
             .fold(StoreCounts::default(), |a, b| a.plus(&b));
         StatsReply {
