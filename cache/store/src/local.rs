@@ -326,13 +326,9 @@ impl Store for LocalStore {
     }
 
     async fn list_info(&self, prefix: &str) -> StoreResult<Vec<crate::ObjectInfo>> {
+        let keys = self.list(prefix).await?;
         let this = self.clone_handle();
-        let prefix = prefix.to_string();
         blocking(move || {
-            let mut keys = Vec::new();
-            list_recursive(&this.root, "", &prefix, &mut keys)
-                .map_err(|e| this.error("list", &prefix, e))?;
-            keys.sort();
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
                 match fs::metadata(this.path(&key)) {

@@ -146,6 +146,31 @@ impl S3Store {
         Ok(body.into_bytes())
     }
 
+    /// Calls `each` with every object under `prefix` (its key in this store, and the listing's
+    /// entry), page by page.
+    async fn each_listed(
+        &self,
+        prefix: &str,
+        mut each: impl FnMut(&str, &aws_sdk_s3::types::Object) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(prefix))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("list", prefix, e))?;
+            for obj in page.contents() {
+                if let Some(key) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
+                    each(key, obj)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Probes once whether the server enforces `If-None-Match: *`: write a fresh key twice
     /// with the condition; an honest server refuses the second write.
     async fn honors_conditions(&self) -> StoreResult<bool> {
@@ -372,63 +397,42 @@ impl Store for S3Store {
 
     async fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
         let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(self.full_key(prefix))
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.error("list", prefix, e))?;
-            for obj in page.contents() {
-                if let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
-                    out.push(k.to_string());
-                }
-            }
-        }
+        self.each_listed(prefix, |key, _| {
+            out.push(key.to_string());
+            Ok(())
+        })
+        .await?;
         out.sort();
         Ok(out)
     }
 
     async fn list_info(&self, prefix: &str) -> StoreResult<Vec<crate::ObjectInfo>> {
         let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(self.full_key(prefix))
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.error("list", prefix, e))?;
-            for obj in page.contents() {
-                let Some(key) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
-                    continue;
-                };
-                // A listing without a size or time is the server's fault; say so rather than
-                // guess (a guessed time could make garbage collection sweep a fresh object).
-                let missing = |what| {
-                    StoreError::new(
-                        &self.url,
-                        "list",
-                        key,
-                        StoreErrorKind::Io,
-                        format!("the listing gave no {what}"),
-                    )
-                };
-                let size = obj.size().ok_or_else(|| missing("size"))?;
-                let modified = obj
-                    .last_modified()
-                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
-                    .ok_or_else(|| missing("time"))?;
-                out.push(crate::ObjectInfo {
-                    key: key.to_string(),
-                    size: u64::try_from(size).map_err(|_| missing("valid size"))?,
-                    modified,
-                });
-            }
-        }
+        self.each_listed(prefix, |key, obj| {
+            // A listing without a size or time is the server's fault; say so rather than
+            // guess (a guessed time could make garbage collection sweep a fresh object).
+            let missing = |what| {
+                StoreError::new(
+                    &self.url,
+                    "list",
+                    key,
+                    StoreErrorKind::Io,
+                    format!("the listing gave no {what}"),
+                )
+            };
+            let size = obj.size().ok_or_else(|| missing("size"))?;
+            let modified = obj
+                .last_modified()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                .ok_or_else(|| missing("time"))?;
+            out.push(crate::ObjectInfo {
+                key: key.to_string(),
+                size: u64::try_from(size).map_err(|_| missing("valid size"))?,
+                modified,
+            });
+            Ok(())
+        })
+        .await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
