@@ -64,7 +64,54 @@ pub fn key(r: &DatasetRef) -> String {
 
 /// The history of tag `r` (empty if it never moved since histories were kept).
 pub async fn read(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<History> {
-    Ok(read_versioned(store, r).await?.0)
+    match load(store, r).await? {
+        Stored::Read(h, _) => Ok(h),
+        Stored::Damaged(why, _) => Err(FsError::InvalidInput(why)),
+    }
+}
+
+/// A history as stored: readable (a missing one is empty), or damaged (with the version to
+/// replace it at).
+enum Stored {
+    Read(History, Option<strata_store::Version>),
+    Damaged(String, Option<strata_store::Version>),
+}
+
+/// Loads the history of `r`. One written by a newer strata is an error: it is neither read
+/// nor replaced.
+async fn load(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Stored> {
+    let key = key(r);
+    let (data, version) = match crate::record::get_versioned(store, &key).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            let empty = History {
+                version: 1,
+                moves: Vec::new(),
+            };
+            return Ok(Stored::Read(empty, None));
+        }
+        // The envelope arrived damaged every time: the object itself is.
+        Err(FsError::InvalidInput(why)) => {
+            let version = store.get_versioned(&key).await?.map(|(_, v)| v);
+            return Ok(Stored::Damaged(why, version));
+        }
+        Err(e) => return Err(e),
+    };
+    match serde_json::from_slice::<History>(&data) {
+        Ok(h) if h.version == 1 => Ok(Stored::Read(h, Some(version))),
+        Ok(h) => Err(FsError::InvalidInput(format!(
+            "{}: tag {r}: history version {} is not one this strata reads",
+            store.url(),
+            h.version
+        ))),
+        Err(e) => Ok(Stored::Damaged(
+            format!(
+                "{}: tag {r} has an unreadable history {key:?}: {e}",
+                store.url()
+            ),
+            Some(version),
+        )),
+    }
 }
 
 /// Where `m` goes in `moves`: after the last move that led to the layer it moved from (a
@@ -76,38 +123,6 @@ fn place(moves: &[Move], m: &Move) -> usize {
             .rposition(|x| x.layer == m.from)
             .map_or(moves.len(), |i| i + 1),
         _ => moves.len(),
-    }
-}
-
-async fn read_versioned(
-    store: &Arc<dyn Store>,
-    r: &DatasetRef,
-) -> FsResult<(History, Option<strata_store::Version>)> {
-    let key = key(r);
-    match crate::record::get_versioned(store, &key).await? {
-        None => Ok((
-            History {
-                version: 1,
-                moves: Vec::new(),
-            },
-            None,
-        )),
-        Some((data, version)) => {
-            let h: History = serde_json::from_slice(&data).map_err(|e| {
-                FsError::InvalidInput(format!(
-                    "{}: tag {r} has an unreadable history {key:?}: {e}",
-                    store.url()
-                ))
-            })?;
-            if h.version != 1 {
-                return Err(FsError::InvalidInput(format!(
-                    "{}: tag {r}: history version {} is not one this strata reads",
-                    store.url(),
-                    h.version
-                )));
-            }
-            Ok((h, Some(version)))
-        }
     }
 }
 
@@ -131,22 +146,17 @@ pub async fn append(
     };
     // Writers of one tag append one after another; a lost race is read again and retried.
     for _ in 0..16 {
-        let (mut h, version) = match read_versioned(store, r).await {
-            Ok(read) => read,
-            // A history that cannot be read would block every later append: start afresh
-            // (one of a newer version is left alone).
-            Err(FsError::InvalidInput(why)) if !why.contains("not one this strata reads") => {
+        let (mut h, version) = match load(store, r).await? {
+            Stored::Read(h, version) => (h, version),
+            // A damaged history would block every later append: start afresh.
+            Stored::Damaged(why, version) => {
                 tracing::warn!("{r}: replacing its unreadable history: {why}");
-                let version = store.get_versioned(&key).await?.map(|(_, v)| v);
-                (
-                    History {
-                        version: 1,
-                        moves: Vec::new(),
-                    },
-                    version,
-                )
+                let empty = History {
+                    version: 1,
+                    moves: Vec::new(),
+                };
+                (empty, version)
             }
-            Err(e) => return Err(e),
         };
         // A write whose reply was lost and that the client sent again lands once.
         if h.moves.iter().rev().take(16).any(|x| *x == m) {
@@ -269,5 +279,12 @@ mod tests {
         let h = read(&store, &r).await.unwrap();
         assert_eq!(h.moves.len(), 1);
         assert_eq!(h.moves[0].layer, Some(p.to_string()));
+
+        // One a newer strata wrote is neither read nor replaced.
+        let newer = crate::record::seal(br#"{"version": 2, "moves": []}"#);
+        store.put(&key(&r), newer.clone()).await.unwrap();
+        assert!(read(&store, &r).await.is_err());
+        assert!(append(&store, &r, Some(&p), None, "rm").await.is_err());
+        assert_eq!(store.get(&key(&r)).await.unwrap(), newer);
     }
 }
