@@ -36,7 +36,8 @@ fn text(b: &[u8]) -> String {
 
 /// Nothing of any run is left: no mounts, no scratch, no run dirs, no sandbox processes.
 fn assert_nothing_left(d: &Daemon) {
-    assert_eq!(d.strata().ok(&["mounts"]).trim(), "no mounts");
+    let mounts = d.strata().ok(&["mounts"]);
+    assert_eq!(mounts.trim(), "no mounts", "daemon log:\n{}", d.log_text());
     assert!(d.scratch_dirs().is_empty(), "{:?}", d.scratch_dirs());
     let runs = d.dir.join("runs");
     let left: Vec<_> = fs::read_dir(&runs)
@@ -453,6 +454,7 @@ fn a_run_killed_outright_leaves_nothing_behind() {
     }
     let out = run(&d, &store, &["--volume", "fn/killed"], "cat /persist/note");
     assert_eq!(text(&out.stdout), "kept\n", "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", text(&out.stderr));
     // The next run swept the killed one's run dir.
     assert_nothing_left(&d);
     drop(d);

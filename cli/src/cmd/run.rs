@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -15,7 +16,7 @@ use rustix::process::{Pid, Signal};
 
 use crate::units::parse_size;
 use crate::GlobalArgs;
-use strata_daemon::{Client, MountSpec};
+use strata_daemon::{Client, ClientError, ErrorKind, MountInfo, MountSpec};
 use strata_sandbox::{SandboxSpec, HELPER_ARG};
 
 const DEFAULT_DATA: &str = "/data";
@@ -24,7 +25,9 @@ const DEFAULT_PERSIST: &str = "/persist";
 /// else is (no AWS_*, no STRATA_*, no tokens).
 const PASSED_ENV: &[&str] = &["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM", "TZ"];
 /// How long a signalled command has to exit before the sandbox is killed.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a mount that is busy after its sandbox ended is asked again before it is detached.
+const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(3);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Args)]
@@ -249,7 +252,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
     // Teardown, whatever happened: scratch removed, volume committed, mounts gone.
     let mut teardown = Ok(());
     for mp in mounted.iter().rev() {
-        match Client::new(&socket).unmount(mp, false).await {
+        match unmount_after_run(&socket, mp).await {
             // CMD's status stands; the volume's trouble is said, and its changes are kept.
             Ok(info) => {
                 if let Some(problem) = info.commit_error {
@@ -266,6 +269,28 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
     let code = result?;
     teardown?;
     Ok(code)
+}
+
+/// Unmounts one of the run's mounts once its sandbox is gone. Nothing of the run can hold
+/// the mount any more, so a busy mountpoint is a passing holder on the host (a process
+/// walking the tree, another sandbox still being set up): it is asked again for a while,
+/// then detached, and the daemon ends the session (and commits a volume) once the holder
+/// lets go.
+async fn unmount_after_run(socket: &Path, mp: &Path) -> Result<MountInfo, ClientError> {
+    let client = Client::new(socket);
+    let deadline = tokio::time::Instant::now() + UNMOUNT_BUSY_WAIT;
+    loop {
+        match client.unmount(mp, false).await {
+            Err(e) if e.kind() == ErrorKind::Busy => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!("{} stays busy ({e}); detaching it", mp.display());
+                    return client.unmount(mp, true).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Removes what runs killed outright left of their run dirs (the daemon unmounted their
@@ -290,7 +315,7 @@ fn sweep_run_dirs(socket: &Path) {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+            .is_some_and(|age| age > Duration::from_secs(60));
         if old && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
             remove_run_dir(&e.path());
         }

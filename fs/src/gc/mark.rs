@@ -1,12 +1,15 @@
 //! Marking: from the roots in a store to every layer, pack region and chunk they keep alive.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use strata_cache_format::Digest;
 use strata_store::Store;
 
+use super::lease;
+use super::retention::{self, Policy};
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
 use crate::refs;
@@ -19,6 +22,10 @@ use crate::volume::{Commit, ConflictRecord, KeptRecord, VolumeHead};
 pub enum Owner {
     Dataset(String),
     Volume(String),
+    /// A daemon's mount lease (`<host>-<daemon id>`).
+    Mount(String),
+    /// Written within the grace period (a layer no root names yet).
+    Recent,
 }
 
 impl std::fmt::Display for Owner {
@@ -26,6 +33,8 @@ impl std::fmt::Display for Owner {
         match self {
             Owner::Dataset(n) => write!(f, "dataset {n}"),
             Owner::Volume(v) => write!(f, "volume {v}"),
+            Owner::Mount(m) => write!(f, "mounts of daemon {m}"),
+            Owner::Recent => write!(f, "the grace period"),
         }
     }
 }
@@ -62,38 +71,145 @@ impl Roots {
     }
 }
 
-/// Reads every root of `store`.
-pub async fn roots(store: &Arc<dyn Store>) -> FsResult<Roots> {
-    let mut roots = Roots::default();
-    // Every ref key, not only those `refs::list` understands: one it cannot read names
-    // something unknown, which must not then look dead.
-    for key in store.list("refs/").await? {
-        if key.ends_with('/') {
-            continue; // a "folder" marker some S3 consoles make
-        }
-        let parsed = match key.split('/').collect::<Vec<_>>().as_slice() {
-            ["refs", name, tag] => refs::DatasetRef::parse(&format!("{name}:{tag}")).ok(),
-            _ => None,
-        };
-        let Some(r) = parsed else {
-            roots
-                .unreadable
-                .push(format!("{key}: not a ref this strata version knows"));
-            continue;
-        };
-        match refs::resolve(store, &r).await {
-            Ok(digest) => {
-                roots
-                    .layers
-                    .entry(digest)
-                    .or_default()
-                    .insert(Owner::Dataset(r.name));
-            }
-            Err(FsError::NotFound(_)) => {} // removed, or deleted while listing
-            Err(FsError::Store(e)) => return Err(e.into()),
-            Err(e) => roots.unreadable.push(format!("{key}: {e}")),
+/// What counts as a root besides refs, heads and records: the retention of tags' earlier
+/// layers, daemons' mount leases, and the grace period.
+#[derive(Clone, Debug)]
+pub struct RootOptions {
+    /// The store's clock now.
+    pub now: SystemTime,
+    /// Layers a tag stopped pointing at within this long stay roots, whatever the policy (a
+    /// mount that resolved the tag just before it moved has yet to write its lease).
+    pub grace: Duration,
+    /// The policy of datasets that have none of their own (`None`: keep every layer).
+    pub default_policy: Option<Policy>,
+    /// A mount lease not rewritten for this long keeps nothing alive.
+    pub mount_stale: Duration,
+}
+
+impl Default for RootOptions {
+    fn default() -> Self {
+        RootOptions {
+            now: SystemTime::now(),
+            grace: DEFAULT_GRACE,
+            default_policy: None,
+            mount_stale: lease::Timings::default().mount_stale,
         }
     }
+}
+
+/// Objects written within this long are never swept.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(60 * 60);
+
+/// Reads every root of `store`.
+pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Roots> {
+    let mut roots = Roots::default();
+    let now_secs = lease::epoch_secs(options.now);
+    // Every ref key, not only those `refs::list` understands: one it cannot read names
+    // something unknown, which must not then look dead. Tags with a history but no ref (a
+    // ref deleted by hand) keep what their retention says too.
+    let mut tags: BTreeMap<(String, String), Option<SystemTime>> = BTreeMap::new();
+    for o in store.list_info("refs/").await? {
+        if o.key.ends_with('/') {
+            continue; // a "folder" marker some S3 consoles make
+        }
+        match o.key.split('/').collect::<Vec<_>>().as_slice() {
+            ["refs", name, tag] if refs::DatasetRef::parse(&format!("{name}:{tag}")).is_ok() => {
+                tags.insert((name.to_string(), tag.to_string()), Some(o.modified));
+            }
+            _ => roots
+                .unreadable
+                .push(format!("{}: not a ref this strata version knows", o.key)),
+        }
+    }
+    for key in store.list("history/").await? {
+        if let ["history", name, tag] = key.split('/').collect::<Vec<_>>().as_slice() {
+            if refs::DatasetRef::parse(&format!("{name}:{tag}")).is_ok() {
+                tags.entry((name.to_string(), tag.to_string()))
+                    .or_insert(None);
+            }
+        }
+    }
+    let mut policies: HashMap<String, Option<Policy>> = HashMap::new();
+    for ((name, tag), ref_modified) in tags {
+        let r = refs::DatasetRef::parse(&format!("{name}:{tag}"))?;
+        let owner = Owner::Dataset(name.clone());
+        let key = r.key();
+        let current = match ref_modified {
+            None => None,
+            Some(_) => match refs::resolve(store, &r).await {
+                Ok(digest) => {
+                    roots
+                        .layers
+                        .entry(digest)
+                        .or_default()
+                        .insert(owner.clone());
+                    Some(digest)
+                }
+                Err(FsError::NotFound(_)) => None, // removed, or deleted while listing
+                Err(FsError::Store(e)) => return Err(e.into()),
+                Err(e) => {
+                    roots.unreadable.push(format!("{key}: {e}"));
+                    continue;
+                }
+            },
+        };
+        let policy = match policies.get(&name) {
+            Some(p) => *p,
+            None => {
+                let p = match retention::read(store, &name).await {
+                    Ok(p) => p.or(options.default_policy),
+                    Err(FsError::Store(e)) => return Err(e.into()),
+                    Err(e) => {
+                        roots.unreadable.push(e.to_string());
+                        None
+                    }
+                };
+                policies.insert(name.clone(), p);
+                p
+            }
+        };
+        let history = match refs::history::read(store, &r).await {
+            Ok(h) => h,
+            Err(FsError::Store(e)) => return Err(e.into()),
+            Err(e) => {
+                roots
+                    .unreadable
+                    .push(format!("{}: {e}", refs::history::key(&r)));
+                continue;
+            }
+        };
+        // A ref that moved within the grace period with no record of the move: the layer it
+        // pointed at before is unknown, and a mount may have just resolved it.
+        let recent = ref_modified.is_some_and(|m| {
+            options
+                .now
+                .duration_since(m)
+                .map_or(true, |age| age <= options.grace)
+        });
+        let last = history.moves.last().map(|m| m.layer.clone());
+        if recent && last != Some(current.map(|d| d.to_string())) {
+            roots.unreadable.push(format!(
+                "{key} moved within the grace period and its history lacks that move: the \
+                 layer it pointed at before is unknown"
+            ));
+        }
+        // The layers it pointed at before, most recent first (moves are in order); one it
+        // came back to counts once, at its latest. A history whose ref was deleted by hand
+        // still points at its last layer: that ended at the latest now.
+        let mut earlier = history.spans();
+        earlier.retain(|(layer, ..)| Some(*layer) != current);
+        earlier.reverse();
+        let mut seen = HashSet::new();
+        earlier.retain(|(layer, ..)| seen.insert(*layer));
+        for (rank, (layer, _, ended)) in earlier.into_iter().enumerate() {
+            let ended = ended.unwrap_or(now_secs);
+            let in_grace = ended.saturating_add(options.grace.as_secs()) > now_secs;
+            if in_grace || policy.is_none_or(|p| p.keeps(rank, ended, now_secs)) {
+                roots.layers.entry(layer).or_default().insert(owner.clone());
+            }
+        }
+    }
+    mount_leases(store, options, &mut roots).await?;
     for key in store.list("volumes/").await? {
         if key.ends_with('/') {
             continue;
@@ -141,10 +257,67 @@ pub async fn roots(store: &Arc<dyn Store>) -> FsResult<Roots> {
     Ok(roots)
 }
 
+/// Adds the layers of daemons' live mount leases to `roots`.
+pub async fn mount_leases(
+    store: &Arc<dyn Store>,
+    options: &RootOptions,
+    roots: &mut Roots,
+) -> FsResult<()> {
+    for o in store.list_info(lease::MOUNTS).await? {
+        let live = options
+            .now
+            .duration_since(o.modified)
+            .map_or(true, |age| age <= options.mount_stale);
+        if !live {
+            continue;
+        }
+        let owner = Owner::Mount(o.key.trim_start_matches(lease::MOUNTS).to_string());
+        let lease = match crate::record::get(store, &o.key).await {
+            Ok(body) => serde_json::from_slice::<lease::MountLease>(&body)
+                .map_err(|e| format!("{}: unreadable: {e}", o.key)),
+            Err(FsError::Store(e)) if e.is_not_found() => continue, // released meanwhile
+            Err(FsError::Store(e)) => return Err(e.into()),
+            Err(e) => Err(format!("{}: {e}", o.key)),
+        };
+        match lease {
+            Ok(l) if l.version == 1 => l.layers.iter().for_each(|d| roots.add(d, &owner, &o.key)),
+            Ok(l) => roots.unreadable.push(format!(
+                "{}: mount lease version {} is not one this strata reads",
+                o.key, l.version
+            )),
+            Err(why) => roots.unreadable.push(why),
+        }
+    }
+    Ok(())
+}
+
+/// Adds the layers whose manifests were written within the grace period: a publish or commit
+/// may be about to point a root at them.
+pub async fn recent_layers(
+    store: &Arc<dyn Store>,
+    options: &RootOptions,
+    roots: &mut Roots,
+) -> FsResult<()> {
+    for o in store.list_info("layers/").await? {
+        let recent = options
+            .now
+            .duration_since(o.modified)
+            .map_or(true, |age| age <= options.grace);
+        if recent {
+            if let Some(d) = o.key.rsplit('/').next() {
+                roots.add(d, &Owner::Recent, &o.key);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A chunk some live layer uses.
 #[derive(Debug, Clone)]
 pub struct LiveChunk {
     pub stored_len: u32,
+    /// Where a live layer has it (the first one marked).
+    pub location: strata_cache_format::ChunkLoc,
     pub owners: BTreeSet<Owner>,
 }
 
@@ -206,6 +379,7 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
             let c = m.chunk(i);
             let live = marked.chunks.entry(c.digest).or_insert_with(|| LiveChunk {
                 stored_len: c.stored_len,
+                location: c.location(),
                 owners: BTreeSet::new(),
             });
             live.owners.extend(owners.iter().cloned());

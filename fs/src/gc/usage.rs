@@ -110,7 +110,7 @@ pub struct Usage {
 
 /// Lists `store`, marks what its roots keep alive and adds it up.
 pub async fn usage(store: &Arc<dyn Store>, prices: Prices) -> FsResult<Usage> {
-    let roots = mark::roots(store).await?;
+    let roots = mark::roots(store, &mark::RootOptions::default()).await?;
     let marked = mark::mark(store, roots).await?;
     let objects = store.list_info("").await?;
     Ok(account(
@@ -343,6 +343,7 @@ mod tests {
         // b's ref goes: its manifest, start record, the locators of its own chunks and the
         // packs only it used are dead; a now has all its bytes to itself.
         store.delete("refs/b/v1").await.unwrap();
+        store.delete("history/b/v1").await.unwrap();
         let u = usage(&store, Prices::default()).await.unwrap();
         assert_eq!(u.owners.len(), 1);
         let x = owner(&u, &da);
@@ -407,6 +408,7 @@ mod tests {
             .await
             .unwrap();
         store.delete("refs/a/v1").await.unwrap();
+        store.delete("history/a/v1").await.unwrap();
         store
             .delete("volumes/team/work/conflicts/c1")
             .await

@@ -1,0 +1,583 @@
+//! `strata gc`: deletes what no root keeps alive, beside publishes and commits that run at the
+//! same time (the protocol is `docs/FORMAT.md` §9).
+//!
+//! 1. Take `gc/lock`; wait until no writer lease is live.
+//! 2. Mark from every root ([`super::mark`]), with what was written within the grace period.
+//! 3. Plan from one listing of the store; read the mount leases again and mark anew if a
+//!    daemon started reading a layer meanwhile.
+//! 4. Delete in an order that never leaves a dangling name: start records, manifests,
+//!    locators (a live chunk's locator that names a pack about to go is pointed at a live
+//!    copy first), then packs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde::Serialize;
+use strata_cache_format::{Digest, Locator};
+use strata_store::{ObjectInfo, Store};
+
+use super::lease::{self, GcLock, Timings};
+use super::mark::{self, Marked, RootOptions, Roots};
+use super::retention::Policy;
+use super::usage::Tally;
+use crate::error::{FsError, FsResult};
+
+/// Deletes in flight at once.
+const DELETES: usize = 32;
+/// Locators are written after their packs, by clocks that may disagree a little: those
+/// written up to this long before the oldest pack to go are checked too.
+const CLOCK_SLACK: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Objects written within this long are never deleted.
+    pub grace: Duration,
+    /// Only report what would be deleted (takes no lock, waits for no one).
+    pub dry_run: bool,
+    /// The retention of datasets without a policy of their own (`None`: keep every layer).
+    pub default_policy: Option<Policy>,
+    pub timings: Timings,
+    /// How long to wait for running writers before giving up.
+    pub writer_wait: Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            grace: mark::DEFAULT_GRACE,
+            dry_run: false,
+            default_policy: None,
+            timings: Timings::default(),
+            writer_wait: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// What a collection did (or, dry, would do).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GcReport {
+    pub store: String,
+    pub dry_run: bool,
+    /// Everything the store held when it was listed.
+    pub before: Tally,
+    /// Deleted (or to delete), by kind: `start records`, `layers`, `locators`, `packs`,
+    /// `leases`.
+    pub deleted: BTreeMap<String, Tally>,
+    /// What is left: `before` less what was deleted.
+    pub after: Tally,
+    /// Dead objects kept because they were written within the grace period.
+    pub kept_recent: Tally,
+    /// Live chunks' locators read because they might name a pack to delete, and how many of
+    /// those were pointed at a live copy.
+    pub locators_checked: u64,
+    pub locators_rewritten: u64,
+    /// Live layers.
+    pub live_layers: u64,
+    /// Roots or live layers that could not be read: while there are any, nothing is deleted.
+    pub problems: Vec<String>,
+    /// Time spent waiting for writers, and in all.
+    pub waited_secs: f64,
+    pub secs: f64,
+}
+
+impl GcReport {
+    pub fn freed(&self) -> u64 {
+        self.deleted.values().map(|t| t.bytes).sum()
+    }
+}
+
+/// What to delete, from one listing.
+#[derive(Debug, Default)]
+struct Plan {
+    start_records: Vec<ObjectInfo>,
+    layers: Vec<ObjectInfo>,
+    locators: Vec<ObjectInfo>,
+    packs: Vec<ObjectInfo>,
+    leases: Vec<ObjectInfo>,
+    /// Live chunks' locators that may name a pack in `packs`.
+    check: Vec<(String, Digest)>,
+    recent: Tally,
+}
+
+/// The digest at the end of a content-named key (`packs/ab/<hex>`, `layers/<hex>`...).
+fn named(key: &str) -> Option<Digest> {
+    Digest::parse(key.rsplit('/').next()?).ok()
+}
+
+fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOptions) -> Plan {
+    let older =
+        |o: &ObjectInfo, ttl: Duration| now.duration_since(o.modified).is_ok_and(|a| a > ttl);
+    let mut plan = Plan::default();
+    let mut live_locators = Vec::new();
+    for o in objects {
+        let dead = match (o.key.split('/').next().unwrap_or_default(), named(&o.key)) {
+            ("packs", Some(d)) => (!marked.packs.contains_key(&d)).then_some(&mut plan.packs),
+            ("layers", Some(d)) => (!marked.layers.contains_key(&d)).then_some(&mut plan.layers),
+            ("prefetch", Some(d)) => {
+                (!marked.layers.contains_key(&d)).then_some(&mut plan.start_records)
+            }
+            ("chunks", Some(d)) if marked.chunks.contains_key(&d) => {
+                live_locators.push((o, d));
+                None
+            }
+            ("chunks", Some(_)) => Some(&mut plan.locators),
+            ("leases", _) => {
+                let ttl = if o.key.starts_with(lease::WRITERS) {
+                    options.timings.writer_stale
+                } else {
+                    options.timings.mount_stale
+                };
+                if older(o, ttl.max(options.grace)) {
+                    plan.leases.push(o.clone());
+                }
+                None
+            }
+            _ => None, // refs, histories, policies, volumes, the lock, unknown objects
+        };
+        if let Some(list) = dead {
+            if older(o, options.grace) {
+                list.push(o.clone());
+            } else {
+                plan.recent.objects += 1;
+                plan.recent.bytes = plan.recent.bytes.saturating_add(o.size);
+            }
+        }
+    }
+    if let Some(oldest) = plan.packs.iter().map(|o| o.modified).min() {
+        let since = oldest.checked_sub(CLOCK_SLACK).unwrap_or(oldest);
+        plan.check = live_locators
+            .into_iter()
+            .filter(|(o, _)| o.modified >= since)
+            .map(|(o, d)| (o.key.clone(), d))
+            .collect();
+    }
+    plan
+}
+
+fn tally<'a>(objects: impl Iterator<Item = &'a ObjectInfo>) -> Tally {
+    let mut t = Tally::default();
+    for o in objects {
+        t.objects += 1;
+        t.bytes = t.bytes.saturating_add(o.size);
+    }
+    t
+}
+
+/// Marks from every root: refs with their retention, heads, records, mount leases, and the
+/// layers written within the grace period.
+async fn mark_all(store: &Arc<dyn Store>, roots: &RootOptions) -> FsResult<Marked> {
+    let mut found = mark::roots(store, roots).await?;
+    mark::recent_layers(store, roots, &mut found).await?;
+    mark::mark(store, found).await
+}
+
+/// Collects the garbage of `store` (see the module documentation).
+pub async fn collect(store: &Arc<dyn Store>, options: &GcOptions) -> FsResult<GcReport> {
+    let started = Instant::now();
+    let mut report = GcReport {
+        store: store.url().to_string(),
+        dry_run: options.dry_run,
+        ..GcReport::default()
+    };
+    let lock = match options.dry_run {
+        true => None,
+        false => Some(GcLock::take(store, options.timings).await?),
+    };
+    let result = collect_locked(store, options, lock.as_ref(), &mut report).await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+    report.secs = started.elapsed().as_secs_f64();
+    result.map(|()| report)
+}
+
+async fn collect_locked(
+    store: &Arc<dyn Store>,
+    options: &GcOptions,
+    lock: Option<&GcLock>,
+    report: &mut GcReport,
+) -> FsResult<()> {
+    if let Some(lock) = lock {
+        let waiting = Instant::now();
+        wait_for_writers(store, lock, options).await?;
+        report.waited_secs = waiting.elapsed().as_secs_f64();
+    }
+    let now = match lock {
+        Some(l) => l.store_now().await?,
+        None => SystemTime::now(),
+    };
+    let roots = RootOptions {
+        now,
+        grace: options.grace,
+        default_policy: options.default_policy,
+        mount_stale: options.timings.mount_stale,
+    };
+    let mut marked = mark_all(store, &roots).await?;
+    let mut objects = store.list_info("").await?;
+    objects.retain(|o| o.key != lease::LOCK_KEY); // the collector's own, gone when it ends
+    report.before = tally(objects.iter());
+    // A daemon that began reading a layer after the marking names it in its lease; mark
+    // anew with it (the second time round nothing new is likely).
+    for _ in 0..3 {
+        if !marked.is_complete() || options.dry_run {
+            break;
+        }
+        let mut leased = Roots::default();
+        mark::mount_leases(store, &roots, &mut leased).await?;
+        let new = leased.layers.keys().any(|d| !marked.layers.contains_key(d));
+        if !new && leased.unreadable.is_empty() {
+            break;
+        }
+        marked = mark_all(store, &roots).await?;
+    }
+    report.live_layers = marked.layers.len() as u64;
+    report.problems = marked.unreadable.clone();
+    report.problems.extend(marked.broken_layers.iter().cloned());
+    let plan = plan(&objects, &marked, now, options);
+    report.kept_recent = plan.recent;
+    for (kind, list) in [
+        ("start records", &plan.start_records),
+        ("layers", &plan.layers),
+        ("locators", &plan.locators),
+        ("packs", &plan.packs),
+        ("leases", &plan.leases),
+    ] {
+        if !list.is_empty() {
+            report.deleted.insert(kind.to_string(), tally(list.iter()));
+        }
+    }
+    if !report.problems.is_empty() {
+        // What looks dead may not be: delete nothing.
+        report.deleted.clear();
+        report.after = report.before;
+        return Ok(());
+    }
+    let freed = report.freed();
+    report.after = Tally {
+        objects: report.before.objects - report.deleted.values().map(|t| t.objects).sum::<u64>(),
+        bytes: report.before.bytes.saturating_sub(freed),
+    };
+    if options.dry_run {
+        report.locators_checked = plan.check.len() as u64;
+        return Ok(());
+    }
+    let Some(lock) = lock else {
+        return Ok(()); // only a dry run goes without the lock
+    };
+    delete_all(store, lock, &plan.start_records).await?;
+    delete_all(store, lock, &plan.layers).await?;
+    let dead_packs: HashSet<Digest> = plan.packs.iter().filter_map(|o| named(&o.key)).collect();
+    let (checked, rewritten) =
+        repoint_locators(store, lock, &plan.check, &marked, &dead_packs).await?;
+    report.locators_checked = checked;
+    report.locators_rewritten = rewritten;
+    delete_all(store, lock, &plan.locators).await?;
+    delete_all(store, lock, &plan.packs).await?;
+    delete_all(store, lock, &plan.leases).await?;
+    Ok(())
+}
+
+/// Waits until no writer lease is live (writers that began before the lock finish; those
+/// that come after see the lock and wait).
+async fn wait_for_writers(
+    store: &Arc<dyn Store>,
+    lock: &GcLock,
+    options: &GcOptions,
+) -> FsResult<()> {
+    let deadline = Instant::now() + options.writer_wait;
+    let mut pause = Duration::from_millis(100);
+    let mut said = false;
+    loop {
+        lock.ensure_held()?;
+        let now = lock.store_now().await?;
+        let live = lease::live_writers(store, now, options.timings).await?;
+        let Some((key, holder)) = live.first() else {
+            return Ok(());
+        };
+        let who = holder
+            .as_ref()
+            .map(|h| format!("{} on {} (pid {})", h.what, h.host, h.pid))
+            .unwrap_or_else(|| key.clone());
+        if Instant::now() >= deadline {
+            return Err(FsError::Conflict(format!(
+                "{}: {} writer(s) still at work after {}s ({who}); nothing was deleted",
+                store.url(),
+                live.len(),
+                options.writer_wait.as_secs()
+            )));
+        }
+        if !said {
+            tracing::info!("waiting for {} writer(s) to finish: {who}", live.len());
+            said = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn delete_all(store: &Arc<dyn Store>, lock: &GcLock, objects: &[ObjectInfo]) -> FsResult<()> {
+    lock.ensure_held()?;
+    stream::iter(objects)
+        .map(|o| async move { store.delete(&o.key).await })
+        .buffer_unordered(DELETES)
+        .try_collect::<()>()
+        .await?;
+    Ok(())
+}
+
+/// Points every checked locator that names a pack about to be deleted at the live copy of its
+/// chunk; a damaged one is deleted (publish would ignore it anyway). Returns (read, rewritten).
+async fn repoint_locators(
+    store: &Arc<dyn Store>,
+    lock: &GcLock,
+    check: &[(String, Digest)],
+    marked: &Marked,
+    dead_packs: &HashSet<Digest>,
+) -> FsResult<(u64, u64)> {
+    lock.ensure_held()?;
+    let rewritten = stream::iter(check)
+        .map(|(key, digest)| async move {
+            let bytes = match store.get(key).await {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => return Ok(0u64),
+                Err(e) => return Err(FsError::from(e)),
+            };
+            match Locator::parse(*digest, &bytes) {
+                Some(loc) if !dead_packs.contains(&loc.pack) => Ok(0),
+                Some(_) => match marked.chunks.get(digest) {
+                    Some(live) => {
+                        store
+                            .put(key, Locator::encode(&live.location).into())
+                            .await?;
+                        Ok(1)
+                    }
+                    None => Ok(0), // only live chunks' locators are checked
+                },
+                None => {
+                    store.delete(key).await?;
+                    Ok(0)
+                }
+            }
+        })
+        .buffer_unordered(DELETES)
+        .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+        .await?;
+    Ok((check.len() as u64, rewritten))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gc::retention;
+    use crate::layer::Layer;
+    use crate::publish::{publish, PublishOptions};
+    use crate::refs::{self, DatasetRef};
+    use strata_cache_format::{chunk_key, pack_key};
+    use strata_store::MemoryStore;
+
+    fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    async fn publish_dir(store: &Arc<dyn Store>, dir: &std::path::Path, r: &str) -> Digest {
+        let target = DatasetRef::parse(r).unwrap();
+        publish(
+            dir,
+            store,
+            Some(&target),
+            &PublishOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .layer
+        .unwrap()
+    }
+
+    /// Every chunk of `layer` reads back from its pack and hashes right.
+    async fn assert_whole(store: &Arc<dyn Store>, layer: Digest) {
+        let l = Layer::load(store, layer, None).await.unwrap();
+        let m = &l.manifest;
+        for i in 0..m.chunk_count() {
+            let c = m.chunk(i);
+            let end = c.pack_offset + c.stored_len as u64;
+            let stored = store
+                .get_range(&pack_key(&c.pack), c.pack_offset..end)
+                .await
+                .unwrap_or_else(|e| panic!("layer {layer}: chunk {i}: {e}"));
+            strata_cache_format::blob::decode_verified(&stored, &c.digest, 64 << 20)
+                .unwrap_or_else(|e| panic!("layer {layer}: chunk {i}: {e}"));
+        }
+    }
+
+    fn options() -> GcOptions {
+        GcOptions {
+            grace: Duration::ZERO,
+            ..GcOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn gc_frees_what_retention_drops_and_keeps_every_live_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new("gc"));
+        let dir = tmp.path().join("ds");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("shared"), random_bytes(1, 600_000)).unwrap();
+        let mut versions = Vec::new();
+        for v in 0..4u64 {
+            std::fs::write(dir.join("changing"), random_bytes(100 + v, 500_000)).unwrap();
+            versions.push(publish_dir(&store, &dir, "ds:latest").await);
+        }
+        // `other` holds the same files as the current version (a chunking stream is per
+        // layer, so the same chunks), and one chunk of it stored twice: its locator was lost
+        // before `other` was published, so the chunk went into a second pack, and the
+        // locator names that one.
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        for f in ["changing", "shared"] {
+            std::fs::copy(dir.join(f), other.join(f)).unwrap();
+        }
+        let shared_chunk = Layer::load(&store, versions[3], None)
+            .await
+            .unwrap()
+            .manifest
+            .chunk(0)
+            .digest;
+        store.delete(&chunk_key(&shared_chunk)).await.unwrap();
+        let other_layer = publish_dir(&store, &other, "other:v1").await;
+        // A pack of a publish killed before its manifest.
+        let orphan = strata_cache_format::blob::encode(&random_bytes(9, 1000));
+        let orphan_key = pack_key(&Digest::of(&orphan));
+        store.put(&orphan_key, orphan.into()).await.unwrap();
+        retention::write(&store, "ds", Some(&Policy::new(Some(1), None)))
+            .await
+            .unwrap();
+        retention::write(&store, "other", Some(&Policy::new(Some(0), None)))
+            .await
+            .unwrap();
+        refs::remove(&store, &DatasetRef::parse("other:v1").unwrap())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        let dry = collect(
+            &store,
+            &GcOptions {
+                dry_run: true,
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(dry.problems.is_empty(), "{:?}", dry.problems);
+        let before: u64 = store
+            .list_info("")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .sum();
+        assert_eq!(dry.before.bytes, before, "a dry run deletes nothing");
+
+        let report = collect(&store, &options()).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(
+            report.freed(),
+            dry.freed(),
+            "the dry run said what the run did"
+        );
+        assert_eq!(
+            report.deleted["layers"].objects, 3,
+            "v0, v1 and other: {report:?}"
+        );
+        assert!(report.deleted["packs"].objects >= 2, "{report:?}");
+        assert_eq!(report.locators_rewritten, 1, "{report:?}");
+        let left: Vec<ObjectInfo> = store.list_info("").await.unwrap();
+        assert_eq!(report.after.bytes, left.iter().map(|o| o.size).sum::<u64>());
+        assert!(!left.iter().any(|o| o.key == orphan_key));
+        assert!(store.head(lease::LOCK_KEY).await.unwrap().is_none());
+
+        // What the current and the one kept earlier layer read is all there; the dropped
+        // ones are gone.
+        for live in [versions[2], versions[3]] {
+            assert_whole(&store, live).await;
+        }
+        for dead in [versions[0], versions[1], other_layer] {
+            assert!(Layer::load(&store, dead, None).await.is_err());
+        }
+        // Nothing is left that no live layer uses: only live packs, and no byte of them
+        // unused... but for what shares a pack with a live chunk.
+        let u = crate::gc::usage::usage(&store, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(u.dead.freeable, 0, "{:?}", u.dead);
+        // The re-pointed locator lets a new publish of the same bytes reuse the live copy.
+        let again = publish_dir(&store, &other, "other:v2").await;
+        assert_whole(&store, again).await;
+        let loc = store.get(&chunk_key(&shared_chunk)).await.unwrap();
+        let loc = Locator::parse(shared_chunk, &loc).unwrap();
+        assert!(store.head(&pack_key(&loc.pack)).await.unwrap().is_some());
+
+        // A second collection finds nothing more.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = collect(&store, &options()).await.unwrap();
+        assert_eq!(report.freed(), 0, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_deleted_while_a_root_is_unreadable_or_young() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new("gc-safe"));
+        let dir = tmp.path().join("ds");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), random_bytes(3, 300_000)).unwrap();
+        let layer = publish_dir(&store, &dir, "ds:v1").await;
+        retention::write(&store, "ds", Some(&Policy::new(Some(0), None)))
+            .await
+            .unwrap();
+        refs::remove(&store, &DatasetRef::parse("ds:v1").unwrap())
+            .await
+            .unwrap();
+        // Young: the default grace keeps it all.
+        let report = collect(&store, &GcOptions::default()).await.unwrap();
+        assert_eq!(report.freed(), 0, "{report:?}");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        // An unreadable head: whatever it names is unknown, so nothing goes.
+        store
+            .put("volumes/t/v/head", crate::record::seal(b"{nope"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = collect(&store, &options()).await.unwrap();
+        assert_eq!(report.freed(), 0, "{report:?}");
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_whole(&store, layer).await;
+        // A live mount lease keeps the layer it names.
+        store.delete("volumes/t/v/head").await.unwrap();
+        let key = lease::MountLease::key("d1");
+        lease::MountLease::new([layer])
+            .write(&store, &key)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = collect(&store, &options()).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_whole(&store, layer).await;
+        // Once the lease goes, so does the layer.
+        store.delete(&key).await.unwrap();
+        let report = collect(&store, &options()).await.unwrap();
+        assert!(report.deleted.contains_key("packs"), "{report:?}");
+        assert!(Layer::load(&store, layer, None).await.is_err());
+    }
+}
