@@ -89,6 +89,13 @@ enum Command {
     /// What a store holds: objects and bytes by kind, what each dataset and volume keeps
     /// alive, dead bytes, and an estimate of the monthly cost.
     Du(cmd::du::DuArgs),
+    /// Delete what no root keeps alive (layers, packs, locators, start records), safely beside
+    /// publishes and commits; refuses on stores that ignore conditional writes unless given
+    /// --single-writer.
+    Gc(cmd::gc::GcArgs),
+    /// Show or set how many earlier layers of a dataset's tags gc keeps (--keep-history N,
+    /// --keep-within DURATION), or --clear it.
+    Retain(cmd::gc::RetainArgs),
     /// Run CMD as one invocation: datasets and a volume mounted through the daemon, in a
     /// sandbox of its own (mount, PID, IPC and UTS namespaces); its exit status is returned.
     Run(cmd::run::RunArgs),
@@ -147,6 +154,8 @@ fn main() -> ExitCode {
             Command::Stats(a) => cmd::status::stats(&g, a).await,
             Command::Volume(a) => cmd::volume::run(&g, a).await,
             Command::Du(a) => cmd::du::run(&g, a).await,
+            Command::Gc(a) => return cmd::gc::gc(&g, a).await,
+            Command::Retain(a) => cmd::gc::retain(&g, a).await,
             Command::Run(a) => return cmd::run::run(&g, a).await,
         }
         .map(|()| 0)

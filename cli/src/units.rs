@@ -43,9 +43,11 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "invalid duration {s:?}: unknown unit {other:?} (use ms, s or m)"
+                "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h or d)"
             ))
         }
     };

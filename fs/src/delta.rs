@@ -46,7 +46,6 @@ pub async fn publish_changes(
         staged.walk,
         Some(tree),
         store,
-        None,
         &options,
         Default::default(),
         started,

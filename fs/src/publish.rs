@@ -26,6 +26,7 @@ use strata_cache_format::{blob, Digest};
 use strata_store::Store;
 
 use crate::error::{FsError, FsResult};
+use crate::gc::lease::WriterLease;
 use crate::manifest::{self, check_name, ChunkRef, EntrySpec, Kind, FLAG_OPAQUE};
 use crate::pack;
 use crate::refs::{self, DatasetRef};
@@ -596,8 +597,21 @@ pub async fn publish(
     let walk = tokio::task::spawn_blocking(move || walk_dir(&dir_owned))
         .await
         .map_err(|e| FsError::InvalidInput(format!("walk task failed: {e}")))??;
-    let (mut report, _) =
-        publish_walk(walk, None, store, target, options, progress, started).await?;
+    // Held from before the first locator is read until the ref has moved: garbage
+    // collection waits for it (see `gc::lease`).
+    let lease = WriterLease::acquire(store, "publish").await?;
+    let published = async {
+        let (report, _) = publish_walk(walk, None, store, options, progress, started).await?;
+        if let (Some(target), Some(layer)) = (target, &report.layer) {
+            // A publish whose lease lapsed may have had what it reuses collected.
+            lease.ensure_held()?;
+            refs::set(store, target, layer, "publish").await?;
+        }
+        Ok::<_, FsError>(report)
+    }
+    .await;
+    lease.release().await;
+    let mut report = published?;
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -608,7 +622,6 @@ pub(crate) async fn publish_walk(
     mut walk: Walk,
     tree: Option<&crate::upper::MountTree>,
     store: &Arc<dyn Store>,
-    target: Option<&DatasetRef>,
     options: &PublishOptions,
     progress: Arc<PublishProgress>,
     started: Instant,
@@ -764,9 +777,6 @@ pub(crate) async fn publish_walk(
             .bytes_uploaded
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         store.put(&layer_key, Bytes::from(encoded)).await?;
-    }
-    if let Some(target) = target {
-        refs::set(store, target, &layer, "publish").await?;
     }
     report.layer = Some(layer);
     report.chunks_total = chunks.len() as u64;

@@ -13,6 +13,7 @@
 //! head (a rebase); otherwise its changes are kept as a conflict object `volumes/<scope>/<name>/conflicts/<id>` (its whole chain, and the
 //! paths in conflict), and the commit fails naming those paths.
 
+use crate::gc::lease::WriterLease;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -443,6 +444,23 @@ pub async fn commit_since(
     earlier: Option<Earlier<'_>>,
     last: Option<&str>,
 ) -> FsResult<Committed> {
+    // Held from before the delta reuses any chunk until the head has moved: garbage
+    // collection waits for it (see `gc::lease`).
+    let lease = WriterLease::acquire(store, "commit").await?;
+    let committed = commit_leased(store, v, tree, base, earlier, last, &lease).await;
+    lease.release().await;
+    committed
+}
+
+async fn commit_leased(
+    store: &Arc<dyn Store>,
+    v: &VolumeRef,
+    tree: &MountTree,
+    base: (&VolumeHead, Option<&Version>),
+    earlier: Option<Earlier<'_>>,
+    last: Option<&str>,
+    lease: &WriterLease,
+) -> FsResult<Committed> {
     // One moment of the mount: changes wait until it is captured, journaled (a crash after
     // this commit must not recommit an older state on top of it) and its bytes uploaded.
     let held = tree.hold_changes().await;
@@ -578,6 +596,7 @@ pub async fn commit_since(
         let mut next = head.clone();
         next.commits.push(placed.clone());
         let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
+        lease.ensure_held()?;
         match store
             .compare_and_swap(&v.head_key(), version.as_ref(), body)
             .await
@@ -619,6 +638,18 @@ pub async fn squash(
     store: &Arc<dyn Store>,
     v: &VolumeRef,
     cache_dir: Option<&std::path::Path>,
+) -> FsResult<Option<(VolumeHead, Version)>> {
+    let lease = WriterLease::acquire(store, "squash").await?;
+    let squashed = squash_leased(store, v, cache_dir, &lease).await;
+    lease.release().await;
+    squashed
+}
+
+async fn squash_leased(
+    store: &Arc<dyn Store>,
+    v: &VolumeRef,
+    cache_dir: Option<&std::path::Path>,
+    lease: &WriterLease,
 ) -> FsResult<Option<(VolumeHead, Version)>> {
     let (head, version) = read_head(store, v).await?;
     let Some(version) = version.filter(|_| head.commits.len() > 1) else {
@@ -665,6 +696,7 @@ pub async fn squash(
         commits: vec![squashed],
     };
     let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
+    lease.ensure_held()?;
     match store
         .compare_and_swap(&v.head_key(), Some(&version), body)
         .await

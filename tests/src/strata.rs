@@ -27,6 +27,7 @@ pub fn strata_bin() -> PathBuf {
 }
 
 /// A strata command with a store environment.
+#[derive(Clone)]
 pub struct Strata {
     pub env: Vec<(String, String)>,
 }

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+mod leases;
 pub mod protocol;
 mod server;
 

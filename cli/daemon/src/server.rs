@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cache::{CacheConfig, CacheDirLock, ChunkCache, ChunkReader};
 use strata_fs::blocking::blocking;
+use strata_fs::gc::lease::Timings;
 use strata_fs::mount::{StackSpec, UpperSpec};
 use strata_fs::prefetch::ReplayProgress;
 use strata_fs::upper::MountTree;
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::config::DaemonConfig;
 use crate::error::{Context, DaemonError, DaemonResult};
+use crate::leases::MountLeases;
 use crate::protocol::{
     decode_request, encode_reply, CommitReply, KeptInfo, LayerInfo, MountInfo, MountSpec,
     MountStats, Request, StatsReply, MAX_REQUEST,
@@ -84,6 +86,9 @@ pub struct Daemon {
     next_id: AtomicU64,
     /// The loop that commits kept volume uppers; stopped by [`Daemon::shutdown`].
     retries: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// What the mounts read, per store, for garbage collection; renewed by `lease_renewer`.
+    leases: Arc<MountLeases>,
+    lease_renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How long a client has to send its request.
@@ -128,7 +133,14 @@ impl Daemon {
             share_gate: Default::default(),
             next_id: AtomicU64::new(1),
             retries: Mutex::new(None),
+            leases: Arc::new(MountLeases::new()),
+            lease_renewer: Mutex::new(None),
         });
+        let renewer = runtime.spawn(Arc::clone(&daemon.leases).renew(Timings::default()));
+        *daemon
+            .lease_renewer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(renewer);
         let retries = runtime.spawn(Arc::clone(&daemon).commit_kept_uppers());
         *daemon
             .retries
@@ -447,6 +459,9 @@ impl Daemon {
             )));
         }
         let result = self.mount_reserved(spec, client).await;
+        if result.is_err() {
+            self.leases.remove(&mp).await;
+        }
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -485,6 +500,15 @@ impl Daemon {
             record_start: self.config.record_starts && !spec.no_prefetch_record,
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
+        // Before any chunk is read: from now on garbage collection keeps these layers, even
+        // once the tags that named them move on (until then, its grace period does).
+        self.leases
+            .add(
+                &self.store(&spec.store, spec.endpoint_url.clone()).await?,
+                mp.clone(),
+                assembly.layers.iter().map(|l| l.digest).collect(),
+            )
+            .await;
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the
         // later ones are bind mounts of the first. A mount tied to its client's life is not
         // shared, so its unmount never waits on another's.
@@ -603,6 +627,7 @@ impl Daemon {
         // it; forget it then.
         let mounts = Arc::clone(&self.mounts);
         let shared = Arc::clone(&self.shared);
+        let leases = Arc::clone(&self.leases);
         let runtime = tokio::runtime::Handle::current();
         let state_dir = self.config.state_dir.clone();
         std::thread::Builder::new()
@@ -640,6 +665,7 @@ impl Daemon {
                 }
                 let _ = ended_tx.send(Some(Ended { problem }));
                 tracing::info!("unmounted {}", mp.display());
+                runtime.spawn(async move { leases.remove(&mp).await });
             })
             .map_err(|e| DaemonError::internal(format!("starting the session watcher: {e}")))?;
         if let Some(pidfd) = owner {
@@ -873,13 +899,16 @@ impl Daemon {
         blocking(|| strata_fuse::unmount(mountpoint, lazy))?;
         // One mountpoint of a shared session: the session goes on for the others.
         if self.leave_shared(mountpoint, session) {
-            let mut mounts = self
-                .mounts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if mounts.get(mountpoint).is_some_and(|m| m.info.id == info.id) {
-                mounts.remove(mountpoint);
+            {
+                let mut mounts = self
+                    .mounts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if mounts.get(mountpoint).is_some_and(|m| m.info.id == info.id) {
+                    mounts.remove(mountpoint);
+                }
             }
+            self.leases.remove(mountpoint).await;
             return Ok(info);
         }
         drop(_gate);
@@ -951,6 +980,15 @@ impl Daemon {
                 tracing::warn!("{}: FUSE session did not end", mp.display());
             }
         }
+        if let Some(renewer) = self
+            .lease_renewer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            renewer.abort();
+        }
+        self.leases.release_all().await;
     }
 
     /// Forgets the mountpoints of shared sessions that were unmounted behind the daemon's back
@@ -991,6 +1029,10 @@ impl Daemon {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if mounts.get(&mp).is_some_and(|m| m.info.id == id) {
                     mounts.remove(&mp);
+                }
+                let leases = Arc::clone(&self.leases);
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move { leases.remove(&mp).await });
                 }
             }
         }

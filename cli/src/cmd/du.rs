@@ -44,6 +44,7 @@ pub async fn run(g: &GlobalArgs, a: DuArgs) -> anyhow::Result<()> {
     if let Some(name) = &a.name {
         u.owners.retain(|o| match &o.owner {
             Owner::Dataset(n) | Owner::Volume(n) => n == name,
+            Owner::Mount(_) | Owner::Recent => false,
         });
         if u.owners.is_empty() {
             anyhow::bail!(

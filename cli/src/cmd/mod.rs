@@ -1,6 +1,7 @@
 pub mod cat;
 pub mod daemon;
 pub mod du;
+pub mod gc;
 pub mod inspect;
 pub mod ls;
 pub mod mount;

@@ -1,6 +1,7 @@
 //! `strata tag` and `strata rm`: move and remove tags, by compare-and-swap.
 
 use clap::Args;
+use strata_fs::gc::lease::WriterLease;
 use strata_fs::refs::{self, DatasetRef};
 
 use crate::GlobalArgs;
@@ -24,16 +25,26 @@ pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
     if target.pinned.is_some() {
         anyhow::bail!("{}: a tag is NAME:TAG, not a pinned layer", a.target);
     }
-    let layer = refs::resolve(&store, &source).await?;
-    // A tag must never name a layer a reader would not find.
-    if store
-        .head(&format!("layers/{}", layer.to_hex()))
-        .await?
-        .is_none()
-    {
-        anyhow::bail!("layer {layer} ({source}) is not in {}", a.store);
+    // The layer is one this command did not write: garbage collection must not take it
+    // between the check below and the ref's move.
+    let lease = WriterLease::acquire(&store, "tag").await?;
+    let moved = async {
+        let layer = refs::resolve(&store, &source).await?;
+        // A tag must never name a layer a reader would not find.
+        if store
+            .head(&format!("layers/{}", layer.to_hex()))
+            .await?
+            .is_none()
+        {
+            anyhow::bail!("layer {layer} ({source}) is not in {}", a.store);
+        }
+        lease.ensure_held()?;
+        let previous = refs::set(&store, &target, &layer, "tag").await?;
+        Ok((layer, previous))
     }
-    let previous = refs::set(&store, &target, &layer, "tag").await?;
+    .await;
+    lease.release().await;
+    let (layer, previous) = moved?;
     if a.json {
         println!(
             "{}",

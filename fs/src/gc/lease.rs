@@ -313,26 +313,42 @@ impl GcLock {
     /// writes.
     pub async fn take(store: &Arc<dyn Store>, timings: Timings) -> FsResult<GcLock> {
         let body = Holder::new("gc").sealed();
-        let version = match store.compare_and_swap(LOCK_KEY, None, body.clone()).await {
+        let unsupported = |e: StoreError| {
+            FsError::Store(StoreError::new(
+                store.url(),
+                "gc",
+                LOCK_KEY,
+                StoreErrorKind::Unsupported,
+                format!(
+                    "the store ignores conditional writes, so garbage collection cannot \
+                     exclude publishes, commits and other collectors; run it with \
+                     --single-writer when nothing else writes to the store ({})",
+                    e.message
+                ),
+            ))
+        };
+        let created = match store.compare_and_swap(LOCK_KEY, None, body.clone()).await {
             Ok(v) => v,
             Err(e) if e.kind == StoreErrorKind::Conflict => {
                 take_over(store, timings, body.clone()).await?
             }
-            Err(e) if e.kind == StoreErrorKind::Unsupported => {
-                return Err(FsError::Store(StoreError::new(
-                    store.url(),
-                    "gc",
-                    LOCK_KEY,
-                    StoreErrorKind::Unsupported,
-                    format!(
-                        "the store ignores conditional writes, so garbage collection cannot \
-                         exclude publishes, commits and other collectors; run it with \
-                         --single-writer when nothing else writes to the store ({})",
-                        e.message
-                    ),
-                )))
-            }
+            Err(e) if e.kind == StoreErrorKind::Unsupported => return Err(unsupported(e)),
             Err(e) => return Err(e.into()),
+        };
+        // Renewing (and taking over) is a replace by version: a store that honours only
+        // create-only writes (Garage) cannot do it, and is refused here, before anything.
+        let version = match store
+            .compare_and_swap(LOCK_KEY, Some(&created), body.clone())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = store.delete(LOCK_KEY).await;
+                return Err(match e.kind {
+                    StoreErrorKind::Unsupported => unsupported(e),
+                    _ => e.into(),
+                });
+            }
         };
         let now = modified(store, LOCK_KEY)
             .await?

@@ -1,0 +1,117 @@
+//! The daemon's mount leases: per store, one record naming the layers every mount of this
+//! daemon reads, so that garbage collection keeps them while they are mounted, even after the
+//! tags that named them moved (`docs/FORMAT.md` §9).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use strata_cache_format::Digest;
+use strata_fs::gc::lease::{unique_id, MountLease, Timings};
+use strata_store::Store;
+
+/// One store's lease: what is written, and the gate that keeps its writes in order.
+struct Held {
+    store: Arc<dyn Store>,
+    mounts: HashMap<PathBuf, Vec<Digest>>,
+    /// Held across a write of the lease (and only that), so a write of an older state never
+    /// lands after a newer one.
+    write: Arc<tokio::sync::Mutex<()>>,
+}
+
+pub struct MountLeases {
+    key: String,
+    /// By store URL. A std mutex, never held across an await.
+    held: Mutex<HashMap<String, Held>>,
+}
+
+impl MountLeases {
+    pub fn new() -> MountLeases {
+        MountLeases {
+            key: MountLease::key(&unique_id()),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds the layers of the mount at `mp` to the lease of `store` and writes it.
+    pub async fn add(&self, store: &Arc<dyn Store>, mp: PathBuf, layers: Vec<Digest>) {
+        {
+            let mut held = self.held();
+            let h = held.entry(store.url().to_string()).or_insert_with(|| Held {
+                store: Arc::clone(store),
+                mounts: HashMap::new(),
+                write: Default::default(),
+            });
+            h.mounts.insert(mp, layers);
+        }
+        self.write(store.url()).await;
+    }
+
+    /// Takes the mount at `mp` out of every lease (rewriting them; a lease left empty is
+    /// deleted).
+    pub async fn remove(&self, mp: &std::path::Path) {
+        let urls: Vec<String> = self
+            .held()
+            .iter_mut()
+            .filter_map(|(url, h)| h.mounts.remove(mp).map(|_| url.clone()))
+            .collect();
+        for url in urls {
+            self.write(&url).await;
+        }
+    }
+
+    /// Writes the lease of store `url` as it stands when its turn comes.
+    async fn write(&self, url: &str) {
+        let Some(gate) = self.held().get(url).map(|h| Arc::clone(&h.write)) else {
+            return;
+        };
+        let _turn = gate.lock().await;
+        let Some((store, layers)) = self.held().get(url).map(|h| {
+            let layers: BTreeSet<Digest> = h.mounts.values().flatten().copied().collect();
+            (Arc::clone(&h.store), layers)
+        }) else {
+            return;
+        };
+        let written: strata_fs::error::FsResult<()> = if layers.is_empty() {
+            store.delete(&self.key).await.map_err(Into::into)
+        } else {
+            MountLease::new(layers).write(&store, &self.key).await
+        };
+        if let Err(e) = written {
+            tracing::warn!(
+                "{url}: writing mount lease {}: {e} (garbage collection keeps mounted layers \
+                 only while it is renewed; retrying)",
+                self.key
+            );
+        }
+    }
+
+    /// Rewrites every lease every `timings.mount_renew`, for ever (abort the task to stop).
+    pub async fn renew(self: Arc<Self>, timings: Timings) {
+        loop {
+            tokio::time::sleep(timings.mount_renew).await;
+            let urls: Vec<String> = self.held().keys().cloned().collect();
+            for url in urls {
+                self.write(&url).await;
+            }
+        }
+    }
+
+    /// Deletes every lease (the daemon is stopping and has unmounted everything).
+    pub async fn release_all(&self) {
+        let urls: Vec<String> = {
+            let mut held = self.held();
+            held.values_mut().for_each(|h| h.mounts.clear());
+            held.keys().cloned().collect()
+        };
+        for url in urls {
+            self.write(&url).await;
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! `strata gc` against real servers: alone on Garage (which ignores conditional writes, so gc
+//! there needs --single-writer), and in a loop beside publishes and a daemon's mount on moto
+//! (which enforces them).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strata_tests::daemon::Daemon;
+use strata_tests::strata::Strata;
+use strata_tests::tree::{pseudo_random, write_file};
+use strata_tests::{garage, moto};
+
+/// A publish the race made: its tag, and its own file's bytes.
+type Published = (String, Vec<u8>);
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn layer_of(published: &serde_json::Value) -> String {
+    published["layer"].as_str().unwrap().to_string()
+}
+
+fn cat(s: &Strata, store: &str, dataset: &str, file: &str) -> Vec<u8> {
+    let out = s.run(&["cat", store, dataset, file]);
+    assert!(
+        out.status.success(),
+        "cat {dataset} {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Store-clock times have a resolution of a second: with `--grace 0s`, what was written in
+/// the same second as the collector's lock is still young.
+fn let_a_second_pass() {
+    std::thread::sleep(Duration::from_millis(1100));
+}
+
+#[test]
+fn gc_on_garage_needs_single_writer_drops_what_retention_lets_go_and_keeps_every_live_byte() {
+    let work = strata_tests::scratch_dir("gc-garage");
+    let dir = work.join("ds");
+    let shared = pseudo_random(1, 2 << 20);
+    write_file(&dir.join("shared.bin"), &shared);
+    let store = garage::bucket("gc-alone");
+    let s = Strata::new(garage::shared().env());
+    // This test is the store's only writer, and says so (refs move only so on Garage).
+    let mut env = garage::shared().env();
+    env.push(("STRATA_SINGLE_WRITER".into(), "1".into()));
+    let sw = Strata::new(env);
+    let mut layers = Vec::new();
+    let mut changing = Vec::new();
+    for v in 0..4u64 {
+        let bytes = pseudo_random(100 + v, 1 << 20);
+        write_file(&dir.join("changing.bin"), &bytes);
+        changing.push(bytes);
+        layers.push(layer_of(&sw.publish(&dir, &store, "ds:latest")));
+    }
+    let policy = s.ok(&["retain", &store, "ds", "--keep-history", "1"]);
+    assert!(policy.contains("keep 1 earlier"), "{policy}");
+    let_a_second_pass();
+
+    let err = s.fails(&["gc", &store, "--grace", "0s"]);
+    assert!(err.contains("--single-writer"), "{err}");
+    let dry = json(&s.ok(&[
+        "--single-writer",
+        "gc",
+        "--dry-run",
+        "--json",
+        &store,
+        "--grace",
+        "0s",
+    ]));
+    let before = json(&s.ok(&["du", "--json", &store]));
+    assert_eq!(before["total"], dry["before"], "a dry run deletes nothing");
+    let report = json(&sw.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    assert_eq!(report["deleted"]["layers"]["objects"], 2, "{report}");
+    assert_eq!(report["freed_bytes"], dry["freed_bytes"], "{report}\n{dry}");
+    // v1 had a pack of its own; v0's bytes share a pack with what is live, so they stay,
+    // counted as dead bytes inside live packs.
+    assert!(
+        report["freed_bytes"].as_u64().unwrap() >= 1 << 20,
+        "v1's own megabyte: {report}"
+    );
+    assert!(
+        report["requests"]["delete"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+
+    // The current and the one kept earlier layer read back whole; the other two are gone,
+    // and saying so is a clear error.
+    assert_eq!(cat(&s, &store, "ds:latest", "changing.bin"), changing[3]);
+    assert_eq!(cat(&s, &store, "ds:latest", "shared.bin"), shared);
+    let kept = format!("ds@{}", layers[2]);
+    assert_eq!(cat(&s, &store, &kept, "changing.bin"), changing[2]);
+    for gone in &layers[..2] {
+        let err = s.fails(&["cat", &store, &format!("ds@{gone}"), "changing.bin"]);
+        assert!(
+            err.contains("not found") || err.contains("NotFound") || err.contains("missing"),
+            "{err}"
+        );
+    }
+    // Nothing dead is left, and the store holds what du calls live.
+    let after = json(&s.ok(&["du", "--json", &store]));
+    assert_eq!(after["dead"]["freeable"], 0, "{after}");
+    assert!(
+        after["dead"]["in_live_packs"].as_u64().unwrap() >= 900 << 10,
+        "v0's megabyte: {after}"
+    );
+    assert_eq!(after["total"], report["after"], "{after}\n{report}");
+    let again = json(&sw.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    assert_eq!(again["freed_bytes"], 0, "{again}");
+}
+
+/// Publishes of overlapping trees from two writers while gc runs in a loop, and a daemon's
+/// mount of a tag that then moves: afterwards every tag reads back its last publish, the
+/// mount reads what it mounted, and nothing dead is left. Seeded: STRATA_GC_RACE_SEED
+/// replays a run.
+#[test]
+fn gc_in_a_loop_beside_publishes_and_a_mount_loses_nothing() {
+    let seed: u64 = std::env::var("STRATA_GC_RACE_SEED")
+        .map(|s| s.parse().expect("STRATA_GC_RACE_SEED: a number"))
+        .unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("gc race: seed {seed} (replay: STRATA_GC_RACE_SEED={seed})");
+    let work = strata_tests::scratch_dir("gc-race");
+    let store = moto::bucket("gc-race");
+    let s = Strata::new(moto::shared().env());
+    s.ok(&["retain", &store, "ds", "--keep-history", "0"]);
+    let shared: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(seed ^ i, 700 << 10)).collect();
+    let write_tree = |dir: &Path, own: &[u8]| {
+        for (i, bytes) in shared.iter().enumerate() {
+            write_file(&dir.join(format!("shared-{i}.bin")), bytes);
+        }
+        write_file(&dir.join("own.bin"), own);
+    };
+
+    // A daemon mounts ds:held before the race; the race moves that tag, gc runs with no
+    // grace and keeps no earlier layer: only the mount's lease keeps its bytes.
+    let held_own = pseudo_random(seed ^ 0xAB, 900 << 10);
+    write_tree(&work.join("held"), &held_own);
+    s.publish(&work.join("held"), &store, "ds:held");
+    let d = Daemon::start(moto::shared().env(), &work.join("host"), &[]).unwrap();
+    let mount = d
+        .mount_with(&store, &work.join("mnt"), &["ds:held"], &["--read-only"])
+        .unwrap();
+
+    let writers_done = Arc::new(AtomicBool::new(false));
+    let expected: Arc<Mutex<Vec<Published>>> = Arc::default();
+    let rounds = 4u64;
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (s, store, work) = (s.clone(), store.clone(), work.clone());
+            let (shared, expected) = (shared.clone(), Arc::clone(&expected));
+            std::thread::spawn(move || {
+                for round in 0..rounds {
+                    let dir = work.join(format!("w{w}-{round}"));
+                    for (i, bytes) in shared.iter().enumerate() {
+                        write_file(&dir.join(format!("shared-{i}.bin")), bytes);
+                    }
+                    let own = pseudo_random(seed ^ (w << 32) ^ round, 500 << 10);
+                    write_file(&dir.join("own.bin"), &own);
+                    // The first writer moves ds:held (the mount's tag) on its first round.
+                    let tag = if (w, round) == (0, 0) {
+                        "held".to_string()
+                    } else {
+                        format!("w{w}")
+                    };
+                    s.publish(&dir, &store, &format!("ds:{tag}"));
+                    expected.lock().unwrap().push((tag, own));
+                }
+            })
+        })
+        .collect();
+    let collector = {
+        let (s, store, done) = (s.clone(), store.clone(), Arc::clone(&writers_done));
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !done.load(Ordering::SeqCst) || runs < 2 {
+                let report =
+                    json(&s.ok(&["gc", "--json", &store, "--grace", "0s", "--wait", "5m"]));
+                assert!(
+                    report["problems"].as_array().unwrap().is_empty(),
+                    "{report}"
+                );
+                runs += 1;
+            }
+            runs
+        })
+    };
+    for w in writers {
+        w.join().unwrap();
+    }
+    writers_done.store(true, Ordering::SeqCst);
+    let_a_second_pass();
+    let runs = collector.join().unwrap();
+    let final_gc = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    println!(
+        "gc race: {runs} collections beside {} publishes; last: {final_gc}",
+        2 * rounds
+    );
+
+    // Every tag reads back its last publish (each tag has one writer, whose publishes are
+    // in order).
+    let expected = expected.lock().unwrap().clone();
+    for w in 0..2u64 {
+        let tag = format!("ds:w{w}");
+        let want = &expected
+            .iter()
+            .rev()
+            .find(|(t, _)| t == &format!("w{w}"))
+            .unwrap()
+            .1;
+        assert_eq!(&cat(&s, &store, &tag, "own.bin"), want, "{tag}");
+        for (i, bytes) in shared.iter().enumerate() {
+            assert_eq!(&cat(&s, &store, &tag, &format!("shared-{i}.bin")), bytes);
+        }
+    }
+    let held_now = cat(&s, &store, "ds:held", "own.bin");
+    assert!(
+        expected
+            .iter()
+            .any(|(t, own)| t == "held" && *own == held_now),
+        "ds:held reads its publish"
+    );
+    // The mount still reads what it mounted, though its layer is no root but its lease.
+    assert_eq!(std::fs::read(mount.path("own.bin")).unwrap(), held_own);
+    for (i, bytes) in shared.iter().enumerate() {
+        assert_eq!(
+            &std::fs::read(mount.path(&format!("shared-{i}.bin"))).unwrap(),
+            bytes
+        );
+    }
+    let du = json(&s.ok(&["du", "--json", &store]));
+    assert_eq!(du["dead"]["freeable"], 0, "{du}");
+    // Unmounted, its layer goes at the next collection.
+    drop(mount);
+    let_a_second_pass();
+    let last = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    assert_eq!(
+        last["deleted"]["layers"]["objects"], 1,
+        "the held layer: {last}"
+    );
+    drop(d);
+    let _ = std::fs::remove_dir_all(&work);
+}
