@@ -98,7 +98,9 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
         assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("5h").unwrap().as_secs(), 5 * 3600);
+        assert_eq!(parse_duration("30d").unwrap().as_secs(), 30 * 86_400);
+        assert!(parse_duration("5w").is_err());
     }
 
     #[test]

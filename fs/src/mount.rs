@@ -272,14 +272,7 @@ async fn empty_layer(store: &Arc<dyn Store>, cache_dir: Option<&Path>) -> FsResu
     let dir = tempfile::tempdir().map_err(|e| FsError::io(std::env::temp_dir(), e))?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .map_err(|e| FsError::io(dir.path(), e))?;
-    let report = crate::publish::publish(
-        dir.path(),
-        store,
-        None,
-        &Default::default(),
-        Default::default(),
-    )
-    .await?;
+    let report = crate::publish::publish_unleased(dir.path(), store).await?;
     let digest = report
         .layer
         .ok_or_else(|| FsError::InvalidInput("publishing an empty layer made no layer".into()))?;

@@ -604,7 +604,7 @@ pub async fn publish(
         let (report, _) = publish_walk(walk, None, store, options, progress, started).await?;
         if let (Some(target), Some(layer)) = (target, &report.layer) {
             // A publish whose lease lapsed may have had what it reuses collected.
-            lease.ensure_held()?;
+            lease.ensure_held().await?;
             refs::set(store, target, layer, "publish").await?;
         }
         Ok::<_, FsError>(report)
@@ -613,6 +613,29 @@ pub async fn publish(
     lease.release().await;
     let mut report = published?;
     report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Publishes `dir` as a layer without a writer lease, for a layer that relies on nothing
+/// else in the store (an empty root: no chunks), so that it never waits for a collection.
+pub(crate) async fn publish_unleased(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+) -> FsResult<PublishReport> {
+    let started = Instant::now();
+    let dir_owned = fs::canonicalize(dir).map_err(|e| FsError::io(dir, e))?;
+    let walk = tokio::task::spawn_blocking(move || walk_dir(&dir_owned))
+        .await
+        .map_err(|e| FsError::InvalidInput(format!("walk task failed: {e}")))??;
+    let (report, _) = publish_walk(
+        walk,
+        None,
+        store,
+        &PublishOptions::default(),
+        Default::default(),
+        started,
+    )
+    .await?;
     Ok(report)
 }
 

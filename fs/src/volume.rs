@@ -565,6 +565,8 @@ async fn commit_leased(
             let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
             let body =
                 crate::record::seal(&serde_json::to_vec_pretty(&record).expect("serializable"));
+            // A root too: it must not name what a collection may have swept meanwhile.
+            lease.ensure_held().await?;
             store.put(&key, body).await?;
             return Ok(Committed {
                 commit: None,
@@ -577,7 +579,7 @@ async fn commit_leased(
         // Attribute changes that landed since the mount started stay where it changed
         // nothing (see `attrs`): the layer that goes on top may be a rewritten one.
         let mut placed = commit.clone();
-        if let Some(rewritten) = attrs::take_newer_attrs(
+        let newer_attrs = attrs::take_newer_attrs(
             store,
             attrs::Mount {
                 stack: tree.stack(),
@@ -588,15 +590,30 @@ async fn commit_leased(
             &head,
             &mut loaded,
         )
-        .await?
-        {
+        .await;
+        let newer_attrs = match newer_attrs {
+            Ok(r) => r,
+            // The first round stands on the head as the mount last saw it: a layer it names
+            // may be gone since (a squash replaced it, then garbage collection took it), and
+            // then the head has moved on: read it again.
+            Err(FsError::NotFound(why)) => {
+                let (newer, newer_version) = read_head(store, v).await?;
+                if newer_version.is_none() || newer_version == version {
+                    return Err(FsError::NotFound(why));
+                }
+                (head, version) = (newer, newer_version);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(rewritten) = newer_attrs {
             placed.layer = rewritten.to_string();
             placed.delta = Some(commit.layer.clone());
         }
         let mut next = head.clone();
         next.commits.push(placed.clone());
         let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
-        lease.ensure_held()?;
+        lease.ensure_held().await?;
         match store
             .compare_and_swap(&v.head_key(), version.as_ref(), body)
             .await
@@ -696,7 +713,7 @@ async fn squash_leased(
         commits: vec![squashed],
     };
     let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
-    lease.ensure_held()?;
+    lease.ensure_held().await?;
     match store
         .compare_and_swap(&v.head_key(), Some(&version), body)
         .await

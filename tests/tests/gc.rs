@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use strata_tests::daemon::Daemon;
@@ -146,70 +146,129 @@ fn gc_in_a_loop_beside_publishes_and_a_mount_loses_nothing() {
     // grace and keeps no earlier layer: only the mount's lease keeps its bytes.
     let held_own = pseudo_random(seed ^ 0xAB, 900 << 10);
     write_tree(&work.join("held"), &held_own);
-    s.publish(&work.join("held"), &store, "ds:held");
+    let held_layer = layer_of(&s.publish(&work.join("held"), &store, "ds:held"));
     let d = Daemon::start(moto::shared().env(), &work.join("host"), &[]).unwrap();
     let mount = d
         .mount_with(&store, &work.join("mnt"), &["ds:held"], &["--read-only"])
         .unwrap();
 
-    let writers_done = Arc::new(AtomicBool::new(false));
-    let expected: Arc<Mutex<Vec<Published>>> = Arc::default();
+    // Two daemons (two hosts) mount one volume and commit files of their own to it, so
+    // their commits rebase on each other's, while squashes replace the chain beside them.
+    let d2 = Daemon::start(moto::shared().env(), &work.join("host2"), &[]).unwrap();
+    let volumes = [&d, &d2].map(|daemon| {
+        let mp = work.join(format!("vol-{}", daemon.pid().unwrap_or_default()));
+        daemon
+            .mount_with(&store, &mp, &[], &["--volume", "t/v"])
+            .unwrap()
+    });
+
+    let writers_done = AtomicBool::new(false);
+    let expected: Mutex<Vec<Published>> = Mutex::default();
     let rounds = 4u64;
-    let writers: Vec<_> = (0..2u64)
-        .map(|w| {
-            let (s, store, work) = (s.clone(), store.clone(), work.clone());
-            let (shared, expected) = (shared.clone(), Arc::clone(&expected));
-            std::thread::spawn(move || {
-                for round in 0..rounds {
-                    let dir = work.join(format!("w{w}-{round}"));
-                    for (i, bytes) in shared.iter().enumerate() {
-                        write_file(&dir.join(format!("shared-{i}.bin")), bytes);
+    let ((runs, freed_in_race), committed) = std::thread::scope(|scope| {
+        let publishers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let (s, store, work, shared, expected) = (&s, &store, &work, &shared, &expected);
+                scope.spawn(move || {
+                    for round in 0..rounds {
+                        let dir = work.join(format!("w{w}-{round}"));
+                        for (i, bytes) in shared.iter().enumerate() {
+                            write_file(&dir.join(format!("shared-{i}.bin")), bytes);
+                        }
+                        let own = pseudo_random(seed ^ (w << 32) ^ round, 500 << 10);
+                        write_file(&dir.join("own.bin"), &own);
+                        // The first writer moves ds:held (the mount's tag) on its first round.
+                        let tag = if (w, round) == (0, 0) {
+                            "held".to_string()
+                        } else {
+                            format!("w{w}")
+                        };
+                        s.publish(&dir, store, &format!("ds:{tag}"));
+                        expected.lock().unwrap().push((tag, own));
                     }
-                    let own = pseudo_random(seed ^ (w << 32) ^ round, 500 << 10);
-                    write_file(&dir.join("own.bin"), &own);
-                    // The first writer moves ds:held (the mount's tag) on its first round.
-                    let tag = if (w, round) == (0, 0) {
-                        "held".to_string()
-                    } else {
-                        format!("w{w}")
-                    };
-                    s.publish(&dir, &store, &format!("ds:{tag}"));
-                    expected.lock().unwrap().push((tag, own));
-                }
+                })
             })
-        })
-        .collect();
-    let collector = {
-        let (s, store, done) = (s.clone(), store.clone(), Arc::clone(&writers_done));
-        std::thread::spawn(move || {
-            let mut runs = 0;
-            while !done.load(Ordering::SeqCst) || runs < 2 {
-                let report =
-                    json(&s.ok(&["gc", "--json", &store, "--grace", "0s", "--wait", "5m"]));
-                assert!(
-                    report["problems"].as_array().unwrap().is_empty(),
-                    "{report}"
-                );
-                runs += 1;
-            }
-            runs
-        })
-    };
-    for w in writers {
-        w.join().unwrap();
+            .collect();
+        let committers: Vec<_> = volumes
+            .iter()
+            .zip([d.strata(), d2.strata()])
+            .enumerate()
+            .map(|(host, (vol, daemon))| {
+                scope.spawn(move || {
+                    let mut files = Vec::new();
+                    for round in 0..2 * rounds {
+                        let name = format!("host{host}-{round}.bin");
+                        let bytes = pseudo_random(seed ^ ((host as u64) << 40) ^ round, 300 << 10);
+                        std::fs::write(vol.path(&name), &bytes).unwrap();
+                        daemon.ok(&["commit", vol.mountpoint.to_str().unwrap()]);
+                        files.push((name, bytes));
+                    }
+                    files
+                })
+            })
+            .collect();
+        let collector = {
+            let (s, store, done) = (&s, &store, &writers_done);
+            scope.spawn(move || {
+                let (mut runs, mut freed) = (0, 0);
+                // What each collection deleted goes to the test's output (shown if it fails).
+                let mut logged = s.clone();
+                logged
+                    .env
+                    .push(("STRATA_LOG".into(), "strata_fs::gc=debug".into()));
+                while !done.load(Ordering::SeqCst) || runs < 2 {
+                    let out = logged.run(&["gc", "--json", store, "--grace", "0s", "--wait", "5m"]);
+                    let said = String::from_utf8_lossy(&out.stderr);
+                    println!("gc run {runs}:\n{said}");
+                    assert!(out.status.success(), "{said}");
+                    let report = json(&String::from_utf8_lossy(&out.stdout));
+                    assert!(
+                        report["problems"].as_array().unwrap().is_empty(),
+                        "{report}"
+                    );
+                    runs += 1;
+                    if !done.load(Ordering::SeqCst) {
+                        freed += report["freed_bytes"].as_u64().unwrap();
+                    }
+                    // A squash may find that a commit landed meanwhile: it says so, and the
+                    // next one squashes.
+                    let squash = s.run(&["volume", "squash", store, "t/v"]);
+                    let said = String::from_utf8_lossy(&squash.stderr);
+                    assert!(
+                        squash.status.success() || said.contains("try again"),
+                        "{said}"
+                    );
+                    // Writers waiting for the lock get their turn.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                (runs, freed)
+            })
+        };
+        for p in publishers {
+            p.join().unwrap();
+        }
+        let committed: Vec<(String, Vec<u8>)> = committers
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        writers_done.store(true, Ordering::SeqCst);
+        (collector.join().unwrap(), committed)
+    });
+    // The volume mounts commit what is left as they go.
+    for v in volumes {
+        drop(v);
     }
-    writers_done.store(true, Ordering::SeqCst);
     let_a_second_pass();
-    let runs = collector.join().unwrap();
     let final_gc = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
     println!(
-        "gc race: {runs} collections beside {} publishes; last: {final_gc}",
-        2 * rounds
+        "gc race: {runs} collections beside {} publishes and {} commits on two hosts; last: {final_gc}",
+        2 * rounds,
+        committed.len()
     );
 
     // Every tag reads back its last publish (each tag has one writer, whose publishes are
     // in order).
-    let expected = expected.lock().unwrap().clone();
+    let expected = expected.into_inner().unwrap();
     for w in 0..2u64 {
         let tag = format!("ds:w{w}");
         let want = &expected
@@ -230,7 +289,25 @@ fn gc_in_a_loop_beside_publishes_and_a_mount_loses_nothing() {
             .any(|(t, own)| t == "held" && *own == held_now),
         "ds:held reads its publish"
     );
-    // The mount still reads what it mounted, though its layer is no root but its lease.
+    // The collections beside the writers did collect (the layers the tags left).
+    assert!(
+        freed_in_race > 0,
+        "no collection freed anything during the race"
+    );
+    // The mount's layer is no root but its lease, and it is whole in the store...
+    for f in ["own.bin", "shared-0.bin"] {
+        let want = if f == "own.bin" {
+            &held_own
+        } else {
+            &shared[0]
+        };
+        assert_eq!(
+            &cat(&s, &store, &format!("ds@{held_layer}"), f),
+            want,
+            "{f}"
+        );
+    }
+    // ...and the mount reads it.
     assert_eq!(std::fs::read(mount.path("own.bin")).unwrap(), held_own);
     for (i, bytes) in shared.iter().enumerate() {
         assert_eq!(
@@ -238,10 +315,36 @@ fn gc_in_a_loop_beside_publishes_and_a_mount_loses_nothing() {
             bytes
         );
     }
+    // The volume, mounted anew, has every file both hosts committed.
+    let check = d
+        .mount_with(&store, &work.join("vol-check"), &[], &["--volume", "t/v"])
+        .unwrap();
+    for (name, bytes) in &committed {
+        assert_eq!(&std::fs::read(check.path(name)).unwrap(), bytes, "{name}");
+    }
+    drop(check);
     let du = json(&s.ok(&["du", "--json", &store]));
     assert_eq!(du["dead"]["freeable"], 0, "{du}");
-    // Unmounted, its layer goes at the next collection.
+    // Unmounted, its layer goes at the next collection (once the daemon has taken it out
+    // of its lease).
     drop(mount);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let du = json(&s.ok(&["du", "--json", &store]));
+        let leased = du["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["owner"]["kind"] == "mount");
+        if !leased {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease stays: {du}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let_a_second_pass();
     let last = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
     assert_eq!(

@@ -82,17 +82,28 @@ fn tags_move_and_go_by_compare_and_swap_with_their_history_and_du_follows() {
     let err = s.fails(&["rm", &store, "d"]);
     assert!(err.contains("not found"), "{err}");
     assert!(s.ok(&["ls", &store]).contains("d:v1"));
-    // Every tag of the dataset: both layers are dead now, and du says what that frees.
+    // Every tag of the dataset: its history keeps both layers (no retention policy keeps
+    // every earlier layer, and the grace period keeps what a tag just left).
     s.ok(&["rm", &store, "--all", "d"]);
     assert!(s.ok(&["ls", &store]).trim().is_empty());
     let du = json(&s.ok(&["du", "--json", &store]));
+    assert_eq!(
+        owner(&du, "d").expect("kept by d's history")["layers"],
+        2,
+        "{du}"
+    );
+    assert_eq!(du["dead"]["freeable"], 0, "{du}");
+    // With a retention of no earlier layer and no grace, both are dead, and du says what
+    // deleting them frees.
+    s.ok(&["retain", &store, "d", "--keep-history", "0"]);
+    let du = json(&s.ok(&["du", "--json", "--grace", "0s", &store]));
     assert!(owner(&du, "d").is_none(), "{du}");
     assert_eq!(du["dead"]["layers"]["objects"], 2, "{du}");
     assert!(
         du["dead"]["freeable"].as_u64().unwrap() > 5 << 20,
         "both files' bytes are dead: {du}"
     );
-    let text = s.ok(&["du", &store]);
+    let text = s.ok(&["du", "--grace", "0s", &store]);
     assert!(text.contains("deleting them frees"), "{text}");
     // Publishing brings the tag back over its removal.
     s.publish(&one, &store, "d:v1");

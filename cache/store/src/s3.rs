@@ -171,8 +171,9 @@ impl S3Store {
         Ok(())
     }
 
-    /// Probes once whether the server enforces `If-None-Match: *`: write a fresh key twice
-    /// with the condition; an honest server refuses the second write.
+    /// Probes once whether the server enforces `If-None-Match: *` and `If-Match`: write a
+    /// fresh key twice with the first condition, then once with a wrong ETag; an honest
+    /// server refuses both later writes.
     async fn honors_conditions(&self) -> StoreResult<bool> {
         self.honors_conditions
             .get_or_try_init(|| async {
@@ -203,15 +204,30 @@ impl S3Store {
                     }
                     return Err(err);
                 }
-                let honored = match put().await {
-                    Ok(_) => false,
+                let refused = |result: Result<_, _>| match result {
+                    Ok(_) => Ok(false),
                     Err(e) => match self.error("probe conditional write", &key, e) {
-                        err if err.kind == StoreErrorKind::Conflict => true,
+                        err if err.kind == StoreErrorKind::Conflict => Ok(true),
                         // 501 NotImplemented and friends: the header is not supported.
-                        err if err.message.contains("HTTP 501") => false,
-                        err => return Err(err),
+                        err if err.message.contains("HTTP 501") => Ok(false),
+                        err => Err(err),
                     },
                 };
+                // Both conditions refs rely on: create-only, and replace-if-unchanged (some
+                // servers honour one and ignore the other).
+                let mut honored = refused(put().await)?;
+                if honored {
+                    let replace = self
+                        .client
+                        .put_object()
+                        .bucket(&self.bucket)
+                        .key(&full)
+                        .if_match("\"strata-probe-not-an-etag\"")
+                        .body(ByteStream::from_static(b"probe"))
+                        .send()
+                        .await;
+                    honored = refused(replace)?;
+                }
                 let _ = self.delete(&key).await;
                 if !honored {
                     warn_unconditional(&self.url);

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::config::DaemonConfig;
 use crate::error::{Context, DaemonError, DaemonResult};
-use crate::leases::MountLeases;
+use crate::leases::{LeaseToken, MountLeases};
 use crate::protocol::{
     decode_request, encode_reply, CommitReply, KeptInfo, LayerInfo, MountInfo, MountSpec,
     MountStats, Request, StatsReply, MAX_REQUEST,
@@ -97,6 +97,30 @@ const REQUEST_WAIT: Duration = Duration::from_secs(10);
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 /// How long an unmount waits for a volume's commit.
 const COMMIT_WAIT: Duration = Duration::from_secs(600);
+/// How long a mount of a pinned layer waits for a garbage collection under way.
+const PINNED_MOUNT_GC_WAIT: Duration = Duration::from_secs(300);
+
+/// A mount's part of its store's mount lease, taken out again unless the mount is made.
+struct LeaseGuard {
+    leases: Arc<MountLeases>,
+    token: Option<LeaseToken>,
+}
+
+impl LeaseGuard {
+    /// The mount is made: its session takes the lease over.
+    fn keep(mut self) -> Option<LeaseToken> {
+        self.token.take()
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let (Some(token), Ok(rt)) = (self.token.take(), tokio::runtime::Handle::try_current()) {
+            let leases = Arc::clone(&self.leases);
+            rt.spawn(async move { leases.remove(token).await });
+        }
+    }
+}
 
 impl Daemon {
     /// Takes the cache dir, cleans up mounts a crashed daemon left behind, opens the cache and
@@ -459,9 +483,6 @@ impl Daemon {
             )));
         }
         let result = self.mount_reserved(spec, client).await;
-        if result.is_err() {
-            self.leases.remove(&mp).await;
-        }
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -500,15 +521,6 @@ impl Daemon {
             record_start: self.config.record_starts && !spec.no_prefetch_record,
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
-        // Before any chunk is read: from now on garbage collection keeps these layers, even
-        // once the tags that named them move on (until then, its grace period does).
-        self.leases
-            .add(
-                &self.store(&spec.store, spec.endpoint_url.clone()).await?,
-                mp.clone(),
-                assembly.layers.iter().map(|l| l.digest).collect(),
-            )
-            .await;
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the
         // later ones are bind mounts of the first. A mount tied to its client's life is not
         // shared, so its unmount never waits on another's.
@@ -531,6 +543,38 @@ impl Daemon {
             let _gate = self.share_gate.lock().await;
             if let Some(info) = self.join_shared(key, &mp, &spec, &assembly)? {
                 return Ok(info);
+            }
+        }
+        // Before any chunk is read: from now on garbage collection keeps these layers, even
+        // once the tags that named them move on (until then, its grace period does). A mount
+        // that joined a shared session above is covered by that session's lease.
+        let leased = self.store(&spec.store, spec.endpoint_url.clone()).await?;
+        let lease = LeaseGuard {
+            leases: Arc::clone(&self.leases),
+            token: Some(
+                self.leases
+                    .add(&leased, assembly.layers.iter().map(|l| l.digest).collect())
+                    .await,
+            ),
+        };
+        if spec.layers.iter().any(|l| l.contains('@')) {
+            // A pinned layer may be one no root keeps, which a collection running now may
+            // have marked dead before the lease above was written: wait for it to end, and
+            // make sure the layers are still there.
+            strata_fs::gc::lease::wait_while_collecting(&leased, PINNED_MOUNT_GC_WAIT).await?;
+            for l in &assembly.layers {
+                if leased
+                    .head(&format!("layers/{}", l.digest.to_hex()))
+                    .await?
+                    .is_none()
+                {
+                    return Err(DaemonError::from(strata_fs::error::FsError::NotFound(
+                        format!(
+                            "layer {} ({}) was collected by strata gc while mounting",
+                            l.digest, l.name
+                        ),
+                    )));
+                }
             }
         }
         let volume = assembly.volume.clone();
@@ -627,6 +671,8 @@ impl Daemon {
         // it; forget it then.
         let mounts = Arc::clone(&self.mounts);
         let shared = Arc::clone(&self.shared);
+        // The session's lease goes when the session ends (every mountpoint sharing it gone).
+        let lease = lease.keep();
         let leases = Arc::clone(&self.leases);
         let runtime = tokio::runtime::Handle::current();
         let state_dir = self.config.state_dir.clone();
@@ -665,7 +711,9 @@ impl Daemon {
                 }
                 let _ = ended_tx.send(Some(Ended { problem }));
                 tracing::info!("unmounted {}", mp.display());
-                runtime.spawn(async move { leases.remove(&mp).await });
+                if let Some(token) = lease {
+                    runtime.spawn(async move { leases.remove(token).await });
+                }
             })
             .map_err(|e| DaemonError::internal(format!("starting the session watcher: {e}")))?;
         if let Some(pidfd) = owner {
@@ -908,7 +956,6 @@ impl Daemon {
                     mounts.remove(mountpoint);
                 }
             }
-            self.leases.remove(mountpoint).await;
             return Ok(info);
         }
         drop(_gate);
@@ -1029,10 +1076,6 @@ impl Daemon {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if mounts.get(&mp).is_some_and(|m| m.info.id == id) {
                     mounts.remove(&mp);
-                }
-                let leases = Arc::clone(&self.leases);
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move { leases.remove(&mp).await });
                 }
             }
         }

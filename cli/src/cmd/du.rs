@@ -1,5 +1,6 @@
 use clap::Args;
-use strata_fs::gc::mark::Owner;
+use strata_fs::gc::mark::{Owner, RootOptions};
+use strata_fs::gc::retention::Policy;
 use strata_fs::gc::usage::{self, Prices, Tally};
 
 use crate::units::human;
@@ -22,6 +23,16 @@ pub struct DuArgs {
     /// Dollars per 1,000 GET requests.
     #[arg(long, default_value_t = Prices::default().per_1000_gets)]
     price_get: f64,
+    /// As `strata gc --grace`: the layers a tag left within this long are kept whatever its
+    /// retention.
+    #[arg(long, default_value = "1h", value_parser = crate::units::parse_duration)]
+    grace: std::time::Duration,
+    /// As `strata gc --keep-history`, for datasets without a policy of their own.
+    #[arg(long, value_name = "N")]
+    keep_history: Option<u32>,
+    /// As `strata gc --keep-within`, for datasets without a policy of their own.
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    keep_within: Option<std::time::Duration>,
 }
 
 pub async fn run(g: &GlobalArgs, a: DuArgs) -> anyhow::Result<()> {
@@ -40,7 +51,13 @@ pub async fn run(g: &GlobalArgs, a: DuArgs) -> anyhow::Result<()> {
         per_1000_puts: a.price_put,
         per_1000_gets: a.price_get,
     };
-    let mut u = usage::usage(&store, prices).await?;
+    let roots = RootOptions {
+        grace: a.grace,
+        default_policy: (a.keep_history.is_some() || a.keep_within.is_some())
+            .then(|| Policy::new(a.keep_history, a.keep_within.map(|d| d.as_secs()))),
+        ..RootOptions::default()
+    };
+    let mut u = usage::usage(&store, prices, &roots).await?;
     if let Some(name) = &a.name {
         u.owners.retain(|o| match &o.owner {
             Owner::Dataset(n) | Owner::Volume(n) => n == name,

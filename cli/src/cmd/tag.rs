@@ -38,7 +38,7 @@ pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
         {
             anyhow::bail!("layer {layer} ({source}) is not in {}", a.store);
         }
-        lease.ensure_held()?;
+        lease.ensure_held().await?;
         let previous = refs::set(&store, &target, &layer, "tag").await?;
         Ok((layer, previous))
     }

@@ -124,12 +124,7 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
             }
             ("chunks", Some(_)) => Some(&mut plan.locators),
             ("leases", _) => {
-                let ttl = if o.key.starts_with(lease::WRITERS) {
-                    options.timings.writer_stale
-                } else {
-                    options.timings.mount_stale
-                };
-                if older(o, ttl.max(options.grace)) {
+                if older(o, lease_ttl(&o.key, options)) {
                     plan.leases.push(o.clone());
                 }
                 None
@@ -154,6 +149,16 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
             .collect();
     }
     plan
+}
+
+/// How long a lease goes unrenewed before the collector deletes it.
+fn lease_ttl(key: &str, options: &GcOptions) -> Duration {
+    let ttl = if key.starts_with(lease::WRITERS) {
+        options.timings.writer_stale
+    } else {
+        options.timings.mount_stale
+    };
+    ttl.max(options.grace)
 }
 
 fn tally<'a>(objects: impl Iterator<Item = &'a ObjectInfo>) -> Tally {
@@ -203,6 +208,11 @@ async fn collect_locked(
         let waiting = Instant::now();
         wait_for_writers(store, lock, options).await?;
         report.waited_secs = waiting.elapsed().as_secs_f64();
+        // A writer whose lease this collection took for abandoned finds the epoch moved
+        // before its root write, and stops.
+        store
+            .put(lease::EPOCH_KEY, bytes::Bytes::from(lease::unique_id()))
+            .await?;
     }
     let now = match lock {
         Some(l) => l.store_now().await?,
@@ -275,7 +285,25 @@ async fn collect_locked(
     report.locators_rewritten = rewritten;
     delete_all(store, lock, &plan.locators).await?;
     delete_all(store, lock, &plan.packs).await?;
-    delete_all(store, lock, &plan.leases).await?;
+    // A lease renewed since the listing is live again: only those still stale now go.
+    let now = lock.store_now().await?;
+    let fresh: HashSet<String> = store
+        .list_info("leases/")
+        .await?
+        .into_iter()
+        .filter(|o| {
+            now.duration_since(o.modified)
+                .map_or(true, |age| age <= lease_ttl(&o.key, options))
+        })
+        .map(|o| o.key)
+        .collect();
+    let stale: Vec<ObjectInfo> = plan
+        .leases
+        .iter()
+        .filter(|o| !fresh.contains(&o.key))
+        .cloned()
+        .collect();
+    delete_all(store, lock, &stale).await?;
     Ok(())
 }
 
@@ -286,7 +314,7 @@ async fn wait_for_writers(
     lock: &GcLock,
     options: &GcOptions,
 ) -> FsResult<()> {
-    let deadline = Instant::now() + options.writer_wait;
+    let started = Instant::now();
     let mut pause = Duration::from_millis(100);
     let mut said = false;
     loop {
@@ -300,7 +328,7 @@ async fn wait_for_writers(
             .as_ref()
             .map(|h| format!("{} on {} (pid {})", h.what, h.host, h.pid))
             .unwrap_or_else(|| key.clone());
-        if Instant::now() >= deadline {
+        if started.elapsed() >= options.writer_wait {
             return Err(FsError::Conflict(format!(
                 "{}: {} writer(s) still at work after {}s ({who}); nothing was deleted",
                 store.url(),
@@ -318,12 +346,19 @@ async fn wait_for_writers(
 }
 
 async fn delete_all(store: &Arc<dyn Store>, lock: &GcLock, objects: &[ObjectInfo]) -> FsResult<()> {
-    lock.ensure_held()?;
-    stream::iter(objects)
-        .map(|o| async move { store.delete(&o.key).await })
-        .buffer_unordered(DELETES)
-        .try_collect::<()>()
-        .await?;
+    // The hold is checked again every few hundred deletes: a collection whose lock lapsed
+    // stops within seconds.
+    for batch in objects.chunks(8 * DELETES) {
+        lock.ensure_held()?;
+        stream::iter(batch)
+            .map(|o| async move {
+                tracing::debug!("deleting {}", o.key);
+                store.delete(&o.key).await
+            })
+            .buffer_unordered(DELETES)
+            .try_collect::<()>()
+            .await?;
+    }
     Ok(())
 }
 
@@ -518,7 +553,7 @@ mod tests {
         }
         // Nothing is left that no live layer uses: only live packs, and no byte of them
         // unused... but for what shares a pack with a live chunk.
-        let u = crate::gc::usage::usage(&store, Default::default())
+        let u = crate::gc::usage::usage(&store, Default::default(), &Default::default())
             .await
             .unwrap();
         assert_eq!(u.dead.freeable, 0, "{:?}", u.dead);
@@ -533,6 +568,42 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let report = collect(&store, &options()).await.unwrap();
         assert_eq!(report.freed(), 0, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_writer_taken_for_abandoned_stops_before_its_root_write() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new("gc-fence"));
+        let quiet = Timings {
+            writer_renew: Duration::from_secs(60),
+            ..Timings::default()
+        };
+        let writer =
+            lease::WriterLease::acquire_with(&store, "publish", quiet, Duration::from_secs(5))
+                .await
+                .unwrap();
+        writer.ensure_held().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // To this collector the writer's lease is long stale: it goes ahead without it.
+        let impatient = GcOptions {
+            timings: Timings {
+                writer_stale: Duration::from_millis(1),
+                ..Timings::default()
+            },
+            ..options()
+        };
+        collect(&store, &impatient).await.unwrap();
+        let err = writer.ensure_held().await.unwrap_err();
+        assert!(
+            err.to_string().contains("garbage collection may have run"),
+            "{err}"
+        );
+        writer.release().await;
+        // One that starts after the collection goes on.
+        let next = lease::WriterLease::acquire(&store, "publish")
+            .await
+            .unwrap();
+        next.ensure_held().await.unwrap();
+        next.release().await;
     }
 
     #[tokio::test]
@@ -565,7 +636,7 @@ mod tests {
         assert_whole(&store, layer).await;
         // A live mount lease keeps the layer it names.
         store.delete("volumes/t/v/head").await.unwrap();
-        let key = lease::MountLease::key("d1");
+        let key = lease::MountLease::key("d1", store.url());
         lease::MountLease::new([layer])
             .write(&store, &key)
             .await

@@ -9,7 +9,7 @@
 //! Daemons also hold **mount leases** (`leases/mounts/<host>-<id>`): the layers their mounts
 //! read, which the collector keeps alive as roots (see [`MountLease`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,6 +70,9 @@ pub struct Holder {
     pub pid: u32,
     /// When it was first taken, seconds since the epoch (the holder's clock).
     pub since: u64,
+    /// Unique to this holder: a lease or lock found in the store is known for its own.
+    #[serde(default)]
+    pub id: String,
 }
 
 impl Holder {
@@ -80,6 +83,7 @@ impl Holder {
             host: crate::volume::lifecycle::host_name(),
             pid: std::process::id(),
             since: epoch_secs(SystemTime::now()),
+            id: unique_id(),
         }
     }
 
@@ -128,10 +132,27 @@ pub struct WriterLease {
     store: Arc<dyn Store>,
     key: String,
     what: String,
-    renewed: Arc<Mutex<Instant>>,
+    renewals: Arc<Mutex<Renewals>>,
     renewer: tokio::task::JoinHandle<()>,
     give_up: Duration,
+    /// The collection epoch when the lease was taken (see [`EPOCH_KEY`]).
+    epoch: Option<bytes::Bytes>,
     released: bool,
+}
+
+/// When the lease was last renewed, and whether it ever went unrenewed for too long.
+struct Renewals {
+    /// When the last successful renewal was sent, by both clocks (a monotonic clock stops
+    /// while the host sleeps).
+    sent: (Instant, SystemTime),
+    lapsed: bool,
+}
+
+impl Renewals {
+    fn since(&self) -> Duration {
+        let wall = self.sent.1.elapsed().unwrap_or_default();
+        self.sent.0.elapsed().max(wall)
+    }
 }
 
 impl std::fmt::Debug for WriterLease {
@@ -144,6 +165,20 @@ impl std::fmt::Debug for WriterLease {
 
 /// How long a writer waits for a collector before it gives up.
 pub const WAIT_FOR_GC: Duration = Duration::from_secs(60 * 60);
+
+/// Rewritten by every collection once no writer is left, before it marks: a writer that
+/// finds it changed between taking its lease and its root write was taken for dead by a
+/// collection, which may have swept what it relies on.
+pub const EPOCH_KEY: &str = "gc/epoch";
+
+/// The current collection epoch (`None`: no collection ever ran).
+async fn read_epoch(store: &Arc<dyn Store>) -> FsResult<Option<bytes::Bytes>> {
+    match store.get(EPOCH_KEY).await {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
 
 impl WriterLease {
     /// Takes a writer lease for `what`, waiting while a collector holds the lock.
@@ -162,12 +197,26 @@ impl WriterLease {
         let started = Instant::now();
         let mut pause = Duration::from_millis(500);
         let mut said = false;
-        loop {
+        let epoch = loop {
+            let sent = (Instant::now(), SystemTime::now());
             store.put(&key, body.clone()).await?;
             // Only after the lease is in place: a collector that took the lock before this
             // read is seen here; one that takes it after sees the lease.
-            let Some(holder) = live_lock(store, &key, timings).await? else {
-                break;
+            let checked = async {
+                let lock = live_lock(store, &key, timings).await?;
+                let epoch = read_epoch(store).await?;
+                Ok::<_, FsError>((lock, epoch))
+            }
+            .await;
+            let holder = match checked {
+                Ok((None, epoch)) => break (epoch, sent),
+                Ok((Some(holder), _)) => holder,
+                Err(e) => {
+                    if let Err(d) = store.delete(&key).await {
+                        tracing::warn!("removing writer lease {key}: {d}");
+                    }
+                    return Err(e);
+                }
             };
             store.delete(&key).await?;
             if started.elapsed() >= max_wait {
@@ -192,16 +241,28 @@ impl WriterLease {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(10));
-        }
-        let renewed = Arc::new(Mutex::new(Instant::now()));
+        };
+        let (epoch, sent) = epoch;
+        let renewals = Arc::new(Mutex::new(Renewals {
+            sent,
+            lapsed: false,
+        }));
+        let give_up = timings.writer_give_up;
         let renewer = tokio::spawn({
-            let (store, key, renewed) = (Arc::clone(store), key.clone(), Arc::clone(&renewed));
+            let (store, key, renewals) = (Arc::clone(store), key.clone(), Arc::clone(&renewals));
             async move {
                 loop {
                     tokio::time::sleep(timings.writer_renew).await;
+                    let sent = (Instant::now(), SystemTime::now());
                     match store.put(&key, body.clone()).await {
                         Ok(()) => {
-                            *renewed.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now()
+                            let mut r = renewals.lock().unwrap_or_else(|e| e.into_inner());
+                            // A gap too long once is a lapse for good: a collector may have
+                            // swept in it, whatever later renewals say.
+                            if r.since() > give_up {
+                                r.lapsed = true;
+                            }
+                            r.sent = sent;
                         }
                         Err(e) => tracing::warn!("renewing writer lease {key}: {e}"),
                     }
@@ -212,29 +273,34 @@ impl WriterLease {
             store: Arc::clone(store),
             key,
             what: what.to_string(),
-            renewed,
+            renewals,
             renewer,
-            give_up: timings.writer_give_up,
+            give_up,
+            epoch,
             released: false,
         })
     }
 
-    /// Called right before a root write: a lease that could not be renewed for too long may
-    /// have been given up on by a collector, which may have swept what this writer relies on.
-    pub fn ensure_held(&self) -> FsResult<()> {
-        let since = self
-            .renewed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed();
-        if since > self.give_up {
+    /// Called right before a root write: fails if a collection may have run since the lease
+    /// was taken (it could not be renewed for too long, or the collection epoch moved), and
+    /// so may have swept what this writer relies on.
+    pub async fn ensure_held(&self) -> FsResult<()> {
+        let lapsed = {
+            let r = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+            r.lapsed || r.since() > self.give_up
+        };
+        let moved = !lapsed && read_epoch(&self.store).await? != self.epoch;
+        if lapsed || moved {
             return Err(FsError::Conflict(format!(
-                "{}: the writer lease of this {} could not be renewed for {}s, so garbage \
-                 collection may have run meanwhile; stopping before moving anything (run it \
-                 again)",
+                "{}: garbage collection may have run while this {} was under way (its writer \
+                 lease {}); stopping before moving anything (run it again)",
                 self.store.url(),
                 self.what,
-                since.as_secs()
+                if lapsed {
+                    "could not be renewed in time"
+                } else {
+                    "was taken for abandoned"
+                }
             )));
         }
         Ok(())
@@ -276,24 +342,23 @@ async fn live_lock(
     own: &str,
     timings: Timings,
 ) -> FsResult<Option<Holder>> {
-    let body = match crate::record::get(store, LOCK_KEY).await {
-        Ok(b) => b,
+    let holder = match crate::record::get(store, LOCK_KEY).await {
+        Ok(body) => serde_json::from_slice::<Holder>(&body)
+            .unwrap_or_else(|_| Holder::new("an unreadable lock")),
         Err(FsError::Store(e)) if e.is_not_found() => return Ok(None),
-        // A lock that cannot be read is still a lock: wait for it like any other.
+        // A lock that cannot be read is still a lock while it is renewed.
         Err(FsError::InvalidInput(why)) => {
             tracing::warn!("{}: {LOCK_KEY} is unreadable: {why}", store.url());
-            return Ok(Some(Holder::new("an unreadable lock")));
+            Holder::new("an unreadable lock")
         }
         Err(e) => return Err(e),
     };
-    let holder = serde_json::from_slice::<Holder>(&body)
-        .unwrap_or_else(|_| Holder::new("an unreadable lock"));
-    let (Some(locked), Some(now)) = (
-        modified(store, LOCK_KEY).await?,
-        modified(store, own).await?,
-    ) else {
+    let Some(locked) = modified(store, LOCK_KEY).await? else {
         return Ok(None); // released meanwhile
     };
+    // The store's now is the time of the lease just written; a listing that does not show it
+    // yet leaves this host's clock to judge.
+    let now = modified(store, own).await?.unwrap_or_else(SystemTime::now);
     Ok((!stale(now, locked, timings.lock_stale)).then_some(holder))
 }
 
@@ -302,8 +367,18 @@ pub struct GcLock {
     store: Arc<dyn Store>,
     /// The store's clock when the lock was taken (the lock's own LastModified).
     pub now: SystemTime,
-    lost: Arc<AtomicBool>,
+    state: Arc<Mutex<LockState>>,
+    /// The hold ends once the last renewal is older than this.
+    trust: Duration,
     renewer: tokio::task::JoinHandle<()>,
+}
+
+struct LockState {
+    version: Version,
+    /// When the last successful renewal was sent, by both clocks.
+    renewed: (Instant, SystemTime),
+    /// Another collector took the lock over.
+    lost: bool,
 }
 
 impl GcLock {
@@ -313,7 +388,7 @@ impl GcLock {
     /// writes.
     pub async fn take(store: &Arc<dyn Store>, timings: Timings) -> FsResult<GcLock> {
         let body = Holder::new("gc").sealed();
-        let unsupported = |e: StoreError| {
+        let unsupported = |why: &str| {
             FsError::Store(StoreError::new(
                 store.url(),
                 "gc",
@@ -322,30 +397,49 @@ impl GcLock {
                 format!(
                     "the store ignores conditional writes, so garbage collection cannot \
                      exclude publishes, commits and other collectors; run it with \
-                     --single-writer when nothing else writes to the store ({})",
-                    e.message
+                     --single-writer when nothing else writes to the store ({why})"
                 ),
             ))
         };
         let created = match store.compare_and_swap(LOCK_KEY, None, body.clone()).await {
             Ok(v) => v,
             Err(e) if e.kind == StoreErrorKind::Conflict => {
-                take_over(store, timings, body.clone()).await?
+                match store.get_versioned(LOCK_KEY).await? {
+                    // This very write landed, and only its reply was lost.
+                    Some((found, v)) if found == body => v,
+                    _ => take_over(store, timings, body.clone()).await?,
+                }
             }
-            Err(e) if e.kind == StoreErrorKind::Unsupported => return Err(unsupported(e)),
+            Err(e) if e.kind == StoreErrorKind::Unsupported => return Err(unsupported(&e.message)),
             Err(e) => return Err(e.into()),
         };
-        // Renewing (and taking over) is a replace by version: a store that honours only
-        // create-only writes (Garage) cannot do it, and is refused here, before anything.
-        let version = match store
-            .compare_and_swap(LOCK_KEY, Some(&created), body.clone())
+        // Renewing (and taking over) replaces the lock by version: a store must refuse a
+        // wrong version and take the right one, or the lock excludes nothing.
+        let wrong = Version("strata-gc-probe-not-a-version".into());
+        let probed = match store
+            .compare_and_swap(LOCK_KEY, Some(&wrong), body.clone())
             .await
         {
+            Err(e) if e.kind == StoreErrorKind::Conflict => {
+                store
+                    .compare_and_swap(LOCK_KEY, Some(&created), body.clone())
+                    .await
+            }
+            Ok(_) => Err(StoreError::new(
+                store.url(),
+                "gc",
+                LOCK_KEY,
+                StoreErrorKind::Unsupported,
+                "a replace with a wrong version (If-Match) was taken",
+            )),
+            Err(e) => Err(e),
+        };
+        let version = match probed {
             Ok(v) => v,
             Err(e) => {
                 let _ = store.delete(LOCK_KEY).await;
                 return Err(match e.kind {
-                    StoreErrorKind::Unsupported => unsupported(e),
+                    StoreErrorKind::Unsupported => unsupported(&e.message),
                     _ => e.into(),
                 });
             }
@@ -353,21 +447,30 @@ impl GcLock {
         let now = modified(store, LOCK_KEY)
             .await?
             .unwrap_or_else(SystemTime::now);
-        let lost = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new(LockState {
+            version,
+            renewed: (Instant::now(), SystemTime::now()),
+            lost: false,
+        }));
         let renewer = tokio::spawn({
-            let (store, lost) = (Arc::clone(store), Arc::clone(&lost));
+            let (store, state) = (Arc::clone(store), Arc::clone(&state));
             async move {
-                let mut version = version;
                 loop {
                     tokio::time::sleep(timings.lock_renew).await;
+                    let version = lock_state(&state).version.clone();
+                    let sent = (Instant::now(), SystemTime::now());
                     match store
                         .compare_and_swap(LOCK_KEY, Some(&version), body.clone())
                         .await
                     {
-                        Ok(v) => version = v,
+                        Ok(v) => {
+                            let mut st = lock_state(&state);
+                            st.version = v;
+                            st.renewed = sent;
+                        }
                         Err(e) if e.kind == StoreErrorKind::Conflict => {
                             tracing::error!("{LOCK_KEY} was taken over: stopping");
-                            lost.store(true, Ordering::SeqCst);
+                            lock_state(&state).lost = true;
                             return;
                         }
                         Err(e) => tracing::warn!("renewing {LOCK_KEY}: {e}"),
@@ -378,17 +481,30 @@ impl GcLock {
         Ok(GcLock {
             store: Arc::clone(store),
             now,
-            lost,
+            state,
+            trust: timings.lock_stale / 2,
             renewer,
         })
     }
 
-    /// Fails once another collector took the lock over (this one was thought dead).
+    /// Fails once the hold may be over: another collector took the lock over, or it was not
+    /// renewed for long enough that writers may count it abandoned.
     pub fn ensure_held(&self) -> FsResult<()> {
-        if self.lost.load(Ordering::SeqCst) {
+        let st = lock_state(&self.state);
+        let since = st
+            .renewed
+            .0
+            .elapsed()
+            .max(st.renewed.1.elapsed().unwrap_or_default());
+        if st.lost || since > self.trust {
             return Err(FsError::Conflict(format!(
-                "{}: another collector took {LOCK_KEY} over; stopped",
-                self.store.url()
+                "{}: {LOCK_KEY} {}; stopped",
+                self.store.url(),
+                if st.lost {
+                    "was taken over by another collector"
+                } else {
+                    "could not be renewed in time"
+                }
             )));
         }
         Ok(())
@@ -399,14 +515,32 @@ impl GcLock {
         Ok(modified(&self.store, LOCK_KEY).await?.unwrap_or(self.now))
     }
 
+    /// Deletes the lock if it is still this collector's (S3 has no conditional delete: a
+    /// takeover in the moment between the check and the delete is lost, and that collector
+    /// then stops at its next renewal).
     pub async fn release(self) {
         self.renewer.abort();
-        if !self.lost.load(Ordering::SeqCst) {
-            if let Err(e) = self.store.delete(LOCK_KEY).await {
-                tracing::warn!("removing {LOCK_KEY}: {e}");
+        let (lost, ours) = {
+            let st = lock_state(&self.state);
+            (st.lost, st.version.clone())
+        };
+        if lost {
+            return;
+        }
+        match self.store.get_versioned(LOCK_KEY).await {
+            Ok(Some((_, v))) if v == ours => {
+                if let Err(e) = self.store.delete(LOCK_KEY).await {
+                    tracing::warn!("removing {LOCK_KEY}: {e}");
+                }
             }
+            Ok(_) => tracing::warn!("{LOCK_KEY} is another collector's now: left in place"),
+            Err(e) => tracing::warn!("reading {LOCK_KEY} to release it: {e}"),
         }
     }
+}
+
+fn lock_state(state: &Mutex<LockState>) -> std::sync::MutexGuard<'_, LockState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for GcLock {
@@ -480,6 +614,33 @@ pub async fn live_writers(
     Ok(out)
 }
 
+/// Waits while a collector holds `gc/lock` (by this host's clock), at most `max_wait`.
+pub async fn wait_while_collecting(store: &Arc<dyn Store>, max_wait: Duration) -> FsResult<()> {
+    let timings = Timings::default();
+    let started = Instant::now();
+    loop {
+        let held = match crate::record::get(store, LOCK_KEY).await {
+            Ok(_) | Err(FsError::InvalidInput(_)) => match modified(store, LOCK_KEY).await? {
+                Some(locked) => !stale(SystemTime::now(), locked, timings.lock_stale),
+                None => false,
+            },
+            Err(FsError::Store(e)) if e.is_not_found() => false,
+            Err(e) => return Err(e),
+        };
+        if !held {
+            return Ok(());
+        }
+        if started.elapsed() >= max_wait {
+            return Err(FsError::Conflict(format!(
+                "{}: garbage collection still holds {LOCK_KEY} after {}s",
+                store.url(),
+                max_wait.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// A daemon's mount lease: the layers its mounts of one store read.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountLease {
@@ -501,11 +662,13 @@ impl MountLease {
         }
     }
 
-    /// The key of this daemon's lease: `leases/mounts/<host>-<daemon id>`.
-    pub fn key(daemon_id: &str) -> String {
+    /// The key of a daemon's lease on the store at `store_url`:
+    /// `leases/mounts/<host>-<daemon id>-<store>` (two URLs may name one bucket).
+    pub fn key(daemon_id: &str, store_url: &str) -> String {
         format!(
-            "{MOUNTS}{}-{daemon_id}",
-            crate::volume::lifecycle::host_name()
+            "{MOUNTS}{}-{daemon_id}-{}",
+            crate::volume::lifecycle::host_name(),
+            &blake3::hash(store_url.as_bytes()).to_hex()[..8]
         )
     }
 
@@ -578,36 +741,39 @@ mod tests {
         assert!(!waiting.is_finished());
         lock.release().await;
         let w = waiting.await.unwrap().unwrap();
-        w.ensure_held().unwrap();
+        w.ensure_held().await.unwrap();
         drop(w);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            store.list(WRITERS).await.unwrap().is_empty(),
-            "a dropped lease is removed"
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.list(WRITERS).await.unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "a dropped lease is removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
     async fn an_abandoned_lock_is_taken_over_and_its_holder_stops() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new("lock"));
+        // The first collector stops renewing (its next renewal is far off)...
+        let first = Timings {
+            lock_renew: Duration::from_secs(60),
+            lock_stale: Duration::from_millis(400),
+            ..fast()
+        };
+        // ...and to the second its lock soon looks abandoned.
         let timings = Timings {
-            lock_stale: Duration::ZERO,
+            lock_stale: Duration::from_millis(300),
             ..fast()
         };
-        let slow = Timings {
-            lock_renew: Duration::from_millis(300),
-            ..fast()
-        };
-        let first = GcLock::take(&store, slow).await.unwrap();
+        let first = GcLock::take(&store, first).await.unwrap();
         first.ensure_held().unwrap();
-        // To the second, the first's lock looks abandoned (a zero staleness): it takes it
-        // over, and the first's next renewal finds it gone.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let err = GcLock::take(&store, timings).await.err().unwrap();
+        assert!(matches!(err, FsError::Conflict(_)), "held: {err}");
+        tokio::time::sleep(Duration::from_millis(350)).await;
         let second = GcLock::take(&store, timings).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             first.ensure_held().is_err(),
-            "the first learns it lost the lock"
+            "the first stops trusting a lock it could not renew"
         );
         second.ensure_held().unwrap();
         first.release().await;

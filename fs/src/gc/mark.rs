@@ -108,6 +108,8 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
     // something unknown, which must not then look dead. Tags with a history but no ref (a
     // ref deleted by hand) keep what their retention says too.
     let mut tags: BTreeMap<(String, String), Option<SystemTime>> = BTreeMap::new();
+    // When each history was last written (for a history whose ref is gone).
+    let mut histories: HashMap<(String, String), SystemTime> = HashMap::new();
     for o in store.list_info("refs/").await? {
         if o.key.ends_with('/') {
             continue; // a "folder" marker some S3 consoles make
@@ -121,16 +123,18 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
                 .push(format!("{}: not a ref this strata version knows", o.key)),
         }
     }
-    for key in store.list("history/").await? {
-        if let ["history", name, tag] = key.split('/').collect::<Vec<_>>().as_slice() {
+    for o in store.list_info("history/").await? {
+        if let ["history", name, tag] = o.key.split('/').collect::<Vec<_>>().as_slice() {
             if refs::DatasetRef::parse(&format!("{name}:{tag}")).is_ok() {
-                tags.entry((name.to_string(), tag.to_string()))
-                    .or_insert(None);
+                let tag = (name.to_string(), tag.to_string());
+                histories.insert(tag.clone(), o.modified);
+                tags.entry(tag).or_insert(None);
             }
         }
     }
     let mut policies: HashMap<String, Option<Policy>> = HashMap::new();
     for ((name, tag), ref_modified) in tags {
+        let history_modified = histories.get(&(name.clone(), tag.clone())).copied();
         let r = refs::DatasetRef::parse(&format!("{name}:{tag}"))?;
         let owner = Owner::Dataset(name.clone());
         let key = r.key();
@@ -193,16 +197,17 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
                  layer it pointed at before is unknown"
             ));
         }
-        // The layers it pointed at before, most recent first (moves are in order); one it
-        // came back to counts once, at its latest. A history whose ref was deleted by hand
-        // still points at its last layer: that ended at the latest now.
-        let mut earlier = history.spans();
-        earlier.retain(|(layer, ..)| Some(*layer) != current);
-        earlier.reverse();
-        let mut seen = HashSet::new();
-        earlier.retain(|(layer, ..)| seen.insert(*layer));
-        for (rank, (layer, _, ended)) in earlier.into_iter().enumerate() {
-            let ended = ended.unwrap_or(now_secs);
+        let secs = |t: Option<SystemTime>| t.map_or(0, lease::epoch_secs);
+        for (rank, (layer, ended)) in earlier_layers(&history, current).into_iter().enumerate() {
+            // When it was left: by the writer's clock, or, for the move that made the ref
+            // what it is, by the store's when that is later (a writer's clock running behind
+            // must not shorten the grace). A history whose ref was deleted by hand still
+            // points at its last layer: that was left when the history was last written.
+            let ended = match ended {
+                Some(Left { at, latest: true }) => at.max(secs(ref_modified)),
+                Some(Left { at, .. }) => at,
+                None => secs(history_modified),
+            };
             let in_grace = ended.saturating_add(options.grace.as_secs()) > now_secs;
             if in_grace || policy.is_none_or(|p| p.keeps(rank, ended, now_secs)) {
                 roots.layers.entry(layer).or_default().insert(owner.clone());
@@ -257,6 +262,52 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
     Ok(roots)
 }
 
+/// When a tag left a layer: `at` (seconds, the writer's clock) of the move that left it;
+/// `latest`: that move is the tag's last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Left {
+    at: u64,
+    latest: bool,
+}
+
+/// The layers a tag pointed at before `current`, most recent first, each with when it was
+/// left (`None`: the history still points at it, its ref gone). A layer it came back to counts
+/// once, at its latest. Both the layer each move set and the layer each move names as left
+/// (`from`) count, so a move missing from the history (its append failed) still leaves a
+/// trace in the next one.
+fn earlier_layers(
+    history: &refs::history::History,
+    current: Option<Digest>,
+) -> Vec<(Digest, Option<Left>)> {
+    let moves = &history.moves;
+    let last = moves.len().saturating_sub(1);
+    let parse = |l: &Option<String>| l.as_deref().and_then(|l| Digest::parse(l).ok());
+    // (layer, index of the move that left it or `moves.len()`: not left, and whether a
+    // move named it as left: of two layers left by one move, that one is the later, since
+    // the other's own leaving is missing from the history)
+    let mut left: Vec<(Digest, usize, bool)> = Vec::new();
+    for (i, m) in moves.iter().enumerate() {
+        if let Some(layer) = parse(&m.layer) {
+            left.push((layer, i + 1, false));
+        }
+        if let Some(from) = parse(&m.from) {
+            left.push((from, i, true));
+        }
+    }
+    left.sort_by_key(|&(_, i, named)| std::cmp::Reverse((i, named)));
+    let mut seen = HashSet::new();
+    left.into_iter()
+        .filter(|(layer, ..)| Some(*layer) != current && seen.insert(*layer))
+        .map(|(layer, i, _)| {
+            let when = moves.get(i).map(|m| Left {
+                at: m.at,
+                latest: i == last,
+            });
+            (layer, when)
+        })
+        .collect()
+}
+
 /// Adds the layers of daemons' live mount leases to `roots`.
 pub async fn mount_leases(
     store: &Arc<dyn Store>,
@@ -299,6 +350,9 @@ pub async fn recent_layers(
     roots: &mut Roots,
 ) -> FsResult<()> {
     for o in store.list_info("layers/").await? {
+        if o.key.ends_with('/') {
+            continue; // a "folder" marker some S3 consoles make
+        }
         let recent = options
             .now
             .duration_since(o.modified)
@@ -391,4 +445,57 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
         }
     }
     Ok(marked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refs::history::{History, Move};
+
+    fn d(n: u8) -> Digest {
+        Digest([n; 32])
+    }
+
+    fn mv(layer: Option<u8>, at: u64, from: Option<u8>) -> Move {
+        Move {
+            layer: layer.map(|n| d(n).to_string()),
+            at,
+            by: "publish".into(),
+            from: from.map(|n| d(n).to_string()),
+        }
+    }
+
+    #[test]
+    fn earlier_layers_come_most_recent_first_and_a_lost_move_leaves_a_trace() {
+        // 1 → 2 → (3, whose move is missing from the history) → 4 → 1 again, then 5.
+        let h = History {
+            version: 1,
+            moves: vec![
+                mv(Some(1), 10, None),
+                mv(Some(2), 20, Some(1)),
+                mv(Some(4), 40, Some(3)),
+                mv(Some(1), 50, Some(4)),
+                mv(Some(5), 60, Some(1)),
+            ],
+        };
+        let got = earlier_layers(&h, Some(d(5)));
+        let left = |at, latest| Some(Left { at, latest });
+        assert_eq!(
+            got,
+            vec![
+                (d(1), left(60, true)),
+                (d(4), left(50, false)),
+                (d(3), left(40, false)),
+                (d(2), left(40, false)),
+            ],
+            "1 counts once, at its latest; 3 is known from the move that left it"
+        );
+        // The ref deleted by hand: the history still points at 5, left at no known time.
+        let got = earlier_layers(&h, None);
+        assert_eq!(got[0], (d(5), None));
+        // Removed (a tombstone move): 5 was left by the removal.
+        let mut removed = h.clone();
+        removed.moves.push(mv(None, 70, Some(5)));
+        assert_eq!(earlier_layers(&removed, None)[0], (d(5), left(70, true)));
+    }
 }

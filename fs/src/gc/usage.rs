@@ -108,9 +108,14 @@ pub struct Usage {
     pub problems: Vec<String>,
 }
 
-/// Lists `store`, marks what its roots keep alive and adds it up.
-pub async fn usage(store: &Arc<dyn Store>, prices: Prices) -> FsResult<Usage> {
-    let roots = mark::roots(store, &mark::RootOptions::default()).await?;
+/// Lists `store`, marks what its roots keep alive (as `roots` says: the grace period and the
+/// default retention, as garbage collection would be given them) and adds it up.
+pub async fn usage(
+    store: &Arc<dyn Store>,
+    prices: Prices,
+    roots: &mark::RootOptions,
+) -> FsResult<Usage> {
+    let roots = mark::roots(store, roots).await?;
     let marked = mark::mark(store, roots).await?;
     let objects = store.list_info("").await?;
     Ok(account(
@@ -320,7 +325,9 @@ mod tests {
             .unwrap();
 
         // Both alive: b shares a's files, and has bytes of its own.
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert!(u.problems.is_empty(), "{:?}", u.problems);
         let listed: u64 = store
             .list_info("")
@@ -344,7 +351,9 @@ mod tests {
         // packs only it used are dead; a now has all its bytes to itself.
         store.delete("refs/b/v1").await.unwrap();
         store.delete("history/b/v1").await.unwrap();
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert_eq!(u.owners.len(), 1);
         let x = owner(&u, &da);
         assert_eq!((x.unique, x.shared), (x.referenced, 0));
@@ -384,7 +393,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert!(u.problems.is_empty(), "{:?}", u.problems);
         assert_eq!(owner(&u, &Owner::Volume("team/work".into())).layers, 1);
         assert_eq!(u.dead, Dead::default());
@@ -398,7 +409,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert_eq!(owner(&u, &Owner::Volume("team/work".into())).layers, 2);
         assert_eq!(u.dead, Dead::default());
 
@@ -413,7 +426,9 @@ mod tests {
             .delete("volumes/team/work/conflicts/c1")
             .await
             .unwrap();
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert_eq!(u.problems.len(), 1, "{:?}", u.problems);
         assert!(u.problems[0].contains("volumes/team/other/head"));
         // A layer a root names that is gone is a problem too.
@@ -431,7 +446,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert!(
             u.problems.iter().any(|p| p.contains("dataset gone")),
             "{:?}",
@@ -446,7 +463,9 @@ mod tests {
             .put("refs/deep/er/key", crate::record::seal(b"x"))
             .await
             .unwrap();
-        let u = usage(&store, Prices::default()).await.unwrap();
+        let u = usage(&store, Prices::default(), &Default::default())
+            .await
+            .unwrap();
         assert!(
             u.problems.iter().any(|p| p.contains("refs/deep/er/key")),
             "{:?}",
