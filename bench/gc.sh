@@ -71,7 +71,7 @@ for i in rng.sample(range(n), max(1, n // 50)):
         f.write(os.urandom(2 << 20))
 PY
   fi
-  "$strata" publish "$data" $store ds:latest > /dev/null
+  "$strata" publish "$data" $store ds:latest > /dev/null 2>> "$work/cli.log"
 done
 publish_secs=$(echo "$(now) - $publish_start" | bc -l)
 
@@ -92,9 +92,9 @@ for c in $(seq 1 "$commits"); do
     head -c 262144 /dev/urandom > "$expect/new-$old.bin"
     cp "$expect/new-$old.bin" "$vol/new-$old.bin"
   fi
-  "$strata" commit "$vol" > /dev/null
+  "$strata" commit "$vol" > /dev/null 2>> "$work/cli.log"
   if [ $((c % 20)) -eq 0 ]; then
-    "$strata" volume squash $store bench/vol > /dev/null
+    "$strata" volume squash $store bench/vol > /dev/null 2>> "$work/cli.log"
   fi
 done
 commit_secs=$(echo "$(now) - $commit_start" | bc -l)
@@ -103,9 +103,9 @@ daemon_stop
 
 "$strata" retain $store ds --keep-history $keep > /dev/null
 sleep 1.1   # store times have a resolution of a second: let the last writes age past --grace 0s
-before=$("$strata" du --json $store)
+before=$("$strata" du --json --grace 0s $store)
 report=$("$strata" gc --json $store --grace 0s)
-after=$("$strata" du --json $store)
+after=$("$strata" du --json --grace 0s $store)
 
 echo "== checking what is left, byte for byte"
 cmp <("$strata" cat $store ds:latest part-0000.bin) "$data/part-0000.bin"
