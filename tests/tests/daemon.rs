@@ -572,3 +572,65 @@ fn read_only_mounts_of_one_stack_share_one_session() {
     assert!(!strata_fuse::is_strata_mount(&b.mountpoint).unwrap());
     drop((c, e));
 }
+
+/// The value of the sample `name` (with its labels, as printed) in a Prometheus scrape.
+fn sample(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_are_served_and_follow_what_mounts_read() {
+    let work = strata_tests::scratch_dir("metrics");
+    let data = pseudo_random(21, 3 << 20);
+    write_file(&work.join("src/data.bin"), &data);
+    let g = garage::shared();
+    let store = garage::bucket("metrics");
+    let port = strata_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(g.env(), &work.join("daemon"), &["--metrics-addr", &addr]).unwrap();
+    d.strata().publish(&work.join("src"), &store, "m:v1");
+    let m = d
+        .mount_with(&store, &work.join("mnt"), &["m:v1"], &["--read-only"])
+        .unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == data);
+
+    let response = garage::http_get(port, "/metrics").unwrap();
+    let (head, scrape) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    // What the daemon says in `strata stats` is what Prometheus sees.
+    let stats = d.stats();
+    let served = sample(scrape, "strata_read_bytes_total").expect(scrape);
+    assert!(served >= data.len() as f64, "{served}\n{scrape}");
+    assert!(served <= total(&stats, "bytes_served") as f64);
+    let mp = m.mountpoint.to_str().unwrap();
+    let labels = format!("{{mountpoint=\"{mp}\",store=\"{store}\"}}");
+    let mount_served =
+        sample(scrape, &format!("strata_mount_read_bytes_total{labels}")).expect(scrape);
+    assert!(mount_served >= data.len() as f64, "{scrape}");
+    let gets = sample(scrape, "strata_store_requests_total{kind=\"get_range\"}").expect(scrape)
+        + sample(scrape, "strata_store_requests_total{kind=\"get\"}").expect(scrape);
+    assert!(gets > 0.0, "{scrape}");
+    assert_eq!(sample(scrape, "strata_mounts"), Some(1.0), "{scrape}");
+    // (Background fetches may go on after the scrape: never more than stats says after it.)
+    let fetched = sample(scrape, "strata_chunk_hits_total{tier=\"store\"}").expect(scrape);
+    assert!(
+        fetched > 0.0 && fetched <= total(&stats, "store_hits") as f64,
+        "{scrape}"
+    );
+    for family in [
+        "# TYPE strata_cache_disk_bytes gauge",
+        "# TYPE strata_cache_disk_evictions_total counter",
+        "# TYPE strata_mount_chunk_hits_total counter",
+    ] {
+        assert!(scrape.lines().any(|l| l == family), "{family}\n{scrape}");
+    }
+    // Anything but /metrics is not found; the daemon goes on.
+    let other = garage::http_get(port, "/").unwrap();
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    drop(m);
+    let scrape = garage::http_get(port, "/metrics").unwrap();
+    assert!(scrape.lines().any(|l| l == "strata_mounts 0"), "{scrape}");
+}

@@ -34,6 +34,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// How stores are opened (credentials are the daemon's; a mount may name the endpoint).
     pub store_options: StoreOptions,
+    /// Where to serve Prometheus metrics (`/metrics`); none by default.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl DaemonConfig {
@@ -51,6 +53,7 @@ impl DaemonConfig {
             replay_starts: true,
             socket,
             store_options: StoreOptions::default(),
+            metrics_addr: None,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 mod leases;
+mod metrics;
 pub mod protocol;
 mod server;
 

@@ -194,6 +194,16 @@ impl Daemon {
             "strata: daemon listening on {}",
             self.config.socket.display()
         );
+        let metrics = match self.config.metrics_addr {
+            Some(addr) => {
+                let bound = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics address {addr}"))?;
+                eprintln!("strata: metrics on http://{addr}/metrics");
+                Some(tokio::spawn(Arc::clone(&self).serve_metrics(bound)))
+            }
+            None => None,
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -212,6 +222,9 @@ impl Daemon {
             }
         }
         tracing::info!("shutting down: unmounting everything");
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         drop(listener);
         let _ = std::fs::remove_file(&self.config.socket);
         self.shutdown().await;

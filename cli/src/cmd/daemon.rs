@@ -17,7 +17,7 @@ use strata_daemon::{Daemon, DaemonConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
     /// read_timeout, passthrough, squash_after, prefetch_record, prefetch_replay, socket,
-    /// endpoint_url.
+    /// endpoint_url, metrics_addr.
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -50,6 +50,9 @@ pub struct DaemonArgs {
     /// Never fetch, at a mount, what the layers' start records say starts read first.
     #[arg(long, env = "STRATA_NO_PREFETCH_REPLAY", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     no_prefetch_replay: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: none].
+    #[arg(long, env = "STRATA_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -66,6 +69,7 @@ struct ConfigFile {
     prefetch_replay: Option<bool>,
     socket: Option<PathBuf>,
     endpoint_url: Option<String>,
+    metrics_addr: Option<String>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -139,6 +143,13 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
     config.replay_starts =
         !a.no_prefetch_replay && file.prefetch_replay.unwrap_or(defaults.replay_starts);
     config.store_options = store_options;
+    config.metrics_addr = match a.metrics_addr {
+        Some(addr) => Some(addr),
+        None => from_file(file.metrics_addr, "metrics_addr", |v| {
+            v.parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("expected HOST:PORT, e.g. 127.0.0.1:9400 ({e})"))
+        })?,
+    };
     Ok(config)
 }
 

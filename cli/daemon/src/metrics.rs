@@ -1,0 +1,376 @@
+//! Prometheus metrics (`strata daemon --metrics-addr HOST:PORT`, served at `/metrics`): the
+//! counters `strata stats` shows, rendered from one snapshot at each scrape. Daemon-wide
+//! families are `strata_*`; per-mount ones are `strata_mount_*`, labelled with the
+//! mountpoint and the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use strata_store::StoreCounts;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::protocol::StatsReply;
+use crate::server::Daemon;
+use cache::ReadStats;
+
+/// How long a scraper has to send its request.
+const REQUEST_WAIT: Duration = Duration::from_secs(5);
+/// The most of a request read: a scrape is a request line and a few headers.
+const REQUEST_MAX: usize = 16 << 10;
+
+const MOUNT_LABELS: &[&str] = &["mountpoint", "store"];
+
+/// One family: its values are set (a counter by one increment) from the snapshot.
+struct Families {
+    registry: Registry,
+}
+
+impl Families {
+    fn counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+}
+
+/// Gauges hold i64: a count past that (never, in practice) shows as the largest.
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The read counters of `ReadStats`, as (name, help, value).
+fn read_counters(r: &ReadStats) -> [(&'static str, &'static str, u64); 9] {
+    [
+        ("reads_total", "Reads served.", r.reads),
+        (
+            "read_bytes_total",
+            "Bytes served to readers.",
+            r.bytes_served,
+        ),
+        (
+            "chunk_requests_total",
+            "Chunks the reads asked for.",
+            r.chunk_requests,
+        ),
+        (
+            "store_fetches_total",
+            "Ranged GETs sent for chunks.",
+            r.store_gets,
+        ),
+        (
+            "store_fetch_bytes_total",
+            "Bytes those GETs brought.",
+            r.store_bytes,
+        ),
+        (
+            "chunks_fetched_total",
+            "Chunks fetched from the store.",
+            r.chunks_fetched,
+        ),
+        (
+            "corrupt_chunks_total",
+            "Chunks that failed their hash check (fetched again or EIO).",
+            r.corrupt_chunks,
+        ),
+        (
+            "read_errors_total",
+            "Reads answered with an error.",
+            r.errors,
+        ),
+        (
+            "passthrough_opens_total",
+            "Opens handed to the kernel (FUSE passthrough).",
+            r.passthrough_opens,
+        ),
+    ]
+}
+
+/// Store requests by kind, as (kind, count).
+fn request_kinds(c: &StoreCounts) -> [(&'static str, u64); 8] {
+    [
+        ("get", c.get),
+        ("get_range", c.get_range),
+        ("head", c.head),
+        ("put", c.put),
+        ("get_versioned", c.get_versioned),
+        ("compare_and_swap", c.compare_and_swap),
+        ("list", c.list),
+        ("delete", c.delete),
+    ]
+}
+
+/// The metrics of `stats` in Prometheus' text format.
+pub fn render(stats: &StatsReply) -> prometheus::Result<String> {
+    let f = Families {
+        registry: Registry::new(),
+    };
+    let total = &stats.total;
+    for (name, help, value) in read_counters(&total.reads) {
+        f.counter(&format!("strata_{name}"), help, &[])?
+            .with_label_values::<&str>(&[])
+            .inc_by(value);
+    }
+    let hits = f.counter(
+        "strata_chunk_hits_total",
+        "Chunks found, by tier: memory, disk, or the store (a fetch).",
+        &["tier"],
+    )?;
+    hits.with_label_values(&["memory"])
+        .inc_by(total.reads.memory_hits);
+    hits.with_label_values(&["disk"])
+        .inc_by(total.reads.disk_hits);
+    hits.with_label_values(&["store"])
+        .inc_by(total.reads.store_hits);
+    let requests = f.counter(
+        "strata_store_requests_total",
+        "Requests sent to stores, by kind (mounts gone since included).",
+        &["kind"],
+    )?;
+    for (kind, n) in request_kinds(&stats.store_requests) {
+        requests.with_label_values(&[kind]).inc_by(n);
+    }
+    let bytes = f.counter(
+        "strata_store_bytes_total",
+        "Bytes moved to and from stores, by direction: read, written.",
+        &["direction"],
+    )?;
+    bytes
+        .with_label_values(&["read"])
+        .inc_by(stats.store_requests.bytes_read);
+    bytes
+        .with_label_values(&["written"])
+        .inc_by(stats.store_requests.bytes_written);
+    for (name, help, value) in [
+        (
+            "strata_cache_memory_bytes",
+            "Chunk bytes held in memory.",
+            total.memory_used,
+        ),
+        (
+            "strata_cache_memory_capacity_bytes",
+            "Cap on chunk bytes in memory.",
+            total.memory_capacity,
+        ),
+        (
+            "strata_cache_disk_bytes",
+            "Bytes of the disk cache (chunk files and local copies).",
+            total.disk_used,
+        ),
+        (
+            "strata_cache_disk_capacity_bytes",
+            "Cap on the disk cache.",
+            total.disk_capacity,
+        ),
+        (
+            "strata_cache_disk_chunks",
+            "Chunks in the disk cache.",
+            total.disk_chunks,
+        ),
+        (
+            "strata_cache_disk_files",
+            "Files of the disk cache.",
+            total.disk_files,
+        ),
+        (
+            "strata_manifest_cache_bytes",
+            "Cached layer manifests (outside the chunk budget).",
+            stats.manifest_bytes,
+        ),
+        ("strata_mounts", "Mounts served.", stats.mounts.len() as u64),
+        (
+            "strata_kept_uppers",
+            "Volume uppers kept because their commit failed.",
+            stats.kept.len() as u64,
+        ),
+    ] {
+        f.gauge(name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .set(signed(value));
+    }
+    f.counter(
+        "strata_cache_disk_evictions_total",
+        "Chunk files evicted to stay under the cap.",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .inc_by(total.disk_evictions);
+
+    // Per mount.
+    let mut mount_reads = Vec::new();
+    for (name, help, _) in read_counters(&ReadStats::default()) {
+        mount_reads.push(f.counter(&format!("strata_mount_{name}"), help, MOUNT_LABELS)?);
+    }
+    let mount_hits = f.counter(
+        "strata_mount_chunk_hits_total",
+        "Chunks found, by tier: memory, disk, or the store (a fetch).",
+        &["mountpoint", "store", "tier"],
+    )?;
+    let mount_requests = f.counter(
+        "strata_mount_store_requests_total",
+        "Requests the mount sent its store, by kind.",
+        &["mountpoint", "store", "kind"],
+    )?;
+    for m in &stats.mounts {
+        let mp = m.mount.mountpoint.to_string_lossy();
+        let labels = [mp.as_ref(), m.mount.store.as_str()];
+        for (family, (_, _, value)) in mount_reads.iter().zip(read_counters(&m.stats)) {
+            family.with_label_values(&labels).inc_by(value);
+        }
+        for (tier, n) in [
+            ("memory", m.stats.memory_hits),
+            ("disk", m.stats.disk_hits),
+            ("store", m.stats.store_hits),
+        ] {
+            mount_hits
+                .with_label_values(&[labels[0], labels[1], tier])
+                .inc_by(n);
+        }
+        for (kind, n) in request_kinds(&m.store_requests) {
+            mount_requests
+                .with_label_values(&[labels[0], labels[1], kind])
+                .inc_by(n);
+        }
+    }
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&f.registry.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+impl Daemon {
+    /// Answers scrapes on `listener` for ever (abort the task to stop).
+    pub async fn serve_metrics(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let this = Arc::clone(&self);
+                    tokio::spawn(async move {
+                        if let Err(e) = this.answer_scrape(stream).await {
+                            tracing::debug!("metrics connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a metrics connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn answer_scrape(&self, mut stream: TcpStream) -> std::io::Result<()> {
+        let mut request = Vec::new();
+        let read = tokio::time::timeout(REQUEST_WAIT, async {
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_MAX {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if !matches!(read, Ok(Ok(()))) {
+            return Ok(()); // slow or broken: dropped
+        }
+        let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let path = target.split('?').next().unwrap_or("");
+        let (status, body) = match (method, path) {
+            ("GET", "/metrics") => {
+                let stats = self.stats();
+                match render(&stats) {
+                    Ok(text) => ("200 OK", text),
+                    Err(e) => (
+                        "500 Internal Server Error",
+                        format!("rendering metrics: {e}\n"),
+                    ),
+                }
+            }
+            ("GET", _) => ("404 Not Found", "strata serves /metrics only\n".to_string()),
+            _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{MountInfo, MountStats};
+
+    #[test]
+    fn a_snapshot_renders_as_prometheus_text() {
+        let mut stats = StatsReply {
+            total: Default::default(),
+            store_requests: StoreCounts::default(),
+            manifest_bytes: 7,
+            mounts: Vec::new(),
+            kept: Vec::new(),
+            local_integrity: String::new(),
+        };
+        stats.total.reads.bytes_served = 4096;
+        stats.total.reads.memory_hits = 3;
+        stats.store_requests.get_range = 5;
+        stats.mounts.push(MountStats {
+            mount: MountInfo {
+                id: 1,
+                mountpoint: "/mnt/a \"b\"".into(),
+                store: "s3://bucket".into(),
+                layers: Vec::new(),
+                mounted_at: 0,
+                writable: false,
+                scratch_size: None,
+                volume: None,
+                commit_error: None,
+                shared_with: None,
+            },
+            stats: ReadStats {
+                reads: 2,
+                bytes_served: 100,
+                ..Default::default()
+            },
+            prefetch: Default::default(),
+            store_requests: StoreCounts {
+                get_range: 4,
+                ..Default::default()
+            },
+        });
+        let text = render(&stats).unwrap();
+        for line in [
+            "# TYPE strata_read_bytes_total counter",
+            "strata_read_bytes_total 4096",
+            "strata_chunk_hits_total{tier=\"memory\"} 3",
+            "strata_store_requests_total{kind=\"get_range\"} 5",
+            "strata_manifest_cache_bytes 7",
+            "strata_mounts 1",
+            "strata_mount_read_bytes_total{mountpoint=\"/mnt/a \\\"b\\\"\",store=\"s3://bucket\"} 100",
+            "strata_mount_store_requests_total{kind=\"get_range\",mountpoint=\"/mnt/a \\\"b\\\"\",store=\"s3://bucket\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
+        }
+    }
+}
