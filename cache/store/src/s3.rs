@@ -215,8 +215,10 @@ impl S3Store {
                 };
                 // Both conditions refs rely on: create-only, and replace-if-unchanged (some
                 // servers honour one and ignore the other).
-                let mut honored = refused(put().await)?;
-                if honored {
+                let probed = async {
+                    if !refused(put().await)? {
+                        return Ok(false);
+                    }
                     let replace = self
                         .client
                         .put_object()
@@ -226,9 +228,19 @@ impl S3Store {
                         .body(ByteStream::from_static(b"probe"))
                         .send()
                         .await;
-                    honored = refused(replace)?;
+                    match refused(replace) {
+                        // Any other refusal of a wrong ETag (a 400, say) is no promise that
+                        // a right one is checked.
+                        Err(e) if e.kind != StoreErrorKind::Io => {
+                            tracing::warn!(store = %self.url, "If-Match probe: {e}");
+                            Ok(false)
+                        }
+                        other => other,
+                    }
                 }
+                .await;
                 let _ = self.delete(&key).await;
+                let honored = probed?;
                 if !honored {
                     warn_unconditional(&self.url);
                 }

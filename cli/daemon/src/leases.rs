@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use strata_cache_format::Digest;
+use strata_fs::error::{FsError, FsResult};
 use strata_fs::gc::lease::{unique_id, MountLease, Timings};
 use strata_store::Store;
 
@@ -47,58 +48,89 @@ impl MountLeases {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds the layers of a mount to the lease of `store` and writes it; the token takes
-    /// them out again.
-    pub async fn add(&self, store: &Arc<dyn Store>, layers: Vec<Digest>) -> LeaseToken {
+    /// Adds the layers of a mount to the lease of `store` (at `endpoint`, if the mount named
+    /// one) and writes it; the token takes them out again. Also says whether the lease is in
+    /// the store now (its key), or why not.
+    pub async fn add(
+        &self,
+        store: &Arc<dyn Store>,
+        endpoint: Option<&str>,
+        layers: Vec<Digest>,
+    ) -> (LeaseToken, FsResult<String>) {
         let token = LeaseToken(self.next.fetch_add(1, Ordering::Relaxed));
+        // One store is one (URL, endpoint): two endpoints may serve buckets of one name.
+        let name = match endpoint {
+            Some(e) => format!("{} at {e}", store.url()),
+            None => store.url().to_string(),
+        };
         {
             let mut held = self.held();
-            let h = held.entry(store.url().to_string()).or_insert_with(|| Held {
+            let h = held.entry(name.clone()).or_insert_with(|| Held {
                 store: Arc::clone(store),
-                key: MountLease::key(&self.daemon, store.url()),
+                key: MountLease::key(&self.daemon, &name),
                 mounts: HashMap::new(),
                 write: Default::default(),
             });
             h.mounts.insert(token, layers);
         }
-        self.write(store.url()).await;
-        token
+        let written = self.write(&name).await;
+        (token, written)
     }
 
     /// Takes a mount out of its lease (rewriting it; a lease left empty is deleted).
     pub async fn remove(&self, token: LeaseToken) {
-        let urls: Vec<String> = self
-            .held()
-            .iter_mut()
-            .filter_map(|(url, h)| h.mounts.remove(&token).map(|_| url.clone()))
-            .collect();
-        for url in urls {
-            self.write(&url).await;
+        for name in self.take_out(token) {
+            let _ = self.write(&name).await;
         }
     }
 
-    /// Writes the lease of store `url` as it stands when its turn comes.
-    async fn write(&self, url: &str) {
-        let Some(gate) = self.held().get(url).map(|h| Arc::clone(&h.write)) else {
-            return;
+    /// [`MountLeases::remove`] without waiting: the lease is rewritten in the background,
+    /// or at the next renewal when no runtime is there to do it now.
+    pub fn forget(self: &Arc<Self>, token: LeaseToken) {
+        let names = self.take_out(token);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let this = Arc::clone(self);
+            rt.spawn(async move {
+                for name in names {
+                    let _ = this.write(&name).await;
+                }
+            });
+        }
+    }
+
+    fn take_out(&self, token: LeaseToken) -> Vec<String> {
+        self.held()
+            .iter_mut()
+            .filter_map(|(name, h)| h.mounts.remove(&token).map(|_| name.clone()))
+            .collect()
+    }
+
+    /// Writes the lease of store `name` as it stands when its turn comes; its key, written.
+    async fn write(&self, name: &str) -> FsResult<String> {
+        let Some(gate) = self.held().get(name).map(|h| Arc::clone(&h.write)) else {
+            return Err(FsError::NotFound(format!("no mount lease for {name}")));
         };
         let _turn = gate.lock().await;
-        let Some((store, key, layers)) = self.held().get(url).map(|h| {
+        let Some((store, key, layers)) = self.held().get(name).map(|h| {
             let layers: BTreeSet<Digest> = h.mounts.values().flatten().copied().collect();
             (Arc::clone(&h.store), h.key.clone(), layers)
         }) else {
-            return;
+            return Err(FsError::NotFound(format!("no mount lease for {name}")));
         };
-        let written: strata_fs::error::FsResult<()> = if layers.is_empty() {
+        let written: FsResult<()> = if layers.is_empty() {
             store.delete(&key).await.map_err(Into::into)
         } else {
             MountLease::new(layers).write(&store, &key).await
         };
-        if let Err(e) = written {
-            tracing::warn!(
-                "{url}: writing mount lease {key}: {e} (garbage collection keeps mounted \
-                 layers only while it is renewed; retrying)"
-            );
+        match written {
+            Ok(()) => Ok(key),
+            Err(e) => {
+                tracing::warn!(
+                    "{name}: writing mount lease {key}: {e} (garbage collection keeps mounted \
+                     layers only while it is renewed; retrying)"
+                );
+                Err(e)
+            }
         }
     }
 
@@ -106,9 +138,15 @@ impl MountLeases {
     pub async fn renew(self: Arc<Self>, timings: Timings) {
         loop {
             tokio::time::sleep(timings.mount_renew).await;
-            let urls: Vec<String> = self.held().keys().cloned().collect();
-            for url in urls {
-                self.write(&url).await;
+            // Leases with mounts (an empty one was deleted when it emptied).
+            let names: Vec<String> = self
+                .held()
+                .iter()
+                .filter(|(_, h)| !h.mounts.is_empty())
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in names {
+                let _ = self.write(&name).await;
             }
         }
     }
@@ -121,7 +159,7 @@ impl MountLeases {
             held.keys().cloned().collect()
         };
         for url in urls {
-            self.write(&url).await;
+            let _ = self.write(&url).await;
         }
     }
 }

@@ -1,15 +1,16 @@
 //! Prometheus metrics (`strata daemon --metrics-addr HOST:PORT`, served at `/metrics`): the
 //! counters `strata stats` shows, rendered from one snapshot at each scrape. Daemon-wide
 //! families are `strata_*`; per-mount ones are `strata_mount_*`, labelled with the
-//! mountpoint and the store.
+//! mountpoint and the store (a shared read-only session once, under its first mountpoint).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use strata_store::StoreCounts;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::protocol::StatsReply;
 use crate::server::Daemon;
@@ -17,6 +18,12 @@ use cache::ReadStats;
 
 /// How long a scraper has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(5);
+/// How long a connection may last in all (a scraper that does not read the answer, too).
+const CONNECTION_LIFE: Duration = Duration::from_secs(15);
+/// Connections served at once; more wait to be accepted.
+const CONNECTIONS: usize = 8;
+/// Scrapes this close together share one snapshot.
+const SNAPSHOT_REUSE: Duration = Duration::from_secs(1);
 /// The most of a request read: a scrape is a request line and a few headers.
 const REQUEST_MAX: usize = 16 << 10;
 
@@ -223,7 +230,13 @@ pub fn render(stats: &StatsReply) -> prometheus::Result<String> {
         "Requests the mount sent its store, by kind.",
         &["mountpoint", "store", "kind"],
     )?;
-    for m in &stats.mounts {
+    // A read-only mount sharing another's session shares its counters too: each session is
+    // reported once, under the mountpoint that made it.
+    for m in stats
+        .mounts
+        .iter()
+        .filter(|m| m.mount.shared_with.is_none())
+    {
         let mp = m.mount.mountpoint.to_string_lossy();
         let labels = [mp.as_ref(), m.mount.store.as_str()];
         for (family, (_, _, value)) in mount_reads.iter().zip(read_counters(&m.stats)) {
@@ -249,15 +262,31 @@ pub fn render(stats: &StatsReply) -> prometheus::Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The last rendering, reused by scrapes within [`SNAPSHOT_REUSE`] of it.
+type Rendered = tokio::sync::Mutex<Option<(Instant, Arc<String>)>>;
+
 impl Daemon {
-    /// Answers scrapes on `listener` for ever (abort the task to stop).
+    /// Answers scrapes on `listener` for ever (abort the task to stop). At most
+    /// [`CONNECTIONS`] at once, each for at most [`CONNECTION_LIFE`], so whoever reaches the
+    /// port cannot hold the daemon's descriptors or tasks; one snapshot a second at most.
     pub async fn serve_metrics(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(CONNECTIONS));
+        let rendered: Arc<Rendered> = Arc::default();
         loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let this = Arc::clone(&self);
+                    let (this, rendered) = (Arc::clone(&self), Arc::clone(&rendered));
                     tokio::spawn(async move {
-                        if let Err(e) = this.answer_scrape(stream).await {
+                        let _slot = slot;
+                        let answered = tokio::time::timeout(
+                            CONNECTION_LIFE,
+                            this.answer_scrape(stream, &rendered),
+                        )
+                        .await;
+                        if let Ok(Err(e)) = answered {
                             tracing::debug!("metrics connection: {e}");
                         }
                     });
@@ -270,11 +299,36 @@ impl Daemon {
         }
     }
 
-    async fn answer_scrape(&self, mut stream: TcpStream) -> std::io::Result<()> {
+    /// The metrics text: rendered again (off the runtime's threads: `stats` reads the disk)
+    /// unless the last rendering is recent.
+    async fn metrics_text(self: &Arc<Self>, rendered: &Rendered) -> Result<Arc<String>, String> {
+        let mut last = rendered.lock().await;
+        if let Some((at, text)) = last.as_ref() {
+            if at.elapsed() < SNAPSHOT_REUSE {
+                return Ok(Arc::clone(text));
+            }
+        }
+        let this = Arc::clone(self);
+        let text = tokio::task::spawn_blocking(move || render(&this.stats()))
+            .await
+            .map_err(|e| format!("rendering metrics: {e}"))?
+            .map_err(|e| format!("rendering metrics: {e}"))?;
+        let text = Arc::new(text);
+        *last = Some((Instant::now(), Arc::clone(&text)));
+        Ok(text)
+    }
+
+    async fn answer_scrape(
+        self: &Arc<Self>,
+        mut stream: TcpStream,
+        rendered: &Rendered,
+    ) -> std::io::Result<()> {
         let mut request = Vec::new();
+        let ended =
+            |r: &[u8]| r.windows(4).any(|w| w == b"\r\n\r\n") || r.windows(2).any(|w| w == b"\n\n");
         let read = tokio::time::timeout(REQUEST_WAIT, async {
             let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_MAX {
+            while !ended(&request) && request.len() < REQUEST_MAX {
                 let n = stream.read(&mut buf).await?;
                 if n == 0 {
                     break;
@@ -287,24 +341,27 @@ impl Daemon {
         if !matches!(read, Ok(Ok(()))) {
             return Ok(()); // slow or broken: dropped
         }
-        let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+        let line = request
+            .split(|&b| b == b'\r' || b == b'\n')
+            .next()
+            .unwrap_or_default();
         let line = String::from_utf8_lossy(line);
         let mut parts = line.split(' ');
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let path = target.split('?').next().unwrap_or("");
         let (status, body) = match (method, path) {
-            ("GET", "/metrics") => {
-                let stats = self.stats();
-                match render(&stats) {
-                    Ok(text) => ("200 OK", text),
-                    Err(e) => (
-                        "500 Internal Server Error",
-                        format!("rendering metrics: {e}\n"),
-                    ),
-                }
-            }
-            ("GET", _) => ("404 Not Found", "strata serves /metrics only\n".to_string()),
-            _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+            ("GET", "/metrics") => match self.metrics_text(rendered).await {
+                Ok(text) => ("200 OK", text),
+                Err(e) => ("500 Internal Server Error", Arc::new(format!("{e}\n"))),
+            },
+            ("GET", _) => (
+                "404 Not Found",
+                Arc::new("strata serves /metrics only\n".to_string()),
+            ),
+            _ => (
+                "405 Method Not Allowed",
+                Arc::new("GET /metrics\n".to_string()),
+            ),
         };
         let head = format!(
             "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\

@@ -100,6 +100,15 @@ const COMMIT_WAIT: Duration = Duration::from_secs(600);
 /// How long a mount of a pinned layer waits for a garbage collection under way.
 const PINNED_MOUNT_GC_WAIT: Duration = Duration::from_secs(300);
 
+/// A background task that ends with its owner (an early return, a dropped future).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A mount's part of its store's mount lease, taken out again unless the mount is made.
 struct LeaseGuard {
     leases: Arc<MountLeases>,
@@ -115,9 +124,8 @@ impl LeaseGuard {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        if let (Some(token), Ok(rt)) = (self.token.take(), tokio::runtime::Handle::try_current()) {
-            let leases = Arc::clone(&self.leases);
-            rt.spawn(async move { leases.remove(token).await });
+        if let Some(token) = self.token.take() {
+            self.leases.forget(token);
         }
     }
 }
@@ -180,6 +188,20 @@ impl Daemon {
     /// Serves the control socket (and retries kept volume uppers) until `shutdown` completes,
     /// then unmounts everything.
     pub async fn serve(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> DaemonResult<()> {
+        // Bound first: a port in use fails the start before the daemon says it is ready.
+        let metrics = match self.config.metrics_addr {
+            Some(addr) => {
+                let bound = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics address {addr}"))?;
+                let at = bound.local_addr().unwrap_or(addr);
+                eprintln!("strata: metrics on http://{at}/metrics");
+                Some(AbortOnDrop(tokio::spawn(
+                    Arc::clone(&self).serve_metrics(bound),
+                )))
+            }
+            None => None,
+        };
         let listener = bind_socket(&self.config.socket)?;
         let stats = self.cache.stats();
         tracing::info!(
@@ -194,16 +216,6 @@ impl Daemon {
             "strata: daemon listening on {}",
             self.config.socket.display()
         );
-        let metrics = match self.config.metrics_addr {
-            Some(addr) => {
-                let bound = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the metrics address {addr}"))?;
-                eprintln!("strata: metrics on http://{addr}/metrics");
-                Some(tokio::spawn(Arc::clone(&self).serve_metrics(bound)))
-            }
-            None => None,
-        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -222,9 +234,7 @@ impl Daemon {
             }
         }
         tracing::info!("shutting down: unmounting everything");
-        if let Some(metrics) = metrics {
-            metrics.abort();
-        }
+        drop(metrics);
         drop(listener);
         let _ = std::fs::remove_file(&self.config.socket);
         self.shutdown().await;
@@ -562,19 +572,32 @@ impl Daemon {
         // once the tags that named them move on (until then, its grace period does). A mount
         // that joined a shared session above is covered by that session's lease.
         let leased = self.store(&spec.store, spec.endpoint_url.clone()).await?;
+        let (token, written) = self
+            .leases
+            .add(
+                &leased,
+                spec.endpoint_url.as_deref(),
+                assembly.layers.iter().map(|l| l.digest).collect(),
+            )
+            .await;
         let lease = LeaseGuard {
             leases: Arc::clone(&self.leases),
-            token: Some(
-                self.leases
-                    .add(&leased, assembly.layers.iter().map(|l| l.digest).collect())
-                    .await,
-            ),
+            token: Some(token),
         };
         if spec.layers.iter().any(|l| l.contains('@')) {
             // A pinned layer may be one no root keeps, which a collection running now may
             // have marked dead before the lease above was written: wait for it to end, and
-            // make sure the layers are still there.
-            strata_fs::gc::lease::wait_while_collecting(&leased, PINNED_MOUNT_GC_WAIT).await?;
+            // make sure the layers are still there. Without the lease in the store, nothing
+            // protects it: refused.
+            let own =
+                match written {
+                    Ok(key) => key,
+                    Err(e) => return Err(DaemonError::from(e).context(
+                        "writing the mount lease that keeps a pinned layer from garbage collection",
+                    )),
+                };
+            strata_fs::gc::lease::wait_while_collecting(&leased, &own, PINNED_MOUNT_GC_WAIT)
+                .await?;
             for l in &assembly.layers {
                 if leased
                     .head(&format!("layers/{}", l.digest.to_hex()))
@@ -686,6 +709,7 @@ impl Daemon {
         let shared = Arc::clone(&self.shared);
         // The session's lease goes when the session ends (every mountpoint sharing it gone).
         let lease = lease.keep();
+        let kept_lease = lease;
         let leases = Arc::clone(&self.leases);
         let runtime = tokio::runtime::Handle::current();
         let state_dir = self.config.state_dir.clone();
@@ -728,7 +752,12 @@ impl Daemon {
                     runtime.spawn(async move { leases.remove(token).await });
                 }
             })
-            .map_err(|e| DaemonError::internal(format!("starting the session watcher: {e}")))?;
+            .map_err(|e| {
+                if let Some(token) = kept_lease {
+                    self.leases.forget(token);
+                }
+                DaemonError::internal(format!("starting the session watcher: {e}"))
+            })?;
         if let Some(pidfd) = owner {
             self.unmount_when_gone(pidfd, info.mountpoint.clone(), id);
         }

@@ -151,15 +151,21 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
     plan
 }
 
-/// How long a lease goes unrenewed before the collector deletes it.
+/// How long a lease goes unrenewed before the collector deletes it. A daemon deletes its own
+/// mount lease when it stops; one left a day unrenewed is a crashed daemon's (deleting a live
+/// one, renewed between the listing and the delete, would leave its mounts unprotected until
+/// the next renewal).
 fn lease_ttl(key: &str, options: &GcOptions) -> Duration {
     let ttl = if key.starts_with(lease::WRITERS) {
         options.timings.writer_stale
     } else {
-        options.timings.mount_stale
+        options.timings.mount_stale.max(MOUNT_LEASE_LEFT)
     };
     ttl.max(options.grace)
 }
+
+/// How long a mount lease goes unrenewed before the collector deletes it.
+const MOUNT_LEASE_LEFT: Duration = Duration::from_secs(24 * 60 * 60);
 
 fn tally<'a>(objects: impl Iterator<Item = &'a ObjectInfo>) -> Tally {
     let mut t = Tally::default();

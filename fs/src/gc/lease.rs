@@ -614,20 +614,17 @@ pub async fn live_writers(
     Ok(out)
 }
 
-/// Waits while a collector holds `gc/lock` (by this host's clock), at most `max_wait`.
-pub async fn wait_while_collecting(store: &Arc<dyn Store>, max_wait: Duration) -> FsResult<()> {
+/// Waits while a collector holds `gc/lock`, at most `max_wait`; `own`: a key the caller just
+/// wrote, whose time is the store's now (as for a writer).
+pub async fn wait_while_collecting(
+    store: &Arc<dyn Store>,
+    own: &str,
+    max_wait: Duration,
+) -> FsResult<()> {
     let timings = Timings::default();
     let started = Instant::now();
     loop {
-        let held = match crate::record::get(store, LOCK_KEY).await {
-            Ok(_) | Err(FsError::InvalidInput(_)) => match modified(store, LOCK_KEY).await? {
-                Some(locked) => !stale(SystemTime::now(), locked, timings.lock_stale),
-                None => false,
-            },
-            Err(FsError::Store(e)) if e.is_not_found() => false,
-            Err(e) => return Err(e),
-        };
-        if !held {
+        if live_lock(store, own, timings).await?.is_none() {
             return Ok(());
         }
         if started.elapsed() >= max_wait {
