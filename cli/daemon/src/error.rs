@@ -123,9 +123,9 @@ impl From<FsError> for DaemonError {
             FsError::Conflict(_) => ErrorKind::Conflict,
             FsError::InvalidInput(_) => ErrorKind::BadRequest,
             FsError::Errno(n) => errno_kind(*n),
-            FsError::Io { source, .. } => source
-                .raw_os_error()
-                .map_or(ErrorKind::Internal, errno_kind),
+            // By errno, or by kind for an error rebuilt with a message (an unmount's EBUSY
+            // with its hint, say).
+            FsError::Io { source, .. } => io_kind(source),
             _ => ErrorKind::Internal,
         };
         DaemonError::new(kind, e.to_string())
@@ -191,6 +191,13 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(DaemonError::from(wrapped).kind, ErrorKind::Busy);
+        // An unmount's EBUSY, rebuilt with a hint (no errno left): still busy, so that
+        // `strata run` asks again.
+        let busy = FsError::io(
+            "/mnt",
+            std::io::Error::new(std::io::ErrorKind::ResourceBusy, "unmount: busy (hint)"),
+        );
+        assert_eq!(DaemonError::from(busy).kind, ErrorKind::Busy);
         let unknown: DaemonError =
             serde_json::from_str(r#"{"kind":"quota_exceeded","message":"m"}"#).unwrap();
         assert_eq!(unknown.kind, ErrorKind::Other);
