@@ -100,6 +100,35 @@ const COMMIT_WAIT: Duration = Duration::from_secs(600);
 /// How long a mount of a pinned layer waits for a garbage collection under way.
 const PINNED_MOUNT_GC_WAIT: Duration = Duration::from_secs(300);
 
+/// How long an unmount that finds its mount busy asks again: a file closed just before keeps
+/// the mount busy until the daemon has answered its RELEASE.
+const UNMOUNT_SETTLE: Duration = Duration::from_secs(2);
+
+/// Unmounts; a busy mount is asked again for a moment before the error is given.
+fn unmount_settling(mountpoint: &Path, lazy: bool) -> Result<(), strata_fs::error::FsError> {
+    let started = std::time::Instant::now();
+    loop {
+        match strata_fuse::unmount(mountpoint, lazy) {
+            Err(e) if !lazy && is_busy(&e) && started.elapsed() < UNMOUNT_SETTLE => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(e: &strata_fs::error::FsError) -> bool {
+    use strata_fs::error::FsError;
+    match e {
+        FsError::Errno(n) => *n == libc::EBUSY,
+        FsError::Io { source, .. } => {
+            source.raw_os_error() == Some(libc::EBUSY)
+                || source.kind() == std::io::ErrorKind::ResourceBusy
+        }
+        _ => false,
+    }
+}
+
 /// A background task that ends with its owner (an early return, a dropped future).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -986,7 +1015,7 @@ impl Daemon {
             Some(g) => Some(g.await),
             None => None,
         };
-        blocking(|| strata_fuse::unmount(mountpoint, lazy))?;
+        blocking(|| unmount_settling(mountpoint, lazy))?;
         // One mountpoint of a shared session: the session goes on for the others.
         if self.leave_shared(mountpoint, session) {
             {
