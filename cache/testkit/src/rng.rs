@@ -33,6 +33,16 @@ impl SplitMix64 {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 
+    /// `len` bytes (incompressible test data).
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
     pub fn pick<'a, T>(&mut self, of: &'a [T]) -> &'a T {
         &of[self.below(of.len())]
     }

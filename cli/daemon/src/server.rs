@@ -559,9 +559,9 @@ impl Daemon {
         };
         let mp = spec.mountpoint.clone();
         strata_fuse::check_mountpoint(&mp)?;
-        let requests = Arc::new(CountingStore::new(
-            self.store(&spec.store, spec.endpoint_url.clone()).await?,
-        ));
+        // The daemon's store (shared by its mounts, holding their lease), counted per mount too.
+        let leased = self.store(&spec.store, spec.endpoint_url.clone()).await?;
+        let requests = Arc::new(CountingStore::new(Arc::clone(&leased)));
         let store: Arc<dyn Store> = requests.clone();
         let reader = self.cache.reader(store.clone());
         let stack_spec = StackSpec {
@@ -600,7 +600,6 @@ impl Daemon {
         // Before any chunk is read: from now on garbage collection keeps these layers, even
         // once the tags that named them move on (until then, its grace period does). A mount
         // that joined a shared session above is covered by that session's lease.
-        let leased = self.store(&spec.store, spec.endpoint_url.clone()).await?;
         let (token, written) = self
             .leases
             .add(

@@ -107,8 +107,7 @@ fn named(key: &str) -> Option<Digest> {
 }
 
 fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOptions) -> Plan {
-    let older =
-        |o: &ObjectInfo, ttl: Duration| now.duration_since(o.modified).is_ok_and(|a| a > ttl);
+    let older = |o: &ObjectInfo, ttl: Duration| lease::stale(now, o.modified, ttl);
     let mut plan = Plan::default();
     let mut live_locators = Vec::new();
     for o in objects {
@@ -297,10 +296,7 @@ async fn collect_locked(
         .list_info("leases/")
         .await?
         .into_iter()
-        .filter(|o| {
-            now.duration_since(o.modified)
-                .map_or(true, |age| age <= lease_ttl(&o.key, options))
-        })
+        .filter(|o| !lease::stale(now, o.modified, lease_ttl(&o.key, options)))
         .map(|o| o.key)
         .collect();
     let stale: Vec<ObjectInfo> = plan
@@ -419,15 +415,7 @@ mod tests {
     use strata_store::MemoryStore;
 
     fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
+        strata_testkit::rng::SplitMix64::new(seed).bytes(len)
     }
 
     async fn publish_dir(store: &Arc<dyn Store>, dir: &std::path::Path, r: &str) -> Digest {

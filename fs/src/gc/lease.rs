@@ -121,8 +121,9 @@ async fn modified(store: &Arc<dyn Store>, key: &str) -> FsResult<Option<SystemTi
         .map(|o| o.modified))
 }
 
-/// Whether something last written at `modified` is older than `ttl` at `now`.
-fn stale(now: SystemTime, modified: SystemTime, ttl: Duration) -> bool {
+/// Whether something last written at `modified` is older than `ttl` at `now` (one written
+/// after `now`, by a clock ahead, is not).
+pub(crate) fn stale(now: SystemTime, modified: SystemTime, ttl: Duration) -> bool {
     now.duration_since(modified).is_ok_and(|age| age > ttl)
 }
 

@@ -184,12 +184,7 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
         };
         // A ref that moved within the grace period with no record of the move: the layer it
         // pointed at before is unknown, and a mount may have just resolved it.
-        let recent = ref_modified.is_some_and(|m| {
-            options
-                .now
-                .duration_since(m)
-                .map_or(true, |age| age <= options.grace)
-        });
+        let recent = ref_modified.is_some_and(|m| !lease::stale(options.now, m, options.grace));
         let last = history.moves.last().map(|m| m.layer.clone());
         if recent && last != Some(current.map(|d| d.to_string())) {
             roots.unreadable.push(format!(
@@ -315,11 +310,7 @@ pub async fn mount_leases(
     roots: &mut Roots,
 ) -> FsResult<()> {
     for o in store.list_info(lease::MOUNTS).await? {
-        let live = options
-            .now
-            .duration_since(o.modified)
-            .map_or(true, |age| age <= options.mount_stale);
-        if !live {
+        if lease::stale(options.now, o.modified, options.mount_stale) {
             continue;
         }
         let owner = Owner::Mount(o.key.trim_start_matches(lease::MOUNTS).to_string());
@@ -353,11 +344,7 @@ pub async fn recent_layers(
         if o.key.ends_with('/') {
             continue; // a "folder" marker some S3 consoles make
         }
-        let recent = options
-            .now
-            .duration_since(o.modified)
-            .map_or(true, |age| age <= options.grace);
-        if recent {
+        if !lease::stale(options.now, o.modified, options.grace) {
             if let Some(d) = o.key.rsplit('/').next() {
                 roots.add(d, &Owner::Recent, &o.key);
             }

@@ -261,17 +261,8 @@ mod tests {
     use strata_store::MemoryStore;
 
     fn random_file(path: &std::path::Path, seed: u64, len: usize) {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let data: Vec<u8> = (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, data).unwrap();
+        std::fs::write(path, strata_testkit::rng::SplitMix64::new(seed).bytes(len)).unwrap();
     }
 
     async fn publish_as(store: &Arc<dyn Store>, dir: &std::path::Path, r: Option<&str>) -> Digest {
