@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs what it needs (fuse3, Garage, moto_server,
-# pjdfstest, fsx),
+# The whole test suite on a fresh machine: installs what it needs (fuse3, tmux, systemd-analyze,
+# Garage, moto_server, pjdfstest, fsx),
 # then format, lint, unit tests and end-to-end tests (real FUSE mounts, real S3 servers).
 # Run as root (FUSE mounts, chown in test trees). Installs already done are skipped.
 set -euo pipefail
@@ -18,6 +18,17 @@ if ! command -v fusermount3 >/dev/null; then
   apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null
 fi
 [ -e /dev/fuse ] || { echo "no /dev/fuse on this machine" >&2; exit 1; }
+# strata top runs in a real terminal (tmux); the systemd unit is checked by systemd-analyze; the
+# daemon runs under setpriv with the unit's capabilities.
+missing=""
+command -v tmux >/dev/null || missing="$missing tmux"
+command -v systemd-analyze >/dev/null || missing="$missing systemd"
+command -v setpriv >/dev/null || missing="$missing util-linux"
+command -v man >/dev/null || missing="$missing man-db"
+if [ -n "$missing" ]; then
+  log "installing$missing"
+  apt-get update -qq && apt-get install -y -qq $missing >/dev/null
+fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! garage --version 2>/dev/null | grep -q '2\.5\.'; then

@@ -86,6 +86,24 @@ pub struct ReadStats {
     /// counted above: they never reach strata).
     #[serde(default)]
     pub passthrough_opens: u64,
+    /// How long the store took to answer each ranged GET, body included.
+    #[serde(default)]
+    pub fetch_latency: FetchLatency,
+}
+
+/// Upper bounds, in seconds, of the buckets of [`FetchLatency`] (a last bucket holds the rest).
+pub const FETCH_LATENCY_BOUNDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+const LATENCY_SLOTS: usize = FETCH_LATENCY_BOUNDS.len() + 1;
+
+/// A histogram of store fetch times.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FetchLatency {
+    /// `counts[i]`: GETs that took more than bound `i - 1` and at most bound `i` of
+    /// [`FETCH_LATENCY_BOUNDS`]; the last: longer than every bound.
+    pub counts: [u64; LATENCY_SLOTS],
+    pub sum_micros: u64,
 }
 
 /// The whole cache: read counters plus how full it is.
@@ -118,6 +136,8 @@ pub struct Counters {
     corrupt_chunks: AtomicU64,
     errors: AtomicU64,
     passthrough_opens: AtomicU64,
+    fetch_latency: [AtomicU64; LATENCY_SLOTS],
+    fetch_micros: AtomicU64,
 }
 
 impl Counters {
@@ -136,7 +156,22 @@ impl Counters {
             corrupt_chunks: get(&self.corrupt_chunks),
             errors: get(&self.errors),
             passthrough_opens: get(&self.passthrough_opens),
+            fetch_latency: FetchLatency {
+                counts: std::array::from_fn(|i| get(&self.fetch_latency[i])),
+                sum_micros: get(&self.fetch_micros),
+            },
         }
+    }
+
+    fn observe_fetch(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let slot = FETCH_LATENCY_BOUNDS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(LATENCY_SLOTS - 1);
+        self.fetch_latency[slot].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.fetch_micros.fetch_add(micros, Ordering::Relaxed);
     }
 }
 
@@ -1169,8 +1204,14 @@ impl ChunkCache {
             reader.bump(|c| &c.store_gets, 1);
             let remaining = deadline.saturating_duration_since(Instant::now());
             let get = reader.store.get_range(key, range.clone());
+            let started = Instant::now();
             let last_error = match tokio::time::timeout(remaining, get).await {
-                Ok(Ok(object)) => return Ok(object),
+                Ok(Ok(object)) => {
+                    let took = started.elapsed();
+                    reader.counters.observe_fetch(took);
+                    reader.cache.counters.observe_fetch(took);
+                    return Ok(object);
+                }
                 Ok(Err(e)) if e.kind != StoreErrorKind::Io => {
                     return Err(ChunkError::Store {
                         digest,

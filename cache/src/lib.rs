@@ -16,7 +16,7 @@ mod low_priority;
 
 pub use assembled::{AssembledFile, FileChunks, FileLayout};
 pub use chunk_cache::{
-    BackgroundKind, CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, ReadStats,
-    DEFAULT_FETCH_DEADLINE,
+    BackgroundKind, CacheConfig, CacheStats, ChunkCache, ChunkError, ChunkReader, FetchLatency,
+    ReadStats, DEFAULT_FETCH_DEADLINE, FETCH_LATENCY_BOUNDS,
 };
 pub use lock::CacheDirLock;

@@ -2,6 +2,8 @@
 //! done by `strata-fs` and `strata-cache`.
 
 mod cmd;
+mod mount_helper;
+mod notify;
 mod units;
 
 use std::path::PathBuf;
@@ -99,6 +101,13 @@ enum Command {
     /// Run CMD as one invocation: datasets and a volume mounted through the daemon, in a
     /// sandbox of its own (mount, PID, IPC and UTS namespaces); its exit status is returned.
     Run(cmd::run::RunArgs),
+    /// A live view of the daemon, refreshed in place: per mount read and store rates, hit
+    /// ratio and errors; q quits.
+    Top(cmd::top::TopArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cmd::docs::CompletionsArgs),
+    /// Print the man page, or write one per command into --dir.
+    Man(cmd::docs::ManArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -125,7 +134,18 @@ fn main() -> ExitCode {
     if args.len() == 3 && args[1] == strata_sandbox::HELPER_ARG {
         return ExitCode::from(strata_sandbox::helper_main(&args[2]).clamp(0, 255) as u8);
     }
-    let cli = Cli::parse();
+    let cli = match as_mount_helper(&args) {
+        Some(Ok(Some(strata_args))) => {
+            Cli::parse_from(std::iter::once("strata".to_string()).chain(strata_args))
+        }
+        Some(Ok(None)) => return ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("mount.fuse.strata: {e}");
+            // mount(8)'s status for a bad invocation.
+            return ExitCode::from(1);
+        }
+        None => Cli::parse(),
+    };
     init_logging(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -157,6 +177,9 @@ fn main() -> ExitCode {
             Command::Gc(a) => return cmd::gc::gc(&g, a).await,
             Command::Retain(a) => cmd::gc::retain(&g, a).await,
             Command::Run(a) => return cmd::run::run(&g, a).await,
+            Command::Top(a) => cmd::top::run(&g, a).await,
+            Command::Completions(a) => cmd::docs::completions(a),
+            Command::Man(a) => cmd::docs::man(a),
         }
         .map(|()| 0)
     });
@@ -169,6 +192,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Run as `mount.fuse.strata` (a link to this binary, which mount(8) runs for `-t
+/// fuse.strata` and fstab entries): the `strata` arguments it stands for.
+fn as_mount_helper(args: &[String]) -> Option<Result<Option<Vec<String>>, String>> {
+    let name = std::path::Path::new(args.first()?).file_name()?.to_str()?;
+    matches!(name, "mount.fuse.strata" | "mount.strata")
+        .then(|| mount_helper::strata_args(&args[1..]))
 }
 
 pub use strata_daemon::config::{default_cache_dir, default_state_dir};

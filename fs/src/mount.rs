@@ -16,7 +16,7 @@ use crate::prefetch::{self, Recorder, ReplayProgress};
 use crate::refs::{self, DatasetRef};
 use crate::stack::LayerStack;
 use crate::upper::{MountTree, UpperConfig};
-use crate::volume::lifecycle::VolumeMount;
+use crate::volume::lifecycle::{CommitCounts, VolumeMount};
 use crate::volume::{self, VolumeRef};
 
 /// Inodes a mount's upper may make unless the mount says otherwise: it bounds what one
@@ -40,6 +40,8 @@ pub struct StackSpec {
     /// Record what the mount's function reads first, for the layers' start records (see
     /// [`crate::prefetch`]); [`Assembly::recorder`] has it.
     pub record_start: bool,
+    /// Where the volume's commits are counted (the host's counts); none: not counted.
+    pub commit_counts: Option<Arc<CommitCounts>>,
 }
 
 /// A layer of an assembled stack, named as the mount asked for it.
@@ -121,6 +123,9 @@ pub async fn assemble(
             vm.set_layers(layers.iter().map(|l| l.digest).collect());
             if let Some(dir) = cache_dir {
                 vm.squash_after(spec.squash_after, dir.to_path_buf());
+            }
+            if let Some(counts) = &spec.commit_counts {
+                vm.count_commits(Arc::clone(counts));
             }
             Some(Arc::new(vm))
         }

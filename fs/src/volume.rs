@@ -318,6 +318,8 @@ pub struct Committed {
     pub head: Option<(VolumeHead, Version)>,
     /// The upper's state this commit captured ([`MountTree::fingerprint`]).
     pub upper: Option<String>,
+    /// The commit landed on top of others that landed since the mount's base.
+    pub rebased: bool,
 }
 
 impl Committed {
@@ -328,6 +330,7 @@ impl Committed {
             conflict: None,
             head: None,
             upper: Some(upper),
+            rebased: false,
         }
     }
 }
@@ -536,8 +539,8 @@ async fn commit_leased(
                     .rposition(|c| c.layer == tip.layer)
                     .map_or(&chain[..0], |i| &chain[i + 1..]),
             };
-            if let Some(c) = after_base.iter().find(|c| commit.is(c)) {
-                let landed: Commit = (*c).clone();
+            if let Some(at) = after_base.iter().position(|c| commit.is(c)) {
+                let landed: Commit = after_base[at].clone();
                 if let Some(version) = version.clone() {
                     return Ok(Committed {
                         commit: Some(landed),
@@ -545,6 +548,7 @@ async fn commit_leased(
                         conflict: None,
                         head: Some((head, version)),
                         upper: commit.upper,
+                        rebased: at > 0,
                     });
                 }
             }
@@ -574,6 +578,7 @@ async fn commit_leased(
                 conflict: Some(record),
                 head: None,
                 upper: commit.upper,
+                rebased: false,
             });
         }
         // Attribute changes that landed since the mount started stay where it changed
@@ -626,6 +631,7 @@ async fn commit_leased(
                     conflict: None,
                     head: Some((next, written)),
                     upper,
+                    rebased: version.as_ref() != base_version,
                 });
             }
             Err(e) if e.kind == StoreErrorKind::Conflict => {}

@@ -19,11 +19,24 @@ pub struct Daemon {
     log: PathBuf,
     env: Vec<(String, String)>,
     extra: Vec<String>,
+    /// A program the daemon runs under (`setpriv …`), or empty.
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon and waits until it answers on its socket.
     pub fn start(env: Vec<(String, String)>, dir: &Path, extra: &[&str]) -> Result<Daemon> {
+        Daemon::start_under(&[], env, dir, extra)
+    }
+
+    /// [`Daemon::start`] with the daemon run by `wrapper` (a program and its arguments, the
+    /// strata command line appended): `setpriv` with a service's capability set, say.
+    pub fn start_under(
+        wrapper: &[&str],
+        env: Vec<(String, String)>,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon> {
         std::fs::create_dir_all(dir)?;
         let mut d = Daemon {
             child: None,
@@ -34,6 +47,7 @@ impl Daemon {
             log: dir.join("daemon.log"),
             env,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         d.restart()?;
         Ok(d)
@@ -51,6 +65,19 @@ impl Daemon {
         ];
         args.extend(self.extra.iter().map(|s| s.as_str()));
         let mut cmd = self.strata().command(&args);
+        if let Some((program, wrapper_args)) = self.wrapper.split_first() {
+            let mut wrapped = std::process::Command::new(program);
+            wrapped
+                .args(wrapper_args)
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    wrapped.env(k, v);
+                }
+            }
+            cmd = wrapped;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -164,6 +191,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A failed test's first clue is what the daemon logged while it ran.
+        if std::thread::panicking() {
+            crate::print_log_tail("the daemon", &self.log_text());
+        }
         if self.child.is_some() && self.stop().is_err() {
             self.kill();
         }

@@ -100,3 +100,12 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// Prints the last lines of a log to stderr (a failed test's output shows them).
+pub fn print_log_tail(whose: &str, log: &str) {
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    eprintln!("--- log of {whose} (last {} lines) ---", tail.len());
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
+    }
+}

@@ -166,6 +166,12 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        // A test that failed while this mount served it: what the mount logged is the first
+        // thing to read (an EIO's reason is only there).
+        if std::thread::panicking() {
+            let whose = format!("the mount at {}", self.mountpoint.display());
+            crate::print_log_tail(&whose, &self.log_text());
+        }
         if self.unmount_inner().is_err() {
             let _ = strata_fuse::unmount(&self.mountpoint, true);
             let _ = self.child.kill();

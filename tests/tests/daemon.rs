@@ -595,6 +595,10 @@ fn metrics_are_served_and_follow_what_mounts_read() {
         .mount_with(&store, &work.join("mnt"), &["m:v1"], &["--read-only"])
         .unwrap();
     assert!(std::fs::read(m.path("data.bin")).unwrap() == data);
+    // The function probes for files that are not there: errors by errno.
+    for name in ["missing-1", "missing-2", "missing-3"] {
+        assert!(std::fs::metadata(m.path(name)).is_err());
+    }
 
     let response = garage::http_get(port, "/metrics").unwrap();
     let (head, scrape) = response.split_once("\r\n\r\n").unwrap();
@@ -618,6 +622,31 @@ fn metrics_are_served_and_follow_what_mounts_read() {
     let fetched = sample(scrape, "strata_chunk_hits_total{tier=\"store\"}").expect(scrape);
     assert!(
         fetched > 0.0 && fetched <= total(&stats, "store_hits") as f64,
+        "{scrape}"
+    );
+    // Every GET's time is in the histogram, in total and for the mount.
+    let timed = sample(scrape, "strata_store_fetch_seconds_count").expect(scrape);
+    assert!(
+        timed > 0.0 && timed <= gets,
+        "{timed} of {gets} GETs\n{scrape}"
+    );
+    assert_eq!(
+        sample(scrape, "strata_store_fetch_seconds_bucket{le=\"+Inf\"}"),
+        Some(timed)
+    );
+    assert!(sample(scrape, "strata_store_fetch_seconds_sum").expect(scrape) > 0.0);
+    let mount_timed = format!("strata_mount_store_fetch_seconds_count{labels}");
+    assert_eq!(sample(scrape, &mount_timed), Some(timed), "{scrape}");
+    // The kernel caches a negative lookup, so each missing name is one ENOENT at least.
+    let enoent = sample(scrape, "strata_errors_total{errno=\"ENOENT\"}").expect(scrape);
+    assert!(enoent >= 3.0, "{scrape}");
+    let mount_enoent = format!(
+        "strata_mount_errors_total{{errno=\"ENOENT\",mountpoint=\"{mp}\",store=\"{store}\"}}"
+    );
+    assert_eq!(sample(scrape, &mount_enoent), Some(enoent), "{scrape}");
+    assert_eq!(
+        sample(scrape, "strata_volume_commits_total{outcome=\"committed\"}"),
+        Some(0.0),
         "{scrape}"
     );
     for family in [

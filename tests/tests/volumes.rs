@@ -191,6 +191,14 @@ fn concurrent_commits_rebase_on_disjoint_paths_and_keep_conflicts() {
     let conflicts = v["conflicts"].as_array().unwrap();
     assert_eq!(conflicts.len(), 1, "{show}");
     assert_eq!(conflicts[0]["paths"][0], "a.txt");
+    // The daemon counted each ending: m1 and m4 on the head they saw, m2 on top of m1's,
+    // m5 kept as a conflict (m3 had nothing to commit).
+    let commits = &d.stats()["commits"];
+    assert_eq!(
+        *commits,
+        serde_json::json!({"committed": 2, "rebased": 1, "conflict": 1, "kept": 0, "failed": 0}),
+        "{commits}"
+    );
     {
         let m = d.mount_with(&store, &work.join("m6"), &[], &vol).unwrap();
         assert_eq!(fs::read(m.path("a.txt")).unwrap(), b"m4 wins");

@@ -97,6 +97,8 @@ fn reply_lines_never_panic_a_client() {
             next_try_at: Some(1_800_000_000),
         }],
         local_integrity: "x".into(),
+        commits: Default::default(),
+        errors: [("ENOENT".to_string(), 2)].into(),
     };
     let commit = CommitReply {
         volume: "team/vol".into(),

@@ -26,6 +26,6 @@ mod fuzz_tests;
 pub use client::{Client, ClientError};
 pub use config::DaemonConfig;
 pub use error::{DaemonError, DaemonResult, ErrorKind};
-pub use protocol::{CommitReply, MountInfo, MountSpec, StatsReply};
+pub use protocol::{CommitReply, MountInfo, MountSpec, MountStats, StatsReply};
 pub use server::Daemon;
 pub use strata_fs::mount::DEFAULT_SCRATCH_INODES;

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use strata_store::StoreCounts;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::protocol::StatsReply;
 use crate::server::Daemon;
-use cache::ReadStats;
+use cache::{FetchLatency, ReadStats, FETCH_LATENCY_BOUNDS};
 
 /// How long a scraper has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(5);
@@ -215,6 +216,31 @@ pub fn render(stats: &StatsReply) -> prometheus::Result<String> {
     .with_label_values::<&str>(&[])
     .inc_by(total.disk_evictions);
 
+    let commits = f.counter(
+        "strata_volume_commits_total",
+        "Volume commits by outcome: committed, rebased (onto others' commits), conflict (kept \
+         as a conflict record), kept (failed at a mount's end; the upper kept to retry), failed.",
+        &["outcome"],
+    )?;
+    let c = &stats.commits;
+    for (outcome, n) in [
+        ("committed", c.committed),
+        ("rebased", c.rebased),
+        ("conflict", c.conflict),
+        ("kept", c.kept),
+        ("failed", c.failed),
+    ] {
+        commits.with_label_values(&[outcome]).inc_by(n);
+    }
+    let errors = f.counter(
+        "strata_errors_total",
+        "Requests of the mounts' functions answered with an error, by errno.",
+        &["errno"],
+    )?;
+    for (errno, n) in &stats.errors {
+        errors.with_label_values(&[errno.as_str()]).inc_by(*n);
+    }
+
     // Per mount.
     let mut mount_reads = Vec::new();
     for (name, help, _) in read_counters(&ReadStats::default()) {
@@ -230,6 +256,12 @@ pub fn render(stats: &StatsReply) -> prometheus::Result<String> {
         "Requests the mount sent its store, by kind.",
         &["mountpoint", "store", "kind"],
     )?;
+    let mount_errors = f.counter(
+        "strata_mount_errors_total",
+        "Requests of the mount's function answered with an error, by errno.",
+        &["mountpoint", "store", "errno"],
+    )?;
+    let mut mount_latency = Vec::new();
     // A read-only mount sharing another's session shares its counters too: each session is
     // reported once, under the mountpoint that made it.
     for m in stats
@@ -256,10 +288,84 @@ pub fn render(stats: &StatsReply) -> prometheus::Result<String> {
                 .with_label_values(&[labels[0], labels[1], kind])
                 .inc_by(n);
         }
+        for (errno, n) in &m.errors {
+            mount_errors
+                .with_label_values(&[labels[0], labels[1], errno.as_str()])
+                .inc_by(*n);
+        }
+        mount_latency.push((
+            vec![
+                ("mountpoint", labels[0].to_string()),
+                ("store", labels[1].to_string()),
+            ],
+            m.stats.fetch_latency,
+        ));
+    }
+    let mut families = f.registry.gather();
+    families.push(latency_family(
+        "strata_store_fetch_seconds",
+        vec![(Vec::new(), total.reads.fetch_latency)],
+    ));
+    if !mount_latency.is_empty() {
+        families.push(latency_family(
+            "strata_mount_store_fetch_seconds",
+            mount_latency,
+        ));
     }
     let mut out = Vec::new();
-    TextEncoder::new().encode(&f.registry.gather(), &mut out)?;
+    TextEncoder::new().encode(&families, &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A histogram family of store fetch times, one series per label set. The cache counts
+/// into fixed buckets; the family is built from those counts (a prometheus `Histogram` can
+/// only observe values one by one).
+fn latency_family(name: &str, series: Vec<(Vec<(&str, String)>, FetchLatency)>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_string());
+    family.set_help(
+        "Time the store took to answer a ranged GET of chunks, body included (retried \
+         attempts that failed are not counted)."
+            .to_string(),
+    );
+    family.set_field_type(MetricType::HISTOGRAM);
+    let metrics = series
+        .into_iter()
+        .map(|(labels, latency)| {
+            let mut cumulative = 0;
+            let buckets = FETCH_LATENCY_BOUNDS
+                .iter()
+                .zip(latency.counts)
+                .map(|(&bound, n)| {
+                    cumulative += n;
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(bound);
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            let mut h = Histogram::default();
+            h.set_bucket(buckets);
+            h.set_sample_count(latency.counts.iter().sum());
+            h.set_sample_sum(latency.sum_micros as f64 / 1e6);
+            let mut metric = Metric::default();
+            metric.set_label(
+                labels
+                    .into_iter()
+                    .map(|(name, value)| {
+                        let mut pair = LabelPair::default();
+                        pair.set_name(name.to_string());
+                        pair.set_value(value);
+                        pair
+                    })
+                    .collect(),
+            );
+            metric.set_histogram(h);
+            metric
+        })
+        .collect();
+    family.set_metric(metrics);
+    family
 }
 
 /// The last rendering, reused by scrapes within [`SNAPSHOT_REUSE`] of it.
@@ -388,8 +494,16 @@ mod tests {
             mounts: Vec::new(),
             kept: Vec::new(),
             local_integrity: String::new(),
+            commits: Default::default(),
+            errors: [("ENOENT".to_string(), 9)].into(),
         };
+        stats.commits.rebased = 2;
         stats.total.reads.bytes_served = 4096;
+        // Fetches of 0.5 ms, 3 ms and 20 s.
+        stats.total.reads.fetch_latency.counts[0] = 1;
+        stats.total.reads.fetch_latency.counts[2] = 1;
+        stats.total.reads.fetch_latency.counts[12] = 1;
+        stats.total.reads.fetch_latency.sum_micros = 20_003_500;
         stats.total.reads.memory_hits = 3;
         stats.store_requests.get_range = 5;
         stats.mounts.push(MountStats {
@@ -415,6 +529,7 @@ mod tests {
                 get_range: 4,
                 ..Default::default()
             },
+            errors: [("EIO".to_string(), 1)].into(),
         });
         let text = render(&stats).unwrap();
         for line in [
@@ -426,6 +541,19 @@ mod tests {
             "strata_mounts 1",
             "strata_mount_read_bytes_total{mountpoint=\"/mnt/a \\\"b\\\"\",store=\"s3://bucket\"} 100",
             "strata_mount_store_requests_total{kind=\"get_range\",mountpoint=\"/mnt/a \\\"b\\\"\",store=\"s3://bucket\"} 4",
+            "strata_volume_commits_total{outcome=\"rebased\"} 2",
+            "strata_volume_commits_total{outcome=\"conflict\"} 0",
+            "strata_errors_total{errno=\"ENOENT\"} 9",
+            "strata_mount_errors_total{errno=\"EIO\",mountpoint=\"/mnt/a \\\"b\\\"\",store=\"s3://bucket\"} 1",
+            "# TYPE strata_store_fetch_seconds histogram",
+            "strata_store_fetch_seconds_bucket{le=\"0.001\"} 1",
+            "strata_store_fetch_seconds_bucket{le=\"0.0025\"} 1",
+            "strata_store_fetch_seconds_bucket{le=\"0.005\"} 2",
+            "strata_store_fetch_seconds_bucket{le=\"10\"} 2",
+            "strata_store_fetch_seconds_bucket{le=\"+Inf\"} 3",
+            "strata_store_fetch_seconds_sum 20.0035",
+            "strata_store_fetch_seconds_count 3",
+            "strata_mount_store_fetch_seconds_count{mountpoint=\"/mnt/a \\\"b\\\"\",store=\"s3://bucket\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
         }

@@ -11,11 +11,13 @@
 //! its refusal in its own shape (`{"error":"…"}`), and such a daemon refuses a nested request
 //! (it has no `op`), so neither side acts on a line it does not understand.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use cache::{CacheStats, ReadStats};
 use serde::{Deserialize, Serialize};
 use strata_fs::prefetch::ReplayReport;
+use strata_fs::volume::lifecycle::CommitStats;
 use strata_store::StoreCounts;
 
 use crate::error::{DaemonError, DaemonResult, ErrorKind};
@@ -160,6 +162,9 @@ pub struct MountStats {
     /// ahead, start records, volume commits.
     #[serde(default)]
     pub store_requests: StoreCounts,
+    /// Requests of the mount's function answered with an error, by errno (`ENOENT`: 3).
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,6 +183,12 @@ pub struct StatsReply {
     /// How the cache's files (chunk files, local copies of large files) are protected.
     #[serde(default)]
     pub local_integrity: String,
+    /// How this daemon's volume commits ended.
+    #[serde(default)]
+    pub commits: CommitStats,
+    /// Every mount's error replies by errno, mounts gone since included.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// What protects the cache's local copies: no fs-verity (strata does not use it), but a hash

@@ -19,6 +19,7 @@ use strata_fs::prefetch::ReplayProgress;
 use strata_fs::upper::MountTree;
 use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
+use strata_fuse::ErrnoCounts;
 use strata_store::{CountingStore, Store, StoreCounts};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -56,6 +57,8 @@ struct Mounted {
     prefetch: Arc<ReplayProgress>,
     /// The mount's requests to its store (the session's, for a mount that shares one).
     requests: Arc<CountingStore>,
+    /// The session's error replies by errno.
+    errors: Arc<ErrnoCounts>,
     /// A volume mount: its tree, volume and scratch. It commits on `strata commit` and when
     /// its session ends (which may take a while).
     volume: Option<(Arc<MountTree>, Arc<VolumeMount>, PathBuf)>,
@@ -89,6 +92,10 @@ pub struct Daemon {
     /// What the mounts read, per store, for garbage collection; renewed by `lease_renewer`.
     leases: Arc<MountLeases>,
     lease_renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How the volume commits of every mount ended.
+    commits: Arc<volumes::CommitCounts>,
+    /// Every mount's error replies by errno.
+    errors: Arc<ErrnoCounts>,
 }
 
 /// How long a client has to send its request.
@@ -196,6 +203,8 @@ impl Daemon {
             retries: Mutex::new(None),
             leases: Arc::new(MountLeases::new()),
             lease_renewer: Mutex::new(None),
+            commits: Arc::default(),
+            errors: Arc::default(),
         });
         let renewer = runtime.spawn(Arc::clone(&daemon.leases).renew(Timings::default()));
         *daemon
@@ -217,6 +226,16 @@ impl Daemon {
     /// Serves the control socket (and retries kept volume uppers) until `shutdown` completes,
     /// then unmounts everything.
     pub async fn serve(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> DaemonResult<()> {
+        self.serve_with(shutdown, || {}).await
+    }
+
+    /// [`Daemon::serve`], calling `on_ready` once the control socket accepts connections (a
+    /// service manager's readiness notice goes there).
+    pub async fn serve_with(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()>,
+        on_ready: impl FnOnce(),
+    ) -> DaemonResult<()> {
         // Bound first: a port in use fails the start before the daemon says it is ready.
         let metrics = match self.config.metrics_addr {
             Some(addr) => {
@@ -245,6 +264,7 @@ impl Daemon {
             "strata: daemon listening on {}",
             self.config.socket.display()
         );
+        on_ready();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -422,7 +442,15 @@ impl Daemon {
             .store(&record.store, record.endpoint_url.clone())
             .await?;
         let reader = self.cache.reader(store.clone());
-        Ok(volumes::commit_kept(dir, &record, store, reader, &self.config.cache_dir).await?)
+        Ok(volumes::commit_kept(
+            dir,
+            &record,
+            store,
+            reader,
+            &self.config.cache_dir,
+            &self.commits,
+        )
+        .await?)
     }
 
     async fn handle(&self, stream: UnixStream) -> std::io::Result<()> {
@@ -571,6 +599,7 @@ impl Daemon {
             cache_dir: Some(self.config.cache_dir.clone()),
             squash_after: self.config.squash_after,
             record_start: self.config.record_starts && !spec.no_prefetch_record,
+            commit_counts: Some(Arc::clone(&self.commits)),
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the
@@ -649,6 +678,7 @@ impl Daemon {
             quota: spec.scratch_size,
             inodes: spec.scratch_inodes,
         });
+        let errors = Arc::new(ErrnoCounts::new(Some(Arc::clone(&self.errors))));
         let mounted = blocking(|| -> DaemonResult<_> {
             let tree = assembly.tree(upper.as_ref())?;
             let session = strata_fuse::mount(
@@ -656,6 +686,7 @@ impl Daemon {
                 &mp,
                 tokio::runtime::Handle::current(),
                 self.config.passthrough,
+                Arc::clone(&errors),
             )?;
             Ok((session, tree))
         });
@@ -724,6 +755,7 @@ impl Daemon {
                     reader,
                     prefetch: starts.progress().clone(),
                     requests,
+                    errors,
                     volume: match (&volume, &scratch) {
                         (Some(vm), Some(dir)) => Some((tree.clone(), vm.clone(), dir.clone())),
                         _ => None,
@@ -815,7 +847,7 @@ impl Daemon {
         else {
             return Ok(None);
         };
-        let Some((reader, prefetch, ended, requests)) = self
+        let Some((reader, prefetch, ended, requests, errors)) = self
             .mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -827,6 +859,7 @@ impl Daemon {
                     m.prefetch.clone(),
                     m.ended.clone(),
                     m.requests.clone(),
+                    m.errors.clone(),
                 )
             })
         else {
@@ -891,6 +924,7 @@ impl Daemon {
                     reader,
                     prefetch,
                     requests,
+                    errors,
                     volume: None,
                     ended,
                 },
@@ -1178,6 +1212,7 @@ impl Daemon {
                 stats: m.reader.stats(),
                 prefetch: m.prefetch.report(),
                 store_requests: m.requests.snapshot(),
+                errors: m.errors.snapshot(),
             })
             .collect();
         mounts.sort_by_key(|m| m.mount.id);
@@ -1212,6 +1247,8 @@ impl Daemon {
             mounts,
             kept,
             local_integrity: crate::protocol::LOCAL_INTEGRITY.into(),
+            commits: self.commits.snapshot(),
+            errors: self.errors.snapshot(),
         }
     }
 }

@@ -17,7 +17,7 @@ use strata_daemon::{Daemon, DaemonConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
     /// read_timeout, passthrough, squash_after, prefetch_record, prefetch_replay, socket,
-    /// endpoint_url, metrics_addr.
+    /// endpoint_url, metrics_addr [default: /etc/strata/daemon.toml as root, if it exists].
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -89,10 +89,22 @@ fn from_file<T>(
         .transpose()
 }
 
+/// The host's config file, read when no `--config` is given: root's daemon is the host's
+/// service, configured where services are.
+const SYSTEM_CONFIG: &str = "/etc/strata/daemon.toml";
+
+fn system_config() -> Option<PathBuf> {
+    let path = PathBuf::from(SYSTEM_CONFIG);
+    (rustix::process::geteuid().is_root() && path.exists()).then_some(path)
+}
+
 pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
     let file = match &a.config {
         Some(path) => read_config(path)?,
-        None => ConfigFile::default(),
+        None => match system_config() {
+            Some(path) => read_config(&path)?,
+            None => ConfigFile::default(),
+        },
     };
     let mut store_options = g.store_options();
     if store_options.endpoint_url.is_none() {
@@ -164,8 +176,12 @@ pub async fn run(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => {}
             _ = sigint.recv() => {}
         }
+        crate::notify::notify("STOPPING=1");
     };
-    Ok(daemon.serve(stop).await?)
+    // Ready once the socket is bound: clients can connect from then on.
+    Ok(daemon
+        .serve_with(stop, || crate::notify::notify("READY=1"))
+        .await?)
 }
 
 /// Chunk buffers are allocated on some threads and freed on others. glibc gives each thread

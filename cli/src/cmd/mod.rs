@@ -1,5 +1,6 @@
 pub mod cat;
 pub mod daemon;
+pub mod docs;
 pub mod du;
 pub mod gc;
 pub mod inspect;
@@ -9,6 +10,7 @@ pub mod publish;
 pub mod run;
 pub mod status;
 pub mod tag;
+pub mod top;
 pub mod volume;
 
 use std::sync::Arc;

@@ -141,6 +141,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         &mountpoint,
         tokio::runtime::Handle::current(),
         !a.no_passthrough,
+        Default::default(),
     )?;
     let starts = assembly.start_prefetch(&store, !a.no_prefetch_replay);
     tracing::info!(

@@ -125,6 +125,31 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
             if p.done { "" } else { " (running)" }
         );
     }
+    let latency = &t.reads.fetch_latency;
+    let fetches: u64 = latency.counts.iter().sum();
+    if fetches > 0 {
+        println!(
+            "store fetches: {fetches}, mean {:.1} ms, p50 ≤ {}, p99 ≤ {}",
+            latency.sum_micros as f64 / fetches as f64 / 1000.0,
+            latency_bound(latency, 0.50),
+            latency_bound(latency, 0.99)
+        );
+    }
+    let c = &reply.commits;
+    if c.committed + c.rebased + c.conflict + c.kept + c.failed > 0 {
+        println!(
+            "volume commits: {} committed, {} rebased, {} conflicts, {} kept, {} failed",
+            c.committed, c.rebased, c.conflict, c.kept, c.failed
+        );
+    }
+    if !reply.errors.is_empty() {
+        let errors: Vec<String> = reply
+            .errors
+            .iter()
+            .map(|(errno, n)| format!("{errno} {n}"))
+            .collect();
+        println!("errors answered: {}", errors.join(", "));
+    }
     for k in &reply.kept {
         let state = if k.quarantined {
             "quarantined".to_string()
@@ -173,4 +198,21 @@ fn row(name: &str, s: &ReadStats) {
         s.errors,
         s.passthrough_opens
     );
+}
+
+/// The upper bound of the bucket holding quantile `q` of the fetch times.
+fn latency_bound(latency: &cache::FetchLatency, q: f64) -> String {
+    let total: u64 = latency.counts.iter().sum();
+    let wanted = (total as f64 * q).ceil() as u64;
+    let mut seen = 0;
+    for (i, n) in latency.counts.iter().enumerate() {
+        seen += n;
+        if seen >= wanted {
+            return match cache::FETCH_LATENCY_BOUNDS.get(i) {
+                Some(bound) => format!("{} ms", bound * 1000.0),
+                None => format!("> {} s", cache::FETCH_LATENCY_BOUNDS[i - 1]),
+            };
+        }
+    }
+    "-".into()
 }

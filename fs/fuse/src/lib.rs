@@ -16,6 +16,7 @@
 //! releases waits on the runtime and answers when they arrive (or ETXTBSY after
 //! [`RELEASE_WAIT`]).
 
+mod errno_counts;
 mod session;
 
 use std::ffi::OsStr;
@@ -32,6 +33,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+pub use errno_counts::ErrnoCounts;
 pub use session::{
     bind, check_mountpoint, clean_stale_mounts, is_stale_mount, is_strata_mount, mount,
     mounted_dev, resolve_mountpoint, strata_mounts, unmount, MountedSession,
@@ -115,6 +117,8 @@ pub struct StrataFs {
     handles: Arc<Handles<BackingId>>,
     /// Opens of files are not sent at all (see `init`).
     zero_message_opens: bool,
+    /// Error replies by errno.
+    errors: Arc<ErrnoCounts>,
 }
 
 fn fh_of(kind: OpenKind) -> FileHandle {
@@ -135,7 +139,8 @@ fn kind_of(fh: FileHandle) -> OpenKind {
 
 /// The errno the error carries, logged as loudly as the error says (the function sees only
 /// the errno; the log says what happened).
-fn errno(e: &FsError) -> Errno {
+fn errno(counts: &ErrnoCounts, e: &FsError) -> Errno {
+    counts.count(e.errno());
     match e.level() {
         tracing::Level::ERROR => tracing::error!("{e}"),
         tracing::Level::WARN => tracing::warn!("{e}"),
@@ -202,10 +207,10 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
-fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
+fn reply_empty(errors: &ErrnoCounts, reply: ReplyEmpty, r: FsResult<()>) {
     match r {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e)),
+        Err(e) => reply.error(errno(errors, &e)),
     }
 }
 
@@ -216,6 +221,7 @@ impl StrataFs {
         tree: Arc<MountTree>,
         runtime: tokio::runtime::Handle,
         passthrough: bool,
+        errors: Arc<ErrnoCounts>,
     ) -> StrataFs {
         let handles = Arc::new(Handles::new(tree.clone(), runtime.clone(), passthrough));
         StrataFs {
@@ -223,6 +229,7 @@ impl StrataFs {
             runtime,
             handles,
             zero_message_opens: false,
+            errors,
         }
     }
 
@@ -233,7 +240,7 @@ impl StrataFs {
                 self.tree.remember(s.ino);
                 reply.entry(&TTL, &file_attr(&s), Generation(0))
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&self.errors, &e)),
         }
     }
 
@@ -241,9 +248,10 @@ impl StrataFs {
     /// first (the kernel reads the layer's copy for them); their late releases are awaited on
     /// the runtime, which answers.
     fn open_for_write(&self, ino: u64, reply: ReplyOpen) {
-        let answer = |reply: ReplyOpen, r: FsResult<()>| match r {
+        let errors = self.errors.clone();
+        let answer = move |reply: ReplyOpen, r: FsResult<()>| match r {
             Ok(()) => reply.opened(fh_of(OpenKind::Upper), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&errors, &e)),
         };
         match self.handles.try_open_write(ino) {
             Some(r) => answer(reply, r),
@@ -270,7 +278,7 @@ impl StrataFs {
                 FopenFlags::FOPEN_KEEP_CACHE | no_flush,
             ),
             Ok(Opened::Through(kind)) => reply.opened(fh_of(kind), no_flush),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&self.errors, &e)),
         }
     }
 
@@ -298,10 +306,11 @@ impl StrataFs {
         reply: ReplyData,
         read: impl std::future::Future<Output = FsResult<bytes::Bytes>> + Send + 'static,
     ) {
+        let errors = self.errors.clone();
         self.runtime.spawn(async move {
             match read.await {
                 Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&errors, &e)),
             }
         });
     }
@@ -343,13 +352,15 @@ impl Filesystem for StrataFs {
             panic_hook_for_tests(name);
             match self.handles.lookup(parent.0, name.as_bytes()) {
                 Ok(Some(s)) => reply.entry(&TTL, &file_attr(&s), Generation(0)),
-                // A negative entry (inode 0), kept as long as entries are (see `ENTRY_TTL`).
+                // A negative entry (inode 0), kept as long as entries are (see `ENTRY_TTL`);
+                // the caller sees ENOENT.
                 Ok(None) => {
+                    self.errors.count(libc::ENOENT);
                     let mut absent = file_attr(&Stat::absent());
                     absent.ino = INodeNo(0);
                     reply.entry(&TTL, &absent, Generation(0))
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&self.errors, &e)),
             }
         })
     }
@@ -363,7 +374,7 @@ impl Filesystem for StrataFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         guarded("getattr", || match self.tree.getattr(ino.0) {
             Ok(s) => reply.attr(&TTL, &file_attr(&s)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&self.errors, &e)),
         })
     }
 
@@ -399,23 +410,24 @@ impl Filesystem for StrataFs {
             if size.is_none() {
                 return match self.runtime.block_on(self.tree.setattr(ino, changes)) {
                     Ok(s) => reply.attr(&TTL, &file_attr(&s)),
-                    Err(e) => reply.error(errno(&e)),
+                    Err(e) => reply.error(errno(&self.errors, &e)),
                 };
             }
             // A truncate changes the bytes: it is an open for writing while it runs (see
             // `open_for_write`), and may wait for a write that copies blocks up from the
             // store, off this thread.
+            let errors = self.errors.clone();
             let truncate =
                 move |open: OpenForChange, runtime: &tokio::runtime::Handle, reply: ReplyAttr| {
                     let done = runtime.block_on(open.0.setattr(ino, changes));
                     drop(open);
                     match done {
                         Ok(s) => reply.attr(&TTL, &file_attr(&s)),
-                        Err(e) => reply.error(errno(&e)),
+                        Err(e) => reply.error(errno(&errors, &e)),
                     }
                 };
             match self.handles.try_open_write(ino) {
-                Some(Err(e)) => reply.error(errno(&e)),
+                Some(Err(e)) => reply.error(errno(&self.errors, &e)),
                 Some(Ok(())) => {
                     // Released however the truncate ends, a panic included.
                     let open = OpenForChange(self.tree.clone(), ino);
@@ -423,6 +435,7 @@ impl Filesystem for StrataFs {
                 }
                 None => {
                     let (handles, tree) = (self.handles.clone(), self.tree.clone());
+                    let errors = self.errors.clone();
                     self.runtime.spawn(async move {
                         match handles.open_write(ino, RELEASE_WAIT).await {
                             Ok(()) => {
@@ -435,7 +448,7 @@ impl Filesystem for StrataFs {
                                 })
                                 .await;
                             }
-                            Err(e) => reply.error(errno(&e)),
+                            Err(e) => reply.error(errno(&errors, &e)),
                         }
                     });
                 }
@@ -446,7 +459,7 @@ impl Filesystem for StrataFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         guarded("readlink", || match self.tree.readlink(ino.0) {
             Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&self.errors, &e)),
         })
     }
 
@@ -488,13 +501,21 @@ impl Filesystem for StrataFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("unlink", || {
-            reply_empty(reply, self.tree.unlink(parent.0, name.as_bytes()))
+            reply_empty(
+                &self.errors,
+                reply,
+                self.tree.unlink(parent.0, name.as_bytes()),
+            )
         })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("rmdir", || {
-            reply_empty(reply, self.tree.rmdir(parent.0, name.as_bytes()))
+            reply_empty(
+                &self.errors,
+                reply,
+                self.tree.rmdir(parent.0, name.as_bytes()),
+            )
         })
     }
 
@@ -535,7 +556,7 @@ impl Filesystem for StrataFs {
                 newname.as_bytes(),
                 flags.bits(),
             );
-            reply_empty(reply, r)
+            reply_empty(&self.errors, reply, r)
         })
     }
 
@@ -559,6 +580,7 @@ impl Filesystem for StrataFs {
         guarded("open", || {
             let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             if write && !self.tree.is_writable() {
+                self.errors.count(libc::EROFS);
                 return reply.error(Errno::EROFS);
             }
             if self.zero_message_opens {
@@ -600,7 +622,7 @@ impl Filesystem for StrataFs {
                         FopenFlags::empty(),
                     )
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&self.errors, &e)),
             }
         })
     }
@@ -618,7 +640,7 @@ impl Filesystem for StrataFs {
     ) {
         guarded("read", || match self.handles.read(ino.0, offset, size) {
             Read::Ready(Ok(data)) => reply.data(&data),
-            Read::Ready(Err(e)) => reply.error(errno(&e)),
+            Read::Ready(Err(e)) => reply.error(errno(&self.errors, &e)),
             Read::Wait(read) => self.reply_when_read(reply, read),
         })
     }
@@ -640,16 +662,17 @@ impl Filesystem for StrataFs {
             if !self.tree.write_copies_up(ino, offset, data.len() as u64) {
                 return match self.runtime.block_on(self.tree.write(ino, offset, data)) {
                     Ok(n) => reply.written(n),
-                    Err(e) => reply.error(errno(&e)),
+                    Err(e) => reply.error(errno(&self.errors, &e)),
                 };
             }
             // Copying blocks up may wait on the store: not on a session thread, which the
             // mount's other requests (reads of other files) are waiting for.
             let (tree, data) = (self.tree.clone(), data.to_vec());
+            let errors = self.errors.clone();
             self.offload(
                 move |runtime| match runtime.block_on(tree.write(ino, offset, &data)) {
                     Ok(n) => reply.written(n),
-                    Err(e) => reply.error(errno(&e)),
+                    Err(e) => reply.error(errno(&errors, &e)),
                 },
             );
         })
@@ -671,12 +694,13 @@ impl Filesystem for StrataFs {
                 let r = self
                     .runtime
                     .block_on(self.tree.fallocate(ino, offset, length, mode));
-                return reply_empty(reply, r);
+                return reply_empty(&self.errors, reply, r);
             }
             // As for writes: a copy-up waits off the session thread.
-            let tree = self.tree.clone();
+            let (tree, errors) = (self.tree.clone(), self.errors.clone());
             self.offload(move |runtime| {
                 reply_empty(
+                    &errors,
                     reply,
                     runtime.block_on(tree.fallocate(ino, offset, length, mode)),
                 )
@@ -710,7 +734,7 @@ impl Filesystem for StrataFs {
         reply: ReplyEmpty,
     ) {
         guarded("fsync", || {
-            reply_empty(reply, self.tree.fsync(ino.0, datasync))
+            reply_empty(&self.errors, reply, self.tree.fsync(ino.0, datasync))
         })
     }
 
@@ -738,7 +762,7 @@ impl Filesystem for StrataFs {
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
             ),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&self.errors, &e)),
         })
     }
 
@@ -753,7 +777,7 @@ impl Filesystem for StrataFs {
         guarded("readdir", || {
             let entries = match self.handles.dir_listing(fh.0, ino.0, offset) {
                 Ok(l) => l,
-                Err(e) => return reply.error(errno(&e)),
+                Err(e) => return reply.error(errno(&self.errors, &e)),
             };
             // Offsets: 1 = ".", 2 = "..", 3 + i = entries[i]; each entry carries the next offset.
             let mut position = offset;
@@ -801,7 +825,9 @@ impl Filesystem for StrataFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        guarded("fsyncdir", || reply_empty(reply, self.tree.fsyncdir()))
+        guarded("fsyncdir", || {
+            reply_empty(&self.errors, reply, self.tree.fsyncdir())
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -833,6 +859,7 @@ impl Filesystem for StrataFs {
     ) {
         guarded("setxattr", || {
             reply_empty(
+                &self.errors,
                 reply,
                 self.tree.setxattr(ino.0, name.as_bytes(), value, flags),
             )
@@ -843,7 +870,7 @@ impl Filesystem for StrataFs {
         guarded("getxattr", || {
             match self.handles.getxattr(ino.0, name.as_bytes()) {
                 Ok(value) => reply_xattr(reply, &value, size),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&self.errors, &e)),
             }
         })
     }
@@ -858,19 +885,24 @@ impl Filesystem for StrataFs {
                 }
                 reply_xattr(reply, &data, size);
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&self.errors, &e)),
         })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         guarded("removexattr", || {
-            reply_empty(reply, self.tree.removexattr(ino.0, name.as_bytes()))
+            reply_empty(
+                &self.errors,
+                reply,
+                self.tree.removexattr(ino.0, name.as_bytes()),
+            )
         })
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         guarded("access", || {
             reply_empty(
+                &self.errors,
                 reply,
                 self.handles.access(ino.0, mask.contains(AccessFlags::W_OK)),
             )

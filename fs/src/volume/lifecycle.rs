@@ -12,6 +12,7 @@
 //!   quarantines it after [`QUARANTINE_AFTER`] failures ([`Attempts`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,61 @@ pub struct Attempts {
     pub first_failed_at: u64,
     pub next_try_at: u64,
     pub last_error: String,
+}
+
+/// How a host's volume commits ended, counted since the daemon started.
+#[derive(Debug, Default)]
+pub struct CommitCounts {
+    committed: AtomicU64,
+    rebased: AtomicU64,
+    conflict: AtomicU64,
+    kept: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A snapshot of [`CommitCounts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitStats {
+    /// Landed on the head the mount last saw.
+    pub committed: u64,
+    /// Landed on top of commits that other mounts made since.
+    pub rebased: u64,
+    /// Touched paths a newer commit changed: kept as a conflict record.
+    pub conflict: u64,
+    /// Failed at a mount's end: its upper kept on this host, to be retried.
+    pub kept: u64,
+    /// Failed attempts of any kind (at a mount's end, `strata commit`, a retry of a kept
+    /// upper); a failure at a mount's end counts here and as kept.
+    pub failed: u64,
+}
+
+impl CommitCounts {
+    /// Counts how one commit ended; a commit that found nothing to commit is not counted.
+    pub fn record(&self, result: &FsResult<volume::Committed>) {
+        let counter = match result {
+            Ok(c) if c.conflict.is_some() => &self.conflict,
+            Ok(c) if c.commit.is_none() => return,
+            Ok(c) if c.rebased => &self.rebased,
+            Ok(_) => &self.committed,
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn kept(&self) {
+        self.kept.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CommitStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CommitStats {
+            committed: get(&self.committed),
+            rebased: get(&self.rebased),
+            conflict: get(&self.conflict),
+            kept: get(&self.kept),
+            failed: get(&self.failed),
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -234,6 +290,7 @@ pub struct VolumeMount {
     /// Squash the volume after a commit that leaves more commits than this (0: never).
     squash_after: usize,
     cache_dir: Option<PathBuf>,
+    counts: Arc<CommitCounts>,
 }
 
 struct Base {
@@ -273,7 +330,13 @@ impl VolumeMount {
             }),
             squash_after: 0,
             cache_dir: None,
+            counts: Arc::default(),
         }
+    }
+
+    /// Counts this mount's commits into `counts` (the host's).
+    pub fn count_commits(&mut self, counts: Arc<CommitCounts>) {
+        self.counts = counts;
     }
 
     /// Squashes the volume after a commit that leaves more than `commits` commits (0:
@@ -348,7 +411,9 @@ impl VolumeMount {
             base.committed.as_deref(),
         )
         .await
-        .with_context(|| format!("committing volume {}", self.volume))?;
+        .with_context(|| format!("committing volume {}", self.volume));
+        self.counts.record(&committed);
+        let committed = committed?;
         if let Some(upper) = &committed.upper {
             base.committed = Some(upper.clone());
         }
@@ -425,6 +490,7 @@ impl VolumeMount {
                     )
                 };
                 tracing::error!("{message}");
+                self.counts.kept();
                 CommitEnd::Kept(message)
             }
         }
@@ -545,6 +611,7 @@ pub async fn commit_kept(
     store: Arc<dyn Store>,
     reader: ChunkReader,
     cache_dir: &Path,
+    counts: &CommitCounts,
 ) -> FsResult<()> {
     let v = VolumeRef::parse(&record.volume)?;
     if !dir.join(crate::upper::JOURNAL_FILE).exists() {
@@ -575,7 +642,9 @@ pub async fn commit_kept(
     });
     let committed = volume::commit(&store, &v, &tree, (&record.head, version.as_ref()), earlier)
         .await
-        .with_context(|| format!("committing volume {v} from {}", dir.display()))?;
+        .with_context(|| format!("committing volume {v} from {}", dir.display()));
+    counts.record(&committed);
+    let committed = committed?;
     log_committed(&v, &committed);
     drop(tree);
     std::fs::remove_dir_all(dir).map_err(|e| FsError::io(dir, e))?;
