@@ -1200,6 +1200,10 @@ impl ChunkCache {
     ) -> Result<Bytes, ChunkError> {
         let deadline = Instant::now() + self.fetch_deadline;
         let mut backoff = Duration::from_millis(200);
+        // A pack a live layer names is never deleted while mounted (see gc's leases), so a
+        // missing one is either damage or a server answering wrongly under load: asked again
+        // a few times before the read fails.
+        let mut missing_tries = 0;
         loop {
             reader.bump(|c| &c.store_gets, 1);
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -1211,6 +1215,10 @@ impl ChunkCache {
                     reader.counters.observe_fetch(took);
                     reader.cache.counters.observe_fetch(took);
                     return Ok(object);
+                }
+                Ok(Err(e)) if e.kind == StoreErrorKind::NotFound && missing_tries < 2 => {
+                    missing_tries += 1;
+                    e.to_string()
                 }
                 Ok(Err(e)) if e.kind != StoreErrorKind::Io => {
                     return Err(ChunkError::Store {

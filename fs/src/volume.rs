@@ -115,7 +115,7 @@ impl Commit {
 const SQUASH_HISTORY: usize = 512;
 
 /// A chain with its squashes opened up: the commits each one replaced.
-fn expand(commits: &[Commit]) -> Vec<&Commit> {
+pub(crate) fn expand(commits: &[Commit]) -> Vec<&Commit> {
     commits
         .iter()
         .flat_map(|c| {
@@ -553,25 +553,21 @@ async fn commit_leased(
                 }
             }
         }
+        let conflict = |paths: Vec<String>| ConflictRecord {
+            id: format!("{}-{}", commit.committed_at, &layer.to_hex()[..12]),
+            layers: base_head
+                .commits
+                .iter()
+                .map(|c| c.layer.clone())
+                .chain([commit.layer.clone()])
+                .collect(),
+            paths,
+            committed_at: commit.committed_at,
+        };
         let clashing = clashes(origin, own, &head, &commit);
         if !clashing.is_empty() {
-            let record = ConflictRecord {
-                id: format!("{}-{}", commit.committed_at, &layer.to_hex()[..12]),
-                layers: base_head
-                    .commits
-                    .iter()
-                    .map(|c| c.layer.clone())
-                    .chain([commit.layer.clone()])
-                    .collect(),
-                paths: clashing,
-                committed_at: commit.committed_at,
-            };
-            let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
-            let body =
-                crate::record::seal(&serde_json::to_vec_pretty(&record).expect("serializable"));
-            // A root too: it must not name what a collection may have swept meanwhile.
-            lease.ensure_held().await?;
-            store.put(&key, body).await?;
+            let record = conflict(clashing);
+            put_conflict(store, v, lease, &record).await?;
             return Ok(Committed {
                 commit: None,
                 report: Some(report),
@@ -603,8 +599,28 @@ async fn commit_leased(
             // then the head has moved on: read it again.
             Err(FsError::NotFound(why)) => {
                 let (newer, newer_version) = read_head(store, v).await?;
-                if newer_version.is_none() || newer_version == version {
+                if newer_version.is_none() {
                     return Err(FsError::NotFound(why));
+                }
+                if newer_version == version {
+                    // A layer of the head as it stands is gone from the store (damage, or
+                    // deleted by hand: collection keeps every layer a head names), so this
+                    // commit cannot be rebased onto it. Its changes are kept as a conflict
+                    // rather than lost, or stuck in retries.
+                    tracing::warn!(
+                        "volume {v}: cannot rebase onto the commits since the mount started                          ({why}); keeping its changes as a conflict"
+                    );
+                    let record =
+                        conflict(commit.paths.iter().chain(&commit.attrs).cloned().collect());
+                    put_conflict(store, v, lease, &record).await?;
+                    return Ok(Committed {
+                        commit: None,
+                        report: Some(report),
+                        conflict: Some(record),
+                        head: None,
+                        upper: commit.upper,
+                        rebased: false,
+                    });
                 }
                 (head, version) = (newer, newer_version);
                 continue;
@@ -651,6 +667,21 @@ async fn commit_leased(
     Err(FsError::Conflict(format!(
         "volume {v}: the head kept moving while committing; the changes are in layer {layer}"
     )))
+}
+
+/// Writes a conflict record, a root like a head: it must not name what a collection may
+/// have swept meanwhile (see FORMAT §9).
+async fn put_conflict(
+    store: &Arc<dyn Store>,
+    v: &VolumeRef,
+    lease: &WriterLease,
+    record: &ConflictRecord,
+) -> FsResult<()> {
+    let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
+    let body = crate::record::seal(&serde_json::to_vec_pretty(record).expect("serializable"));
+    lease.ensure_held().await?;
+    store.put(&key, body).await?;
+    Ok(())
 }
 
 /// Squashes the chain of `v` into one layer when it has more than one commit (see
@@ -1055,6 +1086,50 @@ mod tests {
         let t6 = mount(chain, "upper6").await;
         let got = t6.lookup(ROOT_INO, b"model.ckpt").unwrap();
         assert_eq!(&t6.read(got.ino, 0, 100).await.unwrap()[..], b"epoch 9");
+    }
+
+    /// A layer of the head gone from the store (damaged, deleted by hand): a commit that must
+    /// rebase onto it keeps its changes as a conflict instead of failing for ever.
+    #[tokio::test]
+    async fn a_commit_that_cannot_read_what_landed_before_it_keeps_a_conflict() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "base/d/old.txt", b"old\n");
+        let base = stack_of(tmp.path(), &["base"]).await;
+        let store = base.cache().store().clone();
+        let caller = Caller { uid: 0, gid: 0 };
+        let v = VolumeRef::parse("fn/damaged").unwrap();
+        let (head0, _) = read_head(&store, &v).await.unwrap();
+        let a = mount_chain(&base, Vec::new(), tmp.path().join("a")).await;
+        let b = mount_chain(&base, Vec::new(), tmp.path().join("b")).await;
+        // `a` changes the attributes of d: a later commit must read its layer to rebase.
+        let d = a.lookup(ROOT_INO, b"d").unwrap();
+        let chmod = SetAttr {
+            mode: Some(0o700),
+            ..Default::default()
+        };
+        a.setattr(d.ino, chmod).await.unwrap();
+        let first = commit(&store, &v, &a, (&head0, None), None).await.unwrap();
+        let layer = first.commit.unwrap().layer;
+        store
+            .delete(&format!("layers/{}", &layer["blake3:".len()..]))
+            .await
+            .unwrap();
+        let f = b.create(ROOT_INO, b"new.txt", 0o644, caller).unwrap();
+        b.release(f.ino);
+        let bd = b.lookup(ROOT_INO, b"d").unwrap();
+        let g = b.create(bd.ino, b"inner.txt", 0o644, caller).unwrap();
+        b.release(g.ino);
+        let second = commit(&store, &v, &b, (&head0, None), None).await.unwrap();
+        let kept = second.conflict.expect("kept as a conflict");
+        assert!(second.commit.is_none());
+        assert!(kept.paths.iter().any(|p| p == "new.txt"), "{kept:?}");
+        assert!(conflicts(&store, &v)
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.id == kept.id));
+        let (head, _) = read_head(&store, &v).await.unwrap();
+        assert_eq!(head.commits.len(), 1, "the head did not move");
     }
 
     #[tokio::test]

@@ -115,6 +115,60 @@ fn gc_on_garage_needs_single_writer_drops_what_retention_lets_go_and_keeps_every
     assert_eq!(again["freed_bytes"], 0, "{again}");
 }
 
+/// A volume's squashed commits: kept while a mount that started before them may commit
+/// again, collected once it has; the volume keeps every committed byte.
+#[test]
+fn gc_frees_squashed_volume_commits_once_no_mount_needs_them() {
+    let work = strata_tests::scratch_dir("gc-squashed");
+    let store = garage::bucket("gc-squashed");
+    let mut env = garage::shared().env();
+    env.push(("STRATA_SINGLE_WRITER".into(), "1".into()));
+    let d = Daemon::start(env, &work.join("daemon"), &[]).unwrap();
+    let s = d.strata();
+    let vol = ["--volume", "t/h"];
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("f{i}.bin"), pseudo_random(70 + i, 300 << 10)))
+        .collect();
+    let commit_file = |i: usize, at: &str| {
+        let m = d.mount_with(&store, &work.join(at), &[], &vol).unwrap();
+        std::fs::write(m.path(&files[i].0), &files[i].1).unwrap();
+    };
+    let gc = |what: &str| {
+        let report = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+        assert!(
+            report["problems"].as_array().unwrap().is_empty(),
+            "{what}: {report}"
+        );
+        report["deleted"]["layers"]["objects"].as_u64().unwrap_or(0)
+    };
+    commit_file(0, "m0");
+    let_a_second_pass();
+    // The empty layer the first mount stood on (a volume with commits needs none).
+    assert_eq!(gc("after the first commit"), 1);
+    // A mount from the head of one commit, open through what follows.
+    let old = d.mount_with(&store, &work.join("old"), &[], &vol).unwrap();
+    commit_file(1, "m1");
+    commit_file(2, "m2");
+    s.ok(&["volume", "squash", &store, "t/h"]);
+    let_a_second_pass();
+    // The old mount reads its commit 1 and needs 2 and 3 to commit again: nothing goes.
+    assert_eq!(gc("while mounted"), 0);
+    std::fs::write(old.path(&files[3].0), &files[3].1).unwrap();
+    drop(old);
+    let_a_second_pass();
+    // Now nobody needs what the squash replaced: its three layers go (the old mount's commit
+    // rebased onto the squash).
+    assert_eq!(gc("after the unmount"), 3);
+    let m = d
+        .mount_with(&store, &work.join("check"), &[], &vol)
+        .unwrap();
+    for (name, bytes) in &files {
+        assert!(std::fs::read(m.path(name)).unwrap() == *bytes, "{name}");
+    }
+    let show = json(&s.ok(&["volume", "show", &store, "t/h", "--json"]));
+    assert!(show["conflicts"].as_array().unwrap().is_empty(), "{show}");
+}
+
 /// Publishes of overlapping trees from two writers while gc runs in a loop, and a daemon's
 /// mount of a tag that then moves: afterwards every tag reads back its last publish, the
 /// mount reads what it mounted, and nothing dead is left. Seeded: STRATA_GC_RACE_SEED

@@ -2,7 +2,7 @@
 //! daemon reads, so that garbage collection keeps them while they are mounted, even after the
 //! tags that named them moved (`docs/FORMAT.md` §9).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -20,10 +20,18 @@ struct Held {
     store: Arc<dyn Store>,
     /// Its key: this daemon's, on this store.
     key: String,
-    mounts: HashMap<LeaseToken, Vec<Digest>>,
+    mounts: HashMap<LeaseToken, MountPart>,
     /// Held across a write of the lease (and only that), so a write of an older state never
     /// lands after a newer one.
     write: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What one mount adds to its store's lease.
+struct MountPart {
+    layers: Vec<Digest>,
+    /// A volume mount: the volume and the last commit of the head it started from (see
+    /// [`MountLease::volumes`]).
+    volume: Option<(String, String)>,
 }
 
 pub struct MountLeases {
@@ -49,13 +57,15 @@ impl MountLeases {
     }
 
     /// Adds the layers of a mount to the lease of `store` (at `endpoint`, if the mount named
-    /// one) and writes it; the token takes them out again. Also says whether the lease is in
-    /// the store now (its key), or why not.
+    /// one) and writes it; the token takes them out again. `volume`: the volume a volume
+    /// mount commits to and the last commit of the head it started from. Also says whether
+    /// the lease is in the store now (its key), or why not.
     pub async fn add(
         &self,
         store: &Arc<dyn Store>,
         endpoint: Option<&str>,
         layers: Vec<Digest>,
+        volume: Option<(String, String)>,
     ) -> (LeaseToken, FsResult<String>) {
         let token = LeaseToken(self.next.fetch_add(1, Ordering::Relaxed));
         // One store is one (URL, endpoint): two endpoints may serve buckets of one name.
@@ -71,7 +81,7 @@ impl MountLeases {
                 mounts: HashMap::new(),
                 write: Default::default(),
             });
-            h.mounts.insert(token, layers);
+            h.mounts.insert(token, MountPart { layers, volume });
         }
         let written = self.write(&name).await;
         (token, written)
@@ -111,16 +121,27 @@ impl MountLeases {
             return Err(FsError::NotFound(format!("no mount lease for {name}")));
         };
         let _turn = gate.lock().await;
-        let Some((store, key, layers)) = self.held().get(name).map(|h| {
-            let layers: BTreeSet<Digest> = h.mounts.values().flatten().copied().collect();
-            (Arc::clone(&h.store), h.key.clone(), layers)
+        let Some((store, key, layers, volumes)) = self.held().get(name).map(|h| {
+            let layers: BTreeSet<Digest> = h
+                .mounts
+                .values()
+                .flat_map(|m| m.layers.iter().copied())
+                .collect();
+            let mut volumes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (volume, origin) in h.mounts.values().filter_map(|m| m.volume.as_ref()) {
+                volumes
+                    .entry(volume.clone())
+                    .or_default()
+                    .insert(origin.clone());
+            }
+            (Arc::clone(&h.store), h.key.clone(), layers, volumes)
         }) else {
             return Err(FsError::NotFound(format!("no mount lease for {name}")));
         };
         let written: FsResult<()> = if layers.is_empty() {
             store.delete(&key).await.map_err(Into::into)
         } else {
-            MountLease::new(layers).write(&store, &key).await
+            MountLease::new(layers, volumes).write(&store, &key).await
         };
         match written {
             Ok(()) => Ok(key),

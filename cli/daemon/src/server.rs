@@ -635,6 +635,7 @@ impl Daemon {
                 &leased,
                 spec.endpoint_url.as_deref(),
                 assembly.layers.iter().map(|l| l.digest).collect(),
+                assembly.volume.as_ref().map(|v| v.lease_origin()),
             )
             .await;
         let lease = LeaseGuard {

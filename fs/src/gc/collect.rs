@@ -631,7 +631,7 @@ mod tests {
         // A live mount lease keeps the layer it names.
         store.delete("volumes/t/v/head").await.unwrap();
         let key = lease::MountLease::key("d1", store.url());
-        lease::MountLease::new([layer])
+        lease::MountLease::new([layer], Default::default())
             .write(&store, &key)
             .await
             .unwrap();

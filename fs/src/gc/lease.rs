@@ -9,6 +9,7 @@
 //! Daemons also hold **mount leases** (`leases/mounts/<host>-<id>`): the layers their mounts
 //! read, which the collector keeps alive as roots (see [`MountLease`]).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -646,10 +647,19 @@ pub struct MountLease {
     pub host: String,
     /// `blake3:<hex>` of every layer a mount of this daemon reads.
     pub layers: Vec<String>,
+    /// For each volume (`SCOPE/NAME`) this daemon's mounts commit to, the last commit of the
+    /// head each started from (its layer; `""` for an empty head): such a mount may need
+    /// every commit that landed after it to commit (see FORMAT §9). `None` (a lease written
+    /// before this field): every commit a squash replaced stays a root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl MountLease {
-    pub fn new(layers: impl IntoIterator<Item = Digest>) -> MountLease {
+    pub fn new(
+        layers: impl IntoIterator<Item = Digest>,
+        volumes: BTreeMap<String, BTreeSet<String>>,
+    ) -> MountLease {
         let mut layers: Vec<String> = layers.into_iter().map(|d| d.to_string()).collect();
         layers.sort();
         layers.dedup();
@@ -657,6 +667,7 @@ impl MountLease {
             version: 1,
             host: crate::volume::lifecycle::host_name(),
             layers,
+            volumes: Some(volumes),
         }
     }
 

@@ -60,6 +60,73 @@ impl Roots {
         }
     }
 
+    /// A volume head's roots: its chain, and of the commits its squashes replaced those a
+    /// mount may still need. A mount (or kept upper) that started from a head whose last
+    /// commit is the replaced commit at position `p` needs every one after it to commit
+    /// (what landed since it started, to rebase on); those before are read by nobody. A
+    /// squash made within the grace period keeps all it replaced: a mount may have read the
+    /// head before it and not yet written its lease. Where a mount started is unknown (a
+    /// lease that does not say, a kept upper from a head since squashed away, a head no
+    /// longer in the chain), everything is kept.
+    fn add_head(
+        &mut self,
+        head: &VolumeHead,
+        owner: &Owner,
+        key: &str,
+        origins: &VolumeOrigins,
+        now_secs: u64,
+        grace: Duration,
+    ) {
+        let volume = match owner {
+            Owner::Volume(v) => v.as_str(),
+            _ => "",
+        };
+        let chain = crate::volume::expand(&head.commits);
+        let position = |layer: &str| {
+            chain
+                .iter()
+                .position(|c| c.layer == layer || c.delta.as_deref() == Some(layer))
+        };
+        // The first replaced commit (position in `chain`) some mount may need.
+        let mut from = chain.len();
+        if origins.unknown {
+            from = 0;
+        }
+        for tip in origins.mounts.get(volume).into_iter().flatten() {
+            from = from.min(match position(tip) {
+                Some(p) => p + 1,
+                None => 0,
+            });
+        }
+        for stack in origins.kept.get(volume).into_iter().flatten() {
+            let named = chain
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| stack.contains(&c.layer))
+                .map(|(p, _)| p)
+                .max();
+            from = from.min(named.map_or(0, |p| p + 1));
+        }
+        let mut at = 0;
+        for c in &head.commits {
+            self.add(&c.layer, owner, key);
+            if let Some(delta) = &c.delta {
+                self.add(delta, owner, key);
+            }
+            if c.squashed.is_empty() {
+                at += 1;
+                continue;
+            }
+            let recent = c.committed_at.saturating_add(grace.as_secs()) > now_secs;
+            for (i, replaced) in c.squashed.iter().enumerate() {
+                if recent || at + i >= from {
+                    self.add_commits(std::slice::from_ref(replaced), owner, key);
+                }
+            }
+            at += c.squashed.len();
+        }
+    }
+
     fn add_commits(&mut self, commits: &[Commit], owner: &Owner, key: &str) {
         for c in commits {
             self.add(&c.layer, owner, key);
@@ -209,7 +276,8 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
             }
         }
     }
-    mount_leases(store, options, &mut roots).await?;
+    let mut origins = mount_leases(store, options, &mut roots).await?;
+    let mut heads = Vec::new();
     for key in store.list("volumes/").await? {
         if key.ends_with('/') {
             continue;
@@ -232,7 +300,7 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
         let unreadable = |e: serde_json::Error| format!("{key}: unreadable: {e}");
         match rest {
             ["head"] => match serde_json::from_slice::<VolumeHead>(&body) {
-                Ok(head) if head.version == 1 => roots.add_commits(&head.commits, &owner, &key),
+                Ok(head) if head.version == 1 => heads.push((owner, key, head)),
                 Ok(head) => roots.unreadable.push(format!(
                     "{key}: head version {} is not one this strata reads",
                     head.version
@@ -244,7 +312,14 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
                 Err(e) => roots.unreadable.push(unreadable(e)),
             },
             ["kept", _] => match serde_json::from_slice::<KeptRecord>(&body) {
-                Ok(k) => k.layers.iter().for_each(|l| roots.add(l, &owner, &key)),
+                Ok(k) => {
+                    k.layers.iter().for_each(|l| roots.add(l, &owner, &key));
+                    origins
+                        .kept
+                        .entry(format!("{scope}/{name}"))
+                        .or_default()
+                        .push(k.layers.into_iter().collect());
+                }
                 Err(e) => roots.unreadable.push(unreadable(e)),
             },
             // Not a root this version knows: keep whatever it might name by refusing to
@@ -253,6 +328,9 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
                 .unreadable
                 .push(format!("{key}: not an object this strata version knows")),
         }
+    }
+    for (owner, key, head) in heads {
+        roots.add_head(&head, &owner, &key, &origins, now_secs, options.grace);
     }
     Ok(roots)
 }
@@ -303,12 +381,28 @@ fn earlier_layers(
         .collect()
 }
 
-/// Adds the layers of daemons' live mount leases to `roots`.
+/// Where live volume mounts started, by volume: what decides which commits a squash replaced
+/// are still roots (see [`Roots::add_head`]).
+#[derive(Debug, Default)]
+pub struct VolumeOrigins {
+    /// Per volume, the last commit (layer) of each head a live mount started from; `""`: an
+    /// empty head.
+    pub mounts: BTreeMap<String, BTreeSet<String>>,
+    /// Per volume, the layers of each kept upper's stack (its head's among them).
+    pub kept: BTreeMap<String, Vec<BTreeSet<String>>>,
+    /// A live lease that does not say (written before leases named origins): every replaced
+    /// commit stays a root.
+    pub unknown: bool,
+}
+
+/// Adds the layers of daemons' live mount leases to `roots`; returns where their volume
+/// mounts started.
 pub async fn mount_leases(
     store: &Arc<dyn Store>,
     options: &RootOptions,
     roots: &mut Roots,
-) -> FsResult<()> {
+) -> FsResult<VolumeOrigins> {
+    let mut origins = VolumeOrigins::default();
     for o in store.list_info(lease::MOUNTS).await? {
         if lease::stale(options.now, o.modified, options.mount_stale) {
             continue;
@@ -322,7 +416,17 @@ pub async fn mount_leases(
             Err(e) => Err(format!("{}: {e}", o.key)),
         };
         match lease {
-            Ok(l) if l.version == 1 => l.layers.iter().for_each(|d| roots.add(d, &owner, &o.key)),
+            Ok(l) if l.version == 1 => {
+                l.layers.iter().for_each(|d| roots.add(d, &owner, &o.key));
+                match l.volumes {
+                    Some(volumes) => {
+                        for (volume, tips) in volumes {
+                            origins.mounts.entry(volume).or_default().extend(tips);
+                        }
+                    }
+                    None => origins.unknown = true,
+                }
+            }
             Ok(l) => roots.unreadable.push(format!(
                 "{}: mount lease version {} is not one this strata reads",
                 o.key, l.version
@@ -330,7 +434,7 @@ pub async fn mount_leases(
             Err(why) => roots.unreadable.push(why),
         }
     }
-    Ok(())
+    Ok(origins)
 }
 
 /// Adds the layers whose manifests were written within the grace period: a publish or commit
@@ -450,6 +554,114 @@ mod tests {
             by: "publish".into(),
             from: from.map(|n| d(n).to_string()),
         }
+    }
+
+    fn commit(n: u8, at: u64, squashed: Vec<Commit>) -> Commit {
+        Commit {
+            layer: d(n).to_string(),
+            committed_at: at,
+            changes: 1,
+            bytes_uploaded: 1,
+            paths: vec![format!("f{n}")],
+            attrs: Vec::new(),
+            squashed,
+            upper: None,
+            delta: None,
+        }
+    }
+
+    /// The roots of a head of squash 10 (replacing commits 1–4, at time 1,000) then commit 5,
+    /// with `origins`, at time `now` and a grace of 100 s: which of 1–4 stay.
+    fn replaced_kept(origins: &VolumeOrigins, now: u64) -> Vec<u8> {
+        let head = VolumeHead {
+            version: 1,
+            commits: vec![
+                commit(
+                    10,
+                    1_000,
+                    (1..=4).map(|n| commit(n, n as u64, vec![])).collect(),
+                ),
+                commit(5, 1_100, vec![]),
+            ],
+        };
+        let mut roots = Roots::default();
+        let owner = Owner::Volume("s/v".into());
+        roots.add_head(&head, &owner, "k", origins, now, Duration::from_secs(100));
+        assert!(roots.layers.contains_key(&d(10)) && roots.layers.contains_key(&d(5)));
+        assert!(roots.unreadable.is_empty());
+        (1..=4)
+            .filter(|n| roots.layers.contains_key(&d(*n)))
+            .collect()
+    }
+
+    fn mounts_from(tips: &[&str]) -> VolumeOrigins {
+        VolumeOrigins {
+            mounts: [(
+                "s/v".to_string(),
+                tips.iter().map(|t| t.to_string()).collect(),
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replaced_commits_stay_roots_only_while_a_mount_may_rebase_across_them() {
+        let late = 10_000;
+        // Nobody mounted: only the chain itself.
+        assert_eq!(
+            replaced_kept(&VolumeOrigins::default(), late),
+            Vec::<u8>::new()
+        );
+        // A mount that started from commit 2 needs 3 and 4 to commit.
+        assert_eq!(
+            replaced_kept(&mounts_from(&[&d(2).to_string()]), late),
+            [3, 4]
+        );
+        // Two mounts: the earlier one decides.
+        let both = mounts_from(&[&d(3).to_string(), &d(1).to_string()]);
+        assert_eq!(replaced_kept(&both, late), [2, 3, 4]);
+        // From an empty head, or a head this chain does not know: everything.
+        assert_eq!(replaced_kept(&mounts_from(&[""]), late), [1, 2, 3, 4]);
+        assert_eq!(
+            replaced_kept(&mounts_from(&[&d(99).to_string()]), late),
+            [1, 2, 3, 4]
+        );
+        // From commit 5 (after the squash): none of them.
+        assert_eq!(
+            replaced_kept(&mounts_from(&[&d(5).to_string()]), late),
+            Vec::<u8>::new()
+        );
+        // Another volume's mounts do not count.
+        let other = VolumeOrigins {
+            mounts: [("s/w".to_string(), [String::new()].into())].into(),
+            ..Default::default()
+        };
+        assert_eq!(replaced_kept(&other, late), Vec::<u8>::new());
+        // A lease that does not say where its mounts started keeps everything.
+        let unknown = VolumeOrigins {
+            unknown: true,
+            ..Default::default()
+        };
+        assert_eq!(replaced_kept(&unknown, late), [1, 2, 3, 4]);
+        // A kept upper whose stack holds commit 3: 4 after it; one whose stack the chain
+        // does not know (its head since squashed away): everything.
+        let kept = |layers: Vec<String>| VolumeOrigins {
+            kept: [("s/v".to_string(), vec![layers.into_iter().collect()])].into(),
+            ..Default::default()
+        };
+        let stack = vec![d(1).to_string(), d(2).to_string(), d(3).to_string()];
+        assert_eq!(replaced_kept(&kept(stack), late), [4]);
+        assert_eq!(
+            replaced_kept(&kept(vec![d(77).to_string()]), late),
+            [1, 2, 3, 4]
+        );
+        // A squash within the grace period keeps all it replaced (a mount may have read the
+        // head before it and not written its lease yet).
+        assert_eq!(
+            replaced_kept(&VolumeOrigins::default(), 1_050),
+            [1, 2, 3, 4]
+        );
     }
 
     #[test]

@@ -291,6 +291,9 @@ pub struct VolumeMount {
     squash_after: usize,
     cache_dir: Option<PathBuf>,
     counts: Arc<CommitCounts>,
+    /// The layer of the last commit of the head the mount started from, squashes opened up
+    /// (`""` for an empty head): what its mount lease names (see `MountLease::volumes`).
+    origin_tip: String,
 }
 
 struct Base {
@@ -315,7 +318,11 @@ impl VolumeMount {
         head: VolumeHead,
         version: Option<Version>,
     ) -> VolumeMount {
+        let origin_tip = volume::expand(&head.commits)
+            .last()
+            .map_or(String::new(), |c| c.layer.clone());
         VolumeMount {
+            origin_tip,
             volume,
             store,
             endpoint_url,
@@ -332,6 +339,12 @@ impl VolumeMount {
             cache_dir: None,
             counts: Arc::default(),
         }
+    }
+
+    /// What the mount's lease says of it: the volume, and the last commit of the head it
+    /// started from (see `MountLease::volumes`).
+    pub fn lease_origin(&self) -> (String, String) {
+        (self.volume.to_string(), self.origin_tip.clone())
     }
 
     /// Counts this mount's commits into `counts` (the host's).
