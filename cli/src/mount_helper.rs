@@ -57,6 +57,14 @@ pub fn strata_args(args: &[String]) -> Result<Option<Vec<String>>, String> {
             ("endpoint" | "endpoint_url", Some(v)) => Some(("--endpoint-url", Some(v))),
             ("no-prefetch-record", None) => Some(("--no-prefetch-record", None)),
             ("no-prefetch-replay", None) => Some(("--no-prefetch-replay", None)),
+            // Not silently dropped: an fstab line that asks for it expects it enforced.
+            ("noexec", None) => {
+                return Err(
+                    "noexec is not supported: strata mounts allow executing (mount the \
+                     sandbox's view noexec instead)"
+                        .to_string(),
+                )
+            }
             _ if is_generic(key) => None,
             _ if sloppy => None,
             _ => {
@@ -96,7 +104,6 @@ fn is_generic(key: &str) -> bool {
             | "dev"
             | "nodev"
             | "exec"
-            | "noexec"
             | "async"
             | "sync"
             | "atime"
@@ -172,5 +179,7 @@ mod tests {
         assert!(strata_args(&args("s3://b -o layer=a:1")).is_err());
         assert!(strata_args(&args("s3://b /m -t ext4")).is_err());
         assert!(strata_args(&args("s3://b /m -o")).is_err());
+        let e = strata_args(&args("s3://b /m -o layer=a:1,noexec")).unwrap_err();
+        assert!(e.contains("noexec"), "{e}");
     }
 }

@@ -608,10 +608,19 @@ async fn commit_leased(
                     // commit cannot be rebased onto it. Its changes are kept as a conflict
                     // rather than lost, or stuck in retries.
                     tracing::warn!(
-                        "volume {v}: cannot rebase onto the commits since the mount started                          ({why}); keeping its changes as a conflict"
+                        "volume {v}: cannot rebase onto the head ({why}); keeping its changes as a conflict"
                     );
-                    let record =
+                    let mut record =
                         conflict(commit.paths.iter().chain(&commit.attrs).cloned().collect());
+                    // A record naming a missing layer would stop every collection.
+                    let mut present = Vec::new();
+                    for l in record.layers.drain(..) {
+                        let key = format!("layers/{}", l.trim_start_matches("blake3:"));
+                        if store.head(&key).await?.is_some() {
+                            present.push(l);
+                        }
+                    }
+                    record.layers = present;
                     put_conflict(store, v, lease, &record).await?;
                     return Ok(Committed {
                         commit: None,

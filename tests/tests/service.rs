@@ -52,9 +52,11 @@ fn the_systemd_unit_verifies_with_the_generated_man_page() {
         .env("MANPATH", work.join("man"))
         .output()
         .expect("systemd-analyze (package systemd) runs");
+    // Only what it says of this unit (the host's own units may draw warnings too).
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("strata")).collect();
     assert!(
-        out.status.success() && stderr.trim().is_empty(),
+        out.status.success() && ours.is_empty(),
         "systemd-analyze verify ({}):\n{stderr}",
         out.status
     );
@@ -112,7 +114,8 @@ fn the_daemon_serves_with_only_the_units_capabilities() {
         let m = d
             .mount_with(&store, &work.join("m1"), &["svc:v1"], &vol)
             .unwrap();
-        // Twice: the second open of the now cached file is handed to the kernel.
+        // Twice: the second open of the now cached file may be handed to the kernel
+        // (passthrough, where it has it).
         for _ in 0..2 {
             assert!(std::fs::read(m.path("model.bin")).unwrap() == big);
         }

@@ -33,6 +33,9 @@ pub struct DuArgs {
     /// As `strata gc --keep-within`, for datasets without a policy of their own.
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     keep_within: Option<std::time::Duration>,
+    /// As `strata gc --keep-replaced`.
+    #[arg(long, default_value = "7d", value_parser = crate::units::parse_duration)]
+    keep_replaced: std::time::Duration,
 }
 
 pub async fn run(g: &GlobalArgs, a: DuArgs) -> anyhow::Result<()> {
@@ -55,6 +58,7 @@ pub async fn run(g: &GlobalArgs, a: DuArgs) -> anyhow::Result<()> {
         grace: a.grace,
         default_policy: (a.keep_history.is_some() || a.keep_within.is_some())
             .then(|| Policy::new(a.keep_history, a.keep_within.map(|d| d.as_secs()))),
+        keep_replaced: a.keep_replaced,
         ..RootOptions::default()
     };
     let mut u = usage::usage(&store, prices, &roots).await?;

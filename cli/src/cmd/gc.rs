@@ -32,6 +32,11 @@ pub struct GcArgs {
     /// this long (e.g. 30d).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     keep_within: Option<Duration>,
+    /// Everything a volume's squash replaced is kept this long after the squash, whoever
+    /// mounted what (a host back from a crash commits its kept uppers onto it); after that,
+    /// only what a live mount or kept upper may still need.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    keep_replaced: Duration,
     /// How long to wait for publishes and commits under way before giving up.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     wait: Duration,
@@ -50,6 +55,7 @@ pub async fn gc(g: &GlobalArgs, a: GcArgs) -> anyhow::Result<i32> {
         dry_run: a.dry_run,
         default_policy,
         writer_wait: a.wait,
+        keep_replaced: a.keep_replaced,
         ..GcOptions::default()
     };
     let report = collect::collect(&store, &options).await?;

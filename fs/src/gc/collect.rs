@@ -41,6 +41,8 @@ pub struct GcOptions {
     pub timings: Timings,
     /// How long to wait for running writers before giving up.
     pub writer_wait: Duration,
+    /// How long after a squash everything it replaced stays (see `RootOptions`).
+    pub keep_replaced: Duration,
 }
 
 impl Default for GcOptions {
@@ -51,6 +53,7 @@ impl Default for GcOptions {
             default_policy: None,
             timings: Timings::default(),
             writer_wait: Duration::from_secs(30 * 60),
+            keep_replaced: mark::DEFAULT_KEEP_REPLACED,
         }
     }
 }
@@ -228,6 +231,7 @@ async fn collect_locked(
         grace: options.grace,
         default_policy: options.default_policy,
         mount_stale: options.timings.mount_stale,
+        keep_replaced: options.keep_replaced,
     };
     let mut marked = mark_all(store, &roots).await?;
     let mut objects = store.list_info("").await?;

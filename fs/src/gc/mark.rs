@@ -13,7 +13,7 @@ use super::retention::{self, Policy};
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
 use crate::refs;
-use crate::volume::{Commit, ConflictRecord, KeptRecord, VolumeHead};
+use crate::volume::{ConflictRecord, KeptRecord, VolumeHead};
 
 /// Who keeps a layer alive: a dataset (any of its tags) or a volume (its head, the commits
 /// its squashes replaced, its conflicts and kept uppers).
@@ -43,20 +43,47 @@ impl std::fmt::Display for Owner {
 #[derive(Debug, Default)]
 pub struct Roots {
     pub layers: BTreeMap<Digest, BTreeSet<Owner>>,
+    /// Layers named only as commits a volume's squash replaced: a squash copies the list of
+    /// the squash before it, whose layers an earlier collection may have deleted already, so
+    /// one that is missing is no damage.
+    pub replaced: BTreeSet<Digest>,
+    /// Layers something else names too (then missing is damage).
+    required: BTreeSet<Digest>,
     /// Roots that could not be read (a damaged head, say). Whatever they name is unknown, so
     /// nothing may be swept while there are any.
     pub unreadable: Vec<String>,
 }
 
 impl Roots {
+    /// Adds a root (`key` names it).
     fn add(&mut self, layer: &str, owner: &Owner, key: &str) {
+        if let Some(d) = self.add_named(layer, owner, key) {
+            self.required.insert(d);
+        }
+    }
+
+    fn add_digest(&mut self, d: Digest, owner: &Owner) {
+        self.layers.entry(d).or_default().insert(owner.clone());
+        self.required.insert(d);
+    }
+
+    /// Whether a missing `layer` is damage: something other than a squash's list of the
+    /// commits it replaced names it.
+    pub fn must_exist(&self, layer: &Digest) -> bool {
+        self.required.contains(layer) || !self.replaced.contains(layer)
+    }
+
+    fn add_named(&mut self, layer: &str, owner: &Owner, key: &str) -> Option<Digest> {
         match Digest::parse(layer) {
             Ok(d) => {
                 self.layers.entry(d).or_default().insert(owner.clone());
+                Some(d)
             }
-            Err(e) => self
-                .unreadable
-                .push(format!("{key}: names an invalid layer {layer:?}: {e}")),
+            Err(e) => {
+                self.unreadable
+                    .push(format!("{key}: names an invalid layer {layer:?}: {e}"));
+                None
+            }
         }
     }
 
@@ -67,7 +94,9 @@ impl Roots {
     /// squash made within the grace period keeps all it replaced: a mount may have read the
     /// head before it and not yet written its lease. Where a mount started is unknown (a
     /// lease that does not say, a kept upper from a head since squashed away, a head no
-    /// longer in the chain), everything is kept.
+    /// longer in the chain), everything is kept. `keep_within` (at least the grace period):
+    /// how long after a squash everything it replaced stays, whoever mounted what (a host
+    /// that crashed holds no live lease, yet commits its upper when it comes back).
     fn add_head(
         &mut self,
         head: &VolumeHead,
@@ -75,7 +104,7 @@ impl Roots {
         key: &str,
         origins: &VolumeOrigins,
         now_secs: u64,
-        grace: Duration,
+        keep_within: Duration,
     ) {
         let volume = match owner {
             Owner::Volume(v) => v.as_str(),
@@ -117,23 +146,17 @@ impl Roots {
                 at += 1;
                 continue;
             }
-            let recent = c.committed_at.saturating_add(grace.as_secs()) > now_secs;
+            let recent = c.committed_at.saturating_add(keep_within.as_secs()) > now_secs;
             for (i, replaced) in c.squashed.iter().enumerate() {
                 if recent || at + i >= from {
-                    self.add_commits(std::slice::from_ref(replaced), owner, key);
+                    for layer in std::iter::once(&replaced.layer).chain(&replaced.delta) {
+                        if let Some(d) = self.add_named(layer, owner, key) {
+                            self.replaced.insert(d);
+                        }
+                    }
                 }
             }
             at += c.squashed.len();
-        }
-    }
-
-    fn add_commits(&mut self, commits: &[Commit], owner: &Owner, key: &str) {
-        for c in commits {
-            self.add(&c.layer, owner, key);
-            if let Some(delta) = &c.delta {
-                self.add(delta, owner, key);
-            }
-            self.add_commits(&c.squashed, owner, key);
         }
     }
 }
@@ -151,6 +174,9 @@ pub struct RootOptions {
     pub default_policy: Option<Policy>,
     /// A mount lease not rewritten for this long keeps nothing alive.
     pub mount_stale: Duration,
+    /// Everything a volume's squash replaced stays a root this long after the squash (see
+    /// `Roots::add_head`).
+    pub keep_replaced: Duration,
 }
 
 impl Default for RootOptions {
@@ -160,12 +186,18 @@ impl Default for RootOptions {
             grace: DEFAULT_GRACE,
             default_policy: None,
             mount_stale: lease::Timings::default().mount_stale,
+            keep_replaced: DEFAULT_KEEP_REPLACED,
         }
     }
 }
 
 /// Objects written within this long are never swept.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(60 * 60);
+
+/// How long the commits a squash replaced stay roots whoever mounted what: a daemon that
+/// crashed (its lease lapses in 15 minutes) and comes back within a week commits its kept
+/// uppers onto them.
+pub const DEFAULT_KEEP_REPLACED: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// Reads every root of `store`.
 pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Roots> {
@@ -209,11 +241,7 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
             None => None,
             Some(_) => match refs::resolve(store, &r).await {
                 Ok(digest) => {
-                    roots
-                        .layers
-                        .entry(digest)
-                        .or_default()
-                        .insert(owner.clone());
+                    roots.add_digest(digest, &owner);
                     Some(digest)
                 }
                 Err(FsError::NotFound(_)) => None, // removed, or deleted while listing
@@ -272,7 +300,7 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
             };
             let in_grace = ended.saturating_add(options.grace.as_secs()) > now_secs;
             if in_grace || policy.is_none_or(|p| p.keeps(rank, ended, now_secs)) {
-                roots.layers.entry(layer).or_default().insert(owner.clone());
+                roots.add_digest(layer, &owner);
             }
         }
     }
@@ -329,8 +357,9 @@ pub async fn roots(store: &Arc<dyn Store>, options: &RootOptions) -> FsResult<Ro
                 .push(format!("{key}: not an object this strata version knows")),
         }
     }
+    let keep_replaced = options.keep_replaced.max(options.grace);
     for (owner, key, head) in heads {
-        roots.add_head(&head, &owner, &key, &origins, now_secs, options.grace);
+        roots.add_head(&head, &owner, &key, &origins, now_secs, keep_replaced);
     }
     Ok(roots)
 }
@@ -491,16 +520,19 @@ impl Marked {
 }
 
 /// Marks everything `roots` keep alive, reading each live manifest once.
-pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
+pub async fn mark(store: &Arc<dyn Store>, mut roots: Roots) -> FsResult<Marked> {
     let mut marked = Marked {
-        unreadable: roots.unreadable,
+        unreadable: std::mem::take(&mut roots.unreadable),
         ..Marked::default()
     };
-    for (digest, owners) in roots.layers {
-        marked.layers.insert(digest, owners.clone());
+    for (digest, owners) in &roots.layers {
+        let (digest, owners) = (*digest, owners);
         let layer = match Layer::load(store, digest, None).await {
             Ok(l) => l,
+            // Collected already (see `Roots::replaced`): nothing to keep.
+            Err(FsError::NotFound(_)) if !roots.must_exist(&digest) => continue,
             Err(e @ (FsError::NotFound(_) | FsError::CorruptLayer { .. })) => {
+                marked.layers.insert(digest, owners.clone());
                 marked.broken_layers.push(format!(
                     "layer {digest} of {}: {e}",
                     owners
@@ -512,6 +544,7 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
                 continue;
             }
             Err(FsError::Manifest { .. }) => {
+                marked.layers.insert(digest, owners.clone());
                 marked
                     .broken_layers
                     .push(format!("layer {digest}: its manifest does not parse"));
@@ -519,6 +552,7 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
             }
             Err(e) => return Err(e),
         };
+        marked.layers.insert(digest, owners.clone());
         let m = &layer.manifest;
         for i in 0..m.chunk_count() {
             let c = m.chunk(i);
@@ -542,6 +576,7 @@ pub async fn mark(store: &Arc<dyn Store>, roots: Roots) -> FsResult<Marked> {
 mod tests {
     use super::*;
     use crate::refs::history::{History, Move};
+    use crate::volume::Commit;
 
     fn d(n: u8) -> Digest {
         Digest([n; 32])
@@ -662,6 +697,27 @@ mod tests {
             replaced_kept(&VolumeOrigins::default(), 1_050),
             [1, 2, 3, 4]
         );
+    }
+
+    #[tokio::test]
+    async fn a_replaced_commit_collected_already_is_no_damage_unless_named_elsewhere() {
+        let store: Arc<dyn Store> = Arc::new(strata_store::MemoryStore::new("mark"));
+        let owner = Owner::Volume("s/v".into());
+        let mut roots = Roots::default();
+        // 1: only in a squash's list; 2: in a list and named by a lease too; 3: a head's.
+        for n in [1, 2] {
+            let d = roots.add_named(&d(n).to_string(), &owner, "head").unwrap();
+            roots.replaced.insert(d);
+        }
+        roots.add(&d(2).to_string(), &Owner::Mount("h".into()), "lease");
+        roots.add(&d(3).to_string(), &owner, "head");
+        let marked = mark(&store, roots).await.unwrap();
+        assert_eq!(marked.broken_layers.len(), 2, "{:?}", marked.broken_layers);
+        for n in [2, 3] {
+            let named = d(n).to_string();
+            assert!(marked.broken_layers.iter().any(|b| b.contains(&named)));
+        }
+        assert!(!marked.layers.contains_key(&d(1)));
     }
 
     #[test]
