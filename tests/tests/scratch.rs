@@ -464,7 +464,20 @@ fn a_bug_in_one_request_costs_that_request_alone() {
     );
     fs::write(a.path("after.txt"), b"still here").unwrap();
     assert_eq!(fs::read(a.path("after.txt")).unwrap(), b"still here");
-    assert!(d.stats().is_object());
+    // Counted as what the function saw: EIO, on that mount only (each lookup of the name
+    // panics; the kernel keeps no entry for a failed one).
+    let stats = d.stats();
+    let mount_errors = |mp: &std::path::Path| {
+        stats["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountpoint"].as_str() == mp.to_str())
+            .map(|m| m["errors"]["EIO"].as_u64().unwrap_or(0))
+            .unwrap()
+    };
+    assert!(mount_errors(&a.mountpoint) >= 3, "{stats}");
+    assert_eq!(mount_errors(&b.mountpoint), 0, "{stats}");
     assert!(
         d.log_text().contains("internal error in lookup"),
         "the panic is not logged: {}",

@@ -45,6 +45,10 @@ pub async fn run(g: &GlobalArgs, a: TopArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // A signal ends the view like q does, so the terminal is restored (raw mode off).
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let _screen = Screen::enter()?;
     let mut previous: Option<(StatsReply, Instant)> = None;
     loop {
@@ -60,7 +64,12 @@ pub async fn run(g: &GlobalArgs, a: TopArgs) -> anyhow::Result<()> {
         draw(&lines, height as usize)?;
         previous = Some((stats, at));
         // Keys are read off the runtime's threads: waiting for one blocks.
-        let quit = tokio::task::spawn_blocking(move || wait_for_quit(interval)).await??;
+        let keys = tokio::task::spawn_blocking(move || wait_for_quit(interval));
+        let quit = tokio::select! {
+            quit = keys => quit??,
+            _ = term.recv() => true,
+            _ = hangup.recv() => true,
+        };
         if quit {
             return Ok(());
         }

@@ -88,8 +88,10 @@ impl Drop for OpenForChange {
 /// Runs the handler of one kernel request. A panic in it (a bug) is logged and costs that
 /// request alone: its reply, dropped while unwinding, answers EIO, and the session thread
 /// goes on serving the mount.
-fn guarded(op: &'static str, handler: impl FnOnce()) {
+fn guarded(errors: &ErrnoCounts, op: &'static str, handler: impl FnOnce()) {
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) {
+        // Bugs are the EIOs an operator most needs to see counted.
+        errors.count(libc::EIO);
         let why = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -348,7 +350,7 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        guarded("lookup", || {
+        guarded(&self.errors, "lookup", || {
             panic_hook_for_tests(name);
             match self.handles.lookup(parent.0, name.as_bytes()) {
                 Ok(Some(s)) => reply.entry(&TTL, &file_attr(&s), Generation(0)),
@@ -366,13 +368,13 @@ impl Filesystem for StrataFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        guarded("forget", || {
+        guarded(&self.errors, "forget", || {
             self.tree.forget(ino.0, nlookup);
         })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        guarded("getattr", || match self.tree.getattr(ino.0) {
+        guarded(&self.errors, "getattr", || match self.tree.getattr(ino.0) {
             Ok(s) => reply.attr(&TTL, &file_attr(&s)),
             Err(e) => reply.error(errno(&self.errors, &e)),
         })
@@ -396,7 +398,7 @@ impl Filesystem for StrataFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        guarded("setattr", || {
+        guarded(&self.errors, "setattr", || {
             let changes = SetAttr {
                 mode,
                 uid,
@@ -457,9 +459,11 @@ impl Filesystem for StrataFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        guarded("readlink", || match self.tree.readlink(ino.0) {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(&self.errors, &e)),
+        guarded(&self.errors, "readlink", || {
+            match self.tree.readlink(ino.0) {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(&self.errors, &e)),
+            }
         })
     }
 
@@ -473,7 +477,7 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        guarded("mknod", || {
+        guarded(&self.errors, "mknod", || {
             let r = self
                 .tree
                 .mknod(parent.0, name.as_bytes(), mode, rdev, caller(req));
@@ -490,7 +494,7 @@ impl Filesystem for StrataFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        guarded("mkdir", || {
+        guarded(&self.errors, "mkdir", || {
             self.reply_entry(
                 reply,
                 self.tree
@@ -500,7 +504,7 @@ impl Filesystem for StrataFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guarded("unlink", || {
+        guarded(&self.errors, "unlink", || {
             reply_empty(
                 &self.errors,
                 reply,
@@ -510,7 +514,7 @@ impl Filesystem for StrataFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guarded("rmdir", || {
+        guarded(&self.errors, "rmdir", || {
             reply_empty(
                 &self.errors,
                 reply,
@@ -527,7 +531,7 @@ impl Filesystem for StrataFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        guarded("symlink", || {
+        guarded(&self.errors, "symlink", || {
             let r = self.tree.symlink(
                 parent.0,
                 link_name.as_bytes(),
@@ -548,7 +552,7 @@ impl Filesystem for StrataFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        guarded("rename", || {
+        guarded(&self.errors, "rename", || {
             let r = self.tree.rename(
                 parent.0,
                 name.as_bytes(),
@@ -568,7 +572,7 @@ impl Filesystem for StrataFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        guarded("link", || {
+        guarded(&self.errors, "link", || {
             self.reply_entry(
                 reply,
                 self.tree.link(ino.0, newparent.0, newname.as_bytes()),
@@ -577,7 +581,7 @@ impl Filesystem for StrataFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        guarded("open", || {
+        guarded(&self.errors, "open", || {
             let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             if write && !self.tree.is_writable() {
                 self.errors.count(libc::EROFS);
@@ -606,7 +610,7 @@ impl Filesystem for StrataFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        guarded("create", || {
+        guarded(&self.errors, "create", || {
             let made = self
                 .tree
                 .create(parent.0, name.as_bytes(), mode, caller(req))
@@ -638,10 +642,12 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guarded("read", || match self.handles.read(ino.0, offset, size) {
-            Read::Ready(Ok(data)) => reply.data(&data),
-            Read::Ready(Err(e)) => reply.error(errno(&self.errors, &e)),
-            Read::Wait(read) => self.reply_when_read(reply, read),
+        guarded(&self.errors, "read", || {
+            match self.handles.read(ino.0, offset, size) {
+                Read::Ready(Ok(data)) => reply.data(&data),
+                Read::Ready(Err(e)) => reply.error(errno(&self.errors, &e)),
+                Read::Wait(read) => self.reply_when_read(reply, read),
+            }
         })
     }
 
@@ -657,7 +663,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        guarded("write", || {
+        guarded(&self.errors, "write", || {
             let ino = ino.0;
             if !self.tree.write_copies_up(ino, offset, data.len() as u64) {
                 return match self.runtime.block_on(self.tree.write(ino, offset, data)) {
@@ -688,7 +694,7 @@ impl Filesystem for StrataFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        guarded("fallocate", || {
+        guarded(&self.errors, "fallocate", || {
             let ino = ino.0;
             if !self.tree.write_copies_up(ino, offset, length) {
                 let r = self
@@ -716,7 +722,7 @@ impl Filesystem for StrataFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        guarded("flush", || {
+        guarded(&self.errors, "flush", || {
             // Strata has nothing to flush at a close (writes reach the upper when made, and
             // fsync is its own request). ENOSYS tells the kernel so once for the whole session:
             // it sends no more FLUSH, which spares every close of a file (opened with or
@@ -733,7 +739,7 @@ impl Filesystem for StrataFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        guarded("fsync", || {
+        guarded(&self.errors, "fsync", || {
             reply_empty(&self.errors, reply, self.tree.fsync(ino.0, datasync))
         })
     }
@@ -748,21 +754,23 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        guarded("release", || {
+        guarded(&self.errors, "release", || {
             reply.ok();
             self.handles.release(ino.0, kind_of(fh));
         })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        guarded("opendir", || match self.handles.open_dir(ino.0) {
-            // The kernel may keep listings: it drops one when the directory changes through
-            // this mount (and every change does), checked at each opendir and rewind.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(errno(&self.errors, &e)),
+        guarded(&self.errors, "opendir", || {
+            match self.handles.open_dir(ino.0) {
+                // The kernel may keep listings: it drops one when the directory changes through
+                // this mount (and every change does), checked at each opendir and rewind.
+                Ok(fh) => reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                ),
+                Err(e) => reply.error(errno(&self.errors, &e)),
+            }
         })
     }
 
@@ -774,7 +782,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        guarded("readdir", || {
+        guarded(&self.errors, "readdir", || {
             let entries = match self.handles.dir_listing(fh.0, ino.0, offset) {
                 Ok(l) => l,
                 Err(e) => return reply.error(errno(&self.errors, &e)),
@@ -811,7 +819,7 @@ impl Filesystem for StrataFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        guarded("releasedir", || {
+        guarded(&self.errors, "releasedir", || {
             self.handles.release_dir(fh.0);
             reply.ok();
         })
@@ -825,13 +833,13 @@ impl Filesystem for StrataFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        guarded("fsyncdir", || {
+        guarded(&self.errors, "fsyncdir", || {
             reply_empty(&self.errors, reply, self.tree.fsyncdir())
         })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        guarded("statfs", || {
+        guarded(&self.errors, "statfs", || {
             let st = self.tree.statfs();
             let b = BLOCK_SIZE as u64;
             reply.statfs(
@@ -857,7 +865,7 @@ impl Filesystem for StrataFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        guarded("setxattr", || {
+        guarded(&self.errors, "setxattr", || {
             reply_empty(
                 &self.errors,
                 reply,
@@ -867,7 +875,7 @@ impl Filesystem for StrataFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        guarded("getxattr", || {
+        guarded(&self.errors, "getxattr", || {
             match self.handles.getxattr(ino.0, name.as_bytes()) {
                 Ok(value) => reply_xattr(reply, &value, size),
                 Err(e) => reply.error(errno(&self.errors, &e)),
@@ -876,21 +884,23 @@ impl Filesystem for StrataFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        guarded("listxattr", || match self.tree.listxattr(ino.0) {
-            Ok(names) => {
-                let mut data = Vec::new();
-                for n in names {
-                    data.extend_from_slice(&n);
-                    data.push(0);
+        guarded(&self.errors, "listxattr", || {
+            match self.tree.listxattr(ino.0) {
+                Ok(names) => {
+                    let mut data = Vec::new();
+                    for n in names {
+                        data.extend_from_slice(&n);
+                        data.push(0);
+                    }
+                    reply_xattr(reply, &data, size);
                 }
-                reply_xattr(reply, &data, size);
+                Err(e) => reply.error(errno(&self.errors, &e)),
             }
-            Err(e) => reply.error(errno(&self.errors, &e)),
         })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guarded("removexattr", || {
+        guarded(&self.errors, "removexattr", || {
             reply_empty(
                 &self.errors,
                 reply,
@@ -900,7 +910,7 @@ impl Filesystem for StrataFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        guarded("access", || {
+        guarded(&self.errors, "access", || {
             reply_empty(
                 &self.errors,
                 reply,
