@@ -199,6 +199,55 @@ fn fstab_lines_mount_through_the_helper() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // And through mount(8) itself, which finds the helper in /sbin (linked for this test).
+    let link = Path::new("/sbin/mount.fuse.strata");
+    struct Unlink(&'static Path);
+    impl Drop for Unlink {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    // A link an earlier run left (its binary maybe gone) is replaced; anything else is the
+    // host's own installation, used as it is.
+    let _unlink = match std::fs::symlink_metadata(link) {
+        Ok(m) if !m.file_type().is_symlink() => None,
+        _ => {
+            let _ = std::fs::remove_file(link);
+            std::os::unix::fs::symlink(strata_bin(), link).unwrap();
+            Some(Unlink(link))
+        }
+    };
+    let options = format!("layer=tab:v1,ro,socket={}", d.socket().display());
+    let out = Command::new("mount")
+        .args([
+            "-t",
+            "fuse.strata",
+            "-o",
+            &options,
+            &store,
+            mnt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount -t fuse.strata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("hello.txt")).unwrap(),
+        b"hello from fstab\n"
+    );
+    let mounts = d.strata().ok(&["mounts"]);
+    assert!(mounts.contains(mnt.to_str().unwrap()), "{mounts}");
+    let out = Command::new("umount").arg(&mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(_unlink);
+
     // An option strata does not know is refused with what it does know, and nothing mounts.
     let out = Command::new(&helper)
         .args([
