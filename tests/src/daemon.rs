@@ -2,11 +2,23 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::strata::{wait_timeout, Strata};
+
+static STARTS: Mutex<()> = Mutex::new(());
+
+/// No daemon of this test binary starts while the guard is held. A starting daemon detaches
+/// every stale strata mount on the host, so a test that looks at the stale mounts a killed
+/// daemon left (or at who cleaned them) holds this from the kill to its own restart.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    STARTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A `strata daemon` with its own socket and cache dir under `dir`; stopped (SIGTERM) on drop.
 pub struct Daemon {
@@ -55,6 +67,12 @@ impl Daemon {
 
     /// Starts the daemon again (after [`Daemon::stop`] or [`Daemon::kill`]), same dirs.
     pub fn restart(&mut self) -> Result<()> {
+        let held = exclusive();
+        self.restart_holding(&held)
+    }
+
+    /// [`Daemon::restart`] by a test that holds [`exclusive`].
+    pub fn restart_holding(&mut self, _held: &MutexGuard<'static, ()>) -> Result<()> {
         assert!(self.child.is_none(), "daemon already running");
         let mut args: Vec<&str> = vec![
             "daemon",

@@ -397,13 +397,16 @@ fn a_killed_daemon_leaves_stale_mounts_that_the_next_start_cleans() {
     for mp in &mps {
         std::mem::forget(d.mount(&store, mp, &["c:v1"]).unwrap());
     }
+    // Another test's daemon starting now would clean these mounts first.
+    let held = strata_tests::daemon::exclusive();
     d.kill();
     for mp in &mps {
         let err = std::fs::metadata(mp).expect_err("the mount's server is dead");
         assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
     }
 
-    d.restart().unwrap();
+    d.restart_holding(&held).unwrap();
+    drop(held);
     for mp in &mps {
         assert!(
             !strata_fuse::is_strata_mount(mp).unwrap(),
