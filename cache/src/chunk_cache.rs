@@ -18,7 +18,7 @@ use lru::LruCache;
 use crate::assembled::FileLayout;
 use crate::disk_cache::{DiskCache, DiskRead};
 use crate::low_priority::LowPriorityPool;
-use strata_cache_format::{blob, pack_key, ChunkLoc, Digest};
+use strata_cache_format::{blob, moved_key, pack_key, ChunkLoc, Digest, PackMoves};
 use strata_store::{Store, StoreError, StoreErrorKind};
 
 #[derive(Clone, Debug)]
@@ -104,6 +104,31 @@ pub struct FetchLatency {
     /// [`FETCH_LATENCY_BOUNDS`]; the last: longer than every bound.
     pub counts: [u64; LATENCY_SLOTS],
     pub sum_micros: u64,
+}
+
+impl FetchLatency {
+    /// The upper bound, in seconds, of the bucket holding quantile `q` (0 to 1) of the GETs:
+    /// `None` without GETs, `Some(f64::INFINITY)` past the last bound.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let wanted = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen >= wanted {
+                return Some(
+                    FETCH_LATENCY_BOUNDS
+                        .get(i)
+                        .copied()
+                        .unwrap_or(f64::INFINITY),
+                );
+            }
+        }
+        Some(f64::INFINITY)
+    }
 }
 
 /// The whole cache: read counters plus how full it is.
@@ -481,7 +506,18 @@ pub struct ChunkCache {
     whole_files: Arc<tokio::sync::Semaphore>,
     /// Where background work nobody waits on decodes and writes its chunks.
     low_priority: LowPriorityPool,
+    /// Forwarding maps of rewritten packs read so far, by store and old pack, so only the
+    /// first read of a moved pack pays for finding it gone.
+    moved: Mutex<LruCache<(String, Digest), Arc<PackMoves>>>,
 }
+
+/// Forwarding maps kept in memory (each a few KiB at most).
+const MOVED_MAPS: usize = 4096;
+/// Forwarding hops one fetch follows: a map is rewritten when the pack it points into is, so
+/// more than one is only ever a reader holding a map from before that.
+const MOVED_HOPS: u8 = 3;
+/// Gap between two relocated chunks up to which one GET fetches both.
+const MOVED_GAP: u64 = 1 << 20;
 
 /// Whole-file fetches (of files read at random) that run at once on a host: each is large,
 /// so a few keep the store busy and more would only push each other out of the cache.
@@ -796,6 +832,9 @@ impl ChunkCache {
             low_priority: LowPriorityPool::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             )?,
+            moved: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(MOVED_MAPS).expect("non-zero"),
+            )),
         }))
     }
 
@@ -1043,6 +1082,7 @@ impl ChunkCache {
                     &missing.iter().map(|i| i - first).collect::<Vec<_>>(),
                     matches!(gating, Gating::Deferred),
                     urgent,
+                    0,
                 )
                 .await;
             let mut to_disk = Vec::new();
@@ -1098,13 +1138,165 @@ impl ChunkCache {
     /// object in the store stays corrupt, but a damaged transfer does not). Verified at low
     /// CPU priority if `low_priority` (deferred background work) and not `urgent` (no reader
     /// joined, or not before the verification started).
-    async fn fetch_verified(
+    ///
+    /// A pack gc rewrote is read where its forwarding map says (`hops` maps followed so far).
+    fn fetch_verified<'a>(
+        &'a self,
+        reader: &'a ChunkReader,
+        span: &'a [ChunkLoc],
+        wanted: &'a [usize],
+        low_priority: bool,
+        urgent: &'a AtomicBool,
+        hops: u8,
+    ) -> BoxFuture<'a, Vec<Result<Bytes, ChunkError>>> {
+        async move {
+            let first = span[0];
+            let cache_key = (reader.store.url().to_string(), first.pack);
+            let cached = self.moved_map(&cache_key);
+            if let Some(map) = cached {
+                let got = self
+                    .fetch_moved(reader, &map, span, wanted, low_priority, urgent, hops)
+                    .await;
+                let gone = got.iter().any(|r| {
+                    matches!(r, Err(ChunkError::Store { source, .. }) if source.kind == StoreErrorKind::NotFound)
+                });
+                if !gone {
+                    return got;
+                }
+                // The map was rewritten since (the pack it pointed into was rewritten too):
+                // read it again.
+                self.forget_moved_map(&cache_key);
+            }
+            self.fetch_from_pack(reader, span, wanted, low_priority, urgent, hops)
+                .await
+        }
+        .boxed()
+    }
+
+    fn moved_map(&self, key: &(String, Digest)) -> Option<Arc<PackMoves>> {
+        self.moved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    fn forget_moved_map(&self, key: &(String, Digest)) {
+        self.moved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop(key);
+    }
+
+    /// Fetches the chunks `wanted` of `span` (all in `map`'s old pack) from where the map
+    /// says they are now, grouping those that are close in one new pack into one GET.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_moved(
+        &self,
+        reader: &ChunkReader,
+        map: &PackMoves,
+        span: &[ChunkLoc],
+        wanted: &[usize],
+        low_priority: bool,
+        urgent: &AtomicBool,
+        hops: u8,
+    ) -> Vec<Result<Bytes, ChunkError>> {
+        let mut results: Vec<Option<Result<Bytes, ChunkError>>> = vec![None; wanted.len()];
+        // Runs of (position in `wanted`, new location), each in one pack, offsets rising.
+        let mut runs: Vec<Vec<(usize, ChunkLoc)>> = Vec::new();
+        for (at, &i) in wanted.iter().enumerate() {
+            let Some(new) = map.relocate(&span[i]) else {
+                results[at] = Some(Err(ChunkError::Failed {
+                    digest: span[i].digest,
+                    reason: format!(
+                        "pack {} was rewritten by gc and its forwarding map does not hold this chunk",
+                        span[i].pack
+                    ),
+                }));
+                continue;
+            };
+            match runs.last_mut() {
+                Some(run)
+                    if run.last().is_some_and(|(_, prev): &(usize, ChunkLoc)| {
+                        let end = prev.pack_offset + prev.stored_len as u64;
+                        prev.pack == new.pack
+                            && new.pack_offset >= end
+                            && new.pack_offset - end <= MOVED_GAP
+                    }) =>
+                {
+                    run.push((at, new))
+                }
+                _ => runs.push(vec![(at, new)]),
+            }
+        }
+        if hops >= MOVED_HOPS {
+            for run in &runs {
+                for (at, loc) in run {
+                    results[*at] = Some(Err(ChunkError::Failed {
+                        digest: loc.digest,
+                        reason: format!("pack {} was moved more than {MOVED_HOPS} times", loc.pack),
+                    }));
+                }
+            }
+            runs.clear();
+        }
+        for run in runs {
+            let locs: Vec<ChunkLoc> = run.iter().map(|(_, l)| *l).collect();
+            let all: Vec<usize> = (0..locs.len()).collect();
+            let got = self
+                .fetch_verified(reader, &locs, &all, low_priority, urgent, hops + 1)
+                .await;
+            for ((at, _), r) in run.iter().zip(got) {
+                results[*at] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every wanted chunk was fetched or failed"))
+            .collect()
+    }
+
+    /// Reads the forwarding map of `pack` (gone from the store), if gc left one.
+    async fn load_moved_map(
+        &self,
+        reader: &ChunkReader,
+        pack: Digest,
+    ) -> Result<Option<Arc<PackMoves>>, ChunkError> {
+        let key = moved_key(&pack);
+        // A map damaged in transit is fetched again; one damaged in the store stays so.
+        for _ in 0..3 {
+            reader.bump(|c| &c.store_gets, 1);
+            match reader.store.get(&key).await {
+                Ok(bytes) => {
+                    if let Some(map) = PackMoves::parse(pack, &bytes) {
+                        let map = Arc::new(map);
+                        self.moved
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .put((reader.store.url().to_string(), pack), Arc::clone(&map));
+                        return Ok(Some(map));
+                    }
+                    tracing::warn!(%pack, "damaged forwarding map; reading it again");
+                }
+                Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(None),
+                Err(e) => tracing::warn!(%pack, "reading the forwarding map: {e}"),
+            }
+        }
+        Err(ChunkError::Corrupt {
+            digest: pack,
+            store: reader.store.url().to_string(),
+            reason: format!("the forwarding map of moved pack {pack} is damaged or unreadable"),
+        })
+    }
+
+    async fn fetch_from_pack(
         &self,
         reader: &ChunkReader,
         span: &[ChunkLoc],
         wanted: &[usize],
         low_priority: bool,
         urgent: &AtomicBool,
+        hops: u8,
     ) -> Vec<Result<Bytes, ChunkError>> {
         let first = span[0];
         let start = first.pack_offset;
@@ -1112,13 +1304,50 @@ impl ChunkCache {
         let key = pack_key(&first.pack);
         let store = reader.store.url();
         let mut attempt = 0;
+        let mut missing_tries = 0u32;
         loop {
             attempt += 1;
             let object = match self
                 .get_with_retries(reader, first.digest, &key, start..end)
                 .await
             {
-                Ok(o) => o,
+                Ok(Some(o)) => o,
+                Ok(None) => {
+                    // The pack is gone: gc rewrote it if it left a forwarding map.
+                    match self.load_moved_map(reader, first.pack).await {
+                        Ok(Some(map)) => {
+                            return self
+                                .fetch_moved(reader, &map, span, wanted, low_priority, urgent, hops)
+                                .await
+                        }
+                        Ok(None) if missing_tries < 2 => {
+                            // A pack a live layer names is never deleted while mounted (see
+                            // gc's leases) without a map, so a missing one is either damage or
+                            // a server answering wrongly under load: asked again a few times
+                            // before the read fails.
+                            missing_tries += 1;
+                            attempt -= 1;
+                            let pause = Duration::from_millis(200) * missing_tries;
+                            tracing::warn!(pack = %first.pack, "pack not found; asking again in {pause:?}");
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        Ok(None) => {
+                            let e = ChunkError::Store {
+                                digest: first.digest,
+                                source: Arc::new(StoreError::new(
+                                    store,
+                                    "get",
+                                    &key,
+                                    StoreErrorKind::NotFound,
+                                    "no such pack, and no forwarding map",
+                                )),
+                            };
+                            return wanted.iter().map(|_| Err(e.clone())).collect();
+                        }
+                        Err(e) => return wanted.iter().map(|_| Err(e.clone())).collect(),
+                    }
+                }
                 Err(e) => return wanted.iter().map(|_| Err(e.clone())).collect(),
             };
             reader.bump(|c| &c.store_bytes, object.len() as u64);
@@ -1190,20 +1419,16 @@ impl ChunkCache {
 
     /// GETs a range of a pack, retrying store trouble (outages, timeouts, 5xx) with backoff
     /// until the fetch deadline, so a store that comes back in time only delays the read and
-    /// one that does not fails it instead of hanging it. A missing object is not retried.
+    /// one that does not fails it instead of hanging it. A missing pack is `None`, at once.
     async fn get_with_retries(
         &self,
         reader: &ChunkReader,
         digest: Digest,
         key: &str,
         range: std::ops::Range<u64>,
-    ) -> Result<Bytes, ChunkError> {
+    ) -> Result<Option<Bytes>, ChunkError> {
         let deadline = Instant::now() + self.fetch_deadline;
         let mut backoff = Duration::from_millis(200);
-        // A pack a live layer names is never deleted while mounted (see gc's leases), so a
-        // missing one is either damage or a server answering wrongly under load: asked again
-        // a few times before the read fails.
-        let mut missing_tries = 0;
         loop {
             reader.bump(|c| &c.store_gets, 1);
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -1214,12 +1439,9 @@ impl ChunkCache {
                     let took = started.elapsed();
                     reader.counters.observe_fetch(took);
                     reader.cache.counters.observe_fetch(took);
-                    return Ok(object);
+                    return Ok(Some(object));
                 }
-                Ok(Err(e)) if e.kind == StoreErrorKind::NotFound && missing_tries < 2 => {
-                    missing_tries += 1;
-                    e.to_string()
-                }
+                Ok(Err(e)) if e.kind == StoreErrorKind::NotFound => return Ok(None),
                 Ok(Err(e)) if e.kind != StoreErrorKind::Io => {
                     return Err(ChunkError::Store {
                         digest,

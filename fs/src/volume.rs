@@ -333,6 +333,22 @@ impl Committed {
             rebased: false,
         }
     }
+
+    /// Kept as conflict `record`: the head did not move.
+    fn conflicted(
+        record: ConflictRecord,
+        report: PublishReport,
+        upper: Option<String>,
+    ) -> Committed {
+        Committed {
+            commit: None,
+            report: Some(report),
+            conflict: Some(record),
+            head: None,
+            upper,
+            rebased: false,
+        }
+    }
 }
 
 impl Committed {
@@ -568,14 +584,7 @@ async fn commit_leased(
         if !clashing.is_empty() {
             let record = conflict(clashing);
             put_conflict(store, v, lease, &record).await?;
-            return Ok(Committed {
-                commit: None,
-                report: Some(report),
-                conflict: Some(record),
-                head: None,
-                upper: commit.upper,
-                rebased: false,
-            });
+            return Ok(Committed::conflicted(record, report, commit.upper));
         }
         // Attribute changes that landed since the mount started stay where it changed
         // nothing (see `attrs`): the layer that goes on top may be a rewritten one.
@@ -622,14 +631,7 @@ async fn commit_leased(
                     }
                     record.layers = present;
                     put_conflict(store, v, lease, &record).await?;
-                    return Ok(Committed {
-                        commit: None,
-                        report: Some(report),
-                        conflict: Some(record),
-                        head: None,
-                        upper: commit.upper,
-                        rebased: false,
-                    });
+                    return Ok(Committed::conflicted(record, report, commit.upper));
                 }
                 (head, version) = (newer, newer_version);
                 continue;

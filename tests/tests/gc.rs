@@ -115,6 +115,99 @@ fn gc_on_garage_needs_single_writer_drops_what_retention_lets_go_and_keeps_every
     assert_eq!(again["freed_bytes"], 0, "{again}");
 }
 
+/// A pack mostly dead (a dataset kept one of its ten first files) is rewritten: its live
+/// chunks move to a new pack behind a forwarding map, and a daemon's mount made before the
+/// rewrite, a fresh mount and `strata cat` all read every byte of the layer (whose digest did
+/// not change) from where it is now.
+#[test]
+fn gc_rewrites_a_mostly_dead_pack_under_a_live_mount() {
+    let work = strata_tests::scratch_dir("gc-rewrite");
+    let dir = work.join("ds");
+    let store = garage::bucket("gc-rewrite");
+    let mut env = garage::shared().env();
+    env.push(("STRATA_SINGLE_WRITER".into(), "1".into()));
+    let d = Daemon::start(env.clone(), &work.join("daemon"), &[]).unwrap();
+    let s = d.strata();
+    let mut files: Vec<Vec<u8>> = (0..10).map(|i| pseudo_random(500 + i, 1 << 20)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        write_file(&dir.join(format!("f{i}.bin")), bytes);
+    }
+    s.publish(&dir, &store, "ds:latest");
+    for (i, bytes) in files.iter_mut().enumerate().skip(1) {
+        *bytes = pseudo_random(600 + i as u64, 1 << 20);
+        write_file(&dir.join(format!("f{i}.bin")), bytes);
+    }
+    let layer = layer_of(&s.publish(&dir, &store, "ds:latest"));
+    s.ok(&["retain", &store, "ds", "--keep-history", "0"]);
+    let held = d
+        .mount_with(&store, &work.join("held"), &["ds:latest"], &["--read-only"])
+        .unwrap();
+    let_a_second_pass();
+
+    let off = json(&s.ok(&[
+        "gc",
+        "--json",
+        "--dry-run",
+        &store,
+        "--grace",
+        "0s",
+        "--rewrite-below",
+        "0",
+    ]));
+    assert_eq!(off["rewrite"]["packs"]["objects"], 0, "{off}");
+    let report = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    assert!(
+        report["problems"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    let r = &report["rewrite"];
+    assert_eq!(
+        r["packs"]["objects"], 1,
+        "the first pack, a tenth live: {report}"
+    );
+    let copied = r["copied"].as_u64().unwrap();
+    assert!(
+        (512 << 10..1100 << 10).contains(&copied),
+        "f0, but for its last chunk: {report}"
+    );
+    assert_eq!(r["maps"]["objects"], 1, "{report}");
+    // The first layer went whole, and nine tenths of its pack with it.
+    assert_eq!(report["deleted"]["layers"]["objects"], 1, "{report}");
+    assert!(
+        report["freed_bytes"].as_u64().unwrap() >= 8 << 20,
+        "{report}\n{off}"
+    );
+    let du = json(&s.ok(&["du", "--json", &store]));
+    assert_eq!(du["dead"]["freeable"], 0, "{du}");
+    assert!(
+        du["dead"]["in_live_packs"].as_u64().unwrap() < 256 << 10,
+        "{du}"
+    );
+    assert_eq!(du["total"], report["after"], "{du}\n{report}");
+
+    // The mount from before the rewrite (nothing read yet), a new one and `cat` read it all.
+    let fresh = Daemon::start(garage::shared().env(), &work.join("fresh"), &[]).unwrap();
+    let pinned = format!("ds@{layer}");
+    let new = fresh
+        .mount_with(&store, &work.join("new"), &[&pinned], &["--read-only"])
+        .unwrap();
+    for (i, bytes) in files.iter().enumerate() {
+        let name = format!("f{i}.bin");
+        assert!(
+            std::fs::read(held.path(&name)).unwrap() == *bytes,
+            "held {name}"
+        );
+        assert!(
+            std::fs::read(new.path(&name)).unwrap() == *bytes,
+            "new {name}"
+        );
+    }
+    assert!(cat(&s, &store, "ds:latest", "f0.bin") == files[0]);
+    let again = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    assert_eq!(again["freed_bytes"], 0, "{again}");
+    assert_eq!(again["rewrite"]["packs"]["objects"], 0, "{again}");
+}
+
 /// A volume's squashed commits: kept while a mount that started before them may commit
 /// again, collected once it has; the volume keeps every committed byte.
 #[test]

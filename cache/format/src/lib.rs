@@ -6,14 +6,17 @@
 //! - [`Digest`]: the BLAKE3 name of a piece of content.
 //! - [`blob`]: the one-byte codec header every stored object carries (raw or zstd).
 //! - [`locator`]: a chunk's locator object, which says where its bytes are ([`ChunkLoc`]).
+//! - [`moved`]: where a rewritten pack's live chunks went ([`PackMoves`]).
 //! - [`chunk_key`], [`pack_key`]: where chunks and packs live in a store.
 
 pub mod blob;
 mod digest;
 pub mod locator;
+pub mod moved;
 
 pub use digest::{Digest, DigestParseError};
 pub use locator::Locator;
+pub use moved::{moved_key, Move, PackMoves};
 
 /// Store key of a chunk's locator (where its bytes are): `chunks/<2 hex digits>/<64 hex digits>`.
 pub fn chunk_key(digest: &Digest) -> String {

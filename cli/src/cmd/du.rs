@@ -102,14 +102,15 @@ pub async fn run(g: &GlobalArgs, a: DuArgs) -> anyhow::Result<()> {
     println!();
     let d = &u.dead;
     println!(
-        "dead (nothing keeps it alive): packs {}; layers {}; locators {}; start records {}",
+        "dead (nothing keeps it alive): packs {}; layers {}; locators {}; start records {}; forwarding maps {}",
         tally(&d.packs),
         tally(&d.layers),
         tally(&d.locators),
-        tally(&d.start_records)
+        tally(&d.start_records),
+        tally(&d.forwarding_maps)
     );
     println!(
-        "  deleting them frees {}; {} more sit unused in live packs (freed only by rewriting them)",
+        "  deleting them frees {}; {} more sit unused in live packs (gc frees those of packs mostly dead by rewriting them)",
         human(d.freeable),
         human(d.in_live_packs)
     );

@@ -37,6 +37,11 @@ pub struct GcArgs {
     /// only what a live mount or kept upper may still need.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     keep_replaced: Duration,
+    /// Rewrite packs of which less than this percentage is live: their live chunks are
+    /// copied into new packs (behind forwarding maps, so layers keep their digests) and the
+    /// old packs deleted. 0 never rewrites.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50.0, value_parser = parse_percent)]
+    rewrite_below: f64,
     /// How long to wait for publishes and commits under way before giving up.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     wait: Duration,
@@ -56,6 +61,7 @@ pub async fn gc(g: &GlobalArgs, a: GcArgs) -> anyhow::Result<i32> {
         default_policy,
         writer_wait: a.wait,
         keep_replaced: a.keep_replaced,
+        rewrite_below: a.rewrite_below / 100.0,
         ..GcOptions::default()
     };
     let report = collect::collect(&store, &options).await?;
@@ -78,6 +84,21 @@ pub async fn gc(g: &GlobalArgs, a: GcArgs) -> anyhow::Result<i32> {
         }
         if report.deleted.is_empty() && report.problems.is_empty() {
             println!("  nothing to delete");
+        }
+        let r = &report.rewrite;
+        if r.packs.objects > 0 {
+            println!(
+                "  {} {} mostly dead pack(s) ({}): {} live copied into {} new pack(s), {} forwarding map(s)",
+                if report.dry_run { "would rewrite" } else { "rewrote" },
+                r.packs.objects,
+                human(r.packs.bytes),
+                human(r.copied),
+                r.new_packs.objects,
+                r.maps.objects
+            );
+        }
+        for s in &r.skipped {
+            println!("  not rewritten: {s}");
         }
         if report.locators_rewritten > 0 {
             println!(
@@ -118,6 +139,13 @@ pub async fn gc(g: &GlobalArgs, a: GcArgs) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
 }
 
 #[derive(Args)]

@@ -202,17 +202,12 @@ fn row(name: &str, s: &ReadStats) {
 
 /// The upper bound of the bucket holding quantile `q` of the fetch times.
 fn latency_bound(latency: &cache::FetchLatency, q: f64) -> String {
-    let total: u64 = latency.counts.iter().sum();
-    let wanted = (total as f64 * q).ceil() as u64;
-    let mut seen = 0;
-    for (i, n) in latency.counts.iter().enumerate() {
-        seen += n;
-        if seen >= wanted {
-            return match cache::FETCH_LATENCY_BOUNDS.get(i) {
-                Some(bound) => format!("{} ms", bound * 1000.0),
-                None => format!("> {} s", cache::FETCH_LATENCY_BOUNDS[i - 1]),
-            };
-        }
+    match latency.quantile_bound(q) {
+        None => "-".into(),
+        Some(b) if b.is_finite() => format!("{} ms", b * 1000.0),
+        Some(_) => format!(
+            "> {} s",
+            cache::FETCH_LATENCY_BOUNDS[cache::FETCH_LATENCY_BOUNDS.len() - 1]
+        ),
     }
-    "-".into()
 }

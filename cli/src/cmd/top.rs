@@ -178,23 +178,15 @@ fn errors(counts: &std::collections::BTreeMap<String, u64>) -> String {
 
 /// Fetch time quantile `q`, as the bound of its bucket.
 fn quantile(latency: &cache::FetchLatency, q: f64) -> String {
-    let total: u64 = latency.counts.iter().sum();
-    if total == 0 {
-        return "-".into();
+    match latency.quantile_bound(q) {
+        None => "-".into(),
+        Some(b) if b < 1.0 => format!("≤{}ms", b * 1000.0),
+        Some(b) if b.is_finite() => format!("≤{b}s"),
+        Some(_) => format!(
+            ">{}s",
+            cache::FETCH_LATENCY_BOUNDS[cache::FETCH_LATENCY_BOUNDS.len() - 1]
+        ),
     }
-    let wanted = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, n) in latency.counts.iter().enumerate() {
-        seen += n;
-        if seen >= wanted {
-            return match cache::FETCH_LATENCY_BOUNDS.get(i) {
-                Some(b) if *b < 1.0 => format!("≤{}ms", b * 1000.0),
-                Some(b) => format!("≤{b}s"),
-                None => format!(">{}s", cache::FETCH_LATENCY_BOUNDS[i - 1]),
-            };
-        }
-    }
-    "-".into()
 }
 
 /// The lines of one view of `now`, with rates against `before`, cut to `width` columns.

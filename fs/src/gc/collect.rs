@@ -5,9 +5,11 @@
 //! 2. Mark from every root ([`super::mark`]), with what was written within the grace period.
 //! 3. Plan from one listing of the store; read the mount leases again and mark anew if a
 //!    daemon started reading a layer meanwhile.
-//! 4. Delete in an order that never leaves a dangling name: start records, manifests,
-//!    locators (a live chunk's locator that names a pack about to go is pointed at a live
-//!    copy first), then packs.
+//! 4. Rewrite packs mostly dead ([`super::rewrite`]): copy their live chunks into new packs
+//!    and leave forwarding maps.
+//! 5. Delete in an order that never leaves a dangling name: start records, manifests,
+//!    forwarding maps no live layer needs, locators (a live chunk's locator that names a pack
+//!    about to go is pointed at a live copy first), then packs.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use strata_store::{ObjectInfo, Store};
 use super::lease::{self, GcLock, Timings};
 use super::mark::{self, Marked, RootOptions, Roots};
 use super::retention::Policy;
+use super::rewrite::{self, RewriteReport};
 use super::usage::Tally;
 use crate::error::{FsError, FsResult};
 
@@ -43,7 +46,14 @@ pub struct GcOptions {
     pub writer_wait: Duration,
     /// How long after a squash everything it replaced stays (see `RootOptions`).
     pub keep_replaced: Duration,
+    /// Packs whose live bytes are less than this share of their size are rewritten (0:
+    /// never).
+    pub rewrite_below: f64,
 }
+
+/// By default a pack is rewritten once less than half of it is live: the rewrite then copies
+/// fewer bytes than it frees.
+pub const DEFAULT_REWRITE_BELOW: f64 = 0.5;
 
 impl Default for GcOptions {
     fn default() -> Self {
@@ -54,6 +64,7 @@ impl Default for GcOptions {
             timings: Timings::default(),
             writer_wait: Duration::from_secs(30 * 60),
             keep_replaced: mark::DEFAULT_KEEP_REPLACED,
+            rewrite_below: DEFAULT_REWRITE_BELOW,
         }
     }
 }
@@ -65,10 +76,12 @@ pub struct GcReport {
     pub dry_run: bool,
     /// Everything the store held when it was listed.
     pub before: Tally,
-    /// Deleted (or to delete), by kind: `start records`, `layers`, `locators`, `packs`,
-    /// `leases`.
+    /// Deleted (or to delete), by kind: `start records`, `layers`, `forwarding maps`,
+    /// `locators`, `packs`, `leases`.
     pub deleted: BTreeMap<String, Tally>,
-    /// What is left: `before` less what was deleted.
+    /// Packs mostly dead whose live chunks were copied out (they are among the deleted packs).
+    pub rewrite: RewriteReport,
+    /// What is left: `before` less what was deleted, plus what the rewrite wrote.
     pub after: Tally,
     /// Dead objects kept because they were written within the grace period.
     pub kept_recent: Tally,
@@ -86,7 +99,13 @@ pub struct GcReport {
 }
 
 impl GcReport {
+    /// Bytes the store holds less than before (deleted less what the rewrite wrote).
     pub fn freed(&self) -> u64 {
+        self.deleted_bytes()
+            .saturating_sub(self.rewrite.written().bytes)
+    }
+
+    fn deleted_bytes(&self) -> u64 {
         self.deleted.values().map(|t| t.bytes).sum()
     }
 }
@@ -96,6 +115,7 @@ impl GcReport {
 struct Plan {
     start_records: Vec<ObjectInfo>,
     layers: Vec<ObjectInfo>,
+    forwarding_maps: Vec<ObjectInfo>,
     locators: Vec<ObjectInfo>,
     packs: Vec<ObjectInfo>,
     leases: Vec<ObjectInfo>,
@@ -119,6 +139,9 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
             ("layers", Some(d)) => (!marked.layers.contains_key(&d)).then_some(&mut plan.layers),
             ("prefetch", Some(d)) => {
                 (!marked.layers.contains_key(&d)).then_some(&mut plan.start_records)
+            }
+            ("moved", Some(d)) => {
+                (!marked.forwarded.contains_key(&d)).then_some(&mut plan.forwarding_maps)
             }
             ("chunks", Some(d)) if marked.chunks.contains_key(&d) => {
                 live_locators.push((o, d));
@@ -254,11 +277,22 @@ async fn collect_locked(
     report.live_layers = marked.layers.len() as u64;
     report.problems = marked.unreadable.clone();
     report.problems.extend(marked.broken_layers.iter().cloned());
+    if report.problems.is_empty() {
+        let candidates =
+            rewrite::candidates(&objects, &marked, now, options.grace, options.rewrite_below);
+        report.rewrite = match lock {
+            Some(lock) if !options.dry_run => {
+                rewrite::rewrite(store, lock, &mut marked, &candidates).await?
+            }
+            _ => rewrite::simulate(&mut marked, &candidates),
+        };
+    }
     let plan = plan(&objects, &marked, now, options);
     report.kept_recent = plan.recent;
     for (kind, list) in [
         ("start records", &plan.start_records),
         ("layers", &plan.layers),
+        ("forwarding maps", &plan.forwarding_maps),
         ("locators", &plan.locators),
         ("packs", &plan.packs),
         ("leases", &plan.leases),
@@ -273,10 +307,12 @@ async fn collect_locked(
         report.after = report.before;
         return Ok(());
     }
-    let freed = report.freed();
+    let written = report.rewrite.written();
     report.after = Tally {
-        objects: report.before.objects - report.deleted.values().map(|t| t.objects).sum::<u64>(),
-        bytes: report.before.bytes.saturating_sub(freed),
+        objects: (report.before.objects + written.objects)
+            .saturating_sub(report.deleted.values().map(|t| t.objects).sum::<u64>()),
+        bytes: (report.before.bytes.saturating_add(written.bytes))
+            .saturating_sub(report.deleted_bytes()),
     };
     if options.dry_run {
         report.locators_checked = plan.check.len() as u64;
@@ -287,6 +323,7 @@ async fn collect_locked(
     };
     delete_all(store, lock, &plan.start_records).await?;
     delete_all(store, lock, &plan.layers).await?;
+    delete_all(store, lock, &plan.forwarding_maps).await?;
     let dead_packs: HashSet<Digest> = plan.packs.iter().filter_map(|o| named(&o.key)).collect();
     let (checked, rewritten) =
         repoint_locators(store, lock, &plan.check, &marked, &dead_packs).await?;
@@ -415,7 +452,7 @@ mod tests {
     use crate::layer::Layer;
     use crate::publish::{publish, PublishOptions};
     use crate::refs::{self, DatasetRef};
-    use strata_cache_format::{chunk_key, pack_key};
+    use strata_cache_format::{chunk_key, moved_key, pack_key};
     use strata_store::MemoryStore;
 
     fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
@@ -437,20 +474,46 @@ mod tests {
         .unwrap()
     }
 
-    /// Every chunk of `layer` reads back from its pack and hashes right.
+    /// A reader of `store` through a cache of its own that keeps (almost) nothing in memory.
+    fn reader(store: &Arc<dyn Store>) -> cache::ChunkReader {
+        let cache = cache::ChunkCache::new(&cache::CacheConfig {
+            disk_dir: None,
+            disk_capacity: 0,
+            memory_capacity: 1,
+            fetch_deadline: Duration::from_secs(10),
+        })
+        .unwrap();
+        cache.reader(Arc::clone(store))
+    }
+
+    /// Every chunk of `layer` reads back verified, as a mount reads it (through forwarding
+    /// maps where gc rewrote a pack).
     async fn assert_whole(store: &Arc<dyn Store>, layer: Digest) {
+        assert_whole_with(&reader(store), store, layer).await
+    }
+
+    async fn assert_whole_with(reader: &cache::ChunkReader, store: &Arc<dyn Store>, layer: Digest) {
         let l = Layer::load(store, layer, None).await.unwrap();
         let m = &l.manifest;
         for i in 0..m.chunk_count() {
             let c = m.chunk(i);
-            let end = c.pack_offset + c.stored_len as u64;
-            let stored = store
-                .get_range(&pack_key(&c.pack), c.pack_offset..end)
+            let data = reader
+                .get(&c.location())
                 .await
                 .unwrap_or_else(|e| panic!("layer {layer}: chunk {i}: {e}"));
-            strata_cache_format::blob::decode_verified(&stored, &c.digest, 64 << 20)
-                .unwrap_or_else(|e| panic!("layer {layer}: chunk {i}: {e}"));
+            assert_eq!(Digest::of(&data), c.digest, "layer {layer}: chunk {i}");
         }
+    }
+
+    /// Packs a live layer names directly.
+    async fn packs_named(
+        store: &Arc<dyn Store>,
+        layer: Digest,
+    ) -> std::collections::BTreeSet<Digest> {
+        let l = Layer::load(store, layer, None).await.unwrap();
+        (0..l.manifest.chunk_count())
+            .map(|i| l.manifest.chunk(i).pack)
+            .collect()
     }
 
     fn options() -> GcOptions {
@@ -566,6 +629,156 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let report = collect(&store, &options()).await.unwrap();
         assert_eq!(report.freed(), 0, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn mostly_dead_packs_are_rewritten_behind_forwarding_maps_that_follow_a_second_rewrite() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new("gc-rewrite"));
+        let dir = tmp.path().join("ds");
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |files: std::ops::Range<u64>, seed: u64| {
+            for f in files {
+                std::fs::write(
+                    dir.join(format!("f{f:02}")),
+                    random_bytes(seed + f, 1_000_000),
+                )
+                .unwrap();
+            }
+        };
+        // Datasets a and b start as the same 12 files: one pack, named by both.
+        write(0..12, 1000);
+        let a1 = publish_dir(&store, &dir, "a:latest").await;
+        let b1 = publish_dir(&store, &dir, "b:latest").await;
+        let first: Vec<Digest> = packs_named(&store, a1).await.into_iter().collect();
+        assert_eq!(first.len(), 1, "12 MB fit one pack");
+        let old = first[0];
+        assert_eq!(packs_named(&store, b1).await, packs_named(&store, a1).await);
+        // a keeps its first 4 files, b its first one; nothing keeps the earlier layers.
+        write(4..12, 2000);
+        let a2 = publish_dir(&store, &dir, "a:latest").await;
+        write(0..4, 1000);
+        write(1..12, 3000);
+        let b2 = publish_dir(&store, &dir, "b:latest").await;
+        for ds in ["a", "b"] {
+            retention::write(&store, ds, Some(&Policy::new(Some(0), None)))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        // Off, nothing is rewritten.
+        let dry_off = collect(
+            &store,
+            &GcOptions {
+                dry_run: true,
+                rewrite_below: 0.0,
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(dry_off.rewrite, RewriteReport::default());
+        let dry = collect(
+            &store,
+            &GcOptions {
+                dry_run: true,
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
+        let report = collect(&store, &options()).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let r = &report.rewrite;
+        assert_eq!(
+            r.packs.objects, 1,
+            "only the first pack is mostly dead: {report:?}"
+        );
+        assert!(
+            r.copied > 0 && r.copied * 2 < r.packs.bytes,
+            "about a third is live: {r:?}"
+        );
+        assert_eq!((r.new_packs.objects, r.maps.objects), (1, 1), "{r:?}");
+        assert_eq!(
+            report.deleted, dry.deleted,
+            "the dry run said what the run did"
+        );
+        assert_eq!(report.rewrite.copied, dry.rewrite.copied);
+        assert_eq!(
+            report.rewrite.maps, dry.rewrite.maps,
+            "one move per run of live chunks"
+        );
+        let left: u64 = store
+            .list_info("")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .sum();
+        assert_eq!(report.after.bytes, left);
+        assert_eq!(report.before.bytes - left, report.freed());
+        assert!(
+            store.head(&pack_key(&old)).await.unwrap().is_none(),
+            "the old pack is gone"
+        );
+        assert!(store.head(&moved_key(&old)).await.unwrap().is_some());
+        // Layers keep their digests and read back whole, through the map.
+        let (stale, staler) = (reader(&store), reader(&store));
+        for live in [a2, b2] {
+            assert_whole_with(&stale, &store, live).await;
+        }
+        assert_whole_with(&staler, &store, b2).await;
+        let u = crate::gc::usage::usage(&store, Default::default(), &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(u.dead.freeable, 0, "{:?}", u.dead);
+        assert!(u.dead.in_live_packs < r.packs.bytes / 10, "{:?}", u.dead);
+
+        // a moves on from its 4 kept files: the new pack is mostly dead in turn. Its rewrite
+        // sends the old pack's map (b still names the old pack) on to the newest copy.
+        write(0..4, 4000);
+        let a3 = publish_dir(&store, &dir, "a:latest").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let middle = store.list("moved/").await.unwrap();
+        let report = collect(&store, &options()).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let r = &report.rewrite;
+        assert_eq!(r.packs.objects, 1, "{report:?}");
+        assert_eq!(
+            r.maps.objects, 2,
+            "the new pack's map, and the old one's sent on: {r:?}"
+        );
+        assert!(
+            store.head(&moved_key(&old)).await.unwrap().is_some(),
+            "b still reads through it"
+        );
+        // A reader holding the old map follows it, then the new pack's.
+        for live in [a3, b2] {
+            assert_whole_with(&stale, &store, live).await;
+            assert_whole(&store, live).await;
+        }
+        // No live layer names the middle pack: its map goes at the next collection, and a
+        // reader holding the old pack's first map finds its pack gone and reads the map again.
+        assert_eq!(middle.len(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = collect(&store, &options()).await.unwrap();
+        assert_eq!(report.deleted["forwarding maps"].objects, 1, "{report:?}");
+        assert_eq!(store.list("moved/").await.unwrap(), middle);
+        assert_whole_with(&staler, &store, b2).await;
+
+        // Once nothing names the old pack, its map goes too.
+        refs::remove(&store, &DatasetRef::parse("b:latest").unwrap())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = collect(&store, &options()).await.unwrap();
+        assert!(report.deleted.contains_key("forwarding maps"), "{report:?}");
+        assert!(store.head(&moved_key(&old)).await.unwrap().is_none());
+        assert_whole(&store, a3).await;
+        let report = collect(&store, &options()).await.unwrap();
+        assert_eq!(report.freed(), 0, "{report:?}");
+        assert_eq!(report.rewrite, RewriteReport::default());
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use strata_cache_format::Digest;
+use strata_cache_format::{moved_key, ChunkLoc, Digest, PackMoves};
 use strata_store::Store;
 
 use super::lease;
@@ -486,6 +486,15 @@ pub async fn recent_layers(
     Ok(())
 }
 
+/// A live chunk's stored bytes in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub stored_len: u32,
+    pub digest: Digest,
+    /// Plain length.
+    pub len: u32,
+}
+
 /// A chunk some live layer uses.
 #[derive(Debug, Clone)]
 pub struct LiveChunk {
@@ -503,8 +512,12 @@ pub struct Marked {
     pub layers: BTreeMap<Digest, BTreeSet<Owner>>,
     /// Live chunks by digest.
     pub chunks: HashMap<Digest, LiveChunk>,
-    /// Per pack, the live regions in it (offset → stored length).
-    pub packs: HashMap<Digest, BTreeMap<u64, u32>>,
+    /// Per pack, the live regions in it, where the bytes are now: a region of a pack gc
+    /// rewrote is counted where its forwarding map sends it.
+    pub packs: HashMap<Digest, BTreeMap<u64, Region>>,
+    /// Forwarding maps a live layer reads through: those of the rewritten packs that live
+    /// layers (or the live maps before them) name.
+    pub forwarded: HashMap<Digest, Arc<PackMoves>>,
     /// Layers a root names that are missing or damaged (nothing of them can be marked).
     pub broken_layers: Vec<String>,
     /// Roots that could not be read (see [`Roots::unreadable`]).
@@ -562,14 +575,110 @@ pub async fn mark(store: &Arc<dyn Store>, mut roots: Roots) -> FsResult<Marked> 
                 owners: BTreeSet::new(),
             });
             live.owners.extend(owners.iter().cloned());
-            marked
-                .packs
-                .entry(c.pack)
-                .or_default()
-                .insert(c.pack_offset, c.stored_len);
+            marked.packs.entry(c.pack).or_default().insert(
+                c.pack_offset,
+                Region {
+                    stored_len: c.stored_len,
+                    digest: c.digest,
+                    len: c.len,
+                },
+            );
         }
     }
+    follow_moves(store, &mut marked).await?;
     Ok(marked)
+}
+
+/// Forwarding maps a chain of rewrites may leave to follow (gc sends a map on when the pack it
+/// points into is rewritten, so more than one is an interrupted collection's).
+const MOVED_HOPS: usize = 3;
+
+/// Moves the live regions of packs gc rewrote to where their forwarding maps say the bytes
+/// are now, and the live chunks' locations with them. A region a map does not hold stays
+/// where it was (its pack is then kept). An unreadable map is a problem: what it forwards to
+/// is unknown.
+async fn follow_moves(store: &Arc<dyn Store>, marked: &mut Marked) -> FsResult<()> {
+    let listed: HashSet<Digest> = store
+        .list("moved/")
+        .await?
+        .iter()
+        .filter_map(|k| Digest::parse(k.rsplit('/').next()?).ok())
+        .collect();
+    for _ in 0..MOVED_HOPS {
+        let follow: Vec<Digest> = marked
+            .packs
+            .keys()
+            .filter(|p| listed.contains(p) && !marked.forwarded.contains_key(p))
+            .copied()
+            .collect();
+        if follow.is_empty() {
+            break;
+        }
+        for pack in follow {
+            let key = moved_key(&pack);
+            let map = match store.get(&key).await {
+                Ok(bytes) => PackMoves::parse(pack, &bytes),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            };
+            let Some(map) = map else {
+                marked
+                    .unreadable
+                    .push(format!("{key}: damaged or gone since listed"));
+                continue;
+            };
+            let regions = marked.packs.remove(&pack).unwrap_or_default();
+            let mut left = BTreeMap::new();
+            for (offset, r) in regions {
+                let loc = ChunkLoc {
+                    digest: r.digest,
+                    len: r.len,
+                    pack,
+                    pack_offset: offset,
+                    stored_len: r.stored_len,
+                };
+                match map.relocate(&loc) {
+                    Some(new) => {
+                        marked
+                            .packs
+                            .entry(new.pack)
+                            .or_default()
+                            .insert(new.pack_offset, r);
+                    }
+                    None => {
+                        left.insert(offset, r);
+                    }
+                }
+            }
+            if !left.is_empty() {
+                marked.packs.insert(pack, left);
+            }
+            marked.forwarded.insert(pack, Arc::new(map));
+        }
+    }
+    marked.relocate_chunks();
+    Ok(())
+}
+
+impl Marked {
+    /// Points every live chunk's location past the forwarding maps of `forwarded`.
+    pub fn relocate_chunks(&mut self) {
+        if self.forwarded.is_empty() {
+            return;
+        }
+        for chunk in self.chunks.values_mut() {
+            for _ in 0..MOVED_HOPS {
+                match self
+                    .forwarded
+                    .get(&chunk.location.pack)
+                    .and_then(|m| m.relocate(&chunk.location))
+                {
+                    Some(new) => chunk.location = new,
+                    None => break,
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

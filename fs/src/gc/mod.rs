@@ -6,10 +6,12 @@
 //! the earlier layers their [`retention`] keeps, volume heads (with the commits their squashes
 //! replaced, which mounts started before the squash still read), conflict records, kept-upper
 //! records and daemons' mount leases. A live layer keeps its manifest, the packs holding its
-//! chunks, its chunks' locators and its start record.
+//! chunks, its chunks' locators and its start record. Packs mostly dead are rewritten
+//! ([`rewrite`]): their live chunks move to new packs, behind forwarding maps.
 
 pub mod collect;
 pub mod lease;
 pub mod mark;
 pub mod retention;
+pub mod rewrite;
 pub mod usage;

@@ -37,7 +37,7 @@ pub struct Tally {
 
 impl Tally {
     // Saturating: sizes come from the store's listing.
-    fn add(&mut self, bytes: u64) {
+    pub(crate) fn add(&mut self, bytes: u64) {
         self.objects = self.objects.saturating_add(1);
         self.bytes = self.bytes.saturating_add(bytes);
     }
@@ -69,7 +69,10 @@ pub struct Dead {
     pub locators: Tally,
     /// Start records of layers that are not live.
     pub start_records: Tally,
-    /// Bytes inside live packs that no live layer uses: freed only by rewriting those packs.
+    /// Forwarding maps of rewritten packs no live layer names.
+    pub forwarding_maps: Tally,
+    /// Bytes inside live packs that no live layer uses: freed only by rewriting those packs
+    /// (`strata gc` rewrites packs whose live share is below `--rewrite-below`).
     pub in_live_packs: u64,
     /// What deleting the dead objects frees (all of the above but `in_live_packs`).
     pub freeable: u64,
@@ -149,7 +152,7 @@ pub fn account<'a>(
                 Some(d) => {
                     match marked.packs.get(&d) {
                         Some(regions) => {
-                            let used: u64 = regions.values().map(|&l| l as u64).sum();
+                            let used: u64 = regions.values().map(|r| r.stored_len as u64).sum();
                             live_pack_bytes = live_pack_bytes.saturating_add(size);
                             dead.in_live_packs =
                                 dead.in_live_packs.saturating_add(size.saturating_sub(used));
@@ -172,6 +175,10 @@ pub fn account<'a>(
                 Some(d) => ("start records", marked.layers.contains_key(&d)),
                 None => ("other", true),
             },
+            "moved" => match named(key) {
+                Some(d) => ("forwarding maps", marked.forwarded.contains_key(&d)),
+                None => ("other", true),
+            },
             "refs" => ("refs", true),
             "history" => ("tag histories", true),
             "volumes" => ("volumes", true),
@@ -183,6 +190,7 @@ pub fn account<'a>(
                 "locators" => dead.locators.add(size),
                 "layers" => dead.layers.add(size),
                 "start records" => dead.start_records.add(size),
+                "forwarding maps" => dead.forwarding_maps.add(size),
                 _ => {}
             }
         }
@@ -192,6 +200,7 @@ pub fn account<'a>(
         dead.layers.bytes,
         dead.locators.bytes,
         dead.start_records.bytes,
+        dead.forwarding_maps.bytes,
     ]
     .iter()
     .fold(0u64, |a, &b| a.saturating_add(b));
