@@ -131,6 +131,9 @@ import json,sys; r=json.load(sys.stdin)['requests']
 gets=r['get']+r['get_range']+r['get_versioned']; puts=r['put']+r['compare_and_swap']
 print(f\"{gets+puts+r['head']+r['list']+r['delete']} ({gets} GET, {puts} PUT, {r['head']} HEAD, {r['list']} LIST, {r['delete']} DELETE)\")")
 live_layers=$(echo "$report" | json_get "['live_layers']")
+rewritten=$(echo "$report" | json_get "['rewrite']['packs']['objects']")
+rewritten_bytes=$(echo "$report" | json_get "['rewrite']['packs']['bytes']")
+copied=$(echo "$report" | json_get "['rewrite']['copied']")
 
 out=$(mktemp)
 {
@@ -146,7 +149,9 @@ out=$(mktemp)
   echo "| dead before gc (\`du\`) | $(mib "$dead_before") MiB |"
   echo "| freed by gc | $(mib "$freed") MiB |"
   echo "| store after gc | $(mib "$after_bytes") MiB, $after_objects objects ($live_layers live layers) |"
-  echo "| of which unused inside live packs | $(mib "$in_live") MiB |"
+  echo "| packs rewritten (less than half live) | $rewritten packs, $(mib "$rewritten_bytes") MiB; $(mib "$copied") MiB live copied |"
+  echo "| of what is left, unused inside live packs | $(mib "$in_live") MiB |"
+  echo "| left per live byte | $(echo "scale=3; $after_bytes / ($after_bytes - $in_live)" | bc) |"
   echo "| dead left after gc (\`du\`) | $(mib "$dead_after") MiB |"
   echo "| gc time | $(fmt "$gc_secs" 2) s |"
   echo "| gc requests | $requests |"

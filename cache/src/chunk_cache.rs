@@ -516,6 +516,8 @@ const MOVED_MAPS: usize = 4096;
 /// Forwarding hops one fetch follows: a map is rewritten when the pack it points into is, so
 /// more than one is only ever a reader holding a map from before that.
 const MOVED_HOPS: u8 = 3;
+/// A forwarding map is far smaller (a few KiB for a 16 MiB pack); anything longer is cut.
+const MAX_MOVED_MAP: u64 = 64 << 20;
 /// Gap between two relocated chunks up to which one GET fetches both.
 const MOVED_GAP: u64 = 1 << 20;
 
@@ -1155,7 +1157,7 @@ impl ChunkCache {
             let cached = self.moved_map(&cache_key);
             if let Some(map) = cached {
                 let got = self
-                    .fetch_moved(reader, &map, span, wanted, low_priority, urgent, hops)
+                    .fetch_moved(reader, &map, span, wanted, (low_priority, urgent), hops, false)
                     .await;
                 let gone = got.iter().any(|r| {
                     matches!(r, Err(ChunkError::Store { source, .. }) if source.kind == StoreErrorKind::NotFound)
@@ -1189,7 +1191,8 @@ impl ChunkCache {
     }
 
     /// Fetches the chunks `wanted` of `span` (all in `map`'s old pack) from where the map
-    /// says they are now, grouping those that are close in one new pack into one GET.
+    /// says they are now, grouping those that are close in one new pack into one GET. A chunk
+    /// the map does not hold is read from the old pack, unless that is known to be gone.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_moved(
         &self,
@@ -1197,22 +1200,18 @@ impl ChunkCache {
         map: &PackMoves,
         span: &[ChunkLoc],
         wanted: &[usize],
-        low_priority: bool,
-        urgent: &AtomicBool,
+        (low_priority, urgent): (bool, &AtomicBool),
         hops: u8,
+        pack_gone: bool,
     ) -> Vec<Result<Bytes, ChunkError>> {
         let mut results: Vec<Option<Result<Bytes, ChunkError>>> = vec![None; wanted.len()];
         // Runs of (position in `wanted`, new location), each in one pack, offsets rising.
         let mut runs: Vec<Vec<(usize, ChunkLoc)>> = Vec::new();
+        // Chunks the map does not hold: (position in `wanted`, location in the old pack).
+        let mut unheld: Vec<(usize, ChunkLoc)> = Vec::new();
         for (at, &i) in wanted.iter().enumerate() {
             let Some(new) = map.relocate(&span[i]) else {
-                results[at] = Some(Err(ChunkError::Failed {
-                    digest: span[i].digest,
-                    reason: format!(
-                        "pack {} was rewritten by gc and its forwarding map does not hold this chunk",
-                        span[i].pack
-                    ),
-                }));
+                unheld.push((at, span[i]));
                 continue;
             };
             match runs.last_mut() {
@@ -1250,42 +1249,69 @@ impl ChunkCache {
                 results[*at] = Some(r);
             }
         }
+        if !unheld.is_empty() {
+            let got = if pack_gone {
+                unheld
+                    .iter()
+                    .map(|(_, loc)| {
+                        Err(ChunkError::Failed {
+                            digest: loc.digest,
+                            reason: format!(
+                                "pack {} was rewritten by gc and its forwarding map does not hold this chunk",
+                                loc.pack
+                            ),
+                        })
+                    })
+                    .collect()
+            } else {
+                // A map read while its old pack is still there (a collection stopped before
+                // deleting it) may not hold every chunk of it.
+                let locs: Vec<ChunkLoc> = unheld.iter().map(|(_, l)| *l).collect();
+                let all: Vec<usize> = (0..locs.len()).collect();
+                Box::pin(self.fetch_from_pack(reader, &locs, &all, low_priority, urgent, hops))
+                    .await
+            };
+            for ((at, _), r) in unheld.iter().zip(got) {
+                results[*at] = Some(r);
+            }
+        }
         results
             .into_iter()
             .map(|r| r.expect("every wanted chunk was fetched or failed"))
             .collect()
     }
 
-    /// Reads the forwarding map of `pack` (gone from the store), if gc left one.
+    /// Reads the forwarding map of `pack` (gone from the store), if gc left one; store trouble
+    /// is retried as for packs.
     async fn load_moved_map(
         &self,
         reader: &ChunkReader,
+        digest: Digest,
         pack: Digest,
     ) -> Result<Option<Arc<PackMoves>>, ChunkError> {
         let key = moved_key(&pack);
         // A map damaged in transit is fetched again; one damaged in the store stays so.
         for _ in 0..3 {
-            reader.bump(|c| &c.store_gets, 1);
-            match reader.store.get(&key).await {
-                Ok(bytes) => {
-                    if let Some(map) = PackMoves::parse(pack, &bytes) {
-                        let map = Arc::new(map);
-                        self.moved
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .put((reader.store.url().to_string(), pack), Arc::clone(&map));
-                        return Ok(Some(map));
-                    }
-                    tracing::warn!(%pack, "damaged forwarding map; reading it again");
-                }
-                Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(None),
-                Err(e) => tracing::warn!(%pack, "reading the forwarding map: {e}"),
+            let Some(bytes) = self
+                .get_with_retries(reader, digest, &key, 0..MAX_MOVED_MAP)
+                .await?
+            else {
+                return Ok(None);
+            };
+            if let Some(map) = PackMoves::parse(pack, &bytes) {
+                let map = Arc::new(map);
+                self.moved
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .put((reader.store.url().to_string(), pack), Arc::clone(&map));
+                return Ok(Some(map));
             }
+            tracing::warn!(%pack, "damaged forwarding map; reading it again");
         }
         Err(ChunkError::Corrupt {
-            digest: pack,
+            digest,
             store: reader.store.url().to_string(),
-            reason: format!("the forwarding map of moved pack {pack} is damaged or unreadable"),
+            reason: format!("the forwarding map of moved pack {pack} is damaged"),
         })
     }
 
@@ -1314,13 +1340,23 @@ impl ChunkCache {
                 Ok(Some(o)) => o,
                 Ok(None) => {
                     // The pack is gone: gc rewrote it if it left a forwarding map.
-                    match self.load_moved_map(reader, first.pack).await {
+                    match self.load_moved_map(reader, first.digest, first.pack).await {
                         Ok(Some(map)) => {
                             return self
-                                .fetch_moved(reader, &map, span, wanted, low_priority, urgent, hops)
+                                .fetch_moved(
+                                    reader,
+                                    &map,
+                                    span,
+                                    wanted,
+                                    (low_priority, urgent),
+                                    hops,
+                                    true,
+                                )
                                 .await
                         }
-                        Ok(None) if missing_tries < 2 => {
+                        // Reached through a map: most likely a map kept from before the pack
+                        // it names was rewritten too, which the caller reads again.
+                        Ok(None) if missing_tries < 2 && hops == 0 => {
                             // A pack a live layer names is never deleted while mounted (see
                             // gc's leases) without a map, so a missing one is either damage or
                             // a server answering wrongly under load: asked again a few times
@@ -1555,6 +1591,64 @@ mod tests {
         })
         .unwrap();
         (tmp, cache.reader(Arc::new(store)), locs)
+    }
+
+    #[tokio::test]
+    async fn a_moved_pack_is_read_through_its_map_and_what_the_map_lacks_from_the_old_pack() {
+        let chunks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 5000 + i as usize]).collect();
+        let (_tmp, reader, locs) = setup(&chunks).await;
+        let store = Arc::clone(reader.store());
+        let old = locs[0].pack;
+        let pack = store.get(&pack_key(&old)).await.unwrap();
+        // gc moved chunk 0 alone (say chunks 1 and 2 were dead then) into a new pack, at 7.
+        let first = &pack[..locs[0].stored_len as usize];
+        let mut moved = vec![0xEE; 7];
+        moved.extend_from_slice(first);
+        let new = Digest::of(&moved);
+        store
+            .put(&pack_key(&new), Bytes::from(moved))
+            .await
+            .unwrap();
+        let map = PackMoves::new(
+            old,
+            vec![strata_cache_format::Move {
+                from: 0,
+                len: first.len() as u64,
+                pack: new,
+                to: 7,
+            }],
+        )
+        .unwrap();
+        store
+            .put(&moved_key(&old), Bytes::from(map.encode()))
+            .await
+            .unwrap();
+        store.delete(&pack_key(&old)).await.unwrap();
+        let gets = reader.stats().store_gets;
+        assert_eq!(&reader.get(&locs[0]).await.unwrap()[..], &chunks[0][..]);
+        assert_eq!(
+            reader.stats().store_gets - gets,
+            3,
+            "the old pack, its map, the new pack"
+        );
+        // A chunk the map lacks, with the old pack gone: an error, not wrong bytes.
+        let err = reader.get(&locs[1]).await.unwrap_err().to_string();
+        assert!(err.contains("forwarding map does not hold"), "{err}");
+        // The old pack back (a collection stopped before deleting it): the map kept from
+        // before does not hold chunk 2, which is read from the old pack.
+        store.put(&pack_key(&old), pack).await.unwrap();
+        assert_eq!(&reader.get(&locs[2]).await.unwrap()[..], &chunks[2][..]);
+        // A damaged map is never believed.
+        let other = reader.cache().reader(Arc::clone(&store));
+        reader
+            .cache()
+            .forget_moved_map(&(store.url().to_string(), old));
+        store.delete(&pack_key(&old)).await.unwrap();
+        let mut bad = map.encode();
+        bad[60] ^= 1;
+        store.put(&moved_key(&old), Bytes::from(bad)).await.unwrap();
+        let err = other.get(&locs[1]).await.unwrap_err().to_string();
+        assert!(err.contains("damaged"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

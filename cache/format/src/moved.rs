@@ -144,8 +144,9 @@ impl PackMoves {
 
     /// This map with the moves into `next.pack()` sent on to where `next` moved those bytes
     /// (the pack they were moved to was itself rewritten). Bytes `next` did not keep are
-    /// dropped: they were dead when it was rewritten.
-    pub fn forward(&self, next: &PackMoves) -> PackMoves {
+    /// dropped: they were dead when it was rewritten. `None` if the result is no map (more
+    /// moves than a map may hold: only maps made up to overlap in `next`'s pack get there).
+    pub fn forward(&self, next: &PackMoves) -> Option<PackMoves> {
         let mut moves = Vec::with_capacity(self.moves.len());
         for m in &self.moves {
             if m.pack != next.pack {
@@ -156,6 +157,9 @@ impl PackMoves {
             for n in &next.moves {
                 let (start, stop) = (lo.max(n.from), hi.min(n.from + n.len));
                 if start < stop {
+                    if moves.len() >= MAX_MOVES {
+                        return None;
+                    }
                     moves.push(Move {
                         from: m.from + (start - lo),
                         len: stop - start,
@@ -165,7 +169,7 @@ impl PackMoves {
                 }
             }
         }
-        PackMoves::new(self.pack, moves).expect("pieces of non-overlapping moves do not overlap")
+        PackMoves::new(self.pack, moves)
     }
 }
 
@@ -245,7 +249,7 @@ mod tests {
             vec![mv(0, 60, b"n1", 10), mv(120, 80, b"n2", 0)],
         )
         .unwrap();
-        let composed = first.forward(&second);
+        let composed = first.forward(&second).unwrap();
         let at = |o, l| {
             composed
                 .relocate(&loc(b"old", o, l))

@@ -185,10 +185,11 @@ fn file_attr(s: &Stat) -> FileAttr {
     }
 }
 
-fn reply_xattr(reply: ReplyXattr, data: &[u8], size: u32) {
+fn reply_xattr(errors: &ErrnoCounts, reply: ReplyXattr, data: &[u8], size: u32) {
     if size == 0 {
         reply.size(data.len() as u32);
     } else if data.len() > size as usize {
+        errors.count(libc::ERANGE);
         reply.error(Errno::from_i32(libc::ERANGE));
     } else {
         reply.data(data);
@@ -877,7 +878,7 @@ impl Filesystem for StrataFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded(&self.errors, "getxattr", || {
             match self.handles.getxattr(ino.0, name.as_bytes()) {
-                Ok(value) => reply_xattr(reply, &value, size),
+                Ok(value) => reply_xattr(&self.errors, reply, &value, size),
                 Err(e) => reply.error(errno(&self.errors, &e)),
             }
         })
@@ -892,7 +893,7 @@ impl Filesystem for StrataFs {
                         data.extend_from_slice(&n);
                         data.push(0);
                     }
-                    reply_xattr(reply, &data, size);
+                    reply_xattr(&self.errors, reply, &data, size);
                 }
                 Err(e) => reply.error(errno(&self.errors, &e)),
             }

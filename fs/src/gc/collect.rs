@@ -101,8 +101,8 @@ pub struct GcReport {
 impl GcReport {
     /// Bytes the store holds less than before (deleted less what the rewrite wrote).
     pub fn freed(&self) -> u64 {
-        self.deleted_bytes()
-            .saturating_sub(self.rewrite.written().bytes)
+        let (written, replaced) = self.rewrite.added();
+        (self.deleted_bytes() + replaced.bytes).saturating_sub(written.bytes)
     }
 
     fn deleted_bytes(&self) -> u64 {
@@ -133,6 +133,7 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
     let older = |o: &ObjectInfo, ttl: Duration| lease::stale(now, o.modified, ttl);
     let mut plan = Plan::default();
     let mut live_locators = Vec::new();
+    let mut recent_dead_locators = Vec::new();
     for o in objects {
         let dead = match (o.key.split('/').next().unwrap_or_default(), named(&o.key)) {
             ("packs", Some(d)) => (!marked.packs.contains_key(&d)).then_some(&mut plan.packs),
@@ -147,7 +148,13 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
                 live_locators.push((o, d));
                 None
             }
-            ("chunks", Some(_)) => Some(&mut plan.locators),
+            ("chunks", Some(d)) => {
+                if !older(o, options.grace) {
+                    // Kept for now, but it may name a pack about to go (see below).
+                    recent_dead_locators.push((o, d));
+                }
+                Some(&mut plan.locators)
+            }
             ("leases", _) => {
                 if older(o, lease_ttl(&o.key, options)) {
                     plan.leases.push(o.clone());
@@ -167,9 +174,12 @@ fn plan(objects: &[ObjectInfo], marked: &Marked, now: SystemTime, options: &GcOp
     }
     if let Some(oldest) = plan.packs.iter().map(|o| o.modified).min() {
         let since = oldest.checked_sub(CLOCK_SLACK).unwrap_or(oldest);
+        // And a dead chunk's locator kept by the grace period, whatever pack it names: one
+        // naming a pack that goes is deleted (a publish would reuse a chunk that is gone).
         plan.check = live_locators
             .into_iter()
             .filter(|(o, _)| o.modified >= since)
+            .chain(recent_dead_locators)
             .map(|(o, d)| (o.key.clone(), d))
             .collect();
     }
@@ -260,33 +270,32 @@ async fn collect_locked(
     let mut objects = store.list_info("").await?;
     objects.retain(|o| o.key != lease::LOCK_KEY); // the collector's own, gone when it ends
     report.before = tally(objects.iter());
-    // A daemon that began reading a layer after the marking names it in its lease; mark
-    // anew with it (the second time round nothing new is likely).
-    for _ in 0..3 {
-        if !marked.is_complete() || options.dry_run {
-            break;
-        }
-        let mut leased = Roots::default();
-        mark::mount_leases(store, &roots, &mut leased).await?;
-        let new = leased.layers.keys().any(|d| !marked.layers.contains_key(d));
-        if !new && leased.unreadable.is_empty() {
-            break;
-        }
-        marked = mark_all(store, &roots).await?;
-    }
-    report.live_layers = marked.layers.len() as u64;
-    report.problems = marked.unreadable.clone();
-    report.problems.extend(marked.broken_layers.iter().cloned());
+    remark_for_new_mounts(store, &roots, &mut marked, options).await?;
+    report.problems = problems(&marked);
     if report.problems.is_empty() {
         let candidates =
             rewrite::candidates(&objects, &marked, now, options.grace, options.rewrite_below);
-        report.rewrite = match lock {
-            Some(lock) if !options.dry_run => {
-                rewrite::rewrite(store, lock, &mut marked, &candidates).await?
-            }
-            _ => rewrite::simulate(&mut marked, &candidates),
-        };
+        if !marked.old_readers.is_empty() && !candidates.is_empty() {
+            report.rewrite.skipped.push(format!(
+                "nothing rewritten: daemons that do not follow forwarding maps hold live mount leases ({})",
+                marked.old_readers.join(", ")
+            ));
+        } else {
+            report.rewrite = match lock {
+                Some(lock) if !options.dry_run => {
+                    rewrite::rewrite(store, lock, &mut marked, &candidates).await?
+                }
+                _ => rewrite::simulate(&mut marked, &candidates),
+            };
+        }
+        if report.rewrite.packs.objects > 0 && !options.dry_run {
+            // A mount may have begun reading a layer while the packs were copied: marked
+            // anew (through the new maps), its regions a map does not hold keep their pack.
+            remark_for_new_mounts(store, &roots, &mut marked, options).await?;
+            report.problems = problems(&marked);
+        }
     }
+    report.live_layers = marked.layers.len() as u64;
     let plan = plan(&objects, &marked, now, options);
     report.kept_recent = plan.recent;
     for (kind, list) in [
@@ -307,12 +316,13 @@ async fn collect_locked(
         report.after = report.before;
         return Ok(());
     }
-    let written = report.rewrite.written();
+    let (written, replaced) = report.rewrite.added();
     report.after = Tally {
-        objects: (report.before.objects + written.objects)
-            .saturating_sub(report.deleted.values().map(|t| t.objects).sum::<u64>()),
+        objects: (report.before.objects + written.objects).saturating_sub(
+            replaced.objects + report.deleted.values().map(|t| t.objects).sum::<u64>(),
+        ),
         bytes: (report.before.bytes.saturating_add(written.bytes))
-            .saturating_sub(report.deleted_bytes()),
+            .saturating_sub(replaced.bytes + report.deleted_bytes()),
     };
     if options.dry_run {
         report.locators_checked = plan.check.len() as u64;
@@ -347,6 +357,35 @@ async fn collect_locked(
         .cloned()
         .collect();
     delete_all(store, lock, &stale).await?;
+    Ok(())
+}
+
+fn problems(marked: &Marked) -> Vec<String> {
+    let mut problems = marked.unreadable.clone();
+    problems.extend(marked.broken_layers.iter().cloned());
+    problems
+}
+
+/// A daemon that began reading a layer after the marking names it in its lease: marks anew
+/// with it (the second time round nothing new is likely).
+async fn remark_for_new_mounts(
+    store: &Arc<dyn Store>,
+    roots: &RootOptions,
+    marked: &mut Marked,
+    options: &GcOptions,
+) -> FsResult<()> {
+    for _ in 0..3 {
+        if !marked.is_complete() || options.dry_run {
+            break;
+        }
+        let mut leased = Roots::default();
+        mark::mount_leases(store, roots, &mut leased).await?;
+        let new = leased.layers.keys().any(|d| !marked.layers.contains_key(d));
+        if !new && leased.unreadable.is_empty() {
+            break;
+        }
+        *marked = mark_all(store, roots).await?;
+    }
     Ok(())
 }
 
@@ -406,7 +445,8 @@ async fn delete_all(store: &Arc<dyn Store>, lock: &GcLock, objects: &[ObjectInfo
 }
 
 /// Points every checked locator that names a pack about to be deleted at the live copy of its
-/// chunk; a damaged one is deleted (publish would ignore it anyway). Returns (read, rewritten).
+/// chunk (a dead chunk's is deleted); a damaged one is deleted (publish would ignore it
+/// anyway). Returns (read, rewritten).
 async fn repoint_locators(
     store: &Arc<dyn Store>,
     lock: &GcLock,
@@ -431,7 +471,12 @@ async fn repoint_locators(
                             .await?;
                         Ok(1)
                     }
-                    None => Ok(0), // only live chunks' locators are checked
+                    // A dead chunk's, kept by the grace period: it must not name a pack
+                    // that is gone.
+                    None => {
+                        store.delete(key).await?;
+                        Ok(0)
+                    }
                 },
                 None => {
                     store.delete(key).await?;
@@ -667,6 +712,25 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
 
+        // A live lease of a daemon that does not follow forwarding maps holds rewrites off.
+        let old_daemon = format!("{}old-host-1", lease::MOUNTS);
+        let lease = lease::MountLease {
+            follows_moved: false,
+            ..lease::MountLease::new([b2], Default::default())
+        };
+        lease.write(&store, &old_daemon).await.unwrap();
+        let held = collect(
+            &store,
+            &GcOptions {
+                dry_run: true,
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(held.rewrite.packs.objects, 0, "{held:?}");
+        assert!(held.rewrite.skipped[0].contains("old-host-1"), "{held:?}");
+        store.delete(&old_daemon).await.unwrap();
         // Off, nothing is rewritten.
         let dry_off = collect(
             &store,
@@ -779,6 +843,51 @@ mod tests {
         let report = collect(&store, &options()).await.unwrap();
         assert_eq!(report.freed(), 0, "{report:?}");
         assert_eq!(report.rewrite, RewriteReport::default());
+    }
+
+    #[tokio::test]
+    async fn a_dead_chunks_locator_kept_by_the_grace_period_never_names_a_deleted_pack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new("gc-recent-locator"));
+        let dir = tmp.path().join("x");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a"), random_bytes(77, 400_000)).unwrap();
+        let layer = publish_dir(&store, &dir, "x:v1").await;
+        let chunk = Layer::load(&store, layer, None)
+            .await
+            .unwrap()
+            .manifest
+            .chunk(0);
+        refs::remove(&store, &DatasetRef::parse("x:v1").unwrap())
+            .await
+            .unwrap();
+        retention::write(&store, "x", Some(&Policy::new(Some(0), None)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The chunk's locator was written again lately (an earlier collection pointed it at
+        // this copy): the grace period keeps it, but its pack goes.
+        let key = chunk_key(&chunk.digest);
+        let bytes = store.get(&key).await.unwrap();
+        store.put(&key, bytes).await.unwrap();
+        let report = collect(
+            &store,
+            &GcOptions {
+                grace: Duration::from_millis(200),
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(report.deleted["packs"].objects >= 1, "{report:?}");
+        assert!(store.head(&pack_key(&chunk.pack)).await.unwrap().is_none());
+        assert!(
+            store.head(&key).await.unwrap().is_none(),
+            "a locator naming the deleted pack is left: {report:?}"
+        );
+        // So the same bytes published again are stored again, and read back.
+        let again = publish_dir(&store, &dir, "x:v2").await;
+        assert_whole(&store, again).await;
     }
 
     #[tokio::test]

@@ -653,6 +653,10 @@ pub struct MountLease {
     /// before this field): every commit a squash replaced stays a root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// The daemon reads a pack gc rewrote through its forwarding map (FORMAT §9). A live
+    /// lease without it (an older daemon) holds every rewrite off.
+    #[serde(default)]
+    pub follows_moved: bool,
 }
 
 impl MountLease {
@@ -668,6 +672,7 @@ impl MountLease {
             host: crate::volume::lifecycle::host_name(),
             layers,
             volumes: Some(volumes),
+            follows_moved: true,
         }
     }
 

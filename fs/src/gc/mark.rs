@@ -52,6 +52,9 @@ pub struct Roots {
     /// Roots that could not be read (a damaged head, say). Whatever they name is unknown, so
     /// nothing may be swept while there are any.
     pub unreadable: Vec<String>,
+    /// Live mount leases of daemons that do not follow forwarding maps: no pack may be
+    /// rewritten while there are any.
+    pub old_readers: Vec<String>,
 }
 
 impl Roots {
@@ -447,6 +450,9 @@ pub async fn mount_leases(
         match lease {
             Ok(l) if l.version == 1 => {
                 l.layers.iter().for_each(|d| roots.add(d, &owner, &o.key));
+                if !l.follows_moved {
+                    roots.old_readers.push(o.key.clone());
+                }
                 match l.volumes {
                     Some(volumes) => {
                         for (volume, tips) in volumes {
@@ -522,6 +528,8 @@ pub struct Marked {
     pub broken_layers: Vec<String>,
     /// Roots that could not be read (see [`Roots::unreadable`]).
     pub unreadable: Vec<String>,
+    /// See [`Roots::old_readers`].
+    pub old_readers: Vec<String>,
 }
 
 impl Marked {
@@ -536,6 +544,7 @@ impl Marked {
 pub async fn mark(store: &Arc<dyn Store>, mut roots: Roots) -> FsResult<Marked> {
     let mut marked = Marked {
         unreadable: std::mem::take(&mut roots.unreadable),
+        old_readers: std::mem::take(&mut roots.old_readers),
         ..Marked::default()
     };
     for (digest, owners) in &roots.layers {
@@ -654,6 +663,16 @@ async fn follow_moves(store: &Arc<dyn Store>, marked: &mut Marked) -> FsResult<(
                 marked.packs.insert(pack, left);
             }
             marked.forwarded.insert(pack, Arc::new(map));
+        }
+    }
+    // Regions still in a pack with a map not followed: a chain of maps longer than any
+    // collection leaves. Where their bytes are is not known.
+    for pack in marked.packs.keys() {
+        if listed.contains(pack) && !marked.forwarded.contains_key(pack) {
+            marked.unreadable.push(format!(
+                "{}: more than {MOVED_HOPS} forwarding maps to follow",
+                moved_key(pack)
+            ));
         }
     }
     marked.relocate_chunks();

@@ -33,6 +33,8 @@ const READS: usize = 4;
 /// A forwarding map's size: header and checksum, and per move.
 const MAP_FIXED: u64 = 48 + 32;
 const MAP_PER_MOVE: u64 = 56;
+/// Live bytes one collection copies at most.
+pub const MAX_COPY: u64 = 2 << 30;
 /// A pack with fewer dead bytes than this is not worth a rewrite's requests.
 const MIN_DEAD: u64 = 64 << 10;
 
@@ -46,17 +48,20 @@ pub struct RewriteReport {
     /// New packs written, and forwarding maps written (new ones, and those sent on).
     pub new_packs: Tally,
     pub maps: Tally,
+    /// Of `maps`, those that replaced a map (sent on), at the size of the one replaced.
+    pub maps_replaced: Tally,
     /// Packs left as they were because a live chunk in them failed verification.
     pub skipped: Vec<String>,
 }
 
 impl RewriteReport {
-    /// Bytes the rewrite added to the store.
-    pub fn written(&self) -> Tally {
-        Tally {
+    /// Objects and bytes the rewrite added to the store (before anything was deleted).
+    pub fn added(&self) -> (Tally, Tally) {
+        let written = Tally {
             objects: self.new_packs.objects + self.maps.objects,
             bytes: self.new_packs.bytes.saturating_add(self.maps.bytes),
-        }
+        };
+        (written, self.maps_replaced)
     }
 }
 
@@ -68,7 +73,8 @@ pub struct Candidate {
 }
 
 /// Packs older than `grace` whose live bytes are less than `below` (a fraction) of their
-/// size, with enough dead bytes to be worth it.
+/// size, with enough dead bytes to be worth it; no more than [`MAX_COPY`] live bytes in all
+/// (the rest waits for the next collection: publishes and commits wait while one runs).
 pub fn candidates(
     objects: &[ObjectInfo],
     marked: &Marked,
@@ -88,16 +94,28 @@ pub fn candidates(
                 // Rewritten already (its map holds what it had): goes with the dead packs.
                 return None;
             }
-            let live: u64 = marked
-                .packs
-                .get(&pack)?
-                .values()
-                .map(|r| r.stored_len as u64)
-                .sum();
+            let regions = marked.packs.get(&pack)?;
+            let live: u64 = regions.values().map(|r| r.stored_len as u64).sum();
             let worth =
                 o.size.saturating_sub(live) >= MIN_DEAD && (live as f64) < below * o.size as f64;
-            worth.then_some(Candidate { pack, size: o.size })
+            // Regions that overlap (manifests that disagree on a chunk's place) are left
+            // where they are.
+            let mut end = 0u64;
+            let disjoint = regions.iter().all(|(&offset, r)| {
+                let ok = offset >= end;
+                end = offset.saturating_add(r.stored_len as u64);
+                ok
+            });
+            (worth && disjoint).then_some((Candidate { pack, size: o.size }, live))
         })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .scan(0u64, |copied, (c, live)| {
+            *copied = copied.saturating_add(live);
+            Some((c, *copied))
+        })
+        .take_while(|(_, copied)| *copied <= MAX_COPY)
+        .map(|(c, _)| c)
         .collect();
     // Packs in digest order: the same store plans the same rewrite.
     found.sort_by_key(|c| c.pack);
@@ -185,9 +203,11 @@ pub async fn rewrite(
         })?;
         maps.insert(pack, Arc::new(map));
     }
-    // Maps before anything that relies on them; the maps that pointed into a rewritten pack
-    // are sent on so that a reader needs one hop.
+    // Maps before anything that relies on them; the live maps that point into a rewritten
+    // pack (or into one an interrupted collection rewrote) are sent on, so that a reader
+    // needs one hop.
     let mut to_write: Vec<Arc<PackMoves>> = maps.values().cloned().collect();
+    let mut replaced: Vec<Arc<PackMoves>> = Vec::new();
     let forwarded: Vec<(Digest, Arc<PackMoves>)> = marked
         .forwarded
         .iter()
@@ -195,15 +215,36 @@ pub async fn rewrite(
         .collect();
     for (pack, map) in forwarded {
         let mut sent = (*map).clone();
-        let into: std::collections::BTreeSet<Digest> = map.moves().iter().map(|m| m.pack).collect();
-        for next in into.iter().filter_map(|p| maps.get(p)) {
-            sent = sent.forward(next);
+        for _ in 0..3 {
+            let into: std::collections::BTreeSet<Digest> =
+                sent.moves().iter().map(|m| m.pack).collect();
+            let next: Vec<Arc<PackMoves>> = into
+                .iter()
+                .filter(|p| **p != pack)
+                .filter_map(|p| maps.get(p).or_else(|| marked.forwarded.get(p)).cloned())
+                .collect();
+            if next.is_empty() {
+                break;
+            }
+            for next in next {
+                sent = sent.forward(&next).ok_or_else(|| {
+                    FsError::InvalidInput(format!(
+                        "the forwarding map of pack {pack} cannot be sent on through that of {}: \
+                         it has overlapping moves; nothing was deleted",
+                        next.pack()
+                    ))
+                })?;
+            }
         }
         if sent != *map {
+            replaced.push(map);
             let sent = Arc::new(sent);
             to_write.push(Arc::clone(&sent));
             marked.forwarded.insert(pack, sent);
         }
+    }
+    for map in &replaced {
+        report.maps_replaced.add(map.encode().len() as u64);
     }
     for map in &to_write {
         lock.ensure_held()?;

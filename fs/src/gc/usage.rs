@@ -101,7 +101,8 @@ pub struct Usage {
     /// Everything the store holds.
     pub total: Tally,
     /// By kind of object: `packs`, `locators`, `layers`, `refs`, `tag histories`, `volumes`,
-    /// `start records`, `other` (what this version does not know; never counted dead).
+    /// `start records`, `forwarding maps`, `other` (what this version does not know; never
+    /// counted dead).
     pub by_kind: BTreeMap<String, Tally>,
     pub owners: Vec<OwnerUsage>,
     pub dead: Dead,
