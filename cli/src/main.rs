@@ -40,6 +40,17 @@ pub struct GlobalArgs {
     /// More log output (-v info, -vv debug); `STRATA_LOG` takes a tracing filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Mount and read only datasets whose refs a publisher with this public key signed
+    /// (`ed25519:<hex>`, from `strata key generate`); repeat or separate with commas for
+    /// several. Without any, refs are not checked.
+    #[arg(
+        long = "trusted-key",
+        global = true,
+        env = "STRATA_TRUSTED_KEYS",
+        value_delimiter = ',',
+        value_name = "KEY"
+    )]
+    trusted_keys: Vec<String>,
 }
 
 impl GlobalArgs {
@@ -47,6 +58,26 @@ impl GlobalArgs {
         self.socket
             .clone()
             .unwrap_or_else(strata_daemon::config::default_socket)
+    }
+
+    /// The publishers' keys this command trusts (none: refs are not checked).
+    fn trusted_keys(&self) -> anyhow::Result<Vec<strata_fs::refs::signed::PublicKey>> {
+        self.trusted_keys
+            .iter()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| Ok(strata_fs::refs::signed::PublicKey::parse(k)?))
+            .collect()
+    }
+
+    /// What this command trusts, with sequences remembered only while it runs.
+    fn trust(&self) -> anyhow::Result<Option<std::sync::Arc<strata_fs::refs::signed::Trust>>> {
+        let keys = self.trusted_keys()?;
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(std::sync::Arc::new(
+            strata_fs::refs::signed::Trust::new(keys, None)?,
+        )))
     }
 
     fn store_options(&self) -> strata_store::StoreOptions {
@@ -104,6 +135,8 @@ enum Command {
     /// A live view of the daemon, refreshed in place: per mount read and store rates, hit
     /// ratio and errors; q quits.
     Top(cmd::top::TopArgs),
+    /// Publishers' signing keys: generate one, or print a key file's public key.
+    Key(cmd::key::KeyArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(cmd::docs::CompletionsArgs),
     /// Print the man page, or write one per command into --dir.
@@ -178,6 +211,7 @@ fn main() -> ExitCode {
             Command::Retain(a) => cmd::gc::retain(&g, a).await,
             Command::Run(a) => return cmd::run::run(&g, a).await,
             Command::Top(a) => cmd::top::run(&g, a).await,
+            Command::Key(a) => cmd::key::run(a),
             Command::Completions(a) => cmd::docs::completions(a),
             Command::Man(a) => cmd::docs::man(a),
         }

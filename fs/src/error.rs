@@ -37,6 +37,9 @@ pub enum FsError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A signed ref that does not verify (or an unsigned one where signatures are required).
+    #[error("{0}")]
+    Untrusted(String),
     /// A filesystem call refused for the reason its errno gives (EEXIST, ENOTEMPTY...).
     #[error("{}", std::io::Error::from_raw_os_error(*.0))]
     Errno(i32),
@@ -63,6 +66,7 @@ impl FsError {
             FsError::NotFound(_) => libc::ENOENT,
             FsError::Errno(e) => *e,
             FsError::InvalidInput(_) => libc::EINVAL,
+            FsError::Untrusted(_) => libc::EACCES,
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             FsError::Context { inner, .. } => inner.errno(),
             _ => libc::EIO,
@@ -80,6 +84,8 @@ impl FsError {
             | FsError::NotFound(_)
             | FsError::InvalidInput(_)
             | FsError::Conflict(_) => Level::DEBUG,
+            // Someone may have tampered with the store.
+            FsError::Untrusted(_) => Level::WARN,
             // What the request itself asked wrongly, or a limit it ran into, as the upper's
             // own filesystem answered it; anything else there is a disk failing.
             FsError::Io { source, .. } => match source.raw_os_error() {

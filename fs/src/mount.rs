@@ -13,6 +13,7 @@ use strata_store::Store;
 use crate::error::{Context, FsError, FsResult};
 use crate::layer::Layer;
 use crate::prefetch::{self, Recorder, ReplayProgress};
+use crate::refs::signed::Trust;
 use crate::refs::{self, DatasetRef};
 use crate::stack::LayerStack;
 use crate::upper::{MountTree, UpperConfig};
@@ -42,6 +43,8 @@ pub struct StackSpec {
     pub record_start: bool,
     /// Where the volume's commits are counted (the host's counts); none: not counted.
     pub commit_counts: Option<Arc<CommitCounts>>,
+    /// The publishers' keys dataset refs must be signed by (none, or no keys: not checked).
+    pub trust: Option<Arc<Trust>>,
 }
 
 /// A layer of an assembled stack, named as the mount asked for it.
@@ -61,16 +64,18 @@ pub struct Assembly {
     pub volume: Option<Arc<VolumeMount>>,
 }
 
-/// Resolves dataset refs and loads their layers, in the order given.
+/// Resolves dataset refs (checked against `trust`) and loads their layers, in the order
+/// given.
 pub async fn load_layers(
     store: &Arc<dyn Store>,
     datasets: &[String],
     cache_dir: Option<&Path>,
+    trust: Option<&Trust>,
 ) -> FsResult<Vec<Layer>> {
     let mut layers = Vec::new();
     for r in datasets {
         let parsed = DatasetRef::parse(r)?;
-        let digest = refs::resolve(store, &parsed).await?;
+        let digest = refs::resolve_trusted(store, &parsed, trust).await?;
         let layer = Layer::load(store, digest, cache_dir)
             .await
             .with_context(|| format!("loading dataset {parsed}"))?;
@@ -86,7 +91,7 @@ pub async fn assemble(
     spec: &StackSpec,
 ) -> FsResult<Assembly> {
     let cache_dir = spec.cache_dir.as_deref();
-    let mut layers = load_layers(store, &spec.datasets, cache_dir).await?;
+    let mut layers = load_layers(store, &spec.datasets, cache_dir, spec.trust.as_deref()).await?;
     let mut named: Vec<StackedLayer> = spec
         .datasets
         .iter()

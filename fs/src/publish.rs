@@ -44,6 +44,8 @@ pub struct PublishOptions {
     /// A local chunk cache to put the layer's chunks in as they are made: a host that
     /// commits a volume reads its new state from disk, not back from the store.
     pub keep_in: Option<Arc<cache::ChunkCache>>,
+    /// Sign the ref the publish moves with this publisher's key (FORMAT §5.2).
+    pub sign_key: Option<Arc<crate::refs::signed::SigningKey>>,
 }
 
 impl Default for PublishOptions {
@@ -51,6 +53,7 @@ impl Default for PublishOptions {
         PublishOptions {
             concurrency: 16,
             keep_in: None,
+            sign_key: None,
         }
     }
 }
@@ -60,6 +63,7 @@ impl std::fmt::Debug for PublishOptions {
         f.debug_struct("PublishOptions")
             .field("concurrency", &self.concurrency)
             .field("keep_in", &self.keep_in.is_some())
+            .field("sign_key", &self.sign_key.as_ref().map(|k| k.public()))
             .finish()
     }
 }
@@ -605,7 +609,7 @@ pub async fn publish(
         if let (Some(target), Some(layer)) = (target, &report.layer) {
             // A publish whose lease lapsed may have had what it reuses collected.
             lease.ensure_held().await?;
-            refs::set(store, target, layer, "publish").await?;
+            refs::set(store, target, layer, "publish", options.sign_key.as_deref()).await?;
         }
         Ok::<_, FsError>(report)
     }

@@ -31,13 +31,31 @@ const TRIES: usize = 3;
 
 /// `body` in its envelope.
 pub fn seal(body: &[u8]) -> Bytes {
-    let mut out = format!("{MAGIC} {VERSION} {} {}\n", body.len(), Digest::of(body)).into_bytes();
+    seal_with(body, &[])
+}
+
+/// `body` in its envelope, with extra header `fields` (no spaces or newlines in them) after
+/// the checksum: a ref's signature.
+pub fn seal_with(body: &[u8], fields: &[String]) -> Bytes {
+    let mut header = format!("{MAGIC} {VERSION} {} {}", body.len(), Digest::of(body));
+    for f in fields {
+        header.push(' ');
+        header.push_str(f);
+    }
+    header.push('\n');
+    let mut out = header.into_bytes();
     out.extend_from_slice(body);
     Bytes::from(out)
 }
 
 /// The body of an object: checked when enveloped, as is when written before the envelope.
 pub fn open(data: &Bytes) -> Result<Bytes, String> {
+    open_fields(data).map(|(body, _)| body)
+}
+
+/// [`open`], with the header's fields after the checksum (none for a plain record). They are
+/// not covered by the checksum: whoever relies on one checks it (a signature does).
+pub fn open_fields(data: &Bytes) -> Result<(Bytes, Vec<String>), String> {
     let prefix = format!("{MAGIC} ");
     if !data.starts_with(prefix.as_bytes()) {
         // Objects from before the envelope were a digest (`blake3:…`, or bare hex) or JSON;
@@ -48,7 +66,7 @@ pub fn open(data: &Bytes) -> Result<Bytes, String> {
             None => false,
         };
         return if plain {
-            Ok(data.clone())
+            Ok((data.clone(), Vec::new()))
         } else {
             Err("neither a record envelope nor a plain record".into())
         };
@@ -84,7 +102,7 @@ pub fn open(data: &Bytes) -> Result<Bytes, String> {
     if Digest::of(&body) != digest {
         return Err("the body does not match its checksum".into());
     }
-    Ok(body)
+    Ok((body, fields.map(str::to_string).collect()))
 }
 
 fn damaged(store: &dyn Store, key: &str, why: &str) -> FsError {
@@ -96,13 +114,18 @@ fn damaged(store: &dyn Store, key: &str, why: &str) -> FsError {
 
 /// Reads the record at `key` and opens its envelope, fetching again when it arrives damaged.
 pub async fn get(store: &Arc<dyn Store>, key: &str) -> FsResult<Bytes> {
+    get_fields(store, key).await.map(|(body, _)| body)
+}
+
+/// [`get`], with the header's extra fields (see [`open_fields`]).
+pub async fn get_fields(store: &Arc<dyn Store>, key: &str) -> FsResult<(Bytes, Vec<String>)> {
     let fetched = fetch_open(store, key, || async {
         store.get(key).await.map(|data| Some((data, ())))
     })
     .await?;
     // `get` answers a body or an error: no `None` comes back.
     fetched
-        .map(|(body, ())| body)
+        .map(|(body, fields, ())| (body, fields))
         .ok_or_else(|| damaged(store.as_ref(), key, "no body"))
 }
 
@@ -111,6 +134,16 @@ pub async fn get_versioned(
     store: &Arc<dyn Store>,
     key: &str,
 ) -> FsResult<Option<(Bytes, Version)>> {
+    Ok(get_versioned_fields(store, key)
+        .await?
+        .map(|(body, _, version)| (body, version)))
+}
+
+/// [`get_versioned`], with the header's extra fields.
+pub async fn get_versioned_fields(
+    store: &Arc<dyn Store>,
+    key: &str,
+) -> FsResult<Option<(Bytes, Vec<String>, Version)>> {
     fetch_open(store, key, || store.get_versioned(key)).await
 }
 
@@ -120,7 +153,7 @@ async fn fetch_open<T, F, Fut>(
     store: &Arc<dyn Store>,
     key: &str,
     fetch: F,
-) -> FsResult<Option<(Bytes, T)>>
+) -> FsResult<Option<(Bytes, Vec<String>, T)>>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = strata_store::StoreResult<Option<(Bytes, T)>>>,
@@ -130,8 +163,8 @@ where
         let Some((data, extra)) = fetch().await? else {
             return Ok(None);
         };
-        match open(&data) {
-            Ok(body) => return Ok(Some((body, extra))),
+        match open_fields(&data) {
+            Ok((body, fields)) => return Ok(Some((body, fields, extra))),
             Err(e) => why = e,
         }
     }
@@ -175,6 +208,14 @@ mod tests {
         let mut extra = format!("strata-record 1 26 {} sig:abc\n", Digest::of(body)).into_bytes();
         extra.extend_from_slice(body);
         assert_eq!(&open(&Bytes::from(extra)).unwrap()[..], body);
+        let signed = seal_with(body, &["sig:abc".into(), "x".into()]);
+        assert_eq!(
+            open_fields(&signed).unwrap(),
+            (
+                Bytes::from_static(body),
+                vec!["sig:abc".to_string(), "x".to_string()]
+            )
+        );
         // Objects from before the envelope read as they are; a damaged start is damage.
         let legacy = Bytes::from_static(b"blake3:00\n");
         assert_eq!(open(&legacy).unwrap(), legacy);

@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub store_options: StoreOptions,
     /// Where to serve Prometheus metrics (`/metrics`); none by default.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Mount only datasets whose refs one of these publishers signed (none: not checked).
+    pub trusted_keys: Vec<strata_fs::refs::signed::PublicKey>,
 }
 
 impl DaemonConfig {
@@ -54,6 +56,7 @@ impl DaemonConfig {
             socket,
             store_options: StoreOptions::default(),
             metrics_addr: None,
+            trusted_keys: Vec::new(),
         }
     }
 }

@@ -122,6 +122,7 @@ impl From<FsError> for DaemonError {
             FsError::NotFound(_) => ErrorKind::NotFound,
             FsError::Conflict(_) => ErrorKind::Conflict,
             FsError::InvalidInput(_) => ErrorKind::BadRequest,
+            FsError::Untrusted(_) => ErrorKind::Permission,
             FsError::Errno(n) => errno_kind(*n),
             // By errno, or by kind for an error rebuilt with a message (an unmount's EBUSY
             // with its hint, say).

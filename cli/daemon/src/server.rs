@@ -16,6 +16,7 @@ use strata_fs::blocking::blocking;
 use strata_fs::gc::lease::Timings;
 use strata_fs::mount::{StackSpec, UpperSpec};
 use strata_fs::prefetch::ReplayProgress;
+use strata_fs::refs::signed::Trust;
 use strata_fs::upper::MountTree;
 use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
@@ -96,7 +97,13 @@ pub struct Daemon {
     commits: Arc<volumes::CommitCounts>,
     /// Every mount's error replies by errno.
     errors: Arc<ErrnoCounts>,
+    /// The publishers whose signed refs mounts are checked against, and the highest sequence
+    /// seen per tag (remembered across restarts in the state dir).
+    trust: Option<Arc<Trust>>,
 }
+
+/// Where the daemon remembers the signed refs it has seen.
+const SIGNED_REFS_SEEN: &str = "signed-refs-seen.json";
 
 /// How long a client has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
@@ -190,6 +197,16 @@ impl Daemon {
             fetch_deadline: config.read_timeout,
         })
         .with_context(|| format!("opening cache dir {}", config.cache_dir.display()))?;
+        let trust = match config.trusted_keys.is_empty() {
+            true => None,
+            false => Some(Arc::new(
+                Trust::new(
+                    config.trusted_keys.clone(),
+                    Some(config.state_dir.join(SIGNED_REFS_SEEN)),
+                )
+                .map_err(|e| DaemonError::internal(e.to_string()))?,
+            )),
+        };
         let daemon = Arc::new(Daemon {
             config,
             _cache_lock: cache_lock,
@@ -205,6 +222,7 @@ impl Daemon {
             lease_renewer: Mutex::new(None),
             commits: Arc::default(),
             errors: Arc::default(),
+            trust,
         });
         let renewer = runtime.spawn(Arc::clone(&daemon.leases).renew(Timings::default()));
         *daemon
@@ -600,6 +618,7 @@ impl Daemon {
             squash_after: self.config.squash_after,
             record_start: self.config.record_starts && !spec.no_prefetch_record,
             commit_counts: Some(Arc::clone(&self.commits)),
+            trust: self.trust.clone(),
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the

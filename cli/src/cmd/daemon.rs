@@ -17,7 +17,8 @@ use strata_daemon::{Daemon, DaemonConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
     /// read_timeout, passthrough, squash_after, prefetch_record, prefetch_replay, socket,
-    /// endpoint_url, metrics_addr [default: /etc/strata/daemon.toml as root, if it exists].
+    /// endpoint_url, metrics_addr, trusted_keys [default: /etc/strata/daemon.toml as root,
+    /// if it exists].
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -70,6 +71,7 @@ struct ConfigFile {
     socket: Option<PathBuf>,
     endpoint_url: Option<String>,
     metrics_addr: Option<String>,
+    trusted_keys: Option<Vec<String>>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -155,6 +157,19 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
     config.replay_starts =
         !a.no_prefetch_replay && file.prefetch_replay.unwrap_or(defaults.replay_starts);
     config.store_options = store_options;
+    // Keys from flags or the environment, else from the file.
+    config.trusted_keys = match g.trusted_keys()? {
+        keys if !keys.is_empty() => keys,
+        _ => file
+            .trusted_keys
+            .unwrap_or_default()
+            .iter()
+            .map(|k| {
+                strata_fs::refs::signed::PublicKey::parse(k)
+                    .map_err(|e| anyhow::anyhow!("config file: trusted_keys: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
     config.metrics_addr = match a.metrics_addr {
         Some(addr) => Some(addr),
         None => from_file(file.metrics_addr, "metrics_addr", |v| {

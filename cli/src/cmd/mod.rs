@@ -4,6 +4,7 @@ pub mod docs;
 pub mod du;
 pub mod gc;
 pub mod inspect;
+pub mod key;
 pub mod ls;
 pub mod mount;
 pub mod publish;

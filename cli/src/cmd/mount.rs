@@ -114,6 +114,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         datasets: a.layers.clone(),
         cache_dir: Some(cache_dir.clone()),
         record_start: !a.no_prefetch_record,
+        trust: g.trust()?,
         ..Default::default()
     };
     let assembly = strata_fs::mount::assemble(&store, reader, &spec).await?;

@@ -29,6 +29,10 @@ pub struct PublishArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Sign the ref with this key file (`strata key generate`), so daemons that trust its
+    /// public key mount it.
+    #[arg(long, env = "STRATA_SIGN_KEY", value_name = "FILE")]
+    sign_key: Option<PathBuf>,
 }
 
 pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
@@ -61,6 +65,7 @@ pub async fn run(g: &GlobalArgs, a: PublishArgs) -> anyhow::Result<()> {
     });
     let options = PublishOptions {
         concurrency: a.concurrency.max(1),
+        sign_key: super::key::load(a.sign_key.as_ref())?,
         ..Default::default()
     };
     let result = publish(&a.dir, &store, Some(&target), &options, progress).await;

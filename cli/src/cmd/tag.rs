@@ -16,10 +16,15 @@ pub struct TagArgs {
     target: String,
     #[arg(long)]
     json: bool,
+    /// Sign the moved ref with this key file (`strata key generate`).
+    #[arg(long, env = "STRATA_SIGN_KEY", value_name = "FILE")]
+    sign_key: Option<std::path::PathBuf>,
 }
 
 pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
+    let signer = super::key::load(a.sign_key.as_ref())?;
+    let trust = g.trust()?;
     let source = DatasetRef::parse(&a.source)?;
     let target = DatasetRef::parse(&a.target)?;
     if target.pinned.is_some() {
@@ -29,7 +34,8 @@ pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
     // between the check below and the ref's move.
     let lease = WriterLease::acquire(&store, "tag").await?;
     let moved = async {
-        let layer = refs::resolve(&store, &source).await?;
+        // With trusted keys, only a layer a trusted publisher signed is tagged.
+        let layer = refs::resolve_trusted(&store, &source, trust.as_deref()).await?;
         // A tag must never name a layer a reader would not find.
         if store
             .head(&format!("layers/{}", layer.to_hex()))
@@ -39,7 +45,7 @@ pub async fn tag(g: &GlobalArgs, a: TagArgs) -> anyhow::Result<()> {
             anyhow::bail!("layer {layer} ({source}) is not in {}", a.store);
         }
         lease.ensure_held().await?;
-        let previous = refs::set(&store, &target, &layer, "tag").await?;
+        let previous = refs::set(&store, &target, &layer, "tag", signer.as_deref()).await?;
         Ok((layer, previous))
     }
     .await;
@@ -72,10 +78,15 @@ pub struct RmArgs {
     all: bool,
     #[arg(long)]
     json: bool,
+    /// Sign the removal with this key file (`strata key generate`): daemons that trust it
+    /// then refuse the tag, rather than an unsigned ref.
+    #[arg(long, env = "STRATA_SIGN_KEY", value_name = "FILE")]
+    sign_key: Option<std::path::PathBuf>,
 }
 
 pub async fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
+    let signer = super::key::load(a.sign_key.as_ref())?;
     let tags: Vec<DatasetRef> = if a.all {
         if a.dataset.contains([':', '@']) {
             anyhow::bail!("--all takes a dataset NAME, not {}", a.dataset);
@@ -90,7 +101,7 @@ pub async fn rm(g: &GlobalArgs, a: RmArgs) -> anyhow::Result<()> {
     };
     let mut removed = Vec::new();
     for r in &tags {
-        let layer = match refs::remove(&store, r).await {
+        let layer = match refs::remove(&store, r, signer.as_deref()).await {
             Ok(layer) => layer,
             // Removed by someone else since the listing: what was asked for is done.
             Err(strata_fs::error::FsError::NotFound(_)) if a.all => continue,

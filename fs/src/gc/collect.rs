@@ -607,7 +607,7 @@ mod tests {
         retention::write(&store, "other", Some(&Policy::new(Some(0), None)))
             .await
             .unwrap();
-        refs::remove(&store, &DatasetRef::parse("other:v1").unwrap())
+        refs::remove(&store, &DatasetRef::parse("other:v1").unwrap(), None)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -832,7 +832,7 @@ mod tests {
         assert_whole_with(&staler, &store, b2).await;
 
         // Once nothing names the old pack, its map goes too.
-        refs::remove(&store, &DatasetRef::parse("b:latest").unwrap())
+        refs::remove(&store, &DatasetRef::parse("b:latest").unwrap(), None)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -858,7 +858,7 @@ mod tests {
             .unwrap()
             .manifest
             .chunk(0);
-        refs::remove(&store, &DatasetRef::parse("x:v1").unwrap())
+        refs::remove(&store, &DatasetRef::parse("x:v1").unwrap(), None)
             .await
             .unwrap();
         retention::write(&store, "x", Some(&Policy::new(Some(0), None)))
@@ -937,7 +937,7 @@ mod tests {
         retention::write(&store, "ds", Some(&Policy::new(Some(0), None)))
             .await
             .unwrap();
-        refs::remove(&store, &DatasetRef::parse("ds:v1").unwrap())
+        refs::remove(&store, &DatasetRef::parse("ds:v1").unwrap(), None)
             .await
             .unwrap();
         // Young: the default grace keeps it all.

@@ -4,6 +4,7 @@
 //! compare-and-swap; every move is logged in the tag's history ([`history`]).
 
 pub mod history;
+pub mod signed;
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use strata_cache_format::Digest;
 use strata_store::{Store, StoreErrorKind};
 
 use crate::error::{FsError, FsResult};
+use signed::{RefSignature, SigningKey, Trust};
 
 pub const DEFAULT_TAG: &str = "latest";
 
@@ -98,15 +100,111 @@ fn parse_ref_object(store: &dyn Store, key: &str, data: &[u8]) -> FsResult<Optio
 
 /// The layer a ref points at.
 pub async fn resolve(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> {
+    match r.pinned {
+        Some(d) => Ok(d),
+        None => resolve_tag(store, r, None).await,
+    }
+}
+
+/// The layer a ref points at, checked against `trust` when it has keys: the ref must be
+/// signed by one of them (FORMAT §5.2). A pinned layer is trusted when a tag of its dataset
+/// points at it with such a signature.
+pub async fn resolve_trusted(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    trust: Option<&Trust>,
+) -> FsResult<Digest> {
+    let trust = trust.filter(|t| t.enforced());
     if let Some(d) = r.pinned {
+        if let Some(trust) = trust {
+            vouch_for_pinned(store, r, d, trust).await?;
+        }
         return Ok(d);
     }
+    resolve_tag(store, r, trust).await
+}
+
+/// [`resolve_trusted`] of a tag (not a pinned layer).
+async fn resolve_tag(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    trust: Option<&Trust>,
+) -> FsResult<Digest> {
     let not_found = || FsError::NotFound(format!("dataset {r} not found in {}", store.url()));
-    match crate::record::get(store, &r.key()).await {
-        Ok(data) => parse_ref_object(store.as_ref(), &r.key(), &data)?.ok_or_else(not_found),
-        Err(FsError::Store(e)) if e.is_not_found() => Err(not_found()),
-        Err(e) => Err(e),
+    let (data, fields) = match crate::record::get_fields(store, &r.key()).await {
+        Ok(got) => got,
+        Err(FsError::Store(e)) if e.is_not_found() => return Err(not_found()),
+        Err(e) => return Err(e),
+    };
+    let layer = parse_ref_object(store.as_ref(), &r.key(), &data)?;
+    if let Some(trust) = trust {
+        trust.check(
+            store.url(),
+            &r.name,
+            &r.tag,
+            ref_text(layer.as_ref()).as_str(),
+            &fields,
+        )?;
     }
+    layer.ok_or_else(not_found)
+}
+
+/// Checks that some tag of `r`'s dataset points at `layer` with a trusted signature.
+async fn vouch_for_pinned(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    layer: Digest,
+    trust: &Trust,
+) -> FsResult<()> {
+    let mut why = Vec::new();
+    for (tag, digest) in list(store, Some(&r.name)).await? {
+        if digest != layer {
+            continue;
+        }
+        match resolve_tag(store, &tag, Some(trust)).await {
+            Ok(d) if d == layer => return Ok(()),
+            Ok(_) => {}
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    Err(FsError::Untrusted(format!(
+        "{r}: no tag of {} points at this layer with a signature this host trusts{}",
+        r.name,
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", why.join("; "))
+        }
+    )))
+}
+
+/// A ref object's body text: the layer's digest, or `removed`.
+fn ref_text(layer: Option<&Digest>) -> String {
+    match layer {
+        Some(d) => d.to_string(),
+        None => REMOVED.to_string(),
+    }
+}
+
+/// The sealed ref object for `layer` (`None`: removed), signed by `signer` at the sequence
+/// after the one `current` (the fields of the ref it replaces) was signed at.
+fn ref_object(
+    r: &DatasetRef,
+    layer: Option<&Digest>,
+    current: Option<&[String]>,
+    signer: Option<&SigningKey>,
+) -> bytes::Bytes {
+    let text = ref_text(layer);
+    let fields: Vec<String> = match signer {
+        Some(key) => {
+            let seq = current
+                .and_then(RefSignature::find)
+                .map_or(1, |s| s.seq.saturating_add(1));
+            vec![key.sign_field(&r.name, &r.tag, &text, seq)]
+        }
+        None => Vec::new(),
+    };
+    crate::record::seal_with(format!("{text}\n").as_bytes(), &fields)
 }
 
 /// Points `name:tag` at `digest` with compare-and-swap, and logs the move (made by `by`:
@@ -116,6 +214,7 @@ pub async fn set(
     r: &DatasetRef,
     digest: &Digest,
     by: &str,
+    signer: Option<&SigningKey>,
 ) -> FsResult<Option<Digest>> {
     if r.pinned.is_some() {
         return Err(FsError::InvalidInput(format!(
@@ -123,17 +222,27 @@ pub async fn set(
         )));
     }
     let key = r.key();
-    let current = crate::record::get_versioned(store, &key).await?;
+    let current = crate::record::get_versioned_fields(store, &key).await?;
     let previous = match &current {
-        Some((data, _)) => parse_ref_object(store.as_ref(), &key, data)?,
+        Some((data, _, _)) => parse_ref_object(store.as_ref(), &key, data)?,
         None => None,
     };
-    if previous == Some(*digest) {
+    // Already there, and signed as asked (a ref signed before may be signed again).
+    let signed_by = current
+        .as_ref()
+        .and_then(|(_, fields, _)| RefSignature::find(fields))
+        .map(|s| s.key);
+    if previous == Some(*digest) && signer.is_none_or(|k| signed_by == Some(k.public())) {
         return Ok(previous);
     }
-    let body = crate::record::seal(format!("{digest}\n").as_bytes());
+    let body = ref_object(
+        r,
+        Some(digest),
+        current.as_ref().map(|(_, f, _)| f.as_slice()),
+        signer,
+    );
     match store
-        .compare_and_swap(&key, current.as_ref().map(|(_, v)| v), body)
+        .compare_and_swap(&key, current.as_ref().map(|(_, _, v)| v), body)
         .await
     {
         Ok(_) => {
@@ -157,7 +266,11 @@ pub async fn set(
 /// Removes tag `r` by compare-and-swap: a publish racing it lands first (and is removed), or
 /// after (and brings the tag back), or read the ref before the removal (and fails with a
 /// conflict); never lost half-way. Returns the layer it pointed at, which stays in the store.
-pub async fn remove(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> {
+pub async fn remove(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    signer: Option<&SigningKey>,
+) -> FsResult<Digest> {
     if r.pinned.is_some() {
         return Err(FsError::InvalidInput(format!(
             "{r} is a pinned layer, not a tag: nothing to remove"
@@ -165,11 +278,11 @@ pub async fn remove(store: &Arc<dyn Store>, r: &DatasetRef) -> FsResult<Digest> 
     }
     let key = r.key();
     let not_found = || FsError::NotFound(format!("dataset {r} not found in {}", store.url()));
-    let (data, version) = crate::record::get_versioned(store, &key)
+    let (data, fields, version) = crate::record::get_versioned_fields(store, &key)
         .await?
         .ok_or_else(not_found)?;
     let previous = parse_ref_object(store.as_ref(), &key, &data)?.ok_or_else(not_found)?;
-    let body = crate::record::seal(format!("{REMOVED}\n").as_bytes());
+    let body = ref_object(r, None, Some(&fields), signer);
     match store.compare_and_swap(&key, Some(&version), body).await {
         Ok(_) => {
             log_move(store, r, Some(&previous), None, "rm").await;
@@ -282,23 +395,23 @@ mod tests {
         );
         let (a, b) = (Digest([1; 32]), Digest([2; 32]));
         assert!(matches!(
-            remove(&store, &r).await,
+            remove(&store, &r, None).await,
             Err(FsError::NotFound(_))
         ));
-        set(&store, &r, &a, "publish").await.unwrap();
-        set(&store, &other, &b, "publish").await.unwrap();
-        assert_eq!(remove(&store, &r).await.unwrap(), a);
+        set(&store, &r, &a, "publish", None).await.unwrap();
+        set(&store, &other, &b, "publish", None).await.unwrap();
+        assert_eq!(remove(&store, &r, None).await.unwrap(), a);
         assert!(matches!(
             resolve(&store, &r).await,
             Err(FsError::NotFound(_))
         ));
         assert!(matches!(
-            remove(&store, &r).await,
+            remove(&store, &r, None).await,
             Err(FsError::NotFound(_))
         ));
         let listed: Vec<_> = list(&store, Some("d")).await.unwrap();
         assert_eq!(listed, vec![(other.clone(), b)]);
-        assert_eq!(set(&store, &r, &b, "publish").await.unwrap(), None);
+        assert_eq!(set(&store, &r, &b, "publish", None).await.unwrap(), None);
         assert_eq!(resolve(&store, &r).await.unwrap(), b);
         let moves: Vec<_> = history::read(&store, &r)
             .await
@@ -315,5 +428,92 @@ mod tests {
                 (Some(b.to_string()), "publish".to_string()),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn signed_refs_resolve_only_as_signed_and_tampering_is_refused() {
+        let store: Arc<dyn Store> = Arc::new(strata_store::MemoryStore::new("signed"));
+        let key = SigningKey::generate().unwrap();
+        let trust = Trust::new(vec![key.public()], None).unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let latest = DatasetRef::parse("d:latest").unwrap();
+        let v1 = DatasetRef::parse("d:v1").unwrap();
+        // Unsigned refs resolve without trust, and are refused with it.
+        set(&store, &latest, &a, "publish", None).await.unwrap();
+        assert_eq!(resolve_trusted(&store, &latest, None).await.unwrap(), a);
+        let err = resolve_trusted(&store, &latest, Some(&trust))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FsError::Untrusted(_)), "{err}");
+        // Signing the same layer again makes it trusted; each move signs the next sequence.
+        set(&store, &latest, &a, "publish", Some(&key))
+            .await
+            .unwrap();
+        assert_eq!(
+            resolve_trusted(&store, &latest, Some(&trust))
+                .await
+                .unwrap(),
+            a
+        );
+        let first = store.get(&latest.key()).await.unwrap();
+        set(&store, &latest, &b, "publish", Some(&key))
+            .await
+            .unwrap();
+        set(&store, &v1, &a, "tag", Some(&key)).await.unwrap();
+        assert_eq!(
+            resolve_trusted(&store, &latest, Some(&trust))
+                .await
+                .unwrap(),
+            b
+        );
+        let (_, fields) = crate::record::get_fields(&store, &latest.key())
+            .await
+            .unwrap();
+        assert_eq!(RefSignature::find(&fields).unwrap().seq, 2);
+        // A pinned layer is trusted while a signed tag points at it.
+        let pinned = |d: Digest| DatasetRef::parse(&format!("d@{d}")).unwrap();
+        assert_eq!(
+            resolve_trusted(&store, &pinned(a), Some(&trust))
+                .await
+                .unwrap(),
+            a
+        );
+        let c = Digest::of(b"c");
+        let err = resolve_trusted(&store, &pinned(c), Some(&trust))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FsError::Untrusted(_)), "{err}");
+        // Rolled back: the older signed object put back by someone with write access.
+        store.put(&latest.key(), first).await.unwrap();
+        let err = resolve_trusted(&store, &latest, Some(&trust))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("rolled back"), "{err}");
+        // Replayed: v1's signed ref copied under latest.
+        let v1_object = store.get(&v1.key()).await.unwrap();
+        store.put(&latest.key(), v1_object).await.unwrap();
+        let err = resolve_trusted(&store, &latest, Some(&trust))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        // Rewritten: an unsigned ref to another layer.
+        store
+            .put(
+                &latest.key(),
+                crate::record::seal(format!("{c}\n").as_bytes()),
+            )
+            .await
+            .unwrap();
+        let err = resolve_trusted(&store, &latest, Some(&trust))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not signed"), "{err}");
+        // A signed removal is believed: the tag is gone.
+        set(&store, &v1, &b, "tag", Some(&key)).await.unwrap();
+        remove(&store, &v1, Some(&key)).await.unwrap();
+        let err = resolve_trusted(&store, &v1, Some(&trust))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FsError::NotFound(_)), "{err}");
     }
 }
