@@ -69,6 +69,11 @@ impl GlobalArgs {
             .collect()
     }
 
+    /// The trusted keys as given (checked), for a daemon request.
+    fn trusted_key_texts(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self.trusted_keys()?.iter().map(|k| k.to_string()).collect())
+    }
+
     /// What this command trusts, with sequences remembered only while it runs.
     fn trust(&self) -> anyhow::Result<Option<std::sync::Arc<strata_fs::refs::signed::Trust>>> {
         let keys = self.trusted_keys()?;

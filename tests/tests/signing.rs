@@ -128,6 +128,7 @@ fn a_host_that_trusts_a_key_mounts_only_refs_it_signed() {
     assert!(err.contains("does not match"), "{err}");
 
     // Put right, a pinned layer is mounted while a signed tag points at it, and only then.
+    let second_again = second.clone();
     rt.block_on(raw.put("refs/ds/latest", second)).unwrap();
     let pinned = mount(&d, "m7", &format!("ds@{layer2}")).unwrap();
     assert!(std::fs::read(pinned.path("data.bin")).unwrap() == v2);
@@ -139,10 +140,37 @@ fn a_host_that_trusts_a_key_mounts_only_refs_it_signed() {
     let err = refused(&d, "m9", "ds:latest");
     assert!(err.contains("not found"), "{err}");
 
-    // A host that trusts no key mounts unsigned refs as before.
+    // Deleted by someone without the key, then published anew: the new ref's sequence still
+    // passes the old one's, which cannot be put back over it.
+    rt.block_on(raw.delete("refs/ds/latest")).unwrap();
+    let v3 = pseudo_random(3, 300 << 10);
+    write_file(&dir.join("data.bin"), &v3);
+    publish(&mut ok, "ds:latest", true);
+    let m = mount(&d, "m11", "ds:latest").unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == v3);
+    rt.block_on(raw.put("refs/ds/latest", second_again))
+        .unwrap();
+    let err = refused(&d, "m12", "ds:latest");
+    assert!(err.contains("rolled back"), "{err}");
+
+    // A host that trusts no key mounts unsigned refs as before, unless the mount asks for
+    // signatures itself.
     let open = Daemon::start(env.clone(), &work.join("open-host"), &[]).unwrap();
     let m = mount(&open, "m10", "other:latest").unwrap();
     assert!(std::fs::read(m.path("data.bin")).unwrap() == o1);
+    let asked = work.join("m13");
+    std::fs::create_dir_all(&asked).unwrap();
+    let err = open.strata().fails(&[
+        "--trusted-key",
+        &public,
+        "mount",
+        &store,
+        asked.to_str().unwrap(),
+        "--layer",
+        "other:latest",
+        "--read-only",
+    ]);
+    assert!(err.contains("not signed"), "{err}");
 
     // The secret never appears in any output or log.
     let secret = std::fs::read_to_string(&key).unwrap();

@@ -64,6 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         unmount_with_client: false,
         no_prefetch_record: false,
         no_prefetch_replay: false,
+        trusted_keys: Vec::new(),
     };
     let info = daemon.mount(spec.clone()).await?;
     println!(

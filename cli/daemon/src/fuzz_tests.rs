@@ -34,6 +34,7 @@ fn spec() -> MountSpec {
         unmount_with_client: true,
         no_prefetch_record: false,
         no_prefetch_replay: false,
+        trusted_keys: Vec::new(),
     }
 }
 

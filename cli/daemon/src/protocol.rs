@@ -73,6 +73,11 @@ pub struct MountSpec {
     /// Do not fetch what the layers' start records say starts read first.
     #[serde(default)]
     pub no_prefetch_replay: bool,
+    /// Mount only refs one of these publishers (`ed25519:<hex>`) signed, on top of what the
+    /// daemon's own `trusted_keys` require (a daemon with keys of its own mounts only refs
+    /// signed by a key in both).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_keys: Vec<String>,
 }
 
 impl MountSpec {

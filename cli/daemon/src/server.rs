@@ -16,7 +16,7 @@ use strata_fs::blocking::blocking;
 use strata_fs::gc::lease::Timings;
 use strata_fs::mount::{StackSpec, UpperSpec};
 use strata_fs::prefetch::ReplayProgress;
-use strata_fs::refs::signed::Trust;
+use strata_fs::refs::signed::{PublicKey, Trust};
 use strata_fs::upper::MountTree;
 use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
@@ -97,9 +97,9 @@ pub struct Daemon {
     commits: Arc<volumes::CommitCounts>,
     /// Every mount's error replies by errno.
     errors: Arc<ErrnoCounts>,
-    /// The publishers whose signed refs mounts are checked against, and the highest sequence
-    /// seen per tag (remembered across restarts in the state dir).
-    trust: Option<Arc<Trust>>,
+    /// The publishers whose signed refs mounts are checked against (none: not checked), and
+    /// the highest sequence seen per tag (remembered across restarts in the state dir).
+    trust: Arc<Trust>,
 }
 
 /// Where the daemon remembers the signed refs it has seen.
@@ -197,16 +197,13 @@ impl Daemon {
             fetch_deadline: config.read_timeout,
         })
         .with_context(|| format!("opening cache dir {}", config.cache_dir.display()))?;
-        let trust = match config.trusted_keys.is_empty() {
-            true => None,
-            false => Some(Arc::new(
-                Trust::new(
-                    config.trusted_keys.clone(),
-                    Some(config.state_dir.join(SIGNED_REFS_SEEN)),
-                )
-                .map_err(|e| DaemonError::internal(e.to_string()))?,
-            )),
-        };
+        let trust = Arc::new(
+            Trust::new(
+                config.trusted_keys.clone(),
+                Some(config.state_dir.join(SIGNED_REFS_SEEN)),
+            )
+            .map_err(|e| DaemonError::internal(e.to_string()))?,
+        );
         let daemon = Arc::new(Daemon {
             config,
             _cache_lock: cache_lock,
@@ -239,6 +236,31 @@ impl Daemon {
 
     pub fn config(&self) -> &DaemonConfig {
         &self.config
+    }
+
+    /// What a mount's refs are checked against: the daemon's trusted keys, narrowed to those
+    /// the request names too (a request cannot widen them).
+    fn trust_for(&self, spec: &MountSpec) -> DaemonResult<Arc<Trust>> {
+        if spec.trusted_keys.is_empty() {
+            return Ok(Arc::clone(&self.trust));
+        }
+        let asked = spec
+            .trusted_keys
+            .iter()
+            .map(|k| PublicKey::parse(k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DaemonError::bad_request(e.to_string()))?;
+        let keys: Vec<PublicKey> = match self.trust.keys() {
+            [] => asked,
+            own => asked.into_iter().filter(|k| own.contains(k)).collect(),
+        };
+        if keys.is_empty() {
+            return Err(DaemonError::new(
+                crate::ErrorKind::Permission,
+                "this daemon trusts none of the keys the mount asks for (its trusted_keys decide)",
+            ));
+        }
+        Ok(Arc::new(self.trust.with_keys(keys)))
     }
 
     /// Serves the control socket (and retries kept volume uppers) until `shutdown` completes,
@@ -618,7 +640,7 @@ impl Daemon {
             squash_after: self.config.squash_after,
             record_start: self.config.record_starts && !spec.no_prefetch_record,
             commit_counts: Some(Arc::clone(&self.commits)),
-            trust: self.trust.clone(),
+            trust: Some(self.trust_for(&spec)?),
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the

@@ -213,6 +213,7 @@ async fn mount_through_daemon(
         unmount_with_client: false,
         no_prefetch_record: a.no_prefetch_record,
         no_prefetch_replay: a.no_prefetch_replay,
+        trusted_keys: g.trusted_key_texts()?,
     };
     let info = Client::new(g.socket()).mount(spec).await?;
     if a.json {

@@ -225,6 +225,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 unmount_with_client: true,
                 no_prefetch_record: a.no_prefetch_record,
                 no_prefetch_replay: a.no_prefetch_replay,
+                trusted_keys: g.trusted_key_texts()?,
             };
             Client::new(&socket)
                 .mount(spec)

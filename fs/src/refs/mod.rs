@@ -138,13 +138,15 @@ async fn resolve_tag(
     };
     let layer = parse_ref_object(store.as_ref(), &r.key(), &data)?;
     if let Some(trust) = trust {
-        trust.check(
-            store.url(),
-            &r.name,
-            &r.tag,
-            ref_text(layer.as_ref()).as_str(),
-            &fields,
-        )?;
+        trust
+            .check(
+                store.url(),
+                &r.name,
+                &r.tag,
+                ref_text(layer.as_ref()).as_str(),
+                &fields,
+            )
+            .await?;
     }
     layer.ok_or_else(not_found)
 }
@@ -187,24 +189,39 @@ fn ref_text(layer: Option<&Digest>) -> String {
 }
 
 /// The sealed ref object for `layer` (`None`: removed), signed by `signer` at the sequence
-/// after the one `current` (the fields of the ref it replaces) was signed at.
+/// after the one its own signature of the ref it replaces (`current`: that ref's body and
+/// fields) carries, and never below the time (see [`signed::next_sequence`]).
 fn ref_object(
     r: &DatasetRef,
     layer: Option<&Digest>,
-    current: Option<&[String]>,
+    current: Option<(Option<Digest>, &[String])>,
     signer: Option<&SigningKey>,
-) -> bytes::Bytes {
+) -> FsResult<bytes::Bytes> {
     let text = ref_text(layer);
     let fields: Vec<String> = match signer {
         Some(key) => {
-            let seq = current
-                .and_then(RefSignature::find)
-                .map_or(1, |s| s.seq.saturating_add(1));
+            let previous = current.and_then(|(layer, fields)| {
+                signed_by(fields, key, r, layer.as_ref()).map(|s| s.seq)
+            });
+            let seq = signed::next_sequence(previous)?;
             vec![key.sign_field(&r.name, &r.tag, &text, seq)]
         }
         None => Vec::new(),
     };
-    crate::record::seal_with(format!("{text}\n").as_bytes(), &fields)
+    Ok(crate::record::seal_with(
+        format!("{text}\n").as_bytes(),
+        &fields,
+    ))
+}
+
+/// `key`'s own signature among a ref's `fields`, if it verifies for `r` pointing at `layer`.
+fn signed_by(
+    fields: &[String],
+    key: &SigningKey,
+    r: &DatasetRef,
+    layer: Option<&Digest>,
+) -> Option<RefSignature> {
+    RefSignature::verified_by(fields, &key.public(), &r.name, &r.tag, &ref_text(layer))
 }
 
 /// Points `name:tag` at `digest` with compare-and-swap, and logs the move (made by `by`:
@@ -227,20 +244,23 @@ pub async fn set(
         Some((data, _, _)) => parse_ref_object(store.as_ref(), &key, data)?,
         None => None,
     };
-    // Already there, and signed as asked (a ref signed before may be signed again).
-    let signed_by = current
-        .as_ref()
-        .and_then(|(_, fields, _)| RefSignature::find(fields))
-        .map(|s| s.key);
-    if previous == Some(*digest) && signer.is_none_or(|k| signed_by == Some(k.public())) {
+    // Already there, and signed as asked (an unsigned ref, or one whose signature does
+    // not verify, is signed now).
+    let signed_as_asked =
+        |fields: &[String]| signer.is_none_or(|k| signed_by(fields, k, r, Some(digest)).is_some());
+    if previous == Some(*digest)
+        && current
+            .as_ref()
+            .is_some_and(|(_, fields, _)| signed_as_asked(fields))
+    {
         return Ok(previous);
     }
     let body = ref_object(
         r,
         Some(digest),
-        current.as_ref().map(|(_, f, _)| f.as_slice()),
+        current.as_ref().map(|(_, f, _)| (previous, f.as_slice())),
         signer,
-    );
+    )?;
     match store
         .compare_and_swap(&key, current.as_ref().map(|(_, _, v)| v), body)
         .await
@@ -251,7 +271,10 @@ pub async fn set(
         }
         // The client sends a write again when its reply is lost; the first one may have
         // landed: then the ref holds what this writer put there.
-        Err(e) if e.kind == StoreErrorKind::Conflict && holds(store, &key, Some(digest)).await => {
+        Err(e)
+            if e.kind == StoreErrorKind::Conflict
+                && holds(store, r, Some(digest), signer).await =>
+        {
             log_move(store, r, previous.as_ref(), Some(digest), by).await;
             Ok(previous)
         }
@@ -282,13 +305,13 @@ pub async fn remove(
         .await?
         .ok_or_else(not_found)?;
     let previous = parse_ref_object(store.as_ref(), &key, &data)?.ok_or_else(not_found)?;
-    let body = ref_object(r, None, Some(&fields), signer);
+    let body = ref_object(r, None, Some((Some(previous), &fields)), signer)?;
     match store.compare_and_swap(&key, Some(&version), body).await {
         Ok(_) => {
             log_move(store, r, Some(&previous), None, "rm").await;
             Ok(previous)
         }
-        Err(e) if e.kind == StoreErrorKind::Conflict && holds(store, &key, None).await => {
+        Err(e) if e.kind == StoreErrorKind::Conflict && holds(store, r, None, signer).await => {
             log_move(store, r, Some(&previous), None, "rm").await;
             Ok(previous)
         }
@@ -299,10 +322,19 @@ pub async fn remove(
     }
 }
 
-/// Whether the ref at `key` now holds `want` (`None`: removed).
-async fn holds(store: &Arc<dyn Store>, key: &str, want: Option<&Digest>) -> bool {
-    match crate::record::get(store, key).await {
-        Ok(data) => parse_ref_object(store.as_ref(), key, &data).ok() == Some(want.copied()),
+/// Whether ref `r` now holds `want` (`None`: removed), signed by `signer` if given.
+async fn holds(
+    store: &Arc<dyn Store>,
+    r: &DatasetRef,
+    want: Option<&Digest>,
+    signer: Option<&SigningKey>,
+) -> bool {
+    let key = r.key();
+    match crate::record::get_fields(store, &key).await {
+        Ok((data, fields)) => {
+            parse_ref_object(store.as_ref(), &key, &data).ok() == Some(want.copied())
+                && signer.is_none_or(|k| signed_by(&fields, k, r, want).is_some())
+        }
         Err(_) => false,
     }
 }
@@ -469,7 +501,8 @@ mod tests {
         let (_, fields) = crate::record::get_fields(&store, &latest.key())
             .await
             .unwrap();
-        assert_eq!(RefSignature::find(&fields).unwrap().seq, 2);
+        let first_seq = RefSignature::all(&crate::record::open_fields(&first).unwrap().1)[0].seq;
+        assert!(RefSignature::all(&fields)[0].seq > first_seq);
         // A pinned layer is trusted while a signed tag points at it.
         let pinned = |d: Digest| DatasetRef::parse(&format!("d@{d}")).unwrap();
         assert_eq!(
