@@ -45,6 +45,8 @@ pub struct StackSpec {
     pub commit_counts: Option<Arc<CommitCounts>>,
     /// The publishers' keys dataset refs must be signed by (none, or no keys: not checked).
     pub trust: Option<Arc<Trust>>,
+    /// The tenant the mount is for (recorded with a volume's kept upper).
+    pub tenant: Option<String>,
 }
 
 /// A layer of an assembled stack, named as the mount asked for it.
@@ -126,6 +128,7 @@ pub async fn assemble(
                 version,
             );
             vm.set_layers(layers.iter().map(|l| l.digest).collect());
+            vm.for_tenant(spec.tenant.clone());
             if let Some(dir) = cache_dir {
                 vm.squash_after(spec.squash_after, dir.to_path_buf());
             }

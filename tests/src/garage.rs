@@ -175,6 +175,26 @@ admin_token = "strata-test-admin"
         Ok(())
     }
 
+    /// A new access key named `name`, allowed on `buckets` (read and write) and nothing else:
+    /// returns (key id, secret).
+    pub fn key_for(&self, name: &str, buckets: &[&str]) -> Result<(String, String)> {
+        let out = run(&self.config, &["key", "create", name])?;
+        let field = |label: &str| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
+        };
+        let (Some(id), Some(secret)) = (field("Key ID:"), field("Secret key:")) else {
+            bail!("could not read the key from `garage key create`: {out}");
+        };
+        for b in buckets {
+            run(
+                &self.config,
+                &["bucket", "allow", "--read", "--write", b, "--key", name],
+            )?;
+        }
+        Ok((id, secret))
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3_port)
     }

@@ -20,6 +20,7 @@ pub fn store_options(env: &[(String, String)], single_writer: bool) -> strata_st
         single_writer,
         credentials: get("AWS_ACCESS_KEY_ID").zip(get("AWS_SECRET_ACCESS_KEY")),
         region: get("AWS_REGION"),
+        profile: None,
     }
 }
 

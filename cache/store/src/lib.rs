@@ -147,8 +147,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> StoreResult<()>;
 }
 
-/// How to open a store; the CLI fills this from flags and the environment.
-#[derive(Clone, Debug, Default)]
+/// How to open a store; the CLI fills this from flags and the environment. Its `Debug` never
+/// shows a secret.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct StoreOptions {
     /// S3 endpoint for S3-compatible servers (also `AWS_ENDPOINT_URL`); implies path-style.
     pub endpoint_url: Option<String>,
@@ -159,6 +160,27 @@ pub struct StoreOptions {
     pub credentials: Option<(String, String)>,
     /// S3 region; otherwise the standard AWS chain, then `us-east-1`.
     pub region: Option<String>,
+    /// A named profile of the AWS config files (which may assume a role, or use a web
+    /// identity token); otherwise the default chain.
+    pub profile: Option<String>,
+}
+
+impl fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("single_writer", &self.single_writer)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(id, _)| format!("{id} (secret hidden)")),
+            )
+            .field("region", &self.region)
+            .field("profile", &self.profile)
+            .finish()
+    }
 }
 
 /// Opens `file:///abs/path`, a plain directory path, or `s3://bucket[/prefix]`.

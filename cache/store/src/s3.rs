@@ -73,6 +73,9 @@ impl S3Store {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .filter(|e| !e.is_empty());
+        if let Some(profile) = &options.profile {
+            loader = loader.profile_name(profile);
+        }
         if let Some((id, secret)) = &options.credentials {
             loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
                 id,

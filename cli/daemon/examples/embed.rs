@@ -65,6 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         no_prefetch_record: false,
         no_prefetch_replay: false,
         trusted_keys: Vec::new(),
+        tenant: None,
     };
     let info = daemon.mount(spec.clone()).await?;
     println!(

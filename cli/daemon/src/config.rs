@@ -38,6 +38,36 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Mount only datasets whose refs one of these publishers signed (none: not checked).
     pub trusted_keys: Vec<strata_fs::refs::signed::PublicKey>,
+    /// Tenants a mount may be made on behalf of (`--tenant NAME`): each its own credential
+    /// and what it may mount.
+    pub tenants: std::collections::BTreeMap<String, Tenant>,
+}
+
+/// A tenant: the credential its mounts use (never the daemon's own) and its grants.
+#[derive(Debug, Clone, Default)]
+pub struct Tenant {
+    /// Credentials, region, endpoint and profile of the tenant's store client. The endpoint
+    /// is the tenant's (or the daemon's): a mount cannot point the credential elsewhere.
+    pub store_options: StoreOptions,
+    /// Datasets it may mount: names, or prefixes ending in `*`.
+    pub datasets: Vec<String>,
+    /// Volume scopes it owns (`SCOPE` of `SCOPE/NAME`).
+    pub volume_scopes: Vec<String>,
+}
+
+impl Tenant {
+    /// Whether dataset `name` is granted.
+    pub fn may_mount(&self, name: &str) -> bool {
+        self.datasets.iter().any(|g| match g.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => g == name,
+        })
+    }
+
+    /// Whether volume scope `scope` is the tenant's.
+    pub fn owns_scope(&self, scope: &str) -> bool {
+        self.volume_scopes.iter().any(|s| s == scope)
+    }
 }
 
 impl DaemonConfig {
@@ -57,6 +87,7 @@ impl DaemonConfig {
             store_options: StoreOptions::default(),
             metrics_addr: None,
             trusted_keys: Vec::new(),
+            tenants: Default::default(),
         }
     }
 }

@@ -35,6 +35,7 @@ fn spec() -> MountSpec {
         no_prefetch_record: false,
         no_prefetch_replay: false,
         trusted_keys: Vec::new(),
+        tenant: None,
     }
 }
 

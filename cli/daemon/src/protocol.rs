@@ -78,6 +78,10 @@ pub struct MountSpec {
     /// signed by a key in both).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_keys: Vec<String>,
+    /// Mount on behalf of this tenant of the daemon's config: with its credential (and
+    /// endpoint), and only what it is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl MountSpec {

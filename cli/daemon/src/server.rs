@@ -17,6 +17,7 @@ use strata_fs::gc::lease::Timings;
 use strata_fs::mount::{StackSpec, UpperSpec};
 use strata_fs::prefetch::ReplayProgress;
 use strata_fs::refs::signed::{PublicKey, Trust};
+use strata_fs::refs::DatasetRef;
 use strata_fs::upper::MountTree;
 use strata_fs::volume::lifecycle::{self as volumes, VolumeMount};
 use strata_fs::volume::{self, VolumeRef};
@@ -26,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::config::DaemonConfig;
+use crate::config::{DaemonConfig, Tenant};
 use crate::error::{Context, DaemonError, DaemonResult};
 use crate::leases::{LeaseToken, MountLeases};
 use crate::protocol::{
@@ -35,11 +36,19 @@ use crate::protocol::{
 };
 
 /// A store URL and the endpoint it was opened with.
-type StoreKey = (String, Option<String>);
+/// A store client: URL, endpoint, and the tenant whose credential it uses (none: the daemon's).
+type StoreKey = (String, Option<String>, Option<String>);
 
 /// What makes two read-only mounts the same tree: the store and its endpoint, the layer
 /// digests bottom to top, and what the mount does with start records (record, replay).
-type ShareKey = (String, Option<String>, Vec<String>, bool, bool);
+type ShareKey = (
+    String,
+    Option<String>,
+    Option<String>,
+    Vec<String>,
+    bool,
+    bool,
+);
 
 /// A read-only FUSE session and the mountpoints it is mounted at.
 struct Shared {
@@ -104,6 +113,26 @@ pub struct Daemon {
 
 /// Where the daemon remembers the signed refs it has seen.
 const SIGNED_REFS_SEEN: &str = "signed-refs-seen.json";
+
+/// A tenant's pinned layer (`NAME@blake3:…`) is granted only if a tag of `NAME` points, or
+/// once pointed, at it (read with the tenant's credential).
+async fn prove_pinned(store: &Arc<dyn Store>, spec: &MountSpec) -> DaemonResult<()> {
+    for layer in &spec.layers {
+        let r = DatasetRef::parse(layer)?;
+        if let Some(digest) = r.pinned {
+            if !strata_fs::refs::ever_named(store, &r.name, &digest).await? {
+                return Err(DaemonError::new(
+                    crate::ErrorKind::Permission,
+                    format!(
+                        "{r}: no tag of {} points or pointed at this layer, so it is not granted with the dataset",
+                        r.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// How long a client has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
@@ -236,6 +265,49 @@ impl Daemon {
 
     pub fn config(&self) -> &DaemonConfig {
         &self.config
+    }
+
+    fn tenant(&self, name: &str) -> DaemonResult<&Tenant> {
+        self.config.tenants.get(name).ok_or_else(|| {
+            DaemonError::new(
+                crate::ErrorKind::Permission,
+                format!("no tenant {name:?} in this daemon's config"),
+            )
+        })
+    }
+
+    /// Refuses, before anything is opened, a mount for a tenant of what it is not granted:
+    /// a dataset not in its `datasets`, a volume outside its `volume_scopes`, or an endpoint
+    /// other than its own.
+    fn granted(&self, spec: &MountSpec) -> DaemonResult<()> {
+        let Some(name) = &spec.tenant else {
+            return Ok(());
+        };
+        let tenant = self.tenant(name)?;
+        let refuse = |why: String| {
+            Err(DaemonError::new(
+                crate::ErrorKind::Permission,
+                format!("tenant {name}: {why}"),
+            ))
+        };
+        if let Some(asked) = &spec.endpoint_url {
+            if Some(asked) != tenant.store_options.endpoint_url.as_ref() {
+                return refuse(format!("its mounts use its own endpoint, not {asked}"));
+            }
+        }
+        for layer in &spec.layers {
+            let r = DatasetRef::parse(layer)?;
+            if !tenant.may_mount(&r.name) {
+                return refuse(format!("dataset {} is not granted to it", r.name));
+            }
+        }
+        if let Some(v) = &spec.volume {
+            let v = VolumeRef::parse(v)?;
+            if !tenant.owns_scope(&v.scope) {
+                return refuse(format!("volume {v} is not in a scope it owns"));
+            }
+        }
+        Ok(())
     }
 
     /// What a mount's refs are checked against: the daemon's trusted keys, narrowed to those
@@ -441,7 +513,11 @@ impl Daemon {
         let done = async {
             let v = VolumeRef::parse(&record.volume)?;
             let store = self
-                .store(&record.store, record.endpoint_url.clone())
+                .store(
+                    &record.store,
+                    record.endpoint_url.clone(),
+                    record.tenant.as_deref(),
+                )
                 .await?;
             volume::put_kept(&store, &v, &kept).await?;
             DaemonResult::Ok(())
@@ -466,7 +542,11 @@ impl Daemon {
         let done = async {
             let v = VolumeRef::parse(&record.volume)?;
             let store = self
-                .store(&record.store, record.endpoint_url.clone())
+                .store(
+                    &record.store,
+                    record.endpoint_url.clone(),
+                    record.tenant.as_deref(),
+                )
                 .await?;
             volume::delete_kept(&store, &v, &kept.id).await?;
             DaemonResult::Ok(())
@@ -479,7 +559,11 @@ impl Daemon {
     async fn commit_kept(&self, dir: &Path) -> DaemonResult<()> {
         let record = volumes::read_record(dir)?;
         let store = self
-            .store(&record.store, record.endpoint_url.clone())
+            .store(
+                &record.store,
+                record.endpoint_url.clone(),
+                record.tenant.as_deref(),
+            )
             .await?;
         let reader = self.cache.reader(store.clone());
         Ok(volumes::commit_kept(
@@ -545,8 +629,17 @@ impl Daemon {
         value.map_err(|e| DaemonError::internal(format!("encoding the reply: {e}")))
     }
 
-    async fn store(&self, url: &str, endpoint_url: Option<String>) -> DaemonResult<Arc<dyn Store>> {
-        let key = (url.to_string(), endpoint_url.clone());
+    async fn store(
+        &self,
+        url: &str,
+        endpoint_url: Option<String>,
+        tenant: Option<&str>,
+    ) -> DaemonResult<Arc<dyn Store>> {
+        let key = (
+            url.to_string(),
+            endpoint_url.clone(),
+            tenant.map(str::to_string),
+        );
         let stores = || {
             self.stores
                 .lock()
@@ -557,10 +650,18 @@ impl Daemon {
         }
         // Opened without the lock held (it may wait on the network); if another request
         // opened the same store meanwhile, its instance is kept.
-        let mut options = self.config.store_options.clone();
-        if endpoint_url.is_some() {
-            options.endpoint_url = endpoint_url;
-        }
+        let options = match tenant {
+            // The tenant's own credential and endpoint (a request cannot name another: see
+            // `granted`).
+            Some(t) => self.tenant(t)?.store_options.clone(),
+            None => {
+                let mut options = self.config.store_options.clone();
+                if endpoint_url.is_some() {
+                    options.endpoint_url = endpoint_url;
+                }
+                options
+            }
+        };
         let store = strata_store::open_store(url, &options)
             .await
             .with_context(|| format!("opening store {url}"))?;
@@ -628,7 +729,17 @@ impl Daemon {
         let mp = spec.mountpoint.clone();
         strata_fuse::check_mountpoint(&mp)?;
         // The daemon's store (shared by its mounts, holding their lease), counted per mount too.
-        let leased = self.store(&spec.store, spec.endpoint_url.clone()).await?;
+        self.granted(&spec)?;
+        let leased = self
+            .store(
+                &spec.store,
+                spec.endpoint_url.clone(),
+                spec.tenant.as_deref(),
+            )
+            .await?;
+        if spec.tenant.is_some() {
+            prove_pinned(&leased, &spec).await?;
+        }
         let requests = Arc::new(CountingStore::new(Arc::clone(&leased)));
         let store: Arc<dyn Store> = requests.clone();
         let reader = self.cache.reader(store.clone());
@@ -641,8 +752,22 @@ impl Daemon {
             record_start: self.config.record_starts && !spec.no_prefetch_record,
             commit_counts: Some(Arc::clone(&self.commits)),
             trust: Some(self.trust_for(&spec)?),
+            tenant: spec.tenant.clone(),
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
+        if spec.tenant.is_some() {
+            // A manifest found in the cache was read by someone: the tenant's own credential
+            // proves, one request per layer, that it can read each.
+            for l in &assembly.layers {
+                let key = format!("layers/{}", l.digest.to_hex());
+                if store.head(&key).await?.is_none() {
+                    return Err(DaemonError::not_found(format!(
+                        "layer {} of {} is not in the store",
+                        l.digest, l.name
+                    )));
+                }
+            }
+        }
         // Read-only mounts of one stack share one FUSE session (one kernel page cache): the
         // later ones are bind mounts of the first. A mount tied to its client's life is not
         // shared, so its unmount never waits on another's.
@@ -656,6 +781,7 @@ impl Daemon {
             (
                 spec.store.clone(),
                 spec.endpoint_url.clone(),
+                spec.tenant.clone(),
                 digests.collect(),
                 spec.no_prefetch_record,
                 spec.no_prefetch_replay,

@@ -68,6 +68,7 @@ async fn clients_get_typed_errors_and_a_clear_version_mismatch() {
         no_prefetch_record: false,
         no_prefetch_replay: false,
         trusted_keys: Vec::new(),
+        tenant: None,
     };
     let bad = client.mount(spec.clone()).await.unwrap_err();
     assert_eq!(bad.kind(), ErrorKind::BadRequest, "{bad}");

@@ -72,6 +72,50 @@ struct ConfigFile {
     endpoint_url: Option<String>,
     metrics_addr: Option<String>,
     trusted_keys: Option<Vec<String>>,
+    #[serde(default)]
+    tenants: std::collections::BTreeMap<String, TenantFile>,
+}
+
+/// `[tenants.NAME]` in the config file.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TenantFile {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    profile: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    #[serde(default)]
+    datasets: Vec<String>,
+    #[serde(default)]
+    volume_scopes: Vec<String>,
+}
+
+fn tenant(
+    name: &str,
+    t: TenantFile,
+    daemon: &strata_store::StoreOptions,
+) -> anyhow::Result<strata_daemon::config::Tenant> {
+    let credentials = match (t.access_key_id, t.secret_access_key, &t.profile) {
+        (Some(id), Some(secret), None) => Some((id, secret)),
+        (None, None, Some(_)) => None,
+        _ => anyhow::bail!(
+            "config file: tenant {name}: give access_key_id and secret_access_key, or profile (one credential of its own)"
+        ),
+    };
+    strata_fs::refs::check_dataset_name(name)
+        .map_err(|e| anyhow::anyhow!("config file: tenant name: {e}"))?;
+    Ok(strata_daemon::config::Tenant {
+        store_options: strata_store::StoreOptions {
+            endpoint_url: t.endpoint_url.or_else(|| daemon.endpoint_url.clone()),
+            single_writer: daemon.single_writer,
+            credentials,
+            region: t.region.or_else(|| daemon.region.clone()),
+            profile: t.profile,
+        },
+        datasets: t.datasets,
+        volume_scopes: t.volume_scopes,
+    })
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -156,6 +200,11 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
         !a.no_prefetch_record && file.prefetch_record.unwrap_or(defaults.record_starts);
     config.replay_starts =
         !a.no_prefetch_replay && file.prefetch_replay.unwrap_or(defaults.replay_starts);
+    config.tenants = file
+        .tenants
+        .into_iter()
+        .map(|(name, t)| Ok((name.clone(), tenant(&name, t, &store_options)?)))
+        .collect::<anyhow::Result<_>>()?;
     config.store_options = store_options;
     // Keys from flags or the environment, else from the file.
     config.trusted_keys = match g.trusted_keys()? {

@@ -82,6 +82,10 @@ pub struct MountArgs {
     /// Do not fetch what the layers' start records say starts read first.
     #[arg(long)]
     no_prefetch_replay: bool,
+    /// Mount on behalf of tenant NAME of the daemon's config: with the tenant's own store
+    /// credential, and only datasets and volumes it is granted.
+    #[arg(long, value_name = "NAME")]
+    tenant: Option<String>,
 }
 
 #[derive(Args)]
@@ -98,6 +102,9 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         strata_fuse::resolve_mountpoint(&a.mountpoint).context("resolving the mountpoint")?;
     if !a.foreground {
         return mount_through_daemon(g, a, mountpoint).await;
+    }
+    if a.tenant.is_some() {
+        anyhow::bail!("--tenant mounts through the daemon, whose config holds the tenants' credentials: drop --foreground");
     }
     let cache_dir = a.cache_dir.clone().unwrap_or_else(crate::default_cache_dir);
     let _lock = CacheDirLock::acquire(&cache_dir)?;
@@ -214,6 +221,7 @@ async fn mount_through_daemon(
         no_prefetch_record: a.no_prefetch_record,
         no_prefetch_replay: a.no_prefetch_replay,
         trusted_keys: g.trusted_key_texts()?,
+        tenant: a.tenant,
     };
     let info = Client::new(g.socket()).mount(spec).await?;
     if a.json {

@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// Do not fetch what the layers' start records say starts read first.
     #[arg(long)]
     no_prefetch_replay: bool,
+    /// Mount on behalf of tenant NAME of the daemon's config: with the tenant's own store
+    /// credential, and only datasets and volumes it is granted.
+    #[arg(long, value_name = "NAME")]
+    tenant: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -226,6 +230,7 @@ pub async fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<i32> {
                 no_prefetch_record: a.no_prefetch_record,
                 no_prefetch_replay: a.no_prefetch_replay,
                 trusted_keys: g.trusted_key_texts()?,
+                tenant: a.tenant.clone(),
             };
             Client::new(&socket)
                 .mount(spec)

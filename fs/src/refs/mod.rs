@@ -25,6 +25,11 @@ pub struct DatasetRef {
     pub pinned: Option<Digest>,
 }
 
+/// Checks a name as dataset names are checked (1-128 letters, digits, `.`, `_`, `-`).
+pub fn check_dataset_name(s: &str) -> FsResult<()> {
+    check_component("name", s)
+}
+
 /// Checks one part of a dataset or volume name (`what` says which, for the error).
 pub(crate) fn check_component(what: &str, s: &str) -> FsResult<()> {
     let ok = !s.is_empty()
@@ -178,6 +183,34 @@ async fn vouch_for_pinned(
             format!(" ({})", why.join("; "))
         }
     )))
+}
+
+/// Whether a tag of dataset `name` points at `layer`, or pointed at it once (as its history
+/// says).
+pub async fn ever_named(store: &Arc<dyn Store>, name: &str, layer: &Digest) -> FsResult<bool> {
+    if list(store, Some(name))
+        .await?
+        .iter()
+        .any(|(_, d)| d == layer)
+    {
+        return Ok(true);
+    }
+    let text = layer.to_string();
+    for key in store.list(&format!("history/{name}/")).await? {
+        let Some(tag) = key.rsplit('/').next() else {
+            continue;
+        };
+        let Ok(r) = DatasetRef::parse(&format!("{name}:{tag}")) else {
+            continue;
+        };
+        let h = history::read(store, &r).await?;
+        if h.moves.iter().any(|m| {
+            m.layer.as_deref() == Some(text.as_str()) || m.from.as_deref() == Some(text.as_str())
+        }) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A ref object's body text: the layer's digest, or `removed`.

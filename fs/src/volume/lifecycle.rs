@@ -247,6 +247,10 @@ pub struct VolumeRecord {
     /// The layers of the mount's commits that landed, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub own: Vec<String>,
+    /// The tenant the mount was made for: its upper is committed with the tenant's
+    /// credential, never the daemon's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl VolumeRecord {
@@ -294,6 +298,8 @@ pub struct VolumeMount {
     /// The layer of the last commit of the head the mount started from, squashes opened up
     /// (`""` for an empty head): what its mount lease names (see `MountLease::volumes`).
     origin_tip: String,
+    /// The tenant the mount is for (recorded with a kept upper).
+    tenant: Option<String>,
 }
 
 struct Base {
@@ -311,6 +317,11 @@ struct Base {
 }
 
 impl VolumeMount {
+    /// Records that the mount is made for `tenant` (its kept upper is committed as it).
+    pub fn for_tenant(&mut self, tenant: Option<String>) {
+        self.tenant = tenant;
+    }
+
     pub fn new(
         volume: VolumeRef,
         store: Arc<dyn Store>,
@@ -323,6 +334,7 @@ impl VolumeMount {
             .map_or(String::new(), |c| c.layer.clone());
         VolumeMount {
             origin_tip,
+            tenant: None,
             volume,
             store,
             endpoint_url,
@@ -384,6 +396,7 @@ impl VolumeMount {
             layers: self.layers.iter().map(|d| d.to_string()).collect(),
             origin: (!base.own.is_empty()).then(|| base.origin.clone()),
             own: base.own.clone(),
+            tenant: self.tenant.clone(),
         };
         let path = scratch.join(RECORD_FILE);
         let tmp = scratch.join(format!("{RECORD_FILE}.tmp"));

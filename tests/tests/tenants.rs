@@ -1,0 +1,153 @@
+//! Mounts on behalf of tenants, against Garage with a key per tenant: a tenant mounts only
+//! what its grants name, with its own credential, and a credential that cannot read the
+//! bucket is refused by the store itself even where the daemon's grants let the mount through.
+
+use strata_tests::daemon::Daemon;
+use strata_tests::garage;
+use strata_tests::strata::Strata;
+use strata_tests::tree::{pseudo_random, write_file};
+
+fn layer_of(v: &serde_json::Value) -> String {
+    v["layer"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_tenant_mounts_only_what_it_is_granted_with_its_own_credential() {
+    let work = strata_tests::scratch_dir("tenants");
+    let store = garage::bucket("tenants");
+    let bucket = store.trim_start_matches("s3://").to_string();
+    let g = garage::shared();
+    let alice = g.key_for(&format!("alice-{bucket}"), &[&bucket]).unwrap();
+    // Mallory's key may read nothing here; the daemon's config grants it `ds` all the same.
+    let mallory = g.key_for(&format!("mallory-{bucket}"), &[]).unwrap();
+    let mut env = g.env();
+    env.push(("STRATA_SINGLE_WRITER".into(), "1".into()));
+    let platform = Strata::new(env.clone());
+
+    let dir = work.join("ds");
+    let v1 = pseudo_random(1, 200 << 10);
+    write_file(&dir.join("data.bin"), &v1);
+    let first = layer_of(&platform.publish(&dir, &store, "ds:latest"));
+    let v2 = pseudo_random(2, 200 << 10);
+    write_file(&dir.join("data.bin"), &v2);
+    platform.publish(&dir, &store, "ds:latest");
+    let other_dir = work.join("other");
+    write_file(&other_dir.join("data.bin"), &pseudo_random(3, 1000));
+    let other = layer_of(&platform.publish(&other_dir, &store, "other:latest"));
+
+    let config = work.join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[tenants.alice]
+access_key_id = "{}"
+secret_access_key = "{}"
+region = "garage"
+datasets = ["ds", "shared-*"]
+volume_scopes = ["alice"]
+
+[tenants.mallory]
+access_key_id = "{}"
+secret_access_key = "{}"
+region = "garage"
+datasets = ["ds"]
+volume_scopes = ["mallory"]
+"#,
+            alice.0, alice.1, mallory.0, mallory.1
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        env.clone(),
+        &work.join("host"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let mount = |at: &str, layers: &[&str], flags: &[&str]| {
+        d.mount_with(&store, &work.join(at), layers, flags)
+    };
+    let refused = |at: &str, layers: &[&str], flags: &[&str]| match mount(at, layers, flags) {
+        Ok(_) => panic!("{layers:?} {flags:?} was mounted"),
+        Err(e) => e.to_string(),
+    };
+
+    // Alice reads her dataset and commits her volume.
+    let m = mount(
+        "a1",
+        &["ds:latest"],
+        &["--tenant", "alice", "--volume", "alice/notes"],
+    )
+    .unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == v2);
+    std::fs::write(m.path("note.txt"), b"alice was here").unwrap();
+    let out = m.unmount();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = mount("a2", &[], &["--tenant", "alice", "--volume", "alice/notes"]).unwrap();
+    assert_eq!(
+        std::fs::read(m.path("note.txt")).unwrap(),
+        b"alice was here"
+    );
+    drop(m);
+    // An earlier layer of her dataset, pinned, is hers too; another dataset's is not.
+    let m = mount(
+        "a3",
+        &[&format!("ds@{first}")],
+        &["--tenant", "alice", "--read-only"],
+    )
+    .unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == v1);
+    drop(m);
+
+    // What is not granted is refused before the store is asked.
+    let alice_flags = ["--tenant", "alice", "--read-only"];
+    let err = refused("r1", &["other:latest"], &alice_flags);
+    assert!(err.contains("dataset other is not granted"), "{err}");
+    let err = refused("r2", &[&format!("ds@{other}")], &alice_flags);
+    assert!(err.contains("not granted with the dataset"), "{err}");
+    let err = refused("r3", &[], &["--tenant", "alice", "--volume", "bob/notes"]);
+    assert!(err.contains("not in a scope it owns"), "{err}");
+    let err = refused(
+        "r4",
+        &["ds:latest"],
+        &[
+            "--tenant",
+            "alice",
+            "--read-only",
+            "--endpoint-url",
+            "http://127.0.0.1:9",
+        ],
+    );
+    assert!(err.contains("its own endpoint"), "{err}");
+    let err = refused("r5", &["ds:latest"], &["--tenant", "nobody", "--read-only"]);
+    assert!(err.contains("no tenant"), "{err}");
+
+    // Mallory's grants let `ds` through, its credential does not: the store refuses, though
+    // the daemon has the manifest cached from Alice's mounts.
+    let err = refused(
+        "r6",
+        &["ds:latest"],
+        &["--tenant", "mallory", "--read-only"],
+    );
+    assert!(
+        err.to_lowercase().contains("denied") || err.contains("403"),
+        "{err}"
+    );
+
+    // No secret in any output or log.
+    let outputs = [
+        d.strata().ok(&["mounts", "--json"]),
+        d.strata().ok(&["stats", "--json"]),
+        d.log_text(),
+        err,
+    ];
+    for secret in [&alice.1, &mallory.1] {
+        for (i, text) in outputs.iter().enumerate() {
+            assert!(!text.contains(secret.as_str()), "a secret is in output {i}");
+        }
+    }
+}
