@@ -219,7 +219,14 @@ impl Assembly {
     /// fetching what they say starts read first (`replay`), and saving what this mount's
     /// function reads first once its start is over (if it records). Call
     /// [`StartTasks::mount_ended`] when the mount ends.
-    pub fn start_prefetch(&self, store: &Arc<dyn Store>, replay: bool) -> StartTasks {
+    /// Start records are read from `store` and saved to `records` (the daemon's own
+    /// credential, for a tenant's mount).
+    pub fn start_prefetch(
+        &self,
+        store: &Arc<dyn Store>,
+        records: &Arc<dyn Store>,
+        replay: bool,
+    ) -> StartTasks {
         let progress = Arc::new(ReplayProgress::default());
         if !replay {
             progress.finish();
@@ -240,7 +247,7 @@ impl Assembly {
         });
         let recorder = self.recorder().cloned();
         let save = recorder.as_ref().map(|rec| {
-            let (rec, store) = (rec.clone(), store.clone());
+            let (rec, store) = (rec.clone(), records.clone());
             let layers: Vec<Digest> = self.stack.layers().iter().map(|l| l.digest).collect();
             tokio::spawn(prefetch::save_when_done(rec, store, layers))
         });

@@ -175,9 +175,9 @@ admin_token = "strata-test-admin"
         Ok(())
     }
 
-    /// A new access key named `name`, allowed on `buckets` (read and write) and nothing else:
-    /// returns (key id, secret).
-    pub fn key_for(&self, name: &str, buckets: &[&str]) -> Result<(String, String)> {
+    /// A new access key named `name`, allowed on `buckets` (read, and write if `write`) and
+    /// nothing else: returns (key id, secret).
+    pub fn key_for(&self, name: &str, buckets: &[&str], write: bool) -> Result<(String, String)> {
         let out = run(&self.config, &["key", "create", name])?;
         let field = |label: &str| {
             out.lines()
@@ -187,10 +187,12 @@ admin_token = "strata-test-admin"
             bail!("could not read the key from `garage key create`: {out}");
         };
         for b in buckets {
-            run(
-                &self.config,
-                &["bucket", "allow", "--read", "--write", b, "--key", name],
-            )?;
+            let mut args = vec!["bucket", "allow", "--read"];
+            if write {
+                args.push("--write");
+            }
+            args.extend([*b, "--key", name]);
+            run(&self.config, &args)?;
         }
         Ok((id, secret))
     }

@@ -17,9 +17,15 @@ fn a_tenant_mounts_only_what_it_is_granted_with_its_own_credential() {
     let store = garage::bucket("tenants");
     let bucket = store.trim_start_matches("s3://").to_string();
     let g = garage::shared();
-    let alice = g.key_for(&format!("alice-{bucket}"), &[&bucket]).unwrap();
+    let alice = g
+        .key_for(&format!("alice-{bucket}"), &[&bucket], true)
+        .unwrap();
     // Mallory's key may read nothing here; the daemon's config grants it `ds` all the same.
-    let mallory = g.key_for(&format!("mallory-{bucket}"), &[]).unwrap();
+    let mallory = g.key_for(&format!("mallory-{bucket}"), &[], false).unwrap();
+    // Reader's may only read.
+    let reader = g
+        .key_for(&format!("reader-{bucket}"), &[&bucket], false)
+        .unwrap();
     let mut env = g.env();
     env.push(("STRATA_SINGLE_WRITER".into(), "1".into()));
     let platform = Strata::new(env.clone());
@@ -53,8 +59,14 @@ secret_access_key = "{}"
 region = "garage"
 datasets = ["ds"]
 volume_scopes = ["mallory"]
+
+[tenants.reader]
+access_key_id = "{}"
+secret_access_key = "{}"
+region = "garage"
+datasets = ["ds"]
 "#,
-            alice.0, alice.1, mallory.0, mallory.1
+            alice.0, alice.1, mallory.0, mallory.1, reader.0, reader.1
         ),
     )
     .unwrap();
@@ -138,14 +150,52 @@ volume_scopes = ["mallory"]
         "{err}"
     );
 
+    // The daemon's own records (its mount lease) are written with its own credential: a
+    // tenant that may only read still has its layers kept from garbage collection (on a
+    // daemon of its own, whose first mount this is).
+    let d2 = Daemon::start(
+        env.clone(),
+        &work.join("host2"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let raw = rt
+        .block_on(strata_store::open_store(
+            &store,
+            &strata_tests::store_options(&env, true),
+        ))
+        .unwrap();
+    let before = rt.block_on(raw.list("leases/mounts/")).unwrap();
+    let m = d2
+        .mount_with(
+            &store,
+            &work.join("t1"),
+            &["ds:latest"],
+            &["--tenant", "reader", "--read-only"],
+        )
+        .unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == v2);
+    let current = rt.block_on(raw.get("refs/ds/latest")).unwrap();
+    let current = String::from_utf8_lossy(&current);
+    let layer = current.lines().last().unwrap().trim().to_string();
+    let leases = rt.block_on(raw.list("leases/mounts/")).unwrap();
+    let held = leases
+        .iter()
+        .filter(|k| !before.contains(k))
+        .any(|k| String::from_utf8_lossy(&rt.block_on(raw.get(k)).unwrap()).contains(&layer));
+    assert!(held, "no mount lease names {layer}: {leases:?}");
+    drop(m);
+
     // No secret in any output or log.
     let outputs = [
         d.strata().ok(&["mounts", "--json"]),
         d.strata().ok(&["stats", "--json"]),
         d.log_text(),
+        d2.log_text(),
         err,
     ];
-    for secret in [&alice.1, &mallory.1] {
+    for secret in [&alice.1, &mallory.1, &reader.1] {
         for (i, text) in outputs.iter().enumerate() {
             assert!(!text.contains(secret.as_str()), "a secret is in output {i}");
         }

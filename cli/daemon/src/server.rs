@@ -737,9 +737,16 @@ impl Daemon {
                 spec.tenant.as_deref(),
             )
             .await?;
-        if spec.tenant.is_some() {
-            prove_pinned(&leased, &spec).await?;
-        }
+        // What the daemon keeps for itself (the mount lease, start records) is written with
+        // its own credential, at the tenant's endpoint.
+        let platform = match &spec.tenant {
+            Some(t) => {
+                prove_pinned(&leased, &spec).await?;
+                let endpoint = self.tenant(t)?.store_options.endpoint_url.clone();
+                self.store(&spec.store, endpoint, None).await?
+            }
+            None => Arc::clone(&leased),
+        };
         let requests = Arc::new(CountingStore::new(Arc::clone(&leased)));
         let store: Arc<dyn Store> = requests.clone();
         let reader = self.cache.reader(store.clone());
@@ -799,7 +806,7 @@ impl Daemon {
         let (token, written) = self
             .leases
             .add(
-                &leased,
+                &platform,
                 spec.endpoint_url.as_deref(),
                 assembly.layers.iter().map(|l| l.digest).collect(),
                 assembly.volume.as_ref().map(|v| v.lease_origin()),
@@ -869,6 +876,7 @@ impl Daemon {
         };
         let starts = assembly.start_prefetch(
             &store,
+            &platform,
             self.config.replay_starts && !spec.no_prefetch_replay,
         );
         let layer_info = assembly

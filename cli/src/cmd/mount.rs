@@ -151,7 +151,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
         !a.no_passthrough,
         Default::default(),
     )?;
-    let starts = assembly.start_prefetch(&store, !a.no_prefetch_replay);
+    let starts = assembly.start_prefetch(&store, &store, !a.no_prefetch_replay);
     tracing::info!(
         "mounted {} at {}",
         a.layers.join(" + "),
