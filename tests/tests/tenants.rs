@@ -60,6 +60,17 @@ region = "garage"
 datasets = ["ds"]
 volume_scopes = ["mallory"]
 
+# Tenants whose credentials come from profiles of the AWS files.
+[tenants.alice-profile]
+profile = "alice"
+region = "garage"
+datasets = ["ds"]
+
+[tenants.mallory-profile]
+profile = "mallory"
+region = "garage"
+datasets = ["ds"]
+
 [tenants.reader]
 access_key_id = "{}"
 secret_access_key = "{}"
@@ -70,6 +81,26 @@ datasets = ["ds"]
         ),
     )
     .unwrap();
+    // The daemon's environment holds the platform's keys too: a profile tenant must not
+    // fall back to them.
+    let credentials = work.join("aws-credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[alice]\naws_access_key_id = {}\naws_secret_access_key = {}\n\n[mallory]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            alice.0, alice.1, mallory.0, mallory.1
+        ),
+    )
+    .unwrap();
+    let mut env = env;
+    env.push((
+        "AWS_SHARED_CREDENTIALS_FILE".into(),
+        credentials.to_str().unwrap().into(),
+    ));
+    env.push((
+        "AWS_CONFIG_FILE".into(),
+        work.join("aws-config").to_str().unwrap().into(),
+    ));
     let d = Daemon::start(
         env.clone(),
         &work.join("host"),
@@ -186,6 +217,26 @@ datasets = ["ds"]
         .any(|k| String::from_utf8_lossy(&rt.block_on(raw.get(k)).unwrap()).contains(&layer));
     assert!(held, "no mount lease names {layer}: {leases:?}");
     drop(m);
+
+    // Profiles: Alice's reads; Mallory's is refused by the store, not served with the
+    // platform's keys from the environment.
+    let m = mount(
+        "p1",
+        &["ds:latest"],
+        &["--tenant", "alice-profile", "--read-only"],
+    )
+    .unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == v2);
+    drop(m);
+    let err = refused(
+        "p2",
+        &["ds:latest"],
+        &["--tenant", "mallory-profile", "--read-only"],
+    );
+    assert!(
+        err.to_lowercase().contains("denied") || err.contains("403"),
+        "{err}"
+    );
 
     // No secret in any output or log.
     let outputs = [

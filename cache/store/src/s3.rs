@@ -74,7 +74,14 @@ impl S3Store {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .filter(|e| !e.is_empty());
         if let Some(profile) = &options.profile {
-            loader = loader.profile_name(profile);
+            // That profile's credentials and nothing else: the default chain would take keys
+            // from the environment (the daemon's own) before the profile, or fall through to
+            // the host's role when the profile has none.
+            loader = loader.profile_name(profile).credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(profile)
+                    .build(),
+            );
         }
         if let Some((id, secret)) = &options.credentials {
             loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(

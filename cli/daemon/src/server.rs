@@ -291,7 +291,8 @@ impl Daemon {
             ))
         };
         if let Some(asked) = &spec.endpoint_url {
-            if Some(asked) != tenant.store_options.endpoint_url.as_ref() {
+            let own = tenant.store_options.endpoint_url.as_deref();
+            if Some(asked.trim_end_matches('/')) != own.map(|e| e.trim_end_matches('/')) {
                 return refuse(format!("its mounts use its own endpoint, not {asked}"));
             }
         }
@@ -739,13 +740,16 @@ impl Daemon {
             .await?;
         // What the daemon keeps for itself (the mount lease, start records) is written with
         // its own credential, at the tenant's endpoint.
-        let platform = match &spec.tenant {
+        let (platform, platform_endpoint) = match &spec.tenant {
             Some(t) => {
                 prove_pinned(&leased, &spec).await?;
                 let endpoint = self.tenant(t)?.store_options.endpoint_url.clone();
-                self.store(&spec.store, endpoint, None).await?
+                (
+                    self.store(&spec.store, endpoint.clone(), None).await?,
+                    endpoint,
+                )
             }
-            None => Arc::clone(&leased),
+            None => (Arc::clone(&leased), spec.endpoint_url.clone()),
         };
         let requests = Arc::new(CountingStore::new(Arc::clone(&leased)));
         let store: Arc<dyn Store> = requests.clone();
@@ -807,7 +811,7 @@ impl Daemon {
             .leases
             .add(
                 &platform,
-                spec.endpoint_url.as_deref(),
+                platform_endpoint.as_deref(),
                 assembly.layers.iter().map(|l| l.digest).collect(),
                 assembly.volume.as_ref().map(|v| v.lease_origin()),
             )
@@ -828,7 +832,7 @@ impl Daemon {
                         "writing the mount lease that keeps a pinned layer from garbage collection",
                     )),
                 };
-            strata_fs::gc::lease::wait_while_collecting(&leased, &own, PINNED_MOUNT_GC_WAIT)
+            strata_fs::gc::lease::wait_while_collecting(&platform, &own, PINNED_MOUNT_GC_WAIT)
                 .await?;
             for l in &assembly.layers {
                 if leased

@@ -121,7 +121,19 @@ fn tenant(
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    // toml's own message quotes the offending line, which may hold a tenant's secret: only
+    // the reason and the line number are told.
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        anyhow::anyhow!(
+            "config file {}{}: {}",
+            path.display(),
+            line.map(|l| format!(", line {l}")).unwrap_or_default(),
+            e.message()
+        )
+    })
 }
 
 /// Parses a config-file value with the same syntax as its flag.
@@ -259,5 +271,27 @@ fn limit_malloc_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_that_does_not_parse_is_reported_without_quoting_it() {
+        let dir = std::env::temp_dir().join(format!("strata-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for bad in [
+            "[tenants.a]\nsecret_acess_key = \"SUPERSECRET123\"\n",
+            "[tenants.a]\nsecret_access_key = \"SUPERSECRET123\n",
+        ] {
+            let path = dir.join("daemon.toml");
+            std::fs::write(&path, bad).unwrap();
+            let err = format!("{:#}", read_config(&path).err().unwrap());
+            assert!(err.contains("line 2"), "{err}");
+            assert!(!err.contains("SUPERSECRET123"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -203,7 +203,14 @@ pub async fn ever_named(store: &Arc<dyn Store>, name: &str, layer: &Digest) -> F
         let Ok(r) = DatasetRef::parse(&format!("{name}:{tag}")) else {
             continue;
         };
-        let h = history::read(store, &r).await?;
+        let h = match history::read(store, &r).await {
+            Ok(h) => h,
+            // Only a hint of what was named: a damaged history grants nothing.
+            Err(e) => {
+                tracing::warn!("{r}: its history cannot be read ({e}); passed over");
+                continue;
+            }
+        };
         if h.moves.iter().any(|m| {
             m.layer.as_deref() == Some(text.as_str()) || m.from.as_deref() == Some(text.as_str())
         }) {
