@@ -92,7 +92,6 @@ datasets = ["ds"]
         ),
     )
     .unwrap();
-    let mut env = env;
     env.push((
         "AWS_SHARED_CREDENTIALS_FILE".into(),
         credentials.to_str().unwrap().into(),
