@@ -180,6 +180,68 @@ datasets = ["ds"]
         "{err}"
     );
 
+    // `strata run --tenant`: the command reads the tenant's dataset and writes its volume,
+    // and its sandbox holds no credential, no socket, no config and no other mount.
+    let other_mount = mount("o1", &["ds:latest"], &["--read-only"]).unwrap();
+    let socket = d.socket().to_str().unwrap().to_string();
+    let script = format!(
+        "cat /data/data.bin | cksum; cat /persist/note.txt; echo; env; \
+         for p in {socket} {config} {other} /etc/strata; do test -e \"$p\" && echo \"VISIBLE $p\"; done; \
+         echo run-done",
+        config = config.display(),
+        other = other_mount.mountpoint.display(),
+    );
+    let out = d.strata().run(&[
+        "run",
+        &store,
+        "--tenant",
+        "alice",
+        "--dataset",
+        "ds:latest",
+        "--volume",
+        "alice/notes",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("alice was here") && stdout.contains("run-done"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("VISIBLE"), "{stdout}");
+    assert!(
+        !stdout.contains("AWS_") && !stdout.contains("STRATA_"),
+        "{stdout}"
+    );
+    let local = std::process::Command::new("sh")
+        .args(["-c", &format!("cksum < {}", dir.join("data.bin").display())])
+        .output()
+        .unwrap();
+    let sum = String::from_utf8_lossy(&local.stdout);
+    assert!(
+        stdout.contains(sum.split_whitespace().next().unwrap()),
+        "{stdout} vs {sum}"
+    );
+    let err = d.strata().fails(&[
+        "run",
+        &store,
+        "--tenant",
+        "alice",
+        "--dataset",
+        "other:latest",
+        "--",
+        "true",
+    ]);
+    assert!(err.contains("dataset other is not granted"), "{err}");
+    drop(other_mount);
+
     // The daemon's own records (its mount lease) are written with its own credential: a
     // tenant that may only read still has its layers kept from garbage collection (on a
     // daemon of its own, whose first mount this is).
@@ -239,6 +301,7 @@ datasets = ["ds"]
 
     // No secret in any output or log.
     let outputs = [
+        stdout,
         d.strata().ok(&["mounts", "--json"]),
         d.strata().ok(&["stats", "--json"]),
         d.log_text(),
