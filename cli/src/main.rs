@@ -51,6 +51,16 @@ pub struct GlobalArgs {
         value_name = "KEY"
     )]
     trusted_keys: Vec<String>,
+    /// Open stores with the platform credential of this daemon config file (its `[platform]`
+    /// table) instead of the environment's: for publish, gc, tag, rm, volume and the other
+    /// commands that open a store themselves.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_PLATFORM_CONFIG",
+        value_name = "FILE"
+    )]
+    platform_config: Option<PathBuf>,
 }
 
 impl GlobalArgs {
@@ -85,12 +95,19 @@ impl GlobalArgs {
         )))
     }
 
-    fn store_options(&self) -> strata_store::StoreOptions {
-        strata_store::StoreOptions {
+    fn store_options(&self) -> anyhow::Result<strata_store::StoreOptions> {
+        let mut options = strata_store::StoreOptions {
             endpoint_url: self.endpoint_url.clone(),
             single_writer: self.single_writer,
             ..Default::default()
+        };
+        if let Some(path) = &self.platform_config {
+            match cmd::daemon::platform_of(path)? {
+                Some(p) => p.apply(&mut options)?,
+                None => anyhow::bail!("{}: no [platform] table", path.display()),
+            }
         }
+        Ok(options)
     }
 }
 

@@ -46,6 +46,11 @@ fn a_tenant_mounts_only_what_it_is_granted_with_its_own_credential() {
         &config,
         format!(
             r#"
+[platform]
+access_key_id = "{}"
+secret_access_key = "{}"
+region = "garage"
+
 [tenants.alice]
 access_key_id = "{}"
 secret_access_key = "{}"
@@ -77,7 +82,7 @@ secret_access_key = "{}"
 region = "garage"
 datasets = ["ds"]
 "#,
-            alice.0, alice.1, mallory.0, mallory.1, reader.0, reader.1
+            g.key_id, g.secret, alice.0, alice.1, mallory.0, mallory.1, reader.0, reader.1
         ),
     )
     .unwrap();
@@ -299,6 +304,28 @@ datasets = ["ds"]
         "{err}"
     );
 
+    // Admin commands and a daemon given no keys in their environment take the platform's
+    // from the config file's [platform] table.
+    let keyless: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS_KEY") && !k.starts_with("AWS_SECRET"))
+        .cloned()
+        .chain([("AWS_EC2_METADATA_DISABLED".to_string(), "true".to_string())])
+        .collect();
+    let admin = Strata::new(keyless.clone());
+    let cfg = config.to_str().unwrap();
+    let listed = admin.ok(&["--platform-config", cfg, "ls", &store]);
+    assert!(listed.contains("ds:latest"), "{listed}");
+    let dry = admin.ok(&["--platform-config", cfg, "gc", "--dry-run", &store]);
+    assert!(dry.contains(&store), "{dry}");
+    admin.fails(&["ls", &store]);
+    let d3 = Daemon::start(keyless, &work.join("host3"), &["--config", cfg]).unwrap();
+    let m = d3
+        .mount_with(&store, &work.join("k1"), &["ds:latest"], &["--read-only"])
+        .unwrap();
+    assert!(std::fs::read(m.path("data.bin")).unwrap() == v2);
+    drop(m);
+
     // No secret in any output or log.
     let outputs = [
         stdout,
@@ -306,9 +333,10 @@ datasets = ["ds"]
         d.strata().ok(&["stats", "--json"]),
         d.log_text(),
         d2.log_text(),
+        d3.log_text(),
         err,
     ];
-    for secret in [&alice.1, &mallory.1, &reader.1] {
+    for secret in [&alice.1, &mallory.1, &reader.1, &g.secret] {
         for (i, text) in outputs.iter().enumerate() {
             assert!(!text.contains(secret.as_str()), "a secret is in output {i}");
         }

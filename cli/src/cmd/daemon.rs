@@ -17,8 +17,8 @@ use strata_daemon::{Daemon, DaemonConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
     /// read_timeout, passthrough, squash_after, prefetch_record, prefetch_replay, socket,
-    /// endpoint_url, metrics_addr, trusted_keys [default: /etc/strata/daemon.toml as root,
-    /// if it exists].
+    /// endpoint_url, metrics_addr, trusted_keys, and the tables [platform] and [tenants.NAME]
+    /// [default: /etc/strata/daemon.toml as root, if it exists].
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
     /// Chunk and manifest cache directory [default: /var/cache/strata as root, else ~/.cache/strata].
@@ -74,6 +74,57 @@ struct ConfigFile {
     trusted_keys: Option<Vec<String>>,
     #[serde(default)]
     tenants: std::collections::BTreeMap<String, TenantFile>,
+    platform: Option<PlatformFile>,
+}
+
+/// `[platform]` in the config file: the daemon's own credential (and what admin commands
+/// given `--platform-config` use), instead of the environment's.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformFile {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    profile: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+}
+
+impl PlatformFile {
+    /// Puts this credential (and region and endpoint, where given) into `options`.
+    pub fn apply(self, options: &mut strata_store::StoreOptions) -> anyhow::Result<()> {
+        match (self.access_key_id, self.secret_access_key, self.profile) {
+            (Some(id), Some(secret), None) => options.credentials = Some((id, secret)),
+            (None, None, Some(profile)) => options.profile = Some(profile),
+            (None, None, None) => {}
+            _ => anyhow::bail!(
+                "config file: platform: give access_key_id and secret_access_key, or profile"
+            ),
+        }
+        if self.region.is_some() {
+            options.region = self.region;
+        }
+        if options.endpoint_url.is_none() {
+            options.endpoint_url = self.endpoint_url;
+        }
+        Ok(())
+    }
+}
+
+/// The `[platform]` table of a daemon config file (the rest of the file is not read here).
+pub fn platform_of(path: &Path) -> anyhow::Result<Option<PlatformFile>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let value: toml::Table = parse_quietly(path, &text)?;
+    match value.get("platform") {
+        None => Ok(None),
+        Some(p) => p
+            .clone()
+            .try_into()
+            .map(Some)
+            .map_err(|e: toml::de::Error| {
+                anyhow::anyhow!("config file {}: platform: {}", path.display(), e.message())
+            }),
+    }
 }
 
 /// `[tenants.NAME]` in the config file.
@@ -121,9 +172,13 @@ fn tenant(
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
+    parse_quietly(path, &text)
+}
+
+fn parse_quietly<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> anyhow::Result<T> {
     // toml's own message quotes the offending line, which may hold a tenant's secret: only
     // the reason and the line number are told.
-    toml::from_str(&text).map_err(|e| {
+    toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
@@ -164,9 +219,12 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
             None => ConfigFile::default(),
         },
     };
-    let mut store_options = g.store_options();
+    let mut store_options = g.store_options()?;
     if store_options.endpoint_url.is_none() {
         store_options.endpoint_url = file.endpoint_url;
+    }
+    if let Some(p) = file.platform {
+        p.apply(&mut store_options)?;
     }
     let socket = g
         .socket

@@ -22,7 +22,7 @@ use strata_store::Store;
 use crate::GlobalArgs;
 
 pub async fn open_store(g: &GlobalArgs, url: &str) -> anyhow::Result<Arc<dyn Store>> {
-    strata_store::open_store(url, &g.store_options())
+    strata_store::open_store(url, &g.store_options()?)
         .await
         .with_context(|| format!("opening store {url}"))
 }
