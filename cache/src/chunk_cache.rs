@@ -508,11 +508,44 @@ pub struct ChunkCache {
     low_priority: LowPriorityPool,
     /// Forwarding maps of rewritten packs read so far, by store and old pack, so only the
     /// first read of a moved pack pays for finding it gone.
-    moved: Mutex<LruCache<(String, Digest), Arc<PackMoves>>>,
+    moved: Mutex<MovedMaps>,
+    /// Whether a forwarding map was ever read (then `moved` is worth a look).
+    any_moved: AtomicBool,
 }
 
-/// Forwarding maps kept in memory (each a few KiB at most).
-const MOVED_MAPS: usize = 4096;
+/// Moves the forwarding maps kept in memory may hold in all (56 bytes each: about 56 MiB).
+/// A real map holds a few, but a map from a hostile store may hold a million.
+const MOVED_MOVES: usize = 1 << 20;
+
+/// Forwarding maps read so far, least recently used first out, bounded by their moves.
+struct MovedMaps {
+    maps: LruCache<(String, Digest), Arc<PackMoves>>,
+    moves: usize,
+}
+
+impl MovedMaps {
+    fn get(&mut self, key: &(String, Digest)) -> Option<Arc<PackMoves>> {
+        self.maps.get(key).cloned()
+    }
+
+    fn pop(&mut self, key: &(String, Digest)) {
+        if let Some(map) = self.maps.pop(key) {
+            self.moves -= map.moves().len();
+        }
+    }
+
+    fn put(&mut self, key: (String, Digest), map: Arc<PackMoves>) {
+        self.pop(&key);
+        while self.moves + map.moves().len() > MOVED_MOVES {
+            match self.maps.pop_lru() {
+                Some((_, old)) => self.moves -= old.moves().len(),
+                None => return, // larger than the whole budget: not kept
+            }
+        }
+        self.moves += map.moves().len();
+        self.maps.put(key, map);
+    }
+}
 /// Forwarding hops one fetch follows: a map is rewritten when the pack it points into is, so
 /// more than one is only ever a reader holding a map from before that.
 const MOVED_HOPS: u8 = 3;
@@ -834,9 +867,11 @@ impl ChunkCache {
             low_priority: LowPriorityPool::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             )?,
-            moved: Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(MOVED_MAPS).expect("non-zero"),
-            )),
+            moved: Mutex::new(MovedMaps {
+                maps: LruCache::unbounded(),
+                moves: 0,
+            }),
+            any_moved: AtomicBool::new(false),
         }))
     }
 
@@ -1153,9 +1188,15 @@ impl ChunkCache {
     ) -> BoxFuture<'a, Vec<Result<Bytes, ChunkError>>> {
         async move {
             let first = span[0];
-            let cache_key = (reader.store.url().to_string(), first.pack);
-            let cached = self.moved_map(&cache_key);
-            if let Some(map) = cached {
+            // Most hosts never meet a rewritten pack: their reads skip the lookup.
+            let cached = match self.any_moved.load(Ordering::Relaxed) {
+                true => {
+                    let key = (reader.store.url().to_string(), first.pack);
+                    self.moved_map(&key).map(|m| (key, m))
+                }
+                false => None,
+            };
+            if let Some((cache_key, map)) = cached {
                 let got = self
                     .fetch_moved(reader, &map, span, wanted, (low_priority, urgent), hops, false)
                     .await;
@@ -1180,7 +1221,6 @@ impl ChunkCache {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(key)
-            .cloned()
     }
 
     fn forget_moved_map(&self, key: &(String, Digest)) {
@@ -1300,6 +1340,7 @@ impl ChunkCache {
             };
             if let Some(map) = PackMoves::parse(pack, &bytes) {
                 let map = Arc::new(map);
+                self.any_moved.store(true, Ordering::Relaxed);
                 self.moved
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

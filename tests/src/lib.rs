@@ -24,6 +24,23 @@ pub fn store_options(env: &[(String, String)], single_writer: bool) -> strata_st
     }
 }
 
+/// A client of store `url` in this process, as someone with the harness's credentials (the
+/// `AWS_*` of `env`) and no strata in between: to read or plant objects by hand. Returns the
+/// runtime to drive it with.
+pub fn raw_store(
+    url: &str,
+    env: &[(String, String)],
+) -> (
+    tokio::runtime::Runtime,
+    std::sync::Arc<dyn strata_store::Store>,
+) {
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let store = rt
+        .block_on(strata_store::open_store(url, &store_options(env, true)))
+        .expect("opening the store");
+    (rt, store)
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -33,6 +33,13 @@ fn cat(s: &Strata, store: &str, dataset: &str, file: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// `strata gc --json STORE --grace 0s EXTRA…`, parsed.
+fn gc_now(s: &Strata, store: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["gc", "--json", store, "--grace", "0s"];
+    args.extend(extra);
+    json(&s.ok(&args))
+}
+
 /// Store-clock times have a resolution of a second: with `--grace 0s`, what was written in
 /// the same second as the collector's lock is still young.
 fn let_a_second_pass() {
@@ -76,7 +83,7 @@ fn gc_on_garage_needs_single_writer_drops_what_retention_lets_go_and_keeps_every
     ]));
     let before = json(&s.ok(&["du", "--json", &store]));
     assert_eq!(before["total"], dry["before"], "a dry run deletes nothing");
-    let report = json(&sw.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    let report = gc_now(&sw, &store, &[]);
     assert_eq!(report["deleted"]["layers"]["objects"], 2, "{report}");
     assert_eq!(report["freed_bytes"], dry["freed_bytes"], "{report}\n{dry}");
     // v1 had a pack of its own; v0's bytes share a pack with what is live, so they stay,
@@ -111,7 +118,7 @@ fn gc_on_garage_needs_single_writer_drops_what_retention_lets_go_and_keeps_every
         "v0's megabyte: {after}"
     );
     assert_eq!(after["total"], report["after"], "{after}\n{report}");
-    let again = json(&sw.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    let again = gc_now(&sw, &store, &[]);
     assert_eq!(again["freed_bytes"], 0, "{again}");
 }
 
@@ -155,7 +162,7 @@ fn gc_rewrites_a_mostly_dead_pack_under_a_live_mount() {
         "0",
     ]));
     assert_eq!(off["rewrite"]["packs"]["objects"], 0, "{off}");
-    let report = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    let report = gc_now(&s, &store, &[]);
     assert!(
         report["problems"].as_array().unwrap().is_empty(),
         "{report}"
@@ -203,7 +210,7 @@ fn gc_rewrites_a_mostly_dead_pack_under_a_live_mount() {
         );
     }
     assert!(cat(&s, &store, "ds:latest", "f0.bin") == files[0]);
-    let again = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    let again = gc_now(&s, &store, &[]);
     assert_eq!(again["freed_bytes"], 0, "{again}");
     assert_eq!(again["rewrite"]["packs"]["objects"], 0, "{again}");
 }
@@ -228,15 +235,7 @@ fn gc_frees_squashed_volume_commits_once_no_mount_needs_them() {
     };
     // No horizon: only the live mounts decide what of a squash stays.
     let gc = |what: &str| {
-        let report = json(&s.ok(&[
-            "gc",
-            "--json",
-            &store,
-            "--grace",
-            "0s",
-            "--keep-replaced",
-            "0s",
-        ]));
+        let report = gc_now(&s, &store, &["--keep-replaced", "0s"]);
         assert!(
             report["problems"].as_array().unwrap().is_empty(),
             "{what}: {report}"
@@ -275,7 +274,7 @@ fn gc_frees_squashed_volume_commits_once_no_mount_needs_them() {
     commit_file(0, "m4");
     s.ok(&["volume", "squash", &store, "t/h"]);
     let_a_second_pass();
-    let report = json(&s.ok(&["gc", "--json", &store, "--grace", "0s"]));
+    let report = gc_now(&s, &store, &[]);
     assert!(
         report["problems"].as_array().unwrap().is_empty(),
         "{report}"
@@ -448,15 +447,7 @@ fn gc_in_a_loop_beside_publishes_and_a_mount_loses_nothing() {
         drop(v);
     }
     let_a_second_pass();
-    let final_gc = json(&s.ok(&[
-        "gc",
-        "--json",
-        &store,
-        "--grace",
-        "0s",
-        "--keep-replaced",
-        "0s",
-    ]));
+    let final_gc = gc_now(&s, &store, &["--keep-replaced", "0s"]);
     println!(
         "gc race: {runs} collections beside {} publishes and {} commits on two hosts; last: {final_gc}",
         2 * rounds,
@@ -543,15 +534,7 @@ fn gc_in_a_loop_beside_publishes_and_a_mount_loses_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let_a_second_pass();
-    let last = json(&s.ok(&[
-        "gc",
-        "--json",
-        &store,
-        "--grace",
-        "0s",
-        "--keep-replaced",
-        "0s",
-    ]));
+    let last = gc_now(&s, &store, &["--keep-replaced", "0s"]);
     assert_eq!(
         last["deleted"]["layers"]["objects"], 1,
         "the held layer: {last}"

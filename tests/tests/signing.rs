@@ -90,13 +90,7 @@ fn a_host_that_trusts_a_key_mounts_only_refs_it_signed() {
     assert!(s.run(&["cat", &store, "other:latest", "data.bin"]).stdout == o1);
 
     // The raw store, as someone who can write its objects but holds no key.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let raw = rt
-        .block_on(strata_store::open_store(
-            &store,
-            &strata_tests::store_options(&env, true),
-        ))
-        .unwrap();
+    let (rt, raw) = strata_tests::raw_store(&store, &env);
     let first = rt.block_on(raw.get("refs/ds/latest")).unwrap();
 
     // A second signed version; the host sees it.

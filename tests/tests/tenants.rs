@@ -256,13 +256,7 @@ datasets = ["ds"]
         &["--config", config.to_str().unwrap()],
     )
     .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let raw = rt
-        .block_on(strata_store::open_store(
-            &store,
-            &strata_tests::store_options(&env, true),
-        ))
-        .unwrap();
+    let (rt, raw) = strata_tests::raw_store(&store, &env);
     let before = rt.block_on(raw.list("leases/mounts/")).unwrap();
     let m = d2
         .mount_with(

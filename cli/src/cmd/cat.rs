@@ -22,13 +22,7 @@ const PIECE: u32 = 4 << 20;
 
 pub async fn run(g: &GlobalArgs, a: CatArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
-    let layers = strata_fs::mount::load_layers(
-        &store,
-        std::slice::from_ref(&a.dataset),
-        None,
-        g.trust()?.as_deref(),
-    )
-    .await?;
+    let layers = vec![super::load_dataset(g, &store, &a.dataset).await?];
     let cache = ChunkCache::new(&CacheConfig {
         disk_dir: None,
         disk_capacity: 0,

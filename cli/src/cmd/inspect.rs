@@ -148,13 +148,7 @@ fn walk(m: &Manifest) -> Vec<(Vec<u8>, usize)> {
 
 pub async fn run(g: &GlobalArgs, a: InspectArgs) -> anyhow::Result<()> {
     let store = super::open_store(g, &a.store).await?;
-    let layers = strata_fs::mount::load_layers(
-        &store,
-        std::slice::from_ref(&a.dataset),
-        None,
-        g.trust()?.as_deref(),
-    )
-    .await?;
+    let layers = [super::load_dataset(g, &store, &a.dataset).await?];
     let layer = &layers[0];
     let m = &layer.manifest;
     let mut counts = [0u64; 5];

@@ -21,6 +21,24 @@ use strata_store::Store;
 
 use crate::GlobalArgs;
 
+/// The layer `dataset` (`NAME:TAG` or `NAME@blake3:…`) names, its ref checked against the
+/// keys the command trusts.
+pub async fn load_dataset(
+    g: &GlobalArgs,
+    store: &Arc<dyn Store>,
+    dataset: &str,
+) -> anyhow::Result<strata_fs::layer::Layer> {
+    let trust = g.trust()?;
+    let mut layers = strata_fs::mount::load_layers(
+        store,
+        std::slice::from_ref(&dataset.to_string()),
+        None,
+        trust.as_deref(),
+    )
+    .await?;
+    Ok(layers.remove(0))
+}
+
 pub async fn open_store(g: &GlobalArgs, url: &str) -> anyhow::Result<Arc<dyn Store>> {
     strata_store::open_store(url, &g.store_options()?)
         .await

@@ -561,6 +561,15 @@ mod tests {
             .collect()
     }
 
+    /// A dry run with [`options`].
+    async fn dry_run(store: &Arc<dyn Store>) -> GcReport {
+        let dry = GcOptions {
+            dry_run: true,
+            ..options()
+        };
+        collect(store, &dry).await.unwrap()
+    }
+
     fn options() -> GcOptions {
         GcOptions {
             grace: Duration::ZERO,
@@ -612,15 +621,7 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
 
-        let dry = collect(
-            &store,
-            &GcOptions {
-                dry_run: true,
-                ..options()
-            },
-        )
-        .await
-        .unwrap();
+        let dry = dry_run(&store).await;
         assert!(dry.problems.is_empty(), "{:?}", dry.problems);
         let before: u64 = store
             .list_info("")
@@ -719,15 +720,7 @@ mod tests {
             ..lease::MountLease::new([b2], Default::default())
         };
         lease.write(&store, &old_daemon).await.unwrap();
-        let held = collect(
-            &store,
-            &GcOptions {
-                dry_run: true,
-                ..options()
-            },
-        )
-        .await
-        .unwrap();
+        let held = dry_run(&store).await;
         assert_eq!(held.rewrite.packs.objects, 0, "{held:?}");
         assert!(held.rewrite.skipped[0].contains("old-host-1"), "{held:?}");
         store.delete(&old_daemon).await.unwrap();
@@ -743,15 +736,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(dry_off.rewrite, RewriteReport::default());
-        let dry = collect(
-            &store,
-            &GcOptions {
-                dry_run: true,
-                ..options()
-            },
-        )
-        .await
-        .unwrap();
+        let dry = dry_run(&store).await;
         let report = collect(&store, &options()).await.unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         let r = &report.rewrite;
