@@ -587,6 +587,16 @@ impl ChunkReader {
         &self.cache
     }
 
+    /// A reader of the same cache from `store`, counted with this one (a mount whose layers
+    /// are in two stores).
+    pub fn with_store(&self, store: Arc<dyn Store>) -> ChunkReader {
+        ChunkReader {
+            cache: Arc::clone(&self.cache),
+            store,
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
     /// The plain bytes of one chunk.
     pub async fn get(&self, loc: &ChunkLoc) -> Result<Bytes, ChunkError> {
         let mut got = self.get_many(std::slice::from_ref(loc)).await?;

@@ -22,6 +22,9 @@ use crate::manifest::{ChunkRef, Entry, Manifest, ManifestBytes, MAX_MANIFEST_LEN
 pub struct Layer {
     pub digest: Digest,
     pub manifest: Manifest,
+    /// Where its chunks are read from when not the stack's store (a tenant's volume home:
+    /// see [`Layer::read_through`]).
+    via: Option<ChunkReader>,
 }
 
 fn parse(digest: Digest, bytes: ManifestBytes) -> FsResult<Manifest> {
@@ -29,6 +32,17 @@ fn parse(digest: Digest, bytes: ManifestBytes) -> FsResult<Manifest> {
 }
 
 impl Layer {
+    /// This layer's chunks are read with `reader` (another store's) instead of the stack's.
+    pub fn read_through(mut self, reader: ChunkReader) -> Layer {
+        self.via = Some(reader);
+        self
+    }
+
+    /// The reader of this layer's chunks: its own, else the stack's `default`.
+    pub fn reader<'a>(&'a self, default: &'a ChunkReader) -> &'a ChunkReader {
+        self.via.as_ref().unwrap_or(default)
+    }
+
     /// Loads layer `digest`, from `cache_dir` if a verified copy is there, else from the store.
     pub async fn load(
         store: &Arc<dyn Store>,
@@ -76,7 +90,11 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { digest, manifest })
+        Ok(Layer {
+            digest,
+            manifest,
+            via: None,
+        })
     }
 
     fn load_cached(path: &Path, digest: Digest) -> FsResult<Option<Layer>> {
@@ -95,6 +113,7 @@ impl Layer {
         Ok(Some(Layer {
             digest,
             manifest: parse(digest, ManifestBytes::Mapped(map))?,
+            via: None,
         }))
     }
 
@@ -183,7 +202,7 @@ impl Layer {
             .map(|c| c.location())
             .collect();
         if !locs.is_empty() {
-            cache.prefetch(&locs, home);
+            self.reader(cache).prefetch(&locs, home);
         }
     }
 
@@ -217,7 +236,8 @@ impl Layer {
             .chunks_for(span.clone())
             .map(|i| {
                 let c = self.manifest.chunk(i);
-                cache.get_local(&c.location(), part(&c, &span))
+                self.reader(cache)
+                    .get_local(&c.location(), part(&c, &span))
             })
             .collect::<Option<Vec<_>>>()?;
         Some(join(pieces, span))
@@ -240,7 +260,7 @@ impl Layer {
             .map(|i| self.manifest.chunk(i))
             .collect();
         let locs: Vec<_> = chunks.iter().map(|c| c.location()).collect();
-        let fetched = cache.get_many_for(&locs, home).await?;
+        let fetched = self.reader(cache).get_many_for(&locs, home).await?;
         let pieces = chunks
             .iter()
             .zip(fetched)

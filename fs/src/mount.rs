@@ -47,6 +47,10 @@ pub struct StackSpec {
     pub trust: Option<Arc<Trust>>,
     /// The tenant the mount is for (recorded with a volume's kept upper).
     pub tenant: Option<String>,
+    /// The store the volume lives in when not the datasets' (a tenant's home, opened with
+    /// the tenant's credential): its head, its chain's layers and every byte its commits
+    /// store are there, and its manifests name packs of that store only.
+    pub volume_home: Option<Arc<dyn Store>>,
 }
 
 /// A layer of an assembled stack, named as the mount asked for it.
@@ -103,32 +107,45 @@ pub async fn assemble(
             digest: layer.digest,
         })
         .collect();
+    let datasets = layers.len();
+    let home_reader = spec
+        .volume_home
+        .as_ref()
+        .map(|home| reader.with_store(Arc::clone(home)));
     let volume = match &spec.volume {
         Some(v) => {
-            let (head, version) = volume::read_head(store, v).await?;
+            let vstore = spec.volume_home.as_ref().unwrap_or(store);
+            let in_home = |layer: Layer| match &home_reader {
+                Some(r) => layer.read_through(r.clone()),
+                None => layer,
+            };
+            let (head, version) = volume::read_head(vstore, v).await?;
             for (i, digest) in head.layers()?.into_iter().enumerate() {
-                let layer = Layer::load(store, digest, cache_dir)
+                let layer = Layer::load(vstore, digest, cache_dir)
                     .await
                     .with_context(|| format!("loading commit {} of volume {v}", i + 1))?;
                 named.push(StackedLayer {
                     name: format!("{v} commit {}", i + 1),
                     digest,
                 });
-                layers.push(layer);
+                layers.push(in_home(layer));
             }
             if layers.is_empty() {
                 // A volume on its own: its chain needs something to stand on.
-                layers.push(empty_layer(store, cache_dir).await?);
+                layers.push(in_home(empty_layer(vstore, cache_dir).await?));
             }
             let mut vm = VolumeMount::new(
                 v.clone(),
-                store.clone(),
+                vstore.clone(),
                 spec.endpoint_url.clone(),
                 head,
                 version,
             );
             vm.set_layers(layers.iter().map(|l| l.digest).collect());
             vm.for_tenant(spec.tenant.clone());
+            if spec.volume_home.is_some() {
+                vm.in_home(store.url().to_string(), datasets);
+            }
             if let Some(dir) = cache_dir {
                 vm.squash_after(spec.squash_after, dir.to_path_buf());
             }
@@ -145,6 +162,9 @@ pub async fn assemble(
         ));
     }
     let mut stack = LayerStack::new(layers, reader)?;
+    if spec.volume.is_some() && spec.volume_home.is_some() {
+        stack = stack.with_home_from(datasets);
+    }
     if spec.record_start {
         stack = stack.with_recorder(Arc::new(Recorder::new()));
     }
@@ -248,7 +268,12 @@ impl Assembly {
         let recorder = self.recorder().cloned();
         let save = recorder.as_ref().map(|rec| {
             let (rec, store) = (rec.clone(), records.clone());
-            let layers: Vec<Digest> = self.stack.layers().iter().map(|l| l.digest).collect();
+            let layers: Vec<Digest> = self
+                .stack
+                .recorded_layers()
+                .iter()
+                .map(|l| l.digest)
+                .collect();
             tokio::spawn(prefetch::save_when_done(rec, store, layers))
         });
         StartTasks {
@@ -309,4 +334,126 @@ fn make_private_dir(dir: &Path) -> FsResult<()> {
         .map_err(|e| FsError::io(dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| FsError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::{publish, PublishOptions};
+    use crate::stack::tests::{pseudo_random, write};
+    use crate::stack::ROOT_INO;
+    use strata_store::{open_store, StoreOptions};
+
+    async fn local(dir: &Path) -> Arc<dyn Store> {
+        open_store(dir.to_str().unwrap(), &StoreOptions::default())
+            .await
+            .unwrap()
+    }
+
+    fn reader_of(store: &Arc<dyn Store>, disk: &Path) -> ChunkReader {
+        cache::ChunkCache::new(&cache::CacheConfig {
+            disk_capacity: 1 << 30,
+            disk_dir: Some(disk.to_path_buf()),
+            memory_capacity: 1 << 20,
+            fetch_deadline: cache::DEFAULT_FETCH_DEADLINE,
+        })
+        .unwrap()
+        .reader(Arc::clone(store))
+    }
+
+    async fn read_file(tree: &MountTree, name: &[u8]) -> Vec<u8> {
+        let a = tree.lookup(ROOT_INO, name).unwrap();
+        tree.read(a.ino, 0, a.size as u32 + 1).await.unwrap().to_vec()
+    }
+
+    /// A volume in a home of its own: its commits store every byte they keep of the
+    /// datasets' files in the home (renamed, partly rewritten, untouched but chmodded), so
+    /// no manifest of the home names a pack of the datasets' store, and the datasets' store
+    /// gets nothing; a fresh mount (new cache) reads it all back from the two stores.
+    #[tokio::test]
+    async fn a_volume_in_a_home_of_its_own_names_only_the_homes_packs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, home) = (
+            local(&tmp.path().join("data")).await,
+            local(&tmp.path().join("home")).await,
+        );
+        let src = tmp.path().join("src");
+        let (big, small) = (pseudo_random(5, 3 << 20), pseudo_random(6, 70_000));
+        write(&src, "big.bin", &big);
+        write(&src, "small.bin", &small);
+        write(&src, "mode.txt", b"chmod me");
+        let r = DatasetRef::parse("data:v1").unwrap();
+        publish(&src, &data, Some(&r), &PublishOptions::default(), Default::default())
+            .await
+            .unwrap();
+        let data_keys = data.list("").await.unwrap();
+
+        let spec = |cache: &Path| StackSpec {
+            datasets: vec!["data:v1".into()],
+            volume: Some(VolumeRef::parse("t/v").unwrap()),
+            cache_dir: Some(cache.to_path_buf()),
+            volume_home: Some(Arc::clone(&home)),
+            ..Default::default()
+        };
+        let cache1 = tmp.path().join("cache1");
+        let a = assemble(&data, reader_of(&data, &cache1.join("disk")), &spec(&cache1))
+            .await
+            .unwrap();
+        let upper = UpperSpec {
+            dir: tmp.path().join("upper"),
+            quota: None,
+            inodes: None,
+        };
+        let tree = a.tree(Some(&upper)).unwrap();
+        let f = tree.lookup(ROOT_INO, b"big.bin").unwrap();
+        tree.open(f.ino, true).unwrap();
+        tree.write(f.ino, 1 << 20, b"rewritten").await.unwrap();
+        tree.release(f.ino);
+        let mut want_big = big.clone();
+        want_big[1 << 20..(1 << 20) + 9].copy_from_slice(b"rewritten");
+        tree.rename(ROOT_INO, b"small.bin", ROOT_INO, b"moved.bin", 0)
+            .unwrap();
+        let m = tree.lookup(ROOT_INO, b"mode.txt").unwrap();
+        let chmod = crate::upper::SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        };
+        tree.setattr(m.ino, chmod).await.unwrap();
+        let vm = a.volume.clone().unwrap();
+        let committed = vm.commit(&tree, &upper.dir).await.unwrap();
+        assert!(committed.conflict.is_none());
+        drop(tree);
+
+        assert_eq!(data.list("").await.unwrap(), data_keys, "nothing new in the datasets' store");
+        let (head, _) = volume::read_head(&home, &VolumeRef::parse("t/v").unwrap())
+            .await
+            .unwrap();
+        let home_packs = home.list("packs/").await.unwrap();
+        for digest in head.layers().unwrap() {
+            let layer = Layer::load(&home, digest, None).await.unwrap();
+            for i in 0..layer.manifest.chunk_count() {
+                let pack = layer.manifest.chunk(i).pack.to_hex();
+                assert!(
+                    home_packs.iter().any(|k| k.ends_with(&pack)),
+                    "the home's layer names pack {pack}, which is not the home's"
+                );
+            }
+        }
+
+        let cache2 = tmp.path().join("cache2");
+        let b = assemble(&data, reader_of(&data, &cache2.join("disk")), &spec(&cache2))
+            .await
+            .unwrap();
+        let upper2 = UpperSpec {
+            dir: tmp.path().join("upper2"),
+            ..upper
+        };
+        let tree = b.tree(Some(&upper2)).unwrap();
+        assert!(read_file(&tree, b"big.bin").await == want_big);
+        assert!(read_file(&tree, b"moved.bin").await == small);
+        assert_eq!(read_file(&tree, b"mode.txt").await, b"chmod me");
+        let m = tree.lookup(ROOT_INO, b"mode.txt").unwrap();
+        assert_eq!(m.perm & 0o7777, 0o600);
+        assert!(tree.lookup(ROOT_INO, b"small.bin").is_err());
+    }
 }

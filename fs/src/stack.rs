@@ -130,6 +130,10 @@ pub struct LayerStack {
     closed: Arc<AtomicBool>,
     /// Stored bytes of the whole-file fetches this stack has started.
     whole_file_bytes: AtomicU64,
+    /// When the volume's commits go to a store of their own (a tenant's home), the index of
+    /// its first layer there: the layers below are in another store (see
+    /// [`LayerStack::foreign`]).
+    home_from: Option<usize>,
     /// Layouts of the local copies of large files read lately, by (layer, entry).
     homes: Mutex<LruCache<(u16, u32), Arc<cache::FileLayout>>>,
     /// Recent misses on small files, newest last: layer, entry and the last chunk they
@@ -190,6 +194,7 @@ impl LayerStack {
             recorder: None,
             closed: Default::default(),
             whole_file_bytes: AtomicU64::new(0),
+            home_from: None,
             homes: Mutex::new(LruCache::new(
                 std::num::NonZeroUsize::new(HOMES).expect("non-zero"),
             )),
@@ -214,6 +219,26 @@ impl LayerStack {
     pub fn with_recorder(mut self, recorder: Arc<Recorder>) -> LayerStack {
         self.recorder = Some(recorder);
         self
+    }
+
+    /// The volume's commits go to a store of their own, which holds the layers from index
+    /// `from` up: a commit never names chunks of the layers below (see
+    /// [`LayerStack::foreign`]).
+    pub fn with_home_from(mut self, from: usize) -> LayerStack {
+        self.home_from = Some(from);
+        self
+    }
+
+    /// Whether layer `layer` is in another store than the one the volume's commits go to:
+    /// a commit then stores the bytes of its files anew instead of naming its chunks, so
+    /// that every manifest names only packs of the store that holds it.
+    pub fn foreign(&self, layer: usize) -> bool {
+        self.home_from.is_some_and(|from| layer < from)
+    }
+
+    /// The layers the mount's start record covers: those of the stack's own store.
+    pub fn recorded_layers(&self) -> &[Layer] {
+        &self.layers[..self.home_from.unwrap_or(self.layers.len())]
     }
 
     pub fn recorder(&self) -> Option<&Arc<Recorder>> {
@@ -595,7 +620,7 @@ impl LayerStack {
             }
         }
         let running = Running(Arc::clone(&self.neighbour_fetches));
-        let (reader, closed) = (self.cache.clone(), self.closed.clone());
+        let (reader, closed) = (layer.reader(&self.cache).clone(), self.closed.clone());
         tokio::spawn(async move {
             let _running = running;
             reader
@@ -785,7 +810,8 @@ impl LayerStack {
             size = e.size,
             "read at random: fetching the whole file"
         );
-        let (reader, closed) = (self.cache.clone(), self.closed.clone());
+        let layer = &self.layers[l as usize];
+        let (reader, closed) = (layer.reader(&self.cache).clone(), self.closed.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let mut todo = file.chunks.clone();

@@ -41,12 +41,26 @@ pub fn raw_store(
     (rt, store)
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that is free now and that this process never handed out before.
+///
+/// Servers started by the harness (Garage, moto_server) bind their port some time after it is
+/// chosen, so the choice must not collide with another server started meanwhile: ports come
+/// from below the kernel's ephemeral range (where no `bind(0)` or outgoing connection lands) and
+/// each is handed out once per process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A scratch directory under the system temp dir, named after this process so leftovers of

@@ -28,7 +28,7 @@ impl Moto {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         crate::die_with_parent(&mut cmd);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .context("starting moto_server (install it with `pip install 'moto[server]'`)")?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -37,6 +37,12 @@ impl Moto {
                 bail!("moto_server did not start on port {port}");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        // Whatever answered must be our moto: one that exited (its port taken) would leave us
+        // talking to another server.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(status) = child.try_wait()? {
+            bail!("moto_server exited ({status}) instead of serving port {port}");
         }
         Ok(Moto {
             port,

@@ -53,6 +53,10 @@ pub struct Tenant {
     pub datasets: Vec<String>,
     /// Volume scopes it owns (`SCOPE` of `SCOPE/NAME`).
     pub volume_scopes: Vec<String>,
+    /// The store (URL) its volumes live in, whatever store its datasets are mounted from:
+    /// heads, chains and every byte their commits store, so that a credential scoped to it
+    /// (and read-only on the datasets) is all the tenant needs. None: in the mounted store.
+    pub volume_home: Option<String>,
 }
 
 impl Tenant {

@@ -68,6 +68,20 @@ impl MountLeases {
         volume: Option<(String, String)>,
     ) -> (LeaseToken, FsResult<String>) {
         let token = LeaseToken(self.next.fetch_add(1, Ordering::Relaxed));
+        let written = self.add_to(token, store, endpoint, layers, volume).await;
+        (token, written)
+    }
+
+    /// [`MountLeases::add`] for a mount whose layers are in two stores (a tenant's volume
+    /// home): its part in another store's lease, under the same token.
+    pub async fn add_to(
+        &self,
+        token: LeaseToken,
+        store: &Arc<dyn Store>,
+        endpoint: Option<&str>,
+        layers: Vec<Digest>,
+        volume: Option<(String, String)>,
+    ) -> FsResult<String> {
         // One store is one (URL, endpoint): two endpoints may serve buckets of one name.
         let name = match endpoint {
             Some(e) => format!("{} at {e}", store.url()),
@@ -83,8 +97,7 @@ impl MountLeases {
             });
             h.mounts.insert(token, MountPart { layers, volume });
         }
-        let written = self.write(&name).await;
-        (token, written)
+        self.write(&name).await
     }
 
     /// Takes a mount out of its lease (rewriting it; a lease left empty is deleted).

@@ -566,7 +566,15 @@ impl Daemon {
                 record.tenant.as_deref(),
             )
             .await?;
-        let reader = self.cache.reader(store.clone());
+        // A volume in a tenant's home reads its datasets from their own store.
+        let datasets = match &record.datasets_store {
+            Some(url) => {
+                self.store(url, record.endpoint_url.clone(), record.tenant.as_deref())
+                    .await?
+            }
+            None => store.clone(),
+        };
+        let reader = self.cache.reader(datasets);
         Ok(volumes::commit_kept(
             dir,
             &record,
@@ -751,9 +759,29 @@ impl Daemon {
             }
             None => (Arc::clone(&leased), spec.endpoint_url.clone()),
         };
+        // A tenant's volume in its home: opened with the tenant's credential for the mount,
+        // and with the daemon's for the lease that keeps the chain from collection.
+        let home = match (&spec.tenant, &spec.volume) {
+            (Some(t), Some(_)) => match self.tenant(t)?.volume_home.clone() {
+                Some(url) => {
+                    let endpoint = self.tenant(t)?.store_options.endpoint_url.clone();
+                    Some((
+                        self.store(&url, endpoint.clone(), Some(t)).await?,
+                        self.store(&url, endpoint, None).await?,
+                    ))
+                }
+                None => None,
+            },
+            _ => None,
+        };
         let requests = Arc::new(CountingStore::new(Arc::clone(&leased)));
         let store: Arc<dyn Store> = requests.clone();
         let reader = self.cache.reader(store.clone());
+        // The first `datasets` layers of the stack are the datasets'; the rest, the volume's,
+        // are in `home_store` (the same store when the tenant has no home).
+        let datasets = spec.layers.len();
+        let home_store = home.as_ref().map_or(&store, |(h, _)| h);
+        let store_of = |i: usize| if i < datasets { &store } else { home_store };
         let stack_spec = StackSpec {
             datasets: spec.layers.clone(),
             volume: spec.volume.as_deref().map(VolumeRef::parse).transpose()?,
@@ -764,14 +792,15 @@ impl Daemon {
             commit_counts: Some(Arc::clone(&self.commits)),
             trust: Some(self.trust_for(&spec)?),
             tenant: spec.tenant.clone(),
+            volume_home: home.as_ref().map(|(h, _)| Arc::clone(h)),
         };
         let assembly = strata_fs::mount::assemble(&store, reader.clone(), &stack_spec).await?;
         if spec.tenant.is_some() {
             // A manifest found in the cache was read by someone: the tenant's own credential
             // proves, one request per layer, that it can read each.
-            for l in &assembly.layers {
+            for (i, l) in assembly.layers.iter().enumerate() {
                 let key = format!("layers/{}", l.digest.to_hex());
-                if store.head(&key).await?.is_none() {
+                if store_of(i).head(&key).await?.is_none() {
                     return Err(DaemonError::not_found(format!(
                         "layer {} of {} is not in the store",
                         l.digest, l.name
@@ -807,15 +836,44 @@ impl Daemon {
         // Before any chunk is read: from now on garbage collection keeps these layers, even
         // once the tags that named them move on (until then, its grace period does). A mount
         // that joined a shared session above is covered by that session's lease.
-        let (token, written) = self
-            .leases
-            .add(
-                &platform,
-                platform_endpoint.as_deref(),
-                assembly.layers.iter().map(|l| l.digest).collect(),
-                assembly.volume.as_ref().map(|v| v.lease_origin()),
-            )
-            .await;
+        let digests = assembly.layers.iter().map(|l| l.digest);
+        let origin = assembly.volume.as_ref().map(|v| v.lease_origin());
+        let (token, written) = match &home {
+            // Each store's lease names only its own layers (its collector would take any
+            // other for a missing one).
+            Some((_, platform_home)) => {
+                let (token, written) = self
+                    .leases
+                    .add(
+                        &platform,
+                        platform_endpoint.as_deref(),
+                        digests.clone().take(datasets).collect(),
+                        None,
+                    )
+                    .await;
+                let in_home = self
+                    .leases
+                    .add_to(
+                        token,
+                        platform_home,
+                        platform_endpoint.as_deref(),
+                        digests.skip(datasets).collect(),
+                        origin,
+                    )
+                    .await;
+                (token, written.and(in_home))
+            }
+            None => {
+                self.leases
+                    .add(
+                        &platform,
+                        platform_endpoint.as_deref(),
+                        digests.collect(),
+                        origin,
+                    )
+                    .await
+            }
+        };
         let lease = LeaseGuard {
             leases: Arc::clone(&self.leases),
             token: Some(token),
@@ -834,8 +892,8 @@ impl Daemon {
                 };
             strata_fs::gc::lease::wait_while_collecting(&platform, &own, PINNED_MOUNT_GC_WAIT)
                 .await?;
-            for l in &assembly.layers {
-                if leased
+            for (i, l) in assembly.layers.iter().enumerate() {
+                if store_of(i)
                     .head(&format!("layers/{}", l.digest.to_hex()))
                     .await?
                     .is_none()

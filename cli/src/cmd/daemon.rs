@@ -140,6 +140,7 @@ struct TenantFile {
     datasets: Vec<String>,
     #[serde(default)]
     volume_scopes: Vec<String>,
+    volume_home: Option<String>,
 }
 
 fn tenant(
@@ -166,6 +167,7 @@ fn tenant(
         },
         datasets: t.datasets,
         volume_scopes: t.volume_scopes,
+        volume_home: t.volume_home,
     })
 }
 

@@ -185,6 +185,9 @@ impl MountTree {
     /// How a commit can reuse the layers' chunks for file `ino`, if it can.
     fn lower_content(&self, ino: u64, s: &Stat) -> Option<LowerContent> {
         let (layer, entry) = self.stack.file_source(ino)?;
+        if self.stack.foreign(layer) {
+            return None;
+        }
         let partial = {
             let tree = self.lock();
             match tree.nodes.get(&ino).map(|n| &n.body) {

@@ -225,7 +225,8 @@ pub fn kept_record(
         attempts: attempts.count,
         last_error: attempts.last_error.clone(),
         quarantined,
-        layers: record.layers.clone(),
+        // In a tenant's home, the datasets' layers are another store's: not its to keep.
+        layers: record.layers[record.datasets.min(record.layers.len())..].to_vec(),
     }
 }
 
@@ -251,6 +252,16 @@ pub struct VolumeRecord {
     /// credential, never the daemon's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// When the volume is in a store of its own (a tenant's home, `store`), the store of the
+    /// datasets under it, which holds the first `datasets` of `layers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datasets_store: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub datasets: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl VolumeRecord {
@@ -300,6 +311,9 @@ pub struct VolumeMount {
     origin_tip: String,
     /// The tenant the mount is for (recorded with a kept upper).
     tenant: Option<String>,
+    /// When `store` is the volume's own (a tenant's home): the datasets' store and how many
+    /// of `layers` are its.
+    datasets: Option<(String, usize)>,
 }
 
 struct Base {
@@ -322,6 +336,12 @@ impl VolumeMount {
         self.tenant = tenant;
     }
 
+    /// Records that the volume's store is its own and the first `count` layers under the
+    /// upper are those of the datasets in `store` (URL).
+    pub fn in_home(&mut self, store: String, count: usize) {
+        self.datasets = Some((store, count));
+    }
+
     pub fn new(
         volume: VolumeRef,
         store: Arc<dyn Store>,
@@ -335,6 +355,7 @@ impl VolumeMount {
         VolumeMount {
             origin_tip,
             tenant: None,
+            datasets: None,
             volume,
             store,
             endpoint_url,
@@ -397,6 +418,8 @@ impl VolumeMount {
             origin: (!base.own.is_empty()).then(|| base.origin.clone()),
             own: base.own.clone(),
             tenant: self.tenant.clone(),
+            datasets_store: self.datasets.as_ref().map(|(url, _)| url.clone()),
+            datasets: self.datasets.as_ref().map_or(0, |(_, n)| *n),
         };
         let path = scratch.join(RECORD_FILE);
         let tmp = scratch.join(format!("{RECORD_FILE}.tmp"));
@@ -629,8 +652,10 @@ pub fn read_record(dir: &Path) -> FsResult<VolumeRecord> {
     })
 }
 
-/// Commits a kept upper in `dir` (see the module docs) through `store`; on success (or when
-/// there is nothing to recover) the directory is removed. An error leaves it for next time.
+/// Commits a kept upper in `dir` (see the module docs) through `store` (the volume's,
+/// `record.store`), reading with `reader` (of the datasets' store, `record.datasets_store`
+/// when the volume is in a home of its own, else of `store`); on success (or when there is
+/// nothing to recover) the directory is removed. An error leaves it for next time.
 pub async fn commit_kept(
     dir: &Path,
     record: &VolumeRecord,
@@ -649,14 +674,26 @@ pub async fn commit_kept(
         std::fs::remove_dir_all(dir).map_err(|e| FsError::io(dir, e))?;
         return Ok(());
     }
+    let in_home = record.datasets_store.is_some();
+    let home_reader = reader.with_store(Arc::clone(&store));
     let mut layers = Vec::new();
-    for l in &record.layers {
+    for (i, l) in record.layers.iter().enumerate() {
         let digest = Digest::parse(l).map_err(|e| {
             FsError::InvalidInput(format!("{}: {e}", dir.join(RECORD_FILE).display()))
         })?;
-        layers.push(Layer::load(&store, digest, Some(cache_dir)).await?);
+        layers.push(if in_home && i >= record.datasets {
+            Layer::load(&store, digest, Some(cache_dir))
+                .await?
+                .read_through(home_reader.clone())
+        } else {
+            Layer::load(reader.store(), digest, Some(cache_dir)).await?
+        });
     }
-    let stack = Arc::new(LayerStack::new(layers, reader)?);
+    let mut stack = LayerStack::new(layers, reader)?;
+    if in_home {
+        stack = stack.with_home_from(record.datasets);
+    }
+    let stack = Arc::new(stack);
     let upper = UpperConfig::journaled(dir.to_path_buf());
     let tree = crate::blocking::blocking(|| MountTree::recover(stack, upper))?;
     let version = record.version.clone().map(Version);
