@@ -14,6 +14,49 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Result<Moto> {
+        Moto::start_with(&[])
+    }
+
+    /// A moto_server of its own that enforces IAM: requests must be signed by the keys of a
+    /// user whose policy allows them. `buckets` are made, and a user per entry of `users`
+    /// (name, policy statements); returns the server and each user's (key id, secret), with
+    /// `admin` (allowed everything) among them.
+    pub fn start_with_iam(
+        buckets: &[&str],
+        users: &[(&str, serde_json::Value)],
+    ) -> Result<(Moto, std::collections::HashMap<String, (String, String)>)> {
+        use std::io::Write;
+        // moto serves this many requests before it enforces authentication: the setup
+        // script's first three, which make the admin.
+        let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")])?;
+        let spec = serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{}", moto.port),
+            "buckets": buckets,
+            "users": users.iter().map(|(n, p)| (n.to_string(), p.clone())).collect::<serde_json::Map<_, _>>(),
+        });
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", include_str!("moto_iam.py")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running the moto IAM setup")?;
+        child
+            .stdin
+            .take()
+            .context("the setup's stdin")?
+            .write_all(spec.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "setting up IAM users on moto: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let keys = serde_json::from_slice(&out.stdout).context("the IAM setup's keys")?;
+        Ok((moto, keys))
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Result<Moto> {
         let port = crate::free_port();
         // Through the interpreter, so a fresh pip install needs no PATH or shim refresh.
         let mut cmd = Command::new("python3");
@@ -25,6 +68,7 @@ impl Moto {
             "-p",
             &port.to_string(),
         ])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         crate::die_with_parent(&mut cmd);
@@ -66,9 +110,14 @@ impl Moto {
     }
 
     pub fn env(&self) -> Vec<(String, String)> {
+        self.env_as(("testing", "testing"))
+    }
+
+    /// The environment for the `strata` binary as the holder of `key` (id, secret).
+    pub fn env_as(&self, key: (&str, &str)) -> Vec<(String, String)> {
         vec![
-            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+            ("AWS_ACCESS_KEY_ID".into(), key.0.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), key.1.into()),
             ("AWS_REGION".into(), "us-east-1".into()),
             (
                 "AWS_ENDPOINT_URL".into(),

@@ -134,10 +134,14 @@ impl S3Store {
             _ if code == Some("NoSuchKey") => StoreErrorKind::NotFound,
             _ => StoreErrorKind::Io,
         };
-        let message = match (&err, status) {
-            (SdkError::ServiceError(_), Some(code)) => {
-                format!("HTTP {code}: {}", DisplayErrorContext(&err))
-            }
+        // The server's own words (code and message) when it sent them: the SDK's rendering
+        // of a service error is a dump of the whole response.
+        let message = match (err.as_service_error(), status) {
+            (Some(e), Some(status)) => match (e.code(), e.message()) {
+                (Some(code), Some(m)) => format!("HTTP {status} {code}: {m}"),
+                (Some(code), None) => format!("HTTP {status} {code}"),
+                _ => format!("HTTP {status}"),
+            },
             _ => DisplayErrorContext(&err).to_string(),
         };
         StoreError::new(&self.url, op, key, kind, message)
