@@ -519,3 +519,89 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
         let _ = id;
     }
 }
+
+/// A tenant's home is a store of its own to garbage collection: the daemon's lease there
+/// names the volume's layers (and the datasets' store's lease the datasets'), so collecting
+/// either store while a mount is open, after a squash, finds nothing missing and frees what
+/// the squash replaced once no mount needs it; a fresh daemon then reads every byte.
+#[test]
+fn a_tenants_home_is_collected_as_a_store_of_its_own() {
+    let work = strata_tests::scratch_dir("home-gc");
+    let moto = strata_tests::moto::shared();
+    let bucket = strata_tests::moto::bucket("home-gc");
+    let (data, home) = (format!("{bucket}/data"), format!("{bucket}/homes/alice"));
+    let platform = Strata::new(moto.env());
+    let weights = pseudo_random(20, 2 << 20);
+    write_file(&work.join("models/weights.bin"), &weights);
+    platform.publish(&work.join("models"), &data, "models:v1");
+    let config = work.join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tenants.alice]\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
+             datasets = [\"models\"]\nvolume_scopes = [\"alice\"]\nvolume_home = \"{home}\"\n"
+        ),
+    )
+    .unwrap();
+    let start = |dir: &str| {
+        Daemon::start(moto.env(), &work.join(dir), &["--config", config.to_str().unwrap()])
+            .unwrap()
+    };
+    let d = start("host");
+    let flags = ["--tenant", "alice", "--volume", "alice/notes"];
+    let mount = |d: &Daemon, at: &str| {
+        d.mount_with(&data, &work.join(at), &["models:v1"], &flags)
+            .unwrap()
+    };
+    let gc = |store: &str| {
+        let out = platform.ok(&["gc", "--json", "--grace", "0s", "--keep-replaced", "0s", store]);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["problems"], serde_json::json!([]), "{store}: {out}");
+        report["deleted"]["layers"]["objects"].as_u64().unwrap_or(0)
+    };
+    let a_second = || std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    let m = mount(&d, "m1");
+    std::fs::write(m.path("one.txt"), b"first commit").unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("weights.bin"))
+            .unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(b"tuned").unwrap();
+    }
+    drop(m);
+    let mut tuned = weights.clone();
+    tuned[4096..4101].copy_from_slice(b"tuned");
+    let m = mount(&d, "m2");
+    std::fs::write(m.path("two.txt"), b"second commit").unwrap();
+    drop(m);
+    // A mount open from the head of two commits, while the chain is squashed and both
+    // stores are collected.
+    let open = mount(&d, "open");
+    platform.ok(&["volume", "squash", &home, "alice/notes"]);
+    a_second();
+    assert_eq!(gc(&data), 0, "the datasets' store keeps its layer");
+    gc(&home);
+    std::fs::write(open.path("three.txt"), b"third commit").unwrap();
+    drop(open);
+    // Once the daemon has taken the mount out of its lease (in the background), what the
+    // squash replaced goes: its two commits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut freed = 0;
+    while freed < 2 {
+        a_second();
+        freed += gc(&home);
+        assert!(std::time::Instant::now() < deadline, "{freed} of 2 layers went");
+    }
+    assert_eq!(gc(&data), 0);
+
+    let fresh = start("host2");
+    let m = mount(&fresh, "check");
+    assert_eq!(std::fs::read(m.path("one.txt")).unwrap(), b"first commit");
+    assert_eq!(std::fs::read(m.path("two.txt")).unwrap(), b"second commit");
+    assert_eq!(std::fs::read(m.path("three.txt")).unwrap(), b"third commit");
+    assert!(std::fs::read(m.path("weights.bin")).unwrap() == tuned);
+}
