@@ -236,8 +236,7 @@ impl Layer {
             .chunks_for(span.clone())
             .map(|i| {
                 let c = self.manifest.chunk(i);
-                self.reader(cache)
-                    .get_local(&c.location(), part(&c, &span))
+                self.reader(cache).get_local(&c.location(), part(&c, &span))
             })
             .collect::<Option<Vec<_>>>()?;
         Some(join(pieces, span))

@@ -363,7 +363,10 @@ mod tests {
 
     async fn read_file(tree: &MountTree, name: &[u8]) -> Vec<u8> {
         let a = tree.lookup(ROOT_INO, name).unwrap();
-        tree.read(a.ino, 0, a.size as u32 + 1).await.unwrap().to_vec()
+        tree.read(a.ino, 0, a.size as u32 + 1)
+            .await
+            .unwrap()
+            .to_vec()
     }
 
     /// A volume in a home of its own: its commits store every byte they keep of the
@@ -383,9 +386,15 @@ mod tests {
         write(&src, "small.bin", &small);
         write(&src, "mode.txt", b"chmod me");
         let r = DatasetRef::parse("data:v1").unwrap();
-        publish(&src, &data, Some(&r), &PublishOptions::default(), Default::default())
-            .await
-            .unwrap();
+        publish(
+            &src,
+            &data,
+            Some(&r),
+            &PublishOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
         let data_keys = data.list("").await.unwrap();
 
         let spec = |cache: &Path| StackSpec {
@@ -396,9 +405,13 @@ mod tests {
             ..Default::default()
         };
         let cache1 = tmp.path().join("cache1");
-        let a = assemble(&data, reader_of(&data, &cache1.join("disk")), &spec(&cache1))
-            .await
-            .unwrap();
+        let a = assemble(
+            &data,
+            reader_of(&data, &cache1.join("disk")),
+            &spec(&cache1),
+        )
+        .await
+        .unwrap();
         let upper = UpperSpec {
             dir: tmp.path().join("upper"),
             quota: None,
@@ -424,7 +437,11 @@ mod tests {
         assert!(committed.conflict.is_none());
         drop(tree);
 
-        assert_eq!(data.list("").await.unwrap(), data_keys, "nothing new in the datasets' store");
+        assert_eq!(
+            data.list("").await.unwrap(),
+            data_keys,
+            "nothing new in the datasets' store"
+        );
         let (head, _) = volume::read_head(&home, &VolumeRef::parse("t/v").unwrap())
             .await
             .unwrap();
@@ -441,9 +458,13 @@ mod tests {
         }
 
         let cache2 = tmp.path().join("cache2");
-        let b = assemble(&data, reader_of(&data, &cache2.join("disk")), &spec(&cache2))
-            .await
-            .unwrap();
+        let b = assemble(
+            &data,
+            reader_of(&data, &cache2.join("disk")),
+            &spec(&cache2),
+        )
+        .await
+        .unwrap();
         let upper2 = UpperSpec {
             dir: tmp.path().join("upper2"),
             ..upper

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// IAM users' access keys by user name: (key id, secret).
+pub type Keys = std::collections::HashMap<String, (String, String)>;
+
 pub struct Moto {
     pub port: u16,
     _child: Child,
@@ -24,7 +27,7 @@ impl Moto {
     pub fn start_with_iam(
         buckets: &[&str],
         users: &[(&str, serde_json::Value)],
-    ) -> Result<(Moto, std::collections::HashMap<String, (String, String)>)> {
+    ) -> Result<(Moto, Keys)> {
         use std::io::Write;
         // moto serves this many requests before it enforces authentication: the setup
         // script's first three, which make the admin.

@@ -404,7 +404,13 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
             "[platform]\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\n{}{}{}",
             key("admin").0,
             key("admin").1,
-            tenant("alice", "alice", r#"["models", "shared-*"]"#, r#"["alice"]"#, "alice"),
+            tenant(
+                "alice",
+                "alice",
+                r#"["models", "shared-*"]"#,
+                r#"["alice"]"#,
+                "alice"
+            ),
             tenant("bob", "bob", r#"["shared-*"]"#, r#"["bob"]"#, "bob"),
             // Bob's credential with grants that check nothing: what the store alone does.
             tenant("bob-unchecked", "bob", r#"["*"]"#, r#"["alice"]"#, "alice"),
@@ -418,8 +424,12 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
         .cloned()
         .collect();
     env.push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
-    let d = Daemon::start(env, &work.join("host"), &["--config", config.to_str().unwrap()])
-        .unwrap();
+    let d = Daemon::start(
+        env,
+        &work.join("host"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
     let mount = |at: &str, layers: &[&str], flags: &[&str]| {
         d.mount_with(&data, &work.join(at), layers, flags)
     };
@@ -429,7 +439,11 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
     };
     let unmounted = |m: strata_tests::daemon::DaemonMount| {
         let out = m.unmount();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
 
     // Alice reads her datasets and commits her volume: a new file, a dataset file renamed
@@ -457,11 +471,20 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
     // issue #5948.)
     let (rt, raw) = strata_tests::raw_store(&format!("s3://{bucket}"), &platform_env);
     let exists = |key: &str| rt.block_on(raw.head(key)).unwrap().is_some();
-    assert!(exists("homes/alice/volumes/alice/notes/head"), "alice's head is in her home");
-    assert!(!exists("data/volumes/alice/notes/head"), "no volume in the datasets' store");
+    assert!(
+        exists("homes/alice/volumes/alice/notes/head"),
+        "alice's head is in her home"
+    );
+    assert!(
+        !exists("data/volumes/alice/notes/head"),
+        "no volume in the datasets' store"
+    );
 
     let m = mount("a2", &["models:v1", "shared-tables:v1"], &alice).unwrap();
-    assert_eq!(std::fs::read(m.path("note.txt")).unwrap(), b"alice was here");
+    assert_eq!(
+        std::fs::read(m.path("note.txt")).unwrap(),
+        b"alice was here"
+    );
     assert_eq!(std::fs::read(m.path("config.old")).unwrap(), b"layers = 12");
     assert!(std::fs::read(m.path("weights.bin")).unwrap() == tuned);
     drop(m);
@@ -477,7 +500,11 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
     // The daemon refuses Bob what he is not granted…
     let err = refused("r1", &["models:v1"], &["--tenant", "bob", "--read-only"]);
     assert!(err.contains("dataset models is not granted"), "{err}");
-    let err = refused("r2", &["shared-tables:v1"], &["--tenant", "bob", "--volume", "alice/notes"]);
+    let err = refused(
+        "r2",
+        &["shared-tables:v1"],
+        &["--tenant", "bob", "--volume", "alice/notes"],
+    );
     assert!(err.contains("not in a scope it owns"), "{err}");
     // …and where its grants let everything through, the store refuses his credential:
     // another tenant's dataset refs, and another tenant's home.
@@ -499,12 +526,18 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
     );
     let err = first_line(&err);
     assert!(
-        err.contains("homes/alice") && err.contains("volumes/alice/notes/head") && err.contains("AccessDenied"),
+        err.contains("homes/alice")
+            && err.contains("volumes/alice/notes/head")
+            && err.contains("AccessDenied"),
         "{err}"
     );
     // Nor can his credential write the datasets' store or Alice's home.
-    let (brt, as_bob) = strata_tests::raw_store(&format!("s3://{bucket}"), &moto.env_as(key("bob")));
-    for k in ["data/packs/00/planted", "homes/alice/volumes/alice/notes/head"] {
+    let (brt, as_bob) =
+        strata_tests::raw_store(&format!("s3://{bucket}"), &moto.env_as(key("bob")));
+    for k in [
+        "data/packs/00/planted",
+        "homes/alice/volumes/alice/notes/head",
+    ] {
         let put = brt.block_on(as_bob.put(k, bytes::Bytes::from_static(b"x")));
         assert!(put.is_err(), "bob wrote {k}");
     }
@@ -515,7 +548,10 @@ fn tenants_volume_homes_are_kept_apart_by_the_store() {
     // No secret in what the daemon told anyone.
     let log = d.log_text();
     for (_, (id, secret)) in keys.iter() {
-        assert!(!log.contains(secret.as_str()), "a secret is in the daemon's log");
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret is in the daemon's log"
+        );
         let _ = id;
     }
 }
@@ -544,8 +580,12 @@ fn a_tenants_home_is_collected_as_a_store_of_its_own() {
     )
     .unwrap();
     let start = |dir: &str| {
-        Daemon::start(moto.env(), &work.join(dir), &["--config", config.to_str().unwrap()])
-            .unwrap()
+        Daemon::start(
+            moto.env(),
+            &work.join(dir),
+            &["--config", config.to_str().unwrap()],
+        )
+        .unwrap()
     };
     let d = start("host");
     let flags = ["--tenant", "alice", "--volume", "alice/notes"];
@@ -554,7 +594,15 @@ fn a_tenants_home_is_collected_as_a_store_of_its_own() {
             .unwrap()
     };
     let gc = |store: &str| {
-        let out = platform.ok(&["gc", "--json", "--grace", "0s", "--keep-replaced", "0s", store]);
+        let out = platform.ok(&[
+            "gc",
+            "--json",
+            "--grace",
+            "0s",
+            "--keep-replaced",
+            "0s",
+            store,
+        ]);
         let report: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(report["problems"], serde_json::json!([]), "{store}: {out}");
         report["deleted"]["layers"]["objects"].as_u64().unwrap_or(0)
@@ -594,7 +642,10 @@ fn a_tenants_home_is_collected_as_a_store_of_its_own() {
     while freed < 2 {
         a_second();
         freed += gc(&home);
-        assert!(std::time::Instant::now() < deadline, "{freed} of 2 layers went");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{freed} of 2 layers went"
+        );
     }
     assert_eq!(gc(&data), 0);
 
@@ -604,4 +655,157 @@ fn a_tenants_home_is_collected_as_a_store_of_its_own() {
     assert_eq!(std::fs::read(m.path("two.txt")).unwrap(), b"second commit");
     assert_eq!(std::fs::read(m.path("three.txt")).unwrap(), b"third commit");
     assert!(std::fs::read(m.path("weights.bin")).unwrap() == tuned);
+}
+
+/// Tenants' agents on the socket: a uid the config maps to a tenant mounts only as that
+/// tenant, only on a directory it owns, and sees, commits and unmounts only its own mounts;
+/// the host's stats are the platform's; a uid the config does not name is refused.
+#[test]
+fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
+    use std::os::unix::process::CommandExt;
+    let work = strata_tests::scratch_dir("agents");
+    let moto = strata_tests::moto::shared();
+    let store = strata_tests::moto::bucket("agents");
+    let platform = Strata::new(moto.env());
+    let weights = pseudo_random(30, 300 << 10);
+    write_file(&work.join("models/weights.bin"), &weights);
+    platform.publish(&work.join("models"), &store, "models:v1");
+    let (alice, bob, stranger) = (4101u32, 4102u32, 4103u32);
+    // An operator: a user in the platform group.
+    let (operator, operators) = (4104u32, 4200u32);
+    let config = work.join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "platform_group = {operators}\n\n\
+             [tenants.alice]\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
+             datasets = [\"models\"]\nvolume_scopes = [\"alice\"]\nuids = [{alice}]\n\n\
+             [tenants.bob]\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
+             datasets = [\"models\"]\nuids = [{bob}]\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        moto.env(),
+        &work.join("host"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let dir_of = |name: &str, owner: u32| {
+        let p = work.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(owner), Some(owner)).unwrap();
+        p
+    };
+    let as_uid = |uid: u32, args: &[&str]| {
+        let mut cmd = d.strata().command(args);
+        let gid = if uid == operator { operators } else { uid };
+        cmd.uid(uid).gid(gid).env("HOME", &work);
+        cmd.output().expect("running strata")
+    };
+    let fails = |uid: u32, args: &[&str]| {
+        let out = as_uid(uid, args);
+        assert!(!out.status.success(), "{args:?} as {uid} worked");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let own = dir_of("alice-mnt", alice);
+    let root_owned = dir_of("root-mnt", 0);
+    let mount = |uid: u32, at: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "mount",
+            &store,
+            at.to_str().unwrap(),
+            "--layer",
+            "models:v1",
+        ];
+        args.extend(extra);
+        as_uid(uid, &args)
+    };
+
+    // Alice's agent mounts as Alice (without saying so) on her own directory.
+    let out = mount(alice, &own, &["--volume", "alice/notes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(own.join("weights.bin")).unwrap() == weights);
+    let listed = String::from_utf8_lossy(&as_uid(alice, &["mounts", "--json"]).stdout).into_owned();
+    assert!(
+        listed.contains("alice-mnt") && listed.contains("\"alice\""),
+        "{listed}"
+    );
+
+    // Not on a directory she does not own, nor through a symlink she planted, nor as Bob.
+    let err = String::from_utf8_lossy(&mount(alice, &root_owned, &[]).stderr).into_owned();
+    assert!(err.contains("not owned by uid 4101"), "{err}");
+    let link = work.join("alice-link");
+    std::os::unix::fs::symlink(&root_owned, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(alice), Some(alice)).unwrap();
+    let err = String::from_utf8_lossy(&mount(alice, &link, &[]).stderr).into_owned();
+    assert!(
+        err.contains("not owned by uid 4101") || err.contains("symlink"),
+        "{err}"
+    );
+    let err =
+        String::from_utf8_lossy(&mount(alice, &dir_of("a2", alice), &["--tenant", "bob"]).stderr)
+            .into_owned();
+    assert!(err.contains("may not mount as tenant bob"), "{err}");
+
+    // The platform's mount is not hers to see or unmount; her mount is not Bob's.
+    let m = d.mount(&store, &root_owned, &["models:v1"]).unwrap();
+    let listed = String::from_utf8_lossy(&as_uid(alice, &["mounts", "--json"]).stdout).into_owned();
+    assert!(!listed.contains("root-mnt"), "{listed}");
+    // (The CLI, not seeing them among the daemon's mounts, tries an unmount of its own,
+    // which the kernel refuses a user.)
+    fails(alice, &["unmount", root_owned.to_str().unwrap()]);
+    assert!(
+        root_owned.join("weights.bin").exists(),
+        "the platform's mount is still there"
+    );
+    fails(bob, &["unmount", own.to_str().unwrap()]);
+    assert!(
+        own.join("weights.bin").exists(),
+        "alice's mount is still there"
+    );
+    let err = fails(bob, &["commit", own.to_str().unwrap()]);
+    assert!(err.contains("not mounted"), "{err}");
+    let err = fails(alice, &["stats"]);
+    assert!(err.contains("the platform's"), "{err}");
+    let err = fails(stranger, &["mounts"]);
+    assert!(err.contains("permission denied"), "{err}");
+    // The platform group sees everything.
+    let out = as_uid(operator, &["mounts", "--json"]);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listed.contains("root-mnt") && listed.contains("alice-mnt"),
+        "{listed}"
+    );
+    assert!(as_uid(operator, &["stats"]).status.success());
+    drop(m);
+
+    // Her own: she writes, commits, and unmounts it.
+    std::fs::write(own.join("note.txt"), b"from the agent").unwrap();
+    let out = as_uid(alice, &["unmount", own.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mount(alice, &own, &["--volume", "alice/notes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(own.join("note.txt")).unwrap(),
+        b"from the agent"
+    );
+    let out = as_uid(alice, &["unmount", own.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -41,6 +41,9 @@ pub struct DaemonConfig {
     /// Tenants a mount may be made on behalf of (`--tenant NAME`): each its own credential
     /// and what it may mount.
     pub tenants: std::collections::BTreeMap<String, Tenant>,
+    /// Clients of the socket in this group (their primary or a supplementary group) may do
+    /// everything, as root may; the socket is then group-accessible.
+    pub platform_group: Option<u32>,
 }
 
 /// A tenant: the credential its mounts use (never the daemon's own) and its grants.
@@ -57,6 +60,9 @@ pub struct Tenant {
     /// heads, chains and every byte their commits store, so that a credential scoped to it
     /// (and read-only on the datasets) is all the tenant needs. None: in the mounted store.
     pub volume_home: Option<String>,
+    /// Clients of the socket with these uids are this tenant's agents: they mount only as
+    /// this tenant, only on directories they own, and see and unmount only their mounts.
+    pub uids: Vec<u32>,
 }
 
 impl Tenant {
@@ -92,6 +98,7 @@ impl DaemonConfig {
             metrics_addr: None,
             trusted_keys: Vec::new(),
             tenants: Default::default(),
+            platform_group: None,
         }
     }
 }

@@ -54,6 +54,7 @@ fn mount_info() -> MountInfo {
         volume: Some("team/vol".into()),
         commit_error: Some("conflict".into()),
         shared_with: Some(1),
+        tenant: Some("alice".into()),
     }
 }
 

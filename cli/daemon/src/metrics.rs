@@ -518,6 +518,7 @@ mod tests {
                 volume: None,
                 commit_error: None,
                 shared_with: None,
+                tenant: None,
             },
             stats: ReadStats {
                 reads: 2,

@@ -144,6 +144,9 @@ pub struct MountInfo {
     /// one kernel page cache, one set of counters); this is N.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_with: Option<u64>,
+    /// The tenant it was made for (`--tenant`, or the tenant of the agent that asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// What `strata commit` did.

@@ -60,6 +60,9 @@ struct Shared {
 
 struct Mounted {
     info: MountInfo,
+    /// The uid of the tenant agent that asked for it (see [`Client::Tenant`]); none: the
+    /// platform's.
+    agent: Option<u32>,
     /// The mount whose FUSE session serves this one: its own id, or, for a read-only mount
     /// that shares the session of an earlier one of the same stack, that mount's.
     session: u64,
@@ -202,7 +205,77 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// Who sent a request on the socket, by its peer credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Client {
+    /// Root, the daemon's own user, or a member of the platform group: anything.
+    Platform,
+    /// An agent of tenant `name` (its uid is in the tenant's `uids`): mounts only as that
+    /// tenant, on directories `uid` owns, and sees, commits and unmounts only its mounts.
+    Tenant { name: String, uid: u32 },
+}
+
+impl Client {
+    fn agent(&self) -> Option<u32> {
+        match self {
+            Client::Platform => None,
+            Client::Tenant { uid, .. } => Some(*uid),
+        }
+    }
+
+    /// Whether this client may see and act on mount `m`.
+    fn may_touch(&self, m: &Mounted) -> bool {
+        match self {
+            Client::Platform => true,
+            Client::Tenant { uid, .. } => m.agent == Some(*uid),
+        }
+    }
+}
+
+/// The supplementary groups of the peer of `stream` (SO_PEERGROUPS).
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: the buffer and its length are the kernel's to fill, and both outlive the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Vec::new();
+    }
+    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+    groups
+}
+
 impl Daemon {
+    /// Who the peer of `stream` is to this daemon; `None`: nobody it serves.
+    fn client_of(&self, stream: &UnixStream, uid: u32, gid: u32) -> Option<Client> {
+        let own = rustix::process::geteuid().as_raw();
+        if uid == 0 || uid == own {
+            return Some(Client::Platform);
+        }
+        if let Some(group) = self.config.platform_group {
+            if gid == group || peer_groups(stream).contains(&group) {
+                return Some(Client::Platform);
+            }
+        }
+        self.config
+            .tenants
+            .iter()
+            .find(|(_, t)| t.uids.contains(&uid))
+            .map(|(name, _)| Client::Tenant {
+                name: name.clone(),
+                uid,
+            })
+    }
+
     /// Takes the cache dir, cleans up mounts a crashed daemon left behind, opens the cache and
     /// starts committing the volume uppers that earlier runs kept (see
     /// [`volumes::commit_kept`]). Call it within a multi-threaded tokio runtime, and
@@ -363,7 +436,16 @@ impl Daemon {
             }
             None => None,
         };
-        let listener = bind_socket(&self.config.socket)?;
+        // Others than root may connect when the config names them (the daemon then tells
+        // them apart by their peer credentials).
+        let access = if self.config.tenants.values().any(|t| !t.uids.is_empty()) {
+            SocketAccess::Everyone
+        } else if let Some(gid) = self.config.platform_group {
+            SocketAccess::Group(gid)
+        } else {
+            SocketAccess::Owner
+        };
+        let listener = bind_socket(&self.config.socket, access)?;
         let stats = self.cache.stats();
         tracing::info!(
             "daemon ready on {} (cache {}: {} chunks, {} of {} bytes)",
@@ -588,16 +670,10 @@ impl Daemon {
 
     async fn handle(&self, stream: UnixStream) -> std::io::Result<()> {
         let cred = stream.peer_cred()?;
-        let own = rustix::process::geteuid().as_raw();
+        let client = self.client_of(&stream, cred.uid(), cred.gid());
         let (read, mut write) = stream.into_split();
         let mut version = crate::protocol::PROTOCOL_VERSION;
-        let reply = if cred.uid() != 0 && cred.uid() != own {
-            tracing::warn!(uid = cred.uid(), "refused a control connection");
-            Err(DaemonError::new(
-                crate::ErrorKind::Permission,
-                "permission denied: the strata daemon takes requests from root only",
-            ))
-        } else {
+        let reply = if let Some(client) = client {
             let mut line = String::new();
             // A client that connects and says nothing must not hold a task forever.
             tokio::time::timeout(
@@ -613,9 +689,16 @@ impl Daemon {
             let incoming = decode_request(&line);
             version = incoming.version;
             match incoming.request {
-                Ok(request) => self.answer(request, cred.pid()).await,
+                Ok(request) => self.answer(request, cred.pid(), &client).await,
                 Err(e) => Err(e),
             }
+        } else {
+            tracing::warn!(uid = cred.uid(), "refused a control connection");
+            Err(DaemonError::new(
+                crate::ErrorKind::Permission,
+                "permission denied: the strata daemon takes requests from root, the platform \
+                 group and the tenants' agents only",
+            ))
         };
         write.write_all(&encode_reply(version, &reply)).await
     }
@@ -625,15 +708,28 @@ impl Daemon {
         &self,
         request: Request,
         client: Option<libc::pid_t>,
+        by: &Client,
     ) -> DaemonResult<serde_json::Value> {
         let value = match request {
-            Request::Mount(spec) => serde_json::to_value(self.mount_for(spec, client).await?),
+            Request::Mount(spec) => serde_json::to_value(self.mount_for(spec, client, by).await?),
             Request::Unmount { mountpoint, lazy } => {
+                self.check_touch(&mountpoint, by)?;
                 serde_json::to_value(self.unmount(&mountpoint, lazy).await?)
             }
-            Request::Commit { mountpoint } => serde_json::to_value(self.commit(&mountpoint).await?),
-            Request::Mounts => serde_json::to_value(self.mounts()),
-            Request::Stats => serde_json::to_value(self.stats()),
+            Request::Commit { mountpoint } => {
+                self.check_touch(&mountpoint, by)?;
+                serde_json::to_value(self.commit(&mountpoint).await?)
+            }
+            Request::Mounts => serde_json::to_value(self.mounts_for(by)),
+            Request::Stats => match by {
+                Client::Platform => serde_json::to_value(self.stats()),
+                Client::Tenant { name, .. } => {
+                    return Err(DaemonError::new(
+                        crate::ErrorKind::Permission,
+                        format!("tenant {name}: the host's stats are the platform's"),
+                    ))
+                }
+            },
         };
         value.map_err(|e| DaemonError::internal(format!("encoding the reply: {e}")))
     }
@@ -685,15 +781,28 @@ impl Daemon {
     /// Mounts what `spec` says. (`unmount_with_client` needs a client on the socket: here
     /// it is refused.)
     pub async fn mount(&self, spec: MountSpec) -> DaemonResult<MountInfo> {
-        self.mount_for(spec, None).await
+        self.mount_for(spec, None, &Client::Platform).await
     }
 
-    /// A mount asked for by process `client`.
+    /// A mount asked for by process `client`, which is `by`.
     async fn mount_for(
         &self,
-        spec: MountSpec,
+        mut spec: MountSpec,
         client: Option<libc::pid_t>,
+        by: &Client,
     ) -> DaemonResult<MountInfo> {
+        if let Client::Tenant { name, .. } = by {
+            match &spec.tenant {
+                None => spec.tenant = Some(name.clone()),
+                Some(t) if t == name => {}
+                Some(t) => {
+                    return Err(DaemonError::new(
+                        crate::ErrorKind::Permission,
+                        format!("an agent of tenant {name} may not mount as tenant {t}"),
+                    ))
+                }
+            }
+        }
         spec.check()?;
         let mp = spec.mountpoint.clone();
         if self
@@ -712,7 +821,7 @@ impl Daemon {
                 mp.display()
             )));
         }
-        let result = self.mount_reserved(spec, client).await;
+        let result = self.mount_reserved(spec, client, by).await;
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -724,6 +833,7 @@ impl Daemon {
         &self,
         spec: MountSpec,
         client: Option<libc::pid_t>,
+        by: &Client,
     ) -> DaemonResult<MountInfo> {
         // Watched from now on, so a pid reused later cannot stand in for the client.
         let owner = match (spec.unmount_with_client, client) {
@@ -813,6 +923,7 @@ impl Daemon {
         // shared, so its unmount never waits on another's.
         // (Binding takes root.)
         let shareable = spec.read_only
+            && *by == Client::Platform
             && spec.volume.is_none()
             && !spec.unmount_with_client
             && rustix::process::geteuid().is_root();
@@ -918,9 +1029,14 @@ impl Daemon {
         let errors = Arc::new(ErrnoCounts::new(Some(Arc::clone(&self.errors))));
         let mounted = blocking(|| -> DaemonResult<_> {
             let tree = assembly.tree(upper.as_ref())?;
+            let owner = match by.agent() {
+                Some(uid) => strata_fuse::MountpointOwner::Uid(uid),
+                None => strata_fuse::MountpointOwner::Any,
+            };
             let session = strata_fuse::mount(
                 tree.clone(),
                 &mp,
+                owner,
                 tokio::runtime::Handle::current(),
                 self.config.passthrough,
                 Arc::clone(&errors),
@@ -962,6 +1078,7 @@ impl Daemon {
             volume: spec.volume.clone(),
             commit_error: None,
             shared_with: None,
+            tenant: spec.tenant.clone(),
         };
         // Offered for sharing unless another session of the stack already is (one mounted
         // meanwhile): that one stays the one later mounts join.
@@ -989,6 +1106,7 @@ impl Daemon {
                 mp.clone(),
                 Mounted {
                     info: info.clone(),
+                    agent: by.agent(),
                     session: id,
                     reader,
                     prefetch: starts.progress().clone(),
@@ -1142,6 +1260,7 @@ impl Daemon {
             volume: None,
             commit_error: None,
             shared_with: Some(session),
+            tenant: spec.tenant.clone(),
         };
         if let Some(s) = self
             .shared
@@ -1158,6 +1277,7 @@ impl Daemon {
                 mp.to_path_buf(),
                 Mounted {
                     info: info.clone(),
+                    agent: None,
                     session,
                     reader,
                     prefetch,
@@ -1425,16 +1545,35 @@ impl Daemon {
 
     /// The mounts, oldest first.
     pub fn mounts(&self) -> Vec<MountInfo> {
+        self.mounts_for(&Client::Platform)
+    }
+
+    /// The mounts `by` may see, oldest first.
+    fn mounts_for(&self, by: &Client) -> Vec<MountInfo> {
         self.prune_shared();
         let mut list: Vec<MountInfo> = self
             .mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
+            .filter(|m| by.may_touch(m))
             .map(|m| m.info.clone())
             .collect();
         list.sort_by_key(|m| m.id);
         list
+    }
+
+    /// Refuses `by` a mount it did not make (told as if there were none: an agent learns
+    /// nothing of others' mounts).
+    fn check_touch(&self, mountpoint: &Path, by: &Client) -> DaemonResult<()> {
+        let mounts = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match mounts.get(mountpoint) {
+            Some(m) if !by.may_touch(m) => Err(not_mounted(mountpoint)),
+            _ => Ok(()),
+        }
     }
 
     /// Cache and per-mount read counters, and the kept volume uppers.
@@ -1554,8 +1693,16 @@ fn scratch_dir(state_dir: &Path, id: u64) -> PathBuf {
     state_dir.join("scratch").join(id.to_string())
 }
 
+/// Who may connect to the control socket (what the daemon then serves them is its own
+/// check, by peer credentials).
+enum SocketAccess {
+    Owner,
+    Group(u32),
+    Everyone,
+}
+
 /// Binds the control socket, refusing to take over one a live daemon still answers on.
-fn bind_socket(path: &Path) -> DaemonResult<UnixListener> {
+fn bind_socket(path: &Path, access: SocketAccess) -> DaemonResult<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket dir {}", dir.display()))?;
@@ -1582,7 +1729,16 @@ fn bind_socket(path: &Path) -> DaemonResult<UnixListener> {
     let staged = private.path().join("sock");
     let listener =
         UnixListener::bind(&staged).with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+    let mode = match access {
+        SocketAccess::Owner => 0o600,
+        SocketAccess::Group(gid) => {
+            std::os::unix::fs::chown(&staged, None, Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", staged.display()))?;
+            0o660
+        }
+        SocketAccess::Everyone => 0o666,
+    };
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", staged.display()))?;
     std::fs::rename(&staged, path)
         .with_context(|| format!("moving the socket to {}", path.display()))?;

@@ -17,7 +17,8 @@ use strata_daemon::{Daemon, DaemonConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: cache_dir, state_dir, cache_size, memory_cache_size,
     /// read_timeout, passthrough, squash_after, prefetch_record, prefetch_replay, socket,
-    /// endpoint_url, metrics_addr, trusted_keys, and the tables [platform] and [tenants.NAME]
+    /// endpoint_url, metrics_addr, trusted_keys, platform_group, and the tables [platform] and
+    /// [tenants.NAME]
     /// [default: /etc/strata/daemon.toml as root, if it exists].
     #[arg(long, env = "STRATA_CONFIG")]
     config: Option<PathBuf>,
@@ -75,6 +76,7 @@ struct ConfigFile {
     #[serde(default)]
     tenants: std::collections::BTreeMap<String, TenantFile>,
     platform: Option<PlatformFile>,
+    platform_group: Option<toml::Value>,
 }
 
 /// `[platform]` in the config file: the daemon's own credential (and what admin commands
@@ -141,6 +143,8 @@ struct TenantFile {
     #[serde(default)]
     volume_scopes: Vec<String>,
     volume_home: Option<String>,
+    #[serde(default)]
+    uids: Vec<u32>,
 }
 
 fn tenant(
@@ -168,7 +172,22 @@ fn tenant(
         datasets: t.datasets,
         volume_scopes: t.volume_scopes,
         volume_home: t.volume_home,
+        uids: t.uids,
     })
+}
+
+/// The gid of group `name`, from the group database (`/etc/group`).
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    let groups = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let (n, _, gid) = (f.next()?, f.next()?, f.next()?);
+            (n == name).then(|| gid.parse().ok()).flatten()
+        })
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("config file: platform_group: no group {name:?}"))
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -278,6 +297,26 @@ pub fn config(g: &GlobalArgs, a: DaemonArgs) -> anyhow::Result<DaemonConfig> {
         .map(|(name, t)| Ok((name.clone(), tenant(&name, t, &store_options)?)))
         .collect::<anyhow::Result<_>>()?;
     config.store_options = store_options;
+    let mut agents = std::collections::BTreeMap::new();
+    for (name, t) in &config.tenants {
+        for uid in &t.uids {
+            if *uid == 0 {
+                anyhow::bail!("config file: tenant {name}: uid 0 is root, the platform's");
+            }
+            if let Some(other) = agents.insert(*uid, name) {
+                anyhow::bail!("config file: uid {uid} is an agent of tenants {other} and {name}");
+            }
+        }
+    }
+    config.platform_group = match &file.platform_group {
+        None => None,
+        Some(toml::Value::Integer(gid)) => Some(
+            u32::try_from(*gid)
+                .map_err(|_| anyhow::anyhow!("config file: platform_group: {gid} is not a gid"))?,
+        ),
+        Some(toml::Value::String(name)) => Some(group_id(name)?),
+        Some(_) => anyhow::bail!("config file: platform_group: a group name or a gid"),
+    };
     // Keys from flags or the environment, else from the file.
     config.trusted_keys = match g.trusted_keys()? {
         keys if !keys.is_empty() => keys,

@@ -147,6 +147,7 @@ pub async fn run(g: &GlobalArgs, a: MountArgs) -> anyhow::Result<()> {
     let session = strata_fuse::mount(
         tree,
         &mountpoint,
+        strata_fuse::MountpointOwner::Any,
         tokio::runtime::Handle::current(),
         !a.no_passthrough,
         Default::default(),

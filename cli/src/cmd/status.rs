@@ -48,8 +48,12 @@ pub async fn mounts(g: &GlobalArgs, a: MountsArgs) -> anyhow::Result<()> {
             (true, Some(size)) => format!("scratch ({})", human(size)),
             (true, None) => "scratch".to_string(),
         };
+        let tenant = m
+            .tenant
+            .as_ref()
+            .map_or(String::new(), |t| format!("\ttenant {t}"));
         println!(
-            "{}\t{}\t{}\t{upper}",
+            "{}\t{}\t{}\t{upper}{tenant}",
             m.mountpoint.display(),
             m.store,
             layers.join(" + ")

@@ -65,16 +65,31 @@ impl MountedSession {
     }
 }
 
+/// Who may have a mount made on a directory: anyone, or only the directory's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountpointOwner {
+    Any,
+    /// The directory must be owned by this uid, and no symlink may be on its path.
+    Uid(u32),
+}
+
 /// Mounts `tree` at `mountpoint` (read-only unless it has an upper); `passthrough`: see
-/// [`StrataFs::new`].
+/// [`StrataFs::new`]. As root the directory is opened once and the mount attached to what
+/// was opened (after `owner` is checked on it), so a path swapped meanwhile (a renamed
+/// parent, a symlink) cannot move the mount elsewhere.
 pub fn mount(
     tree: Arc<MountTree>,
     mountpoint: &Path,
+    owner: MountpointOwner,
     runtime: tokio::runtime::Handle,
     passthrough: bool,
     errors: Arc<ErrnoCounts>,
 ) -> Result<MountedSession, FsError> {
     check_mountpoint(mountpoint)?;
+    let root = rustix::process::geteuid().is_root();
+    if !root && owner != MountpointOwner::Any {
+        return Err(FsError::Errno(libc::EPERM));
+    }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("strata".into()),
@@ -98,18 +113,144 @@ pub fn mount(
     // concurrent random readers overlap their IO (measured: QD1 p50 117 → 104 µs against 4).
     config.n_threads = Some(8);
     config.clone_fd = true;
+    let writable = tree.is_writable();
     let fs = StrataFs::new(tree, runtime, passthrough, errors);
-    let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
+    let mounting = |e: std::io::Error| {
         FsError::io(
             mountpoint,
             std::io::Error::new(e.kind(), format!("mounting: {e}")),
         )
-    })?;
+    };
+    let session = if root {
+        let (dev_fuse, attached) = mount_on_fd(mountpoint, owner, writable)?;
+        let acl = config.acl;
+        match fuser::Session::from_fd(fs, dev_fuse, acl, config) {
+            Ok(session) => session,
+            Err(e) => {
+                // Mounted, but the session did not start: take the mount away again.
+                let _ = rustix::mount::unmount(
+                    format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&attached)
+                    )
+                    .as_str(),
+                    rustix::mount::UnmountFlags::DETACH,
+                );
+                return Err(mounting(e));
+            }
+        }
+    } else {
+        fuser::Session::new(fs, mountpoint, &config).map_err(mounting)?
+    };
     let thread = std::thread::Builder::new()
         .name("strata-fuse".into())
         .spawn(move || session.run())
         .map_err(|e| FsError::io(mountpoint, e))?;
     Ok(MountedSession { thread })
+}
+
+/// Mounts a FUSE filesystem on directory `mountpoint` with the kernel's mount API: the
+/// directory is opened once (without following a symlink: anywhere on the path when `owner`
+/// is a uid, else in its last component), checked (a directory, empty, owned by `owner`),
+/// and the new mount is attached to exactly what was opened. Returns the `/dev/fuse`
+/// connection to serve and the attached mount.
+fn mount_on_fd(
+    mountpoint: &Path,
+    owner: MountpointOwner,
+    writable: bool,
+) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), FsError> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    use std::os::fd::AsRawFd;
+    let io = |e: std::io::Error| FsError::io(mountpoint, e);
+    let at = match owner {
+        MountpointOwner::Uid(_) => open_dir_no_symlinks(mountpoint).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                FsError::InvalidInput(format!(
+                    "mountpoint {}: a symlink is on its path",
+                    mountpoint.display()
+                ))
+            } else {
+                io(e)
+            }
+        })?,
+        MountpointOwner::Any => rustix::fs::open(
+            mountpoint,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io(e.into()))?,
+    };
+    let st = rustix::fs::fstat(&at).map_err(|e| io(e.into()))?;
+    if let MountpointOwner::Uid(uid) = owner {
+        if st.st_uid != uid {
+            return Err(FsError::io(
+                mountpoint,
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("the mountpoint is not owned by uid {uid}"),
+                ),
+            ));
+        }
+    }
+    let opened = format!("/proc/self/fd/{}", at.as_raw_fd());
+    if std::fs::read_dir(&opened).map_err(io)?.next().is_some() {
+        return Err(FsError::InvalidInput(format!(
+            "mountpoint {} is not empty",
+            mountpoint.display()
+        )));
+    }
+    let dev_fuse = rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| FsError::io(Path::new("/dev/fuse"), e.into()))?;
+    let config = || -> rustix::io::Result<std::os::fd::OwnedFd> {
+        let fs = fsopen("fuse", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        fsconfig_set_string(&fs, "source", "strata")?;
+        fsconfig_set_string(&fs, "subtype", "strata")?;
+        fsconfig_set_string(&fs, "fd", dev_fuse.as_raw_fd().to_string())?;
+        fsconfig_set_string(&fs, "rootmode", format!("{:o}", st.st_mode))?;
+        fsconfig_set_string(
+            &fs,
+            "user_id",
+            rustix::process::getuid().as_raw().to_string(),
+        )?;
+        fsconfig_set_string(
+            &fs,
+            "group_id",
+            rustix::process::getgid().as_raw().to_string(),
+        )?;
+        fsconfig_set_flag(&fs, "default_permissions")?;
+        // Root mounts serve every user in the sandbox; the kernel still checks modes.
+        fsconfig_set_flag(&fs, "allow_other")?;
+        if !writable {
+            fsconfig_set_flag(&fs, "ro")?;
+        }
+        fsconfig_create(&fs)?;
+        let mut attrs = MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NOATIME;
+        if !writable {
+            attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+        }
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
+        move_mount(
+            &mnt,
+            "",
+            &at,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )?;
+        Ok(mnt)
+    };
+    let attached = config().map_err(|e| {
+        FsError::io(
+            mountpoint,
+            std::io::Error::new(std::io::Error::from(e).kind(), format!("mounting: {e}")),
+        )
+    })?;
+    Ok((dev_fuse, attached))
 }
 
 /// Decodes the octal escapes (`\040` for a space...) of a /proc/self/mountinfo path.

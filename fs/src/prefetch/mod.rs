@@ -373,7 +373,10 @@ pub async fn replay(
 
 async fn replay_records(stack: &LayerStack, store: &Arc<dyn Store>, progress: &ReplayProgress) {
     // A tenant's home layers have no records in the datasets' store.
-    let loads = stack.recorded_layers().iter().map(|l| load(store, &l.digest));
+    let loads = stack
+        .recorded_layers()
+        .iter()
+        .map(|l| load(store, &l.digest));
     let records = futures::future::join_all(loads).await;
     let mut plan: Vec<(f64, u16, u32, Vec<[u64; 2]>)> = Vec::new();
     for (index, (layer, rec)) in stack.recorded_layers().iter().zip(records).enumerate() {
