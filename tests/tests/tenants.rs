@@ -784,6 +784,59 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
     assert!(as_uid(operator, &["stats"]).status.success());
     drop(m);
 
+    // A parent of her mount renamed and a symlink planted in its place cannot turn her
+    // unmount (sent as she could send it, raw on the socket) onto the platform's mount.
+    let area = dir_of("alice-area", alice);
+    let ws = dir_of("alice-area/x/ws", alice);
+    std::os::unix::fs::chown(area.join("x"), Some(alice), Some(alice)).unwrap();
+    let out = mount(alice, &ws, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let victim = dir_of("pp/ws", 0);
+    let m = d.mount(&store, &victim, &["models:v1"]).unwrap();
+    std::fs::rename(area.join("x"), area.join("y")).unwrap();
+    std::os::unix::fs::symlink(work.join("pp"), area.join("x")).unwrap();
+    let raw = |uid: u32, request: serde_json::Value| {
+        let line = serde_json::json!({"version": 1, "request": request}).to_string();
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect(sys.argv[1])\n\
+                 s.sendall(sys.argv[2].encode() + b'\\n')\n\
+                 print(s.makefile().readline())",
+                d.socket().to_str().unwrap(),
+                &line,
+            ])
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let reply = raw(
+        alice,
+        serde_json::json!({"op": "unmount", "mountpoint": ws, "lazy": true}),
+    );
+    assert!(reply.contains("\"error\""), "{reply}");
+    assert!(
+        victim.join("weights.bin").exists(),
+        "the platform's mount is still there"
+    );
+    drop(m);
+    std::fs::remove_file(area.join("x")).unwrap();
+    std::fs::rename(area.join("y"), area.join("x")).unwrap();
+    let out = as_uid(alice, &["unmount", ws.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Her own: she writes, commits, and unmounts it.
     std::fs::write(own.join("note.txt"), b"from the agent").unwrap();
     let out = as_uid(alice, &["unmount", own.to_str().unwrap()]);

@@ -1,6 +1,6 @@
 //! The daemon's control protocol, version [`PROTOCOL_VERSION`]: one JSON request line and one
-//! JSON reply line per connection, on a unix socket that only root (or the daemon's own user)
-//! may use.
+//! JSON reply line per connection, on a unix socket. Root, the daemon's own user and the
+//! platform group may ask anything; tenants' agents (by uid) only for their own mounts.
 //!
 //! A request is a [`Request`] under the protocol version:
 //! `{"version":1,"request":{"op":"unmount","mountpoint":"/mnt/x","lazy":false}}`. A reply is

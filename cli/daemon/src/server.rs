@@ -63,6 +63,9 @@ struct Mounted {
     /// The uid of the tenant agent that asked for it (see [`Client::Tenant`]); none: the
     /// platform's.
     agent: Option<u32>,
+    /// The kernel's id of its mount (see [`strata_fuse::unmount_exact`]); none for a bind
+    /// of a shared session.
+    mount_id: Option<u64>,
     /// The mount whose FUSE session serves this one: its own id, or, for a read-only mount
     /// that shares the session of an earlier one of the same stack, that mount's.
     session: u64,
@@ -151,10 +154,14 @@ const PINNED_MOUNT_GC_WAIT: Duration = Duration::from_secs(300);
 const UNMOUNT_SETTLE: Duration = Duration::from_secs(2);
 
 /// Unmounts; a busy mount is asked again for a moment before the error is given.
-fn unmount_settling(mountpoint: &Path, lazy: bool) -> Result<(), strata_fs::error::FsError> {
+fn unmount_settling(
+    mountpoint: &Path,
+    mount_id: Option<u64>,
+    lazy: bool,
+) -> Result<(), strata_fs::error::FsError> {
     let started = std::time::Instant::now();
     loop {
-        match strata_fuse::unmount(mountpoint, lazy) {
+        match strata_fuse::unmount_exact(mountpoint, mount_id, lazy) {
             Err(e) if !lazy && is_busy(&e) && started.elapsed() < UNMOUNT_SETTLE => {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -212,7 +219,7 @@ enum Client {
     Platform,
     /// An agent of tenant `name` (its uid is in the tenant's `uids`): mounts only as that
     /// tenant, on directories `uid` owns, and sees, commits and unmounts only its mounts.
-    Tenant { name: String, uid: u32 },
+    Tenant { name: String, uid: u32, gid: u32 },
 }
 
 impl Client {
@@ -273,6 +280,7 @@ impl Daemon {
             .map(|(name, _)| Client::Tenant {
                 name: name.clone(),
                 uid,
+                gid,
             })
     }
 
@@ -363,6 +371,14 @@ impl Daemon {
                 format!("tenant {name}: {why}"),
             ))
         };
+        // A local store knows no credentials (and would have the daemon write where the
+        // request says): a tenant's stores are S3 buckets its credential opens.
+        if !spec.store.starts_with("s3://") {
+            return refuse(format!(
+                "its mounts read S3 stores only, not {}",
+                spec.store
+            ));
+        }
         if let Some(asked) = &spec.endpoint_url {
             let own = tenant.store_options.endpoint_url.as_deref();
             if Some(asked.trim_end_matches('/')) != own.map(|e| e.trim_end_matches('/')) {
@@ -603,6 +619,15 @@ impl Daemon {
                 )
                 .await?;
             volume::put_kept(&store, &v, &kept).await?;
+            // A volume in a home: its datasets' layers are kept in their own store too
+            // (with the daemon's credential, at the tenant's endpoint).
+            if let (Some(url), Some(kept)) = (
+                &record.datasets_store,
+                volumes::kept_record_of_datasets(dir, record, attempts, quarantined),
+            ) {
+                let datasets = self.store(url, record.endpoint_url.clone(), None).await?;
+                volume::put_kept(&datasets, &v, &kept).await?;
+            }
             DaemonResult::Ok(())
         };
         if let Err(e) = done.await {
@@ -632,6 +657,10 @@ impl Daemon {
                 )
                 .await?;
             volume::delete_kept(&store, &v, &kept.id).await?;
+            if let Some(url) = &record.datasets_store {
+                let datasets = self.store(url, record.endpoint_url.clone(), None).await?;
+                volume::delete_kept(&datasets, &v, &kept.id).await?;
+            }
             DaemonResult::Ok(())
         };
         if let Err(e) = done.await {
@@ -713,12 +742,10 @@ impl Daemon {
         let value = match request {
             Request::Mount(spec) => serde_json::to_value(self.mount_for(spec, client, by).await?),
             Request::Unmount { mountpoint, lazy } => {
-                self.check_touch(&mountpoint, by)?;
-                serde_json::to_value(self.unmount(&mountpoint, lazy).await?)
+                serde_json::to_value(self.unmount_by(&mountpoint, lazy, by).await?)
             }
             Request::Commit { mountpoint } => {
-                self.check_touch(&mountpoint, by)?;
-                serde_json::to_value(self.commit(&mountpoint).await?)
+                serde_json::to_value(self.commit_by(&mountpoint, by).await?)
             }
             Request::Mounts => serde_json::to_value(self.mounts_for(by)),
             Request::Stats => match by {
@@ -846,7 +873,10 @@ impl Daemon {
             (false, _) => None,
         };
         let mp = spec.mountpoint.clone();
-        strata_fuse::check_mountpoint(&mp)?;
+        // An agent's mountpoint is looked at only as the agent (when mounting).
+        if *by == Client::Platform {
+            strata_fuse::check_mountpoint(&mp)?;
+        }
         // The daemon's store (shared by its mounts, holding their lease), counted per mount too.
         self.granted(&spec)?;
         let leased = self
@@ -873,14 +903,15 @@ impl Daemon {
         // and with the daemon's for the lease that keeps the chain from collection.
         let home = match (&spec.tenant, &spec.volume) {
             (Some(t), Some(_)) => match self.tenant(t)?.volume_home.clone() {
-                Some(url) => {
+                // A home that is the mounted store is no home of its own.
+                Some(url) if url.trim_end_matches('/') != spec.store.trim_end_matches('/') => {
                     let endpoint = self.tenant(t)?.store_options.endpoint_url.clone();
                     Some((
                         self.store(&url, endpoint.clone(), Some(t)).await?,
                         self.store(&url, endpoint, None).await?,
                     ))
                 }
-                None => None,
+                _ => None,
             },
             _ => None,
         };
@@ -972,7 +1003,8 @@ impl Daemon {
                         origin,
                     )
                     .await;
-                (token, written.and(in_home))
+                // The datasets' lease is the one a pinned layer's wait looks for.
+                (token, in_home.and(written))
             }
             None => {
                 self.leases
@@ -1029,9 +1061,12 @@ impl Daemon {
         let errors = Arc::new(ErrnoCounts::new(Some(Arc::clone(&self.errors))));
         let mounted = blocking(|| -> DaemonResult<_> {
             let tree = assembly.tree(upper.as_ref())?;
-            let owner = match by.agent() {
-                Some(uid) => strata_fuse::MountpointOwner::Uid(uid),
-                None => strata_fuse::MountpointOwner::Any,
+            let owner = match by {
+                Client::Tenant { uid, gid, .. } => strata_fuse::MountpointOwner::Uid {
+                    uid: *uid,
+                    gid: *gid,
+                },
+                Client::Platform => strata_fuse::MountpointOwner::Any,
             };
             let session = strata_fuse::mount(
                 tree.clone(),
@@ -1052,6 +1087,7 @@ impl Daemon {
                 return Err(e);
             }
         };
+        let mount_id = session.mount_id;
         let starts = assembly.start_prefetch(
             &store,
             &platform,
@@ -1107,6 +1143,7 @@ impl Daemon {
                 Mounted {
                     info: info.clone(),
                     agent: by.agent(),
+                    mount_id,
                     session: id,
                     reader,
                     prefetch: starts.progress().clone(),
@@ -1278,6 +1315,7 @@ impl Daemon {
                 Mounted {
                     info: info.clone(),
                     agent: None,
+                    mount_id: None,
                     session,
                     reader,
                     prefetch,
@@ -1340,13 +1378,14 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&mp)
-                .is_some_and(|m| m.info.id == id);
-            if still {
+                .filter(|m| m.info.id == id)
+                .map(|m| m.mount_id);
+            if let Some(mount_id) = still {
                 tracing::warn!(
                     "{}: the client that mounted it is gone; unmounting",
                     mp.display()
                 );
-                if let Err(e) = strata_fuse::unmount(&mp, true) {
+                if let Err(e) = strata_fuse::unmount_exact(&mp, mount_id, true) {
                     tracing::error!("unmounting {}: {e}", mp.display());
                 }
             }
@@ -1355,12 +1394,18 @@ impl Daemon {
 
     /// `strata commit`: commits a volume mount's changes so far; the mount goes on.
     pub async fn commit(&self, mountpoint: &Path) -> DaemonResult<CommitReply> {
+        self.commit_by(mountpoint, &Client::Platform).await
+    }
+
+    /// A commit asked for by `by`, which may commit only mounts it may touch (others are
+    /// told as if there were none: an agent learns nothing of others' mounts).
+    async fn commit_by(&self, mountpoint: &Path, by: &Client) -> DaemonResult<CommitReply> {
         let (tree, vm, scratch) = {
             let mounts = self
                 .mounts
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(m) = mounts.get(mountpoint) else {
+            let Some(m) = mounts.get(mountpoint).filter(|m| by.may_touch(m)) else {
                 return Err(not_mounted(mountpoint));
             };
             match &m.volume {
@@ -1386,12 +1431,22 @@ impl Daemon {
     /// Unmounts; a volume mount's reply comes once its changes are committed (or kept, which
     /// `commit_error` says).
     pub async fn unmount(&self, mountpoint: &Path, lazy: bool) -> DaemonResult<MountInfo> {
-        let (mut info, mut ended, commits, session) = {
+        self.unmount_by(mountpoint, lazy, &Client::Platform).await
+    }
+
+    /// An unmount asked for by `by` (see [`Daemon::commit_by`]).
+    async fn unmount_by(
+        &self,
+        mountpoint: &Path,
+        lazy: bool,
+        by: &Client,
+    ) -> DaemonResult<MountInfo> {
+        let (mut info, mut ended, commits, session, mount_id) = {
             let mounts = self
                 .mounts
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(m) = mounts.get(mountpoint) else {
+            let Some(m) = mounts.get(mountpoint).filter(|m| by.may_touch(m)) else {
                 return Err(not_mounted(mountpoint));
             };
             (
@@ -1399,6 +1454,7 @@ impl Daemon {
                 m.ended.clone(),
                 m.volume.is_some(),
                 m.session,
+                m.mount_id,
             )
         };
         let gate = (!commits).then(|| self.share_gate.lock());
@@ -1406,7 +1462,7 @@ impl Daemon {
             Some(g) => Some(g.await),
             None => None,
         };
-        blocking(|| unmount_settling(mountpoint, lazy))?;
+        blocking(|| unmount_settling(mountpoint, mount_id, lazy))?;
         // One mountpoint of a shared session: the session goes on for the others.
         if self.leave_shared(mountpoint, session) {
             {
@@ -1458,24 +1514,26 @@ impl Daemon {
         {
             retries.abort();
         }
-        let all: Vec<(PathBuf, watch::Receiver<Option<Ended>>, bool)> = self
+        /// A mount to take down: where, its end, whether it commits, its kernel mount id.
+        type Down = (PathBuf, watch::Receiver<Option<Ended>>, bool, Option<u64>);
+        let all: Vec<Down> = self
             .mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .map(|(mp, m)| (mp.clone(), m.ended.clone(), m.volume.is_some()))
+            .map(|(mp, m)| (mp.clone(), m.ended.clone(), m.volume.is_some(), m.mount_id))
             .collect();
         blocking(|| {
-            for (mp, ..) in &all {
-                if let Err(e) = strata_fuse::unmount(mp, false) {
+            for (mp, _, _, id) in &all {
+                if let Err(e) = strata_fuse::unmount_exact(mp, *id, false) {
                     tracing::warn!("{e}; detaching {} instead", mp.display());
-                    if let Err(e) = strata_fuse::unmount(mp, true) {
+                    if let Err(e) = strata_fuse::unmount_exact(mp, *id, true) {
                         tracing::error!("cannot unmount {}: {e}", mp.display());
                     }
                 }
             }
         });
-        for (mp, mut ended, commits) in all {
+        for (mp, mut ended, commits, _) in all {
             // Volumes commit before their session counts as ended.
             let wait = if commits {
                 COMMIT_WAIT
@@ -1561,19 +1619,6 @@ impl Daemon {
             .collect();
         list.sort_by_key(|m| m.id);
         list
-    }
-
-    /// Refuses `by` a mount it did not make (told as if there were none: an agent learns
-    /// nothing of others' mounts).
-    fn check_touch(&self, mountpoint: &Path, by: &Client) -> DaemonResult<()> {
-        let mounts = self
-            .mounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match mounts.get(mountpoint) {
-            Some(m) if !by.may_touch(m) => Err(not_mounted(mountpoint)),
-            _ => Ok(()),
-        }
     }
 
     /// Cache and per-mount read counters, and the kept volume uppers.

@@ -50,6 +50,8 @@ pub fn check_mountpoint(path: &Path) -> Result<(), FsError> {
 /// A FUSE session serving a [`MountTree`] on its own threads.
 pub struct MountedSession {
     thread: std::thread::JoinHandle<std::io::Result<()>>,
+    /// The kernel's id of the mount (when mounted as root): what [`unmount_exact`] checks.
+    pub mount_id: Option<u64>,
 }
 
 impl MountedSession {
@@ -69,8 +71,12 @@ impl MountedSession {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MountpointOwner {
     Any,
-    /// The directory must be owned by this uid, and no symlink may be on its path.
-    Uid(u32),
+    /// The directory must be owned by `uid`, reachable by `uid` and `gid` (the path is
+    /// resolved with their permissions, not root's), with no symlink on its path.
+    Uid {
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// Mounts `tree` at `mountpoint` (read-only unless it has an upper); `passthrough`: see
@@ -85,10 +91,14 @@ pub fn mount(
     passthrough: bool,
     errors: Arc<ErrnoCounts>,
 ) -> Result<MountedSession, FsError> {
-    check_mountpoint(mountpoint)?;
     let root = rustix::process::geteuid().is_root();
     if !root && owner != MountpointOwner::Any {
         return Err(FsError::Errno(libc::EPERM));
+    }
+    // An owner-checked path is looked at only through the directory opened as the owner
+    // (`mount_on_fd`): root following it first would tell anyone what is where.
+    if owner == MountpointOwner::Any {
+        check_mountpoint(mountpoint)?;
     }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -121,32 +131,65 @@ pub fn mount(
             std::io::Error::new(e.kind(), format!("mounting: {e}")),
         )
     };
-    let session = if root {
+    let (session, mount_id) = if root {
         let (dev_fuse, attached) = mount_on_fd(mountpoint, owner, writable)?;
+        let mount_id = rustix::fs::statx(
+            &attached,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .map(|st| st.stx_mnt_id)
+        .ok();
+        // An open file on the mount would keep it busy.
+        drop(attached);
         let acl = config.acl;
         match fuser::Session::from_fd(fs, dev_fuse, acl, config) {
-            Ok(session) => session,
+            Ok(session) => (session, mount_id),
             Err(e) => {
                 // Mounted, but the session did not start: take the mount away again.
-                let _ = rustix::mount::unmount(
-                    format!(
-                        "/proc/self/fd/{}",
-                        std::os::fd::AsRawFd::as_raw_fd(&attached)
-                    )
-                    .as_str(),
-                    rustix::mount::UnmountFlags::DETACH,
-                );
+                detach_failed(mountpoint, mount_id);
                 return Err(mounting(e));
             }
         }
     } else {
-        fuser::Session::new(fs, mountpoint, &config).map_err(mounting)?
+        (
+            fuser::Session::new(fs, mountpoint, &config).map_err(mounting)?,
+            None,
+        )
     };
+    let at = mountpoint.to_path_buf();
     let thread = std::thread::Builder::new()
         .name("strata-fuse".into())
-        .spawn(move || session.run())
-        .map_err(|e| FsError::io(mountpoint, e))?;
-    Ok(MountedSession { thread })
+        .spawn(move || {
+            let ended = session.run();
+            // Unlike a session fuser mounted itself, one on a connection it was handed does
+            // not unmount on its way out: one that failed detaches its mount here.
+            if ended.is_err() {
+                detach_failed(&at, mount_id);
+            }
+            ended
+        });
+    match thread {
+        Ok(thread) => Ok(MountedSession { thread, mount_id }),
+        Err(e) => {
+            detach_failed(mountpoint, mount_id);
+            Err(FsError::io(mountpoint, e))
+        }
+    }
+}
+
+/// Detaches mount `id` at `mountpoint`, whose session failed (nothing would serve it).
+fn detach_failed(mountpoint: &Path, id: Option<u64>) {
+    if id.is_none() {
+        return;
+    }
+    if let Err(e) = unmount_exact(mountpoint, id, true) {
+        tracing::warn!(
+            "detaching {} after its session failed: {e}",
+            mountpoint.display()
+        );
+    }
 }
 
 /// Mounts a FUSE filesystem on directory `mountpoint` with the kernel's mount API: the
@@ -167,7 +210,7 @@ fn mount_on_fd(
     use std::os::fd::AsRawFd;
     let io = |e: std::io::Error| FsError::io(mountpoint, e);
     let at = match owner {
-        MountpointOwner::Uid(_) => open_dir_no_symlinks(mountpoint).map_err(|e| {
+        MountpointOwner::Uid { uid, gid } => open_dir_as(mountpoint, uid, gid).map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
                 FsError::InvalidInput(format!(
                     "mountpoint {}: a symlink is on its path",
@@ -185,7 +228,7 @@ fn mount_on_fd(
         .map_err(|e| io(e.into()))?,
     };
     let st = rustix::fs::fstat(&at).map_err(|e| io(e.into()))?;
-    if let MountpointOwner::Uid(uid) = owner {
+    if let MountpointOwner::Uid { uid, .. } = owner {
         if st.st_uid != uid {
             return Err(FsError::io(
                 mountpoint,
@@ -313,6 +356,42 @@ fn strata_mount_ids() -> std::io::Result<Vec<(u64, std::path::PathBuf)>> {
         .collect())
 }
 
+/// [`open_dir_no_symlinks`] with the file-system identity of `uid`:`gid` and no supplementary
+/// groups, so the path is resolved with their permissions. On a thread of its own: the
+/// identity is the thread's, and goes with it.
+fn open_dir_as(path: &Path, uid: u32, gid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("strata-open-as".into())
+        .spawn(move || {
+            // The raw system calls: they change this thread only (libc's wrappers of
+            // setgroups would change every thread of the daemon).
+            // SAFETY: no pointers are read (an empty list), and the identity changed is this
+            // thread's own, which ends right after.
+            let rc = unsafe {
+                libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: plain system calls on this thread's credentials.
+            unsafe {
+                libc::syscall(libc::SYS_setfsgid, gid as libc::c_long);
+                libc::syscall(libc::SYS_setfsuid, uid as libc::c_long);
+                // Each returns the identity before the call: asking again tells whether the
+                // change took.
+                let now_gid = libc::syscall(libc::SYS_setfsgid, gid as libc::c_long);
+                let now_uid = libc::syscall(libc::SYS_setfsuid, uid as libc::c_long);
+                if now_gid != gid as libc::c_long || now_uid != uid as libc::c_long {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+            open_dir_no_symlinks(&path)
+        })?
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the opening thread panicked")))
+}
+
 /// Opens directory `path` (O_PATH) without following a symlink anywhere on the way.
 fn open_dir_no_symlinks(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -350,16 +429,37 @@ pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
     Ok(strata_mounts()?.contains(&wanted))
 }
 
+/// Unmounts the mount at `path` only if it is still mount `id` (see
+/// [`MountedSession::mount_id`]), resolving `path` without following any symlink: a path
+/// renamed or swapped since the mount was made cannot make another mount go. Without an
+/// id, as [`unmount`].
+pub fn unmount_exact(path: &Path, id: Option<u64>, lazy: bool) -> Result<(), FsError> {
+    match id {
+        Some(id) if rustix::process::geteuid().is_root() => {
+            unmount_as_root_checked(path, Some(id), lazy)
+        }
+        _ => unmount(path, lazy),
+    }
+}
+
 fn unmount_as_root(path: &Path, lazy: bool) -> Result<(), FsError> {
+    unmount_as_root_checked(path, None, lazy)
+}
+
+fn unmount_as_root_checked(path: &Path, expected: Option<u64>, lazy: bool) -> Result<(), FsError> {
     use std::os::fd::AsRawFd;
     let not_ours = || FsError::InvalidInput(format!("{} is not a strata mount", path.display()));
     let abs = std::path::absolute(path).map_err(|e| FsError::io(path, e))?;
     let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Err(not_ours());
     };
-    // Symlinks in the path as given are the caller's to use; from here on nothing is
-    // followed, and the entry must still be a strata mount's root when it is unmounted.
-    let parent = std::fs::canonicalize(parent).map_err(|e| FsError::io(parent, e))?;
+    // Symlinks in the path as given are the caller's to use (unless the mount is named by
+    // its id); from here on nothing is followed, and the entry must still be a strata
+    // mount's root (that very mount, given its id) when it is unmounted.
+    let parent = match expected {
+        Some(_) => parent.to_path_buf(),
+        None => std::fs::canonicalize(parent).map_err(|e| FsError::io(parent, e))?,
+    };
     let abs = parent.join(name);
     let dir = open_dir_no_symlinks(&parent).map_err(|e| {
         FsError::io(
@@ -373,12 +473,15 @@ fn unmount_as_root(path: &Path, lazy: bool) -> Result<(), FsError> {
     let c_name = std::ffi::CString::new(name.as_bytes())
         .map_err(|_| FsError::InvalidInput("mountpoint contains NUL".into()))?;
     let mounts = strata_mount_ids().map_err(|e| FsError::io("/proc/self/mountinfo", e))?;
+    let wanted = |m: u64| expected.is_none_or(|e| e == m);
     let ours = match mount_root_id(&dir, &c_name) {
-        Ok(Some(id)) => mounts.iter().any(|(m, _)| *m == id),
+        Ok(Some(id)) => wanted(id) && mounts.iter().any(|(m, _)| *m == id),
         Ok(None) => false,
         // A mount whose serving process is gone cannot be asked: mountinfo must list it at
         // exactly this path (the unmount below still resolves it through the open parent).
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => mounts.iter().any(|(_, p)| *p == abs),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            mounts.iter().any(|(m, p)| *p == abs && wanted(*m))
+        }
         Err(e) => return Err(FsError::io(path, e)),
     };
     if !ours {

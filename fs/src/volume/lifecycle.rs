@@ -230,6 +230,21 @@ pub fn kept_record(
     }
 }
 
+/// For a kept upper of a volume in a home of its own (see [`VolumeRecord::datasets_store`]):
+/// the record for the datasets' store, naming the datasets' layers under it, so that their
+/// collector keeps them until the upper is committed.
+pub fn kept_record_of_datasets(
+    dir: &Path,
+    record: &VolumeRecord,
+    attempts: &Attempts,
+    quarantined: bool,
+) -> Option<volume::KeptRecord> {
+    record.datasets_store.as_ref()?;
+    let mut kept = kept_record(dir, record, attempts, quarantined);
+    kept.layers = record.layers[..record.datasets.min(record.layers.len())].to_vec();
+    Some(kept)
+}
+
 /// What a volume mount's upper belongs to: enough to commit it without the mount.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -717,6 +732,55 @@ pub async fn commit_kept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kept upper of a volume in a home: the home's record names the volume's layers only
+    /// (the home's collector would take a dataset layer for a missing one), the datasets'
+    /// store's names the datasets' layers; a volume in the datasets' store has one record.
+    #[test]
+    fn a_kept_upper_in_a_home_is_recorded_in_each_store_with_its_own_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let layers: Vec<String> = (0..5u8).map(|i| Digest::of(&[i]).to_string()).collect();
+        let mut record = VolumeRecord {
+            store: "s3://homes/alice".into(),
+            endpoint_url: None,
+            volume: "alice/notes".into(),
+            head: VolumeHead {
+                version: 1,
+                commits: Vec::new(),
+            },
+            version: None,
+            layers: layers.clone(),
+            origin: None,
+            own: Vec::new(),
+            tenant: Some("alice".into()),
+            datasets_store: Some("s3://data".into()),
+            datasets: 2,
+        };
+        let attempts = Attempts::read(dir.path());
+        let home = kept_record(dir.path(), &record, &attempts, false);
+        assert_eq!(home.layers, layers[2..]);
+        let data = kept_record_of_datasets(dir.path(), &record, &attempts, false).unwrap();
+        assert_eq!(data.layers, layers[..2]);
+        assert_eq!(data.id, home.id, "one upper, one id in both stores");
+        // A record from a damaged state dir cannot make it panic.
+        record.datasets = 99;
+        assert!(kept_record(dir.path(), &record, &attempts, false)
+            .layers
+            .is_empty());
+        assert_eq!(
+            kept_record_of_datasets(dir.path(), &record, &attempts, false)
+                .unwrap()
+                .layers,
+            layers
+        );
+        record.datasets_store = None;
+        record.datasets = 0;
+        assert_eq!(
+            kept_record(dir.path(), &record, &attempts, false).layers,
+            layers
+        );
+        assert!(kept_record_of_datasets(dir.path(), &record, &attempts, false).is_none());
+    }
 
     #[test]
     fn a_failing_upper_waits_longer_each_time_then_is_quarantined() {
