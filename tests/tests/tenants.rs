@@ -708,6 +708,13 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
         assert!(!out.status.success(), "{args:?} as {uid} worked");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
+    let succeeded = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
     let own = dir_of("alice-mnt", alice);
     let root_owned = dir_of("root-mnt", 0);
     let mount = |uid: u32, at: &std::path::Path, extra: &[&str]| {
@@ -724,11 +731,7 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
 
     // Alice's agent mounts as Alice (without saying so) on her own directory.
     let out = mount(alice, &own, &["--volume", "alice/notes"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(std::fs::read(own.join("weights.bin")).unwrap() == weights);
     let listed = String::from_utf8_lossy(&as_uid(alice, &["mounts", "--json"]).stdout).into_owned();
     assert!(
@@ -790,11 +793,7 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
     let ws = dir_of("alice-area/x/ws", alice);
     std::os::unix::fs::chown(area.join("x"), Some(alice), Some(alice)).unwrap();
     let out = mount(alice, &ws, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let victim = dir_of("pp/ws", 0);
     let m = d.mount(&store, &victim, &["models:v1"]).unwrap();
     std::fs::rename(area.join("x"), area.join("y")).unwrap();
@@ -831,34 +830,18 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
     std::fs::remove_file(area.join("x")).unwrap();
     std::fs::rename(area.join("y"), area.join("x")).unwrap();
     let out = as_uid(alice, &["unmount", ws.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
 
     // Her own: she writes, commits, and unmounts it.
     std::fs::write(own.join("note.txt"), b"from the agent").unwrap();
     let out = as_uid(alice, &["unmount", own.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let out = mount(alice, &own, &["--volume", "alice/notes"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(
         std::fs::read(own.join("note.txt")).unwrap(),
         b"from the agent"
     );
     let out = as_uid(alice, &["unmount", own.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
 }

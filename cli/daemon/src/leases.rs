@@ -151,7 +151,9 @@ impl MountLeases {
         }) else {
             return Err(FsError::NotFound(format!("no mount lease for {name}")));
         };
-        let written: FsResult<()> = if layers.is_empty() {
+        // A volume mount with no layer in this store (a new volume in a home) still says
+        // which head it started from.
+        let written: FsResult<()> = if layers.is_empty() && volumes.is_empty() {
             store.delete(&key).await.map_err(Into::into)
         } else {
             MountLease::new(layers, volumes).write(&store, &key).await
