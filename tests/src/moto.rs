@@ -13,6 +13,8 @@ pub type Keys = std::collections::HashMap<String, (String, String)>;
 pub struct Moto {
     pub port: u16,
     _child: Child,
+    /// What the server printed (its errors).
+    log: std::path::PathBuf,
 }
 
 impl Moto {
@@ -59,8 +61,23 @@ impl Moto {
         Ok((moto, keys))
     }
 
+    /// A moto_server with `env` on a port of its own; tried three times, each on a new
+    /// port, so a server that could not take its port is no reason to fail a test.
     fn start_with(env: &[(&str, &str)]) -> Result<Moto> {
+        let mut failed = Vec::new();
+        for _ in 0..3 {
+            match Moto::start_once(env) {
+                Ok(moto) => return Ok(moto),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        bail!("moto_server did not start: {}", failed.join("; "))
+    }
+
+    fn start_once(env: &[(&str, &str)]) -> Result<Moto> {
         let port = crate::free_port();
+        let log = crate::scratch_dir("moto").join("moto.log");
+        let out = std::fs::File::create(&log)?;
         // Through the interpreter, so a fresh pip install needs no PATH or shim refresh.
         let mut cmd = Command::new("python3");
         cmd.args([
@@ -73,33 +90,59 @@ impl Moto {
         ])
         .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(out);
         crate::die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .context("starting moto_server (install it with `pip install 'moto[server]'`)")?;
+        let tail = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().rev().take(10).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        // Ready when it answers on its port; one that exited (its port taken, say) is not.
+        // (A request to a server that enforces IAM would spend one of the unauthenticated
+        // requests its setup needs: that one is only connected to.)
+        let iam = env
+            .iter()
+            .any(|(k, _)| *k == "INITIAL_NO_AUTH_ACTION_COUNT");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("moto_server exited ({status}) on port {port}: {}", tail());
+            }
+            let up = match iam {
+                true => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                false => crate::garage::http_get(port, "/")
+                    .is_ok_and(|r| r.contains("ListAllMyBucketsResult")),
+            };
+            if up {
+                break;
+            }
             if Instant::now() > deadline {
-                bail!("moto_server did not start on port {port}");
+                let _ = child.kill();
+                bail!("moto_server did not answer on port {port}: {}", tail());
             }
             std::thread::sleep(Duration::from_millis(100));
-        }
-        // Whatever answered must be our moto: one that exited (its port taken) would leave us
-        // talking to another server.
-        std::thread::sleep(Duration::from_millis(200));
-        if let Some(status) = child.try_wait()? {
-            bail!("moto_server exited ({status}) instead of serving port {port}");
         }
         Ok(Moto {
             port,
             _child: child,
+            log,
         })
     }
 
     pub fn create_bucket(&self, name: &str) -> Result<()> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).with_context(|| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            format!(
+                "connecting to moto on port {}; its log ends:\n{}",
+                self.port,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })?;
         write!(
             s,
             "PUT /{name} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"

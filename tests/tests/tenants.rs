@@ -697,8 +697,14 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
         std::os::unix::fs::chown(&p, Some(owner), Some(owner)).unwrap();
         p
     };
+    // The binary where the agents may run it (a checkout may be in a directory only root
+    // may enter).
+    let bin = work.join("strata");
+    std::fs::copy(strata_tests::strata::strata_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let as_uid = |uid: u32, args: &[&str]| {
-        let mut cmd = d.strata().command(args);
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(args).envs(d.strata().env);
         let gid = if uid == operator { operators } else { uid };
         cmd.uid(uid).gid(gid).env("HOME", &work);
         cmd.output().expect("running strata")
@@ -800,22 +806,7 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
     std::os::unix::fs::symlink(work.join("pp"), area.join("x")).unwrap();
     let raw = |uid: u32, request: serde_json::Value| {
         let line = serde_json::json!({"version": 1, "request": request}).to_string();
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import socket, sys\n\
-                 s = socket.socket(socket.AF_UNIX)\n\
-                 s.connect(sys.argv[1])\n\
-                 s.sendall(sys.argv[2].encode() + b'\\n')\n\
-                 print(s.makefile().readline())",
-                d.socket().to_str().unwrap(),
-                &line,
-            ])
-            .uid(uid)
-            .gid(uid)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        request_as(uid, d.socket(), &line)
     };
     let reply = raw(
         alice,
@@ -844,4 +835,29 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
     );
     let out = as_uid(alice, &["unmount", own.to_str().unwrap()]);
     succeeded(&out);
+}
+
+/// Sends one request line on the daemon's socket as user `uid` (as an agent could, without
+/// the CLI) and returns the reply line.
+fn request_as(uid: u32, socket: &std::path::Path, line: &str) -> String {
+    use std::io::{BufRead, Write};
+    let (socket, line) = (socket.to_path_buf(), line.to_string());
+    std::thread::spawn(move || {
+        // SAFETY: the raw system calls change this thread's credentials only (the kernel
+        // keeps them per thread; libc's wrappers would change every thread of the test), and
+        // the thread ends right after.
+        unsafe {
+            let none = std::ptr::null::<libc::gid_t>();
+            assert_eq!(libc::syscall(libc::SYS_setgroups, 0usize, none), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::BufReader::new(s).read_line(&mut reply).unwrap();
+        reply
+    })
+    .join()
+    .unwrap()
 }

@@ -123,7 +123,9 @@ impl Client {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                     " (is `strata daemon` running? `strata mount --foreground` works without it)"
                 }
-                std::io::ErrorKind::PermissionDenied => " (the daemon socket is for root only)",
+                std::io::ErrorKind::PermissionDenied => {
+                    " (the daemon socket is for root, the platform group and tenants' agents)"
+                }
                 _ => "",
             };
             ClientError::Unreachable {

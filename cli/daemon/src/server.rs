@@ -701,33 +701,35 @@ impl Daemon {
         let cred = stream.peer_cred()?;
         let client = self.client_of(&stream, cred.uid(), cred.gid());
         let (read, mut write) = stream.into_split();
-        let mut version = crate::protocol::PROTOCOL_VERSION;
-        let reply = if let Some(client) = client {
-            let mut line = String::new();
-            // A client that connects and says nothing must not hold a task forever.
-            tokio::time::timeout(
-                REQUEST_WAIT,
-                BufReader::new(read)
-                    .take(MAX_REQUEST as u64)
-                    .read_line(&mut line),
-            )
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s")
-            })??;
-            let incoming = decode_request(&line);
-            version = incoming.version;
-            match incoming.request {
+        let mut line = String::new();
+        // A client that connects and says nothing must not hold a task forever. The request
+        // is read even from a client that is refused, so that it reads the refusal (one
+        // whose request went unread would see its connection reset).
+        tokio::time::timeout(
+            REQUEST_WAIT,
+            BufReader::new(read)
+                .take(MAX_REQUEST as u64)
+                .read_line(&mut line),
+        )
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s")
+        })??;
+        let incoming = decode_request(&line);
+        let version = incoming.version;
+        let reply = match client {
+            Some(client) => match incoming.request {
                 Ok(request) => self.answer(request, cred.pid(), &client).await,
                 Err(e) => Err(e),
+            },
+            None => {
+                tracing::warn!(uid = cred.uid(), "refused a control connection");
+                Err(DaemonError::new(
+                    crate::ErrorKind::Permission,
+                    "permission denied: the strata daemon takes requests from root, the \
+                     platform group and the tenants' agents only",
+                ))
             }
-        } else {
-            tracing::warn!(uid = cred.uid(), "refused a control connection");
-            Err(DaemonError::new(
-                crate::ErrorKind::Permission,
-                "permission denied: the strata daemon takes requests from root, the platform \
-                 group and the tenants' agents only",
-            ))
         };
         write.write_all(&encode_reply(version, &reply)).await
     }
