@@ -18,8 +18,17 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// A moto_server on a port of its own; tried three times, each on a new port, so a
+    /// server that could not take its port is no reason to fail a test.
     pub fn start() -> Result<Moto> {
-        Moto::start_with(&[])
+        let mut failed = Vec::new();
+        for _ in 0..3 {
+            match Moto::start_once() {
+                Ok(moto) => return Ok(moto),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        bail!("moto_server did not start: {}", failed.join("; "))
     }
 
     /// A moto_server of its own that enforces IAM: requests must be signed by the keys of a
@@ -31,9 +40,11 @@ impl Moto {
         users: &[(&str, serde_json::Value)],
     ) -> Result<(Moto, Keys)> {
         use std::io::Write;
-        // moto serves this many requests before it enforces authentication: the setup
-        // script's first three, which make the admin.
-        let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")])?;
+        let moto = Moto::start()?;
+        // From now on moto serves this many requests before it enforces authentication:
+        // the setup script's first three, which make the admin.
+        moto.post("/moto-api/reset-auth", "3")
+            .context("turning IAM authentication on")?;
         let spec = serde_json::json!({
             "endpoint": format!("http://127.0.0.1:{}", moto.port),
             "buckets": buckets,
@@ -61,20 +72,7 @@ impl Moto {
         Ok((moto, keys))
     }
 
-    /// A moto_server with `env` on a port of its own; tried three times, each on a new
-    /// port, so a server that could not take its port is no reason to fail a test.
-    fn start_with(env: &[(&str, &str)]) -> Result<Moto> {
-        let mut failed = Vec::new();
-        for _ in 0..3 {
-            match Moto::start_once(env) {
-                Ok(moto) => return Ok(moto),
-                Err(e) => failed.push(format!("{e:#}")),
-            }
-        }
-        bail!("moto_server did not start: {}", failed.join("; "))
-    }
-
-    fn start_once(env: &[(&str, &str)]) -> Result<Moto> {
+    fn start_once() -> Result<Moto> {
         let port = crate::free_port();
         let log = crate::scratch_dir("moto").join("moto.log");
         let out = std::fs::File::create(&log)?;
@@ -88,7 +86,6 @@ impl Moto {
             "-p",
             &port.to_string(),
         ])
-        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(out);
         crate::die_with_parent(&mut cmd);
@@ -100,22 +97,15 @@ impl Moto {
             let lines: Vec<&str> = text.lines().rev().take(10).collect();
             lines.into_iter().rev().collect::<Vec<_>>().join("\n")
         };
-        // Ready when it answers on its port; one that exited (its port taken, say) is not.
-        // (A request to a server that enforces IAM would spend one of the unauthenticated
-        // requests its setup needs: that one is only connected to.)
-        let iam = env
-            .iter()
-            .any(|(k, _)| *k == "INITIAL_NO_AUTH_ACTION_COUNT");
+        // Ready when it answers on its port as moto does; one that exited (its port taken,
+        // say) is not.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
                 bail!("moto_server exited ({status}) on port {port}: {}", tail());
             }
-            let up = match iam {
-                true => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-                false => crate::garage::http_get(port, "/")
-                    .is_ok_and(|r| r.contains("ListAllMyBucketsResult")),
-            };
+            let up = crate::garage::http_get(port, "/")
+                .is_ok_and(|r| r.contains("ListAllMyBucketsResult"));
             if up {
                 break;
             }
@@ -130,6 +120,23 @@ impl Moto {
             _child: child,
             log,
         })
+    }
+
+    /// POSTs `body` to `path`; fails unless moto answers 200.
+    fn post(&self, path: &str, body: &str) -> Result<()> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
+            bail!("POST {path} on moto: {out}");
+        }
+        Ok(())
     }
 
     pub fn create_bucket(&self, name: &str) -> Result<()> {

@@ -87,6 +87,8 @@ struct Mounted {
 /// ([`Daemon::serve`]) or call it directly; [`Daemon::shutdown`] unmounts everything.
 pub struct Daemon {
     config: DaemonConfig,
+    /// Open control connections per uid (root's not counted).
+    connections: OpenConnections,
     /// Held for the daemon's life: one owner per cache dir.
     _cache_lock: CacheDirLock,
     cache: Arc<ChunkCache>,
@@ -142,6 +144,14 @@ async fn prove_pinned(store: &Arc<dyn Store>, spec: &MountSpec) -> DaemonResult<
 
 /// How long a client has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a refused client's request is waited for (it is read only so that the client
+/// reads its refusal, not a reset connection).
+const REFUSED_WAIT: Duration = Duration::from_secs(1);
+
+/// Control connections one user other than root may hold open at once: with agents, any
+/// local user may connect, and none may tie up the daemon's tasks and descriptors.
+const CONNECTIONS_PER_USER: usize = 32;
 /// How long an unmount waits for the FUSE session to wind down.
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 /// How long an unmount waits for a volume's commit.
@@ -212,6 +222,28 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// One open control connection of a user, counted while it lives.
+struct ConnectionSlot(Option<(u32, OpenConnections)>);
+
+/// Open control connections per uid.
+type OpenConnections = Arc<Mutex<HashMap<u32, usize>>>;
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some((uid, open)) = &self.0 {
+            let mut open = open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = open.get_mut(uid) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(uid);
+                }
+            }
+        }
+    }
+}
+
 /// Who sent a request on the socket, by its peer credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Client {
@@ -262,6 +294,29 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
 }
 
 impl Daemon {
+    /// A place for one more control connection from the peer of `stream`, held while it is
+    /// served; `None` when that user (not root) has [`CONNECTIONS_PER_USER`] open already.
+    fn connection_slot(&self, stream: &UnixStream) -> Option<ConnectionSlot> {
+        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        if uid == 0 {
+            return Some(ConnectionSlot(None));
+        }
+        let mut open = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(uid).or_default();
+        if *n >= CONNECTIONS_PER_USER {
+            tracing::warn!(
+                uid,
+                "too many control connections from one user; dropped one"
+            );
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot(Some((uid, Arc::clone(&self.connections)))))
+    }
+
     /// Who the peer of `stream` is to this daemon; `None`: nobody it serves.
     fn client_of(&self, stream: &UnixStream, uid: u32, gid: u32) -> Option<Client> {
         let own = rustix::process::geteuid().as_raw();
@@ -324,6 +379,7 @@ impl Daemon {
             shared: Default::default(),
             share_gate: Default::default(),
             next_id: AtomicU64::new(1),
+            connections: Default::default(),
             retries: Mutex::new(None),
             leases: Arc::new(MountLeases::new()),
             lease_renewer: Mutex::new(None),
@@ -481,14 +537,22 @@ impl Daemon {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        let Some(slot) = self.connection_slot(&stream) else {
+                            continue; // dropped: that user has enough open already
+                        };
                         let this = Arc::clone(&self);
                         tokio::spawn(async move {
+                            let _slot = slot;
                             if let Err(e) = this.handle(stream).await {
                                 tracing::warn!("control connection: {e}");
                             }
                         });
                     }
-                    Err(e) => tracing::warn!("accepting a control connection: {e}"),
+                    Err(e) => {
+                        tracing::warn!("accepting a control connection: {e}");
+                        // Out of descriptors, say: not a busy loop.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 },
                 _ = &mut shutdown => break,
             }
@@ -625,7 +689,7 @@ impl Daemon {
                 &record.datasets_store,
                 volumes::kept_record_of_datasets(dir, record, attempts, quarantined),
             ) {
-                let datasets = self.store(url, record.endpoint_url.clone(), None).await?;
+                let datasets = self.store(url, self.endpoint_of(record)?, None).await?;
                 volume::put_kept(&datasets, &v, &kept).await?;
             }
             DaemonResult::Ok(())
@@ -633,6 +697,15 @@ impl Daemon {
         if let Err(e) = done.await {
             tracing::warn!("recording kept upper {} in the store: {e}", dir.display());
         }
+    }
+
+    /// The endpoint a volume record's stores are at: its tenant's own, else what the mount
+    /// asked for.
+    fn endpoint_of(&self, record: &volumes::VolumeRecord) -> DaemonResult<Option<String>> {
+        Ok(match &record.tenant {
+            Some(t) => self.tenant(t)?.store_options.endpoint_url.clone(),
+            None => record.endpoint_url.clone(),
+        })
     }
 
     /// Removes the store's record of a kept upper that is now committed.
@@ -658,7 +731,7 @@ impl Daemon {
                 .await?;
             volume::delete_kept(&store, &v, &kept.id).await?;
             if let Some(url) = &record.datasets_store {
-                let datasets = self.store(url, record.endpoint_url.clone(), None).await?;
+                let datasets = self.store(url, self.endpoint_of(record)?, None).await?;
                 volume::delete_kept(&datasets, &v, &kept.id).await?;
             }
             DaemonResult::Ok(())
@@ -705,16 +778,21 @@ impl Daemon {
         // A client that connects and says nothing must not hold a task forever. The request
         // is read even from a client that is refused, so that it reads the refusal (one
         // whose request went unread would see its connection reset).
+        let wait = if client.is_some() {
+            REQUEST_WAIT
+        } else {
+            REFUSED_WAIT
+        };
         tokio::time::timeout(
-            REQUEST_WAIT,
+            wait,
             BufReader::new(read)
                 .take(MAX_REQUEST as u64)
                 .read_line(&mut line),
         )
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s")
-        })??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))
+        .and_then(|read| read.map(|_| ()))
+        .or_else(|e| if client.is_some() { Err(e) } else { Ok(()) })?;
         let incoming = decode_request(&line);
         let version = incoming.version;
         let reply = match client {
@@ -820,6 +898,35 @@ impl Daemon {
         client: Option<libc::pid_t>,
         by: &Client,
     ) -> DaemonResult<MountInfo> {
+        spec.mountpoint = match by {
+            // The daemon keys a mount by the path the kernel knows it by (and unmounts it
+            // without following a symlink): a platform path through one is resolved first.
+            Client::Platform => blocking(|| strata_fuse::resolve_mountpoint(&spec.mountpoint))
+                .map_err(|e| {
+                    DaemonError::bad_request(format!(
+                        "resolving mountpoint {}: {e}",
+                        spec.mountpoint.display()
+                    ))
+                })?,
+            // An agent's path is taken as it is (it is opened as the agent, without following
+            // a symlink), but must be plain: absolute, without `.` or `..`.
+            Client::Tenant { .. } => {
+                let plain = spec.mountpoint.is_absolute()
+                    && spec.mountpoint.components().all(|c| {
+                        matches!(
+                            c,
+                            std::path::Component::RootDir | std::path::Component::Normal(_)
+                        )
+                    });
+                if !plain {
+                    return Err(DaemonError::bad_request(format!(
+                        "mountpoint {}: give an absolute path without `.` or `..`",
+                        spec.mountpoint.display()
+                    )));
+                }
+                spec.mountpoint
+            }
+        };
         if let Client::Tenant { name, .. } = by {
             match &spec.tenant {
                 None => spec.tenant = Some(name.clone()),
@@ -1525,17 +1632,25 @@ impl Daemon {
             .iter()
             .map(|(mp, m)| (mp.clone(), m.ended.clone(), m.volume.is_some(), m.mount_id))
             .collect();
-        blocking(|| {
+        // Mounts that could not be taken down (an agent renamed a parent of one, say) have no
+        // session end to wait for.
+        let stuck: HashSet<PathBuf> = blocking(|| {
+            let mut stuck = HashSet::new();
             for (mp, _, _, id) in &all {
                 if let Err(e) = strata_fuse::unmount_exact(mp, *id, false) {
                     tracing::warn!("{e}; detaching {} instead", mp.display());
                     if let Err(e) = strata_fuse::unmount_exact(mp, *id, true) {
                         tracing::error!("cannot unmount {}: {e}", mp.display());
+                        stuck.insert(mp.clone());
                     }
                 }
             }
+            stuck
         });
         for (mp, mut ended, commits, _) in all {
+            if stuck.contains(&mp) {
+                continue;
+            }
             // Volumes commit before their session counts as ended.
             let wait = if commits {
                 COMMIT_WAIT

@@ -133,14 +133,17 @@ pub fn mount(
     };
     let (session, mount_id) = if root {
         let (dev_fuse, attached) = mount_on_fd(mountpoint, owner, writable)?;
+        // Without asking the filesystem: nothing serves it until the session starts (older
+        // kernels would send it a GETATTR and wait for ever).
         let mount_id = rustix::fs::statx(
             &attached,
             "",
-            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::STATX_DONT_SYNC,
             rustix::fs::StatxFlags::MNT_ID,
         )
-        .map(|st| st.stx_mnt_id)
-        .ok();
+        .ok()
+        .filter(|st| st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0)
+        .map(|st| st.stx_mnt_id);
         // An open file on the mount would keep it busy.
         drop(attached);
         let acl = config.acl;
