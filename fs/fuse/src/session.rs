@@ -436,12 +436,34 @@ pub fn is_strata_mount(path: &Path) -> std::io::Result<bool> {
 /// [`MountedSession::mount_id`]), resolving `path` without following any symlink: a path
 /// renamed or swapped since the mount was made cannot make another mount go. Without an
 /// id, as [`unmount`].
+///
+/// A mount no longer at `path` (a parent of it was renamed) is looked for by its id in the
+/// mount table and unmounted where it is now, with the same checks.
 pub fn unmount_exact(path: &Path, id: Option<u64>, lazy: bool) -> Result<(), FsError> {
-    match id {
-        Some(id) if rustix::process::geteuid().is_root() => {
-            unmount_as_root_checked(path, Some(id), lazy)
+    let Some(id) = id.filter(|_| rustix::process::geteuid().is_root()) else {
+        return unmount(path, lazy);
+    };
+    match unmount_as_root_checked(path, Some(id), lazy) {
+        Err(e) if !is_busy(&e) => {
+            let now = strata_mount_ids()
+                .map_err(|e| FsError::io("/proc/self/mountinfo", e))?
+                .into_iter()
+                .find(|(m, _)| *m == id)
+                .map(|(_, p)| p);
+            match now {
+                Some(moved) if moved != path => unmount_as_root_checked(&moved, Some(id), lazy),
+                _ => Err(e),
+            }
         }
-        _ => unmount(path, lazy),
+        done => done,
+    }
+}
+
+fn is_busy(e: &FsError) -> bool {
+    match e {
+        FsError::Errno(n) => *n == libc::EBUSY,
+        FsError::Io { source, .. } => source.raw_os_error() == Some(libc::EBUSY),
+        _ => false,
     }
 }
 
