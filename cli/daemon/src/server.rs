@@ -898,6 +898,7 @@ impl Daemon {
         client: Option<libc::pid_t>,
         by: &Client,
     ) -> DaemonResult<MountInfo> {
+        spec.check()?;
         spec.mountpoint = match by {
             // The daemon keys a mount by the path the kernel knows it by (and unmounts it
             // without following a symlink): a platform path through one is resolved first.
@@ -939,7 +940,6 @@ impl Daemon {
                 }
             }
         }
-        spec.check()?;
         let mp = spec.mountpoint.clone();
         if self
             .mounts
