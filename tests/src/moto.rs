@@ -124,22 +124,17 @@ impl Moto {
 
     /// POSTs `body` to `path`; fails unless moto answers 200.
     fn post(&self, path: &str, body: &str) -> Result<()> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(
-            s,
-            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
-            bail!("POST {path} on moto: {out}");
-        }
-        Ok(())
+        self.request("POST", path, body)
     }
 
     pub fn create_bucket(&self, name: &str) -> Result<()> {
+        self.request("PUT", &format!("/{name}"), "")
+            .with_context(|| format!("creating bucket {name} on moto"))
+    }
+
+    /// One unsigned HTTP request; fails unless moto answers 200 (a refused connection is
+    /// told with the end of moto's log).
+    fn request(&self, method: &str, path: &str, body: &str) -> Result<()> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).with_context(|| {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -152,12 +147,13 @@ impl Moto {
         })?;
         write!(
             s,
-            "PUT /{name} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         )?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
-            bail!("creating bucket {name} on moto: {out}");
+            bail!("{method} {path} on moto: {out}");
         }
         Ok(())
     }

@@ -172,23 +172,11 @@ fn unmount_settling(
     let started = std::time::Instant::now();
     loop {
         match strata_fuse::unmount_exact(mountpoint, mount_id, lazy) {
-            Err(e) if !lazy && is_busy(&e) && started.elapsed() < UNMOUNT_SETTLE => {
+            Err(e) if !lazy && strata_fuse::is_busy(&e) && started.elapsed() < UNMOUNT_SETTLE => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             other => return other,
         }
-    }
-}
-
-fn is_busy(e: &strata_fs::error::FsError) -> bool {
-    use strata_fs::error::FsError;
-    match e {
-        FsError::Errno(n) => *n == libc::EBUSY,
-        FsError::Io { source, .. } => {
-            source.raw_os_error() == Some(libc::EBUSY)
-                || source.kind() == std::io::ErrorKind::ResourceBusy
-        }
-        _ => false,
     }
 }
 

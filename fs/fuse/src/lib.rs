@@ -35,7 +35,7 @@ use fuser::{
 
 pub use errno_counts::ErrnoCounts;
 pub use session::{
-    bind, check_mountpoint, clean_stale_mounts, is_stale_mount, is_strata_mount, mount,
+    bind, check_mountpoint, clean_stale_mounts, is_busy, is_stale_mount, is_strata_mount, mount,
     mounted_dev, resolve_mountpoint, strata_mounts, unmount, unmount_exact, MountedSession,
     MountpointOwner,
 };

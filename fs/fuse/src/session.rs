@@ -459,10 +459,14 @@ pub fn unmount_exact(path: &Path, id: Option<u64>, lazy: bool) -> Result<(), FsE
     }
 }
 
-fn is_busy(e: &FsError) -> bool {
+/// Whether an unmount failed because the mount is busy (files open in it).
+pub fn is_busy(e: &FsError) -> bool {
     match e {
         FsError::Errno(n) => *n == libc::EBUSY,
-        FsError::Io { source, .. } => source.raw_os_error() == Some(libc::EBUSY),
+        FsError::Io { source, .. } => {
+            source.raw_os_error() == Some(libc::EBUSY)
+                || source.kind() == std::io::ErrorKind::ResourceBusy
+        }
         _ => false,
     }
 }
