@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -337,6 +337,93 @@ fn readdir_while_the_directory_changes_returns_no_entry_twice() {
     let mut d2 = fs::read_dir(&dir).unwrap();
     let first = d2.next();
     assert!(first.is_some());
+    drop((m, d));
+    let _ = fs::remove_dir_all(&work);
+}
+
+/// A listing hands the kernel each entry's attributes (READDIRPLUS), so what `ls -l` and
+/// `find` see comes from the listing: it must be what a lookup gives, for layer entries,
+/// entries changed in the upper, new ones, and names that changed since the listing began.
+#[test]
+fn a_listing_carries_each_entrys_attributes() {
+    let work = strata_tests::scratch_dir("scratch-readdirplus");
+    let store = garage::bucket("scratch-readdirplus");
+    let src = work.join("src");
+    for i in 0..400u32 {
+        // More entries than one reply holds, with sizes and modes that differ per entry.
+        let p = src.join(format!("dir/f{i:03}"));
+        write_file(&p, &vec![b'x'; i as usize * 7]);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600 + (i % 8) * 0o10)).unwrap();
+    }
+    fs::create_dir_all(src.join("dir/sub")).unwrap();
+    std::os::unix::fs::symlink("f001", src.join("dir/link")).unwrap();
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    d.strata().publish(&src, &store, "attrs:v1");
+    let m = d.mount(&store, &work.join("mnt"), &["attrs:v1"]).unwrap();
+    let dir = m.path("dir");
+    // Changes in the upper before the listing: a chmod, a rewrite, a new file, a removal.
+    fs::set_permissions(dir.join("f005"), fs::Permissions::from_mode(0o751)).unwrap();
+    fs::write(dir.join("f006"), b"rewritten").unwrap();
+    fs::write(dir.join("new"), b"brand new file").unwrap();
+    fs::set_permissions(dir.join("new"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::remove_file(dir.join("f007")).unwrap();
+
+    let expected = |name: &str| -> Option<(u64, u32, bool)> {
+        match name {
+            "f005" => Some((35, 0o751, false)),
+            "f006" => Some((9, 0o600 + 6 * 0o10, false)),
+            "new" => Some((14, 0o640, false)),
+            "f007" | "link" => None,
+            "sub" => Some((0, 0, true)),
+            _ => {
+                let i: u32 = name.strip_prefix('f')?.parse().ok()?;
+                Some((i as u64 * 7, 0o600 + (i % 8) * 0o10, false))
+            }
+        }
+    };
+    // Twice: the second listing finds the entries in the kernel's caches, linked by the first.
+    for pass in 0..2 {
+        let mut seen = 0;
+        for (k, e) in fs::read_dir(&dir).unwrap().enumerate() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert_ne!(name, "f007", "a removed entry is listed");
+            if pass == 1 && k == 100 {
+                // A name changed under a listing: the listing's later entries stay right.
+                fs::rename(dir.join("f300"), dir.join("renamed")).unwrap();
+            }
+            let meta = match fs::symlink_metadata(e.path()) {
+                Ok(m) => m,
+                Err(err) if errno_of(&err) == libc::ENOENT => continue, // renamed meanwhile
+                Err(err) => panic!("{name}: {err}"),
+            };
+            assert_eq!(
+                meta.ino(),
+                e.ino(),
+                "{name}: the listing's inode is the lookup's"
+            );
+            if name == "link" {
+                assert!(meta.file_type().is_symlink());
+                assert_eq!(fs::read_link(e.path()).unwrap(), Path::new("f001"));
+                continue;
+            }
+            if name == "renamed" {
+                assert_eq!(meta.len(), 2100);
+                continue;
+            }
+            let (size, mode, is_dir) = expected(&name).unwrap_or_else(|| panic!("{name} listed"));
+            assert_eq!(meta.is_dir(), is_dir, "{name}");
+            if !is_dir {
+                assert_eq!(meta.len(), size, "{name}: size");
+                assert_eq!(meta.mode() & 0o7777, mode, "{name}: mode {:o}", meta.mode());
+            }
+            seen += 1;
+        }
+        assert!(seen >= 400, "pass {pass}: {seen} entries");
+    }
+    // What was listed reads back as it is.
+    assert_eq!(fs::read(dir.join("f006")).unwrap(), b"rewritten");
+    assert_eq!(fs::read(dir.join("renamed")).unwrap(), vec![b'x'; 2100]);
     drop((m, d));
     let _ = fs::remove_dir_all(&work);
 }

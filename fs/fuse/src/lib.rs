@@ -29,8 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 pub use errno_counts::ErrnoCounts;
@@ -325,6 +325,12 @@ impl Filesystem for StrataFs {
         // Large readahead lets the kernel ask for whole chunks' worth in one request.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        // A listing that carries each entry's attributes spares a LOOKUP per entry a program
+        // then stats or opens (a Python import lists a package, then opens its modules;
+        // `find` stats everything it lists). Left to the kernel ("auto"): it asks for them
+        // at a listing's start, and further on only while the entries listed are looked up.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // A read-only tree needs nothing from an open of a file: its bytes never change, and
         // nothing can be opened for writing. Where the kernel allows it, opens then cost no
         // round trip through strata at all (the kernel keeps the page cache across them); the
@@ -806,6 +812,61 @@ impl Filesystem for StrataFs {
                     file_type(*kind),
                     OsStr::from_bytes(name),
                 ) {
+                    break;
+                }
+            }
+            reply.ok();
+        })
+    }
+
+    /// A listing with each entry's attributes. Each entry is looked up as a LOOKUP would be
+    /// (the kernel links it in its dentry cache and counts it as looked up); one that no
+    /// longer resolves (removed since the listing was taken) is left out.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        guarded(&self.errors, "readdirplus", || {
+            let entries = match self.handles.dir_listing(fh.0, ino.0, offset) {
+                Ok(l) => l,
+                Err(e) => return reply.error(errno(&self.errors, &e)),
+            };
+            let mut position = offset;
+            if position < 2 {
+                // "." and "..": the kernel links neither, and takes no count of them.
+                let own = match self.tree.getattr(ino.0) {
+                    Ok(s) => file_attr(&s),
+                    Err(e) => return reply.error(errno(&self.errors, &e)),
+                };
+                while position < 2 {
+                    let name = if position == 0 { "." } else { ".." };
+                    if reply.add(ino, position + 1, name, &TTL, &own, Generation(0)) {
+                        return reply.ok();
+                    }
+                    position += 1;
+                }
+            }
+            for (i, (_, name, _)) in entries.iter().enumerate().skip((position - 2) as usize) {
+                let stat = match self.handles.lookup(ino.0, name) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(e) => return reply.error(errno(&self.errors, &e)),
+                };
+                let full = reply.add(
+                    INodeNo(stat.ino),
+                    i as u64 + 3,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    &file_attr(&stat),
+                    Generation(0),
+                );
+                if full {
+                    // Not sent: the count the lookup took is given back.
+                    self.tree.forget(stat.ino, 1);
                     break;
                 }
             }
