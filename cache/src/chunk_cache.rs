@@ -18,6 +18,7 @@ use lru::LruCache;
 use crate::assembled::FileLayout;
 use crate::disk_cache::{DiskCache, DiskRead};
 use crate::low_priority::LowPriorityPool;
+use crate::pieces::Pieces;
 use strata_cache_format::{blob, moved_key, pack_key, ChunkLoc, Digest, PackMoves};
 use strata_store::{Store, StoreError, StoreErrorKind};
 
@@ -1342,13 +1343,13 @@ impl ChunkCache {
         let key = moved_key(&pack);
         // A map damaged in transit is fetched again; one damaged in the store stays so.
         for _ in 0..3 {
-            let Some(bytes) = self
+            let Some(pieces) = self
                 .get_with_retries(reader, digest, &key, 0..MAX_MOVED_MAP)
                 .await?
             else {
                 return Ok(None);
             };
-            if let Some(map) = PackMoves::parse(pack, &bytes) {
+            if let Some(map) = PackMoves::parse(pack, &pieces.join()) {
                 let map = Arc::new(map);
                 self.any_moved.store(true, Ordering::Relaxed);
                 self.moved
@@ -1444,26 +1445,22 @@ impl ChunkCache {
                     .map(|loc| {
                         let from = (loc.pack_offset - start) as usize;
                         let to = from + loc.stored_len as usize;
-                        if to > object.len() {
+                        let Some(stored) = object.slice(from, to) else {
                             return Err(format!(
                                 "the pack answered {} bytes, short of the chunk at {}",
                                 object.len(),
                                 loc.pack_offset
                             ));
-                        }
-                        blob::decode_verified(
-                            &object.slice(from..to),
-                            &loc.digest,
-                            loc.len as usize,
-                        )
-                        .map_err(|e| e.to_string())
-                        .and_then(|plain| {
-                            if plain.len() == loc.len as usize {
-                                Ok(plain)
-                            } else {
-                                Err(format!("expected {} bytes, got {}", loc.len, plain.len()))
-                            }
-                        })
+                        };
+                        blob::decode_verified(&stored, &loc.digest, loc.len as usize)
+                            .map_err(|e| e.to_string())
+                            .and_then(|plain| {
+                                if plain.len() == loc.len as usize {
+                                    Ok(plain)
+                                } else {
+                                    Err(format!("expected {} bytes, got {}", loc.len, plain.len()))
+                                }
+                            })
                     })
                     .collect::<Vec<_>>()
             };
@@ -1504,7 +1501,7 @@ impl ChunkCache {
         }
     }
 
-    /// GETs a range of a pack, retrying store trouble (outages, timeouts, 5xx) with backoff
+    /// GETs a range of a pack (as the pieces it arrived in), retrying store trouble (outages, timeouts, 5xx) with backoff
     /// until the fetch deadline, so a store that comes back in time only delays the read and
     /// one that does not fails it instead of hanging it. A missing pack is `None`, at once.
     async fn get_with_retries(
@@ -1513,20 +1510,20 @@ impl ChunkCache {
         digest: Digest,
         key: &str,
         range: std::ops::Range<u64>,
-    ) -> Result<Option<Bytes>, ChunkError> {
+    ) -> Result<Option<Pieces>, ChunkError> {
         let deadline = Instant::now() + self.fetch_deadline;
         let mut backoff = Duration::from_millis(200);
         loop {
             reader.bump(|c| &c.store_gets, 1);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let get = reader.store.get_range(key, range.clone());
+            let get = reader.store.get_range_pieces(key, range.clone());
             let started = Instant::now();
             let last_error = match tokio::time::timeout(remaining, get).await {
-                Ok(Ok(object)) => {
+                Ok(Ok(pieces)) => {
                     let took = started.elapsed();
                     reader.counters.observe_fetch(took);
                     reader.cache.counters.observe_fetch(took);
-                    return Ok(Some(object));
+                    return Ok(Some(Pieces::new(pieces)));
                 }
                 Ok(Err(e)) if e.kind == StoreErrorKind::NotFound => return Ok(None),
                 Ok(Err(e)) if e.kind != StoreErrorKind::Io => {

@@ -13,6 +13,7 @@ mod chunk_cache;
 mod disk_cache;
 mod lock;
 mod low_priority;
+mod pieces;
 
 pub use assembled::{AssembledFile, FileChunks, FileLayout};
 pub use chunk_cache::{

@@ -95,6 +95,35 @@ pub async fn basic_objects(store: &Arc<dyn Store>) {
         data.slice(9_990..),
         "get_range is clipped at the end"
     );
+    // A larger object, which a network store hands over in several pieces: joined, they are
+    // the range, with no byte lost, repeated or reordered.
+    let large_key = "chunks/ab/large";
+    let large = Bytes::from(
+        (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    ok(store.put(large_key, large.clone()).await, "put");
+    for range in [
+        0..3_000_000u64,
+        17..2_999_990,
+        1_000_000..1_000_001,
+        2_500_000..4_000_000,
+    ] {
+        let pieces = ok(
+            store.get_range_pieces(large_key, range.clone()).await,
+            "get_range_pieces",
+        );
+        let joined: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        let end = (range.end as usize).min(large.len());
+        assert!(
+            joined[..] == large[range.start as usize..end],
+            "get_range_pieces {range:?}: {} bytes in {} pieces",
+            joined.len(),
+            pieces.len()
+        );
+    }
+    ok(store.delete(large_key).await, "delete");
     // Overwrite is atomic and complete.
     ok(store.put(key, Bytes::from_static(b"v2")).await, "overwrite");
     assert_eq!(

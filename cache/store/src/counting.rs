@@ -165,6 +165,14 @@ impl<S: Store + ?Sized> Store for CountingStore<S> {
         self.read(self.inner.get_range(key, range).await)
     }
 
+    async fn get_range_pieces(&self, key: &str, range: Range<u64>) -> StoreResult<Vec<Bytes>> {
+        bump(&self.counters.get_range, 1);
+        let pieces = self.inner.get_range_pieces(key, range).await?;
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        bump(&self.counters.bytes_read, len as u64);
+        Ok(pieces)
+    }
+
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
         bump(&self.counters.head, 1);
         self.inner.head(key).await

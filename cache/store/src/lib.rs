@@ -116,6 +116,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Bytes `range` of the object (clipped at its end).
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
 
+    /// [`Store::get_range`] as the pieces the bytes arrived in, in order, not joined into one
+    /// buffer: a caller that cuts the range into parts of its own (chunks of a pack) copies
+    /// only the parts that straddle two pieces, instead of every byte once more.
+    async fn get_range_pieces(&self, key: &str, range: Range<u64>) -> StoreResult<Vec<Bytes>> {
+        Ok(vec![self.get_range(key, range).await?])
+    }
+
     /// The object's size, or `None` if it does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<u64>>;
 

@@ -303,9 +303,23 @@ impl Store for S3Store {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let mut pieces = self.get_range_pieces(key, range).await?;
+        Ok(match pieces.len() {
+            0 => Bytes::new(),
+            1 => pieces.pop().expect("one piece"),
+            _ => {
+                let mut joined =
+                    bytes::BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+                pieces.iter().for_each(|p| joined.extend_from_slice(p));
+                joined.freeze()
+            }
+        })
+    }
+
+    async fn get_range_pieces(&self, key: &str, range: Range<u64>) -> StoreResult<Vec<Bytes>> {
         check_key(&self.url, "get", key)?;
         if range.start >= range.end {
-            return Ok(Bytes::new());
+            return Ok(Vec::new());
         }
         let resp = self
             .client
@@ -319,11 +333,27 @@ impl Store for S3Store {
             Ok(r) => r,
             // Asking past the end of an object is an empty read, as with the local store.
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
-                return Ok(Bytes::new())
+                return Ok(Vec::new())
             }
             Err(e) => return Err(self.error("get", key, e)),
         };
-        self.read_body(key, resp.body).await
+        let mut body = resp.body;
+        let mut pieces = Vec::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| {
+                StoreError::new(
+                    &self.url,
+                    "get",
+                    key,
+                    StoreErrorKind::Io,
+                    format!("reading body: {e}"),
+                )
+            })?;
+            if !piece.is_empty() {
+                pieces.push(piece);
+            }
+        }
+        Ok(pieces)
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
