@@ -1501,9 +1501,10 @@ impl ChunkCache {
         }
     }
 
-    /// GETs a range of a pack (as the pieces it arrived in), retrying store trouble (outages, timeouts, 5xx) with backoff
-    /// until the fetch deadline, so a store that comes back in time only delays the read and
-    /// one that does not fails it instead of hanging it. A missing pack is `None`, at once.
+    /// GETs a range of an object (a pack, or a forwarding map) as the pieces it arrived in,
+    /// retrying store trouble (outages, timeouts, 5xx) with backoff until the fetch deadline,
+    /// so a store that comes back in time only delays the read and one that does not fails it
+    /// instead of hanging it. A missing object is `None`, at once.
     async fn get_with_retries(
         &self,
         reader: &ChunkReader,

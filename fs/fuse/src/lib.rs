@@ -327,8 +327,9 @@ impl Filesystem for StrataFs {
         let _ = config.set_max_background(64);
         // A listing that carries each entry's attributes spares a LOOKUP per entry a program
         // then stats or opens (a Python import lists a package, then opens its modules;
-        // `find` stats everything it lists). Left to the kernel ("auto"): it asks for them
-        // at a listing's start, and further on only while the entries listed are looked up.
+        // `find` stats what it lists). "Auto": the kernel asks for them in a listing's first
+        // reply, and in later ones only while the entries listed are being looked up, so a
+        // listing nobody stats costs no lookup per entry.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // A read-only tree needs nothing from an open of a file: its bytes never change, and
@@ -819,9 +820,11 @@ impl Filesystem for StrataFs {
         })
     }
 
-    /// A listing with each entry's attributes. Each entry is looked up as a LOOKUP would be
-    /// (the kernel links it in its dentry cache and counts it as looked up); one that no
-    /// longer resolves (removed since the listing was taken) is left out.
+    /// A listing with each entry's attributes. Each entry is looked up as a LOOKUP would be;
+    /// the kernel enters it in its dentry cache and counts it as looked up, so the entries
+    /// sent are counted here too, just before the reply goes (a FORGET can only follow it). An
+    /// entry that no longer resolves (removed or renamed since the listing was taken) is left
+    /// out; one that fails to resolve ends the reply early with what it holds.
     fn readdirplus(
         &self,
         _req: &Request,
@@ -850,11 +853,15 @@ impl Filesystem for StrataFs {
                     position += 1;
                 }
             }
+            let mut sent = Vec::new();
             for (i, (_, name, _)) in entries.iter().enumerate().skip((position - 2) as usize) {
-                let stat = match self.handles.lookup(ino.0, name) {
-                    Ok(Some(s)) => s,
-                    Ok(None) => continue,
-                    Err(e) => return reply.error(errno(&self.errors, &e)),
+                let stat = match self.tree.lookup(ino.0, name) {
+                    Ok(s) => s,
+                    Err(e) if e.errno() == libc::ENOENT => continue,
+                    Err(e) if sent.is_empty() && position == offset => {
+                        return reply.error(errno(&self.errors, &e))
+                    }
+                    Err(_) => break, // the next request starts at this entry, and reports it
                 };
                 let full = reply.add(
                     INodeNo(stat.ino),
@@ -865,10 +872,12 @@ impl Filesystem for StrataFs {
                     Generation(0),
                 );
                 if full {
-                    // Not sent: the count the lookup took is given back.
-                    self.tree.forget(stat.ino, 1);
                     break;
                 }
+                sent.push(stat.ino);
+            }
+            for child in sent {
+                self.tree.remember(child);
             }
             reply.ok();
         })
