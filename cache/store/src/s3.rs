@@ -148,16 +148,45 @@ impl S3Store {
     }
 
     async fn read_body(&self, key: &str, body: ByteStream) -> StoreResult<Bytes> {
-        let body = body.collect().await.map_err(|e| {
-            StoreError::new(
-                &self.url,
-                "get",
-                key,
-                StoreErrorKind::Io,
-                format!("reading body: {e}"),
-            )
-        })?;
-        Ok(body.into_bytes())
+        Ok(join(self.read_pieces(key, body, u64::MAX).await?))
+    }
+
+    /// A response body as the pieces it arrived in (none empty). More than `limit` bytes is
+    /// an error: a ranged GET answered with more than the range (a server that ignored the
+    /// Range header and sent the whole object) is refused before it is all in memory.
+    async fn read_pieces(
+        &self,
+        key: &str,
+        mut body: ByteStream,
+        limit: u64,
+    ) -> StoreResult<Vec<Bytes>> {
+        let mut pieces = Vec::new();
+        let mut total = 0u64;
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| {
+                StoreError::new(
+                    &self.url,
+                    "get",
+                    key,
+                    StoreErrorKind::Io,
+                    format!("reading body: {e}"),
+                )
+            })?;
+            total += piece.len() as u64;
+            if total > limit {
+                return Err(StoreError::new(
+                    &self.url,
+                    "get",
+                    key,
+                    StoreErrorKind::Unsupported,
+                    format!("asked for {limit} bytes, the server sent more (it ignores Range)"),
+                ));
+            }
+            if !piece.is_empty() {
+                pieces.push(piece);
+            }
+        }
+        Ok(pieces)
     }
 
     /// Calls `each` with every object under `prefix` (its key in this store, and the listing's
@@ -303,17 +332,7 @@ impl Store for S3Store {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        let mut pieces = self.get_range_pieces(key, range).await?;
-        Ok(match pieces.len() {
-            0 => Bytes::new(),
-            1 => pieces.pop().expect("one piece"),
-            _ => {
-                let mut joined =
-                    bytes::BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
-                pieces.iter().for_each(|p| joined.extend_from_slice(p));
-                joined.freeze()
-            }
-        })
+        Ok(join(self.get_range_pieces(key, range).await?))
     }
 
     async fn get_range_pieces(&self, key: &str, range: Range<u64>) -> StoreResult<Vec<Bytes>> {
@@ -337,23 +356,8 @@ impl Store for S3Store {
             }
             Err(e) => return Err(self.error("get", key, e)),
         };
-        let mut body = resp.body;
-        let mut pieces = Vec::new();
-        while let Some(piece) = body.next().await {
-            let piece = piece.map_err(|e| {
-                StoreError::new(
-                    &self.url,
-                    "get",
-                    key,
-                    StoreErrorKind::Io,
-                    format!("reading body: {e}"),
-                )
-            })?;
-            if !piece.is_empty() {
-                pieces.push(piece);
-            }
-        }
-        Ok(pieces)
+        self.read_pieces(key, resp.body, range.end - range.start)
+            .await
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
@@ -519,5 +523,18 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.error("delete", key, e))?;
         Ok(())
+    }
+}
+
+/// Pieces of a body in one buffer (a single piece as it is, without a copy).
+fn join(mut pieces: Vec<Bytes>) -> Bytes {
+    match pieces.len() {
+        0 => Bytes::new(),
+        1 => pieces.pop().expect("one piece"),
+        _ => {
+            let mut joined = bytes::BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+            pieces.iter().for_each(|p| joined.extend_from_slice(p));
+            joined.freeze()
+        }
     }
 }
