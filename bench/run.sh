@@ -48,6 +48,8 @@ cleanup() { # unmounts, then ends the daemon, rclone and s3fs this run started (
   set +e
   bench_cleanup
   quickack_off; garage_stop; rm -rf "$work"
+  # The halt-polling rows change a machine-wide setting: put it back.
+  [ -z "${halt_poll_was:-}" ] || echo "$halt_poll_was" > "$halt_poll"
 }
 trap cleanup EXIT
 garage_start "$work/garage"
@@ -292,6 +294,35 @@ sumount "$work/m/small-ro"
 find_cat "$data/small" > /dev/null
 native_hot_small=$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")
 
+# Each FUSE request is a round trip between two processes: on a VM whose idle vCPUs halt at
+# once (guest halt-polling off, as Firecracker guests often boot), waking the other side costs
+# a hypervisor exit each way. The rows below are measured again with halt-polling on (the
+# platform's knob, restored after) to show how much of the gap to native is that wake.
+halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+halt_poll_was=$( [ -w "$halt_poll" ] && cat "$halt_poll" || true)
+if [ -n "$py_import" ] && [ "$halt_poll_was" = 0 ]; then
+  echo "== the same with guest halt-polling on (200 µs): Python import, hot small files"
+  echo 200000 > "$halt_poll"
+  hp_native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
+  hp_recorded_runs=()
+  for _ in 1 2; do
+    daemon_cold
+    smount_learning py:v1 "$work/m/py" --no-prefetch-record
+    drop_caches; hp_recorded_runs+=("$(py_time "$work/m/py")")
+    sumount "$work/m/py"
+  done
+  hp_recorded_py=$(min "${hp_recorded_runs[@]}")
+  smount py:v1 "$work/m/py"
+  hp_warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
+  sumount "$work/m/py"
+  smount small:v1 "$work/m/small"
+  find_cat "$work/m/small" > /dev/null
+  hp_hot_small=$(min "$(timed find_cat "$work/m/small")" "$(timed find_cat "$work/m/small")")
+  sumount "$work/m/small"
+  hp_native_hot_small=$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")
+  echo 0 > "$halt_poll"
+fi
+
 echo "== fan-out: 8 mounts read the same 1 GiB, cold"
 daemon_cold
 for i in $(seq 1 8); do smount big:v1 "$work/m/fan$i"; done
@@ -431,7 +462,7 @@ na="n/a"
 {
   echo "# strata read benchmark — $(date -u '+%F %H:%M') UTC, strata ${STRATA_BIN:+binary $STRATA_BIN, tree }$rev"
   echo
-  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk."
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk. Idle vCPUs: cpuidle driver $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown), guest halt-polling $( [ -n "$halt_poll_was" ] && echo "${halt_poll_was} ns" || echo "not available")."
   echo "Store: Garage $(garage --version | awk '{print $2}') on loopback (quick ACKs on), sharing the cores."
   echo "Cold = empty chunk cache, page cache dropped (also before the raw downloads: the store reads its disk in every cold row). Warm = chunks (and the local copy of a file read whole, read through FUSE passthrough) in the daemon's disk cache, page cache dropped. Mounts are scratch mounts (the default). Native figures are the best of 2–3 runs (this disk is noisy), and so are the Python rows of strata."
   echo
@@ -477,6 +508,10 @@ na="n/a"
     echo "| find + cat 5,000 × 4 KiB cold / warm (s) | $(fmt "$cold_small" 3) / $(fmt "$warm_small" 3) | $(fmt "$native_small" 3) | | | warm $(fmt "$(ratio "$warm_small" "$native_small")")× native time |"
   fi
   echo "| find + cat 5,000 × 4 KiB hot (page cache kept), scratch / read-only mount (s) | $(fmt "$hot_small" 3) / $(fmt "$hot_small_ro" 3) | $(fmt "$native_hot_small" 3) | | | $(fmt "$(ratio "$hot_small" "$native_hot_small")")× / $(fmt "$(ratio "$hot_small_ro" "$native_hot_small")")× native time |"
+  if [ -n "${hp_warm_py:-}" ]; then
+    echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import on another host after one recorded start / warm (s) | $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_py" 3) | | | $(fmt "$(ratio "$hp_recorded_py" "$hp_native_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_py")")× native |"
+    echo "| with guest halt-polling on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$hp_hot_small" 3) | $(fmt "$hp_native_hot_small" 3) | | | $(fmt "$(ratio "$hp_hot_small" "$hp_native_hot_small")")× native time |"
+  fi
   echo "| fan-out: 8 mounts read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$fan_store" $((1 << 30)))")× the file / $(fmt "$fan_secs" 2) | | | | wall $(fmt "$(ratio "$fan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
   echo "| fan-out, read-only: 8 mounts (one shared session) read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$rofan_store" $((1 << 30)))")× the file / $(fmt "$rofan_secs" 2) | | | | wall $(fmt "$(ratio "$rofan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
   echo "| write a new 1 GiB file, fsync'ed (MiB/s) | $(fmt "$st_write" 0) | $(fmt "$native_write" 0) | | | $(fmt "$(ratio "$st_write" "$native_write")")× native |"

@@ -87,6 +87,10 @@ pub struct ReadStats {
     /// counted above: they never reach strata).
     #[serde(default)]
     pub passthrough_opens: u64,
+    /// Opens of small files whose bytes were handed to the kernel's page cache with the open
+    /// (counted above as one read each): their first read never reaches strata.
+    #[serde(default)]
+    pub prefilled_opens: u64,
     /// How long the store took to answer each ranged GET, body included.
     #[serde(default)]
     pub fetch_latency: FetchLatency,
@@ -162,6 +166,7 @@ pub struct Counters {
     corrupt_chunks: AtomicU64,
     errors: AtomicU64,
     passthrough_opens: AtomicU64,
+    prefilled_opens: AtomicU64,
     fetch_latency: [AtomicU64; LATENCY_SLOTS],
     fetch_micros: AtomicU64,
 }
@@ -182,6 +187,7 @@ impl Counters {
             corrupt_chunks: get(&self.corrupt_chunks),
             errors: get(&self.errors),
             passthrough_opens: get(&self.passthrough_opens),
+            prefilled_opens: get(&self.prefilled_opens),
             fetch_latency: FetchLatency {
                 counts: std::array::from_fn(|i| get(&self.fetch_latency[i])),
                 sum_micros: get(&self.fetch_micros),
@@ -837,6 +843,11 @@ impl ChunkReader {
     /// Counts an open handed to the kernel (FUSE passthrough).
     pub fn record_passthrough_open(&self) {
         self.bump(|c| &c.passthrough_opens, 1);
+    }
+
+    /// Counts an open whose file's bytes went to the kernel's page cache with it.
+    pub fn record_prefilled_open(&self) {
+        self.bump(|c| &c.prefilled_opens, 1);
     }
 
     /// Counts a failed file read that never reached the cache (bad range, missing entry).

@@ -12,6 +12,11 @@
 //!   readers hold it, since the kernel reads the layer's copy for them. The kernel sends the
 //!   RELEASE of a closed file a moment after `close` returned, so an open for writing waits
 //!   for those releases, up to [`RELEASE_WAIT`], before it answers ETXTBSY.
+//! - **Opens of small layer files**: their bytes may be handed to the kernel's page cache with
+//!   the open ([`Handles::prefill`]), when every one of them is here, so that the first read
+//!   costs no trip through the daemon. While that is under way no change to the file's bytes
+//!   (a copy-up, a truncate) begins: the kernel could otherwise keep the layer's bytes over
+//!   the change's.
 //! - **Directory listings**: taken once per open handle (and again on a rewind of a writable
 //!   tree), so offsets stay valid across calls and no entry shows twice while the directory
 //!   changes.
@@ -88,6 +93,55 @@ struct LayerOpens<B> {
     /// Opens read through strata.
     through: u32,
     passthrough: Option<PassthroughOpens<B>>,
+    /// Prefills under way ([`Handles::prefill`]).
+    prefilling: u32,
+}
+
+impl<B> LayerOpens<B> {
+    fn new() -> Self {
+        LayerOpens {
+            through: 0,
+            passthrough: None,
+            prefilling: 0,
+        }
+    }
+
+    fn unused(&self) -> bool {
+        self.through == 0 && self.passthrough.is_none() && self.prefilling == 0
+    }
+}
+
+/// What keeps a file from being opened for writing now.
+enum Holder {
+    /// Readers the kernel serves from the layer's copy: they let go when they close.
+    Passthrough,
+    /// A prefill: it ends on its own, soon.
+    Prefill,
+}
+
+/// Files up to this size have their bytes handed to the kernel with their open (see
+/// [`Handles::prefill`]): the kernel would ask for all of such a file in its first read (its
+/// readahead window is 128 KiB).
+pub const PREFILL_MAX_SIZE: u64 = 128 << 10;
+
+/// The bytes of a small layer file for the kernel's page cache, from [`Handles::prefill`]. No
+/// change to the file's bytes begins until it is dropped.
+pub struct Prefill<'a, B: Send + Sync + 'static> {
+    handles: &'a Handles<B>,
+    ino: u64,
+    bytes: Bytes,
+}
+
+impl<B: Send + Sync + 'static> Prefill<'_, B> {
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+impl<B: Send + Sync + 'static> Drop for Prefill<'_, B> {
+    fn drop(&mut self) {
+        self.handles.end_prefill(self.ino);
+    }
 }
 
 struct PassthroughOpens<B> {
@@ -206,10 +260,7 @@ impl<B: Send + Sync + 'static> Handles<B> {
             return Ok(Opened::Through(OpenKind::Layer));
         }
         let stack = self.tree.stack();
-        let o = files.entry(ino).or_insert(LayerOpens {
-            through: 0,
-            passthrough: None,
-        });
+        let o = files.entry(ino).or_insert_with(LayerOpens::new);
         if let Some(p) = &mut o.passthrough {
             p.count += 1;
             stack.cache().record_passthrough_open();
@@ -248,19 +299,69 @@ impl<B: Send + Sync + 'static> Handles<B> {
         Ok(Opened::Through(OpenKind::Layer))
     }
 
-    /// Opens `ino` for writing (the upper copies it up) if no passthrough reader holds it;
-    /// `None` if one does.
-    pub fn try_open_write(&self, ino: u64) -> Option<FsResult<()>> {
-        let files = lock(&self.files);
-        if files.get(&ino).is_some_and(|o| o.passthrough.is_some()) {
-            return None;
+    /// The whole of small layer file `ino` (at most [`PREFILL_MAX_SIZE`] bytes), as it is
+    /// opened for reading, if every byte of it is here; read as a read of it would be
+    /// (recorded, counted), so that the caller can hand the bytes to the kernel's page cache
+    /// and spare the first read a trip through the daemon. `None` if the file is the upper's,
+    /// larger, or not all here (then nothing is fetched or noted).
+    pub fn prefill(&self, ino: u64) -> Option<Prefill<'_, B>> {
+        {
+            let mut files = lock(&self.files);
+            // Under the lock: a copy-up either happened before (no prefill) or waits for it.
+            if !self.tree.reads_from_layers(ino) {
+                return None;
+            }
+            // A layer file's size holds while it is the layer's.
+            match self.tree.getattr(ino) {
+                Ok(s) if s.kind == NodeKind::File && s.size <= PREFILL_MAX_SIZE => {}
+                _ => return None,
+            }
+            files.entry(ino).or_insert_with(LayerOpens::new).prefilling += 1;
         }
-        // Under the lock: no passthrough open can begin until the file is the upper's.
-        Some(self.tree.open(ino, true))
+        let mut prefill = Prefill {
+            handles: self,
+            ino,
+            bytes: Bytes::new(),
+        };
+        prefill.bytes = self.tree.stack().read_whole_local(ino, PREFILL_MAX_SIZE)?;
+        self.tree.stack().cache().record_prefilled_open();
+        Some(prefill)
     }
 
-    /// Opens `ino` for writing, waiting up to `wait` for passthrough readers' releases;
-    /// ETXTBSY if they still hold it then.
+    fn end_prefill(&self, ino: u64) {
+        let mut files = lock(&self.files);
+        let Some(o) = files.get_mut(&ino) else {
+            return;
+        };
+        o.prefilling = o.prefilling.saturating_sub(1);
+        if o.prefilling == 0 {
+            self.released.notify_waiters();
+        }
+        if o.unused() {
+            files.remove(&ino);
+        }
+    }
+
+    /// Opens `ino` for writing (the upper copies it up) if no passthrough reader or prefill
+    /// holds it; `None` if one does.
+    pub fn try_open_write(&self, ino: u64) -> Option<FsResult<()>> {
+        self.open_write_or_holder(ino).ok()
+    }
+
+    fn open_write_or_holder(&self, ino: u64) -> Result<FsResult<()>, Holder> {
+        let files = lock(&self.files);
+        match files.get(&ino) {
+            Some(o) if o.passthrough.is_some() => Err(Holder::Passthrough),
+            Some(o) if o.prefilling > 0 => Err(Holder::Prefill),
+            // Under the lock: no passthrough open or prefill can begin until the file is the
+            // upper's.
+            _ => Ok(self.tree.open(ino, true)),
+        }
+    }
+
+    /// Opens `ino` for writing, waiting up to `wait` for passthrough readers' releases (and
+    /// for a prefill, however long it takes: it needs no one to end); ETXTBSY if passthrough
+    /// readers still hold it then.
     pub async fn open_write(&self, ino: u64, wait: Duration) -> FsResult<()> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -268,12 +369,21 @@ impl<B: Send + Sync + 'static> Handles<B> {
             tokio::pin!(released);
             // Registered before the check, so a release between the two is not missed.
             released.as_mut().enable();
-            if let Some(r) = crate::blocking::blocking(|| self.try_open_write(ino)) {
-                return r;
+            match crate::blocking::blocking(|| self.open_write_or_holder(ino)) {
+                Ok(r) => return r,
+                Err(Holder::Prefill) => {
+                    released.await;
+                    continue;
+                }
+                Err(Holder::Passthrough) => {}
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return crate::blocking::blocking(|| self.try_open_write(ino))
-                    .unwrap_or(Err(FsError::Errno(libc::ETXTBSY)));
+                match crate::blocking::blocking(|| self.open_write_or_holder(ino)) {
+                    Ok(r) => return r,
+                    Err(Holder::Passthrough) => return Err(FsError::Errno(libc::ETXTBSY)),
+                    // Waited for above (the deadline is for passthrough readers).
+                    Err(Holder::Prefill) => {}
+                }
             }
         }
     }
@@ -309,7 +419,7 @@ impl<B: Send + Sync + 'static> Handles<B> {
                 self.tree.stack().assemble(ino);
             }
         }
-        if o.through == 0 && o.passthrough.is_none() {
+        if o.unused() {
             files.remove(&ino);
         }
     }
@@ -427,6 +537,65 @@ mod tests {
             Opened::Through(OpenKind::Upper)
         ));
         assert_eq!(read(&h, ino, BIG as u64 - 3, 10).await.as_ref(), &[5, 5, 5]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prefill_hands_over_a_small_files_bytes_and_holds_off_changes_until_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        let small: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        write(tmp.path(), "lower/small.txt", &small);
+        write(
+            tmp.path(),
+            "lower/mid.bin",
+            &[3u8; PREFILL_MAX_SIZE as usize + 1],
+        );
+        let stack = stack_with_cache(tmp.path(), &["lower"], Some(tmp.path().join("cache"))).await;
+        let upper = UpperConfig::scratch(tmp.path().join("upper"));
+        let tree = Arc::new(MountTree::new(Arc::new(stack), Some(upper)).unwrap());
+        let h = Arc::new(Handles::<u32>::new(
+            tree,
+            tokio::runtime::Handle::current(),
+            true,
+        ));
+        let ino = |name: &[u8]| h.lookup(ROOT_INO, name).unwrap().unwrap().ino;
+        let (small_ino, mid_ino) = (ino(b"small.txt"), ino(b"mid.bin"));
+        let gets = || h.tree().stack().cache().stats().store_gets;
+
+        assert!(h.prefill(small_ino).is_none(), "nothing is here yet");
+        assert_eq!(gets(), 0, "a prefill fetches nothing");
+        assert_eq!(read(&h, small_ino, 0, 1 << 20).await.as_ref(), &small[..]);
+        let reads = h.tree().stack().cache().stats().reads;
+        let prefill = h.prefill(small_ino).expect("all of it is here now");
+        assert_eq!(prefill.bytes().as_ref(), &small[..]);
+        let stats = h.tree().stack().cache().stats();
+        assert_eq!((stats.reads, stats.prefilled_opens), (reads + 1, 1));
+
+        // While the bytes are on their way to the kernel, a change to them waits, past the
+        // wait for passthrough readers too: the kernel would keep the layer's bytes over it.
+        assert!(h.try_open_write(small_ino).is_none());
+        let writer = {
+            let h = h.clone();
+            tokio::spawn(async move { h.open_write(small_ino, Duration::ZERO).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!writer.is_finished(), "the copy-up waits for the prefill");
+        drop(prefill);
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("the copy-up goes on once the prefill is done")
+            .unwrap()
+            .unwrap();
+        assert!(!h.tree().reads_from_layers(small_ino));
+        assert!(
+            h.prefill(small_ino).is_none(),
+            "the upper's files are not prefilled"
+        );
+
+        // A file larger than a prefill takes is never one, all here or not.
+        let mid = read(&h, mid_ino, 0, 1 << 20).await;
+        assert_eq!(mid.len(), PREFILL_MAX_SIZE as usize + 1);
+        assert!(h.prefill(mid_ino).is_none());
+        assert!(lock(&h.files).is_empty(), "nothing is left registered");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

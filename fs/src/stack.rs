@@ -541,6 +541,29 @@ impl LayerStack {
         Some(Ok(data))
     }
 
+    /// All of file `ino`, if it is at most `max` bytes and every one of them is here (in memory
+    /// or the disk cache), read as a read of it is (in the start record, counted); `None`
+    /// otherwise, and then nothing is fetched or noted.
+    pub fn read_whole_local(&self, ino: u64, max: u64) -> Option<Bytes> {
+        let (layer, e, _) = self.file(ino).ok()?;
+        let size = u32::try_from(e.size)
+            .ok()
+            .filter(|&n| n > 0 && u64::from(n) <= max)?;
+        let data = layer.read_local(&self.cache, &e, 0, size)?;
+        self.note_for_record(ino, 0..e.size);
+        self.cache.record_read(data.len() as u64);
+        Some(data)
+    }
+
+    /// Notes a read of `range` of file `ino` in the start record, if one is being taken.
+    fn note_for_record(&self, ino: u64, range: std::ops::Range<u64>) {
+        if let Some(rec) = self.recorder.as_ref().filter(|r| r.is_open()) {
+            if let Some((l, entry)) = self.file_source(ino) {
+                rec.note(l as u16, entry, range);
+            }
+        }
+    }
+
     /// The second half of a read whose [`LayerStack::read_local`] found bytes missing: fetches
     /// them, then, for a small file, maybe its neighbours (see [`NEIGHBOURS_BYTES`]).
     pub async fn read_fetch(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
@@ -717,15 +740,7 @@ impl LayerStack {
     /// Finds the file and starts the readahead its read pattern calls for.
     fn start_read(&self, ino: u64, offset: u64, size: u32) -> FsResult<(&Layer, Entry<'_>)> {
         let (layer, e, _) = self.file(ino)?;
-        if let Some(rec) = self.recorder.as_ref().filter(|r| r.is_open()) {
-            if let Some((l, entry)) = self.file_source(ino) {
-                rec.note(
-                    l as u16,
-                    entry,
-                    offset..offset.saturating_add(size as u64).min(e.size),
-                );
-            }
-        }
+        self.note_for_record(ino, offset..offset.saturating_add(size as u64).min(e.size));
         let needed = layer.chunks_for_read(&e, offset, size);
         let window = self.readahead_window(ino, offset, size);
         if let Some(ahead) = self.readahead_batch(ino, window, needed.end) {

@@ -1,6 +1,7 @@
 //! Fully cached large files are read by the kernel from a local copy (FUSE passthrough): the
 //! bytes are the layer's, through read and mmap; the copy is rebuilt when it is damaged; an
-//! inode with a cached open stays on the FUSE path.
+//! inode with a cached open stays on the FUSE path. Fully cached small files reach the kernel's
+//! page cache with their open (a prefill), so their reads never reach strata.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -32,6 +33,24 @@ fn wait_for_files(d: &Daemon, want: u64) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Field `field` of the read stats of the mount at `mountpoint`.
+fn mount_stat(stats: &serde_json::Value, mountpoint: &Path, field: &str) -> u64 {
+    let mounts = stats["mounts"].as_array().expect("stats has mounts");
+    let m = mounts
+        .iter()
+        .find(|m| {
+            m["mountpoint"]
+                .as_str()
+                .and_then(|p| std::fs::canonicalize(p).ok())
+                .as_deref()
+                == Some(mountpoint)
+        })
+        .unwrap_or_else(|| panic!("no mount {} in {stats}", mountpoint.display()));
+    m["stats"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stats.{field} for {}: {stats}", mountpoint.display()))
 }
 
 fn read_with_mmap(path: &Path) -> Vec<u8> {
@@ -237,6 +256,96 @@ fn a_file_read_through_passthrough_is_written_once_its_readers_are_gone() {
         .expect("write-open right after a passthrough reader closed")
         .write_all(b"more")
         .unwrap();
+    drop((m, d));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A new mount on a host whose cache holds a layer (a new sandbox on a warm host): each small
+/// file's bytes go to the kernel's page cache with its first open, so its reads cost no trip
+/// through the daemon; the bytes are the layer's, the kernel keeps them for later opens, and a
+/// change made after a prefill is what is read back.
+#[test]
+fn small_cached_files_reach_the_page_cache_with_their_open() {
+    let work = strata_tests::scratch_dir("prefill");
+    // Sizes from 1 byte up to the largest prefilled (128 KiB), most not page-aligned, and one
+    // just past it.
+    let mut files: Vec<(String, Vec<u8>)> = (0..40u64)
+        .map(|i| {
+            (
+                format!("f{i:02}"),
+                pseudo_random(100 + i, 1 + i as usize * 3301),
+            )
+        })
+        .collect();
+    files.push(("edge".into(), pseudo_random(98, 128 << 10)));
+    let big = pseudo_random(99, (128 << 10) + 1);
+    for (name, bytes) in &files {
+        write_file(&work.join("src").join(name), bytes);
+    }
+    write_file(&work.join("src/big"), &big);
+    let store = garage::bucket("prefill");
+    let d = Daemon::start(garage::shared().env(), &work.join("daemon"), &[]).unwrap();
+    d.strata().publish(&work.join("src"), &store, "p:v1");
+    {
+        // A first invocation on this host: its reads fetch the layer's chunks.
+        let m = d.mount(&store, &work.join("first"), &["p:v1"]).unwrap();
+        for (name, bytes) in &files {
+            assert!(std::fs::read(m.path(name)).unwrap() == *bytes, "{name}");
+        }
+        assert!(std::fs::read(m.path("big")).unwrap() == big);
+    }
+    let m = d.mount(&store, &work.join("mnt"), &["p:v1"]).unwrap();
+    let mnt = std::fs::canonicalize(m.path("")).unwrap();
+    let n = files.len() as u64;
+    for (name, bytes) in &files {
+        assert!(std::fs::read(m.path(name)).unwrap() == *bytes, "{name}");
+    }
+    let stats = d.stats();
+    assert_eq!(mount_stat(&stats, &mnt, "prefilled_opens"), n, "{stats}");
+    // One read per file, the prefill's: the kernel never asked strata for their bytes.
+    assert_eq!(mount_stat(&stats, &mnt, "reads"), n, "{stats}");
+
+    // Opened again, they are still in the page cache: no prefill, no read.
+    for (name, bytes) in &files {
+        assert!(std::fs::read(m.path(name)).unwrap() == *bytes, "{name}");
+    }
+    assert!(std::fs::read(m.path("big")).unwrap() == big);
+    let stats = d.stats();
+    assert_eq!(mount_stat(&stats, &mnt, "prefilled_opens"), n, "{stats}");
+    assert!(
+        mount_stat(&stats, &mnt, "reads") > n,
+        "the larger file is read: {stats}"
+    );
+
+    // Once the kernel drops the inodes (and their page cache), the next opens prefill again.
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for (name, bytes) in &files {
+        assert!(std::fs::read(m.path(name)).unwrap() == *bytes, "{name}");
+    }
+    let again = mount_stat(&d.stats(), &mnt, "prefilled_opens") - n;
+    // (A FORGET still being handled when the file is opened again leaves that one unfilled.)
+    assert!(again >= n / 2, "prefilled again: {again} of {n}");
+
+    // Changes after a prefill are what is read back: a rewrite, a truncate, an append.
+    std::fs::write(m.path("f03"), b"rewritten").unwrap();
+    assert_eq!(std::fs::read(m.path("f03")).unwrap(), b"rewritten");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("f05"))
+        .unwrap();
+    f.set_len(10).unwrap();
+    drop(f);
+    assert!(std::fs::read(m.path("f05")).unwrap() == files[5].1[..10]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("f07"))
+        .unwrap();
+    f.write_all(b"+tail").unwrap();
+    drop(f);
+    let mut want = files[7].1.clone();
+    want.extend_from_slice(b"+tail");
+    assert!(std::fs::read(m.path("f07")).unwrap() == want);
     drop((m, d));
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -60,7 +60,7 @@ fn signed(v: u64) -> i64 {
 }
 
 /// The read counters of `ReadStats`, as (name, help, value).
-fn read_counters(r: &ReadStats) -> [(&'static str, &'static str, u64); 9] {
+fn read_counters(r: &ReadStats) -> [(&'static str, &'static str, u64); 10] {
     [
         ("reads_total", "Reads served.", r.reads),
         (
@@ -102,6 +102,11 @@ fn read_counters(r: &ReadStats) -> [(&'static str, &'static str, u64); 9] {
             "passthrough_opens_total",
             "Opens handed to the kernel (FUSE passthrough).",
             r.passthrough_opens,
+        ),
+        (
+            "prefilled_opens_total",
+            "Opens of small files whose bytes went to the kernel's page cache with the open.",
+            r.prefilled_opens,
         ),
     ]
 }

@@ -92,7 +92,7 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         println!("local copies: {}", reply.local_integrity);
     }
     println!(
-        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7}",
+        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7} {:>9}",
         "mount",
         "reads",
         "served",
@@ -103,7 +103,8 @@ pub async fn stats(g: &GlobalArgs, a: StatsArgs) -> anyhow::Result<()> {
         "fetched",
         "corrupt",
         "errors",
-        "direct"
+        "direct",
+        "prefilled"
     );
     for m in &reply.mounts {
         row(&m.mount.mountpoint.display().to_string(), &m.stats);
@@ -189,7 +190,7 @@ fn requests(name: &str, c: &StoreCounts) {
 
 fn row(name: &str, s: &ReadStats) {
     println!(
-        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7}",
+        "{:<32} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>7} {:>6} {:>7} {:>9}",
         name,
         s.reads,
         human(s.bytes_served),
@@ -200,7 +201,8 @@ fn row(name: &str, s: &ReadStats) {
         human(s.store_bytes),
         s.corrupt_chunks,
         s.errors,
-        s.passthrough_opens
+        s.passthrough_opens,
+        s.prefilled_opens
     );
 }
 

@@ -19,11 +19,12 @@
 mod errno_counts;
 mod session;
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -59,6 +60,14 @@ const MAX_OFFLOADED: usize = 64;
 
 /// Changes under way on the blocking pool, host-wide (see `StrataFs::offload`).
 static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
+
+/// Prefills under way at once per session, at most (see [`StrataFs::prefill`]): fewer than
+/// its threads, so some are always free to answer the reads a prefill may wait for.
+const MAX_PREFILLING: usize = 4;
+
+/// Inodes of a session remembered as prefilled, at most: past it, files are read through
+/// strata as before (the set shrinks as the kernel forgets inodes).
+const MAX_PREFILLED: usize = 1 << 20;
 
 /// One change counted in [`UNDER_WAY`] until dropped.
 struct Slot;
@@ -122,6 +131,12 @@ pub struct StrataFs {
     zero_message_opens: bool,
     /// Error replies by errno.
     errors: Arc<ErrnoCounts>,
+    /// How the session hands bytes to the kernel's page cache; set once it has started.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Inodes whose bytes were offered to the kernel's page cache since the kernel last
+    /// forgot them (see [`StrataFs::prefill`]).
+    prefilled: Mutex<HashSet<u64>>,
+    prefilling: AtomicUsize,
 }
 
 fn fh_of(kind: OpenKind) -> FileHandle {
@@ -234,6 +249,9 @@ impl StrataFs {
             handles,
             zero_message_opens: false,
             errors,
+            notifier: Arc::default(),
+            prefilled: Mutex::new(HashSet::new()),
+            prefilling: AtomicUsize::new(0),
         }
     }
 
@@ -277,13 +295,52 @@ impl StrataFs {
                 reply.opened_passthrough(fh_of(OpenKind::Passthrough), no_flush, &id)
             }
             // Layer files keep the kernel's page cache across opens: their bytes never change.
-            Ok(Opened::Through(OpenKind::Layer)) => reply.opened(
-                fh_of(OpenKind::Layer),
-                FopenFlags::FOPEN_KEEP_CACHE | no_flush,
-            ),
+            Ok(Opened::Through(OpenKind::Layer)) => {
+                self.prefill(ino);
+                reply.opened(
+                    fh_of(OpenKind::Layer),
+                    FopenFlags::FOPEN_KEEP_CACHE | no_flush,
+                )
+            }
             Ok(Opened::Through(kind)) => reply.opened(fh_of(kind), no_flush),
             Err(e) => reply.error(errno(&self.errors, &e)),
         }
+    }
+
+    /// Where the session's notifier goes once the session exists.
+    pub(crate) fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Hands the bytes of small layer file `ino`, if they are all here, to the kernel's page
+    /// cache before its open is answered, the first time it is opened since the kernel took
+    /// the inode: the open keeps the page cache, so the reads that follow cost no round trip
+    /// through the daemon (on a VM, each one wakes two vCPUs). A new kernel inode has an empty
+    /// page cache, so later opens of one already offered send nothing again.
+    fn prefill(&self, ino: u64) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        // The kernel's store waits for any read in flight on the pages it fills, and session
+        // threads answer those reads: some must always be left to do so.
+        if self.prefilling.fetch_add(1, Ordering::AcqRel) >= MAX_PREFILLING {
+            self.prefilling.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let fresh = {
+            let mut prefilled = self
+                .prefilled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            prefilled.len() < MAX_PREFILLED && prefilled.insert(ino)
+        };
+        // Bytes not all here now come to the page cache through the read that fetches them.
+        if let Some(bytes) = fresh.then(|| self.handles.prefill(ino)).flatten() {
+            if let Err(e) = notifier.store(INodeNo(ino), 0, bytes.bytes()) {
+                tracing::debug!("prefilling inode {ino}: {e}");
+            }
+        }
+        self.prefilling.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Runs a change that may wait on the store (a copy-up) on the runtime's blocking pool,
@@ -378,6 +435,11 @@ impl Filesystem for StrataFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         guarded(&self.errors, "forget", || {
+            // The kernel drops an inode's page cache with the inode.
+            self.prefilled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&ino.0);
             self.tree.forget(ino.0, nlookup);
         })
     }

@@ -125,6 +125,7 @@ pub fn mount(
     config.clone_fd = true;
     let writable = tree.is_writable();
     let fs = StrataFs::new(tree, runtime, passthrough, errors);
+    let notifier = fs.notifier_slot();
     let mounting = |e: std::io::Error| {
         FsError::io(
             mountpoint,
@@ -161,6 +162,8 @@ pub fn mount(
             None,
         )
     };
+    // Before the session runs, so before any open needs it.
+    let _ = notifier.set(session.notifier());
     let at = mountpoint.to_path_buf();
     let thread = std::thread::Builder::new()
         .name("strata-fuse".into())
