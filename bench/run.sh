@@ -300,27 +300,29 @@ native_hot_small=$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$dat
 # platform's knob, restored after) to show how much of the gap to native is that wake.
 halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 halt_poll_was=$( [ -w "$halt_poll" ] && cat "$halt_poll" || true)
-if [ -n "$py_import" ] && [ "$halt_poll_was" = 0 ]; then
+if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null)" = haltpoll ]; then
   echo "== the same with guest halt-polling on (200 µs): Python import, hot small files"
   echo 200000 > "$halt_poll"
-  hp_native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
-  hp_recorded_runs=()
-  for _ in 1 2; do
-    daemon_cold
-    smount_learning py:v1 "$work/m/py" --no-prefetch-record
-    drop_caches; hp_recorded_runs+=("$(py_time "$work/m/py")")
+  if [ -n "$py_import" ]; then
+    hp_native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
+    hp_recorded_runs=()
+    for _ in 1 2; do
+      daemon_cold
+      smount_learning py:v1 "$work/m/py" --no-prefetch-record
+      drop_caches; hp_recorded_runs+=("$(py_time "$work/m/py")")
+      sumount "$work/m/py"
+    done
+    hp_recorded_py=$(min "${hp_recorded_runs[@]}")
+    smount py:v1 "$work/m/py"
+    hp_warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
     sumount "$work/m/py"
-  done
-  hp_recorded_py=$(min "${hp_recorded_runs[@]}")
-  smount py:v1 "$work/m/py"
-  hp_warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
-  sumount "$work/m/py"
+  fi
   smount small:v1 "$work/m/small"
   find_cat "$work/m/small" > /dev/null
   hp_hot_small=$(min "$(timed find_cat "$work/m/small")" "$(timed find_cat "$work/m/small")")
   sumount "$work/m/small"
   hp_native_hot_small=$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")
-  echo 0 > "$halt_poll"
+  echo "$halt_poll_was" > "$halt_poll"
 fi
 
 echo "== fan-out: 8 mounts read the same 1 GiB, cold"
@@ -510,6 +512,8 @@ na="n/a"
   echo "| find + cat 5,000 × 4 KiB hot (page cache kept), scratch / read-only mount (s) | $(fmt "$hot_small" 3) / $(fmt "$hot_small_ro" 3) | $(fmt "$native_hot_small" 3) | | | $(fmt "$(ratio "$hot_small" "$native_hot_small")")× / $(fmt "$(ratio "$hot_small_ro" "$native_hot_small")")× native time |"
   if [ -n "${hp_warm_py:-}" ]; then
     echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import on another host after one recorded start / warm (s) | $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_py" 3) | | | $(fmt "$(ratio "$hp_recorded_py" "$hp_native_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_py")")× native |"
+  fi
+  if [ -n "${hp_hot_small:-}" ]; then
     echo "| with guest halt-polling on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$hp_hot_small" 3) | $(fmt "$hp_native_hot_small" 3) | | | $(fmt "$(ratio "$hp_hot_small" "$hp_native_hot_small")")× native time |"
   fi
   echo "| fan-out: 8 mounts read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$fan_store" $((1 << 30)))")× the file / $(fmt "$fan_secs" 2) | | | | wall $(fmt "$(ratio "$fan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"

@@ -136,6 +136,14 @@ impl<B: Send + Sync + 'static> Prefill<'_, B> {
     pub fn bytes(&self) -> &Bytes {
         &self.bytes
     }
+
+    /// The bytes reached the kernel: they count as a read of the whole file (in the stats
+    /// and the start record), and the open as prefilled.
+    pub fn delivered(self) {
+        let stack = self.handles.tree.stack();
+        stack.count_whole_read(self.ino, self.bytes.len() as u64);
+        stack.cache().record_prefilled_open();
+    }
 }
 
 impl<B: Send + Sync + 'static> Drop for Prefill<'_, B> {
@@ -300,22 +308,24 @@ impl<B: Send + Sync + 'static> Handles<B> {
     }
 
     /// The whole of small layer file `ino` (at most [`PREFILL_MAX_SIZE`] bytes), as it is
-    /// opened for reading, if every byte of it is here; read as a read of it would be
-    /// (recorded, counted), so that the caller can hand the bytes to the kernel's page cache
-    /// and spare the first read a trip through the daemon. `None` if the file is the upper's,
-    /// larger, or not all here (then nothing is fetched or noted).
+    /// opened for reading, if every byte of it is here, so that the caller can hand the bytes
+    /// to the kernel's page cache and spare the first read a trip through the daemon; once
+    /// they are there, [`Prefill::delivered`] counts them as the read they replace. `None` if
+    /// the file is the upper's, larger, or not all here (then nothing is fetched or noted).
     pub fn prefill(&self, ino: u64) -> Option<Prefill<'_, B>> {
+        let size;
         {
             let mut files = lock(&self.files);
             // Under the lock: a copy-up either happened before (no prefill) or waits for it.
             if !self.tree.reads_from_layers(ino) {
                 return None;
             }
-            // A layer file's size holds while it is the layer's.
-            match self.tree.getattr(ino) {
-                Ok(s) if s.kind == NodeKind::File && s.size <= PREFILL_MAX_SIZE => {}
+            // A layer file's size holds while it is the layer's; the layer's entry must say
+            // the same (the kernel would take a longer prefill as the file growing).
+            size = match self.tree.getattr(ino) {
+                Ok(s) if s.kind == NodeKind::File && s.size <= PREFILL_MAX_SIZE => s.size,
                 _ => return None,
-            }
+            };
             files.entry(ino).or_insert_with(LayerOpens::new).prefilling += 1;
         }
         let mut prefill = Prefill {
@@ -323,8 +333,7 @@ impl<B: Send + Sync + 'static> Handles<B> {
             ino,
             bytes: Bytes::new(),
         };
-        prefill.bytes = self.tree.stack().read_whole_local(ino, PREFILL_MAX_SIZE)?;
-        self.tree.stack().cache().record_prefilled_open();
+        prefill.bytes = self.tree.stack().read_whole_local(ino, size)?;
         Some(prefill)
     }
 
@@ -565,10 +574,16 @@ mod tests {
         assert_eq!(gets(), 0, "a prefill fetches nothing");
         assert_eq!(read(&h, small_ino, 0, 1 << 20).await.as_ref(), &small[..]);
         let reads = h.tree().stack().cache().stats().reads;
+        let counts = || {
+            let s = h.tree().stack().cache().stats();
+            (s.reads - reads, s.prefilled_opens)
+        };
+        // Bytes that never reach the kernel count as no read.
+        let undelivered = h.prefill(small_ino).expect("all of it is here now");
+        drop(undelivered);
+        assert_eq!(counts(), (0, 0));
         let prefill = h.prefill(small_ino).expect("all of it is here now");
         assert_eq!(prefill.bytes().as_ref(), &small[..]);
-        let stats = h.tree().stack().cache().stats();
-        assert_eq!((stats.reads, stats.prefilled_opens), (reads + 1, 1));
 
         // While the bytes are on their way to the kernel, a change to them waits, past the
         // wait for passthrough readers too: the kernel would keep the layer's bytes over it.
@@ -579,7 +594,12 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!writer.is_finished(), "the copy-up waits for the prefill");
-        drop(prefill);
+        prefill.delivered();
+        assert_eq!(
+            counts(),
+            (1, 1),
+            "one read of the whole file, one prefilled open"
+        );
         tokio::time::timeout(Duration::from_secs(10), writer)
             .await
             .expect("the copy-up goes on once the prefill is done")

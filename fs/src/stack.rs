@@ -541,18 +541,24 @@ impl LayerStack {
         Some(Ok(data))
     }
 
-    /// All of file `ino`, if it is at most `max` bytes and every one of them is here (in memory
-    /// or the disk cache), read as a read of it is (in the start record, counted); `None`
-    /// otherwise, and then nothing is fetched or noted.
-    pub fn read_whole_local(&self, ino: u64, max: u64) -> Option<Bytes> {
+    /// All of file `ino`, if its layer entry is `size` bytes (not empty) and every one of them
+    /// is here (in memory or the disk cache); `None` otherwise. Nothing is fetched, counted or
+    /// noted in the start record: see [`LayerStack::count_whole_read`].
+    pub fn read_whole_local(&self, ino: u64, size: u64) -> Option<Bytes> {
         let (layer, e, _) = self.file(ino).ok()?;
-        let size = u32::try_from(e.size)
-            .ok()
-            .filter(|&n| n > 0 && u64::from(n) <= max)?;
-        let data = layer.read_local(&self.cache, &e, 0, size)?;
-        self.note_for_record(ino, 0..e.size);
-        self.cache.record_read(data.len() as u64);
-        Some(data)
+        if e.size != size {
+            return None;
+        }
+        let n = u32::try_from(size).ok().filter(|&n| n > 0)?;
+        let data = layer.read_local(&self.cache, &e, 0, n)?;
+        (data.len() as u64 == size).then_some(data)
+    }
+
+    /// Counts bytes from [`LayerStack::read_whole_local`] that reached their reader as one read
+    /// of the whole file, and notes it in the start record, as a read of it would be.
+    pub fn count_whole_read(&self, ino: u64, size: u64) {
+        self.note_for_record(ino, 0..size);
+        self.cache.record_read(size);
     }
 
     /// Notes a read of `range` of file `ino` in the start record, if one is being taken.

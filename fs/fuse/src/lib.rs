@@ -67,7 +67,27 @@ const MAX_PREFILLING: usize = 4;
 
 /// Inodes of a session remembered as prefilled, at most: past it, files are read through
 /// strata as before (the set shrinks as the kernel forgets inodes).
-const MAX_PREFILLED: usize = 1 << 20;
+const MAX_PREFILLED: usize = 1 << 18;
+
+/// One of a bounded number of slots, given back when dropped (a panic included).
+struct Permit<'a>(&'a AtomicUsize);
+
+impl<'a> Permit<'a> {
+    fn take(taken: &'a AtomicUsize, max: usize) -> Option<Permit<'a>> {
+        taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit(taken))
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// One change counted in [`UNDER_WAY`] until dropped.
 struct Slot;
@@ -313,34 +333,42 @@ impl StrataFs {
     }
 
     /// Hands the bytes of small layer file `ino`, if they are all here, to the kernel's page
-    /// cache before its open is answered, the first time it is opened since the kernel took
-    /// the inode: the open keeps the page cache, so the reads that follow cost no round trip
-    /// through the daemon (on a VM, each one wakes two vCPUs). A new kernel inode has an empty
-    /// page cache, so later opens of one already offered send nothing again.
+    /// cache before its open is answered: the open keeps the page cache, so the reads that
+    /// follow cost no round trip through the daemon (on a VM, each one wakes two vCPUs). Once
+    /// per kernel inode: the kernel keeps them until it drops the inode (and with it its page
+    /// cache: then it sends FORGET). A file whose bytes were not all here at its first open is
+    /// offered at a later one, which is a wasted copy if its reads filled the cache meanwhile.
     fn prefill(&self, ino: u64) {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
-        // The kernel's store waits for any read in flight on the pages it fills, and session
-        // threads answer those reads: some must always be left to do so.
-        if self.prefilling.fetch_add(1, Ordering::AcqRel) >= MAX_PREFILLING {
-            self.prefilling.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        let fresh = {
-            let mut prefilled = self
-                .prefilled
+        let prefilled = || {
+            self.prefilled
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            prefilled.len() < MAX_PREFILLED && prefilled.insert(ino)
+                .unwrap_or_else(PoisonError::into_inner)
         };
-        // Bytes not all here now come to the page cache through the read that fetches them.
-        if let Some(bytes) = fresh.then(|| self.handles.prefill(ino)).flatten() {
-            if let Err(e) = notifier.store(INodeNo(ino), 0, bytes.bytes()) {
-                tracing::debug!("prefilling inode {ino}: {e}");
+        {
+            let done = prefilled();
+            if done.len() >= MAX_PREFILLED || done.contains(&ino) {
+                return;
             }
         }
-        self.prefilling.fetch_sub(1, Ordering::AcqRel);
+        // The kernel's store waits for any read in flight on the pages it fills, which session
+        // threads answer: never let most of them wait so (the wait is bounded by that read).
+        let Some(_permit) = Permit::take(&self.prefilling, MAX_PREFILLING) else {
+            return;
+        };
+        // Bytes not all here come to the page cache with the read that fetches them.
+        let Some(prefill) = self.handles.prefill(ino) else {
+            return;
+        };
+        match notifier.store(INodeNo(ino), 0, prefill.bytes()) {
+            Ok(()) => {
+                prefill.delivered();
+                prefilled().insert(ino);
+            }
+            Err(e) => tracing::debug!("prefilling inode {ino}: {e}"),
+        }
     }
 
     /// Runs a change that may wait on the store (a copy-up) on the runtime's blocking pool,
@@ -436,10 +464,14 @@ impl Filesystem for StrataFs {
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         guarded(&self.errors, "forget", || {
             // The kernel drops an inode's page cache with the inode.
-            self.prefilled
+            let mut prefilled = self
+                .prefilled
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&ino.0);
+                .unwrap_or_else(PoisonError::into_inner);
+            if prefilled.remove(&ino.0) && prefilled.capacity() > 4 * prefilled.len() + 1024 {
+                prefilled.shrink_to_fit();
+            }
+            drop(prefilled);
             self.tree.forget(ino.0, nlookup);
         })
     }
