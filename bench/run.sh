@@ -253,7 +253,7 @@ if [ -n "$py_import" ]; then
   native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
   # Every row is the best of two runs, as native is: this disk's cold reads vary a lot. (No
   # subshells below: daemon_cold must run in this shell, which tracks the daemon.)
-  cold_runs=(); recorded_runs=()
+  cold_runs=()
   for _ in 1 2; do
     # The first start ever: nothing recorded yet is used (no replay); this start records.
     daemon_cold
@@ -262,17 +262,23 @@ if [ -n "$py_import" ]; then
     for _ in $(seq 1 300); do "$strata" inspect $store py:v1 --json --summary | grep -q '"start_record":{' && break; sleep 0.1; done
     sumount "$work/m/py"
   done
-  for _ in 1 2; do
-    # Another host (an empty cache), after those starts: the mount fetches ahead what they read.
-    daemon_cold
-    smount_learning py:v1 "$work/m/py" --no-prefetch-record
-    drop_caches; recorded_runs+=("$(py_time "$work/m/py")")
+  # Sets recorded_py, warm_py: the best of two starts on another host (an empty cache) after
+  # those starts, whose mounts fetch ahead what they read, and of two warm starts.
+  recorded_and_warm() {
+    local runs=()
+    for _ in 1 2; do
+      daemon_cold
+      smount_learning py:v1 "$work/m/py" --no-prefetch-record
+      drop_caches; runs+=("$(py_time "$work/m/py")")
+      sumount "$work/m/py"
+    done
+    recorded_py=$(min "${runs[@]}")
+    smount py:v1 "$work/m/py"
+    warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
     sumount "$work/m/py"
-  done
-  cold_py=$(min "${cold_runs[@]}"); recorded_py=$(min "${recorded_runs[@]}")
-  smount py:v1 "$work/m/py"
-  warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
-  sumount "$work/m/py"
+  }
+  recorded_and_warm
+  cold_py=$(min "${cold_runs[@]}")
 fi
 
 echo "== small files: find + cat of 5,000 x 4 KiB"
@@ -305,17 +311,10 @@ if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_
   echo 200000 > "$halt_poll"
   if [ -n "$py_import" ]; then
     hp_native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
-    hp_recorded_runs=()
-    for _ in 1 2; do
-      daemon_cold
-      smount_learning py:v1 "$work/m/py" --no-prefetch-record
-      drop_caches; hp_recorded_runs+=("$(py_time "$work/m/py")")
-      sumount "$work/m/py"
-    done
-    hp_recorded_py=$(min "${hp_recorded_runs[@]}")
-    smount py:v1 "$work/m/py"
-    hp_warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
-    sumount "$work/m/py"
+    off_recorded=$recorded_py; off_warm=$warm_py
+    recorded_and_warm
+    hp_recorded_py=$recorded_py; hp_warm_py=$warm_py
+    recorded_py=$off_recorded; warm_py=$off_warm
   fi
   smount small:v1 "$work/m/small"
   find_cat "$work/m/small" > /dev/null
