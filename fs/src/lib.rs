@@ -20,6 +20,7 @@ pub mod handles;
 pub mod layer;
 pub mod mount;
 pub mod pack;
+pub mod permit;
 pub mod prefetch;
 pub mod publish;
 pub mod record;

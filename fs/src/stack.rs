@@ -26,6 +26,7 @@ use lru::LruCache;
 use crate::error::{FsError, FsResult};
 use crate::layer::Layer;
 use crate::manifest::{Entry, Kind};
+use crate::permit::Permit;
 use crate::prefetch::Recorder;
 
 pub const ROOT_INO: u64 = 1;
@@ -631,24 +632,11 @@ impl LayerStack {
         if locs.is_empty() {
             return;
         }
-        let room = self
-            .neighbour_fetches
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < NEIGHBOUR_FETCHES).then_some(n + 1)
-            });
-        if room.is_err() {
+        let Some(running) = Permit::try_take(&self.neighbour_fetches, NEIGHBOUR_FETCHES) else {
             return;
-        }
+        };
         self.neighbour_fetches_started
             .fetch_add(1, Ordering::Relaxed);
-        /// Counts a neighbour fetch as under way while it lives.
-        struct Running(Arc<AtomicUsize>);
-        impl Drop for Running {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        let running = Running(Arc::clone(&self.neighbour_fetches));
         let (reader, closed) = (layer.reader(&self.cache).clone(), self.closed.clone());
         tokio::spawn(async move {
             let _running = running;

@@ -43,6 +43,7 @@ pub use session::{
 
 use strata_fs::error::{FsError, FsResult};
 use strata_fs::handles::{Handles, OpenKind, Opened, Read, ENTRY_TTL, RELEASE_WAIT};
+use strata_fs::permit::Permit;
 use strata_fs::upper::{Caller, MountTree, NodeKind, SetAttr, Stat, TimeSet};
 
 /// The kernel sees every change to the tree, so it may cache what it learns for long.
@@ -68,26 +69,6 @@ const MAX_PREFILLING: usize = 4;
 /// Inodes of a session remembered as prefilled, at most: past it, files are read through
 /// strata as before (the set shrinks as the kernel forgets inodes).
 const MAX_PREFILLED: usize = 1 << 18;
-
-/// One of a bounded number of slots, given back when dropped (a panic included).
-struct Permit<'a>(&'a AtomicUsize);
-
-impl<'a> Permit<'a> {
-    fn take(taken: &'a AtomicUsize, max: usize) -> Option<Permit<'a>> {
-        taken
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Permit(taken))
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// One change counted in [`UNDER_WAY`] until dropped.
 struct Slot;
@@ -156,7 +137,7 @@ pub struct StrataFs {
     /// Inodes whose bytes were offered to the kernel's page cache since the kernel last
     /// forgot them (see [`StrataFs::prefill`]).
     prefilled: Mutex<HashSet<u64>>,
-    prefilling: AtomicUsize,
+    prefilling: Arc<AtomicUsize>,
 }
 
 fn fh_of(kind: OpenKind) -> FileHandle {
@@ -271,7 +252,7 @@ impl StrataFs {
             errors,
             notifier: Arc::default(),
             prefilled: Mutex::new(HashSet::new()),
-            prefilling: AtomicUsize::new(0),
+            prefilling: Arc::default(),
         }
     }
 
@@ -355,7 +336,7 @@ impl StrataFs {
         }
         // The kernel's store waits for any read in flight on the pages it fills, which session
         // threads answer: never let most of them wait so (the wait is bounded by that read).
-        let Some(_permit) = Permit::take(&self.prefilling, MAX_PREFILLING) else {
+        let Some(_permit) = Permit::try_take(&self.prefilling, MAX_PREFILLING) else {
             return;
         };
         // Bytes not all here come to the page cache with the read that fetches them.
