@@ -62,8 +62,8 @@ const MAX_OFFLOADED: usize = 64;
 /// Changes under way on the blocking pool, host-wide (see `StrataFs::offload`).
 static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
 
-/// Prefills under way at once per session, at most (see [`StrataFs::prefill`]): fewer than
-/// its threads, so some are always free to answer the reads a prefill may wait for.
+/// Prefills under way at once per session, at most (see [`StrataFs::prefill`]): half its
+/// threads, so prefills alone never keep it from answering the reads they may wait for.
 const MAX_PREFILLING: usize = 4;
 
 /// Inodes of a session remembered as prefilled, at most: past it, files are read through
@@ -134,8 +134,8 @@ pub struct StrataFs {
     errors: Arc<ErrnoCounts>,
     /// How the session hands bytes to the kernel's page cache; set once it has started.
     notifier: Arc<OnceLock<fuser::Notifier>>,
-    /// Inodes whose bytes were offered to the kernel's page cache since the kernel last
-    /// forgot them (see [`StrataFs::prefill`]).
+    /// Inodes whose bytes the kernel's page cache took since the kernel last forgot them (see
+    /// [`StrataFs::prefill`]).
     prefilled: Mutex<HashSet<u64>>,
     prefilling: Arc<AtomicUsize>,
 }
