@@ -10,7 +10,8 @@
 #
 # Cold = empty chunk cache and page cache dropped; warm = chunks (and, for files read whole,
 # their local copies, read by the kernel through FUSE passthrough) in the daemon's disk cache,
-# page cache dropped. Every figure is one run; compare the ratios, not the absolute numbers.
+# page cache dropped. Figures are one run, or the best of two or three where the table says so;
+# compare the ratios, not the absolute numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
@@ -250,11 +251,14 @@ sumount "$work/m/tree"
 if [ -n "$py_import" ]; then
   echo "== Python import: $py_import"
   py_time() { PYTHONPATH=$1 PYTHONDONTWRITEBYTECODE=1 timed python3 -c "$py_import"; }
-  native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
-  # Every row is the best of two runs, as native is: this disk's cold reads vary a lot. (No
-  # subshells below: daemon_cold must run in this shell, which tracks the daemon.)
-  cold_runs=()
+  py_native() { drop_caches; py_time "$data/py"; }
+  # Every row is the best of two or three runs, as is its native figure, and each strata run
+  # comes shortly after a native run of its own (a daemon restart between them at most): this
+  # disk's cold reads vary a lot, and so does the host's load from one minute to the next. (No subshells
+  # below: daemon_cold must run in this shell, which tracks the daemon.)
+  cold_runs=(); cold_natives=()
   for _ in 1 2; do
+    cold_natives+=("$(py_native)")
     # The first start ever: nothing recorded yet is used (no replay); this start records.
     daemon_cold
     smount_learning py:v1 "$work/m/py" --no-prefetch-replay
@@ -262,23 +266,29 @@ if [ -n "$py_import" ]; then
     for _ in $(seq 1 300); do "$strata" inspect $store py:v1 --json --summary | grep -q '"start_record":{' && break; sleep 0.1; done
     sumount "$work/m/py"
   done
-  # Sets recorded_py, warm_py: the best of two starts on another host (an empty cache) after
-  # those starts, whose mounts fetch ahead what they read, and of two warm starts.
+  # Sets recorded_py and warm_py, with native_recorded_py and native_warm_py beside them: the
+  # best of two starts on another host (an empty cache) after those starts, whose mounts fetch
+  # ahead what they read, and of three warm starts.
   recorded_and_warm() {
-    local runs=()
+    local runs=() natives=() warm_runs=() warm_natives=()
     for _ in 1 2; do
+      natives+=("$(py_native)")
       daemon_cold
       smount_learning py:v1 "$work/m/py" --no-prefetch-record
       drop_caches; runs+=("$(py_time "$work/m/py")")
       sumount "$work/m/py"
     done
-    recorded_py=$(min "${runs[@]}")
+    recorded_py=$(min "${runs[@]}"); native_recorded_py=$(min "${natives[@]}")
     smount py:v1 "$work/m/py"
-    warm_py=$(min "$(drop_caches; py_time "$work/m/py")" "$(drop_caches; py_time "$work/m/py")")
+    for _ in 1 2 3; do
+      warm_natives+=("$(py_native)")
+      warm_runs+=("$(drop_caches; py_time "$work/m/py")")
+    done
     sumount "$work/m/py"
+    warm_py=$(min "${warm_runs[@]}"); native_warm_py=$(min "${warm_natives[@]}")
   }
   recorded_and_warm
-  cold_py=$(min "${cold_runs[@]}")
+  cold_py=$(min "${cold_runs[@]}"); native_cold_py=$(min "${cold_natives[@]}")
 fi
 
 echo "== small files: find + cat of 5,000 x 4 KiB"
@@ -310,11 +320,11 @@ if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_
   echo "== the same with guest halt-polling on (200 µs): Python import, hot small files"
   echo 200000 > "$halt_poll"
   if [ -n "$py_import" ]; then
-    hp_native_py=$(min "$(drop_caches; py_time "$data/py")" "$(drop_caches; py_time "$data/py")")
-    off_recorded=$recorded_py; off_warm=$warm_py
+    off=("$recorded_py" "$native_recorded_py" "$warm_py" "$native_warm_py")
     recorded_and_warm
-    hp_recorded_py=$recorded_py; hp_warm_py=$warm_py
-    recorded_py=$off_recorded; warm_py=$off_warm
+    hp_recorded_py=$recorded_py; hp_native_recorded_py=$native_recorded_py
+    hp_warm_py=$warm_py; hp_native_warm_py=$native_warm_py
+    recorded_py=${off[0]}; native_recorded_py=${off[1]}; warm_py=${off[2]}; native_warm_py=${off[3]}
   fi
   smount small:v1 "$work/m/small"
   find_cat "$work/m/small" > /dev/null
@@ -465,7 +475,7 @@ na="n/a"
   echo
   echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk. Idle vCPUs: cpuidle driver $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown), guest halt-polling $( [ -n "$halt_poll_was" ] && echo "${halt_poll_was} ns" || echo "not available")."
   echo "Store: Garage $(garage --version | awk '{print $2}') on loopback (quick ACKs on), sharing the cores."
-  echo "Cold = empty chunk cache, page cache dropped (also before the raw downloads: the store reads its disk in every cold row). Warm = chunks (and the local copy of a file read whole, read through FUSE passthrough) in the daemon's disk cache, page cache dropped. Mounts are scratch mounts (the default). Native figures are the best of 2–3 runs (this disk is noisy), and so are the Python rows of strata."
+  echo "Cold = empty chunk cache, page cache dropped (also before the raw downloads: the store reads its disk in every cold row). Warm = chunks (and the local copy of a file read whole, read through FUSE passthrough) in the daemon's disk cache, page cache dropped. Mounts are scratch mounts (the default). Native figures are the best of 2–3 runs (this disk is noisy), and so are the Python rows of strata, each of whose runs follows a native run of its own (the native figure beside a Python row is from those runs)."
   echo
   echo "| measure | strata | native ext4 | rclone | s3fs | strata vs |"
   echo "|---|---|---|---|---|---|"
@@ -498,9 +508,9 @@ na="n/a"
   echo "| a reader's p99 (300 cold 4 KiB small-file reads), alone / beside a 1 GiB prefetch (ms) | $p99_alone / $p99_beside | | | | $(fmt "$(ratio "$p99_beside" "$p99_alone")")×; prefetch fetched $(fmt "$(echo "$bg_fetched / 1048576" | bc -l)" 0) MiB meanwhile |"
   echo "| find + stat 20,000 files, warm (s) | $(fmt "$st_find" 3) | $(fmt "$native_find" 3) | | | $(fmt "$(ratio "$st_find" "$native_find")")× native |"
   if [ -n "$py_import" ]; then
-    echo "| Python \`$py_import\` cold, first start ever (s) | $(fmt "$cold_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_py")")× native |"
-    echo "| Python import cold on another host, after one recorded start (s) | $(fmt "$recorded_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$recorded_py" "$native_py")")× native |"
-    echo "| Python import warm (s) | $(fmt "$warm_py" 3) | $(fmt "$native_py" 3) | | | $(fmt "$(ratio "$warm_py" "$native_py")")× native |"
+    echo "| Python \`$py_import\` cold, first start ever (s) | $(fmt "$cold_py" 3) | $(fmt "$native_cold_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_cold_py")")× native |"
+    echo "| Python import cold on another host, after one recorded start (s) | $(fmt "$recorded_py" 3) | $(fmt "$native_recorded_py" 3) | | | $(fmt "$(ratio "$recorded_py" "$native_recorded_py")")× native |"
+    echo "| Python import warm (s) | $(fmt "$warm_py" 3) | $(fmt "$native_warm_py" 3) | | | $(fmt "$(ratio "$warm_py" "$native_warm_py")")× native |"
   fi
   if [ -n "$others" ]; then
     echo "| find + cat 5,000 × 4 KiB cold (s) | $(fmt "$cold_small" 3) | $(fmt "$native_small" 3) | $(fmt "$rclone_small_cold" 2) | $(fmt "$s3fs_small_cold" 2) | $(fmt "$(ratio "$cold_small" "$s3fs_small_cold")")× s3fs time |"
@@ -510,7 +520,7 @@ na="n/a"
   fi
   echo "| find + cat 5,000 × 4 KiB hot (page cache kept), scratch / read-only mount (s) | $(fmt "$hot_small" 3) / $(fmt "$hot_small_ro" 3) | $(fmt "$native_hot_small" 3) | | | $(fmt "$(ratio "$hot_small" "$native_hot_small")")× / $(fmt "$(ratio "$hot_small_ro" "$native_hot_small")")× native time |"
   if [ -n "${hp_warm_py:-}" ]; then
-    echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import on another host after one recorded start / warm (s) | $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_py" 3) | | | $(fmt "$(ratio "$hp_recorded_py" "$hp_native_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_py")")× native |"
+    echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import on another host after one recorded start / warm (s) | $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_recorded_py" 3) / $(fmt "$hp_native_warm_py" 3) | | | $(fmt "$(ratio "$hp_recorded_py" "$hp_native_recorded_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_warm_py")")× native |"
   fi
   if [ -n "${hp_hot_small:-}" ]; then
     echo "| with guest halt-polling on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$hp_hot_small" 3) | $(fmt "$hp_native_hot_small" 3) | | | $(fmt "$(ratio "$hp_hot_small" "$hp_native_hot_small")")× native time |"

@@ -791,6 +791,27 @@ fn a_tenants_agent_mounts_only_as_itself_on_its_own_directories() {
         "{listed}"
     );
     assert!(as_uid(operator, &["stats"]).status.success());
+    // So does a member of it among many other groups (more than the 256 of a peer's groups
+    // the daemon once read); the same many groups without it give nothing.
+    let in_many_groups = |last: u32| {
+        let groups: Vec<String> = (5000..5300).chain([last]).map(|g| g.to_string()).collect();
+        std::process::Command::new("setpriv")
+            .args(["--reuid", "4105", "--regid", "4105", "--groups"])
+            .arg(groups.join(","))
+            .arg(&bin)
+            .arg("stats")
+            .envs(d.strata().env)
+            .env("HOME", &work)
+            .output()
+            .expect("running setpriv")
+    };
+    succeeded(&in_many_groups(operators));
+    let out = in_many_groups(5300);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("permission denied"),
+        "{err}"
+    );
     drop(m);
 
     // A parent of her mount renamed and a symlink planted in its place cannot turn her

@@ -259,26 +259,39 @@ impl Client {
     }
 }
 
-/// The supplementary groups of the peer of `stream` (SO_PEERGROUPS).
+/// The supplementary groups of the peer of `stream` (SO_PEERGROUPS); none if they cannot be
+/// read (so a group's rights are not given).
 fn peer_groups(stream: &UnixStream) -> Vec<u32> {
     use std::os::fd::AsRawFd;
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
-    // SAFETY: the buffer and its length are the kernel's to fill, and both outlive the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Vec::new();
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    // Enough for most users; a user in more groups is asked for again with the room the
+    // kernel says they need (up to NGROUPS_MAX, 65,536).
+    let mut groups = vec![0 as libc::gid_t; 64];
+    for _ in 0..3 {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: the buffer and its length are the kernel's to fill, and both outlive the
+        // call.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / GID);
+            return groups;
+        }
+        let needed = len as usize / GID;
+        let too_small = std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE);
+        if !too_small || needed <= groups.len() || needed > 1 << 16 {
+            break;
+        }
+        groups.resize(needed, 0);
     }
-    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
-    groups
+    Vec::new()
 }
 
 impl Daemon {

@@ -386,6 +386,21 @@ impl StrataFs {
     }
 }
 
+/// Positions in a listing: 0 is ".", 1 is "..", 2 + i is entry i of the handle's listing; each
+/// entry carries the position of the one after it, where a listing given that offset resumes.
+/// The dot entries a listing from `offset` still sends, with the offsets they carry.
+fn dots_from(offset: u64) -> impl Iterator<Item = (u64, &'static str)> {
+    [(1, "."), (2, "..")]
+        .into_iter()
+        .filter(move |&(next, _)| next > offset)
+}
+
+/// The index in the handle's listing of the first entry a listing from `offset` sends (see
+/// [`dots_from`]).
+fn entries_from(offset: u64) -> usize {
+    usize::try_from(offset.saturating_sub(2)).unwrap_or(usize::MAX)
+}
+
 impl Filesystem for StrataFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large readahead lets the kernel ask for whole chunks' worth in one request.
@@ -871,17 +886,12 @@ impl Filesystem for StrataFs {
                 Ok(l) => l,
                 Err(e) => return reply.error(errno(&self.errors, &e)),
             };
-            // Offsets: 1 = ".", 2 = "..", 3 + i = entries[i]; each entry carries the next offset.
-            let mut position = offset;
-            while position < 2 {
-                let name = if position == 0 { "." } else { ".." };
-                if reply.add(ino, position + 1, FileType::Directory, name) {
+            for (next, name) in dots_from(offset) {
+                if reply.add(ino, next, FileType::Directory, name) {
                     return reply.ok();
                 }
-                position += 1;
             }
-            for (i, (child, name, kind)) in entries.iter().enumerate().skip((position - 2) as usize)
-            {
+            for (i, (child, name, kind)) in entries.iter().enumerate().skip(entries_from(offset)) {
                 if reply.add(
                     INodeNo(*child),
                     i as u64 + 3,
@@ -913,27 +923,25 @@ impl Filesystem for StrataFs {
                 Ok(l) => l,
                 Err(e) => return reply.error(errno(&self.errors, &e)),
             };
-            let mut position = offset;
-            if position < 2 {
+            if offset < 2 {
                 // "." and "..": the kernel links neither, and takes no count of them.
                 let own = match self.tree.getattr(ino.0) {
                     Ok(s) => file_attr(&s),
                     Err(e) => return reply.error(errno(&self.errors, &e)),
                 };
-                while position < 2 {
-                    let name = if position == 0 { "." } else { ".." };
-                    if reply.add(ino, position + 1, name, &TTL, &own, Generation(0)) {
+                for (next, name) in dots_from(offset) {
+                    if reply.add(ino, next, name, &TTL, &own, Generation(0)) {
                         return reply.ok();
                     }
-                    position += 1;
                 }
             }
             let mut sent = Vec::new();
-            for (i, (_, name, _)) in entries.iter().enumerate().skip((position - 2) as usize) {
+            for (i, (_, name, _)) in entries.iter().enumerate().skip(entries_from(offset)) {
                 let stat = match self.tree.lookup(ino.0, name) {
                     Ok(s) => s,
                     Err(e) if e.errno() == libc::ENOENT => continue,
-                    Err(e) if sent.is_empty() && position == offset => {
+                    // Nothing sent in this reply yet: the error is this request's.
+                    Err(e) if sent.is_empty() && offset >= 2 => {
                         return reply.error(errno(&self.errors, &e))
                     }
                     Err(_) => break, // the next request starts at this entry, and reports it
@@ -1064,5 +1072,28 @@ impl Filesystem for StrataFs {
                 self.handles.access(ino.0, mask.contains(AccessFlags::W_OK)),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dots_from, entries_from};
+
+    /// A listing resumed at any offset sends what follows it once: the dots, then the entries.
+    #[test]
+    fn a_listing_resumes_after_the_offset_it_was_given() {
+        let dots = |o| dots_from(o).collect::<Vec<_>>();
+        assert_eq!(dots(0), [(1, "."), (2, "..")]);
+        assert_eq!(dots(1), [(2, "..")]);
+        assert!(dots(2).is_empty() && dots(7).is_empty());
+        assert_eq!(
+            [0, 1, 2, 3, 9].map(entries_from),
+            [0, 0, 0, 1, 7],
+            "entry i, at position 2 + i, carries 3 + i"
+        );
+        assert_eq!(
+            entries_from(u64::MAX),
+            usize::try_from(u64::MAX - 2).unwrap_or(usize::MAX)
+        );
     }
 }
