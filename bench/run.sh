@@ -146,15 +146,19 @@ wait_assembled() { # up to 60 s: a full disk, say, leaves the file unassembled (
 assembly_secs=$(timed wait_assembled)
 cold_written=$(( $(disk_written_mib) - w0 ))   # the file's local copy (its chunks, written once)
 # Warm: the chunks (and the file's copy) are in the daemon's disk cache; page cache dropped,
-# mount made afresh. Best of two, like native.
-warm_runs=()
+# mount made afresh. Best of two, each after a native read of its own (this disk's speed
+# changes from minute to minute); and whether the kernel read the local copy (passthrough).
+warm_runs=(); warm_natives=(); warm_direct=()
 for _ in 1 2; do
+  drop_caches
+  warm_natives+=("$(mibs 1024 "$(timed cat "$data/big/model.bin")")")
   smount big:v1 "$work/m/big"
   drop_caches
   warm_runs+=("$(mibs 1024 "$(timed cat "$work/m/big/model.bin")")")
+  warm_direct+=("$(mount_stat "$work/m/big" passthrough_opens)")
   sumount "$work/m/big"
 done
-warm_seq=$(max "${warm_runs[@]}")
+warm_seq=$(max "${warm_runs[@]}"); native_warm_seq=$(max "${warm_natives[@]}")
 smount big:v1 "$work/m/big"
 
 echo "== random 4 KiB reads (fio), warm, vs native"
@@ -256,29 +260,33 @@ if [ -n "$py_import" ]; then
   # comes shortly after a native run of its own (a daemon restart between them at most): this
   # disk's cold reads vary a lot, and so does the host's load from one minute to the next. (No subshells
   # below: daemon_cold must run in this shell, which tracks the daemon.)
-  cold_runs=(); cold_natives=()
+  cold_runs=(); cold_natives=(); cold_waits=()
   for _ in 1 2; do
     cold_natives+=("$(py_native)")
     # The first start ever: nothing recorded yet is used (no replay); this start records.
     daemon_cold
     smount_learning py:v1 "$work/m/py" --no-prefetch-replay
     drop_caches; cold_runs+=("$(py_time "$work/m/py")")
+    cold_waits+=("$(mount_stat "$work/m/py" store_hits)")
     for _ in $(seq 1 300); do "$strata" inspect $store py:v1 --json --summary | grep -q '"start_record":{' && break; sleep 0.1; done
     sumount "$work/m/py"
   done
   # Sets recorded_py and warm_py, with native_recorded_py and native_warm_py beside them: the
   # best of two starts on another host (an empty cache) after those starts, whose mounts fetch
-  # ahead what they read, and of three warm starts.
+  # ahead what they read, and of three warm starts; and recorded_waits, how many reads of each
+  # recorded start waited on the store.
   recorded_and_warm() {
-    local runs=() natives=() warm_runs=() warm_natives=()
+    local runs=() natives=() warm_runs=() warm_natives=() waits=()
     for _ in 1 2; do
       natives+=("$(py_native)")
       daemon_cold
       smount_learning py:v1 "$work/m/py" --no-prefetch-record
       drop_caches; runs+=("$(py_time "$work/m/py")")
+      waits+=("$(mount_stat "$work/m/py" store_hits)")
       sumount "$work/m/py"
     done
     recorded_py=$(min "${runs[@]}"); native_recorded_py=$(min "${natives[@]}")
+    recorded_waits="${waits[*]}"
     smount py:v1 "$work/m/py"
     for _ in 1 2 3; do
       warm_natives+=("$(py_native)")
@@ -320,11 +328,12 @@ if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_
   echo "== the same with guest halt-polling on (200 µs): Python import, hot small files"
   echo 200000 > "$halt_poll"
   if [ -n "$py_import" ]; then
-    off=("$recorded_py" "$native_recorded_py" "$warm_py" "$native_warm_py")
+    off=("$recorded_py" "$native_recorded_py" "$warm_py" "$native_warm_py" "$recorded_waits")
     recorded_and_warm
     hp_recorded_py=$recorded_py; hp_native_recorded_py=$native_recorded_py
     hp_warm_py=$warm_py; hp_native_warm_py=$native_warm_py
     recorded_py=${off[0]}; native_recorded_py=${off[1]}; warm_py=${off[2]}; native_warm_py=${off[3]}
+    recorded_waits=${off[4]}
   fi
   smount small:v1 "$work/m/small"
   find_cat "$work/m/small" > /dev/null
@@ -467,7 +476,8 @@ if [ -z "${BENCH_SKIP_OTHERS:-}" ]; then
 fi
 
 # ---------------------------------------------------------------------------------------
-rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# "-dirty": the tree had changes not committed (to the code or to this script).
+rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
 out=bench/results/run-$(date -u +%Y%m%d-%H%M%S).md
 na="n/a"
 {
@@ -484,10 +494,10 @@ na="n/a"
     echo "| seq read 1 GiB cold (MiB/s) | $(fmt "$cold_seq" 0) | | $(fmt "$rclone_cold" 0) | $(fmt "$s3fs_cold" 0) | $(fmt "$(ratio "$cold_seq" "$raw8")")× raw 8-GET, $(fmt "$(ratio "$cold_seq" "$s3fs_cold")")× s3fs |"
     ncpu=$(nproc)
     echo "| whole machine busy (store, client, kernel, strata) per GiB: strata cold read / raw 8-GET download (CPU-s; share of the $ncpu cores busy) | $(fmt "$cold_busy" 2) ($(fmt "$(echo "100 * $cold_busy / ($ncpu * $cold_seq_s)" | bc -l)" 0)%) | | | | raw $(fmt "$raw8_busy" 2) ($(fmt "$(echo "100 * $raw8_busy / ($ncpu * $raw8_s)" | bc -l)" 0)%) |"
-    echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_seq" 0) | $(fmt "$rclone_warm" 0) | $(fmt "$s3fs_warm" 0) | $(fmt "$(ratio "$warm_seq" "$native_seq")")× native, $(fmt "$(ratio "$warm_seq" "$s3fs_warm")")× s3fs |"
+    echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_warm_seq" 0) | $(fmt "$rclone_warm" 0) | $(fmt "$s3fs_warm" 0) | $(fmt "$(ratio "$warm_seq" "$native_warm_seq")")× native, $(fmt "$(ratio "$warm_seq" "$s3fs_warm")")× s3fs; opens through passthrough: ${warm_direct[*]} |"
   else
     echo "| seq read 1 GiB cold (MiB/s) | $(fmt "$cold_seq" 0) | | | | |"
-    echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_seq" 0) | | | $(fmt "$(ratio "$warm_seq" "$native_seq")")× native |"
+    echo "| seq read 1 GiB warm (MiB/s) | $(fmt "$warm_seq" 0) | $(fmt "$native_warm_seq" 0) | | | $(fmt "$(ratio "$warm_seq" "$native_warm_seq")")× native; opens through passthrough: ${warm_direct[*]} |"
   fi
   echo "| local copy of the 1 GiB file ready after the cold read (s) | $(fmt "$assembly_secs" 1) | | | | |"
   echo "| seq read 1 GiB warm after a daemon restart: through strata, verifying each chunk once (MiB/s) | $(fmt "$restart_seq" 0) | $(fmt "$native_seq" 0) | | | $(fmt "$(ratio "$restart_seq" "$native_seq")")× native |"
@@ -508,8 +518,8 @@ na="n/a"
   echo "| a reader's p99 (300 cold 4 KiB small-file reads), alone / beside a 1 GiB prefetch (ms) | $p99_alone / $p99_beside | | | | $(fmt "$(ratio "$p99_beside" "$p99_alone")")×; prefetch fetched $(fmt "$(echo "$bg_fetched / 1048576" | bc -l)" 0) MiB meanwhile |"
   echo "| find + stat 20,000 files, warm (s) | $(fmt "$st_find" 3) | $(fmt "$native_find" 3) | | | $(fmt "$(ratio "$st_find" "$native_find")")× native |"
   if [ -n "$py_import" ]; then
-    echo "| Python \`$py_import\` cold, first start ever (s) | $(fmt "$cold_py" 3) | $(fmt "$native_cold_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_cold_py")")× native |"
-    echo "| Python import cold on another host, after one recorded start (s) | $(fmt "$recorded_py" 3) | $(fmt "$native_recorded_py" 3) | | | $(fmt "$(ratio "$recorded_py" "$native_recorded_py")")× native |"
+    echo "| Python \`$py_import\` cold, first start ever (s) | $(fmt "$cold_py" 3) | $(fmt "$native_cold_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_cold_py")")× native; reads that waited on the store: ${cold_waits[*]} |"
+    echo "| Python import cold on another host, after one recorded start (s) | $(fmt "$recorded_py" 3) | $(fmt "$native_recorded_py" 3) | | | $(fmt "$(ratio "$recorded_py" "$native_recorded_py")")× native; reads that waited on the store: $recorded_waits |"
     echo "| Python import warm (s) | $(fmt "$warm_py" 3) | $(fmt "$native_warm_py" 3) | | | $(fmt "$(ratio "$warm_py" "$native_warm_py")")× native |"
   fi
   if [ -n "$others" ]; then
