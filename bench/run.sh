@@ -258,8 +258,8 @@ if [ -n "$py_import" ]; then
   py_native() { drop_caches; py_time "$data/py"; }
   # Every row is the best of two or three runs, as is its native figure, and each strata run
   # comes shortly after a native run of its own (a daemon restart between them at most): this
-  # disk's cold reads vary a lot, and so does the host's load from one minute to the next. (No subshells
-  # below: daemon_cold must run in this shell, which tracks the daemon.)
+  # disk's cold reads vary a lot, and so does the host's load from one minute to the next.
+  # (No subshells below: daemon_cold must run in this shell, which tracks the daemon.)
   cold_runs=(); cold_natives=(); cold_waits=()
   for _ in 1 2; do
     cold_natives+=("$(py_native)")
@@ -271,12 +271,13 @@ if [ -n "$py_import" ]; then
     for _ in $(seq 1 300); do "$strata" inspect $store py:v1 --json --summary | grep -q '"start_record":{' && break; sleep 0.1; done
     sumount "$work/m/py"
   done
-  # Sets recorded_py and warm_py, with native_recorded_py and native_warm_py beside them: the
-  # best of two starts on another host (an empty cache) after those starts, whose mounts fetch
-  # ahead what they read, and of three warm starts; and recorded_waits, how many reads of each
-  # recorded start waited on the store.
+  # recorded_and_warm [PREFIX] sets PREFIXrecorded_py and PREFIXwarm_py, with
+  # PREFIXnative_recorded_py and PREFIXnative_warm_py beside them: the best of two starts on
+  # another host (an empty cache) after those starts, whose mounts fetch ahead what they read,
+  # and of three warm starts; and PREFIXrecorded_waits, how many reads of each recorded start
+  # waited on the store.
   recorded_and_warm() {
-    local runs=() natives=() warm_runs=() warm_natives=() waits=()
+    local p=${1:-} runs=() natives=() warm_runs=() warm_natives=() waits=()
     for _ in 1 2; do
       natives+=("$(py_native)")
       daemon_cold
@@ -285,15 +286,17 @@ if [ -n "$py_import" ]; then
       waits+=("$(mount_stat "$work/m/py" store_hits)")
       sumount "$work/m/py"
     done
-    recorded_py=$(min "${runs[@]}"); native_recorded_py=$(min "${natives[@]}")
-    recorded_waits="${waits[*]}"
+    printf -v "${p}recorded_py" %s "$(min "${runs[@]}")"
+    printf -v "${p}native_recorded_py" %s "$(min "${natives[@]}")"
+    printf -v "${p}recorded_waits" %s "${waits[*]}"
     smount py:v1 "$work/m/py"
     for _ in 1 2 3; do
       warm_natives+=("$(py_native)")
       warm_runs+=("$(drop_caches; py_time "$work/m/py")")
     done
     sumount "$work/m/py"
-    warm_py=$(min "${warm_runs[@]}"); native_warm_py=$(min "${warm_natives[@]}")
+    printf -v "${p}warm_py" %s "$(min "${warm_runs[@]}")"
+    printf -v "${p}native_warm_py" %s "$(min "${warm_natives[@]}")"
   }
   recorded_and_warm
   cold_py=$(min "${cold_runs[@]}"); native_cold_py=$(min "${cold_natives[@]}")
@@ -328,12 +331,7 @@ if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_
   echo "== the same with guest halt-polling on (200 µs): Python import, hot small files"
   echo 200000 > "$halt_poll"
   if [ -n "$py_import" ]; then
-    off=("$recorded_py" "$native_recorded_py" "$warm_py" "$native_warm_py" "$recorded_waits")
-    recorded_and_warm
-    hp_recorded_py=$recorded_py; hp_native_recorded_py=$native_recorded_py
-    hp_warm_py=$warm_py; hp_native_warm_py=$native_warm_py
-    recorded_py=${off[0]}; native_recorded_py=${off[1]}; warm_py=${off[2]}; native_warm_py=${off[3]}
-    recorded_waits=${off[4]}
+    recorded_and_warm hp_
   fi
   smount small:v1 "$work/m/small"
   find_cat "$work/m/small" > /dev/null
