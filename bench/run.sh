@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 source bench/lib/garage.sh
 source bench/lib/measure.sh
 source bench/lib/daemon.sh
+source bench/lib/fusetrace.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, dropping caches, loopback routes)" >&2; exit 1; }
 
 need=()
@@ -300,6 +301,38 @@ if [ -n "$py_import" ]; then
   }
   recorded_and_warm
   cold_py=$(min "${cold_runs[@]}"); native_cold_py=$(min "${cold_natives[@]}")
+
+  # Where a start's time goes: one more start of each kind, traced. The kernel's FUSE
+  # tracepoints give every request to strata and when it was answered; the sum of their times
+  # (releases and forgets left out: no one waits for them) is what the start waited on strata,
+  # disk reads included (a native start makes those too, in its own system calls). The machine's busy CPU-seconds during the start, and the store's and the
+  # daemon's share of them, show what else ran on the two cores meanwhile.
+  if fuse_trace_ready; then
+    py_probe() { # dir → "secs requests wait_ms busy_s garage_s daemon_s"
+      local b0 g0 d0 d=0 trace secs
+      drop_caches
+      b0=$(machine_busy); g0=$(cpu_secs "$GARAGE_PID")
+      [ -z "$DAEMON_PID" ] || d0=$(cpu_secs "$DAEMON_PID")
+      fuse_trace_on
+      secs=$(py_time "$1")
+      trace=$(fuse_trace_off)
+      [ -z "$DAEMON_PID" ] || d=$(echo "$(cpu_secs "$DAEMON_PID") - $d0" | bc -l)
+      echo "$secs $trace $(echo "$(machine_busy) - $b0" | bc -l) $(echo "$(cpu_secs "$GARAGE_PID") - $g0" | bc -l) $d"
+    }
+    daemon_stop
+    read -r -a probe_native <<< "$(py_probe "$data/py")"
+    daemon_cold
+    smount_learning py:v1 "$work/m/py" --no-prefetch-replay --no-prefetch-record
+    read -r -a probe_first <<< "$(py_probe "$work/m/py")"
+    sumount "$work/m/py"
+    daemon_cold
+    smount_learning py:v1 "$work/m/py" --no-prefetch-record
+    read -r -a probe_recorded <<< "$(py_probe "$work/m/py")"
+    sumount "$work/m/py"
+    smount py:v1 "$work/m/py"
+    read -r -a probe_warm <<< "$(py_probe "$work/m/py")"
+    sumount "$work/m/py"
+  fi
 fi
 
 echo "== small files: find + cat of 5,000 x 4 KiB"
@@ -332,6 +365,11 @@ if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_
   echo 200000 > "$halt_poll"
   if [ -n "$py_import" ]; then
     recorded_and_warm hp_
+    if [ -n "${probe_warm[*]:-}" ]; then
+      smount py:v1 "$work/m/py"
+      read -r -a hp_probe_warm <<< "$(py_probe "$work/m/py")"
+      sumount "$work/m/py"
+    fi
   fi
   smount small:v1 "$work/m/small"
   find_cat "$work/m/small" > /dev/null
@@ -519,6 +557,11 @@ na="n/a"
     echo "| Python \`$py_import\` cold, first start ever (s) | $(fmt "$cold_py" 3) | $(fmt "$native_cold_py" 3) | | | $(fmt "$(ratio "$cold_py" "$native_cold_py")")× native; reads that waited on the store: ${cold_waits[*]} |"
     echo "| Python import cold on another host, after one recorded start (s) | $(fmt "$recorded_py" 3) | $(fmt "$native_recorded_py" 3) | | | $(fmt "$(ratio "$recorded_py" "$native_recorded_py")")× native; reads that waited on the store: $recorded_waits |"
     echo "| Python import warm (s) | $(fmt "$warm_py" 3) | $(fmt "$native_warm_py" 3) | | | $(fmt "$(ratio "$warm_py" "$native_warm_py")")× native |"
+    if [ -n "${probe_warm[*]:-}" ]; then
+      pr() { fmt "$1" "${2:-2}"; }
+      echo "| Python import traced once more, first / recorded / warm start: seconds; FUSE requests (releases aside) and their summed time (ms) | $(pr "${probe_first[0]}" 3) / $(pr "${probe_recorded[0]}" 3) / $(pr "${probe_warm[0]}" 3); ${probe_first[1]} / ${probe_recorded[1]} / ${probe_warm[1]} requests, $(pr "${probe_first[2]}" 0) / $(pr "${probe_recorded[2]}" 0) / $(pr "${probe_warm[2]}" 0) ms | $(pr "${probe_native[0]}" 3) | | | the summed time is what the start waited on strata, the disk reads strata makes for it included (native makes those in its own calls) |"
+      echo "| … CPU-seconds the machine was busy during those starts: all (Garage, strata daemon) | $(pr "${probe_first[3]}") ($(pr "${probe_first[4]}"), $(pr "${probe_first[5]}")) / $(pr "${probe_recorded[3]}") ($(pr "${probe_recorded[4]}"), $(pr "${probe_recorded[5]}")) / $(pr "${probe_warm[3]}") ($(pr "${probe_warm[4]}"), $(pr "${probe_warm[5]}")) | $(pr "${probe_native[3]}") | | | 2 cores: what the store and a fetch ahead cost runs beside the start |"
+    fi
   fi
   if [ -n "$others" ]; then
     echo "| find + cat 5,000 × 4 KiB cold (s) | $(fmt "$cold_small" 3) | $(fmt "$native_small" 3) | $(fmt "$rclone_small_cold" 2) | $(fmt "$s3fs_small_cold" 2) | $(fmt "$(ratio "$cold_small" "$s3fs_small_cold")")× s3fs time |"
@@ -529,6 +572,9 @@ na="n/a"
   echo "| find + cat 5,000 × 4 KiB hot (page cache kept), scratch / read-only mount (s) | $(fmt "$hot_small" 3) / $(fmt "$hot_small_ro" 3) | $(fmt "$native_hot_small" 3) | | | $(fmt "$(ratio "$hot_small" "$native_hot_small")")× / $(fmt "$(ratio "$hot_small_ro" "$native_hot_small")")× native time |"
   if [ -n "${hp_warm_py:-}" ]; then
     echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import on another host after one recorded start / warm (s) | $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_recorded_py" 3) / $(fmt "$hp_native_warm_py" 3) | | | $(fmt "$(ratio "$hp_recorded_py" "$hp_native_recorded_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_warm_py")")× native |"
+  fi
+  if [ -n "${hp_probe_warm[*]:-}" ]; then
+    echo "| with guest halt-polling on: Python import warm, traced: seconds; FUSE requests and their summed time (ms) | $(fmt "${hp_probe_warm[0]}" 3); ${hp_probe_warm[1]} requests, $(fmt "${hp_probe_warm[2]}" 0) ms | | | | without: $(fmt "${probe_warm[2]}" 0) ms |"
   fi
   if [ -n "${hp_hot_small:-}" ]; then
     echo "| with guest halt-polling on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$hp_hot_small" 3) | $(fmt "$hp_native_hot_small" 3) | | | $(fmt "$(ratio "$hp_hot_small" "$hp_native_hot_small")")× native time |"

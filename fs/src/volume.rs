@@ -772,6 +772,48 @@ async fn squash_leased(
     }
 }
 
+/// Removes volume `v`: its head becomes an empty chain, as for a volume never committed to,
+/// by compare-and-swap on the head as read here. A commit (or squash) that lands first makes
+/// the removal fail and removes nothing (run it again to remove that commit too); a commit that
+/// lands after finds the chain it stands on gone and is kept as a conflict, which `volume show`
+/// lists, so no commit disappears unseen. Layers stay in the store for garbage collection.
+/// Returns how many commits the head had; `NotFound` when it had none.
+pub async fn remove(store: &Arc<dyn Store>, v: &VolumeRef) -> FsResult<usize> {
+    let (head, version) = read_head(store, v).await?;
+    remove_read(store, v, &head, version).await
+}
+
+/// [`remove`] of the head `head`, read at `version`.
+async fn remove_read(
+    store: &Arc<dyn Store>,
+    v: &VolumeRef,
+    head: &VolumeHead,
+    version: Option<Version>,
+) -> FsResult<usize> {
+    let Some(version) = version.filter(|_| !head.commits.is_empty()) else {
+        return Err(FsError::NotFound(format!(
+            "no volume {v} in {}",
+            store.url()
+        )));
+    };
+    let empty = VolumeHead {
+        version: 1,
+        commits: Vec::new(),
+    };
+    let body = crate::record::seal(&serde_json::to_vec_pretty(&empty).expect("serializable"));
+    match store
+        .compare_and_swap(&v.head_key(), Some(&version), body)
+        .await
+    {
+        Ok(_) => Ok(head.commits.len()),
+        Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
+            "volume {v} was committed to meanwhile; nothing was removed (run the removal again \
+             to remove that commit too)"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 mod attrs;
 pub mod lifecycle;
 #[cfg(test)]
@@ -1141,6 +1183,89 @@ mod tests {
             .any(|c| c.id == kept.id));
         let (head, _) = read_head(&store, &v).await.unwrap();
         assert_eq!(head.commits.len(), 1, "the head did not move");
+    }
+
+    /// Removing a volume never hides a commit: one that lands between the removal's read and
+    /// its swap makes the removal fail (nothing removed), and one from a mount of the removed
+    /// chain is kept as a conflict. A mount after the removal starts from nothing.
+    #[tokio::test]
+    async fn a_removal_racing_commits_loses_none_of_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "base/data.txt", b"base\n");
+        let base = stack_of(tmp.path(), &["base"]).await;
+        let store = base.cache().store().clone();
+        let v = VolumeRef::parse("fn/removed").unwrap();
+        async fn write_file(t: &MountTree, name: &str, bytes: &[u8]) {
+            let caller = Caller { uid: 0, gid: 0 };
+            let f = t.create(ROOT_INO, name.as_bytes(), 0o644, caller).unwrap();
+            t.open(f.ino, true).unwrap();
+            t.write(f.ino, 0, bytes).await.unwrap();
+            t.release(f.ino);
+        }
+        assert!(matches!(
+            remove(&store, &v).await,
+            Err(FsError::NotFound(m)) if m.contains("no volume fn/removed")
+        ));
+        let (head0, _) = read_head(&store, &v).await.unwrap();
+        let a = mount_chain(&base, Vec::new(), tmp.path().join("a")).await;
+        write_file(&a, "one.txt", b"one").await;
+        commit(&store, &v, &a, (&head0, None), None).await.unwrap();
+        let (head1, version1) = read_head(&store, &v).await.unwrap();
+
+        // The removal has read the head; a commit lands before it swaps: nothing is removed.
+        let b = mount_chain(&base, head1.layers().unwrap(), tmp.path().join("b")).await;
+        write_file(&b, "two.txt", b"two").await;
+        let landed = commit(&store, &v, &b, (&head1, version1.as_ref()), None)
+            .await
+            .unwrap();
+        assert!(landed.commit.is_some());
+        let raced = remove_read(&store, &v, &head1, version1.clone()).await;
+        assert!(matches!(raced, Err(FsError::Conflict(_))), "{raced:?}");
+        let (head2, version2) = read_head(&store, &v).await.unwrap();
+        assert_eq!(head2.commits.len(), 2, "the removal removed nothing");
+
+        // Run again, it removes both commits; a mount of the old chain then commits: kept.
+        let c = mount_chain(&base, head2.layers().unwrap(), tmp.path().join("c")).await;
+        assert_eq!(remove(&store, &v).await.unwrap(), 2);
+        let (gone, _) = read_head(&store, &v).await.unwrap();
+        assert!(gone.commits.is_empty());
+        write_file(&c, "three.txt", b"three").await;
+        let late = commit(&store, &v, &c, (&head2, version2.as_ref()), None)
+            .await
+            .unwrap();
+        let kept = late.conflict.expect("kept as a conflict");
+        assert!(late.commit.is_none());
+        assert!(kept.paths.iter().any(|p| p == "three.txt"), "{kept:?}");
+        assert!(read_head(&store, &v).await.unwrap().0.commits.is_empty());
+        let chain: Vec<Digest> = kept
+            .layers
+            .iter()
+            .map(|l| Digest::parse(l).unwrap())
+            .collect();
+        let shown = mount_chain(&base, chain, tmp.path().join("shown")).await;
+        for (name, bytes) in [
+            ("one.txt", &b"one"[..]),
+            ("two.txt", b"two"),
+            ("three.txt", b"three"),
+        ] {
+            let f = shown.lookup(ROOT_INO, name.as_bytes()).unwrap();
+            assert_eq!(
+                &shown.read(f.ino, 0, 100).await.unwrap()[..],
+                bytes,
+                "{name}"
+            );
+        }
+
+        // A new mount starts from nothing, and its commit makes the volume again.
+        let (empty, version) = read_head(&store, &v).await.unwrap();
+        let d = mount_chain(&base, empty.layers().unwrap(), tmp.path().join("d")).await;
+        assert!(d.lookup(ROOT_INO, b"one.txt").is_err());
+        write_file(&d, "four.txt", b"four").await;
+        let again = commit(&store, &v, &d, (&empty, version.as_ref()), None)
+            .await
+            .unwrap();
+        assert!(again.commit.is_some());
+        assert_eq!(read_head(&store, &v).await.unwrap().0.commits.len(), 1);
     }
 
     #[tokio::test]

@@ -119,10 +119,18 @@ fn a_volume_carries_changes_from_one_host_to_the_next() {
     assert!(!plain.path("state").exists());
     drop(plain);
 
-    a.strata().ok(&["volume", "rm", &store, "fn/state"]);
-    let out = a.strata().run(&["volume", "show", &store, "fn/state"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no volume fn/state"));
+    let removed = a.strata().ok(&["volume", "rm", &store, "fn/state"]);
+    assert!(removed.contains("2 commits"), "{removed}");
+    for args in [["volume", "show"], ["volume", "rm"]] {
+        let out = a.strata().run(&[args[0], args[1], &store, "fn/state"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no volume fn/state"));
+    }
+    let ls = a.strata().ok(&["volume", "ls", &store]);
+    assert!(
+        !ls.contains("fn/state"),
+        "a removed volume is not listed: {ls}"
+    );
     // Nothing left behind: no scratch, no uncommitted uppers.
     assert!(a.scratch_dirs().is_empty() && b.scratch_dirs().is_empty());
     assert!(!a.state_dir.join("uncommitted").exists());

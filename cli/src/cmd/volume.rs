@@ -36,11 +36,13 @@ enum VolumeCommand {
     /// Squash a volume's commits into one layer now (the daemon also does it after
     /// --squash-after commits); only a manifest is uploaded.
     Squash { store: String, volume: String },
-    /// Remove a volume's head (its layers stay in the store).
+    /// Remove a volume, by compare-and-swap on its head (its layers stay in the store until
+    /// `strata gc`): a commit that lands meanwhile makes it fail, removing nothing.
     Rm { store: String, volume: String },
 }
 
-/// The store, the volume and its head; an error if the volume does not exist.
+/// The store, the volume and its head; an error if the volume does not exist (a removed one,
+/// whose head is an empty chain, does not).
 async fn existing(
     g: &GlobalArgs,
     store: &str,
@@ -49,7 +51,7 @@ async fn existing(
     let s = super::open_store(g, store).await?;
     let v = VolumeRef::parse(name)?;
     let (head, version) = volume::read_head(&s, &v).await?;
-    if version.is_none() {
+    if version.is_none() || head.commits.is_empty() {
         bail!("no volume {v} in {store}");
     }
     Ok((s, v, head))
@@ -71,7 +73,9 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
                     continue;
                 };
                 let (head, _) = volume::read_head(&s, &v).await?;
-                rows.push((v, head.commits.len()));
+                if !head.commits.is_empty() {
+                    rows.push((v, head.commits.len()));
+                }
             }
             if json {
                 let list: Vec<_> = rows
@@ -90,9 +94,15 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
             volume: name,
             json,
         } => {
-            let (s, v, head) = existing(g, &store, &name).await?;
+            // A removed volume is shown while the store keeps conflicts or uppers of it.
+            let s = super::open_store(g, &store).await?;
+            let v = VolumeRef::parse(&name)?;
+            let (head, _) = volume::read_head(&s, &v).await?;
             let conflicts = volume::conflicts(&s, &v).await?;
             let kept = volume::kept(&s, &v).await?;
+            if head.commits.is_empty() && conflicts.is_empty() && kept.is_empty() {
+                bail!("no volume {v} in {store}");
+            }
             if json {
                 let value = serde_json::json!({
                     "volume": v.to_string(),
@@ -176,9 +186,10 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
             store,
             volume: name,
         } => {
-            let (s, v, _) = existing(g, &store, &name).await?;
-            s.delete(&v.head_key()).await?;
-            println!("removed volume {v}");
+            let s = super::open_store(g, &store).await?;
+            let v = VolumeRef::parse(&name)?;
+            let commits = volume::remove(&s, &v).await?;
+            println!("removed volume {v} ({commits} commits; `strata gc` collects its layers)");
         }
     }
     Ok(())
