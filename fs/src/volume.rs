@@ -383,8 +383,8 @@ pub struct Earlier<'a> {
 }
 
 /// The paths of `commit` that clash with commits in `head` that landed after `origin`, leaving
-/// out the layers in `own`; all of them when `origin` is no longer in `head` (the volume was
-/// removed, or squashed past what a squash remembers). Sets of their paths make it
+/// out the layers in `own`; all of them when `origin`, or the mount's own earlier commits, are
+/// no longer in `head` (the volume was removed, or squashed past what a squash remembers). Sets of their paths make it
 /// O(ours × depth × log theirs), not ours × theirs: two commits of a million files each meet.
 fn clashes(origin: &VolumeHead, own: &[String], head: &VolumeHead, commit: &Commit) -> Vec<String> {
     use std::collections::BTreeSet;
@@ -396,12 +396,15 @@ fn clashes(origin: &VolumeHead, own: &[String], head: &VolumeHead, commit: &Comm
             .rposition(|c| c.layer == tip.layer)
             .map(|i| &chain[i + 1..]),
     };
+    // A mount that started on an empty volume has committed onto a chain that is gone when
+    // none of its commits is on the head: what is there now is not what it committed on.
+    let own_gone = !own.is_empty() && !chain.iter().any(|c| c.by(own));
     let ours = commit
         .paths
         .iter()
         .map(|p| (p, false))
         .chain(commit.attrs.iter().map(|p| (p, true)));
-    let Some(since) = since else {
+    let Some(since) = since.filter(|_| !own_gone) else {
         return ours.map(|(p, _)| p.clone()).collect();
     };
     let (mut structural, mut attrs) = (BTreeSet::new(), BTreeSet::new());
@@ -582,7 +585,9 @@ async fn commit_leased(
         };
         let clashing = clashes(origin, own, &head, &commit);
         if !clashing.is_empty() {
-            let record = conflict(clashing);
+            let mut record = conflict(clashing);
+            // The chain it started on may be a removed volume's, collected since.
+            keep_present_layers(store, &mut record).await?;
             put_conflict(store, v, lease, &record).await?;
             return Ok(Committed::conflicted(record, report, commit.upper));
         }
@@ -621,15 +626,7 @@ async fn commit_leased(
                     );
                     let mut record =
                         conflict(commit.paths.iter().chain(&commit.attrs).cloned().collect());
-                    // A record naming a missing layer would stop every collection.
-                    let mut present = Vec::new();
-                    for l in record.layers.drain(..) {
-                        let key = format!("layers/{}", l.trim_start_matches("blake3:"));
-                        if store.head(&key).await?.is_some() {
-                            present.push(l);
-                        }
-                    }
-                    record.layers = present;
+                    keep_present_layers(store, &mut record).await?;
                     put_conflict(store, v, lease, &record).await?;
                     return Ok(Committed::conflicted(record, report, commit.upper));
                 }
@@ -772,6 +769,23 @@ async fn squash_leased(
     }
 }
 
+/// Leaves out of a conflict record the layers no longer in the store (a removed volume's,
+/// collected since; damage): a record naming a missing layer would stop every collection. Its
+/// own layer is there (the commit's lease keeps it until the record is written).
+async fn keep_present_layers(store: &Arc<dyn Store>, record: &mut ConflictRecord) -> FsResult<()> {
+    let mut present = Vec::new();
+    for l in record.layers.drain(..) {
+        let key = format!("layers/{}", l.trim_start_matches("blake3:"));
+        if store.head(&key).await?.is_some() {
+            present.push(l);
+        } else {
+            tracing::warn!(layer = %l, "a conflict's chain names a layer gone from the store");
+        }
+    }
+    record.layers = present;
+    Ok(())
+}
+
 /// Removes volume `v`: its head becomes an empty chain, as for a volume never committed to,
 /// by compare-and-swap on the head as read here. A commit (or squash) that lands first makes
 /// the removal fail and removes nothing (run it again to remove that commit too); a commit that
@@ -806,10 +820,16 @@ async fn remove_read(
         .await
     {
         Ok(_) => Ok(head.commits.len()),
-        Err(e) if e.kind == StoreErrorKind::Conflict => Err(FsError::Conflict(format!(
-            "volume {v} was committed to meanwhile; nothing was removed (run the removal again \
-             to remove that commit too)"
-        ))),
+        Err(e) if e.kind == StoreErrorKind::Conflict => {
+            // A retried write whose first try landed (its reply lost) finds its own work.
+            if read_head(store, v).await?.0.commits.is_empty() {
+                return Ok(head.commits.len());
+            }
+            Err(FsError::Conflict(format!(
+                "volume {v} changed meanwhile (a commit or a squash landed); nothing was \
+                 removed: run the removal again to remove that too"
+            )))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -1264,8 +1284,27 @@ mod tests {
         let again = commit(&store, &v, &d, (&empty, version.as_ref()), None)
             .await
             .unwrap();
-        assert!(again.commit.is_some());
         assert_eq!(read_head(&store, &v).await.unwrap().0.commits.len(), 1);
+
+        // That mount commits again after another removal: what it committed on is gone, so
+        // its changes are kept as a conflict, not landed as a volume of their own.
+        let (landed, (head_d, version_d)) = (again.commit.unwrap(), again.head.unwrap());
+        assert_eq!(remove(&store, &v).await.unwrap(), 1);
+        write_file(&d, "five.txt", b"five").await;
+        let last = Layer::load(&store, Digest::parse(&landed.layer).unwrap(), None)
+            .await
+            .unwrap();
+        let own = [landed.published().to_string()];
+        let earlier = Earlier {
+            origin: &empty,
+            own: &own,
+            last: &last.manifest,
+        };
+        let later = commit(&store, &v, &d, (&head_d, Some(&version_d)), Some(earlier))
+            .await
+            .unwrap();
+        assert!(later.commit.is_none() && later.conflict.is_some());
+        assert!(read_head(&store, &v).await.unwrap().0.commits.is_empty());
     }
 
     #[tokio::test]

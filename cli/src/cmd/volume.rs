@@ -179,7 +179,7 @@ pub async fn run(g: &GlobalArgs, a: VolumeArgs) -> anyhow::Result<()> {
                         head.commits.len()
                     )
                 }
-                None => bail!("volume {v}: a commit landed while squashing; try again"),
+                None => bail!("volume {v}: the head moved while squashing (a commit or a removal landed); try again"),
             }
         }
         VolumeCommand::Rm {
