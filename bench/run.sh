@@ -50,8 +50,9 @@ cleanup() { # unmounts, then ends the daemon, rclone and s3fs this run started (
   set +e
   bench_cleanup
   fuse_trace_restore; quickack_off; garage_stop; rm -rf "$work"
-  # The halt-polling rows change a machine-wide setting: put it back.
+  # The halt-polling and wake_here rows change machine-wide settings: put them back.
   [ -z "${halt_poll_was:-}" ] || echo "$halt_poll_was" > "$halt_poll"
+  [ -z "${wake_here_was:-}" ] || echo "$wake_here_was" > "$wake_here"
 }
 trap cleanup EXIT
 garage_start "$work/garage"
@@ -254,7 +255,7 @@ st_find=$(timed find_stat "$work/m/tree")
 sumount "$work/m/tree"
 
 # Traced Python starts (below), if the kernel has FUSE tracepoints.
-probe_native=() probe_first=() probe_recorded=() probe_warm=() hp_probe_warm=()
+probe_native=() probe_first=() probe_recorded=() probe_warm=() hp_probe_warm=() wh_probe_warm=()
 if [ -n "$py_import" ]; then
   echo "== Python import: $py_import"
   py_time() { PYTHONPATH=$1 PYTHONDONTWRITEBYTECODE=1 timed python3 -c "$py_import"; }
@@ -367,6 +368,34 @@ sumount "$work/m/small-ro"
 find_cat "$data/small" > /dev/null
 native_hot_small=$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")
 
+# again_with PREFIX: the rows that FUSE round trips bound (the Python starts, hot small files)
+# measured again, under a machine setting the caller has made, into PREFIX-named figures.
+again_with() {
+  local p=$1 firsts=() natives=()
+  if [ -n "$py_import" ]; then
+    for _ in 1 2; do
+      natives+=("$(py_native)")
+      daemon_cold
+      smount_learning py:v1 "$work/m/py" --no-prefetch-replay --no-prefetch-record
+      drop_caches; firsts+=("$(py_time "$work/m/py")")
+      sumount "$work/m/py"
+    done
+    printf -v "${p}first_py" %s "$(min "${firsts[@]}")"
+    printf -v "${p}native_first_py" %s "$(min "${natives[@]}")"
+    recorded_and_warm "$p"
+    if [ "${#probe_warm[@]}" = 6 ]; then
+      smount py:v1 "$work/m/py"
+      probe_into "${p}probe_warm" "$work/m/py"
+      sumount "$work/m/py"
+    fi
+  fi
+  smount small:v1 "$work/m/small"
+  find_cat "$work/m/small" > /dev/null
+  printf -v "${p}hot_small" %s "$(min "$(timed find_cat "$work/m/small")" "$(timed find_cat "$work/m/small")")"
+  sumount "$work/m/small"
+  printf -v "${p}native_hot_small" %s "$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")"
+}
+
 # Each FUSE request is a round trip between two processes: on a VM whose idle vCPUs halt at
 # once (guest halt-polling off, as Firecracker guests often boot), waking the other side costs
 # a hypervisor exit each way. The rows below are measured again with halt-polling on (the
@@ -376,20 +405,19 @@ halt_poll_was=$( [ -w "$halt_poll" ] && cat "$halt_poll" || true)
 if [ "$halt_poll_was" = 0 ] && [ "$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null)" = haltpoll ]; then
   echo "== the same with guest halt-polling on (200 µs): Python import, hot small files"
   echo 200000 > "$halt_poll"
-  if [ -n "$py_import" ]; then
-    recorded_and_warm hp_
-    if [ "${#probe_warm[@]}" = 6 ]; then
-      smount py:v1 "$work/m/py"
-      probe_into hp_probe_warm "$work/m/py"
-      sumount "$work/m/py"
-    fi
-  fi
-  smount small:v1 "$work/m/small"
-  find_cat "$work/m/small" > /dev/null
-  hp_hot_small=$(min "$(timed find_cat "$work/m/small")" "$(timed find_cat "$work/m/small")")
-  sumount "$work/m/small"
-  hp_native_hot_small=$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")
+  again_with hp_
   echo "$halt_poll_was" > "$halt_poll"
+fi
+# Some kernels' fuse module has a wake_here parameter: with it on, the side of a round trip
+# that waits is woken on the vCPU that answered it, so no halted vCPU needs waking. The same
+# rows again with it on (restored after), halt-polling as the VM booted.
+wake_here=/sys/module/fuse/parameters/wake_here
+wake_here_was=$( [ -w "$wake_here" ] && cat "$wake_here" || true)
+if [ "$wake_here_was" = N ]; then
+  echo "== the same with the fuse module's wake_here on: Python import, hot small files"
+  echo Y > "$wake_here"
+  again_with wh_
+  echo "$wake_here_was" > "$wake_here"
 fi
 
 echo "== fan-out: 8 mounts read the same 1 GiB, cold"
@@ -532,7 +560,7 @@ na="n/a"
 {
   echo "# strata read benchmark — $(date -u '+%F %H:%M') UTC, strata ${STRATA_BIN:+binary $STRATA_BIN, tree }$rev"
   echo
-  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk. Idle vCPUs: cpuidle driver $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown), guest halt-polling $( [ -n "$halt_poll_was" ] && echo "${halt_poll_was} ns" || echo "not available")."
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') disk. Idle vCPUs: cpuidle driver $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown), guest halt-polling $( [ -n "$halt_poll_was" ] && echo "${halt_poll_was} ns" || echo "not available"), fuse module wake_here $( [ -n "$wake_here_was" ] && echo "$wake_here_was" || echo "not available")."
   echo "Store: Garage $(garage --version | awk '{print $2}') on loopback (quick ACKs on), sharing the cores."
   echo "Cold = empty chunk cache, page cache dropped (also before the raw downloads: the store reads its disk in every cold row). Warm = chunks (and the local copy of a file read whole, read through FUSE passthrough) in the daemon's disk cache, page cache dropped. Mounts are scratch mounts (the default). Native figures are the best of 2–3 runs (this disk is noisy), and so are the Python rows of strata, each of whose runs follows a native run of its own (the native figure beside a Python row is from those runs)."
   echo
@@ -584,13 +612,22 @@ na="n/a"
   fi
   echo "| find + cat 5,000 × 4 KiB hot (page cache kept), scratch / read-only mount (s) | $(fmt "$hot_small" 3) / $(fmt "$hot_small_ro" 3) | $(fmt "$native_hot_small" 3) | | | $(fmt "$(ratio "$hot_small" "$native_hot_small")")× / $(fmt "$(ratio "$hot_small_ro" "$native_hot_small")")× native time |"
   if [ -n "${hp_warm_py:-}" ]; then
-    echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import on another host after one recorded start / warm (s) | $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_recorded_py" 3) / $(fmt "$hp_native_warm_py" 3) | | | $(fmt "$(ratio "$hp_recorded_py" "$hp_native_recorded_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_warm_py")")× native |"
+    echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import, first start ever / on another host after one recorded start / warm (s) | $(fmt "$hp_first_py" 3) / $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_first_py" 3) / $(fmt "$hp_native_recorded_py" 3) / $(fmt "$hp_native_warm_py" 3) | | | $(fmt "$(ratio "$hp_first_py" "$hp_native_first_py")")× / $(fmt "$(ratio "$hp_recorded_py" "$hp_native_recorded_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_warm_py")")× native |"
   fi
   if [ "${#hp_probe_warm[@]}" = 6 ]; then
     echo "| with guest halt-polling on: Python import warm, traced: seconds; requests to the mount and their summed time (ms) | $(fmt "${hp_probe_warm[0]}" 3); ${hp_probe_warm[1]} requests, $(fmt "${hp_probe_warm[2]}" 0) ms | | | | without: $(fmt "${probe_warm[2]}" 0) ms |"
   fi
   if [ -n "${hp_hot_small:-}" ]; then
     echo "| with guest halt-polling on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$hp_hot_small" 3) | $(fmt "$hp_native_hot_small" 3) | | | $(fmt "$(ratio "$hp_hot_small" "$hp_native_hot_small")")× native time |"
+  fi
+  if [ -n "${wh_warm_py:-}" ]; then
+    echo "| with the fuse module's wake_here on (this VM boots with it off; halt-polling as booted): Python import, first start ever / on another host after one recorded start / warm (s) | $(fmt "$wh_first_py" 3) / $(fmt "$wh_recorded_py" 3) / $(fmt "$wh_warm_py" 3) | $(fmt "$wh_native_first_py" 3) / $(fmt "$wh_native_recorded_py" 3) / $(fmt "$wh_native_warm_py" 3) | | | $(fmt "$(ratio "$wh_first_py" "$wh_native_first_py")")× / $(fmt "$(ratio "$wh_recorded_py" "$wh_native_recorded_py")")× / $(fmt "$(ratio "$wh_warm_py" "$wh_native_warm_py")")× native |"
+  fi
+  if [ "${#wh_probe_warm[@]}" = 6 ]; then
+    echo "| with wake_here on: Python import warm, traced: seconds; requests to the mount and their summed time (ms) | $(fmt "${wh_probe_warm[0]}" 3); ${wh_probe_warm[1]} requests, $(fmt "${wh_probe_warm[2]}" 0) ms | | | | without: $(fmt "${probe_warm[2]}" 0) ms |"
+  fi
+  if [ -n "${wh_hot_small:-}" ]; then
+    echo "| with wake_here on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$wh_hot_small" 3) | $(fmt "$wh_native_hot_small" 3) | | | $(fmt "$(ratio "$wh_hot_small" "$wh_native_hot_small")")× native time |"
   fi
   echo "| fan-out: 8 mounts read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$fan_store" $((1 << 30)))")× the file / $(fmt "$fan_secs" 2) | | | | wall $(fmt "$(ratio "$fan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
   echo "| fan-out, read-only: 8 mounts (one shared session) read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$rofan_store" $((1 << 30)))")× the file / $(fmt "$rofan_secs" 2) | | | | wall $(fmt "$(ratio "$rofan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"

@@ -38,8 +38,9 @@ fuse_trace_off() {
   echo 0 > "$FUSE_TRACE/tracing_on"
   echo 0 > "$FUSE_TRACE/events/fuse/enable"
   # The kernel's encoding of the mount's device number (major << 20 | minor).
-  dev=$(mountpoint -d "$1" 2>/dev/null || true)
-  [ -z "$dev" ] || conn=$(( (${dev%%:*} << 20) | ${dev##*:} ))
+  if dev=$(mountpoint -d "$1" 2>/dev/null) && [[ $dev =~ ^[0-9]+:[0-9]+$ ]]; then
+    conn=$(( (${dev%%:*} << 20) | ${dev##*:} ))
+  fi
   python3 - "$FUSE_TRACE/trace" "$conn" <<'PY'
 import re, sys
 line_re = re.compile(r"\s(\d+\.\d+): fuse_request_(send|end): connection (\d+) req (\d+)(?: opcode \d+ \((\w+)\))?")
