@@ -376,7 +376,7 @@ again_with() {
     for _ in 1 2; do
       natives+=("$(py_native)")
       daemon_cold
-      smount_learning py:v1 "$work/m/py" --no-prefetch-replay --no-prefetch-record
+      smount_learning py:v1 "$work/m/py" --no-prefetch-replay
       drop_caches; firsts+=("$(py_time "$work/m/py")")
       sumount "$work/m/py"
     done

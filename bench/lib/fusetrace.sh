@@ -8,6 +8,7 @@ FUSE_TRACE=/sys/kernel/tracing
 FUSE_TRACE_MOUNTED=
 FUSE_TRACE_BUFFER=
 FUSE_TRACE_WAS_ON=
+FUSE_TRACE_EVENTS_WERE=
 
 fuse_trace_ready() {
   if ! mountpoint -q "$FUSE_TRACE"; then
@@ -21,6 +22,7 @@ fuse_trace_on() {
   if [ -z "$FUSE_TRACE_BUFFER" ]; then
     FUSE_TRACE_BUFFER=$(cat "$FUSE_TRACE/buffer_size_kb")
     FUSE_TRACE_WAS_ON=$(cat "$FUSE_TRACE/tracing_on")
+    FUSE_TRACE_EVENTS_WERE=$(cat "$FUSE_TRACE/events/fuse/enable")
   fi
   echo 0 > "$FUSE_TRACE/tracing_on"
   echo > "$FUSE_TRACE/trace"
@@ -66,7 +68,7 @@ PY
 
 fuse_trace_restore() {
   if [ -n "$FUSE_TRACE_BUFFER" ]; then
-    echo 0 > "$FUSE_TRACE/events/fuse/enable" 2>/dev/null || true
+    echo "${FUSE_TRACE_EVENTS_WERE:-0}" > "$FUSE_TRACE/events/fuse/enable" 2>/dev/null || true
     echo > "$FUSE_TRACE/trace" 2>/dev/null || true
     echo "$FUSE_TRACE_BUFFER" > "$FUSE_TRACE/buffer_size_kb" 2>/dev/null || true
     echo "$FUSE_TRACE_WAS_ON" > "$FUSE_TRACE/tracing_on" 2>/dev/null || true

@@ -586,8 +586,10 @@ async fn commit_leased(
         let clashing = clashes(origin, own, &head, &commit);
         if !clashing.is_empty() {
             let mut record = conflict(clashing);
-            // The chain it started on may be a removed volume's, collected since.
-            keep_present_layers(store, &mut record).await?;
+            // The chain it committed on may be a removed volume's, collected since.
+            if stands_on_gone_chain(origin, own, &head) {
+                keep_present_layers(store, &mut record).await?;
+            }
             put_conflict(store, v, lease, &record).await?;
             return Ok(Committed::conflicted(record, report, commit.upper));
         }
@@ -767,6 +769,16 @@ async fn squash_leased(
         Err(e) if e.kind == StoreErrorKind::Conflict => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether what a mount committed on is gone from `head`: the tip it started from, or, for a
+/// mount that started on an empty volume and committed since, every commit of its own.
+fn stands_on_gone_chain(origin: &VolumeHead, own: &[String], head: &VolumeHead) -> bool {
+    let chain = expand(&head.commits);
+    let origin_gone = expand(&origin.commits)
+        .last()
+        .is_some_and(|tip| !chain.iter().any(|c| c.layer == tip.layer));
+    origin_gone || (!own.is_empty() && !chain.iter().any(|c| c.by(own)))
 }
 
 /// Leaves out of a conflict record the layers no longer in the store (a removed volume's,
