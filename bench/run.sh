@@ -396,6 +396,25 @@ again_with() {
   printf -v "${p}native_hot_small" %s "$(min "$(timed find_cat "$data/small")" "$(timed find_cat "$data/small")")"
 }
 
+# setting_rows PREFIX LONG SHORT: the table rows of again_with PREFIX (nothing for what it did
+# not measure), named "LONG: …" first and "SHORT: …" after.
+setting_rows() {
+  local p=$1 long=$2 short=$3
+  local f=${p}first_py r=${p}recorded_py w=${p}warm_py nf nr nw
+  local -n probe=${p}probe_warm
+  if [ -n "${!w:-}" ]; then
+    nf=${p}native_first_py nr=${p}native_recorded_py nw=${p}native_warm_py
+    echo "| $long: Python import, first start ever / on another host after one recorded start / warm (s) | $(fmt "${!f}" 3) / $(fmt "${!r}" 3) / $(fmt "${!w}" 3) | $(fmt "${!nf}" 3) / $(fmt "${!nr}" 3) / $(fmt "${!nw}" 3) | | | $(fmt "$(ratio "${!f}" "${!nf}")")× / $(fmt "$(ratio "${!r}" "${!nr}")")× / $(fmt "$(ratio "${!w}" "${!nw}")")× native |"
+  fi
+  if [ "${#probe[@]}" = 6 ]; then
+    echo "| $short: Python import warm, traced: seconds; requests to the mount and their summed time (ms) | $(fmt "${probe[0]}" 3); ${probe[1]} requests, $(fmt "${probe[2]}" 0) ms | | | | without: $(fmt "${probe_warm[2]}" 0) ms |"
+  fi
+  local hot=${p}hot_small native=${p}native_hot_small
+  if [ -n "${!hot:-}" ]; then
+    echo "| $short: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "${!hot}" 3) | $(fmt "${!native}" 3) | | | $(fmt "$(ratio "${!hot}" "${!native}")")× native time |"
+  fi
+}
+
 # Each FUSE request is a round trip between two processes: on a VM whose idle vCPUs halt at
 # once (guest halt-polling off, as Firecracker guests often boot), waking the other side costs
 # a hypervisor exit each way. The rows below are measured again with halt-polling on (the
@@ -611,24 +630,8 @@ na="n/a"
     echo "| find + cat 5,000 × 4 KiB cold / warm (s) | $(fmt "$cold_small" 3) / $(fmt "$warm_small" 3) | $(fmt "$native_small" 3) | | | warm $(fmt "$(ratio "$warm_small" "$native_small")")× native time |"
   fi
   echo "| find + cat 5,000 × 4 KiB hot (page cache kept), scratch / read-only mount (s) | $(fmt "$hot_small" 3) / $(fmt "$hot_small_ro" 3) | $(fmt "$native_hot_small" 3) | | | $(fmt "$(ratio "$hot_small" "$native_hot_small")")× / $(fmt "$(ratio "$hot_small_ro" "$native_hot_small")")× native time |"
-  if [ -n "${hp_warm_py:-}" ]; then
-    echo "| with guest halt-polling on (200 µs; this VM boots with it off): Python import, first start ever / on another host after one recorded start / warm (s) | $(fmt "$hp_first_py" 3) / $(fmt "$hp_recorded_py" 3) / $(fmt "$hp_warm_py" 3) | $(fmt "$hp_native_first_py" 3) / $(fmt "$hp_native_recorded_py" 3) / $(fmt "$hp_native_warm_py" 3) | | | $(fmt "$(ratio "$hp_first_py" "$hp_native_first_py")")× / $(fmt "$(ratio "$hp_recorded_py" "$hp_native_recorded_py")")× / $(fmt "$(ratio "$hp_warm_py" "$hp_native_warm_py")")× native |"
-  fi
-  if [ "${#hp_probe_warm[@]}" = 6 ]; then
-    echo "| with guest halt-polling on: Python import warm, traced: seconds; requests to the mount and their summed time (ms) | $(fmt "${hp_probe_warm[0]}" 3); ${hp_probe_warm[1]} requests, $(fmt "${hp_probe_warm[2]}" 0) ms | | | | without: $(fmt "${probe_warm[2]}" 0) ms |"
-  fi
-  if [ -n "${hp_hot_small:-}" ]; then
-    echo "| with guest halt-polling on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$hp_hot_small" 3) | $(fmt "$hp_native_hot_small" 3) | | | $(fmt "$(ratio "$hp_hot_small" "$hp_native_hot_small")")× native time |"
-  fi
-  if [ -n "${wh_warm_py:-}" ]; then
-    echo "| with the fuse module's wake_here on (this VM boots with it off; halt-polling as booted): Python import, first start ever / on another host after one recorded start / warm (s) | $(fmt "$wh_first_py" 3) / $(fmt "$wh_recorded_py" 3) / $(fmt "$wh_warm_py" 3) | $(fmt "$wh_native_first_py" 3) / $(fmt "$wh_native_recorded_py" 3) / $(fmt "$wh_native_warm_py" 3) | | | $(fmt "$(ratio "$wh_first_py" "$wh_native_first_py")")× / $(fmt "$(ratio "$wh_recorded_py" "$wh_native_recorded_py")")× / $(fmt "$(ratio "$wh_warm_py" "$wh_native_warm_py")")× native |"
-  fi
-  if [ "${#wh_probe_warm[@]}" = 6 ]; then
-    echo "| with wake_here on: Python import warm, traced: seconds; requests to the mount and their summed time (ms) | $(fmt "${wh_probe_warm[0]}" 3); ${wh_probe_warm[1]} requests, $(fmt "${wh_probe_warm[2]}" 0) ms | | | | without: $(fmt "${probe_warm[2]}" 0) ms |"
-  fi
-  if [ -n "${wh_hot_small:-}" ]; then
-    echo "| with wake_here on: find + cat 5,000 × 4 KiB hot, scratch mount (s) | $(fmt "$wh_hot_small" 3) | $(fmt "$wh_native_hot_small" 3) | | | $(fmt "$(ratio "$wh_hot_small" "$wh_native_hot_small")")× native time |"
-  fi
+  setting_rows hp_ "with guest halt-polling on (200 µs; this VM boots with it off)" "with guest halt-polling on"
+  setting_rows wh_ "with the fuse module's wake_here on (this VM boots with it off; halt-polling as booted)" "with wake_here on"
   echo "| fan-out: 8 mounts read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$fan_store" $((1 << 30)))")× the file / $(fmt "$fan_secs" 2) | | | | wall $(fmt "$(ratio "$fan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
   echo "| fan-out, read-only: 8 mounts (one shared session) read 1 GiB cold: store bytes / wall (s) | $(fmt "$(ratio "$rofan_store" $((1 << 30)))")× the file / $(fmt "$rofan_secs" 2) | | | | wall $(fmt "$(ratio "$rofan_secs" "$(ratio 1024 "$cold_seq")")")× one reader |"
   echo "| write a new 1 GiB file, fsync'ed (MiB/s) | $(fmt "$st_write" 0) | $(fmt "$native_write" 0) | | | $(fmt "$(ratio "$st_write" "$native_write")")× native |"

@@ -216,7 +216,7 @@ fn kept_prefix(v: &VolumeRef) -> String {
 /// Records (or updates) a kept upper of `v` in the store.
 pub async fn put_kept(store: &Arc<dyn Store>, v: &VolumeRef, r: &KeptRecord) -> FsResult<()> {
     check_component("kept upper id", &r.id)?;
-    let body = crate::record::seal(&serde_json::to_vec_pretty(r).expect("serializable"));
+    let body = sealed(r);
     store
         .put(&format!("{}{}", kept_prefix(v), r.id), body)
         .await?;
@@ -383,28 +383,18 @@ pub struct Earlier<'a> {
 }
 
 /// The paths of `commit` that clash with commits in `head` that landed after `origin`, leaving
-/// out the layers in `own`; all of them when `origin`, or the mount's own earlier commits, are
-/// no longer in `head` (the volume was removed, or squashed past what a squash remembers). Sets of their paths make it
-/// O(ours × depth × log theirs), not ours × theirs: two commits of a million files each meet.
+/// out the layers in `own`; all of them when what the mount committed on is gone from `head`
+/// (see [`stands_on_gone_chain`]). Sets of their paths make it O(ours × depth × log theirs),
+/// not ours × theirs: two commits of a million files each meet.
 fn clashes(origin: &VolumeHead, own: &[String], head: &VolumeHead, commit: &Commit) -> Vec<String> {
     use std::collections::BTreeSet;
-    let (origin_chain, chain) = (expand(&origin.commits), expand(&head.commits));
-    let since = match origin_chain.last() {
-        None => Some(&chain[..]),
-        Some(tip) => chain
-            .iter()
-            .rposition(|c| c.layer == tip.layer)
-            .map(|i| &chain[i + 1..]),
-    };
-    // A mount that started on an empty volume has committed onto a chain that is gone when
-    // none of its commits is on the head: what is there now is not what it committed on.
-    let own_gone = !own.is_empty() && !chain.iter().any(|c| c.by(own));
+    let chain = expand(&head.commits);
     let ours = commit
         .paths
         .iter()
         .map(|p| (p, false))
         .chain(commit.attrs.iter().map(|p| (p, true)));
-    let Some(since) = since.filter(|_| !own_gone) else {
+    let Some(since) = since_origin(origin, own, &chain) else {
         return ours.map(|(p, _)| p.clone()).collect();
     };
     let (mut structural, mut attrs) = (BTreeSet::new(), BTreeSet::new());
@@ -643,7 +633,7 @@ async fn commit_leased(
         }
         let mut next = head.clone();
         next.commits.push(placed.clone());
-        let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
+        let body = sealed(&next);
         lease.ensure_held().await?;
         match store
             .compare_and_swap(&v.head_key(), version.as_ref(), body)
@@ -688,7 +678,7 @@ async fn put_conflict(
     record: &ConflictRecord,
 ) -> FsResult<()> {
     let key = format!("volumes/{}/{}/conflicts/{}", v.scope, v.name, record.id);
-    let body = crate::record::seal(&serde_json::to_vec_pretty(record).expect("serializable"));
+    let body = sealed(record);
     lease.ensure_held().await?;
     store.put(&key, body).await?;
     Ok(())
@@ -759,7 +749,7 @@ async fn squash_leased(
         version: 1,
         commits: vec![squashed],
     };
-    let body = crate::record::seal(&serde_json::to_vec_pretty(&next).expect("serializable"));
+    let body = sealed(&next);
     lease.ensure_held().await?;
     match store
         .compare_and_swap(&v.head_key(), Some(&version), body)
@@ -771,14 +761,38 @@ async fn squash_leased(
     }
 }
 
-/// Whether what a mount committed on is gone from `head`: the tip it started from, or, for a
-/// mount that started on an empty volume and committed since, every commit of its own.
+/// The commits of `chain` (a head, expanded) that landed after the head a mount started from,
+/// `origin`; `None` when what the mount committed on is gone from it (see
+/// [`stands_on_gone_chain`]).
+fn since_origin<'c>(
+    origin: &VolumeHead,
+    own: &[String],
+    chain: &'c [&'c Commit],
+) -> Option<&'c [&'c Commit]> {
+    // A mount that started on an empty volume and has committed since stands on its own
+    // commits: none of them on the head means they were removed.
+    if !own.is_empty() && !chain.iter().any(|c| c.by(own)) {
+        return None;
+    }
+    match expand(&origin.commits).last() {
+        None => Some(chain),
+        Some(tip) => chain
+            .iter()
+            .rposition(|c| c.layer == tip.layer)
+            .map(|i| &chain[i + 1..]),
+    }
+}
+
+/// Whether what a mount committed on is gone from `head`: the tip it started from (the volume
+/// was removed, or squashed past what a squash remembers), or, for a mount that started on an
+/// empty volume and committed since, every commit of its own.
 fn stands_on_gone_chain(origin: &VolumeHead, own: &[String], head: &VolumeHead) -> bool {
-    let chain = expand(&head.commits);
-    let origin_gone = expand(&origin.commits)
-        .last()
-        .is_some_and(|tip| !chain.iter().any(|c| c.layer == tip.layer));
-    origin_gone || (!own.is_empty() && !chain.iter().any(|c| c.by(own)))
+    since_origin(origin, own, &expand(&head.commits)).is_none()
+}
+
+/// A record object's bytes: `value` as JSON in a checksummed envelope.
+fn sealed<T: Serialize>(value: &T) -> bytes::Bytes {
+    crate::record::seal(&serde_json::to_vec_pretty(value).expect("serializable"))
 }
 
 /// Leaves out of a conflict record the layers no longer in the store (a removed volume's,
@@ -826,7 +840,7 @@ async fn remove_read(
         version: 1,
         commits: Vec::new(),
     };
-    let body = crate::record::seal(&serde_json::to_vec_pretty(&empty).expect("serializable"));
+    let body = sealed(&empty);
     match store
         .compare_and_swap(&v.head_key(), Some(&version), body)
         .await
